@@ -1,0 +1,171 @@
+"""Decode step time of the engine at real model shape: with adapters vs the same engine without.
+
+    python benchmarks/engine_decode.py --model llama-2-7b --adapters 100 --batches 1,32,128,256 \
+        --backends xla,pallas --out results.json
+
+Random weights (bf16) made on the device; ``--adapters`` random LoRA adapters of ranks 8/16/32/64 on
+q/k/v/o, registered from memory. For each batch size and backend: B requests are prefilled, then
+``--steps`` decode steps are timed through ``engine.step()`` (host scheduling included) for
+(a) every request on its own adapter (up to ``--adapters`` distinct) and (b) no adapter at all.
+Each time is set against its memory floor: (weights + KV read + distinct adapters' bytes) / copy
+bandwidth measured in the same run. Also times an in-place pool write against a full pool copy.
+Prints a table last and writes JSON (device, jax version, date, command, numbers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import slora_jax as sj
+from slora_jax.adapters.synthetic import random_lora
+from slora_jax.model.init import named_config, random_params
+from slora_jax.model.random_checkpoint import tiny_llama_config
+
+RANKS = (8, 16, 32, 64)
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def copy_bandwidth(nbytes: int = 2 << 30) -> float:
+    """Bytes read + written per second by a device copy (x + 1)."""
+    x = jnp.ones((nbytes // 2,), jnp.bfloat16)
+    f = jax.jit(lambda a: a + 1)
+    f(x).block_until_ready()
+    ts = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        f(x).block_until_ready()
+        ts.append(time.perf_counter() - t0)
+    return 2 * nbytes / float(np.median(ts))
+
+
+def param_bytes(tree) -> int:
+    return int(sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(tree)))
+
+
+def run_batch(engine, B: int, prompt_len: int, steps: int, adapters: list, rng) -> dict:
+    sp = sj.SamplingParams(max_tokens=10_000, ignore_eos=True)
+    ids = [engine.add_request(rng.integers(3, engine.model_config.vocab_size - 1, prompt_len).tolist(),
+                              adapter=adapters[i % len(adapters)] if adapters else None, sampling=sp)
+           for i in range(B)]
+    t0 = time.perf_counter()
+    while engine.stats()["running"] < B or engine.stats()["waiting"]:
+        engine.step()
+    prefill_s = time.perf_counter() - t0
+    for _ in range(3):  # compile + warm the decode program of this shape
+        engine.step()
+    s0 = engine.stats()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    dt = (time.perf_counter() - t0) / steps
+    s1 = engine.stats()
+    host = (s1["host_time_s"] - s0["host_time_s"]) / steps
+    ctx = prompt_len + 3 + steps // 2  # average context during the timed steps
+    for rid in ids:
+        engine.abort(rid)
+    engine.step()
+    return dict(step_s=dt, host_s=host, tokens_per_s=B / dt, prefill_s=prefill_s, avg_ctx=ctx)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="llama-2-7b", help="named shape (llama-2-7b, llama-3-8b, ...) or 'tiny'")
+    ap.add_argument("--adapters", type=int, default=100)
+    ap.add_argument("--batches", default="1,32,128,256")
+    ap.add_argument("--backends", default="xla,pallas")
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    dev = jax.devices()[0]
+    cfg = tiny_llama_config() if args.model == "tiny" else named_config(args.model)
+    batches = [int(b) for b in args.batches.split(",")]
+    rng = np.random.default_rng(42)
+    bw = copy_bandwidth(64 << 20 if args.model == "tiny" else 2 << 30)
+    dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[args.dtype]
+    t0 = time.perf_counter()
+    params = random_params(cfg, dtype, seed=0)
+    jax.block_until_ready(params)
+    init_s = time.perf_counter() - t0
+    wbytes = param_bytes(params)
+    loras = [random_lora(cfg, r, TARGETS, seed=r, name=f"r{r}") for r in RANKS]
+    results = {"device": str(dev.device_kind), "platform": dev.platform, "jax": jax.__version__,
+               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               "command": " ".join(["python", "benchmarks/engine_decode.py"] + (argv or sys.argv[1:])),
+               "model": cfg.name, "dtype": args.dtype, "copy_bandwidth_Bps": bw, "weight_bytes": wbytes,
+               "random_init_s": init_s, "adapters": args.adapters, "ranks": list(RANKS), "targets": list(TARGETS),
+               "cases": []}
+    itemsize = jnp.dtype(dtype).itemsize
+    for backend in args.backends.split(","):
+        engine = sj.Engine(cfg, params, sj.EngineConfig(
+            dtype=args.dtype, kernel_backend=backend, max_batch_size=max(batches),
+            max_adapters_on_device=max(args.adapters, 1), max_prefill_tokens=4096, prefetch=False))
+        names = []
+        for i in range(args.adapters):
+            names.append(f"ad{i}")
+            engine.load_adapter_weights(names[-1], loras[i % len(loras)])
+        # In-place proof on the device: a one-page write into the whole pool vs one full copy of it.
+        layout = engine.layout
+        pool_bytes = int(np.prod(layout.shape)) * itemsize
+        tiles = jnp.ones((layout.num_layers, 1, layout.page_rows, layout.page_width), dtype)
+        engine.runner.write_pages(np.array([1], np.int32), tiles)
+        jax.block_until_ready(engine.runner.pool)
+        ptr0 = engine.runner.pool_pointer()
+        t = time.perf_counter()
+        for _ in range(20):
+            engine.runner.write_pages(np.array([1], np.int32), tiles)
+        jax.block_until_ready(engine.runner.pool)
+        write_s = (time.perf_counter() - t) / 20
+        results.setdefault("pool", {})[backend] = dict(
+            pool_bytes=pool_bytes, num_pages=layout.num_pages, one_page_write_s=write_s,
+            full_copy_floor_s=2 * pool_bytes / bw, pointer_unchanged=engine.runner.pool_pointer() == ptr0)
+        for B in batches:
+            for mode in ("lora", "base"):
+                use = names[:min(B, len(names))] if mode == "lora" else []
+                r = run_batch(engine, B, args.prompt_len, args.steps, use, rng)
+                kv_read = B * r["avg_ctx"] * cfg.num_layers * 2 * cfg.kv_size * itemsize
+                ad_bytes = 0
+                for i in range(len(use)):
+                    rank = RANKS[i % len(RANKS)]
+                    ad_bytes += cfg.num_layers * rank * 2 * (2 * cfg.hidden_size + 2 * cfg.kv_size) * itemsize
+                floor = (wbytes + kv_read + ad_bytes) / bw
+                r.update(backend=backend, batch=B, mode=mode, distinct_adapters=len(use), kv_read_bytes=kv_read,
+                         adapter_bytes=ad_bytes, floor_s=floor, floor_frac=floor / r["step_s"])
+                results["cases"].append(r)
+                print(f"[{backend}] B={B:<4} {mode:<5} step {r['step_s'] * 1e3:8.2f} ms  floor "
+                      f"{floor * 1e3:7.2f} ms  host {r['host_s'] / r['step_s']:.0%}", flush=True)
+        results.setdefault("stats", {})[backend] = {k: v for k, v in engine.stats().items()
+                                                    if isinstance(v, (int, float, str))}
+        del engine
+        gc.collect()
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=2)
+    print(f"\ncopy bandwidth {bw / 1e12:.2f} TB/s; weights {wbytes / 1e9:.2f} GB; {cfg.name} {args.dtype}")
+    for backend, p in results.get("pool", {}).items():
+        print(f"[{backend}] pool {p['pool_bytes'] / 1e9:.1f} GB: one-page write {p['one_page_write_s'] * 1e6:.0f} us "
+              f"vs full copy >= {p['full_copy_floor_s'] * 1e3:.1f} ms; pointer unchanged: {p['pointer_unchanged']}")
+    print(f"{'backend':<8}{'B':>5}{'lora ms':>10}{'base ms':>10}{'floor ms':>10}{'lora/base tok/s':>17}"
+          f"{'%floor':>8}{'host%':>7}")
+    by = {(c["backend"], c["batch"], c["mode"]): c for c in results["cases"]}
+    for backend in args.backends.split(","):
+        for B in batches:
+            lo, ba = by[(backend, B, "lora")], by[(backend, B, "base")]
+            print(f"{backend:<8}{B:>5}{lo['step_s'] * 1e3:>10.2f}{ba['step_s'] * 1e3:>10.2f}"
+                  f"{lo['floor_s'] * 1e3:>10.2f}{lo['tokens_per_s'] / ba['tokens_per_s']:>17.3f}"
+                  f"{lo['floor_frac']:>8.0%}{lo['host_s'] / lo['step_s']:>7.0%}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,3 @@
+from slora_jax.cli import main
+
+raise SystemExit(main())

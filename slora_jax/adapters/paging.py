@@ -1,0 +1,119 @@
+"""Cutting LoRA weights into pool pages, and the per-slot index tables the kernels read.
+
+See ``slora_jax.memory.pool`` for the page layout. An adapter becomes ``tiles [L, n, R, W]`` (n pages, all
+layers) plus, for each LoRA group, which of its n pages holds tile (module, chunk, rank block) of A and B.
+Placing it on the device maps those local indices to the pool pages it was given.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from slora_jax.config import ModelConfig
+from slora_jax.memory.pool import PoolLayout
+from slora_jax.model.llama import LORA_GROUPS, group_dims
+
+
+@dataclass
+class GroupTiles:
+    a_idx: np.ndarray  # [M, CHin, RB] int32 index into the adapter's pages (-1 = unused)
+    b_idx: np.ndarray  # [M, CHout_max, RB]
+    ranks: np.ndarray  # [L, M] int32
+    scales: np.ndarray  # [L, M] float32
+
+
+@dataclass
+class PagedAdapter:
+    """An adapter in page form, ready to be copied into any n free pages of the pool."""
+
+    tiles: object  # [L, n, R, W] in the engine dtype: numpy, or a pinned-host jax array on GPU
+    groups: dict[str, GroupTiles]
+    num_pages: int
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.tiles.shape)) * self.tiles.dtype.itemsize
+
+
+def _tile(w: np.ndarray, R: int, W: int, rb: int, ch: int) -> np.ndarray:
+    """w [L, r, d] -> tiles [L, ch*rb, R, W], chunk-major (tile c*rb + j holds rows jR.., cols cW..)."""
+    L, r, d = w.shape
+    padded = np.zeros((L, rb * R, ch * W), dtype=np.float32)
+    padded[:, :r, :d] = w
+    t = padded.reshape(L, rb, R, ch, W).transpose(0, 3, 1, 2, 4)
+    return t.reshape(L, ch * rb, R, W)
+
+
+def page_adapter(lora, cfg: ModelConfig, layout: PoolLayout, max_rank: int, dtype) -> PagedAdapter:
+    """LoraWeights (host float32) -> PagedAdapter in ``dtype``."""
+    R, W = layout.page_rows, layout.page_width
+    rb_max = layout.rank_blocks(max_rank)
+    tiles: list[np.ndarray] = []
+    n = 0
+    groups = {}
+    for g, mods in LORA_GROUPS.items():
+        d_in, outs = group_dims(cfg, g)
+        ch_in = layout.chunks(d_in)
+        ch_out_max = max(layout.chunks(o) for o in outs)
+        a_idx = np.full((len(mods), ch_in, rb_max), -1, np.int32)
+        b_idx = np.full((len(mods), ch_out_max, rb_max), -1, np.int32)
+        ranks = np.zeros((cfg.num_layers, len(mods)), np.int32)
+        scales = np.zeros((cfg.num_layers, len(mods)), np.float32)
+        for i, m in enumerate(mods):
+            ml = lora.modules.get(m)
+            if ml is None:
+                continue
+            r = max(int(ml.ranks.max()), 1)  # modules of one adapter may have lower ranks than its max
+            rb = layout.rank_blocks(r)
+            ch_out = layout.chunks(outs[i])
+            tiles.append(_tile(ml.a[:, :r], R, W, rb, ch_in))
+            a_idx[i, :, :rb] = n + np.arange(ch_in * rb).reshape(ch_in, rb)
+            n += ch_in * rb
+            tiles.append(_tile(ml.b[:, :r], R, W, rb, ch_out))
+            b_idx[i, :ch_out, :rb] = n + np.arange(ch_out * rb).reshape(ch_out, rb)
+            n += ch_out * rb
+            ranks[:, i] = ml.ranks
+            scales[:, i] = ml.scales
+        groups[g] = GroupTiles(a_idx, b_idx, ranks, scales)
+    all_tiles = np.concatenate(tiles, axis=1).astype(dtype) if tiles else np.zeros(
+        (cfg.num_layers, 0, R, W), dtype)
+    return PagedAdapter(all_tiles, groups, n)
+
+
+class AdapterTables:
+    """Host copies of the per-slot index tables; ``version`` changes whenever a slot changes."""
+
+    def __init__(self, cfg: ModelConfig, layout: PoolLayout, num_slots: int, max_rank: int):
+        self.num_slots = num_slots
+        rb = layout.rank_blocks(max_rank)
+        self.arrays: dict[str, tuple[np.ndarray, ...]] = {}
+        for g, mods in LORA_GROUPS.items():
+            d_in, outs = group_dims(cfg, g)
+            M = len(mods)
+            self.arrays[g] = (
+                np.zeros((num_slots, M, layout.chunks(d_in), rb), np.int32),
+                np.zeros((num_slots, M, max(layout.chunks(o) for o in outs), rb), np.int32),
+                np.zeros((num_slots, cfg.num_layers, M), np.int32),
+                np.zeros((num_slots, cfg.num_layers, M), np.float32),
+            )
+        self.version = 0
+
+    def set_slot(self, slot: int, paged: PagedAdapter, pages: np.ndarray) -> None:
+        for g, gt in paged.groups.items():
+            a, b, r, s = self.arrays[g]
+            # Unused table entries point at the reserved page 0: always a valid read, never used.
+            a[slot] = np.where(gt.a_idx >= 0, pages[np.maximum(gt.a_idx, 0)], 0)
+            b[slot] = np.where(gt.b_idx >= 0, pages[np.maximum(gt.b_idx, 0)], 0)
+            r[slot] = gt.ranks
+            s[slot] = gt.scales
+        self.version += 1
+
+    def clear_slot(self, slot: int) -> None:
+        for a, b, r, s in self.arrays.values():
+            a[slot] = 0
+            b[slot] = 0
+            r[slot] = 0
+            s[slot] = 0
+        self.version += 1

@@ -1,0 +1,61 @@
+"""Command line: ``slora-jax demo | serve | bench`` (also ``python -m slora_jax``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+
+def _demo_args(sub):
+    p = sub.add_parser("demo", help="serve a mixed-adapter batch on a small random model made on the fly")
+    p.add_argument("--cache-dir", default=None, help="where the demo checkpoint and adapters are written "
+                   "(default: ~/.cache/slora-jax/demo)")
+    p.add_argument("--requests", type=int, default=12, help="requests in the mixed batch")
+    p.add_argument("--max-tokens", type=int, default=24)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--kernel-backend", default="auto", choices=["auto", "xla", "pallas"])
+    return p
+
+
+def _serve_args(sub):
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    p.add_argument("--model", required=True, help="Hugging Face checkpoint folder")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR", help="adapter to load at start")
+    p.add_argument("--adapter-root", default=None, help="runtime adapter loading only from under this folder")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--tensor-parallel", type=int, default=1)
+    p.add_argument("--kernel-backend", default="auto", choices=["auto", "xla", "pallas"])
+    p.add_argument("--num-pages", type=int, default=None)
+    p.add_argument("--max-batch-size", type=int, default=64)
+    p.add_argument("--max-lora-rank", type=int, default=64)
+    p.add_argument("--served-model-name", default=None)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="slora-jax", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _demo_args(sub)
+    _serve_args(sub)
+    bench = sub.add_parser("bench", help="S-LoRA synthetic-workload benchmark", add_help=False)
+    bench.add_argument("rest", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        from slora_jax.demo import run_demo
+        return run_demo(args)
+    if args.command == "serve":
+        from slora_jax.server.app import run_server
+        return run_server(args)
+    if args.command == "bench":
+        from slora_jax.bench.cli import main as bench_main
+        return bench_main(args.rest)
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""Frozen configuration: the base model's shape (read from config.json) and the engine's knobs."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from slora_jax.errors import ConfigError
+
+# The seven linear projections of a Llama-family block, in the order every index table uses.
+MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ATTN_MODULES = MODULES[:4]
+MLP_MODULES = MODULES[4:]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of a Llama-family decoder (Llama 2/3, Mistral, Qwen2), as Hugging Face defines it."""
+
+    architecture: str  # "llama" | "mistral" | "qwen2"
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    # Normalised rope scaling: None, {"type": "linear", "factor": f} or
+    # {"type": "llama3", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}.
+    rope_scaling: Optional[dict] = None
+    max_position_embeddings: int = 4096
+    attention_bias: bool = False  # q/k/v biases (Qwen2)
+    tie_word_embeddings: bool = False
+    sliding_window: Optional[int] = None  # Mistral v0.1 style local attention
+    bos_token_id: Optional[int] = None
+    eos_token_ids: tuple[int, ...] = ()
+    name: str = "base"
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def module_dims(self, module: str) -> tuple[int, int]:
+        """(in_features, out_features) of one projection, as y = x @ W with W [in, out]."""
+        h, i = self.hidden_size, self.intermediate_size
+        return {
+            "q_proj": (h, self.q_size),
+            "k_proj": (h, self.kv_size),
+            "v_proj": (h, self.kv_size),
+            "o_proj": (self.q_size, h),
+            "gate_proj": (h, i),
+            "up_proj": (h, i),
+            "down_proj": (i, h),
+        }[module]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """The engine's knobs. Defaults work on a laptop CPU and on one GPU."""
+
+    dtype: str = "bfloat16"  # "bfloat16" | "float16" | "float32"
+    kernel_backend: str = "auto"  # "xla" | "pallas" | "auto" (pallas on GPU, xla on CPU)
+    tensor_parallel: int = 1
+    max_lora_rank: int = 64
+    # Unified page pool. Either a page count, or a fraction of the device memory left after the
+    # weights. On a backend that reports no memory (CPU) `cpu_pool_bytes` sizes it.
+    num_pages: Optional[int] = None
+    memory_fraction: float = 0.85
+    cpu_pool_bytes: int = 256 << 20
+    page_rows: int = 16  # rows (tokens of K or V, or rank rows of an adapter) per page
+    # Batching.
+    max_batch_size: int = 64  # running requests decoded in one step
+    max_prefill_tokens: int = 2048  # prompt tokens admitted in one prefill step
+    max_model_len: Optional[int] = None  # default: the model's max_position_embeddings
+    max_adapters_on_device: int = 64  # adapter slots in the device index tables
+    max_waiting: int = 100_000  # requests queued beyond this are refused with CapacityError
+    # Scheduling.
+    scheduler: str = "fcfs"  # "fcfs" | "cluster" | "slo" | "fair"
+    # "optimistic": KV pages are taken as tokens are produced, and a full pool preempts (recomputes) the
+    # newest request; "reserve": admit only if every running request fits at its maximum length.
+    admission: str = "optimistic"
+    cluster_k: int = 4  # "cluster": adapters in a batch before same-adapter requests are preferred
+    slo_first_token_s: Optional[float] = None  # "slo": drop requests that can no longer meet it
+    prefetch: bool = True  # start adapter uploads for soon-to-run requests while a step runs
+    prefetch_depth: int = 16  # waiting requests looked at for prefetch
+    host_cache_bytes: int = 8 << 30  # bound of adapter weights held in host memory
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.dtype not in ("bfloat16", "float16", "float32"):
+            raise ConfigError(f"dtype must be 'bfloat16', 'float16' or 'float32', got {self.dtype!r}")
+        if self.kernel_backend not in ("xla", "pallas", "auto"):
+            raise ConfigError(f"kernel_backend must be 'xla', 'pallas' or 'auto', got {self.kernel_backend!r}")
+        if self.scheduler not in ("fcfs", "cluster", "slo", "fair"):
+            raise ConfigError(f"scheduler must be 'fcfs', 'cluster', 'slo' or 'fair', got {self.scheduler!r}")
+        if self.admission not in ("optimistic", "reserve"):
+            raise ConfigError(f"admission must be 'optimistic' or 'reserve', got {self.admission!r}")
+        for name in ("tensor_parallel", "max_lora_rank", "page_rows", "max_batch_size", "max_prefill_tokens",
+                     "max_adapters_on_device", "cluster_k"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+        if self.num_pages is not None and (not isinstance(self.num_pages, int) or self.num_pages < 2):
+            raise ConfigError(f"num_pages must be an integer >= 2, got {self.num_pages!r}")
+        if not (0.0 < self.memory_fraction <= 1.0):
+            raise ConfigError(f"memory_fraction must be in (0, 1], got {self.memory_fraction!r}")
+        if self.slo_first_token_s is not None and not self.slo_first_token_s > 0:
+            raise ConfigError(f"slo_first_token_s must be positive, got {self.slo_first_token_s!r}")
+        if self.scheduler == "slo" and self.slo_first_token_s is None:
+            raise ConfigError("scheduler='slo' needs slo_first_token_s (e.g. 6.0)")
+
+    @property
+    def max_rank_blocks(self) -> int:
+        return math.ceil(self.max_lora_rank / self.page_rows)

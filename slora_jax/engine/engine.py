@@ -1,0 +1,483 @@
+"""Engine: the public entry point. Requests in, tokens out, over one base model and many adapters.
+
+The loop is vLLM's: ``step()`` = schedule -> prepare inputs (numpy) -> run one jitted program -> update.
+``add_request`` and ``abort`` are thread-safe (they go through an inbox drained at the start of a step), so
+a server thread can feed the engine while another thread drives ``step()``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Sequence, Union
+
+import jax
+import numpy as np
+
+from slora_jax.adapters.paging import AdapterTables
+from slora_jax.adapters.store import AdapterStore
+from slora_jax.config import EngineConfig, ModelConfig
+from slora_jax.engine.request import Request, Status
+from slora_jax.engine.runner import DTYPES, ModelRunner, bucket
+from slora_jax.engine.scheduler import Scheduler, SchedulerOutput
+from slora_jax.errors import CapacityError, ConfigError, RequestError, UnknownAdapterError
+from slora_jax.memory.pool import PoolLayout, UnifiedPagePool
+from slora_jax.types import AdapterInfo, RequestMetrics, RequestOutput, SamplingParams
+
+Prompt = Union[str, Sequence[int]]
+
+
+def _on_gpu() -> bool:
+    return jax.default_backend() == "gpu"
+
+
+def _pool_pages(cfg: ModelConfig, econf: EngineConfig, layout: PoolLayout, device) -> int:
+    """Pages from the config: an explicit count, else a fraction of the device memory left, else CPU bytes."""
+    if econf.num_pages is not None:
+        return econf.num_pages
+    itemsize = np.dtype(DTYPES[econf.dtype]).itemsize
+    per_page = layout.bytes_per_page(itemsize)
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if stats and "bytes_limit" in stats:
+        free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+        # Keep room for activations and logits of the largest step.
+        free -= 4 * econf.max_prefill_tokens * max(cfg.vocab_size, cfg.intermediate_size * 2) * 4
+        return max(2, int(free * econf.memory_fraction // per_page))
+    return max(2, econf.cpu_pool_bytes // per_page)
+
+
+class Engine:
+    """Serve a base model and any number of LoRA adapters. See ``from_pretrained``."""
+
+    def __init__(self, model_config: ModelConfig, params: dict, config: Optional[EngineConfig] = None,
+                 tokenizer=None, model_dir: Optional[str] = None):
+        econf = config or EngineConfig()
+        if econf.tensor_parallel != 1 and econf.tensor_parallel > len(jax.devices()):
+            raise ConfigError(f"tensor_parallel={econf.tensor_parallel} but only {len(jax.devices())} device(s)")
+        if econf.tensor_parallel != 1:
+            raise ConfigError("tensor_parallel > 1 is served by slora_jax.sharding; use tensor_parallel=1 here")
+        self.model_config = model_config
+        self.config = econf
+        self.tokenizer = tokenizer
+        self.model_dir = model_dir
+        self.max_model_len = econf.max_model_len or model_config.max_position_embeddings
+        device = jax.devices()[0]
+        backend = econf.kernel_backend
+        if backend == "auto":
+            backend = "pallas" if _on_gpu() else "xla"
+        self.kernel_backend = backend
+        # Weights go on the device first so that the pool is sized from the memory really left.
+        self.runner = ModelRunner(model_config, econf, params, backend, device)
+        unit = PoolLayout(model_config.num_layers, 1, econf.page_rows, model_config.kv_size)
+        pages = _pool_pages(model_config, econf, unit, device)
+        self.layout = PoolLayout(model_config.num_layers, pages, econf.page_rows, model_config.kv_size)
+        self.runner.allocate_pool(self.layout)
+        self.pool = UnifiedPagePool(self.layout)
+        self.tables = AdapterTables(model_config, self.layout, econf.max_adapters_on_device, econf.max_lora_rank)
+        to_host = _pinned_host(device) if _on_gpu() else (lambda x: x)
+        self.adapters = AdapterStore(model_config, econf, self.layout, self.pool, self.tables,
+                                     self.runner.write_pages, DTYPES[econf.dtype], to_host)
+        self.scheduler = Scheduler(econf, self.pool, self.adapters)
+        self._inbox: "queue.SimpleQueue" = queue.SimpleQueue()
+        self._requests: dict[str, Request] = {}
+        self._listeners: dict[str, Callable[[RequestOutput], None]] = {}
+        self._step_lock = threading.RLock()
+        self._ids = itertools.count()
+        self._rng = np.random.default_rng(econf.seed)
+        self._counters = {"steps": 0, "prefill_steps": 0, "decode_steps": 0, "generated_tokens": 0,
+                          "prompt_tokens": 0, "finished": 0, "aborted": 0, "host_time_s": 0.0,
+                          "step_time_s": 0.0}
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(cls, model_dir, config: Optional[EngineConfig] = None) -> "Engine":
+        """Load a Hugging Face checkpoint folder (config.json + *.safetensors [+ tokenizer.json])."""
+        from slora_jax.model.checkpoint import load_params, load_tokenizer
+        from slora_jax.model.hf_config import load_model_config
+
+        econf = config or EngineConfig()
+        model_dir = str(Path(model_dir).expanduser())
+        mcfg = load_model_config(model_dir)
+        params = load_params(model_dir, mcfg, econf.dtype)
+        return cls(mcfg, params, econf, tokenizer=load_tokenizer(model_dir), model_dir=model_dir)
+
+    # ------------------------------------------------------------------ adapters
+    def load_adapter(self, name: str, adapter_dir, lazy: bool = False) -> AdapterInfo:
+        """Register a PEFT LoRA folder under ``name``. Validated now (weights too unless ``lazy``)."""
+        return self.adapters.register(name, adapter_dir, lazy=lazy)
+
+    def load_adapter_weights(self, name: str, lora) -> AdapterInfo:
+        """Register an adapter already in memory (``slora_jax.adapters.LoraWeights``, e.g. just trained)."""
+        return self.adapters.register_weights(name, lora)
+
+    def unload_adapter(self, name: str) -> None:
+        """Forget an adapter (its device pages and host copy are freed). Refused while requests use it."""
+        with self._step_lock:
+            self._drain_inbox([])
+            users = [r.request_id for r in self._requests.values() if r.adapter == name and not r.finished]
+            if users and name in self.adapters:
+                from slora_jax.errors import AdapterError
+                raise AdapterError(f"adapter {name!r} is used by {len(users)} unfinished request(s)")
+            self.adapters.unregister(name)
+
+    def list_adapters(self) -> list[AdapterInfo]:
+        return self.adapters.list()
+
+    # ------------------------------------------------------------------ requests
+    def add_request(self, prompt: Prompt, adapter: Optional[str] = None,
+                    sampling: Optional[SamplingParams] = None, request_id: Optional[str] = None,
+                    listener: Optional[Callable[[RequestOutput], None]] = None) -> str:
+        """Validate and queue one request; returns its id. Thread-safe. Raises RequestError & co."""
+        req = self._make_request(prompt, adapter, sampling, request_id)
+        if listener is not None:
+            self._listeners[req.request_id] = listener
+        self._inbox.put(("add", req))
+        return req.request_id
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request; its pages are freed at the next step. Thread-safe; unknown ids are ignored."""
+        self._inbox.put(("abort", request_id))
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work() or not self._inbox.empty()
+
+    def _make_request(self, prompt, adapter, sampling, request_id) -> Request:
+        cfg = self.model_config
+        sampling = SamplingParams() if sampling is None else sampling
+        if not isinstance(sampling, SamplingParams):
+            raise RequestError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
+        sampling.validate(cfg.vocab_size)
+        tokens = self._tokenize(prompt)
+        if adapter is not None:
+            if not isinstance(adapter, str):
+                raise RequestError(f"adapter must be a name (str) or None, got {type(adapter).__name__}")
+            if adapter not in self.adapters:
+                self.adapters.info(adapter)  # raises UnknownAdapterError listing what is loaded
+        if len(tokens) >= self.max_model_len:
+            raise RequestError(f"prompt of {len(tokens)} tokens leaves no room to generate within the "
+                               f"context of {self.max_model_len} tokens")
+        need = self.layout.kv_pages_for(len(tokens) + 1)
+        adapter_pages = 0 if adapter is None else self.adapters.pages_needed(adapter, resident_too=True)
+        if need + adapter_pages > self.pool.total_pages:
+            raise RequestError(f"prompt of {len(tokens)} tokens needs {need} KV pages"
+                               + (f" and adapter {adapter!r} {adapter_pages} pages" if adapter else "")
+                               + f"; the pool has {self.pool.total_pages}")
+        if len(self.scheduler.waiting) >= self.config.max_waiting:
+            raise CapacityError(f"{len(self.scheduler.waiting)} requests are waiting (max_waiting); retry later")
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}-{uuid.uuid4().hex[:6]}"
+        seed = sampling.seed if sampling.seed is not None else int(self._rng.integers(0, 2**31 - 1))
+        return Request(request_id=str(rid), prompt=tokens, adapter=adapter, sampling=sampling,
+                       seed=seed & 0xFFFFFFFF, max_len=self.max_model_len,
+                       metrics=RequestMetrics(arrival_time=time.monotonic()))
+
+    def _tokenize(self, prompt) -> list[int]:
+        V = self.model_config.vocab_size
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise RequestError("this model has no tokenizer.json: give prompts as lists of token ids")
+            tokens = self.tokenizer.encode(prompt)
+        else:
+            if isinstance(prompt, np.ndarray):
+                prompt = prompt.tolist()
+            if not isinstance(prompt, (list, tuple)):
+                raise RequestError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+            tokens = []
+            for t in prompt:
+                if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
+                    raise RequestError(f"token ids must be integers, got {t!r}")
+                tokens.append(int(t))
+        if not tokens:
+            raise RequestError("the prompt is empty")
+        bad = [t for t in tokens if not 0 <= t < V]
+        if bad:
+            raise RequestError(f"token id {bad[0]} is outside the vocabulary [0, {V})")
+        return tokens
+
+    # ------------------------------------------------------------------ the loop
+    def step(self) -> list[RequestOutput]:
+        """Run one iteration; returns the outputs of every request that changed."""
+        with self._step_lock:
+            t0 = time.perf_counter()
+            changed: list[Request] = []
+            self._drain_inbox(changed)
+            sched = self.scheduler.schedule()
+            changed.extend(sched.finished)
+            wait0 = self.runner.device_wait_s
+            if sched.kind == "prefill":
+                self._run_prefill(sched)
+            elif sched.kind == "decode":
+                self._run_decode(sched)
+            changed.extend(sched.requests)
+            if sched.kind != "idle":
+                self._counters["steps"] += 1
+                self._counters[sched.kind + "_steps"] += 1
+            dt = time.perf_counter() - t0
+            self._counters["step_time_s"] += dt
+            self._counters["host_time_s"] += dt - (self.runner.device_wait_s - wait0)
+            return self._emit(changed)
+
+    def _drain_inbox(self, changed: list) -> None:
+        while True:
+            try:
+                op, arg = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if op == "add":
+                if arg.adapter is not None and arg.adapter not in self.adapters:
+                    # Unloaded between add_request and now: fail this request only.
+                    self._requests[arg.request_id] = arg
+                    arg.status = Status.FINISHED
+                    arg.finish_reason, arg.error = "abort", f"adapter {arg.adapter!r} was unloaded"
+                    arg.metrics.finish_time = time.monotonic()
+                    changed.append(arg)
+                    continue
+                self._requests[arg.request_id] = arg
+                self._counters["prompt_tokens"] += len(arg.prompt)
+                self.scheduler.add(arg)
+            else:
+                req = self.scheduler.abort(arg)
+                if req is not None:
+                    changed.append(req)
+
+    def _emit(self, changed: list[Request]) -> list[RequestOutput]:
+        outs = []
+        seen = set()
+        for req in changed:
+            if req.request_id in seen:
+                continue
+            seen.add(req.request_id)
+            text = self.tokenizer.decode(req.output) if self.tokenizer is not None else None
+            out = req.to_output(text)
+            outs.append(out)
+            if req.finished:
+                self._counters["finished"] += 1
+                if req.finish_reason == "abort":
+                    self._counters["aborted"] += 1
+                self._requests.pop(req.request_id, None)
+            listener = self._listeners.get(req.request_id)
+            if listener is not None:
+                if req.finished:
+                    del self._listeners[req.request_id]
+                listener(out)
+        return outs
+
+    def _slot(self, req: Request) -> int:
+        return -1 if req.adapter is None else self.adapters.slot_of(req.adapter)
+
+    def _sampling_arrays(self, reqs: list[Request], n: int) -> dict:
+        temp = np.zeros(n, np.float32)
+        top_p = np.ones(n, np.float32)
+        top_k = np.zeros(n, np.int32)
+        seeds = np.zeros(n, np.uint32)
+        counters = np.zeros(n, np.int32)
+        for i, r in enumerate(reqs):
+            sp = r.sampling
+            temp[i], top_p[i], top_k[i] = sp.temperature, sp.top_p, sp.top_k
+            seeds[i], counters[i] = r.seed, len(r.output)
+        return dict(temperature=temp, top_p=top_p, top_k=top_k, seeds=seeds, counters=counters)
+
+    def _prefill_inputs(self, reqs: list[Request], write_kv: bool = True) -> dict:
+        R = self.layout.page_rows
+        lens = np.array([r.context_len for r in reqs], np.int64)
+        T = bucket(int(lens.sum()), 16)
+        tokens = np.zeros(T, np.int32)
+        positions = np.zeros(T, np.int32)
+        slot = np.full(T, -1, np.int32)
+        seg = np.full(T, -1, np.int32)
+        k_rows = np.full(T, -1, np.int32)
+        v_rows = np.full(T, -1, np.int32)
+        last = np.zeros(bucket(len(reqs)), np.int32)
+        off = 0
+        for i, r in enumerate(reqs):
+            n = r.context_len
+            sl = slice(off, off + n)
+            tokens[sl] = r.context
+            pos = np.arange(n, dtype=np.int32)
+            positions[sl] = pos
+            slot[sl] = self._slot(r)
+            seg[sl] = i
+            if write_kv:
+                k_rows[sl] = r.k_pages[pos // R] * R + pos % R
+                v_rows[sl] = r.v_pages[pos // R] * R + pos % R
+            last[i] = off + n - 1
+            off += n
+        return dict(tokens=tokens, positions=positions, token_slot=slot, segment_ids=seg,
+                    k_rows=k_rows, v_rows=v_rows, last_index=last)
+
+    def _run_prefill(self, sched: SchedulerOutput) -> None:
+        # Requests of one adapter side by side: the prefill LoRA kernel works per segment of equal slots.
+        reqs = sorted(sched.requests, key=self._slot)
+        inp = self._prefill_inputs(reqs)
+        samp = self._sampling_arrays(reqs, len(inp["last_index"]))
+        tokens, logp = self.runner.run("prefill", self.tables, inp, samp)
+        self._append(reqs, tokens, logp)
+
+    def _run_decode(self, sched: SchedulerOutput) -> None:
+        R = self.layout.page_rows
+        reqs = sched.requests
+        B = bucket(len(reqs))
+        nb = bucket(max(len(r.k_pages) for r in reqs), 4)
+        tokens = np.zeros(B, np.int32)
+        positions = np.zeros(B, np.int32)
+        slot = np.full(B, -1, np.int32)
+        k_rows = np.full(B, -1, np.int32)
+        v_rows = np.full(B, -1, np.int32)
+        k_pages = np.zeros((B, nb), np.int32)
+        v_pages = np.zeros((B, nb), np.int32)
+        lengths = np.zeros(B, np.int32)
+        for i, r in enumerate(reqs):
+            p = r.context_len - 1
+            tokens[i] = r.output[-1]
+            positions[i] = p
+            slot[i] = self._slot(r)
+            k_rows[i] = r.k_pages[p // R] * R + p % R
+            v_rows[i] = r.v_pages[p // R] * R + p % R
+            k_pages[i, :len(r.k_pages)] = r.k_pages
+            v_pages[i, :len(r.v_pages)] = r.v_pages
+            lengths[i] = p + 1
+        inp = dict(tokens=tokens, positions=positions, token_slot=slot, k_rows=k_rows, v_rows=v_rows,
+                   k_pages=k_pages, v_pages=v_pages, lengths=lengths)
+        out_tokens, logp = self.runner.run("decode", self.tables, inp, self._sampling_arrays(reqs, B))
+        self._append(reqs, out_tokens, logp)
+
+    def _append(self, reqs: list[Request], tokens: np.ndarray, logp: np.ndarray) -> None:
+        now = time.monotonic()
+        eos = set(self.model_config.eos_token_ids)
+        for i, r in enumerate(reqs):
+            t = int(tokens[i])
+            r.output.append(t)
+            r.logprobs.append(float(logp[i]))
+            self._counters["generated_tokens"] += 1
+            if r.metrics.first_token_time is None:
+                r.metrics.first_token_time = now
+            sp = r.sampling
+            if t in sp.stop_token_ids or (not sp.ignore_eos and t in eos):
+                self.scheduler.finish(r, "stop")
+            elif len(r.output) >= sp.max_tokens or r.context_len >= r.max_len:
+                self.scheduler.finish(r, "length")
+
+    # ------------------------------------------------------------------ convenience
+    def generate(self, prompts: Sequence[Prompt], adapters=None, sampling=None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        """Run every prompt to completion; outputs in prompt order."""
+        if isinstance(prompts, str) or (len(prompts) and isinstance(prompts[0], (int, np.integer))):
+            raise RequestError("prompts must be a list of prompts (each a string or a list of token ids)")
+        n = len(prompts)
+        adapters = _per_prompt(adapters, n, "adapters")
+        samplings = _per_prompt(sampling, n, "sampling")
+        results: dict[str, RequestOutput] = {}
+        done = threading.Event()
+
+        def collect(out: RequestOutput):
+            if out.finished:
+                results[out.request_id] = out
+                if len(results) == n:
+                    done.set()
+
+        reqs = [self._make_request(p, a, s, None) for p, a, s in zip(prompts, adapters, samplings)]
+        ids = [r.request_id for r in reqs]
+        for r in reqs:  # validated all first: a bad prompt queues nothing
+            self._listeners[r.request_id] = collect
+            self._inbox.put(("add", r))
+        bar = _progress(n) if use_tqdm else None
+        while not done.is_set() and n:
+            self.step()
+            if bar is not None:
+                bar.n = len(results)
+                bar.refresh()
+        if bar is not None:
+            bar.close()
+        return [results[i] for i in ids]
+
+    def stream(self, prompt: Prompt, adapter: Optional[str] = None,
+               sampling: Optional[SamplingParams] = None) -> Iterator[RequestOutput]:
+        """Yield the request's cumulative output after every step that changed it; the last is finished."""
+        pending: "queue.SimpleQueue[RequestOutput]" = queue.SimpleQueue()
+        rid = self.add_request(prompt, adapter, sampling, listener=pending.put)
+        try:
+            while True:
+                while pending.empty():
+                    self.step()
+                out = pending.get()
+                yield out
+                if out.finished:
+                    return
+        finally:
+            if rid in self._listeners or rid in self._requests:
+                self.abort(rid)
+                self._listeners.pop(rid, None)
+
+    def logits(self, prompts: Sequence[Sequence[int]], adapters=None) -> list[np.ndarray]:
+        """Float32 logits [len, V] of every position of every prompt (scoring; nothing is cached)."""
+        n = len(prompts)
+        adapters = _per_prompt(adapters, n, "adapters")
+        with self._step_lock:
+            reqs = [self._make_request(p, a, None, None) for p, a in zip(prompts, adapters)]
+            held = []
+            try:
+                for r in reqs:
+                    if r.adapter is not None and r.adapter not in held:
+                        if not self.adapters.acquire(r.adapter):
+                            raise CapacityError(f"no room on the device for adapter {r.adapter!r} right now")
+                        held.append(r.adapter)
+                reqs_sorted = sorted(reqs, key=self._slot)
+                inp = self._prefill_inputs(reqs_sorted, write_kv=False)
+                samp = self._sampling_arrays(reqs_sorted, len(inp["last_index"]))
+                logits = self.runner.run("prefill", self.tables, inp, samp, all_logits=True)
+            finally:
+                for a in held:
+                    self.adapters.release(a)
+            out, off = {}, 0
+            for r in reqs_sorted:
+                out[r.request_id] = logits[off:off + r.context_len]
+                off += r.context_len
+            return [out[r.request_id] for r in reqs]
+
+    def stats(self) -> dict:
+        s = dict(self.pool.stats())
+        s.update(
+            adapters_registered=len(self.adapters.names()),
+            adapters_on_device=sum(1 for a in self.adapters.list() if a.location == "device"),
+            adapter_host_bytes=self.adapters.host_bytes,
+            running=len(self.scheduler.running),
+            waiting=len(self.scheduler.waiting),
+            compiled_shapes=len(self.runner.compiled_shapes),
+            preemptions=self.scheduler.num_preemptions,
+            kernel_backend=self.kernel_backend,
+            **{f"adapter_{k}": v for k, v in self.adapters.counters.items()},
+            **self._counters,
+        )
+        s["host_overhead_share"] = s["host_time_s"] / s["step_time_s"] if s["step_time_s"] else 0.0
+        return s
+
+
+def _per_prompt(value, n: int, what: str) -> list:
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise RequestError(f"{what} has {len(value)} entries for {n} prompts")
+        return list(value)
+    return [value] * n
+
+
+def _progress(n: int):
+    from tqdm.auto import tqdm
+    return tqdm(total=n, desc="generate", unit="req")
+
+
+def _pinned_host(device):
+    """numpy -> pinned host memory (fast, asynchronous uploads); plain numpy where unsupported."""
+    try:
+        sharding = jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host")
+    except Exception:  # memory kinds unsupported on this backend
+        return lambda x: x
+
+    def put(x):
+        try:
+            return jax.device_put(x, sharding)
+        except Exception:
+            return x
+    return put

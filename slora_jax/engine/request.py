@@ -1,0 +1,66 @@
+"""Request: the state of one generation, from arrival to finish. Plain data; the scheduler moves it."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+from slora_jax.types import RequestMetrics, RequestOutput, SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt: list[int]
+    adapter: Optional[str]
+    sampling: SamplingParams
+    seed: int  # the sampling seed actually used (drawn by the engine when the user gave none)
+    max_len: int  # context length at which the request stops ("length")
+    metrics: RequestMetrics
+    output: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    status: Status = Status.WAITING
+    finish_reason: Optional[str] = None
+    error: Optional[str] = None
+    # Device state while running: KV pages (one K and one V page per block of R tokens) and whether
+    # this request holds a reference on its adapter.
+    k_pages: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+    v_pages: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+    holds_adapter: bool = False
+    # Scheduler bookkeeping.
+    arrival_seq: int = 0
+    virtual_start: float = 0.0
+
+    @property
+    def context_len(self) -> int:
+        """Tokens whose K/V the request needs: prompt + generated."""
+        return len(self.prompt) + len(self.output)
+
+    @property
+    def context(self) -> list[int]:
+        return self.prompt + self.output
+
+    @property
+    def remaining_tokens(self) -> int:
+        """Upper bound of tokens still to generate."""
+        return max(0, min(self.sampling.max_tokens - len(self.output), self.max_len - self.context_len))
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+    def to_output(self, text: Optional[str] = None) -> RequestOutput:
+        return RequestOutput(
+            request_id=self.request_id, prompt_token_ids=list(self.prompt), token_ids=list(self.output),
+            adapter=self.adapter, text=text, finish_reason=self.finish_reason,
+            logprobs=list(self.logprobs) if self.sampling.logprobs else None, metrics=self.metrics,
+            error=self.error)

@@ -1,0 +1,113 @@
+"""ModelRunner: the device side of a step. Owns the weights, the pool buffer and the compiled programs.
+
+A step is one jitted program over all layers (prefill or decode) that also samples; the pool is donated
+to it so the KV writes happen in place. Input shapes are bucketed to powers of two so a long run
+compiles a small, bounded set of programs (``compiled_shapes``).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from slora_jax.config import EngineConfig, ModelConfig
+from slora_jax.engine.sampler import sample
+from slora_jax.memory.pool import PoolLayout
+from slora_jax.model.llama import StepStatics, forward, fuse_params, lm_logits
+
+DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32}
+
+
+def bucket(n: int, minimum: int = 1) -> int:
+    """Smallest power of two >= max(n, minimum)."""
+    n = max(int(n), minimum, 1)
+    return 1 << (n - 1).bit_length()
+
+
+def _prefill_impl(params, pool, tables, inp, samp, *, cfg, st):
+    h, pool = forward(params, pool, tables, inp, cfg, st)
+    if st.all_logits:
+        return pool, lm_logits(params, h)
+    logits = lm_logits(params, h[inp["last_index"]])
+    tokens, logp = sample(logits, **samp)
+    return pool, (tokens, logp)
+
+
+def _decode_impl(params, pool, tables, inp, samp, *, cfg, st):
+    h, pool = forward(params, pool, tables, inp, cfg, st)
+    tokens, logp = sample(lm_logits(params, h), **samp)
+    return pool, (tokens, logp)
+
+
+def _write_pages_impl(pool, pages, tiles):
+    return pool.at[:, pages].set(tiles.astype(pool.dtype))
+
+
+class ModelRunner:
+    def __init__(self, cfg: ModelConfig, econf: EngineConfig, params: dict, backend: str, device=None):
+        self.cfg, self.econf = cfg, econf
+        self.dtype = DTYPES[econf.dtype]
+        self.backend = backend
+        self.device = device or jax.devices()[0]
+        fused = fuse_params(params, cfg)
+        self.params = jax.tree.map(lambda a: jax.device_put(jnp.asarray(a, dtype=self.dtype), self.device), fused)
+        self.pool = None
+        self._tables_dev = None
+        self._tables_version = -1
+        self.compiled_shapes: set = set()
+        self._fns = {}
+        self._write = jax.jit(_write_pages_impl, donate_argnums=(0,))
+        self.device_wait_s = 0.0
+
+    def allocate_pool(self, layout: PoolLayout) -> None:
+        """Allocate the unified pool once; every later update is in place."""
+        self.layout = layout
+        self.pool = jax.device_put(jnp.zeros(layout.shape, self.dtype), self.device)
+
+    # ------------------------------------------------------------------ programs
+    def _fn(self, mode: str, all_logits: bool = False):
+        key = (mode, all_logits)
+        if key not in self._fns:
+            st = StepStatics(mode=mode, backend=None if self.backend == "auto" else self.backend,
+                             all_logits=all_logits)
+            impl = _prefill_impl if mode == "prefill" else _decode_impl
+            self._fns[key] = jax.jit(functools.partial(impl, cfg=self.cfg, st=st), donate_argnums=(1,))
+        return self._fns[key]
+
+    def _tables(self, tables) -> dict:
+        if tables.version != self._tables_version:
+            self._tables_dev = {g: tuple(jax.device_put(a, self.device) for a in arrs)
+                                for g, arrs in tables.arrays.items()}
+            self._tables_version = tables.version
+        return self._tables_dev
+
+    def run(self, mode: str, tables, inp: dict, samp: dict, all_logits: bool = False):
+        """Run one step; returns host numpy results ((tokens, logprobs) or logits)."""
+        shape_key = (mode, all_logits) + tuple(sorted((k, v.shape) for k, v in inp.items()))
+        self.compiled_shapes.add(shape_key)
+        fn = self._fn(mode, all_logits)
+        self.pool, out = fn(self.params, self.pool, self._tables(tables), inp, samp)
+        t0 = time.perf_counter()
+        out = jax.tree.map(np.asarray, out)
+        self.device_wait_s += time.perf_counter() - t0
+        return out
+
+    def write_pages(self, pages: np.ndarray, tiles) -> None:
+        """Copy page tiles [L, n, R, W] into pool pages (in place; asynchronous on the device)."""
+        n = len(pages)
+        if n == 0:
+            return
+        nb = bucket(n)
+        if nb != n:  # pad to a bucket so loads of any size reuse a few compiled copies
+            pages = np.concatenate([pages, np.zeros(nb - n, np.int32)])  # page 0 is reserved scratch
+            tiles = jnp.concatenate([jnp.asarray(tiles), jnp.zeros(
+                (tiles.shape[0], nb - n) + tuple(tiles.shape[2:]), tiles.dtype)], axis=1)
+        self.pool = self._write(self.pool, jnp.asarray(pages, jnp.int32), jax.device_put(tiles, self.device))
+
+    def pool_pointer(self) -> int:
+        """Device address of the pool buffer (unchanged across steps when updates are in place)."""
+        return self.pool.unsafe_buffer_pointer()

@@ -1,0 +1,212 @@
+"""Scheduler: decides each step's work and owns every KV page.
+
+Each step is "schedule -> prepare inputs -> run -> update". ``schedule`` either admits waiting requests
+(a prefill step) or advances every running request by one token (a decode step). Admission checks
+the batch size, the prefill token budget, the adapter's pages (loaded now, evicting unreferenced
+adapters LRU) and the KV pages. When a decode step needs a KV page and none is left, the most recent
+running request is preempted: its pages are freed and it goes back to the front of the queue to be
+recomputed later, so nothing crashes and nothing is lost.
+
+The order in which waiting requests are considered is the policy (``policies.py``); everything that
+touches pages is here, so a policy can never over-commit the pool.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+from slora_jax.adapters.store import AdapterStore
+from slora_jax.config import EngineConfig
+from slora_jax.engine.request import Request, Status
+from slora_jax.errors import AdapterError
+from slora_jax.memory.pool import KV, UnifiedPagePool
+
+
+@dataclass
+class SchedulerOutput:
+    kind: str  # "prefill" | "decode" | "idle"
+    requests: list[Request] = field(default_factory=list)
+    finished: list[Request] = field(default_factory=list)  # ended during scheduling (abort, failed load)
+
+
+class Scheduler:
+    def __init__(self, econf: EngineConfig, pool: UnifiedPagePool, store: AdapterStore, policy=None):
+        from slora_jax.engine.policies import make_policy
+
+        self.econf = econf
+        self.pool = pool
+        self.store = store
+        self.R = pool.layout.page_rows
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.policy = policy or make_policy(econf)
+        self.num_preemptions = 0
+        self._seq = 0
+
+    # ------------------------------------------------------------------ queue
+    def add(self, req: Request) -> None:
+        req.arrival_seq = self._seq
+        self._seq += 1
+        self.policy.on_arrival(req, self)
+        self.waiting.append(req)
+
+    def abort(self, request_id: str, reason: str = "abort", error: Optional[str] = None) -> Optional[Request]:
+        for req in list(self.waiting) + self.running:
+            if req.request_id == request_id:
+                self.finish(req, reason, error)
+                return req
+        return None
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ------------------------------------------------------------------ page ownership
+    def kv_blocks(self, req: Request) -> int:
+        return len(req.k_pages)
+
+    def ensure_kv(self, req: Request, num_tokens: int) -> bool:
+        """Give ``req`` pages for ``num_tokens`` tokens. False (nothing allocated) if they don't fit."""
+        need = math.ceil(num_tokens / self.R) - len(req.k_pages)
+        if need <= 0:
+            return True
+        if not self.pool.can_alloc(2 * need):
+            self.store.free_unreferenced(2 * need)
+            if not self.pool.can_alloc(2 * need):
+                return False
+        pages = self.pool.alloc(2 * need, KV)
+        req.k_pages = np.concatenate([req.k_pages, pages[:need]])
+        req.v_pages = np.concatenate([req.v_pages, pages[need:]])
+        return True
+
+    def release(self, req: Request) -> None:
+        """Free every page and reference ``req`` holds (the one path for finish, abort and preemption)."""
+        if len(req.k_pages):
+            self.pool.free(np.concatenate([req.k_pages, req.v_pages]), KV)
+        req.k_pages = np.zeros(0, np.int32)
+        req.v_pages = np.zeros(0, np.int32)
+        if req.holds_adapter:
+            self.store.release(req.adapter)
+            req.holds_adapter = False
+
+    def finish(self, req: Request, reason: str, error: Optional[str] = None) -> None:
+        self.release(req)
+        if req in self.running:
+            self.running.remove(req)
+        else:
+            try:
+                self.waiting.remove(req)
+            except ValueError:
+                pass
+        req.status = Status.FINISHED
+        req.finish_reason = reason
+        req.error = error
+        req.metrics.finish_time = time.monotonic()
+        self.policy.on_finish(req, self)
+
+    def preempt(self, req: Request) -> None:
+        self.release(req)
+        self.running.remove(req)
+        req.status = Status.WAITING
+        req.metrics.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    # ------------------------------------------------------------------ the decision
+    def schedule(self, now: Optional[float] = None) -> SchedulerOutput:
+        now = time.monotonic() if now is None else now
+        out = SchedulerOutput("idle")
+        for req in self.policy.expired(self, now):
+            self.finish(req, "abort", "first-token SLO can no longer be met")
+            out.finished.append(req)
+        admitted = self._admit(out, now)
+        if admitted:
+            out.kind, out.requests = "prefill", admitted
+            return out
+        if self.running:
+            out.kind, out.requests = "decode", self._prepare_decode()
+        elif self.waiting and not out.finished:
+            # Nothing runs and the head cannot be admitted even into an empty pool: it never will be.
+            req = self.waiting[0]
+            self.finish(req, "abort", "request does not fit in the page pool")
+            out.finished.append(req)
+        self._prefetch()
+        return out
+
+    def _admit(self, out: SchedulerOutput, now: float) -> list[Request]:
+        econf = self.econf
+        admitted: list[Request] = []
+        tokens = 0
+        for req in self.policy.order(self, now):
+            if len(self.running) + len(admitted) >= econf.max_batch_size:
+                break
+            n = req.context_len
+            if admitted and tokens + n > econf.max_prefill_tokens:
+                break
+            if not self._reserve_ok(req, admitted):
+                break
+            if req.adapter is not None and not req.holds_adapter:
+                try:
+                    ok = self.store.acquire(req.adapter)
+                except AdapterError as e:  # corrupt or removed adapter: this request fails, nobody else
+                    self.finish(req, "abort", str(e))
+                    out.finished.append(req)
+                    continue
+                if not ok:
+                    break
+                req.holds_adapter = True
+            if not self.ensure_kv(req, n):
+                self.release(req)
+                break
+            admitted.append(req)
+            tokens += n
+        for req in admitted:
+            self.waiting.remove(req)
+            req.status = Status.RUNNING
+            if req.metrics.first_scheduled_time is None:
+                req.metrics.first_scheduled_time = now
+            self.running.append(req)
+            self.policy.on_admit(req, self)
+        return admitted
+
+    def _reserve_ok(self, req: Request, admitted: list[Request]) -> bool:
+        """'reserve' admission: every running request's KV at its maximum length must fit."""
+        if self.econf.admission != "reserve":
+            return True
+        def blocks_at_max(r):
+            return math.ceil((r.context_len + r.remaining_tokens) / self.R)
+        reserved = sum(2 * blocks_at_max(r) - 2 * len(r.k_pages) for r in self.running + admitted)
+        need = 2 * blocks_at_max(req)
+        adapter_need = 0
+        if req.adapter is not None and not self.store.is_resident(req.adapter):
+            adapter_need = self.store.pages_needed(req.adapter)
+        avail = self.pool.free_pages + self.store.evictable_pages()
+        return need + adapter_need + reserved <= avail
+
+    def _prepare_decode(self) -> list[Request]:
+        """Make sure every running request has a page for the token it is about to write."""
+        for req in sorted(self.running, key=lambda r: r.arrival_seq):
+            if req.status is not Status.RUNNING:
+                continue
+            while not self.ensure_kv(req, req.context_len):
+                victim = max(self.running, key=lambda r: r.arrival_seq)
+                self.preempt(victim)
+                if victim is req:
+                    break
+        return list(self.running)
+
+    def _prefetch(self) -> None:
+        if not self.econf.prefetch:
+            return
+        reserve = 2 * len(self.running) + 2  # keep room for the running requests' next KV blocks
+        for req in self.policy.peek(self, self.econf.prefetch_depth):
+            if req.adapter is not None and req.adapter in self.store:
+                try:
+                    self.store.prefetch(req.adapter, reserve=reserve)
+                except AdapterError:
+                    pass  # reported when the request itself is admitted

@@ -1,0 +1,200 @@
+"""The paged engine on a tiny random checkpoint: invariance, pressure, preemption, errors, compiled shapes."""
+
+import numpy as np
+import pytest
+
+import slora_jax as sj
+from slora_jax.model.random_checkpoint import tiny_llama_config, write_random_adapter, write_random_checkpoint
+
+ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    cfg = tiny_llama_config()
+    model = write_random_checkpoint(root / "model", cfg, seed=1, std=0.08)
+    specs = [(8, ("q_proj", "v_proj")), (16, ALL), (1, ("k_proj",)), (32, ("gate_proj", "up_proj", "down_proj")),
+             (4, ("o_proj",)), (8, ALL)]
+    adapters = {f"a{i}": write_random_adapter(root / f"a{i}", cfg, rank=r, alpha=2 * r, target_modules=t,
+                                              seed=10 + i, init_scale=0.3) for i, (r, t) in enumerate(specs)}
+    return model, adapters
+
+
+def make_engine(tiny, **kw):
+    model, adapters = tiny
+    kw.setdefault("num_pages", 512)
+    eng = sj.Engine.from_pretrained(model, config=sj.EngineConfig(dtype="float32", **kw))
+    for name, d in adapters.items():
+        eng.load_adapter(name, d)
+    return eng
+
+
+def prompts(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, 250, size=int(rng.integers(3, 20))).tolist() for _ in range(n)]
+
+
+GREEDY = sj.SamplingParams(max_tokens=8, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny):
+    return make_engine(tiny)
+
+
+def test_batch_invariance_alone_vs_crowd(engine):
+    ps = prompts(7, seed=1)
+    names = [None, "a0", "a1", "a2", "a3", "a4", "a5"]
+    crowd = engine.generate(ps, adapters=names, sampling=GREEDY)
+    for p, a, out in zip(ps, names, crowd):
+        alone = engine.generate([p], adapters=[a], sampling=GREEDY)[0]
+        assert alone.token_ids == out.token_ids, a
+        assert out.finish_reason == "length" and len(out.token_ids) == 8
+    # Adapters really change the output (otherwise invariance would be vacuous).
+    base = crowd[0].token_ids
+    same_prompt = engine.generate([ps[0]] * 3, adapters=[None, "a1", "a5"], sampling=GREEDY)
+    assert same_prompt[0].token_ids == base
+    assert same_prompt[1].token_ids != base or same_prompt[2].token_ids != base
+    st = engine.stats()
+    assert st["kv_pages"] == 0 and st["running"] == 0 and st["waiting"] == 0
+
+
+def test_logits_match_generate(engine):
+    p = prompts(1, seed=3)[0]
+    out = engine.generate([p], adapters=["a1"], sampling=GREEDY)[0]
+    lg = engine.logits([p + out.token_ids[:-1]], adapters=["a1"])[0]
+    assert lg.shape == (len(p) + 7, 256)
+    assert np.argmax(lg[len(p) - 1:], axis=-1).tolist() == out.token_ids
+
+
+def test_sampling_seeded_reproducible_and_batch_independent(engine):
+    sp = sj.SamplingParams(max_tokens=10, temperature=1.0, top_p=0.9, top_k=50, seed=123, ignore_eos=True)
+    p = prompts(1, seed=5)[0]
+    a = engine.generate([p], adapters=["a0"], sampling=sp)[0]
+    b = engine.generate([p] + prompts(3, seed=6), adapters=["a0", None, "a2", "a3"],
+                        sampling=[sp, GREEDY, GREEDY, GREEDY])[0]
+    assert a.token_ids == b.token_ids
+    c = engine.generate([p], adapters=["a0"], sampling=sj.SamplingParams(
+        max_tokens=10, temperature=1.0, seed=124, ignore_eos=True))[0]
+    assert c.token_ids != a.token_ids
+    # top_k=1 is greedy whatever the temperature
+    g = engine.generate([p], sampling=sj.SamplingParams(max_tokens=6, temperature=2.0, top_k=1, seed=1,
+                                                        ignore_eos=True))[0]
+    assert g.token_ids == engine.generate([p], sampling=sj.SamplingParams(max_tokens=6, ignore_eos=True))[0].token_ids
+
+
+def test_stop_tokens_and_stream(engine):
+    p = prompts(1, seed=7)[0]
+    full = engine.generate([p], sampling=sj.SamplingParams(max_tokens=8, ignore_eos=True))[0].token_ids
+    stop = full[3]
+    out = engine.generate([p], sampling=sj.SamplingParams(max_tokens=8, stop_token_ids=(stop,), ignore_eos=True))[0]
+    assert out.finish_reason == "stop" and out.token_ids == full[:full.index(stop) + 1]
+    seen = list(engine.stream(p, adapter=None, sampling=sj.SamplingParams(max_tokens=8, ignore_eos=True)))
+    assert [len(s.token_ids) for s in seen] == list(range(1, 9))
+    assert seen[-1].token_ids == full and seen[-1].finish_reason == "length"
+    assert all(s.finish_reason is None for s in seen[:-1])
+
+
+def test_abort_frees_pages(engine):
+    rid = engine.add_request(prompts(1)[0], adapter="a1", sampling=sj.SamplingParams(max_tokens=50, ignore_eos=True))
+    engine.step()
+    engine.step()
+    assert engine.stats()["kv_pages"] > 0
+    engine.abort(rid)
+    outs = engine.step()
+    assert [o.finish_reason for o in outs if o.request_id == rid] == ["abort"]
+    assert engine.stats()["kv_pages"] == 0 and not engine.has_unfinished()
+
+
+@pytest.mark.parametrize("bad,msg", [
+    (dict(prompt=[1, 2, 999]), "outside the vocabulary"),
+    (dict(prompt=[]), "empty"),
+    (dict(prompt=[1, -1]), "outside the vocabulary"),
+    (dict(prompt=[1.5]), "integers"),
+    (dict(prompt=[3] * 256), "context"),
+    (dict(sampling=sj.SamplingParams(temperature=-1)), "temperature"),
+    (dict(sampling=sj.SamplingParams(top_p=0)), "top_p"),
+    (dict(sampling=sj.SamplingParams(top_k=-2)), "top_k"),
+    (dict(sampling=sj.SamplingParams(max_tokens=0)), "max_tokens"),
+    (dict(prompt="text"), "tokenizer"),
+])
+def test_bad_requests_are_refused_and_engine_keeps_serving(engine, bad, msg):
+    kw = dict(prompt=[1, 2, 3], adapter=None, sampling=GREEDY)
+    kw.update(bad)
+    with pytest.raises(sj.RequestError, match=msg):
+        engine.add_request(kw["prompt"], kw["adapter"], kw["sampling"])
+    assert engine.generate([[5, 6, 7]], sampling=GREEDY)[0].finish_reason == "length"
+    assert engine.stats()["kv_pages"] == 0
+
+
+def test_unknown_adapter(engine):
+    with pytest.raises(sj.UnknownAdapterError, match="nope"):
+        engine.generate([[1, 2]], adapters=["nope"], sampling=GREEDY)
+    with pytest.raises(LookupError):
+        engine.add_request([1, 2], adapter="nope")
+    assert engine.stats()["waiting"] == 0
+
+
+def test_eviction_under_pressure_more_adapters_than_fit(tiny):
+    ref = make_engine(tiny)
+    ps = prompts(12, seed=11)
+    names = [f"a{i % 6}" for i in range(12)]
+    expected = [o.token_ids for o in ref.generate(ps, adapters=names, sampling=GREEDY)]
+    small = make_engine(tiny, num_pages=96, max_adapters_on_device=2)
+    got = small.generate(ps, adapters=names, sampling=GREEDY)
+    assert [o.token_ids for o in got] == expected
+    st = small.stats()
+    assert st["adapter_evictions"] > 0 and st["adapters_on_device"] <= 2
+    assert st["kv_pages"] == 0
+    small.pool.check_invariants()
+
+
+def test_preemption_small_pool_finishes_everything_correctly(tiny):
+    ref = make_engine(tiny)
+    ps = prompts(8, seed=12)
+    names = [None, "a0", "a1", None, "a2", "a3", "a4", "a5"]
+    sp = sj.SamplingParams(max_tokens=24, ignore_eos=True)
+    expected = [o.token_ids for o in ref.generate(ps, adapters=names, sampling=sp)]
+    small = make_engine(tiny, num_pages=200, page_rows=4)
+    got = small.generate(ps, adapters=names, sampling=sp)
+    assert [o.token_ids for o in got] == expected
+    assert small.stats()["preemptions"] > 0
+    assert small.stats()["kv_pages"] == 0
+    small.pool.check_invariants()
+
+
+def test_compiled_shapes_bounded_over_long_run(engine):
+    rng = np.random.default_rng(3)
+    for _ in range(6):
+        n = int(rng.integers(1, 10))
+        engine.generate(prompts(n, seed=int(rng.integers(1000))),
+                        adapters=[[None, "a0", "a1", "a2"][i % 4] for i in range(n)],
+                        sampling=sj.SamplingParams(max_tokens=int(rng.integers(1, 12)), ignore_eos=True))
+    # prefill: T buckets {16, 32, 64, 128} x request buckets {1..8}; decode: batch buckets x table widths
+    assert engine.stats()["compiled_shapes"] <= 40
+
+
+def test_pool_updated_in_place(engine):
+    before = engine.runner.pool_pointer()
+    engine.generate(prompts(3, seed=21), adapters=["a0", "a3", None], sampling=GREEDY)
+    assert engine.runner.pool_pointer() == before
+
+
+def test_request_that_can_never_fit_is_refused(tiny):
+    eng = make_engine(tiny, num_pages=64, page_rows=4)  # adapter a1 (rank 16, all modules) needs 128 pages
+    with pytest.raises(sj.RequestError, match="a1"):
+        eng.add_request([1, 2, 3], adapter="a1")
+    assert eng.generate([[1, 2, 3]], adapters=["a0"], sampling=GREEDY)[0].finish_reason == "length"
+
+
+def test_unload_adapter(tiny):
+    eng = make_engine(tiny)
+    eng.generate([[1, 2, 3]], adapters=["a0"], sampling=GREEDY)
+    info = {a.name: a for a in eng.list_adapters()}
+    assert info["a0"].location == "device" and info["a0"].rank == 8
+    eng.unload_adapter("a0")
+    assert "a0" not in {a.name for a in eng.list_adapters()}
+    with pytest.raises(sj.UnknownAdapterError):
+        eng.generate([[1, 2, 3]], adapters=["a0"], sampling=GREEDY)
+    assert eng.stats()["adapter_pages"] == sum(a.device_pages for a in eng.list_adapters())
