@@ -81,7 +81,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="llama-2-7b", help="named shape (llama-2-7b, llama-3-8b, ...) or 'tiny'")
     ap.add_argument("--adapters", type=int, default=100)
     ap.add_argument("--batches", default="1,32,128,256")
-    ap.add_argument("--backends", default="xla,pallas")
+    ap.add_argument("--backends", default="xla,pallas",
+                    help="comma list of kernel backends; '+unroll' unrolls the layers (e.g. pallas+unroll)")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--dtype", default="bfloat16")
@@ -107,8 +108,10 @@ def main(argv=None) -> int:
                "cases": []}
     itemsize = jnp.dtype(dtype).itemsize
     for backend in args.backends.split(","):
+        kernel_backend, _, variant = backend.partition("+")
         engine = sj.Engine(cfg, params, sj.EngineConfig(
-            dtype=args.dtype, kernel_backend=backend, max_batch_size=max(batches),
+            dtype=args.dtype, kernel_backend=kernel_backend, scan_layers=variant != "unroll",
+            max_batch_size=max(batches),
             max_adapters_on_device=max(args.adapters, 1), max_prefill_tokens=4096, prefetch=False))
         names = []
         for i in range(args.adapters):

@@ -95,6 +95,9 @@ class EngineConfig:
     prefetch: bool = True  # start adapter uploads for soon-to-run requests while a step runs
     prefetch_depth: int = 16  # waiting requests looked at for prefetch
     host_cache_bytes: int = 8 << 30  # bound of adapter weights held in host memory
+    # Scan over stacked layer weights (one compiled layer body: fast compiles) or unroll the layers
+    # (per-layer arrays: no slicing of stacked weights inside the step).
+    scan_layers: bool = True
     seed: int = 0
     extra: dict = field(default_factory=dict)
 

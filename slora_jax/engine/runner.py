@@ -55,6 +55,11 @@ class ModelRunner:
         self.device = device or jax.devices()[0]
         fused = fuse_params(params, cfg)
         self.params = jax.tree.map(lambda a: jax.device_put(jnp.asarray(a, dtype=self.dtype), self.device), fused)
+        if not econf.scan_layers:
+            # One array per layer: the unrolled program reads each layer's weights where they lie.
+            stacked = self.params["layers"]
+            self.params["layers"] = [{k: v[l] for k, v in stacked.items()} for l in range(cfg.num_layers)]
+            del stacked
         self.pool = None
         self._tables_dev = None
         self._tables_version = -1

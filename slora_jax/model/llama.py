@@ -168,8 +168,13 @@ def forward(params: dict, pool: jax.Array, tables: dict, inp: dict, cfg: ModelCo
         h = h + d
         return (h, pool), None
 
-    layers_idx = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-    (h, pool), _ = jax.lax.scan(layer_fn, (h, pool), (lay, layers_idx))
+    if isinstance(lay, (list, tuple)):
+        # Unrolled: per-layer arrays, static layer index (no per-step slicing of stacked weights).
+        for l, w in enumerate(lay):
+            (h, pool), _ = layer_fn((h, pool), (w, jnp.int32(l)))
+    else:
+        layers_idx = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+        (h, pool), _ = jax.lax.scan(layer_fn, (h, pool), (lay, layers_idx))
     del qkv_in, o_in, gu_in, dn_in
     h = rms_norm(h, params["final_norm"], cfg.rms_norm_eps)
     return h, pool
