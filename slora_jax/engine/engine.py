@@ -85,6 +85,7 @@ class Engine:
         self._inbox: "queue.SimpleQueue" = queue.SimpleQueue()
         self._requests: dict[str, Request] = {}
         self._listeners: dict[str, Callable[[RequestOutput], None]] = {}
+        self._streaming: set[str] = set()  # requests whose partial outputs carry text
         self._step_lock = threading.RLock()
         self._ids = itertools.count()
         self._rng = np.random.default_rng(econf.seed)
@@ -135,6 +136,7 @@ class Engine:
         req = self._make_request(prompt, adapter, sampling, request_id)
         if listener is not None:
             self._listeners[req.request_id] = listener
+            self._streaming.add(req.request_id)
         self._inbox.put(("add", req))
         return req.request_id
 
@@ -250,7 +252,10 @@ class Engine:
             if req.request_id in seen:
                 continue
             seen.add(req.request_id)
-            text = self.tokenizer.decode(req.output) if self.tokenizer is not None else None
+            # Detokenising every running request every step would cost more than the step itself at
+            # large batches: text is made for finished requests and for streams that asked for it.
+            wants_text = req.finished or req.request_id in self._streaming
+            text = self.tokenizer.decode(req.output) if self.tokenizer is not None and wants_text else None
             out = req.to_output(text)
             outs.append(out)
             if req.finished:
@@ -262,6 +267,7 @@ class Engine:
             if listener is not None:
                 if req.finished:
                     del self._listeners[req.request_id]
+                    self._streaming.discard(req.request_id)
                 listener(out)
         return outs
 
@@ -269,16 +275,15 @@ class Engine:
         return -1 if req.adapter is None else self.adapters.slot_of(req.adapter)
 
     def _sampling_arrays(self, reqs: list[Request], n: int) -> dict:
-        temp = np.zeros(n, np.float32)
-        top_p = np.ones(n, np.float32)
-        top_k = np.zeros(n, np.int32)
-        seeds = np.zeros(n, np.uint32)
-        counters = np.zeros(n, np.int32)
-        for i, r in enumerate(reqs):
-            sp = r.sampling
-            temp[i], top_p[i], top_k[i] = sp.temperature, sp.top_p, sp.top_k
-            seeds[i], counters[i] = r.seed, len(r.output)
-        return dict(temperature=temp, top_p=top_p, top_k=top_k, seeds=seeds, counters=counters)
+        pad = n - len(reqs)
+        sp = [r.sampling for r in reqs]
+        return dict(
+            temperature=np.pad(np.array([s.temperature for s in sp], np.float32), (0, pad)),
+            top_p=np.pad(np.array([s.top_p for s in sp], np.float32), (0, pad), constant_values=1.0),
+            top_k=np.pad(np.array([s.top_k for s in sp], np.int32), (0, pad)),
+            seeds=np.pad(np.array([r.seed for r in reqs], np.uint32), (0, pad)),
+            counters=np.pad(np.array([len(r.output) for r in reqs], np.int32), (0, pad)),
+        )
 
     def _prefill_inputs(self, reqs: list[Request], write_kv: bool = True) -> dict:
         R = self.layout.page_rows
@@ -319,28 +324,29 @@ class Engine:
     def _run_decode(self, sched: SchedulerOutput) -> None:
         R = self.layout.page_rows
         reqs = sched.requests
-        B = bucket(len(reqs))
+        n = len(reqs)
+        # At least 2 rows: XLA turns a one-row scatter into a dynamic-update-slice, which it then
+        # protects with a full copy of the pool (seen in the compiled HLO); a padded row avoids it.
+        B = bucket(n, 2)
         nb = bucket(max(len(r.k_pages) for r in reqs), 4)
-        tokens = np.zeros(B, np.int32)
-        positions = np.zeros(B, np.int32)
-        slot = np.full(B, -1, np.int32)
-        k_rows = np.full(B, -1, np.int32)
-        v_rows = np.full(B, -1, np.int32)
+        pos = np.fromiter((r.context_len - 1 for r in reqs), np.int32, n)
         k_pages = np.zeros((B, nb), np.int32)
         v_pages = np.zeros((B, nb), np.int32)
-        lengths = np.zeros(B, np.int32)
         for i, r in enumerate(reqs):
-            p = r.context_len - 1
-            tokens[i] = r.output[-1]
-            positions[i] = p
-            slot[i] = self._slot(r)
-            k_rows[i] = r.k_pages[p // R] * R + p % R
-            v_rows[i] = r.v_pages[p // R] * R + p % R
             k_pages[i, :len(r.k_pages)] = r.k_pages
             v_pages[i, :len(r.v_pages)] = r.v_pages
-            lengths[i] = p + 1
-        inp = dict(tokens=tokens, positions=positions, token_slot=slot, k_rows=k_rows, v_rows=v_rows,
-                   k_pages=k_pages, v_pages=v_pages, lengths=lengths)
+        rows = np.arange(n)
+        pad = B - n
+        inp = dict(
+            tokens=np.pad(np.fromiter((r.output[-1] for r in reqs), np.int32, n), (0, pad)),
+            positions=np.pad(pos, (0, pad)),
+            token_slot=np.pad(np.fromiter((self._slot(r) for r in reqs), np.int32, n), (0, pad),
+                              constant_values=-1),
+            k_rows=np.pad(k_pages[rows, pos // R] * R + pos % R, (0, pad), constant_values=-1),
+            v_rows=np.pad(v_pages[rows, pos // R] * R + pos % R, (0, pad), constant_values=-1),
+            k_pages=k_pages, v_pages=v_pages,
+            lengths=np.pad(pos + 1, (0, pad)),
+        )
         out_tokens, logp = self.runner.run("decode", self.tables, inp, self._sampling_arrays(reqs, B))
         self._append(reqs, out_tokens, logp)
 
@@ -410,6 +416,7 @@ class Engine:
             if rid in self._listeners or rid in self._requests:
                 self.abort(rid)
                 self._listeners.pop(rid, None)
+                self._streaming.discard(rid)
 
     def logits(self, prompts: Sequence[Sequence[int]], adapters=None) -> list[np.ndarray]:
         """Float32 logits [len, V] of every position of every prompt (scoring; nothing is cached)."""

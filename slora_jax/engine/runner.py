@@ -43,8 +43,24 @@ def _decode_impl(params, pool, tables, inp, samp, *, cfg, st):
     return pool, (tokens, logp)
 
 
+_PROGRAMS: dict = {}
+
+
+def _step_program(cfg: ModelConfig, st: StepStatics):
+    """The jitted step for (model shape, statics), shared by every engine in the process so that two
+    engines of one model compile each shape once."""
+    key = (repr(cfg), st)
+    if key not in _PROGRAMS:
+        impl = _prefill_impl if st.mode == "prefill" else _decode_impl
+        _PROGRAMS[key] = jax.jit(functools.partial(impl, cfg=cfg, st=st), donate_argnums=(1,))
+    return _PROGRAMS[key]
+
+
 def _write_pages_impl(pool, pages, tiles):
     return pool.at[:, pages].set(tiles.astype(pool.dtype))
+
+
+_write_pages = jax.jit(_write_pages_impl, donate_argnums=(0,))
 
 
 class ModelRunner:
@@ -64,8 +80,6 @@ class ModelRunner:
         self._tables_dev = None
         self._tables_version = -1
         self.compiled_shapes: set = set()
-        self._fns = {}
-        self._write = jax.jit(_write_pages_impl, donate_argnums=(0,))
         self.device_wait_s = 0.0
 
     def allocate_pool(self, layout: PoolLayout) -> None:
@@ -75,13 +89,9 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ programs
     def _fn(self, mode: str, all_logits: bool = False):
-        key = (mode, all_logits)
-        if key not in self._fns:
-            st = StepStatics(mode=mode, backend=None if self.backend == "auto" else self.backend,
-                             all_logits=all_logits)
-            impl = _prefill_impl if mode == "prefill" else _decode_impl
-            self._fns[key] = jax.jit(functools.partial(impl, cfg=self.cfg, st=st), donate_argnums=(1,))
-        return self._fns[key]
+        st = StepStatics(mode=mode, backend=None if self.backend == "auto" else self.backend,
+                         all_logits=all_logits)
+        return _step_program(self.cfg, st)
 
     def _tables(self, tables) -> dict:
         if tables.version != self._tables_version:
@@ -111,7 +121,7 @@ class ModelRunner:
             pages = np.concatenate([pages, np.zeros(nb - n, np.int32)])  # page 0 is reserved scratch
             tiles = jnp.concatenate([jnp.asarray(tiles), jnp.zeros(
                 (tiles.shape[0], nb - n) + tuple(tiles.shape[2:]), tiles.dtype)], axis=1)
-        self.pool = self._write(self.pool, jnp.asarray(pages, jnp.int32), jax.device_put(tiles, self.device))
+        self.pool = _write_pages(self.pool, jnp.asarray(pages, jnp.int32), jax.device_put(tiles, self.device))
 
     def pool_pointer(self) -> int:
         """Device address of the pool buffer (unchanged across steps when updates are in place)."""

@@ -176,9 +176,31 @@ def test_compiled_shapes_bounded_over_long_run(engine):
 
 
 def test_pool_updated_in_place(engine):
+    """Same buffer after steps, and no compiled step program contains a copy of a pool-shaped buffer."""
     before = engine.runner.pool_pointer()
-    engine.generate(prompts(3, seed=21), adapters=["a0", "a3", None], sampling=GREEDY)
+    captured = []
+    run = engine.runner.run
+
+    def spy(mode, tables, inp, samp, all_logits=False):
+        captured.append((mode, engine.runner._tables(tables), inp, samp))
+        return run(mode, tables, inp, samp, all_logits)
+
+    engine.runner.run = spy
+    try:
+        engine.generate([prompts(1, seed=21)[0]], adapters=["a0"], sampling=GREEDY)  # batch of one
+        engine.generate(prompts(3, seed=22), adapters=["a0", "a3", None], sampling=GREEDY)
+    finally:
+        engine.runner.run = run
     assert engine.runner.pool_pointer() == before
+    pool_shape = ",".join(map(str, engine.runner.pool.shape))
+    modes = set()
+    for mode, tables, inp, samp in captured:
+        fn = engine.runner._fn(mode)
+        hlo = fn.lower(engine.runner.params, engine.runner.pool, tables, inp, samp).compile().as_text()
+        copies = [ln for ln in hlo.splitlines() if f"[{pool_shape}]" in ln and " copy(" in ln]
+        assert not copies, (mode, copies[:2])
+        modes.add(mode)
+    assert modes == {"prefill", "decode"}
 
 
 def test_request_that_can_never_fit_is_refused(tiny):
