@@ -1,0 +1,521 @@
+"""Kernel benchmark: every Pallas kernel checked against its XLA reference and timed against it.
+
+    python benchmarks/kernels.py --out $OUT/kernels.json [--quick] [--tune]
+    python benchmarks/kernels.py --quick --cpu-smoke          # tiny shapes, interpret mode, CPU
+
+First measures the device's copy bandwidth (x + 1 over 2 GiB bf16: bytes read + written per second)
+and its bf16 matmul rate (8192^3). Then, per case, on fresh random data made on the device, both
+backends are timed in-loop: a jitted `lax.fori_loop` of N repetitions whose carry is the op's
+whole output fed back as its input (y for LoRA, the pool for write_kv, the output as the next
+query for attention), so nothing can be sliced away and dispatch is paid once. The loop's first
+repetition is the check: the Pallas output against the XLA reference's, with the output poisoned
+(random y the op adds to; relative error ||pallas - xla|| / ||xla - y||). Reported per case:
+time, bytes the op must move, FLOPs, floor = max(bytes / copy bandwidth, FLOPs / matmul rate),
+% of copy bandwidth, speedup over XLA. Exit status 1 if any case failed or missed tolerance.
+
+Sweeps (--quick trims them to fit ~4 minutes; --budget-s stops starting new cases):
+  lora_decode   T in {1,16,64,256,512} x distinct adapters {1,8,T} x ranks {8,16,32,64,mixed},
+                H = 4096 with q/k/v fused (W = 1024 GQA and W = 4096 MHA), gate/up and down of
+                MLP widths 11008 / 14336; page tables sized for rank 64 (RB = 4), as the engine does.
+  lora_prefill  8192 tokens in 1/16/64 segments, rank 64, q/k/v: the XLA path is jax.lax.ragged_dot.
+  paged_decode_attention  batch 32..256 x context 512..4096, 8 KV heads, D = 128, 32 query heads,
+                pages at random; also jax's own pallas.ops.gpu.paged_attention when importable.
+  prefill_attention, write_kv  a few shapes each.
+Writes JSON (device, jax version, date, command, ceilings, per-case numbers), prints a table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+import math
+import sys
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+import pallas_kernels as pk
+from pallas_kernels.ops.lora_decode import pallas_triton as lora_decode_triton
+from pallas_kernels.ops.lora_layout import validate_lora_args
+from pallas_kernels.ops.lora_prefill import pallas_triton as lora_prefill_triton
+from pallas_kernels.ops.lora_prefill import tiles as lora_tiles
+from pallas_kernels.ops.paged_decode_attention import layout as paged_layout
+from pallas_kernels.ops.paged_decode_attention import pallas_triton as paged_triton
+from pallas_kernels.testing import relative_error
+
+R = 16  # page rows
+H = 4096
+MAX_RANK = 64
+
+
+# ----------------------------------------------------------------------------------------------
+# Timing
+
+
+def in_loop_seconds(step, carry, consts, target_s: float, keep_first: bool = False):
+    """Seconds per call of step(carry, consts) -> carry, timed inside one jitted fori_loop.
+
+    Returns (seconds, step(carry) of the first call if keep_first else None).
+    """
+
+    @functools.partial(jax.jit, donate_argnums=0)
+    def loop(c, k, n):
+        return lax.fori_loop(0, n, lambda i, c: step(c, k), c)
+
+    carry = jax.block_until_ready(loop(carry, consts, 1))  # compile + warm up
+    first = jnp.copy(carry) if keep_first else None  # the carry is donated below
+    t0 = time.perf_counter()
+    carry = jax.block_until_ready(loop(carry, consts, 3))
+    est = (time.perf_counter() - t0) / 3
+    n = int(min(5000, max(3, target_s / max(est, 1e-7))))
+    best = math.inf
+    for _ in range(3):
+        t0 = time.perf_counter()
+        carry = jax.block_until_ready(loop(carry, consts, n))
+        best = min(best, (time.perf_counter() - t0) / n)
+    return best, first
+
+
+def copy_bandwidth(nbytes: int, target_s: float) -> float:
+    x = jnp.ones((nbytes // 2,), jnp.bfloat16)
+    return 2 * nbytes / in_loop_seconds(lambda c, k: c + 1, x, (), target_s)[0]
+
+
+def matmul_rate(n: int, target_s: float) -> float:
+    ka, kb = jax.random.split(jax.random.key(0))
+    a = jax.random.normal(ka, (n, n), jnp.bfloat16)
+    b = (jax.random.normal(kb, (n, n), jnp.float32) / math.sqrt(n)).astype(jnp.bfloat16)
+    return 2 * n**3 / in_loop_seconds(lambda c, k: (c @ k).astype(jnp.bfloat16), a, b, target_s)[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs (made on the device: pools are gigabytes)
+
+
+def random_pool(key, shape, dtype):
+    """~N(0, 0.01) values: on the device for big arrays, through numpy for small ones (no compile)."""
+    if math.prod(shape) < (1 << 24):
+        seed = np.asarray(jax.random.key_data(key)).ravel().tolist()
+        return jnp.asarray((np.random.default_rng(seed).standard_normal(shape) * 0.1).astype(jnp.dtype(dtype)))
+    return _device_normal(key, shape, jnp.dtype(dtype))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _device_normal(key, shape, dtype):
+    return (jax.random.normal(key, shape, jnp.float32) * 0.1).astype(dtype)
+
+
+def lora_inputs(rng, key, *, T, distinct, rank, d_in, out_sizes, W, dtype, sorted_slots=False, L=2):
+    """Pool, tables and activations of one LoRA case; `rank` an int or "mixed" (8/16/32/64 per slot)."""
+    M, S, RB = len(out_sizes), distinct, MAX_RANK // R
+    CHin = -(-d_in // W)
+    CHout = max(-(-n // W) for n in out_sizes)
+    slot_rank = (
+        rng.choice([8, 16, 32, 64], S) if rank == "mixed" else np.full(S, rank)
+    ).astype(np.int32)
+    need = [(-(-int(r) // R)) for r in slot_rank]
+    n_pages = sum(nb * M * CHin + nb * sum(-(-n // W) for n in out_sizes) for nb in need)
+    P = n_pages + 8
+    free = iter(rng.permutation(P))
+    a_pages = rng.integers(0, P, (S, M, CHin, RB)).astype(np.int32)  # unused entries: any valid id
+    b_pages = rng.integers(0, P, (S, M, CHout, RB)).astype(np.int32)
+    for s in range(S):
+        for m, d_out in enumerate(out_sizes):
+            for j in range(need[s]):
+                for c in range(CHin):
+                    a_pages[s, m, c, j] = next(free)
+                for c in range(-(-d_out // W)):
+                    b_pages[s, m, c, j] = next(free)
+    ranks = np.broadcast_to(slot_rank[:, None, None], (S, L, M)).copy()
+    scales = np.full((S, L, M), 0.5, np.float32)
+    if sorted_slots:
+        token_slot = np.repeat(np.arange(S), -(-T // S))[:T].astype(np.int32)
+    else:
+        token_slot = rng.permutation(np.arange(T) % S).astype(np.int32)
+    k1, k2, k3 = jax.random.split(key, 3)
+    x = random_pool(k1, (T, d_in), dtype) * 10
+    y = random_pool(k2, (T, sum(out_sizes)), dtype) * 10
+    pool = random_pool(k3, (L, P, R, W), dtype)
+    used = np.unique(token_slot)
+    weight_elems = int(sum(slot_rank[s] * (M * d_in + sum(out_sizes)) for s in used))
+    itemsize = jnp.dtype(dtype).itemsize
+    nbytes = itemsize * (T * d_in + 2 * T * sum(out_sizes) + weight_elems)
+    flops = 2 * int(sum(slot_rank[token_slot])) * (M * d_in + sum(out_sizes))
+    consts = (x, pool, jnp.int32(L - 1), jnp.asarray(a_pages), jnp.asarray(b_pages), jnp.asarray(ranks),
+              jnp.asarray(scales), jnp.asarray(token_slot))
+    return y, consts, nbytes, flops
+
+
+def paged_inputs(rng, key, *, B, ctx, nq, nkv, D, dtype, L=2):
+    NB = ctx // R
+    P = 2 * B * NB + 8
+    pages = rng.permutation(P)[: 2 * B * NB].reshape(2, B, NB).astype(np.int32)
+    k1, k2 = jax.random.split(key)
+    pool = random_pool(k1, (L, P, R, nkv * D), dtype) * 10
+    q = random_pool(k2, (B, nq, D), dtype) * 10
+    lengths = np.full(B, ctx, np.int32)
+    itemsize = jnp.dtype(dtype).itemsize
+    nbytes = itemsize * (2 * B * ctx * nkv * D + 2 * B * nq * D)
+    flops = 4 * B * ctx * nq * D
+    consts = (pool, jnp.int32(L - 1), jnp.asarray(pages[0]), jnp.asarray(pages[1]), jnp.asarray(lengths))
+    return q, consts, nbytes, flops
+
+
+# ----------------------------------------------------------------------------------------------
+# Cases
+
+
+class Runner:
+    def __init__(self, args, bw, mm):
+        self.args, self.bw, self.mm = args, bw, mm
+        self.results = []
+        self.t_start = time.perf_counter()
+        self.rng = np.random.default_rng(0)
+        self.key = jax.random.key(0)
+
+    def next_key(self):
+        self.key, k = jax.random.split(self.key)
+        return k
+
+    def out_of_time(self) -> bool:
+        return time.perf_counter() - self.t_start > self.args.budget_s
+
+    def record(self, op, name, params, nbytes, flops, run):
+        """run() -> dict of measurements; adds floors and ratios, catches failures per case."""
+        row = dict(op=op, name=name, **params, bytes=int(nbytes), flops=int(flops))
+        if self.out_of_time():
+            row["skipped"] = "time budget"
+            self.results.append(row)
+            return
+        t0 = time.perf_counter()
+        try:
+            row.update(run())
+            floor = max(nbytes / self.bw, flops / self.mm)
+            row["floor_us"] = floor * 1e6
+            for impl in ("pallas", "xla", "jax_paged"):
+                if f"{impl}_us" in row:
+                    row[f"{impl}_pct_copy_bw"] = 100 * nbytes / self.bw / (row[f"{impl}_us"] * 1e-6)
+            if "pallas_us" in row and "xla_us" in row:
+                row["speedup_vs_xla"] = row["xla_us"] / row["pallas_us"]
+        except Exception as e:  # one failing case must not end the run
+            row["error"] = f"{type(e).__name__}: {e}"[:2000]
+            traceback.print_exc()
+        row["case_s"] = time.perf_counter() - t0
+        self.results.append(row)
+        print(_fmt_row(row), flush=True)
+
+    def timed(self, step_of, carry, consts, base=None):
+        """Checks and times step_of(impl)(carry, consts) -> carry for both backends.
+
+        The check compares the two backends' first outputs (the op applied once to the poisoned
+        carry): relative error of Pallas against XLA, measured from `base` (what the op adds to).
+        """
+        out, first = {}, {}
+        for impl in ("pallas", "xla"):
+            sec, first[impl] = in_loop_seconds(step_of(impl), carry + 0, consts, self.args.target_s, keep_first=True)
+            out[f"{impl}_us"] = 1e6 * sec
+        out["rel_err"] = relative_error(first["pallas"], first["xla"], base=base)
+        return out
+
+
+def lora_case(runner, op, *, T, distinct, rank, d_in, out_sizes, W, shape_name, dtype, sorted_slots=False,
+              extra=None):
+    rng, key = runner.rng, runner.next_key()
+    params = dict(shape=shape_name, T=T, distinct=distinct, rank=rank, d_in=d_in, out_sizes=list(out_sizes), W=W)
+    params.update(extra or {})
+
+    def run():
+        y, consts, _, _ = inputs
+        fn = {"decode": pk.lora_decode, "prefill": pk.lora_prefill}[op]
+
+        def step_of(impl):
+            return lambda c, k: fn(c, *k[:7], k[7], out_sizes=out_sizes, implementation=impl)
+
+        return runner.timed(step_of, y, consts, base=y)
+
+    inputs = lora_inputs(rng, key, T=T, distinct=distinct, rank=rank, d_in=d_in, out_sizes=out_sizes, W=W,
+                         dtype=dtype, sorted_slots=sorted_slots)
+    runner.record(f"lora_{op}", f"{shape_name} T={T} adapters={distinct} r={rank}", params, inputs[2], inputs[3], run)
+
+
+def paged_case(runner, *, B, ctx, nq, nkv, D, dtype, with_jax=True):
+    q, consts, nbytes, flops = paged_inputs(runner.rng, runner.next_key(), B=B, ctx=ctx, nq=nq, nkv=nkv, D=D,
+                                            dtype=dtype)
+    sm = D ** -0.5
+
+    def attn(impl):
+        return lambda qq, k: pk.paged_decode_attention(qq, *k, sm_scale=sm, implementation=impl)
+
+    def run():
+        res = runner.timed(attn, q, consts)  # the output [B, Nq, D] is the next query: nothing is dead code
+        if with_jax:
+            res.update(_jax_paged_attention(runner, q, consts, nkv, D, sm))
+        return res
+
+    runner.record("paged_decode_attention", f"B={B} ctx={ctx}", dict(B=B, ctx=ctx, nq=nq, nkv=nkv, D=D), nbytes,
+                  flops, run)
+
+
+def _jax_paged_attention(runner, q, consts, nkv, D, sm):
+    """jax.experimental.pallas.ops.gpu.paged_attention on the same bytes (its own [Nkv, P, R, D] layout)."""
+    try:
+        from jax.experimental.pallas.ops.gpu import paged_attention as jpa
+    except Exception as e:  # not importable on this jax
+        return {"jax_paged_error": f"{type(e).__name__}: {e}"}
+    pool, _, k_pages, _, lengths = consts
+    B, NB = k_pages.shape
+    kp = jnp.asarray(runner.rng.permutation(B * NB).reshape(B, NB).astype(np.int32))
+    k_all = random_pool(runner.next_key(), (nkv, B * NB, R, D), q.dtype) * 10
+    v_all = random_pool(runner.next_key(), (nkv, B * NB, R, D), q.dtype) * 10
+    k_splits = max(1, min(16, NB))
+    while NB % k_splits:
+        k_splits //= 2
+
+    def step(c, k):
+        return jpa.paged_attention(c * sm, k[0], k[1], k[2], k[3], k_splits=k_splits,
+                                   interpret=not pk._backend.on_gpu())
+
+    try:
+        sec, _ = in_loop_seconds(step, q + 0, (k_all, v_all, kp, lengths), runner.args.target_s)
+        return {"jax_paged_us": 1e6 * sec}
+    except Exception as e:
+        return {"jax_paged_error": f"{type(e).__name__}: {e}"[:500]}
+
+
+def prefill_attention_case(runner, *, T, segments, nq, nkv, D, dtype):
+    rng, key = runner.rng, runner.next_key()
+    n = T // segments
+    seg = np.repeat(np.arange(segments), n).astype(np.int32)
+    pos = np.tile(np.arange(n), segments).astype(np.int32)
+    k1, k2, k3 = jax.random.split(key, 3)
+    q = random_pool(k1, (T, nq, D), dtype) * 10
+    kv = (random_pool(k2, (T, nkv, D), dtype) * 10, random_pool(k3, (T, nkv, D), dtype) * 10)
+    consts = (*kv, jnp.asarray(seg), jnp.asarray(pos))
+    sm = D ** -0.5
+    nbytes = jnp.dtype(dtype).itemsize * T * D * (2 * nq + 2 * nkv)
+    flops = 4 * segments * (n * (n + 1) // 2) * nq * D
+
+    def attn(impl):
+        return lambda qq, k: pk.prefill_attention(qq, *k, sm_scale=sm, implementation=impl)
+
+    def run():
+        return runner.timed(attn, q, consts)  # the output [T, Nq, D] is the next query
+
+    runner.record("prefill_attention", f"T={T} segments={segments}", dict(T=T, segments=segments, nq=nq, nkv=nkv, D=D),
+                  nbytes, flops, run)
+
+
+def write_kv_case(runner, *, T, P, W, dtype):
+    k1, k2, k3 = jax.random.split(runner.next_key(), 3)
+    pool = random_pool(k1, (2, P, R, W), dtype)
+    rows = runner.rng.permutation(P * R)[: 2 * T].astype(np.int32)
+    consts = (random_pool(k2, (T, W), dtype), random_pool(k3, (T, W), dtype), jnp.asarray(rows[:T]),
+              jnp.asarray(rows[T:]))
+    nbytes = 4 * T * W * jnp.dtype(dtype).itemsize
+
+    def run():
+        def step_of(impl):
+            return lambda c, k: pk.write_kv(c, 1, *k, implementation=impl)
+
+        return runner.timed(step_of, pool, consts)
+
+    runner.record("write_kv", f"T={T} pool={2 * P * R * W * jnp.dtype(dtype).itemsize >> 20}MiB",
+                  dict(T=T, P=P, W=W), nbytes, 0, run)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tuning: the Pallas kernels' block sizes and warps (full runs and --tune)
+
+
+def tune(runner, dtype, tiny: bool = False):
+    """Times a few Pallas configurations of the three hot kernels; rows carry op="tune:<kernel>".
+
+    tiny: toy sizes and a single configuration each (to check this code path on the CPU).
+    """
+    rng, interpret = runner.rng, not pk._backend.on_gpu()
+
+    def pallas_us(step, carry, consts):
+        return {"pallas_us": 1e6 * in_loop_seconds(step, carry + 0, consts, runner.args.target_s)[0]}
+
+    # Paged decode attention, B = 128, ctx = 2048.
+    B, ctx, nq, nkv, D = (2, 64, 4, 2, 16) if tiny else (128, 2048, 32, 8, 128)
+    q, consts, nbytes, flops = paged_inputs(rng, runner.next_key(), B=B, ctx=ctx, nq=nq, nkv=nkv, D=D, dtype=dtype)
+    dims = paged_layout.validate("tune", q, *consts, D ** -0.5, None)
+    grid = [(32, 4, None)] if tiny else [(bt, nw, ns) for bt in (32, 64, 128) for nw in (4, 8) for ns in (None, 2)]
+    for bt, nw, ns in grid:
+        step = functools.partial(_paged_step, dims=dims, interpret=interpret, block_tokens=bt, num_warps=nw,
+                                 num_splits=ns)
+        runner.record("tune:paged_decode_attention", f"bt={bt} warps={nw} splits={ns}",
+                      dict(block_tokens=bt, num_warps=nw, num_splits=ns), nbytes, flops,
+                      functools.partial(pallas_us, step, q, consts))
+    # LoRA decode, 256 tokens on 256 adapters, rank 16, q/k/v W = 1024.
+    T, d_in, outs, W = (8, 64, (64, 32), 32) if tiny else (256, H, (H, 1024, 1024), 1024)
+    y, consts, nbytes, flops = lora_inputs(rng, runner.next_key(), T=T, distinct=T, rank=16, d_in=d_in,
+                                           out_sizes=outs, W=W, dtype=dtype)
+    dims = validate_lora_args("tune", y, *consts[:7], consts[7], outs)
+    grid = [(32, 4)] if tiny else [(bk, nw) for bk in (256, 512, 1024) for nw in (2, 4, 8)]
+    for bk, nw in grid:
+        step = functools.partial(_lora_decode_step, dims=dims, interpret=interpret, block_k=bk, block_n=bk,
+                                 num_warps=nw)
+        runner.record("tune:lora_decode", f"block={bk} warps={nw}", dict(block=bk, num_warps=nw), nbytes, flops,
+                      functools.partial(pallas_us, step, y, consts))
+    # LoRA prefill, 8192 tokens in 16 segments, rank 64.
+    T, S = (64, 2) if tiny else (8192, 16)
+    y, consts, nbytes, flops = lora_inputs(rng, runner.next_key(), T=T, distinct=S, rank=64, d_in=d_in,
+                                           out_sizes=outs, W=W, dtype=dtype, sorted_slots=True)
+    dims = validate_lora_args("tune", y, *consts[:7], consts[7], outs)
+    grid = [(16, 32, 4)] if tiny else [(tm, bk, nw) for tm in (32, 64, 128) for bk in (64, 128) for nw in (4, 8)]
+    for tm, bk, nw in grid:
+        step = functools.partial(_lora_prefill_step, dims=dims, interpret=interpret, num_tiles=lora_tiles.max_tiles(
+            T, S, tm), block_tokens=tm, block_k=bk, block_n=bk, num_warps=nw)
+        runner.record("tune:lora_prefill", f"tm={tm} block={bk} warps={nw}",
+                      dict(block_tokens=tm, block=bk, num_warps=nw), nbytes, flops,
+                      functools.partial(pallas_us, step, y, consts))
+
+
+def _paged_step(c, k, **kw):
+    return paged_triton.paged_decode_attention_pallas(c, *k, **kw)
+
+
+def _lora_decode_step(c, k, **kw):
+    return lora_decode_triton.lora_decode_pallas(c, *k, **kw)
+
+
+def _lora_prefill_step(c, k, *, num_tiles, block_tokens, **kw):
+    tiles = lora_tiles.segment_tiles(k[7], block_tokens, num_tiles)[:3]
+    return lora_prefill_triton.lora_prefill_pallas(c, *k[:7], tiles, num_tiles=num_tiles, block_tokens=block_tokens,
+                                                   **kw)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sweeps
+
+
+def gpu_sweep(runner, quick: bool, dtype):
+    qkv = (H, (H, 1024, 1024))
+    shapes = {
+        "qkv_gqa_W1024": (1024,) + qkv,
+        "qkv_mha_W4096": (4096, H, (H, H, H)),
+        "gate_up_11008": (1024, H, (11008, 11008)),
+        "down_11008": (1024, 11008, (H,)),
+        "gate_up_14336": (1024, H, (14336, 14336)),
+        "down_14336": (1024, 14336, (H,)),
+    }
+    if quick:
+        decode = [(T, d, r, s) for s in ("qkv_gqa_W1024", "gate_up_14336") for T in (1, 256)
+                  for d in sorted({1, T}) for r in (16, "mixed")]
+        decode += [(64, 8, 16, "qkv_gqa_W1024"), (256, 256, 64, "qkv_mha_W4096")]
+    else:
+        decode = [(T, d, r, s) for s in shapes for T in (1, 16, 64, 256, 512) for d in sorted({1, min(8, T), T})
+                  for r in (8, 16, 32, 64, "mixed")]
+    # Ceilings-first order: the cases people look at first run first.
+    for T, d, r, s in decode:
+        W, d_in, outs = shapes[s]
+        lora_case(runner, "decode", T=T, distinct=d, rank=r, d_in=d_in, out_sizes=outs, W=W, shape_name=s,
+                  dtype=dtype)
+    for segs in (1, 16, 64):
+        lora_case(runner, "prefill", T=8192, distinct=segs, rank=64, d_in=H, out_sizes=qkv[1], W=1024,
+                  shape_name="qkv_gqa_W1024", dtype=dtype, sorted_slots=True)
+    batches, ctxs = ((32, 128), (512, 2048)) if quick else ((32, 64, 128, 256), (512, 1024, 2048, 4096))
+    for B in batches:
+        for ctx in ctxs:
+            paged_case(runner, B=B, ctx=ctx, nq=32, nkv=8, D=128, dtype=dtype)
+    for segs in ((16,) if quick else (1, 4, 16)):
+        prefill_attention_case(runner, T=4096, segments=segs, nq=32, nkv=8, D=128, dtype=dtype)
+    for T in ((256,) if quick else (32, 256, 8192)):
+        write_kv_case(runner, T=T, P=65536, W=1024, dtype=dtype)
+    if runner.args.tune or not quick:
+        tune(runner, dtype)
+
+
+def cpu_smoke(runner, dtype):
+    """Tiny shapes on the CPU (Pallas in interpret mode): checks the script, not the numbers."""
+    lora_case(runner, "decode", T=4, distinct=2, rank="mixed", d_in=64, out_sizes=(64, 32), W=32,
+              shape_name="tiny", dtype=dtype)
+    lora_case(runner, "prefill", T=64, distinct=2, rank=64, d_in=64, out_sizes=(32,), W=32, shape_name="tiny",
+              dtype=dtype, sorted_slots=True)
+    paged_case(runner, B=2, ctx=32, nq=4, nkv=2, D=16, dtype=dtype, with_jax=False)
+    prefill_attention_case(runner, T=32, segments=2, nq=2, nkv=1, D=16, dtype=dtype)
+    write_kv_case(runner, T=4, P=8, W=32, dtype=dtype)
+    if runner.args.tune:
+        tune(runner, dtype, tiny=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Output
+
+
+def _fmt(v, nd=1):
+    return "-" if v is None else (f"{v:.{nd}f}" if isinstance(v, float) else str(v))
+
+
+def _fmt_row(r):
+    if "error" in r:
+        return f"{r['op']:<24} {r['name']:<44} ERROR {r['error'][:120]}"
+    if "skipped" in r:
+        return f"{r['op']:<24} {r['name']:<44} skipped ({r['skipped']})"
+    return (f"{r['op']:<24} {r['name']:<44} pallas {_fmt(r.get('pallas_us')):>9} us  xla {_fmt(r.get('xla_us')):>9} us"
+            f"  floor {_fmt(r.get('floor_us')):>8} us  {_fmt(r.get('pallas_pct_copy_bw'), 0):>4}% bw"
+            f"  x{_fmt(r.get('speedup_vs_xla'), 2)}  err {r.get('rel_err', float('nan')):.1e}"
+            + (f"  jax_paged {_fmt(r['jax_paged_us'])} us" if "jax_paged_us" in r else ""))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="kernels.json")
+    p.add_argument("--quick", action="store_true", help="a trimmed sweep (~4 minutes on an H200)")
+    p.add_argument("--cpu-smoke", action="store_true", help="tiny shapes in interpret mode on the CPU")
+    p.add_argument("--tune", action="store_true",
+                   help="also sweep Pallas block sizes / warps (always on when not --quick)")
+    p.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
+                   help="default bfloat16 (float32 with --cpu-smoke, where bf16 outputs often agree exactly)")
+    p.add_argument("--budget-s", type=float, default=None, help="start no new case after this many seconds")
+    p.add_argument("--target-s", type=float, default=None, help="wall time of one timed loop")
+    args = p.parse_args(argv)
+    if args.cpu_smoke:
+        jax.config.update("jax_platforms", "cpu")
+    args.budget_s = args.budget_s or (210.0 if args.quick else 3600.0)
+    args.target_s = args.target_s or (0.005 if args.cpu_smoke else 0.05)
+    args.dtype = args.dtype or ("float32" if args.cpu_smoke else "bfloat16")
+    dtype = jnp.dtype(args.dtype)
+
+    dev = jax.devices()[0]
+    print(f"device {dev.device_kind} ({dev.platform}), jax {jax.__version__}", flush=True)
+    bw = copy_bandwidth((4 << 20) if args.cpu_smoke else (2 << 30), args.target_s)
+    mm = matmul_rate(256 if args.cpu_smoke else 8192, args.target_s)
+    print(f"copy bandwidth {bw / 1e9:.0f} GB/s (read + write), bf16 matmul {mm / 1e12:.1f} TFLOP/s", flush=True)
+
+    runner = Runner(args, bw, mm)
+    if args.cpu_smoke:
+        cpu_smoke(runner, dtype)
+    else:
+        gpu_sweep(runner, args.quick, dtype)
+
+    report = dict(
+        device=f"{dev.device_kind} ({dev.platform})", jax_version=jax.__version__,
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        command=" ".join([sys.executable.rsplit("/", 1)[-1]] + sys.argv), dtype=args.dtype,
+        copy_bandwidth_GBps=bw / 1e9, matmul_bf16_TFLOPs=mm / 1e12, cases=runner.results,
+        total_s=time.perf_counter() - runner.t_start,
+    )
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=1)
+    print(f"\n=== {len(runner.results)} cases, {report['total_s']:.0f} s; copy {bw / 1e9:.0f} GB/s, "
+          f"matmul {mm / 1e12:.0f} TFLOP/s; written to {args.out}")
+    for r in runner.results:
+        print(_fmt_row(r))
+    tol = 2e-2 if args.dtype == "bfloat16" else 1e-4
+    bad = [r for r in runner.results if "error" in r or r.get("rel_err", 0) > tol]
+    if bad:
+        print(f"{len(bad)} case(s) failed or exceeded the error tolerance")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

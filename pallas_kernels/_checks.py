@@ -1,0 +1,74 @@
+"""Shape/dtype checks at the public edge of every op, and small static helpers shared by kernels."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels._errors import KernelInputError
+
+
+def check_array(op: str, name: str, a, *, ndim: int, kind: str, shape: Sequence | None = None):
+    """Check rank, dtype kind ("float" | "int") and optionally the exact shape (None = any size)."""
+    if not hasattr(a, "shape") or not hasattr(a, "dtype"):
+        raise KernelInputError(f"{op}: {name} must be an array, got {type(a).__name__}")
+    if a.ndim != ndim:
+        raise KernelInputError(f"{op}: {name} must have {ndim} dimensions, got shape {tuple(a.shape)}")
+    if kind == "float" and not jnp.issubdtype(a.dtype, jnp.floating):
+        raise KernelInputError(f"{op}: {name} must be a float array, got dtype {a.dtype}")
+    if kind == "int" and not jnp.issubdtype(a.dtype, jnp.integer):
+        raise KernelInputError(f"{op}: {name} must be an integer array, got dtype {a.dtype}")
+    if shape is not None:
+        want = tuple(shape)
+        got = tuple(a.shape)
+        if len(want) != len(got) or any(w is not None and w != g for w, g in zip(want, got)):
+            shown = tuple("*" if w is None else w for w in want)
+            raise KernelInputError(f"{op}: {name} must have shape {shown}, got {got}")
+
+
+def check_scalar_int(op: str, name: str, a):
+    """A Python int or a 0-d / shape-[1] integer array (possibly traced)."""
+    if isinstance(a, (int, np.integer)):
+        return
+    if not hasattr(a, "dtype") or not jnp.issubdtype(a.dtype, jnp.integer) or a.size != 1 or a.ndim > 1:
+        raise KernelInputError(f"{op}: {name} must be an integer scalar, got {getattr(a, 'shape', a)!r}")
+
+
+def check_layer(op: str, layer, num_layers: int):
+    """An integer scalar; when static, inside [0, num_layers). Traced values are clipped by the ops."""
+    check_scalar_int(op, "layer", layer)
+    if isinstance(layer, (int, np.integer)) and not 0 <= layer < num_layers:
+        raise KernelInputError(f"{op}: layer {layer} is outside the pool's {num_layers} layers")
+
+
+def as_index_vector(a) -> jax.Array:
+    """An integer scalar as an int32 array of shape [1], the form kernels read with a scalar load."""
+    return jnp.asarray(a, jnp.int32).reshape(1)
+
+
+def is_pow2(n: int) -> bool:
+    return n > 0 and (n & (n - 1)) == 0
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def pow2_divisor(n: int, cap: int) -> int:
+    """The largest power of two that divides n and is at most cap."""
+    d = 1
+    while n % (d * 2) == 0 and d * 2 <= cap:
+        d *= 2
+    return d
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def matmul_precision(dtype):
+    """float32 products at full precision (IEEE on the GPU, not TF32); narrower types as they are."""
+    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else jax.lax.Precision.DEFAULT

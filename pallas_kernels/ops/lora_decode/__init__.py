@@ -1,0 +1,1 @@
+"""Multi-adapter LoRA for decode (one row per token, MBGMV)."""

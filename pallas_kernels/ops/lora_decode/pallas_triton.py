@@ -1,0 +1,146 @@
+"""Pallas (Triton lowering) MBGMV: multi-adapter LoRA for decode, straight from the page pool.
+
+Two kernels, as S-LoRA/Punica do it:
+  shrink  grid (T, M, RB): program (t, m, j) computes v[t, m, j*R:(j+1)*R] = scale * x[t] @ A_m
+          for one rank block of token t's adapter, streaming the block's A^T tiles [R, BK] from
+          the pool through `a_pages`; blocks past the token's rank run zero iterations, and rows
+          past the rank inside the last block are masked out of the load (no bytes for them).
+  expand  grid (T, NOB) over BN-column blocks of y (blocks never straddle modules):
+          y[t, blk] += sum_j v[t, m, j] @ B_m[j-block, blk], B tiles read through `b_pages`,
+          y aliased input->output so rows without an adapter are never touched.
+Bound: bytes. Per token, rank r: r*(d_in*M + sum d_out) weight elements (distinct adapters are
+read from HBM once, shared ones hit L2), plus x once per rank block and y read+write once; FLOPs
+are 2 per weight element, far below the tensor-core rate, so the products use CUDA cores
+(elementwise multiply + reduce: one row per token leaves no M >= 16 for tl.dot).
+Design: a program per rank block gives T*M*RB-way parallelism even for one token (T = 1 still
+fills a dozen SMs); v goes through a [T, M, RB, R] f32 buffer (tiny) between the two launches.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels import _backend
+from pallas_kernels._checks import as_index_vector, cdiv, pow2_divisor
+from pallas_kernels.ops.lora_layout import LoraDims
+
+
+def unsupported_reason(dims: LoraDims) -> str | None:
+    """Why the Triton kernel cannot take these sizes, or None."""
+    R = dims.page_rows
+    if R & (R - 1):
+        return f"page_rows (pool.shape[2]) must be a power of two, got {R}"
+    return None
+
+
+def _shrink_kernel(layer_ref, slot_ref, ranks_ref, scales_ref, a_pages_ref, x_ref, pool_ref, v_ref, *, dims, bk):
+    t, m, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    R, W = dims.page_rows, dims.width
+    layer = layer_ref[0]
+    slot = slot_ref[t]
+    s = jnp.maximum(slot, 0)
+    rank = jnp.where(slot >= 0, jnp.clip(ranks_ref[s, layer, m], 0, dims.max_rank), 0)
+    nrows = jnp.clip(rank - j * R, 0, R)
+    row_ok = (jnp.arange(R) < nrows)[:, None]
+    trips = jnp.where(nrows > 0, cdiv(dims.d_in, bk), 0)
+
+    def body(kb, acc):
+        k0 = kb * bk
+        c = k0 // W
+        page = jnp.clip(a_pages_ref[s, m, c, j], 0, dims.num_pages - 1)
+        col_ok = (k0 + jnp.arange(bk)) < dims.d_in
+        tile = _backend.load(
+            pool_ref.at[layer, page, :, pl.ds(k0 - c * W, bk)], mask=row_ok & col_ok[None, :], other=0
+        )
+        xk = _backend.load(x_ref.at[t, pl.ds(k0, bk)], mask=col_ok, other=0)
+        return acc + tile.astype(jnp.float32) * xk.astype(jnp.float32)[None, :]
+
+    acc = lax.fori_loop(0, trips, body, jnp.zeros((R, bk), jnp.float32))
+    v_ref[...] = jnp.sum(acc, axis=1) * scales_ref[s, layer, m].astype(jnp.float32)
+
+
+def _expand_kernel(layer_ref, slot_ref, ranks_ref, b_pages_ref, blocks_ref, v_ref, pool_ref, y_ref, o_ref, *, dims, bn):
+    t, b = pl.program_id(0), pl.program_id(1)
+    R = dims.page_rows
+    layer = layer_ref[0]
+    m, c, col, y0, ncols = (blocks_ref[b, i] for i in range(5))
+    slot = slot_ref[t]
+    s = jnp.maximum(slot, 0)
+    rank = jnp.where(slot >= 0, jnp.clip(ranks_ref[s, layer, m], 0, dims.max_rank), 0)
+    nb = (rank + R - 1) // R
+
+    @pl.when(nb > 0)
+    def _():
+        col_ok = jnp.arange(bn) < ncols
+
+        def body(jb, acc):
+            page = jnp.clip(b_pages_ref[s, m, c, jb], 0, dims.num_pages - 1)
+            row_ok = jnp.arange(R) < rank - jb * R
+            tile = _backend.load(
+                pool_ref.at[layer, page, :, pl.ds(col, bn)], mask=row_ok[:, None] & col_ok[None, :], other=0
+            )
+            vj = v_ref[t, m, jb, :]
+            return acc + jnp.sum(vj[:, None] * tile.astype(jnp.float32), axis=0)
+
+        acc = lax.fori_loop(0, nb, body, jnp.zeros((bn,), jnp.float32))
+        yv = _backend.load(y_ref.at[t, pl.ds(y0, bn)], mask=col_ok, other=0)
+        _backend.store(o_ref.at[t, pl.ds(y0, bn)], (yv.astype(jnp.float32) + acc).astype(o_ref.dtype), mask=col_ok)
+
+
+def output_blocks(dims: LoraDims, bn: int) -> np.ndarray:
+    """Static table of y's column blocks: rows (module, chunk, column in chunk, y column, valid columns)."""
+    rows = []
+    for m, (off, d_out) in enumerate(zip(dims.offsets, dims.out_sizes)):
+        for q0 in range(0, d_out, bn):
+            rows.append((m, q0 // dims.width, q0 % dims.width, off + q0, min(bn, d_out - q0)))
+    return np.asarray(rows, np.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("dims", "interpret", "block_k", "block_n", "num_warps"))
+def lora_decode_pallas(
+    y, x, pool, layer, a_pages, b_pages, ranks, scales, token_slot, *,
+    dims: LoraDims, interpret: bool, block_k: int = 512, block_n: int = 512, num_warps: int = 4,
+):
+    """Shapes as `lora_decode`. block_k / block_n are capped to the largest power of two dividing W."""
+    T, M, RB, R = dims.num_tokens, dims.num_modules, dims.rank_blocks, dims.page_rows
+    bk = pow2_divisor(dims.width, block_k)
+    bn = pow2_divisor(dims.width, block_n)
+    layer_v = jnp.clip(as_index_vector(layer), 0, dims.num_layers - 1)
+    slot = token_slot.astype(jnp.int32)
+    ranks = ranks.astype(jnp.int32)
+    whole = pl.no_block_spec
+    params = _backend.compiler_params(num_warps=num_warps, num_stages=2)
+
+    shrink_args = _backend.kernel_operands(
+        layer_v, slot, ranks, scales.astype(jnp.float32), a_pages.astype(jnp.int32), x, pool
+    )
+    v = pl.pallas_call(
+        functools.partial(_shrink_kernel, dims=dims, bk=bk),
+        out_shape=_backend.output_struct((T, M, RB, R), jnp.float32, shrink_args[0]),
+        grid=(T, M, RB),
+        in_specs=[whole] * 7,
+        out_specs=pl.BlockSpec((None, None, None, R), lambda t, m, j: (t, m, j, 0)),
+        compiler_params=params,
+        interpret=interpret,
+        name="lora_decode_shrink",
+    )(*shrink_args)
+
+    blocks = jnp.asarray(output_blocks(dims, bn))
+    expand_args = _backend.kernel_operands(layer_v, slot, ranks, b_pages.astype(jnp.int32), blocks, v, pool, y)
+    return pl.pallas_call(
+        functools.partial(_expand_kernel, dims=dims, bn=bn),
+        out_shape=_backend.output_struct(y.shape, y.dtype, expand_args[-1]),
+        grid=(T, blocks.shape[0]),
+        in_specs=[whole] * 8,
+        out_specs=whole,
+        input_output_aliases={7: 0},
+        compiler_params=params,
+        interpret=interpret,
+        name="lora_decode_expand",
+    )(*expand_args)

@@ -1,0 +1,1 @@
+"""Multi-adapter LoRA for prefill (runs of tokens sharing an adapter, MBGMM)."""

@@ -1,0 +1,1 @@
+"""Scatter new K/V rows into the page pool."""

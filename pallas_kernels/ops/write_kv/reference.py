@@ -1,0 +1,22 @@
+"""Plain-JAX K/V write: one scatter per tensor into the pool viewed as rows [L, P*R, W].
+
+The "xla" backend. When the caller's jit donates the pool (donate_argnums), XLA performs the
+scatter in place: cost O(T * W), independent of the pool's size. Without donation the pool is
+copied first. Rows < 0 (and >= P*R) are skipped; two tokens naming one row leave either value.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+
+def write_kv_reference(pool, layer, k, v, k_rows, v_rows):
+    """Shapes as `write_kv`."""
+    L, P, R, W = pool.shape
+    n = P * R
+    layer = jnp.clip(jnp.asarray(layer, jnp.int32).reshape(()), 0, L - 1)
+    rows = pool.reshape(L, n, W)
+    for x, r in ((k, k_rows), (v, v_rows)):
+        r = jnp.where((r >= 0) & (r < n), r, n)  # n is out of bounds: dropped
+        rows = rows.at[layer, r].set(x.astype(pool.dtype), mode="drop")
+    return rows.reshape(pool.shape)

@@ -1,0 +1,100 @@
+"""lora_decode (MBGMV) on every backend against a dense float64 loop over tokens."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import pallas_kernels as pk
+from pallas_kernels.testing import TOLERANCE, make_lora_case, np_dtype, relative_error
+
+# (name, T, d_in, out_sizes, W, S, rank choices, slots) -- small shapes: interpret mode is slow.
+CASES = [
+    # q/k/v fused, d_in not a multiple of W, mixed ranks incl. 0, 1 and the max, slot -1 rows.
+    ("qkv_mixed", 7, 80, (64, 32, 32), 32, 4, (0, 1, 5, 16, 17, 32), None),
+    # One token, one module, rank exactly the max (two full rank blocks).
+    ("one_token_max_rank", 1, 64, (96,), 32, 2, (32,), [1]),
+    # MLP-like: outputs spanning several page chunks with a ragged tail, rank blocks = 3; slot 3 is
+    # out of range (treated as no adapter).
+    ("mlp_wide", 5, 32, (70, 70), 16, 3, (3, 33, 48), [2, -1, 0, 3, 1]),
+]
+
+
+def _run_case(implementation, dtype, name, T, d_in, out_sizes, W, S, rank_choices, slots, seed, reference):
+    rng = np.random.default_rng(seed)
+    L, R = 2, 16
+    ranks = rng.choice(rank_choices, size=(S, L, len(out_sizes))).astype(np.int32)
+    case = make_lora_case(
+        rng, num_layers=L, num_pages=400, page_rows=R, width=W, d_in=d_in, out_sizes=out_sizes,
+        ranks=ranks, dtype=dtype,
+    )
+    token_slot = np.asarray(slots if slots is not None else rng.integers(-1, S, T), np.int32)
+    dt = np_dtype(dtype)
+    x = rng.standard_normal((T, d_in)).astype(dt)
+    y = rng.standard_normal((T, sum(out_sizes))).astype(dt)  # poisoned output: the op adds to it
+    layer = 1
+    fn = jax.jit(pk.lora_decode, static_argnames=("out_sizes", "implementation"))
+    out = fn(
+        jnp.asarray(y), jnp.asarray(x), jnp.asarray(case.pool), jnp.int32(layer), case.a_pages, case.b_pages,
+        case.ranks, case.scales, token_slot, out_sizes=out_sizes, implementation=implementation,
+    )
+    assert out.shape == y.shape and out.dtype == y.dtype
+    ref = reference(y, x, case, layer, token_slot)
+    err = relative_error(out, ref, base=y)
+    assert err < TOLERANCE[dtype], f"{name}/{dtype}: relative error {err:.2e}"
+    # Rows without an adapter are returned bit for bit.
+    skip = (token_slot < 0) | (token_slot >= S)
+    np.testing.assert_array_equal(np.asarray(out)[skip], y[skip])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_lora_decode_matches_dense_loop(implementation, dtype, case, lora_numpy_reference):
+    _run_case(implementation, dtype, *case, seed=hash((case[0], dtype)) % 2**31, reference=lora_numpy_reference)
+
+
+def test_case_packing_follows_the_page_layout():
+    """pool[layer, a_pages[s, m, c, j], i, w] == A^T[j*R + i, c*W + w] inside the rank and d_in."""
+    rng = np.random.default_rng(4)
+    R, W, d_in, outs = 16, 32, 80, (40,)
+    ranks = np.array([[[20], [7]]], np.int32)  # one slot, two layers
+    case = make_lora_case(rng, num_layers=2, num_pages=64, page_rows=R, width=W, d_in=d_in, out_sizes=outs,
+                          ranks=ranks)
+    for layer in range(2):
+        r = ranks[0, layer, 0]
+        for j in range(2):
+            for c in range(3):
+                page = case.pool[layer, case.a_pages[0, 0, c, j]].astype(np.float64)
+                rows, cols = min(R, max(0, r - j * R)), min(W, d_in - c * W)
+                dense = case.a_t[0, 0, layer, j * R : j * R + rows, c * W : c * W + cols]
+                np.testing.assert_array_equal(page[:rows, :cols], dense)
+                assert np.isnan(page[rows:]).all() and np.isnan(page[:, cols:]).all()
+            for c in range(2):
+                page = case.pool[layer, case.b_pages[0, 0, c, j]].astype(np.float64)
+                rows, cols = min(R, max(0, r - j * R)), min(W, outs[0] - c * W)
+                dense = case.b[0, 0, layer, j * R : j * R + rows, c * W : c * W + cols]
+                np.testing.assert_array_equal(page[:rows, :cols], dense)
+
+
+def test_lora_decode_rejects_bad_shapes():
+    rng = np.random.default_rng(0)
+    case = make_lora_case(
+        rng, num_layers=1, num_pages=64, page_rows=16, width=32, d_in=64, out_sizes=(32,),
+        ranks=np.full((2, 1, 1), 8), poison=False,
+    )
+    x = np.zeros((3, 64), np.float32)
+    y = np.zeros((3, 32), np.float32)
+    slot = np.zeros(3, np.int32)
+    args = (y, x, case.pool, 0, case.a_pages, case.b_pages, case.ranks, case.scales, slot)
+    with pytest.raises(pk.KernelInputError, match="y must have shape"):
+        pk.lora_decode(np.zeros((3, 33), np.float32), *args[1:], out_sizes=(32,))
+    with pytest.raises(pk.KernelInputError, match="input chunks"):
+        pk.lora_decode(y, np.zeros((3, 96), np.float32), *args[2:], out_sizes=(32,))
+    with pytest.raises(pk.KernelInputError, match="modules"):
+        pk.lora_decode(*args, out_sizes=(16, 16))
+    with pytest.raises(pk.KernelInputError, match="token_slot"):
+        pk.lora_decode(*args[:-1], np.zeros(4, np.int32), out_sizes=(32,))
+    with pytest.raises(pk.KernelInputError, match="layer 1 is outside"):
+        pk.lora_decode(*args[:3], 1, *args[4:], out_sizes=(32,))
+    with pytest.raises(pk.KernelInputError, match="implementation"):
+        pk.lora_decode(*args, out_sizes=(32,), implementation="cuda")

@@ -1,0 +1,106 @@
+"""lora_prefill (MBGMM) on every backend against a dense float64 loop over tokens."""
+
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import pallas_kernels as pk
+from pallas_kernels.ops.lora_layout import validate_lora_args
+from pallas_kernels.ops.lora_prefill import tiles
+from pallas_kernels.ops.lora_prefill.reference import lora_prefill_reference
+from pallas_kernels.testing import TOLERANCE, make_lora_case, np_dtype, relative_error
+
+TM = 16  # tokens per tile in these tests (the smallest the kernel takes)
+
+
+def _sorted_slots(rng, T, S, runs):
+    """Runs of equal slots (sorted by adapter) with -1 padding runs at both ends; some slots unused."""
+    cuts = np.sort(rng.choice(np.arange(1, T), size=len(runs) - 1, replace=False))
+    return np.concatenate([np.full(n, s) for s, n in zip(runs, np.diff(np.r_[0, cuts, T]))]).astype(np.int32)
+
+
+# (name, T, d_in, out_sizes, W, S, rank choices, slot maker)
+CASES = [
+    # q/k/v fused, T not a multiple of TM, segments of mixed ranks incl. 0/1/max, -1 runs, slot 2 unused.
+    ("segments", 45, 80, (64, 32, 32), 32, 4, (0, 1, 7, 16, 32),
+     lambda r, T, S: _sorted_slots(r, T, S, [-1, 0, 1, 3, -1])),
+    # One token.
+    ("one_token", 1, 48, (32, 40), 16, 2, (5, 32), lambda r, T, S: np.array([1], np.int32)),
+    # A single long segment at the max rank (three rank blocks) spanning several tiles.
+    ("one_segment", 70, 64, (48,), 32, 2, (48,), lambda r, T, S: np.full(T, 1, np.int32)),
+    # Slots in random order: more runs than the static tile list holds (correct, via the fallback).
+    ("unsorted", 40, 32, (32, 32), 32, 3, (0, 8, 20), lambda r, T, S: r.integers(-1, S, T).astype(np.int32)),
+]
+
+
+def _make(dtype, name, T, d_in, out_sizes, W, S, rank_choices, slots):
+    rng = np.random.default_rng(zlib.crc32(f"{name}/{dtype}".encode()))
+    L, R = 2, 16
+    ranks = rng.choice(rank_choices, size=(S, L, len(out_sizes))).astype(np.int32)
+    case = make_lora_case(
+        rng, num_layers=L, num_pages=600, page_rows=R, width=W, d_in=d_in, out_sizes=out_sizes, ranks=ranks,
+        rank_blocks=-(-max(rank_choices) // R), dtype=dtype,
+    )
+    token_slot = slots(rng, T, S)
+    dt = np_dtype(dtype)
+    x = rng.standard_normal((T, d_in)).astype(dt)
+    y = rng.standard_normal((T, sum(out_sizes))).astype(dt)  # poisoned output: the op adds to it
+    return case, token_slot, x, y
+
+
+@pytest.mark.parametrize(
+    "dtype,case",
+    [("float32", c) for c in CASES] + [("bfloat16", CASES[0]), ("bfloat16", CASES[2])],
+    ids=[f"f32-{c[0]}" for c in CASES] + ["bf16-segments", "bf16-one_segment"],
+)
+def test_lora_prefill_matches_dense_loop(implementation, dtype, case, lora_numpy_reference):
+    name, T, d_in, out_sizes, W, S, rank_choices, slots = case
+    case_, token_slot, x, y = _make(dtype, *case)
+    layer = 1
+    fn = jax.jit(pk.lora_prefill, static_argnames=("out_sizes", "implementation", "block_tokens"))
+    out = fn(
+        jnp.asarray(y), jnp.asarray(x), jnp.asarray(case_.pool), jnp.int32(layer), case_.a_pages, case_.b_pages,
+        case_.ranks, case_.scales, token_slot, out_sizes=out_sizes, implementation=implementation, block_tokens=TM,
+    )
+    assert out.shape == y.shape and out.dtype == y.dtype
+    if name != "unsorted":  # sorted runs fit the static tile list: the kernel itself ran
+        count = tiles.segment_tiles(jnp.asarray(token_slot), TM, tiles.max_tiles(T, S, TM))[3]
+        assert int(count) <= tiles.max_tiles(T, S, TM)
+    ref = lora_numpy_reference(y, x, case_, layer, token_slot)
+    err = relative_error(out, ref, base=y)
+    assert err < TOLERANCE[dtype], f"{name}/{dtype}: relative error {err:.2e}"
+    skip = token_slot < 0
+    np.testing.assert_array_equal(np.asarray(out)[skip], y[skip])
+
+
+@pytest.mark.parametrize("method", ["ragged", "gather"])
+def test_reference_methods_match_dense_loop(method, lora_numpy_reference):
+    case_, token_slot, x, y = _make("float32", *CASES[0])
+    out_sizes = CASES[0][3]
+    args = (y, x, case_.pool, 1, case_.a_pages, case_.b_pages, case_.ranks, case_.scales, token_slot)
+    dims = validate_lora_args("test", *args, out_sizes)
+    out = jax.jit(lora_prefill_reference, static_argnames=("dims", "method"))(*args, dims=dims, method=method)
+    err = relative_error(out, lora_numpy_reference(y, x, case_, 1, token_slot), base=y)
+    assert err < 1e-5
+
+
+def test_segment_tiles_partition_tokens_into_single_slot_tiles():
+    rng = np.random.default_rng(7)
+    T, S = 100, 5
+    slot = _sorted_slots(rng, T, S, [-1, 0, 2, 3, 4, -1])
+    nt = tiles.max_tiles(T, S, TM)
+    tile_list = jax.jit(tiles.segment_tiles, static_argnums=(1, 2))(jnp.asarray(slot), TM, nt)
+    start, end, tslot, count = (np.asarray(a) for a in tile_list)
+    assert count <= nt
+    covered = np.zeros(T, int)
+    for a, b, s in zip(start, end, tslot):
+        if a >= T:
+            assert s == -1 and b == T
+            continue
+        assert 0 < b - a <= TM and a // TM == (b - 1) // TM
+        assert np.all(slot[a:b] == s)
+        covered[a:b] += 1
+    np.testing.assert_array_equal(covered, 1)
