@@ -86,6 +86,8 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--num-pages", type=int, default=None,
+                    help="pool pages (default: most of the free device memory)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     dev = jax.devices()[0]
@@ -112,7 +114,8 @@ def main(argv=None) -> int:
         engine = sj.Engine(cfg, params, sj.EngineConfig(
             dtype=args.dtype, kernel_backend=kernel_backend, scan_layers=variant != "unroll",
             max_batch_size=max(batches),
-            max_adapters_on_device=max(args.adapters, 1), max_prefill_tokens=4096, prefetch=False))
+            max_adapters_on_device=max(args.adapters, 1), max_prefill_tokens=4096, prefetch=False,
+            num_pages=args.num_pages))
         names = []
         for i in range(args.adapters):
             names.append(f"ad{i}")

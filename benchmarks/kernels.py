@@ -189,6 +189,8 @@ class Runner:
     def record(self, op, name, params, nbytes, flops, run):
         """run() -> dict of measurements; adds floors and ratios, catches failures per case."""
         row = dict(op=op, name=name, **params, bytes=int(nbytes), flops=int(flops))
+        if self.args.ops and op not in self.args.ops:
+            return
         if self.out_of_time():
             row["skipped"] = "time budget"
             self.results.append(row)
@@ -477,7 +479,9 @@ def main(argv=None):
                    help="default bfloat16 (float32 with --cpu-smoke, where bf16 outputs often agree exactly)")
     p.add_argument("--budget-s", type=float, default=None, help="start no new case after this many seconds")
     p.add_argument("--target-s", type=float, default=None, help="wall time of one timed loop")
+    p.add_argument("--ops", default=None, help="comma list of ops to run (default: all)")
     args = p.parse_args(argv)
+    args.ops = set(args.ops.split(",")) if args.ops else None
     if args.cpu_smoke:
         jax.config.update("jax_platforms", "cpu")
     args.budget_s = args.budget_s or (210.0 if args.quick else 3600.0)

@@ -97,14 +97,14 @@ class Engine:
     @classmethod
     def from_pretrained(cls, model_dir, config: Optional[EngineConfig] = None) -> "Engine":
         """Load a Hugging Face checkpoint folder (config.json + *.safetensors [+ tokenizer.json])."""
-        from slora_jax.model.checkpoint import load_params, load_tokenizer
+        from slora_jax.model.checkpoint import Tokenizer, load_params
         from slora_jax.model.hf_config import load_model_config
 
         econf = config or EngineConfig()
         model_dir = str(Path(model_dir).expanduser())
         mcfg = load_model_config(model_dir)
         params = load_params(model_dir, mcfg, econf.dtype)
-        return cls(mcfg, params, econf, tokenizer=load_tokenizer(model_dir), model_dir=model_dir)
+        return cls(mcfg, params, econf, tokenizer=Tokenizer.from_dir(model_dir, mcfg), model_dir=model_dir)
 
     # ------------------------------------------------------------------ adapters
     def load_adapter(self, name: str, adapter_dir, lazy: bool = False) -> AdapterInfo:

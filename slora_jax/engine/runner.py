@@ -33,13 +33,13 @@ def _prefill_impl(params, pool, tables, inp, samp, *, cfg, st):
     if st.all_logits:
         return pool, lm_logits(params, h)
     logits = lm_logits(params, h[inp["last_index"]])
-    tokens, logp = sample(logits, **samp)
+    tokens, logp = sample(logits, **samp, greedy_only=st.greedy_only)
     return pool, (tokens, logp)
 
 
 def _decode_impl(params, pool, tables, inp, samp, *, cfg, st):
     h, pool = forward(params, pool, tables, inp, cfg, st)
-    tokens, logp = sample(lm_logits(params, h), **samp)
+    tokens, logp = sample(lm_logits(params, h), **samp, greedy_only=st.greedy_only)
     return pool, (tokens, logp)
 
 
@@ -88,9 +88,9 @@ class ModelRunner:
         self.pool = jax.device_put(jnp.zeros(layout.shape, self.dtype), self.device)
 
     # ------------------------------------------------------------------ programs
-    def _fn(self, mode: str, all_logits: bool = False):
+    def _fn(self, mode: str, all_logits: bool = False, greedy_only: bool = False):
         st = StepStatics(mode=mode, backend=None if self.backend == "auto" else self.backend,
-                         all_logits=all_logits)
+                         all_logits=all_logits, greedy_only=greedy_only)
         return _step_program(self.cfg, st)
 
     def _tables(self, tables) -> dict:
@@ -102,9 +102,10 @@ class ModelRunner:
 
     def run(self, mode: str, tables, inp: dict, samp: dict, all_logits: bool = False):
         """Run one step; returns host numpy results ((tokens, logprobs) or logits)."""
-        shape_key = (mode, all_logits) + tuple(sorted((k, v.shape) for k, v in inp.items()))
+        greedy_only = not bool(np.any(samp["temperature"] > 0))
+        shape_key = (mode, all_logits, greedy_only) + tuple(sorted((k, v.shape) for k, v in inp.items()))
         self.compiled_shapes.add(shape_key)
-        fn = self._fn(mode, all_logits)
+        fn = self._fn(mode, all_logits, greedy_only)
         self.pool, out = fn(self.params, self.pool, self._tables(tables), inp, samp)
         t0 = time.perf_counter()
         out = jax.tree.map(np.asarray, out)

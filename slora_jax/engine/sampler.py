@@ -7,17 +7,27 @@ import jax.numpy as jnp
 
 
 def sample(logits: jax.Array, temperature: jax.Array, top_p: jax.Array, top_k: jax.Array,
-           seeds: jax.Array, counters: jax.Array) -> tuple[jax.Array, jax.Array]:
+           seeds: jax.Array, counters: jax.Array, *, greedy_only: bool = False) -> tuple[jax.Array, jax.Array]:
     """Pick one token per row.
 
     logits [B, V] float32; temperature/top_p [B] float32; top_k [B] int32 (0 = off);
     seeds [B] uint32 and counters [B] int32 (tokens generated so far): the key of a row is
     fold_in(PRNGKey(seed), counter), so a seeded request gives the same tokens whatever batch it
-    is in and after a preemption. Returns (tokens [B] int32, log-probabilities [B] float32 of the
+    is in and after a preemption. ``greedy_only`` (static, known on the host) skips the sort of the
+    vocabulary, which costs more than the rest of sampling. Returns (tokens [B] int32, log-probabilities [B] float32 of the
     chosen tokens under the unmodified distribution).
     """
-    V = logits.shape[-1]
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    # A static choice, not lax.cond: a device-side conditional makes XLA:GPU read the predicate on the
+    # host, which stalls the dispatching thread until the whole step has run.
+    tokens = greedy if greedy_only else _sample_filtered(logits, temperature, top_p, top_k, seeds, counters,
+                                                         greedy)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    return tokens, jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
+
+
+def _sample_filtered(logits, temperature, top_p, top_k, seeds, counters, greedy):
+    V = logits.shape[-1]
     t = jnp.maximum(temperature, 1e-6)[:, None]
     vals, idx = jax.lax.top_k(logits / t, V)  # sorted descending
     rank = jnp.arange(V, dtype=jnp.int32)[None, :]
@@ -34,6 +44,4 @@ def sample(logits: jax.Array, temperature: jax.Array, top_p: jax.Array, top_k: j
 
     choice = jax.vmap(draw)(seeds, counters, vals)
     sampled = jnp.take_along_axis(idx, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
-    tokens = jnp.where(temperature > 0, sampled, greedy)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    return tokens, jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
+    return jnp.where(temperature > 0, sampled, greedy)

@@ -99,6 +99,7 @@ class StepStatics:
     mode: str  # "prefill" | "decode"
     backend: Optional[str]  # kernel implementation: "xla" | "pallas" | None (auto)
     all_logits: bool = False  # prefill: return logits of every token (scoring) instead of sampling
+    greedy_only: bool = False  # every row of the batch is greedy: no vocabulary sort
 
 
 def _lora(y, x, pool, layer, tables, token_slot, group, out_sizes, st: StepStatics):

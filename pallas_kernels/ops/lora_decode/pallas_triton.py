@@ -48,7 +48,6 @@ def _shrink_kernel(layer_ref, slot_ref, ranks_ref, scales_ref, a_pages_ref, x_re
     rank = jnp.where(slot >= 0, jnp.clip(ranks_ref[s, layer, m], 0, dims.max_rank), 0)
     nrows = jnp.clip(rank - j * R, 0, R)
     row_ok = (jnp.arange(R) < nrows)[:, None]
-    trips = jnp.where(nrows > 0, cdiv(dims.d_in, bk), 0)
 
     def body(kb, acc):
         k0 = kb * bk
@@ -61,8 +60,17 @@ def _shrink_kernel(layer_ref, slot_ref, ranks_ref, scales_ref, a_pages_ref, x_re
         xk = _backend.load(x_ref.at[t, pl.ds(k0, bk)], mask=col_ok, other=0)
         return acc + tile.astype(jnp.float32) * xk.astype(jnp.float32)[None, :]
 
-    acc = lax.fori_loop(0, trips, body, jnp.zeros((R, bk), jnp.float32))
-    v_ref[...] = jnp.sum(acc, axis=1) * scales_ref[s, layer, m].astype(jnp.float32)
+    # Static trip count under pl.when: on jax 0.11.2 the Triton lowering of a fori_loop with a traced
+    # bound emits an scf.for with mixed i32/i64 bounds that fails to verify. Rank blocks past the
+    # adapter's rank skip the loop entirely.
+    @pl.when(nrows > 0)
+    def _():
+        acc = lax.fori_loop(0, cdiv(dims.d_in, bk), body, jnp.zeros((R, bk), jnp.float32))
+        v_ref[...] = jnp.sum(acc, axis=1) * scales_ref[s, layer, m].astype(jnp.float32)
+
+    @pl.when(nrows <= 0)
+    def _():
+        v_ref[...] = jnp.zeros((R,), jnp.float32)
 
 
 def _expand_kernel(layer_ref, slot_ref, ranks_ref, b_pages_ref, blocks_ref, v_ref, pool_ref, y_ref, o_ref, *, dims, bn):
@@ -81,6 +89,7 @@ def _expand_kernel(layer_ref, slot_ref, ranks_ref, b_pages_ref, blocks_ref, v_re
 
         def body(jb, acc):
             page = jnp.clip(b_pages_ref[s, m, c, jb], 0, dims.num_pages - 1)
+            # Blocks past the rank are fully masked: a masked load reads no memory.
             row_ok = jnp.arange(R) < rank - jb * R
             tile = _backend.load(
                 pool_ref.at[layer, page, :, pl.ds(col, bn)], mask=row_ok[:, None] & col_ok[None, :], other=0
@@ -88,7 +97,7 @@ def _expand_kernel(layer_ref, slot_ref, ranks_ref, b_pages_ref, blocks_ref, v_re
             vj = v_ref[t, m, jb, :]
             return acc + jnp.sum(vj[:, None] * tile.astype(jnp.float32), axis=0)
 
-        acc = lax.fori_loop(0, nb, body, jnp.zeros((bn,), jnp.float32))
+        acc = lax.fori_loop(0, dims.rank_blocks, body, jnp.zeros((bn,), jnp.float32))
         yv = _backend.load(y_ref.at[t, pl.ds(y0, bn)], mask=col_ok, other=0)
         _backend.store(o_ref.at[t, pl.ds(y0, bn)], (yv.astype(jnp.float32) + acc).astype(o_ref.dtype), mask=col_ok)
 
