@@ -1,0 +1,663 @@
+"""The OpenAI-compatible HTTP server: routes, request -> engine choices, responses and server-sent events.
+
+    app = create_app(engine, served_model_name="llama", adapter_root="/srv/adapters", api_key="...")
+    uvicorn.run(app, host="127.0.0.1", port=8000)
+
+or ``slora-jax serve --model DIR ...`` (``run_server``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import json
+import logging
+import os
+import signal
+import socket
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Optional
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from slora_jax.errors import AdapterError, ModelError, UnknownAdapterError
+from slora_jax.server.engine_loop import EngineFailed, EngineLoop
+from slora_jax.server.errors import (APIError, bad_request, from_engine_error, model_not_found, over_capacity,
+                                     unavailable)
+from slora_jax.server.generation import ChoiceResult, ChoiceRun, ChoiceSpec, Delta, Generation
+from slora_jax.server.guard import RequestGuard
+from slora_jax.server.metrics import CONTENT_TYPE, ServerMetrics
+from slora_jax.server.paths import adapter_root as resolve_root
+from slora_jax.server.paths import resolve_adapter_path
+from slora_jax.server.protocol import (ChatCompletionRequest, CompletionRequest, ErrorResponse, LoadLoraRequest,
+                                       UnloadLoraRequest, _Sampling)
+from slora_jax.server.text import decode_token, encode_prompt, server_tokenizer
+from slora_jax.types import SamplingParams
+
+log = logging.getLogger("slora_jax.server")
+
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+MAX_CHOICES = 256  # prompts x n in one request
+
+
+class ServerState:
+    """Everything the routes share. One per app."""
+
+    def __init__(self, engine, served_model_name: str, adapter_root: Optional[Path], max_tokens_limit: int,
+                 max_pending: int, metrics: ServerMetrics):
+        self.engine = engine
+        self.loop = EngineLoop(engine)
+        self.tokenizer = server_tokenizer(engine)
+        self.model_name = served_model_name
+        self.adapter_root = adapter_root
+        self.max_tokens_limit = max_tokens_limit
+        self.max_pending = max_pending
+        self.metrics = metrics
+        self.pending = 0  # engine requests started by handlers and not closed yet (event-loop thread only)
+        self.created = int(time.time())
+
+    async def snapshot(self, timeout: float = 5.0) -> None:
+        """Refresh the metrics' copy of engine stats (taken on the engine thread; stale if it is busy)."""
+        if not self.loop.alive:
+            self.metrics.set_engine_snapshot(None, None, up=False)
+            return
+        try:
+            stats, adapters = await asyncio.wait_for(
+                self.loop.call(lambda: (self.engine.stats(), self.engine.list_adapters())), timeout)
+        except (asyncio.TimeoutError, EngineFailed):
+            self.metrics.set_engine_snapshot(None, None, up=self.loop.alive)
+            return
+        self.metrics.set_engine_snapshot(stats, adapters, up=True)
+
+
+def create_app(engine, *, served_model_name: Optional[str] = None, api_key: Optional[str] = None,
+               adapter_root: Optional[str] = None, max_body_bytes: int = 4 << 20,
+               max_tokens_limit: Optional[int] = None, max_pending: int = 4096) -> Any:
+    """The ASGI app serving ``engine``. The engine thread starts and stops with the app's lifespan.
+
+    served_model_name: the ``model`` value meaning "no adapter" (default: the checkpoint folder's name).
+    api_key: when set, every route but /health and /metrics needs ``Authorization: Bearer <api_key>``.
+    adapter_root: folder that /v1/load_lora_adapter may load from; None disables runtime loading.
+    max_body_bytes: larger request bodies get 413. max_tokens_limit: largest ``max_tokens`` accepted
+    (default: the engine's context length). max_pending: engine requests in flight before 429.
+    """
+    name = served_model_name or _default_model_name(engine)
+    metrics = ServerMetrics()
+    state = ServerState(engine, name, resolve_root(adapter_root), max_tokens_limit or engine.max_model_len,
+                        max_pending, metrics)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        state.loop.start()
+        try:
+            yield
+        finally:
+            state.loop.stop()
+
+    app = FastAPI(title="slora-jax", version=_version(), lifespan=lifespan,
+                  description="OpenAI-compatible completions over one base model and many LoRA adapters.")
+    app.state.server = state
+    _install_error_handlers(app, metrics)
+    _add_routes(app, state)
+    _document_errors(app)
+    app.add_middleware(RequestGuard, api_key=api_key, max_body_bytes=max_body_bytes,
+                       on_error=lambda status: metrics.http_errors.labels(str(status)).inc())
+    return app
+
+
+# --------------------------------------------------------------------------------------------- errors
+
+
+def _install_error_handlers(app: FastAPI, metrics: ServerMetrics) -> None:
+    def answer(err: APIError) -> JSONResponse:
+        metrics.http_errors.labels(str(err.status)).inc()
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return answer(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        return answer(bad_request(_validation_message(exc), _validation_param(exc)))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return answer(APIError(exc.status_code, str(exc.detail), kind, str(exc.status_code)))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        log.exception("unexpected error on %s", request.url.path)
+        return answer(from_engine_error(exc))
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    parts = []
+    for e in exc.errors()[:5]:
+        loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
+        parts.append(f"{loc or 'body'}: {e.get('msg', 'invalid value')}")
+    return "invalid request: " + "; ".join(parts)
+
+
+def _validation_param(exc: RequestValidationError) -> Optional[str]:
+    errors = exc.errors()
+    loc = [str(x) for x in errors[0].get("loc", ()) if x != "body"] if errors else []
+    return loc[0] if loc else None
+
+
+_ERRORS = {400: "Bad request (invalid or unsupported parameters)", 401: "Missing or invalid API key",
+           403: "Adapter path outside --adapter-root, or runtime loading disabled",
+           404: "Unknown model or adapter", 413: "Request body too large",
+           429: "Over capacity: retry later", 503: "Engine not running"}
+
+
+ERROR_RESPONSES = {status: {"model": ErrorResponse, "description": text} for status, text in _ERRORS.items()}
+
+
+def _document_errors(app: FastAPI) -> None:
+    """OpenAPI: every operation answers errors with ErrorResponse (400 where FastAPI would say 422)."""
+    base = app.openapi
+
+    def openapi():
+        if app.openapi_schema is None:
+            schema = base()
+            for ops in schema.get("paths", {}).values():
+                for op in ops.values():
+                    op.get("responses", {}).pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(name, None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
+# --------------------------------------------------------------------------------------------- routes
+
+
+def _add_routes(app: FastAPI, state: ServerState) -> None:
+    @app.get("/health")
+    async def health():
+        if not state.loop.alive:
+            return JSONResponse({"status": "engine stopped"}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def prometheus():
+        await state.snapshot()
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models", responses=ERROR_RESPONSES)
+    async def models():
+        adapters = await _call(state, state.engine.list_adapters)
+        data = [_model_card(state.model_name, state.created, root=str(state.engine.model_dir or state.model_name),
+                            parent=None, location="device")]
+        for info in adapters:
+            card = _model_card(info.name, state.created, root=info.path, parent=state.model_name,
+                               location=info.location)
+            card.update(rank=info.rank, target_modules=list(info.target_modules))
+            data.append(card)
+        return {"object": "list", "data": data}
+
+    @app.post("/v1/completions", responses=ERROR_RESPONSES)
+    async def completions(body: CompletionRequest, request: Request):
+        adapter = _adapter_for(state, body.model)
+        prompts = _completion_prompts(state, body.prompt)
+        _refuse_unsupported(body)
+        if body.echo:
+            raise bad_request("echo is not supported", "echo")
+        if body.suffix:
+            raise bad_request("suffix is not supported", "suffix")
+        if body.best_of is not None and body.best_of != (body.n or 1):
+            raise bad_request("best_of must equal n (candidates are not ranked)", "best_of")
+        if body.logprobs is not None and body.logprobs > 0:
+            raise bad_request("logprobs > 0 is not supported: logprobs=0 reports the log-probability of each "
+                              "sampled token, without alternatives", "logprobs")
+        specs = _choice_specs(state, body, prompts, body.max_tokens, want_logprobs=body.logprobs is not None)
+        gen = _start(state, adapter, specs)
+        meta = _Meta("cmpl-" + uuid.uuid4().hex, int(time.time()), body.model, body, chat=False)
+        if body.stream:
+            return _sse(gen, meta, state)
+        results = await _collect(gen, request)
+        if results is None:
+            return Response(status_code=499)
+        return _completion_body(meta, results, state, prompts)
+
+    @app.post("/v1/chat/completions", responses=ERROR_RESPONSES)
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        adapter = _adapter_for(state, body.model)
+        _refuse_unsupported(body)
+        if body.tools:
+            raise bad_request("tools are not supported", "tools")
+        if body.response_format is not None and body.response_format.type != "text":
+            raise bad_request("only response_format {'type': 'text'} is supported", "response_format")
+        if body.top_logprobs:
+            raise bad_request("top_logprobs > 0 is not supported: logprobs=true reports the log-probability "
+                              "of each sampled token, without alternatives", "top_logprobs")
+        if body.max_tokens is not None and body.max_completion_tokens is not None \
+                and body.max_tokens != body.max_completion_tokens:
+            raise bad_request("max_tokens and max_completion_tokens disagree", "max_completion_tokens")
+        prompt = _chat_prompt(state, body)
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        specs = _choice_specs(state, body, [prompt], max_tokens, want_logprobs=bool(body.logprobs))
+        gen = _start(state, adapter, specs)
+        meta = _Meta("chatcmpl-" + uuid.uuid4().hex, int(time.time()), body.model, body, chat=True)
+        if body.stream:
+            return _sse(gen, meta, state)
+        results = await _collect(gen, request)
+        if results is None:
+            return Response(status_code=499)
+        return _chat_body(meta, results, state, [prompt])
+
+    @app.post("/v1/load_lora_adapter", responses=ERROR_RESPONSES)
+    async def load_lora_adapter(body: LoadLoraRequest):
+        if body.lora_name == state.model_name:
+            raise bad_request(f"{body.lora_name!r} is the base model's name", "lora_name")
+        try:
+            path = resolve_adapter_path(state.adapter_root, body.lora_path)
+            info = await _call(state, lambda: state.engine.load_adapter(body.lora_name, str(path)))
+        except Exception:
+            state.metrics.adapter_ops.labels("load", "error").inc()
+            raise
+        state.metrics.adapter_ops.labels("load", "ok").inc()
+        return {"status": "ok", "message": f"Success: LoRA adapter '{body.lora_name}' added successfully.",
+                "adapter": _adapter_json(info)}
+
+    @app.post("/v1/unload_lora_adapter", responses=ERROR_RESPONSES)
+    async def unload_lora_adapter(body: UnloadLoraRequest):
+        try:
+            await _call(state, lambda: state.engine.unload_adapter(body.lora_name))
+        except Exception:
+            state.metrics.adapter_ops.labels("unload", "error").inc()
+            raise
+        state.metrics.adapter_ops.labels("unload", "ok").inc()
+        return {"status": "ok", "message": f"Success: LoRA adapter '{body.lora_name}' removed successfully."}
+
+
+async def _call(state: ServerState, fn):
+    """An engine call on the engine thread; its exceptions become HTTP errors."""
+    try:
+        return await state.loop.call(fn)
+    except EngineFailed as e:
+        raise unavailable(str(e))
+    except UnknownAdapterError as e:
+        raise model_not_found(str(e))
+    except (AdapterError, ModelError) as e:
+        raise bad_request(str(e))
+
+
+def _model_card(model_id: str, created: int, root: str, parent: Optional[str], location: str) -> dict:
+    return {"id": model_id, "object": "model", "created": created, "owned_by": "slora-jax", "root": root,
+            "parent": parent, "location": location}
+
+
+def _adapter_json(info) -> dict:
+    return {"name": info.name, "path": info.path, "rank": info.rank, "target_modules": list(info.target_modules),
+            "location": info.location}
+
+
+# --------------------------------------------------------------------------------------------- requests
+
+
+def _adapter_for(state: ServerState, model: str) -> Optional[str]:
+    """None for the base model's name, else the adapter name (checked now, so unknown names get 404)."""
+    if model == state.model_name:
+        return None
+    if model not in state.engine.adapters:
+        raise model_not_found(f"the model {model!r} does not exist: use {state.model_name!r} (the base model) "
+                              f"or a loaded adapter's name (GET /v1/models lists them)")
+    return model
+
+
+def _refuse_unsupported(body: _Sampling) -> None:
+    for name in ("presence_penalty", "frequency_penalty"):
+        if getattr(body, name):
+            raise bad_request(f"{name} is not supported (only 0)", name)
+    if body.logit_bias:
+        raise bad_request("logit_bias is not supported", "logit_bias")
+
+
+def _completion_prompts(state: ServerState, prompt) -> list[list[int]]:
+    if isinstance(prompt, str):
+        prompts = [prompt]
+    elif not prompt:
+        raise bad_request("prompt is empty", "prompt")
+    elif isinstance(prompt[0], int):
+        prompts = [prompt]
+    else:
+        prompts = list(prompt)
+    out = []
+    for p in prompts:
+        ids = encode_prompt(state.tokenizer, p) if isinstance(p, str) else list(p)
+        if not ids:
+            raise bad_request("prompt is empty", "prompt")
+        out.append(ids)
+    return out
+
+
+def _chat_prompt(state: ServerState, body: ChatCompletionRequest) -> list[int]:
+    tok = state.tokenizer
+    if tok is None or getattr(tok, "chat_template", None) is None:
+        raise bad_request("this model has no chat template (tokenizer_config.json 'chat_template'): "
+                          "use /v1/completions", "messages")
+    messages = []
+    for m in body.messages:
+        content = m.content if isinstance(m.content, str) or m.content is None else \
+            "".join(part.text for part in m.content)
+        msg = {"role": m.role, "content": content or ""}
+        if m.name is not None:
+            msg["name"] = m.name
+        messages.append(msg)
+    from jinja2.exceptions import TemplateError
+
+    try:
+        text = tok.render_chat(messages, add_generation_prompt=bool(body.add_generation_prompt))
+    except TemplateError as e:
+        raise bad_request(f"the chat template refused these messages: {e}", "messages")
+    ids = tok.encode(text, add_special_tokens=False)
+    if not ids:
+        raise bad_request("the rendered chat prompt is empty", "messages")
+    return ids
+
+
+def _choice_specs(state: ServerState, body: _Sampling, prompts: list[list[int]], max_tokens: Optional[int],
+                  want_logprobs: bool) -> list[ChoiceSpec]:
+    """One ChoiceSpec per (prompt, n); ``max_tokens`` None means up to the context length."""
+    n = body.n or 1
+    if len(prompts) * n > MAX_CHOICES:
+        raise bad_request(f"{len(prompts)} prompts x n={n} exceeds {MAX_CHOICES} choices per request", "n")
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    if len(stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in stop):
+        raise bad_request(f"at most {MAX_STOP_STRINGS} stop strings of at most {MAX_STOP_CHARS} characters",
+                          "stop")
+    if any(stop) and state.tokenizer is None:
+        raise bad_request("stop strings need a tokenizer; this model has none (use stop_token_ids)", "stop")
+    if max_tokens is not None and max_tokens > state.max_tokens_limit:
+        raise bad_request(f"max_tokens={max_tokens} is above this server's limit of {state.max_tokens_limit}",
+                          "max_tokens")
+    context = state.engine.max_model_len
+    specs = []
+    for i, ids in enumerate(prompts):
+        if len(ids) >= context:
+            raise bad_request(f"this model's maximum context length is {context} tokens; the prompt has "
+                              f"{len(ids)}", "prompt")
+        mt = max_tokens if max_tokens is not None else min(state.max_tokens_limit, context - len(ids))
+        if len(ids) + mt > context:
+            raise bad_request(f"this model's maximum context length is {context} tokens; you requested "
+                              f"{len(ids) + mt} ({len(ids)} in the prompt, {mt} to generate)", "max_tokens")
+        for j in range(n):
+            seed = None if body.seed is None else (body.seed + j) % (1 << 63)
+            sampling = SamplingParams(
+                max_tokens=mt, temperature=1.0 if body.temperature is None else float(body.temperature),
+                top_p=1.0 if body.top_p is None else float(body.top_p),
+                top_k=0 if body.top_k in (None, -1) else body.top_k, seed=seed,
+                stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=bool(body.ignore_eos),
+                logprobs=want_logprobs)
+            specs.append(ChoiceSpec(i * n + j, ids, sampling, tuple(s for s in stop if s)))
+    return specs
+
+
+def _start(state: ServerState, adapter: Optional[str], specs: list[ChoiceSpec]) -> Generation:
+    """Admission control, then every choice into the engine (validated there; errors become 4xx)."""
+    if not state.loop.alive:
+        raise unavailable("the engine is not running")
+    if state.pending + len(specs) > state.max_pending:
+        raise over_capacity(f"{state.pending} requests are in flight (limit {state.max_pending}); retry later")
+    model = adapter if adapter is not None else state.model_name
+    runs = [ChoiceRun(state.loop, state.tokenizer, adapter, model, s, state.metrics) for s in specs]
+    state.pending += len(runs)
+
+    def release():
+        state.pending -= len(runs)
+
+    gen = Generation(runs, on_close=release)
+    try:
+        gen.start()
+    except EngineFailed as e:
+        raise unavailable(str(e))
+    except Exception as e:
+        raise from_engine_error(e)
+    return gen
+
+
+async def _collect(gen: Generation, request: Request) -> Optional[list[ChoiceResult]]:
+    """Run a non-streaming request; None (and every choice aborted) if the client disconnects first."""
+    work = asyncio.ensure_future(gen.collect())
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if work.done():
+            return work.result()
+        return None
+    finally:
+        gone.cancel()
+        if not work.done():
+            work.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await work
+        gen.close()
+
+
+async def _disconnected(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+# --------------------------------------------------------------------------------------------- responses
+
+
+class _Meta:
+    def __init__(self, rid: str, created: int, model: str, body: _Sampling, chat: bool):
+        self.id, self.created, self.model, self.body, self.chat = rid, created, model, body, chat
+        self.token_ids = bool(body.return_token_ids)
+        self.include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _completion_logprobs(state: ServerState, token_ids: list[int], logprobs: list[float], offset: int) -> dict:
+    tokens = [decode_token(state.tokenizer, t) for t in token_ids]
+    offsets, pos = [], offset
+    for t in tokens:
+        offsets.append(pos)
+        pos += len(t)
+    return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": None, "text_offset": offsets}
+
+
+def _chat_logprobs(state: ServerState, token_ids: list[int], logprobs: list[float]) -> dict:
+    content = []
+    for t, lp in zip(token_ids, logprobs):
+        s = decode_token(state.tokenizer, t)
+        content.append({"token": s, "logprob": lp, "bytes": list(s.encode("utf-8")), "top_logprobs": []})
+    return {"content": content}
+
+
+def _completion_body(meta: _Meta, results: list[ChoiceResult], state: ServerState, prompts) -> dict:
+    want_lp = meta.body.logprobs is not None
+    choices = []
+    for r in results:
+        c = {"index": r.index, "text": r.text, "finish_reason": r.finish_reason,
+             "logprobs": _completion_logprobs(state, r.token_ids, r.logprobs, 0) if want_lp else None}
+        if meta.token_ids:
+            c["token_ids"] = r.token_ids
+            c["prompt_token_ids"] = prompts[r.index // (meta.body.n or 1)]
+        choices.append(c)
+    return {"id": meta.id, "object": "text_completion", "created": meta.created, "model": meta.model,
+            "choices": choices, "usage": _usage(sum(len(p) for p in prompts),
+                                                sum(len(r.token_ids) for r in results))}
+
+
+def _chat_body(meta: _Meta, results: list[ChoiceResult], state: ServerState, prompts) -> dict:
+    want_lp = bool(meta.body.logprobs)
+    choices = []
+    for r in results:
+        c = {"index": r.index, "message": {"role": "assistant", "content": r.text},
+             "logprobs": _chat_logprobs(state, r.token_ids, r.logprobs) if want_lp else None,
+             "finish_reason": r.finish_reason}
+        if meta.token_ids:
+            c["token_ids"] = r.token_ids
+        choices.append(c)
+    return {"id": meta.id, "object": "chat.completion", "created": meta.created, "model": meta.model,
+            "choices": choices, "usage": _usage(sum(len(p) for p in prompts),
+                                                sum(len(r.token_ids) for r in results))}
+
+
+def _sse_event(obj) -> bytes:
+    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+class _ClosingStreamingResponse(StreamingResponse):
+    """Runs ``on_close`` however the stream ends (finished, client gone, cancelled)."""
+
+    def __init__(self, content, on_close, **kw):
+        super().__init__(content, **kw)
+        self._on_close = on_close
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
+
+
+def _sse(gen: Generation, meta: _Meta, state: ServerState) -> StreamingResponse:
+    obj = "chat.completion.chunk" if meta.chat else "text_completion"
+    n = meta.body.n or 1
+    want_lp = bool(meta.body.logprobs) if meta.chat else meta.body.logprobs is not None
+
+    def chunk(choices, usage=None) -> dict:
+        out = {"id": meta.id, "object": obj, "created": meta.created, "model": meta.model, "choices": choices}
+        if meta.include_usage:
+            out["usage"] = usage
+        return out
+
+    async def events():
+        started: set[int] = set()
+        text_pos: dict[int, int] = {}
+        prompt_tokens = sum(len(r.spec.prompt_ids) for r in gen.runs if r.spec.index % n == 0)
+        completion_tokens = 0
+        try:
+            async for d in gen.deltas():
+                completion_tokens += len(d.token_ids)
+                if meta.chat and d.index not in started:
+                    started.add(d.index)
+                    yield _sse_event(chunk([{"index": d.index, "delta": {"role": "assistant", "content": ""},
+                                             "logprobs": None, "finish_reason": None}]))
+                if not (d.text or d.finish_reason or (d.token_ids and (meta.token_ids or want_lp))):
+                    continue
+                yield _sse_event(chunk([_delta_choice(state, meta, d, want_lp, text_pos)]))
+            if meta.include_usage:
+                yield _sse_event(chunk([], _usage(prompt_tokens, completion_tokens)))
+        except APIError as e:
+            yield _sse_event(e.body())
+        except Exception as e:  # the stream already started with 200: report in-band
+            log.exception("stream failed")
+            yield _sse_event(from_engine_error(e).body())
+        yield b"data: [DONE]\n\n"
+
+    return _ClosingStreamingResponse(events(), gen.close, media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _delta_choice(state: ServerState, meta: _Meta, d: Delta, want_lp: bool, text_pos: dict) -> dict:
+    if meta.chat:
+        c = {"index": d.index, "delta": {"content": d.text} if d.text else {},
+             "logprobs": _chat_logprobs(state, d.token_ids, d.logprobs) if want_lp else None,
+             "finish_reason": d.finish_reason}
+    else:
+        pos = text_pos.get(d.index, 0)
+        c = {"index": d.index, "text": d.text, "finish_reason": d.finish_reason,
+             "logprobs": _completion_logprobs(state, d.token_ids, d.logprobs, pos) if want_lp else None}
+        text_pos[d.index] = pos + len(d.text)
+    if meta.token_ids:
+        c["token_ids"] = d.token_ids
+    return c
+
+
+# --------------------------------------------------------------------------------------------- process
+
+
+def _default_model_name(engine) -> str:
+    model_dir = getattr(engine, "model_dir", None)
+    if model_dir:
+        return Path(model_dir).name
+    return engine.model_config.name
+
+
+def _version() -> str:
+    from slora_jax import __version__
+    return __version__
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _parse_adapter_flag(spec: str) -> tuple[str, str]:
+    name, sep, path = spec.partition("=")
+    if not sep or not name.strip() or not path.strip():
+        raise SystemExit(f"--adapter expects NAME=DIR, got {spec!r}")
+    return name.strip(), path.strip()
+
+
+def run_server(args) -> int:
+    """``slora-jax serve``: load the model and adapters, bind, serve until interrupted. Returns the exit code.
+
+    Reads the ``serve`` namespace of slora_jax.cli; the API key may also come from SLORA_JAX_API_KEY."""
+    import uvicorn
+
+    import slora_jax as sj
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    adapters = [_parse_adapter_flag(s) for s in args.adapter]
+    extra = {k: getattr(args, k) for k in ("max_waiting", "max_model_len") if getattr(args, k, None) is not None}
+    config = sj.EngineConfig(dtype=args.dtype, kernel_backend=args.kernel_backend,
+                             tensor_parallel=args.tensor_parallel, num_pages=args.num_pages,
+                             max_batch_size=args.max_batch_size, max_lora_rank=args.max_lora_rank, **extra)
+    engine = sj.Engine.from_pretrained(args.model, config=config)
+    for name, path in adapters:
+        engine.load_adapter(name, path)
+    api_key = args.api_key or os.environ.get("SLORA_JAX_API_KEY") or None
+    if not _is_loopback(args.host) and api_key is None:
+        log.warning("serving on %s without --api-key: anyone who can reach it can use it", args.host)
+    app = create_app(engine, served_model_name=args.served_model_name, api_key=api_key,
+                     adapter_root=args.adapter_root,
+                     max_body_bytes=getattr(args, "max_body_bytes", None) or (4 << 20),
+                     max_tokens_limit=getattr(args, "max_tokens_limit", None),
+                     max_pending=getattr(args, "max_pending", None) or 4096)
+    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((args.host, args.port))
+    host, port = sock.getsockname()[:2]
+    url_host = f"[{host}]" if family == socket.AF_INET6 else host
+    print(f"slora-jax: serving {app.state.server.model_name!r} and {len(adapters)} adapter(s) on "
+          f"http://{url_host}:{port}", flush=True)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5))
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal: end with status 0.
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
