@@ -4,6 +4,15 @@ Tiers: disk (registered, validated config) -> host (page-form weights in a byte-
 host memory on GPU) -> device (pages of the unified pool + a slot in the index tables). Device residency
 is reference-counted by the requests that use an adapter; unreferenced adapters stay resident until their
 pages are needed, then the least recently used goes first (its host copy stays, as in S-LoRA).
+
+Loads are split in two so that prefetch really overlaps compute: ``prefetch`` allocates pages and a slot
+and *stages* the weights (an asynchronous host->device copy into a buffer of their own), and the first
+``acquire`` *commits* them (a device-side scatter into the pool). Had the copy gone straight into the pool,
+the step dispatched right after it would wait for the copy, since every step reads the pool. An adapter
+that is not in host memory is read from disk on a background thread when prefetched.
+
+Every load is logged (``load_log``): who issued it (prefetch or the admission that needed it), at which
+scheduling step, the step that needed it, and how long that step waited for it.
 """
 
 from __future__ import annotations
@@ -11,6 +20,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -23,6 +33,33 @@ from slora_jax.config import EngineConfig, ModelConfig
 from slora_jax.errors import AdapterError, UnknownAdapterError
 from slora_jax.memory.pool import ADAPTER, PoolLayout, UnifiedPagePool
 from slora_jax.types import AdapterInfo
+
+
+@dataclass
+class LoadEvent:
+    """One host->device load of an adapter."""
+
+    name: str
+    nbytes: int
+    issued_step: int  # scheduling step during which the copy was started
+    prefetched: bool  # started by prefetch (True) or by the admission that needed it (False)
+    read_s: float = 0.0  # disk -> host time spent on the engine thread for this load (0 when in host memory)
+    needed_step: Optional[int] = None  # step of the first acquire after the load; None while unused
+    ready_when_needed: Optional[bool] = None  # the copy had completed when that step began
+    wait_s: float = 0.0  # time that step waited for the copy to complete
+    evicted_unused: bool = False  # dropped again before any request used it
+    busy: bool = True  # other requests were in the step that waited for it (False: the device was idle)
+
+    @property
+    def hidden(self) -> bool:
+        """Issued by prefetch at least one step before the step that needed it."""
+        return self.prefetched and self.needed_step is not None and self.needed_step > self.issued_step
+
+    @property
+    def visible_s(self) -> float:
+        """Time the step that needed this load spent on it (disk read on the engine thread + copy wait).
+        For a load not hidden this also includes the copy's dispatch, which is not timed: a lower bound."""
+        return self.read_s + self.wait_s
 
 
 @dataclass
@@ -39,23 +76,72 @@ class _Record:
     last_used: float = 0.0
     loads: int = 0
     host_bytes: int = 0
+    num_pages: Optional[int] = None  # known once the weights were read (or computed from the config)
     in_memory: bool = False  # registered from weights, not a folder: its host copy is never dropped
+    shared_id: Optional[int] = None  # id() of the LoraWeights whose host copy it shares
+    staged: object = None  # device copy of the tiles not yet written into the pool
+    pending: Optional[LoadEvent] = None  # the load whose first use is still to come
+
+
+_LOG_MAX = 100_000
+
+
+def _default_stage(device=None) -> Callable:
+    """host tiles -> an array in the device's own memory, copied asynchronously."""
+    import jax
+
+    dev = device or jax.devices()[0]
+    try:
+        target = jax.sharding.SingleDeviceSharding(dev, memory_kind=dev.default_memory().kind)
+    except Exception:  # a backend without memory kinds
+        target = dev
+
+    def stage(tiles):
+        try:
+            return jax.device_put(tiles, target)
+        except Exception:  # a memory-kind transfer this backend cannot do (CPU): through numpy
+            return jax.device_put(np.asarray(tiles), target)
+    return stage
+
+
+def _wait(x) -> tuple[bool, float]:
+    """(was ready already, seconds spent waiting) for a staged device array."""
+    is_ready = getattr(x, "is_ready", None)
+    ready = bool(is_ready()) if is_ready is not None else True
+    t0 = time.perf_counter()
+    block = getattr(x, "block_until_ready", None)
+    if block is not None and not ready:
+        block()
+    return ready, time.perf_counter() - t0
 
 
 class AdapterStore:
     def __init__(self, cfg: ModelConfig, econf: EngineConfig, layout: PoolLayout, pool: UnifiedPagePool,
                  tables: AdapterTables, write_pages: Callable[[np.ndarray, object], None], dtype,
-                 to_host: Callable[[np.ndarray], object] = lambda x: x):
+                 to_host: Callable[[np.ndarray], object] = lambda x: x, stage: Optional[Callable] = None):
         self.cfg, self.econf, self.layout, self.pool, self.tables = cfg, econf, layout, pool, tables
         self._write_pages = write_pages
         self._to_host = to_host  # numpy -> the host tier's array (pinned host memory on GPU)
+        self._stage = stage  # host tiles -> device array, asynchronously (default: jax.device_put)
         self._dtype = dtype
         self._records: dict[str, _Record] = {}
+        self._resident: dict[str, _Record] = {}  # on the device; kept apart so eviction never scans thousands
         self._host: "OrderedDict[str, PagedAdapter]" = OrderedDict()
         self._host_bytes = 0
+        self._tile_users: dict[int, int] = {}  # id(tiles) -> names sharing that host array (counted once)
+        self._shared: dict[int, tuple] = {}  # id(LoraWeights) -> (weights, PagedAdapter, users)
         self._free_slots = list(range(tables.num_slots - 1, -1, -1))
         self._lock = threading.RLock()  # registration may come from server threads
-        self.counters = {"loads": 0, "evictions": 0, "load_bytes": 0, "host_loads": 0, "host_evictions": 0}
+        self._reader: Optional[ThreadPoolExecutor] = None
+        self._reading: dict[str, Future] = {}
+        self._read_failed: set[str] = set()
+        self.step = 0
+        self.busy = True  # set by the scheduler: whether the step being scheduled has other work
+        self.load_log: list[LoadEvent] = []  # the most recent loads (older ones are dropped past _LOG_MAX)
+        self._log_dropped = 0
+        self.counters = {"loads": 0, "evictions": 0, "load_bytes": 0, "host_loads": 0, "host_evictions": 0,
+                         "prefetch_loads": 0, "prefetch_unused": 0, "hidden_loads": 0, "load_wait_s": 0.0,
+                         "load_read_s": 0.0}
 
     # ------------------------------------------------------------------ registration
     def register(self, name: str, path, lazy: bool = False) -> AdapterInfo:
@@ -67,7 +153,7 @@ class AdapterStore:
         rec = _Record(name=name, path=path, config=config)
         if not lazy:
             paged, lora = self._read(rec)
-            self._describe(rec, lora)
+            self._describe(rec, lora, paged)
         with self._lock:
             self._check_name(name)
             self._records[name] = rec
@@ -76,15 +162,28 @@ class AdapterStore:
             return self._info(rec)
 
     def register_weights(self, name: str, lora) -> AdapterInfo:
-        """Register LoraWeights already in memory (e.g. just trained); kept in the host tier for good."""
+        """Register LoraWeights already in memory (e.g. just trained); kept in the host tier for good.
+
+        Registering the same LoraWeights object under several names shares one host copy (device pages
+        stay separate per name)."""
         self._check_name(name)
         rec = _Record(name=name, path=lora.path or "<memory>", config=dict(lora.config), in_memory=True)
-        self._describe(rec, lora)
-        paged = page_adapter(lora, self.cfg, self.layout, self.econf.max_lora_rank, self._dtype)
-        paged.tiles = self._to_host(paged.tiles)
+        with self._lock:
+            shared = self._shared.get(id(lora))
+        if shared is not None and shared[0] is lora:
+            paged = shared[1]
+        else:
+            paged = page_adapter(lora, self.cfg, self.layout, self.econf.max_lora_rank, self._dtype)
+            paged.tiles = self._to_host(paged.tiles)
+        self._describe(rec, lora, paged)
         with self._lock:
             self._check_name(name)
             self._records[name] = rec
+            lora_id = id(lora)
+            entry = self._shared.get(lora_id)
+            users = (entry[2] if entry is not None and entry[0] is lora else 0) + 1
+            self._shared[lora_id] = (lora, paged, users)
+            rec.shared_id = lora_id
             self._host_put(name, paged)
             return self._info(rec)
 
@@ -102,6 +201,15 @@ class AdapterStore:
             if rec.slot is not None:
                 self._evict(rec)
             self._host_drop(name)
+            sid = rec.shared_id
+            entry = self._shared.get(sid) if sid is not None else None
+            if entry is not None:
+                if entry[2] <= 1:
+                    del self._shared[sid]
+                else:
+                    self._shared[sid] = (entry[0], entry[1], entry[2] - 1)
+            self._reading.pop(name, None)
+            self._read_failed.discard(name)
             del self._records[name]
 
     def __contains__(self, name: str) -> bool:
@@ -119,6 +227,12 @@ class AdapterStore:
             return [self._info(r) for r in self._records.values()]
 
     # ------------------------------------------------------------------ device residency
+    def begin_step(self, step: int) -> None:
+        """Called by the scheduler at the start of every scheduling step (loads are timed in steps)."""
+        self.step = step
+        if self._reading:
+            self._collect_reads()
+
     def is_resident(self, name: str) -> bool:
         return self._get(name).slot is not None
 
@@ -129,22 +243,39 @@ class AdapterStore:
 
     def pages_needed(self, name: str, resident_too: bool = False) -> int:
         """Pages a load would take now (0 when already resident, unless ``resident_too``).
-        May read the adapter from disk."""
+        May read the adapter from disk the first time."""
+        with self._lock:  # request threads call this while the engine thread may evict
+            rec = self._get(name)
+            if rec.slot is not None:
+                return int(rec.pages.size) if resident_too else 0
+            if rec.num_pages is not None:
+                return rec.num_pages
+        self._host_get(rec)  # reads from disk outside the lock
+        return rec.num_pages
+
+    def ready_for_use(self, name: str) -> bool:
+        """Resident, and its copy (if any is still pending) was started in an earlier step."""
         rec = self._get(name)
-        if rec.slot is not None:
-            return int(rec.pages.size) if resident_too else 0
-        return self._host_get(rec).num_pages
+        return rec.slot is not None and (rec.pending is None or rec.pending.issued_step < self.step)
+
+    def reading(self, name: str) -> bool:
+        """A background disk read of ``name`` is under way."""
+        return name in self._reading
 
     def evictable_pages(self, exclude: set = frozenset()) -> int:
-        return sum(int(r.pages.size) for r in self._records.values()
-                   if r.slot is not None and r.refcount == 0 and r.name not in exclude)
+        return sum(int(r.pages.size) for r in self._resident.values() if r.refcount == 0 and r.name not in exclude)
+
+    def resident_names(self) -> list[str]:
+        return list(self._resident)
 
     def acquire(self, name: str) -> bool:
         """Make ``name`` resident and take a reference. False (nothing changed) if it cannot fit now."""
         with self._lock:
             rec = self._get(name)
-            if rec.slot is None and not self._load(rec, evict=True):
+            if rec.slot is None and not self._load(rec, evict=True, prefetched=False):
                 return False
+            if rec.staged is not None:
+                self._commit(rec)
             rec.refcount += 1
             rec.last_used = time.monotonic()
             return True
@@ -156,71 +287,196 @@ class AdapterStore:
                 rec.refcount -= 1
                 rec.last_used = time.monotonic()
 
-    def prefetch(self, name: str, reserve: int = 0) -> bool:
-        """Start loading ``name`` if it fits in free pages beyond ``reserve`` without evicting anyone."""
+    def prefetch(self, name: str, reserve: int = 0, keep: set = frozenset()) -> bool:
+        """Start loading ``name`` ahead of need. It may use free pages beyond ``reserve`` and evict unreferenced
+        adapters not in ``keep`` (least recently used first). Not in host memory: read it from disk on a
+        background thread now, stage it on a later call. True if a device copy was started."""
         with self._lock:
             rec = self._get(name)
             if rec.slot is not None:
                 return False
-            need = self._host_get(rec).num_pages
-            if self.pool.free_pages - reserve < need or not self._free_slots:
+            paged = self._host.get(name)
+            if paged is None:
+                self._read_async(rec)
                 return False
-            return self._load(rec, evict=False)
+            need = paged.num_pages
+            if not self._make_room(need + reserve, keep | {name}) or self.pool.free_pages - reserve < need:
+                return False
+            return self._load(rec, evict=False, prefetched=True)
 
     def free_unreferenced(self, pages_wanted: int, keep: set = frozenset()) -> int:
         """Evict unreferenced adapters (LRU first) until ``pages_wanted`` pages are free; returns pages freed."""
         freed = 0
         with self._lock:
-            for rec in sorted(self._records.values(), key=lambda r: r.last_used):
+            for rec in sorted(self._resident.values(), key=lambda r: r.last_used):
                 if self.pool.free_pages >= pages_wanted:
                     break
-                if rec.slot is not None and rec.refcount == 0 and rec.name not in keep:
+                if rec.refcount == 0 and rec.name not in keep:
                     freed += int(rec.pages.size)
                     self._evict(rec)
         return freed
 
-    def _load(self, rec: _Record, evict: bool) -> bool:
-        paged = self._host_get(rec)
+    def evict_all(self) -> int:
+        """Evict every unreferenced adapter from the device (host copies stay); returns how many."""
+        with self._lock:
+            victims = [r for r in self._resident.values() if r.refcount == 0]
+            for rec in victims:
+                self._evict(rec)
+            return len(victims)
+
+    def _make_room(self, pages_wanted: int, keep: set) -> bool:
+        """Evict unreferenced adapters outside ``keep`` (LRU first) until the pages and a slot are free."""
+        if self.pool.free_pages >= pages_wanted and self._free_slots:
+            return True
+        for rec in sorted(self._resident.values(), key=lambda r: r.last_used):
+            if self.pool.free_pages >= pages_wanted and self._free_slots:
+                break
+            if rec.refcount == 0 and rec.name not in keep:
+                self._evict(rec)
+        return self.pool.free_pages >= pages_wanted and bool(self._free_slots)
+
+    def _load(self, rec: _Record, evict: bool, prefetched: bool) -> bool:
+        read_s = 0.0
+        paged = self._host.get(rec.name)
+        if paged is None:
+            t0 = time.perf_counter()
+            paged = self._host_get(rec)
+            read_s = time.perf_counter() - t0
+        else:
+            self._host.move_to_end(rec.name)
         need = paged.num_pages
         if evict and (self.pool.free_pages < need or not self._free_slots):
-            for victim in sorted(self._records.values(), key=lambda r: r.last_used):
-                if self.pool.free_pages >= need and self._free_slots:
-                    break
-                if victim.slot is not None and victim.refcount == 0:
-                    self._evict(victim)
+            self._make_room(need, {rec.name})
         if self.pool.free_pages < need or not self._free_slots:
             return False
         pages = self.pool.alloc(need, ADAPTER)
         slot = self._free_slots.pop()
-        # Asynchronous: the copy is enqueued on the device stream; the next step waits only if needed.
-        self._write_pages(pages, paged.tiles)
+        stage = self._stage or _default_stage()
+        self._stage = stage
+        rec.staged = stage(paged.tiles)  # asynchronous host->device copy; committed by the first acquire
         self.tables.set_slot(slot, paged, pages)
         rec.slot, rec.pages = slot, pages
+        self._resident[rec.name] = rec
         rec.loads += 1
         rec.last_used = time.monotonic()
+        rec.pending = LoadEvent(rec.name, paged.nbytes, self.step, prefetched, read_s=read_s, busy=self.busy)
+        self.load_log.append(rec.pending)
+        if len(self.load_log) > _LOG_MAX:  # a long-lived server: keep the log bounded
+            cut = len(self.load_log) // 2
+            del self.load_log[:cut]
+            self._log_dropped += cut
         self.counters["loads"] += 1
         self.counters["load_bytes"] += paged.nbytes
+        self.counters["load_read_s"] += read_s
+        if prefetched:
+            self.counters["prefetch_loads"] += 1
         return True
+
+    def _commit(self, rec: _Record) -> None:
+        """Write a staged copy into its pool pages; the step being scheduled is the one that needs it."""
+        ready, wait_s = _wait(rec.staged)
+        self._write_pages(rec.pages, rec.staged)
+        rec.staged = None
+        ev, rec.pending = rec.pending, None
+        if ev is not None:
+            ev.needed_step, ev.ready_when_needed, ev.wait_s = self.step, ready, wait_s
+            self.counters["load_wait_s"] += wait_s
+            if ev.hidden:
+                self.counters["hidden_loads"] += 1
 
     def _evict(self, rec: _Record) -> None:
         self.tables.clear_slot(rec.slot)
         self.pool.free(rec.pages, ADAPTER)
         self._free_slots.append(rec.slot)
-        rec.slot, rec.pages = None, None
+        self._resident.pop(rec.name, None)
+        if rec.pending is not None:  # loaded (prefetched) but never used
+            rec.pending.evicted_unused = True
+            if rec.pending.prefetched:
+                self.counters["prefetch_unused"] += 1
+        rec.slot, rec.pages, rec.staged, rec.pending = None, None, None, None
         self.counters["evictions"] += 1
+
+    # ------------------------------------------------------------------ load accounting
+    @property
+    def load_count(self) -> int:
+        """Loads so far (an index for ``load_summary(since=...)``)."""
+        return self._log_dropped + len(self.load_log)
+
+    def load_summary(self, since: int = 0) -> dict:
+        """Totals over the loads since ``since`` (a ``load_count``): loads, hidden and visible ones, bytes,
+        visible time."""
+        events = self.load_log[max(0, since - self._log_dropped):]
+        used = [e for e in events if e.needed_step is not None]
+        hidden = [e for e in used if e.hidden]
+        visible = [e for e in used if not e.hidden]
+        stalled = [e for e in visible if e.busy]  # visible while other requests waited on the same step
+        return {
+            "loads": len(events),
+            "loads_used": len(used),
+            "loads_hidden": len(hidden),
+            "loads_visible": len(visible),
+            "loads_visible_busy": len(stalled),
+            "loads_unused": sum(1 for e in events if e.evicted_unused),
+            "prefetched": sum(1 for e in events if e.prefetched),
+            "hidden_fraction": len(hidden) / len(used) if used else None,
+            # Among loads whose step had other work (an idle device has nothing to hide a copy behind).
+            "hidden_fraction_busy": len(hidden) / (len(hidden) + len(stalled)) if hidden or stalled else None,
+            "ready_when_needed_fraction": (sum(1 for e in used if e.ready_when_needed) / len(used)) if used else None,
+            "hidden_bytes": int(sum(e.nbytes for e in hidden)),
+            "visible_bytes": int(sum(e.nbytes for e in visible)),
+            "visible_time_s": float(sum(e.visible_s for e in used)),
+            "visible_busy_time_s": float(sum(e.visible_s for e in stalled)),
+            "wait_time_s": float(sum(e.wait_s for e in used)),
+            "read_time_s": float(sum(e.read_s for e in used)),
+        }
 
     # ------------------------------------------------------------------ host tier
     def _read(self, rec: _Record):
         lora = load_peft_adapter(rec.path, self.cfg, self.econf.max_lora_rank, rec.name)
         paged = page_adapter(lora, self.cfg, self.layout, self.econf.max_lora_rank, self._dtype)
         paged.tiles = self._to_host(paged.tiles)
-        self.counters["host_loads"] += 1
+        with self._lock:
+            self.counters["host_loads"] += 1
         return paged, lora
 
-    def _describe(self, rec: _Record, lora) -> None:
+    def _read_async(self, rec: _Record) -> None:
+        if rec.name in self._reading or rec.in_memory or rec.name in self._read_failed:
+            return
+        if self._reader is None:
+            self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-read")
+        self._reading[rec.name] = self._reader.submit(self._read, rec)
+
+    def wait_reads(self, timeout: Optional[float] = None) -> None:
+        """Block until the background disk reads under way now are done (they join the host tier at the
+        next step)."""
+        for fut in list(self._reading.values()):
+            try:
+                fut.exception(timeout=timeout)
+            except Exception:  # a timeout: the caller only wanted to wait that long
+                return
+
+    def _collect_reads(self) -> None:
+        """Move finished background reads into the host tier (on the engine thread)."""
+        with self._lock:
+            for name, fut in list(self._reading.items()):
+                if fut.done():
+                    del self._reading[name]
+                    rec = self._records.get(name)
+                    if rec is None:
+                        continue
+                    if fut.exception() is not None:
+                        self._read_failed.add(name)  # not retried in the background; its request reports it
+                        continue
+                    paged, lora = fut.result()
+                    self._describe(rec, lora, paged)
+                    self._host_put(name, paged)
+
+    def _describe(self, rec: _Record, lora, paged: Optional[PagedAdapter] = None) -> None:
         rec.rank = int(lora.rank)
         rec.targets = tuple(lora.target_modules)
         rec.ranks = {m: int(ml.ranks.max()) for m, ml in lora.modules.items()}
+        if paged is not None:
+            rec.num_pages = paged.num_pages
 
     def _host_get(self, rec: _Record) -> PagedAdapter:
         with self._lock:
@@ -228,16 +484,28 @@ class AdapterStore:
             if paged is not None:
                 self._host.move_to_end(rec.name)
                 return paged
-        paged, lora = self._read(rec)
+            fut = self._reading.pop(rec.name, None)
+        if fut is not None:
+            try:
+                paged, lora = fut.result()  # a background read is under way: wait for it
+            except AdapterError:
+                paged, lora = self._read(rec)  # re-raise on this thread, with its message
+        else:
+            paged, lora = self._read(rec)
         with self._lock:
-            self._describe(rec, lora)
-            self._host_put(rec.name, paged)
+            self._describe(rec, lora, paged)
+            if self._records.get(rec.name) is rec:
+                self._host_put(rec.name, paged)
         return paged
 
     def _host_put(self, name: str, paged: PagedAdapter) -> None:
         self._host_drop(name)
         self._host[name] = paged
-        self._host_bytes += paged.nbytes
+        key = id(paged.tiles)
+        users = self._tile_users.get(key, 0)
+        if users == 0:
+            self._host_bytes += paged.nbytes
+        self._tile_users[key] = users + 1
         self._records[name].host_bytes = paged.nbytes
         for old in list(self._host):
             if self._host_bytes <= self.econf.host_cache_bytes:
@@ -249,7 +517,13 @@ class AdapterStore:
     def _host_drop(self, name: str) -> None:
         paged = self._host.pop(name, None)
         if paged is not None:
-            self._host_bytes -= paged.nbytes
+            key = id(paged.tiles)
+            users = self._tile_users.get(key, 1) - 1
+            if users <= 0:
+                self._tile_users.pop(key, None)
+                self._host_bytes -= paged.nbytes
+            else:
+                self._tile_users[key] = users
             if name in self._records:
                 self._records[name].host_bytes = 0
 

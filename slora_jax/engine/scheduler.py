@@ -8,11 +8,16 @@ running request is preempted: its pages are freed and it goes back to the front 
 recomputed later, so nothing crashes and nothing is lost.
 
 The order in which waiting requests are considered is the policy (``policies.py``); everything that
-touches pages is here, so a policy can never over-commit the pool.
+touches pages is here, so a policy can never over-commit the pool. After each decision the adapters of the
+requests the policy will admit next are prefetched: their host->device copies start now and complete while
+the step runs (see ``AdapterStore.prefetch``). With prefetch on, a request whose adapter is not on the
+device when it could be admitted, while other work keeps the device busy, waits one step for its adapter
+instead of making the whole batch wait for the copy.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections import deque
@@ -47,7 +52,10 @@ class Scheduler:
         self.running: list[Request] = []
         self.policy = policy or make_policy(econf)
         self.num_preemptions = 0
+        self.steps = 0  # schedule() calls; adapter loads are timed against it
+        self.now = time.monotonic()
         self._seq = 0
+        self._blocked: Optional[Request] = None  # the request admission stopped at in the last schedule()
 
     # ------------------------------------------------------------------ queue
     def add(self, req: Request) -> None:
@@ -57,7 +65,7 @@ class Scheduler:
         self.waiting.append(req)
 
     def abort(self, request_id: str, reason: str = "abort", error: Optional[str] = None) -> Optional[Request]:
-        for req in list(self.waiting) + self.running:
+        for req in itertools.chain(self.running, self.waiting):
             if req.request_id == request_id:
                 self.finish(req, reason, error)
                 return req
@@ -65,6 +73,12 @@ class Scheduler:
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
+
+    def set_policy(self, policy) -> None:
+        """Use another policy from now on (e.g. between benchmark runs); only while nothing waits or runs."""
+        if self.has_work():
+            raise RuntimeError("the scheduling policy can only change while no request is waiting or running")
+        self.policy = policy
 
     # ------------------------------------------------------------------ page ownership
     def kv_blocks(self, req: Request) -> int:
@@ -96,13 +110,10 @@ class Scheduler:
 
     def finish(self, req: Request, reason: str, error: Optional[str] = None) -> None:
         self.release(req)
-        if req in self.running:
-            self.running.remove(req)
-        else:
-            try:
-                self.waiting.remove(req)
-            except ValueError:
-                pass
+        if req.status is Status.RUNNING:
+            _remove_identical(self.running, {id(req)})
+        elif req.status is Status.WAITING:
+            _remove_identical(self.waiting, {id(req)})
         req.status = Status.FINISHED
         req.finish_reason = reason
         req.error = error
@@ -111,46 +122,64 @@ class Scheduler:
 
     def preempt(self, req: Request) -> None:
         self.release(req)
-        self.running.remove(req)
+        _remove_identical(self.running, {id(req)})
         req.status = Status.WAITING
         req.metrics.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(req)
+        self.policy.on_preempt(req, self)
 
     # ------------------------------------------------------------------ the decision
     def schedule(self, now: Optional[float] = None) -> SchedulerOutput:
         now = time.monotonic() if now is None else now
+        self.now = now  # the clock of this decision, for the policy's hooks
+        self.steps += 1
+        self.store.begin_step(self.steps)
         out = SchedulerOutput("idle")
-        for req in self.policy.expired(self, now):
+        late = [r for r in self.policy.expired(self, now) if r.status is Status.WAITING]
+        _remove_identical(self.waiting, {id(r) for r in late})  # one pass, however many expire
+        for req in late:
+            req.status = Status.FINISHED  # already off the queue
             self.finish(req, "abort", "first-token SLO can no longer be met")
             out.finished.append(req)
         admitted = self._admit(out, now)
         if admitted:
             out.kind, out.requests = "prefill", admitted
-            return out
-        if self.running:
+        elif self.running:
             out.kind, out.requests = "decode", self._prepare_decode()
         elif self.waiting and not out.finished:
-            # Nothing runs and the head cannot be admitted even into an empty pool: it never will be.
-            req = self.waiting[0]
+            # Nothing runs and the request admission stopped at does not fit even an empty pool: it never will.
+            req = self._blocked if self._blocked is not None and not self._blocked.finished else self.waiting[0]
             self.finish(req, "abort", "request does not fit in the page pool")
             out.finished.append(req)
-        self._prefetch()
+        self._prefetch(now)
         return out
 
     def _admit(self, out: SchedulerOutput, now: float) -> list[Request]:
         econf = self.econf
         admitted: list[Request] = []
         tokens = 0
+        self._blocked = None
+        if len(self.running) >= econf.max_batch_size or not self.waiting:
+            return admitted
+        keep = {r.adapter for r in self.running if r.adapter is not None}  # adapters loads must not evict
         for req in self.policy.order(self, now):
+            if req.status is not Status.WAITING:  # a policy's stale entry: never admit twice
+                continue
             if len(self.running) + len(admitted) >= econf.max_batch_size:
                 break
+            self._blocked = req
             n = req.context_len
             if admitted and tokens + n > econf.max_prefill_tokens:
                 break
             if not self._reserve_ok(req, admitted):
                 break
             if req.adapter is not None and not req.holds_adapter:
+                busy = bool(self.running or admitted)
+                if self._defer_cold(req, busy, keep):
+                    keep.add(req.adapter)
+                    continue
+                self.store.busy = busy
                 try:
                     ok = self.store.acquire(req.adapter)
                 except AdapterError as e:  # corrupt or removed adapter: this request fails, nobody else
@@ -165,14 +194,28 @@ class Scheduler:
                 break
             admitted.append(req)
             tokens += n
+            self._blocked = None
+        _remove_identical(self.waiting, {id(r) for r in admitted})
         for req in admitted:
-            self.waiting.remove(req)
             req.status = Status.RUNNING
             if req.metrics.first_scheduled_time is None:
                 req.metrics.first_scheduled_time = now
             self.running.append(req)
             self.policy.on_admit(req, self)
         return admitted
+
+    def _defer_cold(self, req: Request, busy: bool, keep: set) -> bool:
+        """With prefetch on and a step about to run anyway, a request whose adapter is not on the device yet
+        waits one step: its copy starts now and overlaps that step, instead of stalling the whole batch."""
+        name = req.adapter
+        if not (self.econf.prefetch and busy) or name not in self.store or self.store.ready_for_use(name):
+            return False
+        try:
+            started = self.store.prefetch(name, reserve=2 * len(self.running) + 2, keep=keep)
+        except AdapterError:
+            return False  # the acquire that follows reports it on this request
+        # Staged this step (by this or an earlier request), or being read from disk: try again next step.
+        return started or self.store.is_resident(name) or self.store.reading(name)
 
     def _reserve_ok(self, req: Request, admitted: list[Request]) -> bool:
         """'reserve' admission: every running request's KV at its maximum length must fit."""
@@ -185,7 +228,9 @@ class Scheduler:
         adapter_need = 0
         if req.adapter is not None and not self.store.is_resident(req.adapter):
             adapter_need = self.store.pages_needed(req.adapter)
-        avail = self.pool.free_pages + self.store.evictable_pages()
+        # The request's own adapter, if resident, is about to be referenced: not a source of free pages.
+        keep = frozenset() if req.adapter is None else {req.adapter}
+        avail = self.pool.free_pages + self.store.evictable_pages(exclude=keep)
         return need + adapter_need + reserved <= avail
 
     def _prepare_decode(self) -> list[Request]:
@@ -200,13 +245,28 @@ class Scheduler:
                     break
         return list(self.running)
 
-    def _prefetch(self) -> None:
-        if not self.econf.prefetch:
+    def _prefetch(self, now: float) -> None:
+        if not self.econf.prefetch or not self.waiting:
             return
         reserve = 2 * len(self.running) + 2  # keep room for the running requests' next KV blocks
-        for req in self.policy.peek(self, self.econf.prefetch_depth):
-            if req.adapter is not None and req.adapter in self.store:
-                try:
-                    self.store.prefetch(req.adapter, reserve=reserve)
-                except AdapterError:
-                    pass  # reported when the request itself is admitted
+        self.store.busy = True
+        upcoming = [r.adapter for r in self.policy.peek(self, self.econf.prefetch_depth, now)
+                    if r.adapter is not None and r.adapter in self.store]
+        keep = set(upcoming) | {r.adapter for r in self.running if r.adapter is not None}
+        for name in dict.fromkeys(upcoming):  # distinct, in admission order
+            try:
+                self.store.prefetch(name, reserve=reserve, keep=keep)
+            except AdapterError:
+                pass  # reported when the request itself is admitted
+
+
+def _remove_identical(seq, ids: set) -> None:
+    """Drop the items whose id() is in ``ids`` from a list or deque, in place, in one pass.
+
+    By identity: Request is a dataclass whose equality would compare every field of every request passed."""
+    if not ids:
+        return
+    kept = [r for r in seq if id(r) not in ids]
+    if len(kept) != len(seq):
+        seq.clear()
+        seq.extend(kept)

@@ -1,0 +1,378 @@
+"""S-LoRA's serving study (settings S1/S2, Llama-2-7B shape) on one GPU, with every baseline, in ~8 minutes.
+
+    python benchmarks/serving.py --out-dir benchmarks/results/serving-h200
+
+Stages (each prints as it goes; the table of the issue's ratios is printed last):
+  1. transformers + PEFT, static batches (a subprocess, before JAX takes the GPU): S1 n=5 on the same trace,
+     stopped after --peft-limit seconds (throughput = requests finished / time).
+  2. One engine (pallas kernels): warm-up (compiles), then on the same trace: the base model alone, one
+     adapter merged into the weights, S1 (rank 8) and S2 (ranks 64/32/16/8) with n adapters for each n.
+     Every run starts with no adapter on the device and stops --drain seconds after the last arrival.
+  3. SLO: the base model at a few rates around its measured throughput; the highest rate at which it
+     attains 90% of first tokens within --slo is then served with S2 n=1000 and the "slo" scheduler.
+  4. The same S2 n=100 run with the xla kernel backend (a second engine, so a second set of compiles).
+
+Random bf16 weights made on the device; synthetic adapters on q/k/v/o share a few random weight sets on
+the host (2,000 distinct 7B-shaped adapters would not fit in host memory) but every adapter name gets its
+own device pages, so the copies and the memory traffic are real. JSON of every run goes to --out-dir.
+CPU smoke test (minutes): --model tiny --dtype float32 --rate 4 --duration 3 --drain 6 --num-adapters 3,8
+--input-range 4 16 --output-range 2 8 --max-batch-size 8 --peft-limit 10 --warmup 2.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.90")  # before JAX starts: room for the pool
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import datetime  # noqa: E402
+import gc  # noqa: E402
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+SETTINGS = {"S1": (8,), "S2": (64, 32, 16, 8)}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--model", default="llama-2-7b")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--num-adapters", default="5,100,1000,2000")
+    p.add_argument("--settings", default="S1,S2")
+    p.add_argument("--rate", type=float, default=50.0, help="req/s of the throughput runs (above capacity)")
+    p.add_argument("--cv", type=float, default=1.0)
+    p.add_argument("--alpha", type=float, default=1.0)
+    p.add_argument("--duration", type=float, default=10.0, help="seconds of arrivals per run")
+    p.add_argument("--drain", type=float, default=6.0, help="a run stops this long after its last arrival")
+    p.add_argument("--input-range", type=int, nargs=2, default=[8, 512])
+    p.add_argument("--output-range", type=int, nargs=2, default=[8, 512])
+    p.add_argument("--slo", type=float, default=6.0)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--max-batch-size", type=int, default=256)
+    p.add_argument("--max-prefill-tokens", type=int, default=2048)
+    p.add_argument("--warmup", type=float, default=10.0, help="seconds of trace a warm-up window replays; "
+                   "windows repeat until one compiles nothing new (0 = no warm-up)")
+    p.add_argument("--max-warmup", type=float, default=150.0, help="seconds the warm-up may take at most")
+    p.add_argument("--kernel-backends", default="pallas,xla", help="first: every run; others: S2 n=100 only")
+    p.add_argument("--peft-limit", type=float, default=40.0, help="seconds the PEFT baseline runs (0 = skip)")
+    p.add_argument("--peft-batch-size", type=int, default=8)
+    p.add_argument("--slo-fractions", default="0.7,1.0", help="base rates tried, as fractions of its "
+                   "measured throughput (empty = skip the SLO stage)")
+    p.add_argument("--extra-schedulers", default="", help="also serve S2 n=1000 with these schedulers "
+                   "(e.g. cluster,fair)")
+    p.add_argument("--weight-sets", type=int, default=2)
+    p.add_argument("--compile-cache", default=None, help="JAX compilation cache (default: OUT_DIR/jax-cache)")
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------- stage 1
+def run_peft(args, out_dir: Path) -> dict | None:
+    """PEFT in its own process: it must not share the GPU with JAX's preallocated memory."""
+    if args.peft_limit <= 0:
+        return None
+    probe = subprocess.run([sys.executable, "-c", "import torch, transformers, peft; "
+                            "print('cuda' if torch.cuda.is_available() else 'cpu')"],
+                           capture_output=True, text=True)
+    dev = probe.stdout.strip()
+    if probe.returncode != 0 or (dev != "cuda" and args.model != "tiny"):
+        print(f"[peft] skipped: needs torch with CUDA, transformers and peft ({probe.stderr.strip()[-200:] or dev})")
+        return {"skipped": "torch with CUDA, transformers or peft unavailable"}
+    out = out_dir / "peft_S1.json"
+    cmd = [sys.executable, "-m", "slora_jax.bench.cli", "--model", args.model, "--backend", "peft",
+           "--num-adapters", "5", "--ranks", "8", "--targets", ",".join(TARGETS), "--req-rate", str(args.rate),
+           "--cv", str(args.cv), "--alpha", str(args.alpha), "--duration", str(args.duration),
+           "--input-range", *map(str, args.input_range), "--output-range", *map(str, args.output_range),
+           "--slo", str(args.slo), "--seed", str(args.seed), "--dtype", args.dtype,
+           "--peft-batch-size", str(args.peft_batch_size), "--time-limit", str(args.peft_limit),
+           "--weight-sets", str(args.weight_sets), "--out", str(out), "--no-progress"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")  # the subprocess's JAX (metadata only) stays off the GPU
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.peft_limit + 600)
+    print(proc.stdout[-2000:])
+    if proc.returncode != 0:
+        print(f"[peft] failed:\n{proc.stderr[-3000:]}")
+        return {"failed": proc.stderr[-3000:]}
+    res = json.loads(out.read_text())
+    res["wall_s"] = time.perf_counter() - t0
+    return res
+
+
+# ---------------------------------------------------------------------------------------------- stages 2-4
+class Study:
+    def __init__(self, args, out_dir: Path):
+        from slora_jax.bench.setup import ModelSource, SyntheticAdapters
+
+        self.args, self.out_dir = args, out_dir
+        self.source = ModelSource(args.model, args.dtype, seed=args.seed)
+        cfg = self.source.config
+        self.adapters = {s: SyntheticAdapters(cfg, ranks, TARGETS, args.weight_sets, seed=args.seed, prefix=s)
+                         for s, ranks in SETTINGS.items()}
+        self.runs: list[dict] = []
+        self.cdfs: dict = {}
+        self.ns = [int(x) for x in args.num_adapters.split(",") if x]
+
+    def econf(self, kernel_backend: str):
+        from slora_jax.config import EngineConfig
+
+        a = self.args
+        return EngineConfig(dtype=a.dtype, kernel_backend=kernel_backend, max_lora_rank=64,
+                            max_batch_size=a.max_batch_size, max_prefill_tokens=a.max_prefill_tokens,
+                            max_adapters_on_device=a.max_batch_size + 128, prefetch=True, prefetch_depth=32,
+                            slo_first_token_s=a.slo, host_cache_bytes=64 << 30, seed=a.seed)
+
+    def trace(self, n: int, rate: float | None = None):
+        from slora_jax.bench.trace import synthetic_trace
+
+        a = self.args
+        return synthetic_trace(n, a.alpha, rate or a.rate, a.cv, a.duration, a.input_range, a.output_range,
+                               seed=a.seed)
+
+    def serve(self, engine, label: str, backend: str, n: int, trace, names, extra: dict) -> dict:
+        from slora_jax.bench.harness import run_trace
+        from slora_jax.bench.metrics import latency_cdf
+        from slora_jax.bench.trace import resolve_adapters
+
+        engine.adapters.evict_all()  # every run starts cold
+        limit = (trace[-1].arrival_s if trace else 0.0) + self.args.drain
+        t0 = time.perf_counter()
+        res = run_trace(engine, trace, resolve_adapters(trace, names) if names else [None] * len(trace),
+                        time_limit_s=limit, progress=not self.args.no_progress, desc=label)
+        row = {"label": label, "backend": backend, "num_adapters": n, **extra, **res.summary(self.args.slo),
+               "wall_s": time.perf_counter() - t0}
+        self.runs.append(row)
+        self.cdfs[label] = {"latency": latency_cdf(res.records, "latency"),
+                            "first_token_latency": latency_cdf(res.records, "first_token_latency")}
+        loads = row["adapter_loads"]
+        print(f"[{label}] {row['throughput_req_s']:.2f} req/s {row['throughput_tok_s']:.0f} tok/s | first token "
+              f"avg {_f(row['first_token_latency_avg_s'])} s | SLO {_p(row['slo_attainment'])} | finished "
+              f"{row['finished']}/{row['num_requests']} | loads {loads.get('loads')} hidden "
+              f"{_p(loads.get('hidden_fraction'))} | host {_p(row['engine'].get('host_overhead_share'))} | "
+              f"compiled {row['engine'].get('compiled_shapes')} | {row['wall_s']:.0f} s", flush=True)
+        self.save()
+        return row
+
+    def build(self, kernel_backend: str):
+        t0 = time.perf_counter()
+        engine = self.source.engine(self.econf(kernel_backend))
+        self.source.release()  # the engine holds its own (fused) copy of the weights
+        names = {}
+        for s, ad in self.adapters.items():
+            if s in self.args.settings.split(","):
+                names[s] = ad.register(engine, max(self.ns))
+        print(f"[setup] engine ({engine.kernel_backend}) with {sum(len(v) for v in names.values())} adapters, "
+              f"{engine.stats()['total_pages']} pages, in {time.perf_counter() - t0:.0f} s", flush=True)
+        return engine, names
+
+    def warmup(self, engine, names, seconds: float, max_s: float) -> None:
+        """Replay ``seconds``-long windows of a trace until a window compiles nothing new (or ``max_s``):
+        the timed runs should not pay for compilation."""
+        from slora_jax.bench.harness import run_trace
+        from slora_jax.bench.trace import TraceRequest, resolve_adapters, synthetic_trace
+
+        if seconds <= 0:
+            return
+        a = self.args
+        s = "S2" if "S2" in names else next(iter(names))
+        n = min(100, max(self.ns))
+        full = synthetic_trace(n, a.alpha, a.rate, a.cv, max_s + seconds, a.input_range, a.output_range,
+                               seed=a.seed + 1)
+        t0 = time.perf_counter()
+        start = 0.0
+        while True:
+            window = [TraceRequest(r.arrival_s - start, r.adapter, r.input_len, r.output_len) for r in full
+                      if start <= r.arrival_s < start + seconds]
+            before = engine.stats()["compiled_shapes"]
+            run_trace(engine, window, resolve_adapters(window, names[s][:n]),
+                      time_limit_s=seconds + a.drain, progress=not a.no_progress, desc="warmup")
+            new = engine.stats()["compiled_shapes"] - before
+            start += seconds
+            print(f"[warmup] window of {len(window)} requests compiled {new} new programs "
+                  f"({time.perf_counter() - t0:.0f} s so far)", flush=True)
+            if new == 0 or time.perf_counter() - t0 > max_s or start >= max_s:
+                break
+
+    def main_runs(self, engine, names) -> None:
+        from slora_jax.bench.merged import merged_into
+        from slora_jax.bench.trace import with_base_model
+
+        kb = engine.kernel_backend
+        common = {"kernel_backend": kb, "scheduler": "fcfs", "req_rate": self.args.rate}
+        base_trace = with_base_model(self.trace(max(self.ns)))
+        self.serve(engine, f"base[{kb}]", "base", 0, base_trace, None, {**common, "ranks_label": "-"})
+        first = next(iter(names))
+        with merged_into(engine, self.adapters[first].weights(0)):
+            self.serve(engine, f"merged[{kb}]", "merged", 1, base_trace, None,
+                       {**common, "ranks_label": str(self.adapters[first].ranks[0])})
+        for s, nm in names.items():
+            for n in self.ns:
+                self.serve(engine, f"{s} n={n} [{kb}]", "slora", n, self.trace(n), nm[:n],
+                           {**common, "setting": s, "ranks_label": ",".join(map(str, SETTINGS[s]))})
+        s = "S2" if "S2" in names else next(iter(names))
+        n = 1000 if 1000 in self.ns else max(self.ns)
+        for sched_name in [x for x in self.args.extra_schedulers.split(",") if x]:
+            self.with_policy(engine, sched_name, lambda: self.serve(
+                engine, f"{s} n={n} {sched_name} [{kb}]", f"slora-{sched_name}", n, self.trace(n), names[s][:n],
+                {**common, "scheduler": sched_name, "setting": s, "ranks_label": ",".join(map(str, SETTINGS[s]))}))
+
+    def with_policy(self, engine, name: str, fn):
+        """Run ``fn`` with the engine's scheduling policy swapped for ``name`` (between runs)."""
+        from slora_jax.engine.policies import make_policy
+
+        sched = engine.scheduler
+        old = sched.policy
+        sched.set_policy(make_policy(dataclasses.replace(engine.config, scheduler=name,
+                                                         slo_first_token_s=self.args.slo)))
+        try:
+            return fn()
+        finally:
+            sched.set_policy(old)
+
+    def slo_runs(self, engine, names) -> None:
+        from slora_jax.bench.trace import with_base_model
+
+        fr = [float(x) for x in self.args.slo_fractions.split(",") if x]
+        base = next((r for r in self.runs if r["backend"] == "base"), None)
+        if not fr or base is None:
+            return
+        kb = engine.kernel_backend
+        cap = base["throughput_req_s"]
+        best = None
+        for f in fr:
+            rate = max(cap * f, 0.1)
+            row = self.serve(engine, f"base rate={rate:.1f} [{kb}]", "base-slo", 0,
+                             with_base_model(self.trace(1, rate)), None,
+                             {"kernel_backend": kb, "scheduler": "fcfs", "req_rate": rate, "ranks_label": "-"})
+            if row["slo_attainment"] >= 0.9:
+                best = rate
+        if best is None:
+            print("[slo] the base model reached 90% SLO attainment at none of the rates tried")
+            return
+        s = "S2" if "S2" in names else next(iter(names))
+        n = 1000 if 1000 in self.ns else max(self.ns)
+        self.with_policy(engine, "slo", lambda: self.serve(
+            engine, f"{s} n={n} slo rate={best:.1f} [{kb}]", "slora-slo", n, self.trace(n, best), names[s][:n],
+            {"kernel_backend": kb, "scheduler": "slo", "req_rate": best, "setting": s,
+             "ranks_label": ",".join(map(str, SETTINGS[s]))}))
+
+    def save(self, extra: dict | None = None) -> None:
+        self.results = getattr(self, "results", {})
+        if extra:
+            self.results.update(extra)
+        self.results["runs"] = self.runs
+        (self.out_dir / "serving.json").write_text(json.dumps(self.results, indent=2, default=str))
+
+
+def ratio_table(runs: list[dict], peft: dict | None, slo: float) -> list[tuple]:
+    """(target, measured, met?) rows of the issue's targets, from this run's numbers."""
+    by = {r["label"]: r for r in runs}
+    base = next((r for r in runs if r["backend"] == "base"), None)
+    rows = []
+
+    def thr(label):
+        r = by.get(label)
+        return None if r is None else r["throughput_req_s"]
+
+    kb = base["kernel_backend"] if base else None
+    b = base["throughput_req_s"] if base else None
+    for n, want in ((1000, 0.9), (2000, 0.85)):
+        t = thr(f"S2 n={n} [{kb}]")
+        v = t / b if (t is not None and b) else None
+        rows.append((f"S2 n={n} / base throughput >= {want}", v, None if v is None else v >= want))
+    merged = next((r for r in runs if r["backend"] == "merged"), None)
+    if merged and b:
+        rows.append(("merged / base throughput (info)", merged["throughput_req_s"] / b, None))
+    p = None
+    if peft and "runs" in peft and peft["runs"]:
+        p = peft["runs"][0]["throughput_req_s"]
+    t = thr(f"S1 n=5 [{kb}]")
+    v = t / p if (t is not None and p) else None
+    rows.append(("S1 n=5 / PEFT throughput >= 30", v, None if v is None else v >= 30))
+    s = next((r for r in runs if r["backend"] == "slora-slo"), None)
+    rows.append((f"SLO attainment at base's 90% rate ({s['label'] if s else 'S2 n=1000, slo'}) >= 0.9",
+                 None if s is None else s["slo_attainment"], None if s is None else s["slo_attainment"] >= 0.9))
+    big = [r["adapter_loads"] for r in runs if r["backend"] == "slora" and r["num_adapters"] >= 100]
+    for key, what in (("hidden_fraction", "all loads"), ("hidden_fraction_busy", "loads while busy")):
+        fr = [x[key] for x in big if x.get(key) is not None]
+        v = min(fr) if fr else None
+        rows.append((f"adapter loads hidden, {what} (min over n >= 100) >= 0.95", v,
+                     None if v is None else v >= 0.95))
+    x = next((r for r in runs if r["backend"] == "slora" and r["kernel_backend"] == "xla"
+              and r["label"].startswith("S2 n=100 ")), None)
+    pl = thr(f"S2 n=100 [{kb}]") if kb != "xla" else None
+    if x and pl:
+        rows.append((f"S2 n=100 {kb} / xla throughput (info)", pl / x["throughput_req_s"], None))
+    hs = [r["engine"].get("host_overhead_share") for r in runs if r["backend"] == "slora"]
+    if hs:
+        rows.append(("host overhead share (max over S-LoRA runs, info)", max(hs), None))
+    return rows
+
+
+def _f(x, d=2):
+    return "-" if x is None else f"{x:.{d}f}"
+
+
+def _p(x):
+    return "-" if x is None else f"{100 * x:.0f}%"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    peft = run_peft(args, out_dir)
+
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", args.compile_cache or str(out_dir / "jax-cache"))
+    dev = jax.devices()[0]
+    study = Study(args, out_dir)
+    study.save({"meta": {"device": str(getattr(dev, "device_kind", dev)), "platform": dev.platform,
+                         "jax": jax.__version__, "command": " ".join(["python", "benchmarks/serving.py"]
+                                                                      + list(argv if argv is not None
+                                                                             else sys.argv[1:])),
+                         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},
+                "settings": vars(args), "peft": peft})
+    kernels = [k for k in args.kernel_backends.split(",") if k]
+    for i, kb in enumerate(kernels):
+        engine, names = study.build(kb)
+        study.warmup(engine, names, args.warmup, args.max_warmup if i == 0 else args.max_warmup / 2)
+        if i == 0:
+            study.main_runs(engine, names)
+            study.slo_runs(engine, names)
+        elif "S2" in names and 100 in study.ns:
+            study.serve(engine, f"S2 n=100 [{engine.kernel_backend}]", "slora", 100, study.trace(100),
+                        names["S2"][:100], {"kernel_backend": engine.kernel_backend, "scheduler": "fcfs",
+                                            "req_rate": args.rate, "setting": "S2", "ranks_label": "64,32,16,8"})
+        del engine
+        gc.collect()
+    rows = ratio_table(study.runs, peft, args.slo)
+    study.save({"ratios": [{"target": t, "measured": v, "met": m} for t, v, m in rows],
+                "wall_s": time.perf_counter() - t_start})
+    from slora_jax.bench.plots import plot_results
+    all_runs = list(study.runs) + ([dict(peft["runs"][0], label="peft S1 n=5")] if peft and peft.get("runs") else [])
+    plot_results({"runs": [r for r in all_runs if r["backend"] in ("slora", "base", "merged", "peft")]},
+                 {k: v for k, v in study.cdfs.items() if "rate=" not in k}, out_dir / "serving.png")
+    print(f"\n{'run':<34}{'req/s':>8}{'tok/s':>9}{'1st tok':>9}{'lat avg':>9}{'SLO':>6}{'hidden':>8}{'host':>6}")
+    for r in all_runs:
+        loads = r.get("adapter_loads") or {}
+        print(f"{r['label'][:33]:<34}{r['throughput_req_s']:>8.2f}{r['throughput_tok_s']:>9.0f}"
+              f"{_f(r['first_token_latency_avg_s']):>9}{_f(r['latency_avg_s']):>9}{_p(r['slo_attainment']):>6}"
+              f"{_p(loads.get('hidden_fraction')):>8}{_p((r.get('engine') or {}).get('host_overhead_share')):>6}")
+    print(f"\n{'target':<70}{'measured':>10}  met")
+    for t, v, m in rows:
+        print(f"{t:<70}{_f(v, 3):>10}  {'-' if m is None else ('yes' if m else 'NO')}")
+    print(f"\nwall {time.perf_counter() - t_start:.0f} s; results in {out_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
