@@ -96,8 +96,9 @@ class EngineConfig:
     prefetch_depth: int = 16  # waiting requests looked at for prefetch
     host_cache_bytes: int = 8 << 30  # bound of adapter weights held in host memory
     # Scan over stacked layer weights (one compiled layer body: fast compiles) or unroll the layers
-    # (per-layer arrays: no slicing of stacked weights inside the step).
-    scan_layers: bool = True
+    # (per-layer arrays: no slicing of stacked weights inside the step; 1.7x faster decode on the
+    # H200, benchmarks/NOTES.md). None: unroll on GPU, scan elsewhere.
+    scan_layers: Optional[bool] = None
     seed: int = 0
     extra: dict = field(default_factory=dict)
 

@@ -28,7 +28,32 @@ def bucket(n: int, minimum: int = 1) -> int:
     return 1 << (n - 1).bit_length()
 
 
-def _prefill_impl(params, pool, tables, inp, samp, *, cfg, st):
+def pack_inputs(inp: dict, samp: dict) -> tuple[np.ndarray, tuple]:
+    """All of a step's host inputs (32-bit each) in one int32 buffer, so a step costs one host->device
+    transfer; ``spec`` (static) says where each array lies."""
+    parts, spec, off = [], [], 0
+    for group, arrays in (("inp", inp), ("samp", samp)):
+        for name in sorted(arrays):
+            a = np.ascontiguousarray(arrays[name])
+            assert a.dtype.itemsize == 4, (name, a.dtype)
+            parts.append(a.reshape(-1).view(np.int32))
+            spec.append((group, name, a.shape, a.dtype.str, off))
+            off += a.size
+    return np.concatenate(parts), tuple(spec)
+
+
+def unpack_inputs(buf: jax.Array, spec: tuple) -> tuple[dict, dict]:
+    out: dict = {"inp": {}, "samp": {}}
+    for group, name, shape, dtype, off in spec:
+        x = buf[off:off + int(np.prod(shape, dtype=np.int64))]
+        if np.dtype(dtype) != np.int32:
+            x = jax.lax.bitcast_convert_type(x, jnp.dtype(dtype))
+        out[group][name] = x.reshape(shape)
+    return out["inp"], out["samp"]
+
+
+def _prefill_impl(params, pool, tables, buf, spec, *, cfg, st):
+    inp, samp = unpack_inputs(buf, spec)
     h, pool = forward(params, pool, tables, inp, cfg, st)
     if st.all_logits:
         return pool, lm_logits(params, h)
@@ -37,7 +62,8 @@ def _prefill_impl(params, pool, tables, inp, samp, *, cfg, st):
     return pool, (tokens, logp)
 
 
-def _decode_impl(params, pool, tables, inp, samp, *, cfg, st):
+def _decode_impl(params, pool, tables, buf, spec, *, cfg, st):
+    inp, samp = unpack_inputs(buf, spec)
     h, pool = forward(params, pool, tables, inp, cfg, st)
     tokens, logp = sample(lm_logits(params, h), **samp, greedy_only=st.greedy_only)
     return pool, (tokens, logp)
@@ -52,7 +78,8 @@ def _step_program(cfg: ModelConfig, st: StepStatics):
     key = (repr(cfg), st)
     if key not in _PROGRAMS:
         impl = _prefill_impl if st.mode == "prefill" else _decode_impl
-        _PROGRAMS[key] = jax.jit(functools.partial(impl, cfg=cfg, st=st), donate_argnums=(1,))
+        _PROGRAMS[key] = jax.jit(functools.partial(impl, cfg=cfg, st=st), static_argnums=(4,),
+                                 donate_argnums=(1,))
     return _PROGRAMS[key]
 
 
@@ -71,7 +98,8 @@ class ModelRunner:
         self.device = device or jax.devices()[0]
         fused = fuse_params(params, cfg)
         self.params = jax.tree.map(lambda a: jax.device_put(jnp.asarray(a, dtype=self.dtype), self.device), fused)
-        if not econf.scan_layers:
+        scan = econf.scan_layers if econf.scan_layers is not None else jax.default_backend() != "gpu"
+        if not scan:
             # One array per layer: the unrolled program reads each layer's weights where they lie.
             stacked = self.params["layers"]
             self.params["layers"] = [{k: v[l] for k, v in stacked.items()} for l in range(cfg.num_layers)]
@@ -100,13 +128,19 @@ class ModelRunner:
             self._tables_version = tables.version
         return self._tables_dev
 
+    def lower(self, mode: str, tables, inp: dict, samp: dict, all_logits: bool = False):
+        """The step program for these inputs, lowered (for inspecting what it compiles to)."""
+        buf, spec = pack_inputs(inp, samp)
+        fn = self._fn(mode, all_logits, not bool(np.any(samp["temperature"] > 0)))
+        return fn.lower(self.params, self.pool, self._tables(tables), buf, spec)
+
     def run(self, mode: str, tables, inp: dict, samp: dict, all_logits: bool = False):
         """Run one step; returns host numpy results ((tokens, logprobs) or logits)."""
         greedy_only = not bool(np.any(samp["temperature"] > 0))
-        shape_key = (mode, all_logits, greedy_only) + tuple(sorted((k, v.shape) for k, v in inp.items()))
-        self.compiled_shapes.add(shape_key)
+        buf, spec = pack_inputs(inp, samp)
+        self.compiled_shapes.add((mode, all_logits, greedy_only, spec))
         fn = self._fn(mode, all_logits, greedy_only)
-        self.pool, out = fn(self.params, self.pool, self._tables(tables), inp, samp)
+        self.pool, out = fn(self.params, self.pool, self._tables(tables), buf, spec)
         t0 = time.perf_counter()
         out = jax.tree.map(np.asarray, out)
         self.device_wait_s += time.perf_counter() - t0

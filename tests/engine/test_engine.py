@@ -182,7 +182,7 @@ def test_pool_updated_in_place(engine):
     run = engine.runner.run
 
     def spy(mode, tables, inp, samp, all_logits=False):
-        captured.append((mode, engine.runner._tables(tables), inp, samp))
+        captured.append((mode, tables, inp, samp))
         return run(mode, tables, inp, samp, all_logits)
 
     engine.runner.run = spy
@@ -194,9 +194,8 @@ def test_pool_updated_in_place(engine):
     assert engine.runner.pool_pointer() == before
     pool_shape = ",".join(map(str, engine.runner.pool.shape))
     modes = set()
-    for mode, tables, inp, samp in captured:
-        fn = engine.runner._fn(mode, greedy_only=not np.any(samp["temperature"] > 0))
-        hlo = fn.lower(engine.runner.params, engine.runner.pool, tables, inp, samp).compile().as_text()
+    for mode, tables_obj, inp, samp in captured:
+        hlo = engine.runner.lower(mode, tables_obj, inp, samp).compile().as_text()
         copies = [ln for ln in hlo.splitlines() if f"[{pool_shape}]" in ln and " copy(" in ln]
         assert not copies, (mode, copies[:2])
         modes.add(mode)
