@@ -42,12 +42,15 @@ def _serve_args(sub):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:  # its options belong to the bench's own parser
+        from slora_jax.bench.cli import main as bench_main
+        return bench_main(argv[1:])
     parser = argparse.ArgumentParser(prog="slora-jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _demo_args(sub)
     _serve_args(sub)
-    bench = sub.add_parser("bench", help="S-LoRA synthetic-workload benchmark", add_help=False)
-    bench.add_argument("rest", nargs=argparse.REMAINDER)
+    sub.add_parser("bench", help="S-LoRA synthetic-workload benchmark (slora-jax bench --help)")
     args = parser.parse_args(argv)
     if args.command == "demo":
         from slora_jax.demo import run_demo
@@ -55,9 +58,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command == "serve":
         from slora_jax.server.app import run_server
         return run_server(args)
-    if args.command == "bench":
-        from slora_jax.bench.cli import main as bench_main
-        return bench_main(args.rest)
     parser.error(f"unknown command {args.command}")
     return 2
 

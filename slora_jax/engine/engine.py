@@ -95,15 +95,23 @@ class Engine:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_pretrained(cls, model_dir, config: Optional[EngineConfig] = None) -> "Engine":
-        """Load a Hugging Face checkpoint folder (config.json + *.safetensors [+ tokenizer.json])."""
+    def from_pretrained(cls, model_dir, config: Optional[EngineConfig] = None,
+                        weights_cache_dir=None) -> "Engine":
+        """Load a Hugging Face checkpoint folder (config.json + *.safetensors [+ tokenizer.json]).
+
+        ``weights_cache_dir``: keep the converted weights there (orbax) so a restart skips the
+        safetensors conversion (7B: 23 s -> 3 s on the GPU host, benchmarks/NOTES.md)."""
         from slora_jax.model.checkpoint import Tokenizer, load_params
         from slora_jax.model.hf_config import load_model_config
 
         econf = config or EngineConfig()
         model_dir = str(Path(model_dir).expanduser())
         mcfg = load_model_config(model_dir)
-        params = load_params(model_dir, mcfg, econf.dtype)
+        if weights_cache_dir is not None:
+            from slora_jax.model.weights_cache import load_params_cached
+            params = load_params_cached(model_dir, mcfg, econf.dtype, weights_cache_dir)
+        else:
+            params = load_params(model_dir, mcfg, econf.dtype)
         return cls(mcfg, params, econf, tokenizer=Tokenizer.from_dir(model_dir, mcfg), model_dir=model_dir)
 
     # ------------------------------------------------------------------ adapters
