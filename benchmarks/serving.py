@@ -68,6 +68,8 @@ def parse_args(argv=None):
     p.add_argument("--extra-schedulers", default="", help="also serve S2 n=1000 with these schedulers "
                    "(e.g. cluster,fair)")
     p.add_argument("--weight-sets", type=int, default=2)
+    p.add_argument("--memory-fraction", type=float, default=0.6,
+                   help="share of the device memory left after the weights that the page pool takes")
     p.add_argument("--compile-cache", default=None, help="JAX compilation cache (default: OUT_DIR/jax-cache)")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
@@ -126,7 +128,10 @@ class Study:
         return EngineConfig(dtype=a.dtype, kernel_backend=kernel_backend, max_lora_rank=64,
                             max_batch_size=a.max_batch_size, max_prefill_tokens=a.max_prefill_tokens,
                             max_adapters_on_device=a.max_batch_size + 128, prefetch=True, prefetch_depth=32,
-                            slo_first_token_s=a.slo, host_cache_bytes=64 << 30, seed=a.seed)
+                            slo_first_token_s=a.slo, host_cache_bytes=64 << 30, seed=a.seed,
+                            # The merged baseline swaps a second copy of the weights into the running
+                            # engine: the pool must leave room for it (a pool sized from free memory OOMed).
+                            memory_fraction=a.memory_fraction)
 
     def trace(self, n: int, rate: float | None = None):
         from slora_jax.bench.trace import synthetic_trace
