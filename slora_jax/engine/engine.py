@@ -86,6 +86,7 @@ class Engine:
         self._requests: dict[str, Request] = {}
         self._listeners: dict[str, Callable[[RequestOutput], None]] = {}
         self._streaming: set[str] = set()  # requests whose partial outputs carry text
+        self._finish_only: set[str] = set()  # requests whose caller reads only the final output
         self._step_lock = threading.RLock()
         self._ids = itertools.count()
         self._rng = np.random.default_rng(econf.seed)
@@ -257,8 +258,8 @@ class Engine:
         outs = []
         seen = set()
         for req in changed:
-            if req.request_id in seen:
-                continue
+            if req.request_id in seen or (not req.finished and req.request_id in self._finish_only):
+                continue  # generate() reads finished outputs only: no per-step snapshot for it
             seen.add(req.request_id)
             # Detokenising every running request every step would cost more than the step itself at
             # large batches: text is made for finished requests and for streams that asked for it.
@@ -276,11 +277,19 @@ class Engine:
                 if req.finished:
                     del self._listeners[req.request_id]
                     self._streaming.discard(req.request_id)
+                    self._finish_only.discard(req.request_id)
                 listener(out)
         return outs
 
     def _slot(self, req: Request) -> int:
         return -1 if req.adapter is None else self.adapters.slot_of(req.adapter)
+
+    def _slots(self, reqs: list[Request]) -> np.ndarray:
+        """Device slot of each request's adapter (-1: base), one store lookup per distinct adapter."""
+        by_name = {None: -1}
+        for name in {r.adapter for r in reqs} - {None}:
+            by_name[name] = self.adapters.slot_of(name)
+        return np.fromiter((by_name[r.adapter] for r in reqs), np.int32, len(reqs))
 
     def _sampling_arrays(self, reqs: list[Request], n: int) -> dict:
         pad = n - len(reqs)
@@ -348,8 +357,7 @@ class Engine:
         inp = dict(
             tokens=np.pad(np.fromiter((r.output[-1] for r in reqs), np.int32, n), (0, pad)),
             positions=np.pad(pos, (0, pad)),
-            token_slot=np.pad(np.fromiter((self._slot(r) for r in reqs), np.int32, n), (0, pad),
-                              constant_values=-1),
+            token_slot=np.pad(self._slots(reqs), (0, pad), constant_values=-1),
             k_rows=np.pad(k_pages[rows, pos // R] * R + pos % R, (0, pad), constant_values=-1),
             v_rows=np.pad(v_pages[rows, pos // R] * R + pos % R, (0, pad), constant_values=-1),
             k_pages=k_pages, v_pages=v_pages,
@@ -396,6 +404,7 @@ class Engine:
         ids = [r.request_id for r in reqs]
         for r in reqs:  # validated all first: a bad prompt queues nothing
             self._listeners[r.request_id] = collect
+            self._finish_only.add(r.request_id)
             self._inbox.put(("add", r))
         bar = _progress(n) if use_tqdm else None
         while not done.is_set() and n:

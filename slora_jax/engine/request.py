@@ -60,7 +60,8 @@ class Request:
 
     def to_output(self, text: Optional[str] = None) -> RequestOutput:
         return RequestOutput(
-            request_id=self.request_id, prompt_token_ids=list(self.prompt), token_ids=list(self.output),
+            # The prompt never changes after arrival: shared, not copied; the output is a snapshot.
+            request_id=self.request_id, prompt_token_ids=self.prompt, token_ids=list(self.output),
             adapter=self.adapter, text=text, finish_reason=self.finish_reason,
             logprobs=list(self.logprobs) if self.sampling.logprobs else None, metrics=self.metrics,
             error=self.error)
