@@ -18,6 +18,7 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 import jax
 import numpy as np
 
+from sharding import make_mesh
 from slora_jax.adapters.paging import AdapterTables
 from slora_jax.adapters.store import AdapterStore
 from slora_jax.config import EngineConfig, ModelConfig
@@ -35,12 +36,13 @@ def _on_gpu() -> bool:
     return jax.default_backend() == "gpu"
 
 
-def _pool_pages(cfg: ModelConfig, econf: EngineConfig, layout: PoolLayout, device) -> int:
-    """Pages from the config: an explicit count, else a fraction of the device memory left, else CPU bytes."""
+def _pool_pages(cfg: ModelConfig, econf: EngineConfig, layout: PoolLayout, device, shards: int = 1) -> int:
+    """Pages from the config: an explicit count, else a fraction of the device memory left, else CPU bytes.
+    With the pool split over ``shards`` devices, each device holds 1/shards of every page."""
     if econf.num_pages is not None:
         return econf.num_pages
     itemsize = np.dtype(DTYPES[econf.dtype]).itemsize
-    per_page = layout.bytes_per_page(itemsize)
+    per_page = layout.bytes_per_page(itemsize) // shards
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     if stats and "bytes_limit" in stats:
         free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
@@ -56,10 +58,16 @@ class Engine:
     def __init__(self, model_config: ModelConfig, params: dict, config: Optional[EngineConfig] = None,
                  tokenizer=None, model_dir: Optional[str] = None):
         econf = config or EngineConfig()
-        if econf.tensor_parallel != 1 and econf.tensor_parallel > len(jax.devices()):
-            raise ConfigError(f"tensor_parallel={econf.tensor_parallel} but only {len(jax.devices())} device(s)")
-        if econf.tensor_parallel != 1:
-            raise ConfigError("tensor_parallel > 1 is served by slora_jax.sharding; use tensor_parallel=1 here")
+        tp = econf.tensor_parallel
+        if tp > len(jax.devices()):
+            raise ConfigError(f"tensor_parallel={tp} but only {len(jax.devices())} device(s) are visible")
+        if tp > 1 and econf.kernel_backend == "pallas":
+            # XLA cannot partition a Pallas call by itself; the kernels compose with shard_map, which the
+            # engine's step does not use yet.
+            raise ConfigError("kernel_backend='pallas' runs on one device; use 'xla' or 'auto' with tensor_parallel > 1")
+        if tp > 1 and model_config.num_kv_heads % tp:
+            raise ConfigError(f"tensor_parallel={tp} must divide num_kv_heads={model_config.num_kv_heads}")
+        mesh = make_mesh(tp) if tp > 1 else None
         self.model_config = model_config
         self.config = econf
         self.tokenizer = tokenizer
@@ -68,19 +76,20 @@ class Engine:
         device = jax.devices()[0]
         backend = econf.kernel_backend
         if backend == "auto":
-            backend = "pallas" if _on_gpu() else "xla"
+            backend = "pallas" if _on_gpu() and mesh is None else "xla"
         self.kernel_backend = backend
         # Weights go on the device first so that the pool is sized from the memory really left.
-        self.runner = ModelRunner(model_config, econf, params, backend, device)
+        self.runner = ModelRunner(model_config, econf, params, backend, device, mesh)
         unit = PoolLayout(model_config.num_layers, 1, econf.page_rows, model_config.kv_size)
-        pages = _pool_pages(model_config, econf, unit, device)
+        pages = _pool_pages(model_config, econf, unit, device, shards=tp)
         self.layout = PoolLayout(model_config.num_layers, pages, econf.page_rows, model_config.kv_size)
         self.runner.allocate_pool(self.layout)
         self.pool = UnifiedPagePool(self.layout)
         self.tables = AdapterTables(model_config, self.layout, econf.max_adapters_on_device, econf.max_lora_rank)
         to_host = _pinned_host(device) if _on_gpu() else (lambda x: x)
+        stage = None if mesh is None else (lambda tiles: jax.device_put(tiles, self.runner.replicated))
         self.adapters = AdapterStore(model_config, econf, self.layout, self.pool, self.tables,
-                                     self.runner.write_pages, DTYPES[econf.dtype], to_host)
+                                     self.runner.write_pages, DTYPES[econf.dtype], to_host, stage)
         self.scheduler = Scheduler(econf, self.pool, self.adapters)
         self._inbox: "queue.SimpleQueue" = queue.SimpleQueue()
         self._requests: dict[str, Request] = {}

@@ -17,7 +17,8 @@ import numpy as np
 from slora_jax.config import EngineConfig, ModelConfig
 from slora_jax.engine.sampler import sample
 from slora_jax.memory.pool import PoolLayout
-from slora_jax.model.llama import StepStatics, forward, fuse_params, lm_logits
+from sharding import named_sharding, tree_shardings
+from slora_jax.model.llama import POOL_AXES, StepStatics, forward, fuse_params, lm_logits, param_axes
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32}
 
@@ -91,13 +92,23 @@ _write_pages = jax.jit(_write_pages_impl, donate_argnums=(0,))
 
 
 class ModelRunner:
-    def __init__(self, cfg: ModelConfig, econf: EngineConfig, params: dict, backend: str, device=None):
+    def __init__(self, cfg: ModelConfig, econf: EngineConfig, params: dict, backend: str, device=None,
+                 mesh=None):
         self.cfg, self.econf = cfg, econf
         self.dtype = DTYPES[econf.dtype]
         self.backend = backend
         self.device = device or jax.devices()[0]
+        self.mesh = mesh
+        # Where small per-step arrays (index tables, adapter tiles) live: one device, or every device.
+        self.replicated = (jax.sharding.SingleDeviceSharding(self.device) if mesh is None
+                           else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
         fused = fuse_params(params, cfg)
-        self.params = jax.tree.map(lambda a: jax.device_put(jnp.asarray(a, dtype=self.dtype), self.device), fused)
+        if mesh is None:
+            place = jax.tree.map(lambda a: self.device, fused)
+        else:
+            place = tree_shardings(fused, param_axes, mesh)
+        self.params = jax.tree.map(lambda a, where: jax.device_put(jnp.asarray(a, dtype=self.dtype), where),
+                                   fused, place)
         scan = econf.scan_layers if econf.scan_layers is not None else jax.default_backend() != "gpu"
         if not scan:
             # One array per layer: the unrolled program reads each layer's weights where they lie.
@@ -111,9 +122,11 @@ class ModelRunner:
         self.device_wait_s = 0.0
 
     def allocate_pool(self, layout: PoolLayout) -> None:
-        """Allocate the unified pool once; every later update is in place."""
+        """Allocate the unified pool once (directly in its final placement); every later update is in place."""
         self.layout = layout
-        self.pool = jax.device_put(jnp.zeros(layout.shape, self.dtype), self.device)
+        where = (jax.sharding.SingleDeviceSharding(self.device) if self.mesh is None
+                 else named_sharding(self.mesh, POOL_AXES, layout.shape))
+        self.pool = jax.jit(lambda: jnp.zeros(layout.shape, self.dtype), out_shardings=where)()
 
     # ------------------------------------------------------------------ programs
     def _fn(self, mode: str, all_logits: bool = False, greedy_only: bool = False):
@@ -123,7 +136,7 @@ class ModelRunner:
 
     def _tables(self, tables) -> dict:
         if tables.version != self._tables_version:
-            self._tables_dev = {g: tuple(jax.device_put(a, self.device) for a in arrs)
+            self._tables_dev = {g: tuple(jax.device_put(a, self.replicated) for a in arrs)
                                 for g, arrs in tables.arrays.items()}
             self._tables_version = tables.version
         return self._tables_dev
@@ -156,7 +169,7 @@ class ModelRunner:
             pages = np.concatenate([pages, np.zeros(nb - n, np.int32)])  # page 0 is reserved scratch
             tiles = jnp.concatenate([jnp.asarray(tiles), jnp.zeros(
                 (tiles.shape[0], nb - n) + tuple(tiles.shape[2:]), tiles.dtype)], axis=1)
-        self.pool = _write_pages(self.pool, jnp.asarray(pages, jnp.int32), jax.device_put(tiles, self.device))
+        self.pool = _write_pages(self.pool, jnp.asarray(pages, jnp.int32), jax.device_put(tiles, self.replicated))
 
     def pool_pointer(self) -> int:
         """Device address of the pool buffer (unchanged across steps when updates are in place)."""

@@ -91,6 +91,25 @@ def fuse_params(params: dict, cfg: ModelConfig) -> dict:
     return out
 
 
+# Logical axes of the fused weights, per layer (a stacked layer axis, when present, comes first and is
+# never split); sharding/ maps them to mesh axes. The fused q|k|v and gate|up columns are split as one
+# axis, so under tensor parallelism XLA's partitioner inserts the collectives that re-split them.
+PARAM_AXES: dict[str, tuple] = {
+    "embed": (None, None), "final_norm": (None,), "lm_head": (None, "vocab"),
+    "attn_norm": (None,), "mlp_norm": (None,),
+    "wqkv": (None, "heads"), "bqkv": ("heads",), "wo": ("heads", None),
+    "w_gate_up": (None, "mlp"), "w_down": ("mlp", None),
+}
+POOL_AXES = (None, None, None, "kv_width")  # [L, P, R, W]: W holds the K/V heads
+
+
+def param_axes(path, leaf) -> tuple:
+    """Logical axes of one leaf of the fused params pytree (for sharding.tree_shardings)."""
+    name = next(k.key for k in reversed(path) if isinstance(k, jax.tree_util.DictKey))
+    axes = PARAM_AXES[name]
+    return (None,) + axes if leaf.ndim == len(axes) + 1 else axes
+
+
 # ------------------------------------------------------------------------------------ inputs
 @dataclass(frozen=True)
 class StepStatics:
