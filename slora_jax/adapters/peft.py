@@ -9,7 +9,6 @@ The tensors in adapter_model.safetensors must agree with that config and with th
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import warnings
@@ -20,7 +19,7 @@ import numpy as np
 
 from slora_jax.config import ATTN_MODULES, MODULES, ModelConfig
 from slora_jax.errors import AdapterError
-from slora_jax.model.checkpoint import open_safetensors
+from slora_jax.model.checkpoint import open_safetensors, read_json_object
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -216,16 +215,6 @@ def _normalise(raw: dict) -> dict:
     return cfg
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AdapterError(f"cannot read {path}: {e}") from e
-    if not isinstance(data, dict):
-        raise AdapterError(f"{path} must hold a JSON object")
-    return data
-
-
 def _check_folder(adapter_dir) -> Path:
     path = Path(adapter_dir)
     if not path.is_dir():
@@ -255,7 +244,7 @@ def read_adapter_config(adapter_dir, model_config: ModelConfig, max_rank: int) -
 def _validated_config(adapter_dir, model_config: ModelConfig, max_rank: int) -> tuple[dict, dict]:
     """(config as saved, config with peft's defaults filled in)."""
     path = _check_folder(adapter_dir)
-    raw = _read_json(path / CONFIG_FILE)
+    raw = read_json_object(path / CONFIG_FILE, AdapterError)
     cfg = _normalise(raw)
     for key in ("lm_head", "model.embed_tokens"):
         if _targets(cfg, key):

@@ -25,7 +25,7 @@ from slora_jax.config import EngineConfig, ModelConfig
 from slora_jax.engine.request import Request, Status
 from slora_jax.engine.runner import DTYPES, ModelRunner, bucket
 from slora_jax.engine.scheduler import Scheduler, SchedulerOutput
-from slora_jax.errors import CapacityError, ConfigError, RequestError, UnknownAdapterError
+from slora_jax.errors import AdapterError, CapacityError, ConfigError, RequestError
 from slora_jax.memory.pool import PoolLayout, UnifiedPagePool
 from slora_jax.types import AdapterInfo, RequestMetrics, RequestOutput, SamplingParams
 
@@ -139,7 +139,6 @@ class Engine:
             self._drain_inbox([])
             users = [r.request_id for r in self._requests.values() if r.adapter == name and not r.finished]
             if users and name in self.adapters:
-                from slora_jax.errors import AdapterError
                 raise AdapterError(f"adapter {name!r} is used by {len(users)} unfinished request(s)")
             self.adapters.unregister(name)
 

@@ -153,13 +153,14 @@ def estimate_param_bytes(config: ModelConfig, dtype: str) -> int:
 # --------------------------------------------------------------------------------------------- files
 
 
-def _read_json(path: Path) -> dict:
+def read_json_object(path: Path, error: type[Exception] = ModelError) -> dict:
+    """A JSON file that must hold an object; anything else raises ``error`` naming the file."""
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelError(f"cannot read {path}: {e}") from e
+        raise error(f"cannot read {path}: {e}") from e
     if not isinstance(data, dict):
-        raise ModelError(f"{path} must hold a JSON object")
+        raise error(f"{path} must hold a JSON object")
     return data
 
 
@@ -171,7 +172,7 @@ def checkpoint_files(model_dir) -> list[Path]:
         raise ModelError(f"model folder {model_dir} does not exist")
     index = model_dir / _INDEX
     if index.is_file():
-        weight_map = _read_json(index).get("weight_map")
+        weight_map = read_json_object(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise ModelError(f"{index} has no weight_map")
         shards = sorted(set(weight_map.values()))
@@ -291,7 +292,7 @@ class Tokenizer:
         if tok is None:
             return None
         tc_path = Path(model_dir) / "tokenizer_config.json"
-        tc = _read_json(tc_path) if tc_path.is_file() else {}
+        tc = read_json_object(tc_path) if tc_path.is_file() else {}
         bos, eos = _token_content(tc.get("bos_token")), _token_content(tc.get("eos_token"))
         eos_ids = list(config.eos_token_ids) if config is not None else []
         if eos is not None and tok.token_to_id(eos) is not None and tok.token_to_id(eos) not in eos_ids:

@@ -144,7 +144,7 @@ def forward(params: dict, pool: jax.Array, tables: dict, inp: dict, cfg: ModelCo
       prefill: segment_ids [T] (-1 = padding);
       decode (T = B): k_pages/v_pages [B, NB], lengths [B] (tokens in cache after this step's write).
     """
-    H, D = cfg.hidden_size, cfg.head_dim
+    D = cfg.head_dim
     Nq, Nkv = cfg.num_heads, cfg.num_kv_heads
     inv_freq = jnp.asarray(rope_inv_freq(cfg))
     sm_scale = 1.0 / math.sqrt(D)
@@ -154,10 +154,10 @@ def forward(params: dict, pool: jax.Array, tables: dict, inp: dict, cfg: ModelCo
     T = h.shape[0]
     slot = inp["token_slot"]
     pos = inp["positions"]
-    qkv_in, qkv_out = group_dims(cfg, "qkv")
-    o_in, o_out = group_dims(cfg, "o")
-    gu_in, gu_out = group_dims(cfg, "gate_up")
-    dn_in, dn_out = group_dims(cfg, "down")
+    qkv_out = group_dims(cfg, "qkv")[1]
+    o_out = group_dims(cfg, "o")[1]
+    gu_out = group_dims(cfg, "gate_up")[1]
+    dn_out = group_dims(cfg, "down")[1]
 
     def layer_fn(carry, xs):
         h, pool = carry
@@ -202,7 +202,6 @@ def forward(params: dict, pool: jax.Array, tables: dict, inp: dict, cfg: ModelCo
     else:
         layers_idx = jnp.arange(cfg.num_layers, dtype=jnp.int32)
         (h, pool), _ = jax.lax.scan(layer_fn, (h, pool), (lay, layers_idx))
-    del qkv_in, o_in, gu_in, dn_in
     h = rms_norm(h, params["final_norm"], cfg.rms_norm_eps)
     return h, pool
 

@@ -32,7 +32,7 @@ def gather_weights(pool, layer, pages, rank, cols: int, dims: LoraDims):
 
 def lora_decode_reference(y, x, pool, layer, a_pages, b_pages, ranks, scales, token_slot, *, dims: LoraDims):
     """y + scale * (x A) B per module, each token with its own adapter slot. Shapes as `lora_decode`."""
-    R, W = dims.page_rows, dims.width
+    W = dims.width
     layer = jnp.clip(jnp.asarray(layer, jnp.int32).reshape(()), 0, dims.num_layers - 1)
     rank, scale = token_ranks(ranks, scales, token_slot, layer, dims)  # [T, M]
     s = jnp.clip(token_slot, 0, dims.num_slots - 1)

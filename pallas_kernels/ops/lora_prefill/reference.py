@@ -21,7 +21,7 @@ from pallas_kernels.ops.lora_layout import LoraDims, token_ranks
 
 
 def _ragged(y, x, pool, layer, a_pages, b_pages, ranks, scales, token_slot, dims: LoraDims):
-    S, M, R, W = dims.num_slots, dims.num_modules, dims.page_rows, dims.width
+    S, M, W = dims.num_slots, dims.num_modules, dims.width
     RK = dims.max_rank
     layer = jnp.clip(jnp.asarray(layer, jnp.int32).reshape(()), 0, dims.num_layers - 1)
     slot_rank = jnp.clip(ranks[:, layer].astype(jnp.int32), 0, RK)  # [S, M]
