@@ -90,3 +90,47 @@ def test_pallas_backend_equals_references(llama_gqa_dir, llama_adapters):
     outs = eng.generate(prompts, adapters=names, sampling=sj.SamplingParams(max_tokens=4, ignore_eos=True))
     for p, name, out in zip(prompts, names, outs):
         assert out.token_ids == hf_greedy(llama_gqa_dir, some.get(name), p, 4), name
+
+
+def _save_random(model, out_dir, seed):
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            p.copy_(1.0 + 0.1 * noise if name.endswith("norm.weight") else 0.15 * noise)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
+
+
+@pytest.mark.parametrize("arch", ["mistral-sliding-window", "llama-linear-rope"])
+def test_mistral_sliding_window_and_linear_rope_parity(tmp_path, arch):
+    """Prompts longer than the window (Mistral) and positions scaled by a linear rope factor (Llama)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+    from tests.conftest import build_adapter
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    if arch.startswith("mistral"):
+        model = MistralForCausalLM(MistralConfig(sliding_window=5, **common))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(rope_scaling={"rope_type": "linear", "factor": 2.5}, **common))
+    model_dir = _save_random(model, tmp_path / "model", seed=3)
+    adapter = build_adapter(model_dir, tmp_path / "lora", seed=4, r=8, lora_alpha=16, target_modules="all-linear")
+    eng = _engine(model_dir, {"lora": adapter})
+    if arch.startswith("mistral"):
+        assert eng.model_config.sliding_window == 5
+    else:
+        assert eng.model_config.rope_scaling == {"type": "linear", "factor": 2.5}
+    prompts = _prompts(128, 2, seed=5)
+    prompts = [p + p for p in prompts]  # 8-22 tokens: well past the window of 5
+    names = [None, "lora"]
+    for p, name, lg in zip(prompts, names, eng.logits(prompts, adapters=names)):
+        assert rel_err(lg, hf_logits(model_dir, adapter if name else None, p)) < 1e-4, name
+    outs = eng.generate(prompts, adapters=names, sampling=sj.SamplingParams(max_tokens=6, ignore_eos=True))
+    for p, name, out in zip(prompts, names, outs):
+        assert out.token_ids == hf_greedy(model_dir, adapter if name else None, p, 6), name
