@@ -99,6 +99,9 @@ class EngineConfig:
     # (per-layer arrays: no slicing of stacked weights inside the step; 1.7x faster decode on the
     # H200, benchmarks/NOTES.md). None: unroll on GPU, scan elsewhere.
     scan_layers: Optional[bool] = None
+    # Queue decode step n+1 (fed by step n's tokens still on the device) before the host reads step n,
+    # so the host's bookkeeping overlaps the device's work. Outputs then reach callers one step later.
+    async_scheduling: bool = True
     seed: int = 0
     extra: dict = field(default_factory=dict)
 

@@ -97,6 +97,7 @@ class Engine:
         self._streaming: set[str] = set()  # requests whose partial outputs carry text
         self._finish_only: set[str] = set()  # requests whose caller reads only the final output
         self._step_lock = threading.RLock()
+        self._inflight = None  # (device outputs, requests) of a decode step the host has not read yet
         self._ids = itertools.count()
         self._rng = np.random.default_rng(econf.seed)
         self._counters = {"steps": 0, "prefill_steps": 0, "decode_steps": 0, "generated_tokens": 0,
@@ -162,7 +163,7 @@ class Engine:
         self._inbox.put(("abort", request_id))
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work() or not self._inbox.empty()
+        return self.scheduler.has_work() or not self._inbox.empty() or self._inflight is not None
 
     def _make_request(self, prompt, adapter, sampling, request_id) -> Request:
         cfg = self.model_config
@@ -223,17 +224,20 @@ class Engine:
             t0 = time.perf_counter()
             changed: list[Request] = []
             self._drain_inbox(changed)
-            sched = self.scheduler.schedule()
-            changed.extend(sched.finished)
             wait0 = self.runner.device_wait_s
-            if sched.kind == "prefill":
-                self._run_prefill(sched)
-            elif sched.kind == "decode":
-                self._run_decode(sched)
-            changed.extend(sched.requests)
-            if sched.kind != "idle":
+            kind = self._finish_inflight(changed)
+            if kind is None:
+                sched = self.scheduler.schedule()
+                changed.extend(sched.finished)
+                kind = sched.kind
+                if kind == "prefill":
+                    self._run_prefill(sched)
+                    changed.extend(sched.requests)
+                elif kind == "decode":
+                    self._run_decode(sched.requests, changed)
+            if kind != "idle":
                 self._counters["steps"] += 1
-                self._counters[sched.kind + "_steps"] += 1
+                self._counters[kind + "_steps"] += 1
             dt = time.perf_counter() - t0
             self._counters["step_time_s"] += dt
             self._counters["host_time_s"] += dt - (self.runner.device_wait_s - wait0)
@@ -299,7 +303,7 @@ class Engine:
             by_name[name] = self.adapters.slot_of(name)
         return np.fromiter((by_name[r.adapter] for r in reqs), np.int32, len(reqs))
 
-    def _sampling_arrays(self, reqs: list[Request], n: int) -> dict:
+    def _sampling_arrays(self, reqs: list[Request], n: int, ahead: int = 0) -> dict:
         pad = n - len(reqs)
         sp = [r.sampling for r in reqs]
         return dict(
@@ -307,7 +311,7 @@ class Engine:
             top_p=np.pad(np.array([s.top_p for s in sp], np.float32), (0, pad), constant_values=1.0),
             top_k=np.pad(np.array([s.top_k for s in sp], np.int32), (0, pad)),
             seeds=np.pad(np.array([r.seed for r in reqs], np.uint32), (0, pad)),
-            counters=np.pad(np.array([len(r.output) for r in reqs], np.int32), (0, pad)),
+            counters=np.pad(np.array([len(r.output) + ahead for r in reqs], np.int32), (0, pad)),
         )
 
     def _prefill_inputs(self, reqs: list[Request], write_kv: bool = True) -> dict:
@@ -346,15 +350,51 @@ class Engine:
         tokens, logp = self.runner.run("prefill", self.tables, inp, samp)
         self._append(reqs, tokens, logp)
 
-    def _run_decode(self, sched: SchedulerOutput) -> None:
+    def _run_decode(self, reqs: list[Request], changed: list) -> None:
+        out = self._dispatch_decode(reqs)
+        if self.config.async_scheduling:
+            self._inflight = (out, reqs)  # read at the next step, after the step after it is queued
+            return
+        tokens, logp = self.runner.collect(out)
+        self._append(reqs, tokens, logp)
+        changed.extend(reqs)
+
+    def _finish_inflight(self, changed: list) -> Optional[str]:
+        """Read the decode step still on the device. When the batch can go on as it is (nobody waits to
+        be admitted, pages for one more token fit), first queue the next decode step, fed by the tokens
+        still on the device, so that this step's host work overlaps the device's work on the next.
+        Returns "decode" when it queued that step, None when the scheduler must decide."""
+        if self._inflight is None:
+            return None
+        out, reqs = self._inflight
+        self._inflight = None
+        nxt = None
+        if not self.scheduler.waiting:
+            # Rows that finish by length on the tokens being read would be wasted: leave them out.
+            going = [r for r in reqs if r.status is Status.RUNNING and len(r.output) + 1 < r.sampling.max_tokens
+                     and r.context_len + 1 < r.max_len]
+            if going and all(self.scheduler.ensure_kv(r, r.context_len + 1) for r in going):
+                row = {id(r): i for i, r in enumerate(reqs)}
+                prev_rows = np.fromiter((row[id(r)] for r in going), np.int32, len(going))
+                nxt = (self._dispatch_decode(going, ahead=1, prev=(out[0], prev_rows)), going)
+        tokens, logp = self.runner.collect(out)
+        self._append(reqs, tokens, logp)
+        changed.extend(reqs)
+        if nxt is None:
+            return None
+        self._inflight = nxt
+        return "decode"
+
+    def _dispatch_decode(self, reqs: list[Request], ahead: int = 0, prev=None):
+        """Queue a decode step for ``reqs``. ``ahead`` = 1: each request's newest token is still on the
+        device (``prev`` = (device tokens, row of each request there)); positions move one further."""
         R = self.layout.page_rows
-        reqs = sched.requests
         n = len(reqs)
         # At least 2 rows: XLA turns a one-row scatter into a dynamic-update-slice, which it then
         # protects with a full copy of the pool (seen in the compiled HLO); a padded row avoids it.
         B = bucket(n, 2)
         nb = bucket(max(len(r.k_pages) for r in reqs), 4)
-        pos = np.fromiter((r.context_len - 1 for r in reqs), np.int32, n)
+        pos = np.fromiter((r.context_len - 1 + ahead for r in reqs), np.int32, n)
         k_pages = np.zeros((B, nb), np.int32)
         v_pages = np.zeros((B, nb), np.int32)
         for i, r in enumerate(reqs):
@@ -362,8 +402,11 @@ class Engine:
             v_pages[i, :len(r.v_pages)] = r.v_pages
         rows = np.arange(n)
         pad = B - n
+        host_tokens = (np.fromiter((r.output[-1] for r in reqs), np.int32, n) if prev is None
+                       else np.zeros(n, np.int32))
         inp = dict(
-            tokens=np.pad(np.fromiter((r.output[-1] for r in reqs), np.int32, n), (0, pad)),
+            tokens=np.pad(host_tokens, (0, pad)),
+            prev_rows=np.pad(np.full(n, -1, np.int32) if prev is None else prev[1], (0, pad), constant_values=-1),
             positions=np.pad(pos, (0, pad)),
             token_slot=np.pad(self._slots(reqs), (0, pad), constant_values=-1),
             k_rows=np.pad(k_pages[rows, pos // R] * R + pos % R, (0, pad), constant_values=-1),
@@ -371,13 +414,15 @@ class Engine:
             k_pages=k_pages, v_pages=v_pages,
             lengths=np.pad(pos + 1, (0, pad)),
         )
-        out_tokens, logp = self.runner.run("decode", self.tables, inp, self._sampling_arrays(reqs, B))
-        self._append(reqs, out_tokens, logp)
+        return self.runner.dispatch("decode", self.tables, inp, self._sampling_arrays(reqs, B, ahead),
+                                    prev_tokens=None if prev is None else prev[0])
 
     def _append(self, reqs: list[Request], tokens: np.ndarray, logp: np.ndarray) -> None:
         now = time.monotonic()
         eos = set(self.model_config.eos_token_ids)
         for i, r in enumerate(reqs):
+            if r.status is not Status.RUNNING:
+                continue  # finished or aborted while its step was on the device: the row is dropped
             t = int(tokens[i])
             r.output.append(t)
             r.logprobs.append(float(logp[i]))

@@ -63,11 +63,16 @@ def _prefill_impl(params, pool, tables, buf, spec, *, cfg, st):
     return pool, (tokens, logp)
 
 
-def _decode_impl(params, pool, tables, buf, spec, *, cfg, st):
+def _decode_impl(params, pool, tables, buf, spec, prev_tokens, *, cfg, st):
     inp, samp = unpack_inputs(buf, spec)
+    # A row whose input token is still on the device (the previous step's output, not yet seen by the
+    # host) names its row there; this lets the host queue step n+1 before it has read step n.
+    prev = inp.pop("prev_rows")
+    inp["tokens"] = jnp.where(prev >= 0, prev_tokens[jnp.maximum(prev, 0)], inp["tokens"])
     h, pool = forward(params, pool, tables, inp, cfg, st)
     tokens, logp = sample(lm_logits(params, h), **samp, greedy_only=st.greedy_only)
-    return pool, (tokens, logp)
+    # Fixed-size token output, so the next step's program takes it whatever this step's batch bucket.
+    return pool, (jnp.zeros(prev_tokens.shape, jnp.int32).at[:tokens.shape[0]].set(tokens), logp)
 
 
 _PROGRAMS: dict = {}
@@ -124,6 +129,9 @@ class ModelRunner:
     def allocate_pool(self, layout: PoolLayout) -> None:
         """Allocate the unified pool once (directly in its final placement); every later update is in place."""
         self.layout = layout
+        # Decode steps read their input tokens from here when the host supplies them itself.
+        self._no_prev_tokens = jax.device_put(np.zeros(bucket(self.econf.max_batch_size, 2), np.int32),
+                                              self.replicated)
         where = (jax.sharding.SingleDeviceSharding(self.device) if self.mesh is None
                  else named_sharding(self.mesh, POOL_AXES, layout.shape))
         self.pool = jax.jit(lambda: jnp.zeros(layout.shape, self.dtype), out_shardings=where)()
@@ -141,23 +149,39 @@ class ModelRunner:
             self._tables_version = tables.version
         return self._tables_dev
 
+    def _args(self, mode, tables, inp, samp, prev_tokens):
+        buf, spec = pack_inputs(inp, samp)
+        args = [self.params, self.pool, self._tables(tables), buf, spec]
+        if mode == "decode":
+            args.append(self._no_prev_tokens if prev_tokens is None else prev_tokens)
+        return args, spec
+
     def lower(self, mode: str, tables, inp: dict, samp: dict, all_logits: bool = False):
         """The step program for these inputs, lowered (for inspecting what it compiles to)."""
-        buf, spec = pack_inputs(inp, samp)
-        fn = self._fn(mode, all_logits, not bool(np.any(samp["temperature"] > 0)))
-        return fn.lower(self.params, self.pool, self._tables(tables), buf, spec)
+        args, _ = self._args(mode, tables, inp, samp, None)
+        return self._fn(mode, all_logits, not bool(np.any(samp["temperature"] > 0))).lower(*args)
 
-    def run(self, mode: str, tables, inp: dict, samp: dict, all_logits: bool = False):
-        """Run one step; returns host numpy results ((tokens, logprobs) or logits)."""
+    def dispatch(self, mode: str, tables, inp: dict, samp: dict, all_logits: bool = False, prev_tokens=None):
+        """Queue one step on the device and return its (device) outputs without waiting for them.
+
+        decode: ``inp["prev_rows"]`` [B] picks each row's input token from ``prev_tokens`` (the previous
+        decode's device output) where >= 0."""
         greedy_only = not bool(np.any(samp["temperature"] > 0))
-        buf, spec = pack_inputs(inp, samp)
+        args, spec = self._args(mode, tables, inp, samp, prev_tokens)
         self.compiled_shapes.add((mode, all_logits, greedy_only, spec))
-        fn = self._fn(mode, all_logits, greedy_only)
-        self.pool, out = fn(self.params, self.pool, self._tables(tables), buf, spec)
+        self.pool, out = self._fn(mode, all_logits, greedy_only)(*args)
+        return out
+
+    def collect(self, out):
+        """Wait for a dispatched step and return its outputs as numpy."""
         t0 = time.perf_counter()
         out = jax.tree.map(np.asarray, out)
         self.device_wait_s += time.perf_counter() - t0
         return out
+
+    def run(self, mode: str, tables, inp: dict, samp: dict, all_logits: bool = False):
+        """Run one step; returns host numpy results ((tokens, logprobs) or logits)."""
+        return self.collect(self.dispatch(mode, tables, inp, samp, all_logits))
 
     def write_pages(self, pages: np.ndarray, tiles) -> None:
         """Copy page tiles [L, n, R, W] into pool pages (in place; asynchronous on the device)."""

@@ -179,18 +179,18 @@ def test_pool_updated_in_place(engine):
     """Same buffer after steps, and no compiled step program contains a copy of a pool-shaped buffer."""
     before = engine.runner.pool_pointer()
     captured = []
-    run = engine.runner.run
+    dispatch = engine.runner.dispatch
 
-    def spy(mode, tables, inp, samp, all_logits=False):
+    def spy(mode, tables, inp, samp, all_logits=False, prev_tokens=None):
         captured.append((mode, tables, inp, samp))
-        return run(mode, tables, inp, samp, all_logits)
+        return dispatch(mode, tables, inp, samp, all_logits, prev_tokens)
 
-    engine.runner.run = spy
+    engine.runner.dispatch = spy
     try:
         engine.generate([prompts(1, seed=21)[0]], adapters=["a0"], sampling=GREEDY)  # batch of one
         engine.generate(prompts(3, seed=22), adapters=["a0", "a3", None], sampling=GREEDY)
     finally:
-        engine.runner.run = run
+        engine.runner.dispatch = dispatch
     assert engine.runner.pool_pointer() == before
     pool_shape = ",".join(map(str, engine.runner.pool.shape))
     modes = set()
