@@ -180,12 +180,15 @@ class Engine:
         if len(tokens) >= self.max_model_len:
             raise RequestError(f"prompt of {len(tokens)} tokens leaves no room to generate within the "
                                f"context of {self.max_model_len} tokens")
-        need = self.layout.kv_pages_for(len(tokens) + 1)
+        # A request must be able to finish alone in the pool (everyone else preempted, their adapters
+        # evicted); otherwise it would be preempted and recomputed for ever.
+        longest = min(len(tokens) + sampling.max_tokens, self.max_model_len)
+        need = self.layout.kv_pages_for(longest)
         adapter_pages = 0 if adapter is None else self.adapters.pages_needed(adapter, resident_too=True)
         if need + adapter_pages > self.pool.total_pages:
-            raise RequestError(f"prompt of {len(tokens)} tokens needs {need} KV pages"
+            raise RequestError(f"a request of up to {longest} tokens needs {need} KV pages"
                                + (f" and adapter {adapter!r} {adapter_pages} pages" if adapter else "")
-                               + f"; the pool has {self.pool.total_pages}")
+                               + f"; the pool has {self.pool.total_pages}: lower max_tokens or enlarge the pool")
         if len(self.scheduler.waiting) >= self.config.max_waiting:
             raise CapacityError(f"{len(self.scheduler.waiting)} requests are waiting (max_waiting); retry later")
         rid = request_id if request_id is not None else f"req-{next(self._ids)}-{uuid.uuid4().hex[:6]}"

@@ -146,7 +146,10 @@ class Scheduler:
         if admitted:
             out.kind, out.requests = "prefill", admitted
         elif self.running:
-            out.kind, out.requests = "decode", self._prepare_decode()
+            # Everyone may have been preempted (back to the queue, re-admitted next step): then idle.
+            reqs = self._prepare_decode()
+            if reqs:
+                out.kind, out.requests = "decode", reqs
         elif self.waiting and not out.finished:
             # Nothing runs and the request admission stopped at does not fit even an empty pool: it never will.
             req = self._blocked if self._blocked is not None and not self._blocked.finished else self.waiting[0]

@@ -206,6 +206,9 @@ def test_request_that_can_never_fit_is_refused(tiny):
     eng = make_engine(tiny, num_pages=64, page_rows=4)  # adapter a1 (rank 16, all modules) needs 128 pages
     with pytest.raises(sj.RequestError, match="a1"):
         eng.add_request([1, 2, 3], adapter="a1")
+    # KV alone: 3 + 200 tokens need 2 * 51 pages > 63
+    with pytest.raises(sj.RequestError, match="max_tokens"):
+        eng.add_request([1, 2, 3], sampling=sj.SamplingParams(max_tokens=200))
     assert eng.generate([[1, 2, 3]], adapters=["a0"], sampling=GREEDY)[0].finish_reason == "length"
 
 
@@ -219,3 +222,47 @@ def test_unload_adapter(tiny):
     with pytest.raises(sj.UnknownAdapterError):
         eng.generate([[1, 2, 3]], adapters=["a0"], sampling=GREEDY)
     assert eng.stats()["adapter_pages"] == sum(a.device_pages for a in eng.list_adapters())
+
+
+def test_randomised_stress_adds_aborts_preemption_eviction(tiny):
+    """Random arrivals and aborts against a pool too small for the load: every request that is not
+    aborted ends with exactly its reference tokens, aborted ones with a prefix of them, and the pool's
+    books balance with zero KV pages at the end."""
+    combos = [(p, a) for p, a in zip(prompts(8, seed=31), [None, "a0", "a1", "a2", "a3", "a4", "a5", "a1"])]
+    sp = sj.SamplingParams(max_tokens=12, ignore_eos=True)
+    ref_engine = make_engine(tiny)
+    reference = [o.token_ids for o in ref_engine.generate([p for p, _ in combos], adapters=[a for _, a in combos],
+                                                          sampling=sp)]
+    # 200 pages of 4 rows: a3 (rank 32 on the MLP) alone takes 144, so requests keep evicting and
+    # preempting one another; each still fits alone, as submission checks.
+    eng = make_engine(tiny, num_pages=200, page_rows=4, max_adapters_on_device=3, max_batch_size=6)
+    rng = np.random.default_rng(7)
+    combo_of, outs, aborted = {}, {}, set()
+    for _ in range(400):
+        r = rng.random()
+        if r < 0.25 and len(combo_of) < 60:
+            c = int(rng.integers(len(combos)))
+            rid = eng.add_request(combos[c][0], adapter=combos[c][1], sampling=sp)
+            combo_of[rid] = c
+        elif r < 0.32 and combo_of:
+            rid = list(combo_of)[int(rng.integers(len(combo_of)))]
+            eng.abort(rid)
+            aborted.add(rid)
+        for out in eng.step():
+            outs[out.request_id] = out
+        eng.pool.check_invariants()
+    while eng.has_unfinished():
+        for out in eng.step():
+            outs[out.request_id] = out
+    assert set(outs) == set(combo_of)
+    for rid, out in outs.items():
+        ref = reference[combo_of[rid]]
+        assert out.finished
+        if out.finish_reason == "abort":
+            assert rid in aborted and out.token_ids == ref[:len(out.token_ids)]
+        else:
+            assert out.token_ids == ref, rid
+    st = eng.stats()
+    assert st["kv_pages"] == 0 and st["running"] == 0 and st["waiting"] == 0
+    assert st["preemptions"] > 0 or st["adapter_evictions"] > 0
+    eng.pool.check_invariants()
