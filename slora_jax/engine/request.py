@@ -17,7 +17,7 @@ class Status(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclass
+@dataclass(eq=False)  # a request is one object: compared by identity, never field by field
 class Request:
     request_id: str
     prompt: list[int]
