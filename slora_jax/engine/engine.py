@@ -296,8 +296,9 @@ class Engine:
                 listener(out)
         return outs
 
-    def _slot(self, req: Request) -> int:
-        return -1 if req.adapter is None else self.adapters.slot_of(req.adapter)
+    def _by_adapter(self, reqs: list[Request]) -> list[Request]:
+        """Requests of one adapter side by side (stable): prefill LoRA works per segment of equal slots."""
+        return [reqs[i] for i in np.argsort(self._slots(reqs), kind="stable")]
 
     def _slots(self, reqs: list[Request]) -> np.ndarray:
         """Device slot of each request's adapter (-1: base), one store lookup per distinct adapter."""
@@ -328,6 +329,7 @@ class Engine:
         k_rows = np.full(T, -1, np.int32)
         v_rows = np.full(T, -1, np.int32)
         last = np.zeros(bucket(len(reqs)), np.int32)
+        slots = self._slots(reqs)
         off = 0
         for i, r in enumerate(reqs):
             n = r.context_len
@@ -335,7 +337,7 @@ class Engine:
             tokens[sl] = r.context
             pos = np.arange(n, dtype=np.int32)
             positions[sl] = pos
-            slot[sl] = self._slot(r)
+            slot[sl] = slots[i]
             seg[sl] = i
             if write_kv:
                 k_rows[sl] = r.k_pages[pos // R] * R + pos % R
@@ -346,8 +348,7 @@ class Engine:
                     k_rows=k_rows, v_rows=v_rows, last_index=last)
 
     def _run_prefill(self, sched: SchedulerOutput) -> None:
-        # Requests of one adapter side by side: the prefill LoRA kernel works per segment of equal slots.
-        reqs = sorted(sched.requests, key=self._slot)
+        reqs = self._by_adapter(sched.requests)
         inp = self._prefill_inputs(reqs)
         samp = self._sampling_arrays(reqs, len(inp["last_index"]))
         tokens, logp = self.runner.run("prefill", self.tables, inp, samp)
@@ -504,7 +505,7 @@ class Engine:
                         if not self.adapters.acquire(r.adapter):
                             raise CapacityError(f"no room on the device for adapter {r.adapter!r} right now")
                         held.append(r.adapter)
-                reqs_sorted = sorted(reqs, key=self._slot)
+                reqs_sorted = self._by_adapter(reqs)
                 inp = self._prefill_inputs(reqs_sorted, write_kv=False)
                 samp = self._sampling_arrays(reqs_sorted, len(inp["last_index"]))
                 logits = self.runner.run("prefill", self.tables, inp, samp, all_logits=True)
