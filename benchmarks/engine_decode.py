@@ -82,7 +82,9 @@ def main(argv=None) -> int:
     ap.add_argument("--adapters", type=int, default=100)
     ap.add_argument("--batches", default="1,32,128,256")
     ap.add_argument("--backends", default="xla,pallas",
-                    help="comma list of kernel backends; '+unroll' unrolls the layers (e.g. pallas+unroll)")
+                    help="comma list of kernel backends with variants: '+unroll' / '+scan' the layers (default: "
+                         "unrolled on GPU), '+sync' reads each decode step before queuing the next "
+                         "(e.g. pallas,pallas+sync,xla+scan)")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--dtype", default="bfloat16")
@@ -110,9 +112,11 @@ def main(argv=None) -> int:
                "cases": []}
     itemsize = jnp.dtype(dtype).itemsize
     for backend in args.backends.split(","):
-        kernel_backend, _, variant = backend.partition("+")
+        kernel_backend, *variants = backend.split("+")
         engine = sj.Engine(cfg, params, sj.EngineConfig(
-            dtype=args.dtype, kernel_backend=kernel_backend, scan_layers=variant != "unroll",
+            dtype=args.dtype, kernel_backend=kernel_backend,
+            scan_layers=False if "unroll" in variants else (True if "scan" in variants else None),
+            async_scheduling="sync" not in variants,
             max_batch_size=max(batches),
             max_adapters_on_device=max(args.adapters, 1), max_prefill_tokens=4096, prefetch=False,
             num_pages=args.num_pages))
