@@ -266,3 +266,20 @@ def test_randomised_stress_adds_aborts_preemption_eviction(tiny):
     assert st["kv_pages"] == 0 and st["running"] == 0 and st["waiting"] == 0
     assert st["preemptions"] > 0 or st["adapter_evictions"] > 0
     eng.pool.check_invariants()
+
+
+def test_text_prompts_with_a_tokenizer(tmp_path):
+    """With a tokenizer.json, string prompts encode like the tokenizer does and outputs carry text."""
+    import tokenizers
+
+    from tests.server.support import write_byte_tokenizer
+
+    model = write_random_checkpoint(tmp_path / "m", tiny_llama_config(), seed=4, std=0.08)
+    write_byte_tokenizer(model)
+    eng = sj.Engine.from_pretrained(model, config=sj.EngineConfig(dtype="float32", num_pages=128))
+    reference = tokenizers.Tokenizer.from_file(str(model / "tokenizer.json"))
+    ids = reference.encode("hello adapters").ids
+    by_text, by_ids = eng.generate(["hello adapters", ids], sampling=GREEDY)
+    assert by_text.prompt_token_ids == ids
+    assert by_text.token_ids == by_ids.token_ids
+    assert by_text.text == reference.decode(by_text.token_ids)
