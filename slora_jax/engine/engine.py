@@ -137,7 +137,9 @@ class Engine:
     def unload_adapter(self, name: str) -> None:
         """Forget an adapter (its device pages and host copy are freed). Refused while requests use it."""
         with self._step_lock:
-            self._drain_inbox([])
+            changed: list[Request] = []
+            self._drain_inbox(changed)  # requests queued before the unload count as users
+            self._emit(changed)  # aborts drained here still reach their callers
             users = [r.request_id for r in self._requests.values() if r.adapter == name and not r.finished]
             if users and name in self.adapters:
                 raise AdapterError(f"adapter {name!r} is used by {len(users)} unfinished request(s)")
@@ -522,7 +524,7 @@ class Engine:
         s = dict(self.pool.stats())
         s.update(
             adapters_registered=len(self.adapters.names()),
-            adapters_on_device=sum(1 for a in self.adapters.list() if a.location == "device"),
+            adapters_on_device=len(self.adapters.resident_names()),
             adapter_host_bytes=self.adapters.host_bytes,
             running=len(self.scheduler.running),
             waiting=len(self.scheduler.waiting),
