@@ -375,7 +375,10 @@ class Engine:
         out, reqs = self._inflight
         self._inflight = None
         nxt = None
-        if not self.scheduler.waiting:
+        # Go on without a scheduling decision when nobody could be admitted anyway: the queue is empty,
+        # or the batch is full (a slot freed by this step is taken one step later).
+        sched = self.scheduler
+        if not sched.waiting or len(sched.running) >= self.config.max_batch_size:
             # Rows that finish by length on the tokens being read would be wasted: leave them out.
             going = [r for r in reqs if r.status is Status.RUNNING and len(r.output) + 1 < r.sampling.max_tokens
                      and r.context_len + 1 < r.max_len]
@@ -388,6 +391,7 @@ class Engine:
         changed.extend(reqs)
         if nxt is None:
             return None
+        changed.extend(sched.tick())
         self._inflight = nxt
         return "decode"
 

@@ -130,18 +130,29 @@ class Scheduler:
         self.policy.on_preempt(req, self)
 
     # ------------------------------------------------------------------ the decision
-    def schedule(self, now: Optional[float] = None) -> SchedulerOutput:
+    def _begin(self, now: Optional[float]) -> tuple[float, list[Request]]:
+        """Start a step: its clock, adapter-load bookkeeping, and the waiting requests whose SLO expired."""
         now = time.monotonic() if now is None else now
         self.now = now  # the clock of this decision, for the policy's hooks
         self.steps += 1
         self.store.begin_step(self.steps)
-        out = SchedulerOutput("idle")
         late = [r for r in self.policy.expired(self, now) if r.status is Status.WAITING]
         _remove_identical(self.waiting, {id(r) for r in late})  # one pass, however many expire
         for req in late:
             req.status = Status.FINISHED  # already off the queue
             self.finish(req, "abort", "first-token SLO can no longer be met")
-            out.finished.append(req)
+        return now, late
+
+    def tick(self, now: Optional[float] = None) -> list[Request]:
+        """The scheduling work of a step the engine queues without a decision (the running batch goes on
+        as it is): load bookkeeping, SLO expiry and prefetch. Returns the requests it ended."""
+        now, late = self._begin(now)
+        self._prefetch(now)
+        return late
+
+    def schedule(self, now: Optional[float] = None) -> SchedulerOutput:
+        now, late = self._begin(now)
+        out = SchedulerOutput("idle", finished=list(late))
         admitted = self._admit(out, now)
         if admitted:
             out.kind, out.requests = "prefill", admitted
