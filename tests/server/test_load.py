@@ -109,18 +109,20 @@ def test_64_concurrent_streams_with_disconnects(server, reference):
 
 def test_non_streaming_client_that_leaves_is_aborted(server):
     before = wait_idle(server.url)
-    body = dict(model="a1", prompt=[5, 6, 7], n=8, max_tokens=240, temperature=0, ignore_eos=True)
+    # 16 x 240 tokens take at least 240 decode steps (~0.3 s on the CPU once compiled): the client, gone
+    # after 0.1 s, leaves while they run.
+    body = dict(model="a1", prompt=[5, 6, 7], n=16, max_tokens=240, temperature=0, ignore_eos=True)
     with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {API_KEY}"}) as http:
         try:
-            http.post("/v1/completions", json=body, timeout=httpx.Timeout(60, read=0.5))
+            http.post("/v1/completions", json=body, timeout=httpx.Timeout(60, read=0.1))
             raise AssertionError("the request finished before the client left; make it longer")
         except httpx.ReadTimeout:
             pass
     after = wait_idle(server.url)
     assert value(after, "slora_engine_aborted_requests_total") - value(before, "slora_engine_aborted_requests_total") \
-        == 8
+        == 16
     assert value(after, "slora_requests_total", model="a1", finish_reason="disconnect") \
-        - value(before, "slora_requests_total", model="a1", finish_reason="disconnect") == 8
+        - value(before, "slora_requests_total", model="a1", finish_reason="disconnect") == 16
 
 
 def test_metrics_parse_and_describe_the_engine(server, http, reference):
