@@ -34,6 +34,9 @@ def _serve_args(sub):
     p.add_argument("--max-lora-rank", type=int, default=64)
     p.add_argument("--served-model-name", default=None)
     p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    p.add_argument("--precompile", action=argparse.BooleanOptionalAction, default=None,
+                   help="compile every step program before binding (default: on GPU, where compiling a step "
+                        "program on demand stalls the requests in flight for seconds)")
     p.add_argument("--max-tokens-limit", type=int, default=None, help="largest max_tokens a request may ask for")
     p.add_argument("--max-body-bytes", type=int, default=4 << 20, help="largest request body (413 beyond)")
     p.add_argument("--max-pending", type=int, default=4096, help="requests in flight before 429")

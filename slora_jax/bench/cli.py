@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-batch-size", type=int, default=64)
     e.add_argument("--max-prefill-tokens", type=int, default=2048)
     e.add_argument("--num-pages", type=int, default=None)
+    e.add_argument("--max-model-len", type=int, default=None,
+                   help="longest prompt + output (default: the model's); bounds the decode programs compiled")
     e.add_argument("--max-adapters-on-device", type=int, default=None,
                    help="device adapter slots (default: max batch size + prefetch depth)")
     e.add_argument("--host-cache-gb", type=float, default=8.0, help="bound of adapter weights in host memory")
@@ -79,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--peft-batch-size", type=int, default=8)
     e.add_argument("--peft-device", default=None, help="torch device of the peft baseline (default: cuda if any)")
     o = p.add_argument_group("run")
+    o.add_argument("--precompile", action=argparse.BooleanOptionalAction, default=None,
+                   help="compile every step program before the runs (default: on GPU)")
     o.add_argument("--warmup", type=float, default=5.0, help="seconds of the trace replayed first and discarded "
                    "(compiles the step programs); 0 = none")
     o.add_argument("--time-limit", type=float, default=None, help="per run: stop after this many seconds and "
@@ -106,7 +110,7 @@ def engine_config(args, kernel_backend: str, ranks: Sequence[int]):
     return EngineConfig(
         dtype=args.dtype, kernel_backend=kernel_backend, max_lora_rank=max_rank, num_pages=args.num_pages,
         max_batch_size=args.max_batch_size, max_prefill_tokens=args.max_prefill_tokens,
-        max_adapters_on_device=slots, scheduler=args.scheduler, admission=args.admission,
+        max_model_len=args.max_model_len, max_adapters_on_device=slots, scheduler=args.scheduler, admission=args.admission,
         cluster_k=args.cluster_k, slo_first_token_s=args.slo, prefetch=args.prefetch,
         prefetch_depth=args.prefetch_depth, host_cache_bytes=int(args.host_cache_gb * (1 << 30)), seed=args.seed)
 
@@ -196,6 +200,8 @@ class Bench:
                 "prefetch": a.prefetch, "admission": a.admission}
 
     def run_engine_backends(self) -> None:
+        import jax
+
         from slora_jax.bench.harness import run_trace
         from slora_jax.bench.merged import merged_into
 
@@ -208,6 +214,11 @@ class Bench:
             engine = self.source.engine(engine_config(a, kb, self.ranks))
             kname = engine.kernel_backend
             common = {**self._common(kname)}
+            if a.precompile or (a.precompile is None and jax.default_backend() == "gpu"):
+                recs = engine.precompile(sampling=False)
+                if self.progress:
+                    print(f"[precompile {kname}] {len(recs)} programs, longest "
+                          f"{max((r['compile_s'] for r in recs), default=0):.1f} s", flush=True)
             if a.warmup > 0:
                 n0 = a.num_adapters[0]
                 t = self.trace_for(n0)

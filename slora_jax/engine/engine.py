@@ -7,6 +7,7 @@ a server thread can feed the engine while another thread drives ``step()``.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import queue
 import threading
@@ -85,6 +86,7 @@ class Engine:
         self.layout = PoolLayout(model_config.num_layers, pages, econf.page_rows, model_config.kv_size)
         self.runner.allocate_pool(self.layout)
         self.pool = UnifiedPagePool(self.layout)
+        self._max_pages = -(-self.max_model_len // econf.page_rows)  # KV pages of the longest request
         self.tables = AdapterTables(model_config, self.layout, econf.max_adapters_on_device, econf.max_lora_rank)
         to_host = _pinned_host(device) if _on_gpu() else (lambda x: x)
         stage = None if mesh is None else (lambda tiles: jax.device_put(tiles, self.runner.replicated))
@@ -103,6 +105,7 @@ class Engine:
         self._counters = {"steps": 0, "prefill_steps": 0, "decode_steps": 0, "generated_tokens": 0,
                           "prompt_tokens": 0, "finished": 0, "aborted": 0, "host_time_s": 0.0,
                           "step_time_s": 0.0}
+        self._host_parts = dict.fromkeys(("inbox", "schedule", "inputs", "outputs"), 0.0)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -228,11 +231,13 @@ class Engine:
         with self._step_lock:
             t0 = time.perf_counter()
             changed: list[Request] = []
-            self._drain_inbox(changed)
+            with self._timed("inbox"):
+                self._drain_inbox(changed)
             wait0 = self.runner.device_wait_s
             kind = self._finish_inflight(changed)
             if kind is None:
-                sched = self.scheduler.schedule()
+                with self._timed("schedule"):
+                    sched = self.scheduler.schedule()
                 changed.extend(sched.finished)
                 kind = sched.kind
                 if kind == "prefill":
@@ -246,7 +251,17 @@ class Engine:
             dt = time.perf_counter() - t0
             self._counters["step_time_s"] += dt
             self._counters["host_time_s"] += dt - (self.runner.device_wait_s - wait0)
-            return self._emit(changed)
+            with self._timed("outputs"):
+                return self._emit(changed)
+
+    @contextlib.contextmanager
+    def _timed(self, part: str):
+        """Add the host time of the block to ``stats()["host_breakdown_s"][part]``."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._host_parts[part] += time.perf_counter() - t0
 
     def _drain_inbox(self, changed: list) -> None:
         while True:
@@ -320,17 +335,24 @@ class Engine:
             counters=np.pad(np.array([len(r.output) + ahead for r in reqs], np.int32), (0, pad)),
         )
 
+    def _prefill_rows(self, T: int) -> int:
+        """Rows of ``last_index`` (and of sampling) in a prefill of T tokens: a function of T alone, so each
+        token bucket is one program. A prefill holds at most T and at most max_batch_size requests."""
+        return min(T, bucket(self.config.max_batch_size))
+
+    @staticmethod
+    def _prefill_arrays(T: int, rows: int) -> dict:
+        return dict(tokens=np.zeros(T, np.int32), positions=np.zeros(T, np.int32),
+                    token_slot=np.full(T, -1, np.int32), segment_ids=np.full(T, -1, np.int32),
+                    k_rows=np.full(T, -1, np.int32), v_rows=np.full(T, -1, np.int32),
+                    last_index=np.zeros(rows, np.int32))
+
     def _prefill_inputs(self, reqs: list[Request], write_kv: bool = True) -> dict:
         R = self.layout.page_rows
-        lens = np.array([r.context_len for r in reqs], np.int64)
-        T = bucket(int(lens.sum()), 16)
-        tokens = np.zeros(T, np.int32)
-        positions = np.zeros(T, np.int32)
-        slot = np.full(T, -1, np.int32)
-        seg = np.full(T, -1, np.int32)
-        k_rows = np.full(T, -1, np.int32)
-        v_rows = np.full(T, -1, np.int32)
-        last = np.zeros(bucket(len(reqs)), np.int32)
+        T = bucket(sum(r.context_len for r in reqs), 16)
+        inp = self._prefill_arrays(T, max(self._prefill_rows(T), bucket(len(reqs))))
+        tokens, positions, slot, seg = inp["tokens"], inp["positions"], inp["token_slot"], inp["segment_ids"]
+        k_rows, v_rows, last = inp["k_rows"], inp["v_rows"], inp["last_index"]
         slots = self._slots(reqs)
         off = 0
         for i, r in enumerate(reqs):
@@ -346,15 +368,16 @@ class Engine:
                 v_rows[sl] = r.v_pages[pos // R] * R + pos % R
             last[i] = off + n - 1
             off += n
-        return dict(tokens=tokens, positions=positions, token_slot=slot, segment_ids=seg,
-                    k_rows=k_rows, v_rows=v_rows, last_index=last)
+        return inp
 
     def _run_prefill(self, sched: SchedulerOutput) -> None:
-        reqs = self._by_adapter(sched.requests)
-        inp = self._prefill_inputs(reqs)
-        samp = self._sampling_arrays(reqs, len(inp["last_index"]))
+        with self._timed("inputs"):
+            reqs = self._by_adapter(sched.requests)
+            inp = self._prefill_inputs(reqs)
+            samp = self._sampling_arrays(reqs, len(inp["last_index"]))
         tokens, logp = self.runner.run("prefill", self.tables, inp, samp)
-        self._append(reqs, tokens, logp)
+        with self._timed("outputs"):
+            self._append(reqs, tokens, logp)
 
     def _run_decode(self, reqs: list[Request], changed: list) -> None:
         out = self._dispatch_decode(reqs)
@@ -362,7 +385,8 @@ class Engine:
             self._inflight = (out, reqs)  # read at the next step, after the step after it is queued
             return
         tokens, logp = self.runner.collect(out)
-        self._append(reqs, tokens, logp)
+        with self._timed("outputs"):
+            self._append(reqs, tokens, logp)
         changed.extend(reqs)
 
     def _finish_inflight(self, changed: list) -> Optional[str]:
@@ -387,45 +411,93 @@ class Engine:
                 prev_rows = np.fromiter((row[id(r)] for r in going), np.int32, len(going))
                 nxt = (self._dispatch_decode(going, ahead=1, prev=(out[0], prev_rows)), going)
         tokens, logp = self.runner.collect(out)
-        self._append(reqs, tokens, logp)
+        with self._timed("outputs"):
+            self._append(reqs, tokens, logp)
         changed.extend(reqs)
         if nxt is None:
             return None
-        changed.extend(sched.tick())
+        with self._timed("schedule"):
+            changed.extend(sched.tick())
         self._inflight = nxt
         return "decode"
 
     def _dispatch_decode(self, reqs: list[Request], ahead: int = 0, prev=None):
         """Queue a decode step for ``reqs``. ``ahead`` = 1: each request's newest token is still on the
         device (``prev`` = (device tokens, row of each request there)); positions move one further."""
+        with self._timed("inputs"):
+            inp, samp = self._decode_inputs(reqs, ahead, prev)
+        return self.runner.dispatch("decode", self.tables, inp, samp, prev_tokens=None if prev is None else prev[0])
+
+    def _decode_inputs(self, reqs: list[Request], ahead: int, prev) -> tuple[dict, dict]:
         R = self.layout.page_rows
         n = len(reqs)
         # At least 2 rows: XLA turns a one-row scatter into a dynamic-update-slice, which it then
         # protects with a full copy of the pool (seen in the compiled HLO); a padded row avoids it.
         B = bucket(n, 2)
-        nb = bucket(max(len(r.k_pages) for r in reqs), 4)
+        inp = self._decode_arrays(B, self._decode_width(max(len(r.k_pages) for r in reqs)))
         pos = np.fromiter((r.context_len - 1 + ahead for r in reqs), np.int32, n)
-        k_pages = np.zeros((B, nb), np.int32)
-        v_pages = np.zeros((B, nb), np.int32)
+        k_pages, v_pages = inp["k_pages"], inp["v_pages"]
         for i, r in enumerate(reqs):
             k_pages[i, :len(r.k_pages)] = r.k_pages
             v_pages[i, :len(r.v_pages)] = r.v_pages
         rows = np.arange(n)
-        pad = B - n
-        host_tokens = (np.fromiter((r.output[-1] for r in reqs), np.int32, n) if prev is None
-                       else np.zeros(n, np.int32))
-        inp = dict(
-            tokens=np.pad(host_tokens, (0, pad)),
-            prev_rows=np.pad(np.full(n, -1, np.int32) if prev is None else prev[1], (0, pad), constant_values=-1),
-            positions=np.pad(pos, (0, pad)),
-            token_slot=np.pad(self._slots(reqs), (0, pad), constant_values=-1),
-            k_rows=np.pad(k_pages[rows, pos // R] * R + pos % R, (0, pad), constant_values=-1),
-            v_rows=np.pad(v_pages[rows, pos // R] * R + pos % R, (0, pad), constant_values=-1),
-            k_pages=k_pages, v_pages=v_pages,
-            lengths=np.pad(pos + 1, (0, pad)),
-        )
-        return self.runner.dispatch("decode", self.tables, inp, self._sampling_arrays(reqs, B, ahead),
-                                    prev_tokens=None if prev is None else prev[0])
+        if prev is None:
+            inp["tokens"][:n] = np.fromiter((r.output[-1] for r in reqs), np.int32, n)
+        else:
+            inp["prev_rows"][:n] = prev[1]
+        inp["positions"][:n] = pos
+        inp["token_slot"][:n] = self._slots(reqs)
+        inp["k_rows"][:n] = k_pages[rows, pos // R] * R + pos % R
+        inp["v_rows"][:n] = v_pages[rows, pos // R] * R + pos % R
+        inp["lengths"][:n] = pos + 1
+        return inp, self._sampling_arrays(reqs, B, ahead)
+
+    def _decode_width(self, pages: int) -> int:
+        """Page-table columns of a decode step holding at most ``pages`` pages per request. The Pallas
+        kernel reads only each row's own pages, so its table always has room for the longest request the
+        engine allows (one program per batch bucket); the XLA path gathers every column, so its width
+        follows the longest context (bucketed)."""
+        if self.kernel_backend == "pallas":
+            return max(self._max_pages, pages)
+        return bucket(pages, 4)
+
+    @staticmethod
+    def _decode_arrays(B: int, width: int) -> dict:
+        return dict(tokens=np.zeros(B, np.int32), prev_rows=np.full(B, -1, np.int32),
+                    positions=np.zeros(B, np.int32), token_slot=np.full(B, -1, np.int32),
+                    k_rows=np.full(B, -1, np.int32), v_rows=np.full(B, -1, np.int32),
+                    k_pages=np.zeros((B, width), np.int32), v_pages=np.zeros((B, width), np.int32),
+                    lengths=np.zeros(B, np.int32))
+
+    def step_shapes(self) -> list[tuple[str, int, int]]:
+        """Every (mode, tokens or batch rows, page-table width) a step of this engine can take: the bounded
+        set of programs it compiles (prefill: token buckets up to the longest prompt it may run in one
+        step; decode: batch buckets x table widths)."""
+        longest = max(self.config.max_prefill_tokens, self.max_model_len - 1)
+        prefill = [("prefill", T, 0) for T in _powers(16, bucket(longest, 16))]
+        widths = sorted({self._decode_width(p) for p in range(1, self._max_pages + 1)})
+        decode = [("decode", B, w) for B in _powers(2, bucket(self.config.max_batch_size, 2)) for w in widths]
+        return prefill + decode
+
+    def precompile(self, sampling: bool = True, max_workers: Optional[int] = None,
+                   on_compiled: Optional[Callable[[dict], None]] = None) -> list[dict]:
+        """Compile every step program the engine can run (``step_shapes``) before serving, so no request
+        waits for a compilation (a 7B step program takes tens of seconds to compile on the GPU). Programs
+        compile in parallel threads. ``sampling``: also the programs for temperature > 0 (greedy-only
+        batches use their own). Returns one record per program compiled now (shape, seconds)."""
+        steps = []
+        for temp in ((0.0, 1.0) if sampling else (0.0,)):
+            for mode, n, width in self.step_shapes():
+                if mode == "prefill":
+                    inp = self._prefill_arrays(n, self._prefill_rows(n))
+                    samp = self._sampling_arrays([], len(inp["last_index"]))
+                else:
+                    inp = self._decode_arrays(n, width)
+                    samp = self._sampling_arrays([], n)
+                samp["temperature"][:] = temp
+                steps.append((mode, inp, samp, dict(mode=mode, size=n, width=width, greedy=temp == 0.0)))
+        with self._step_lock:
+            return self.runner.precompile(self.tables, steps, max_workers, on_compiled)
 
     def _append(self, reqs: list[Request], tokens: np.ndarray, logp: np.ndarray) -> None:
         now = time.monotonic()
@@ -539,7 +611,20 @@ class Engine:
             **self._counters,
         )
         s["host_overhead_share"] = s["host_time_s"] / s["step_time_s"] if s["step_time_s"] else 0.0
+        # Where the host time goes: building inputs, queuing programs (dispatch, with the input transfer),
+        # scheduling (with adapter loads and prefetch), reading outputs; "other" is the rest of step().
+        parts = dict(self._host_parts, dispatch=self.runner.dispatch_s)
+        parts["other"] = max(s["host_time_s"] - sum(parts.values()), 0.0)
+        s["host_breakdown_s"] = parts
         return s
+
+
+def _powers(lo: int, hi: int) -> list[int]:
+    """Powers of two from lo to hi (both powers of two)."""
+    out = [lo]
+    while out[-1] < hi:
+        out.append(out[-1] * 2)
+    return out
 
 
 def _per_prompt(value, n: int, what: str) -> list:

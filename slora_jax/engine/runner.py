@@ -2,13 +2,17 @@
 
 A step is one jitted program over all layers (prefill or decode) that also samples; the pool is donated
 to it so the KV writes happen in place. Input shapes are bucketed to powers of two so a long run
-compiles a small, bounded set of programs (``compiled_shapes``).
+compiles a small, bounded set of programs (``compiled_shapes``), which ``precompile`` can build before
+serving starts.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
+import os
 import time
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -124,7 +128,9 @@ class ModelRunner:
         self._tables_dev = None
         self._tables_version = -1
         self.compiled_shapes: set = set()
+        self._executables: dict = {}  # programs compiled ahead of use, by (mode, all_logits, greedy, spec)
         self.device_wait_s = 0.0
+        self.dispatch_s = 0.0  # host time spent queuing step programs (compilation on demand included)
 
     def allocate_pool(self, layout: PoolLayout) -> None:
         """Allocate the unified pool once (directly in its final placement); every later update is in place."""
@@ -166,11 +172,51 @@ class ModelRunner:
 
         decode: ``inp["prev_rows"]`` [B] picks each row's input token from ``prev_tokens`` (the previous
         decode's device output) where >= 0."""
+        t0 = time.perf_counter()
         greedy_only = not bool(np.any(samp["temperature"] > 0))
         args, spec = self._args(mode, tables, inp, samp, prev_tokens)
-        self.compiled_shapes.add((mode, all_logits, greedy_only, spec))
-        self.pool, out = self._fn(mode, all_logits, greedy_only)(*args)
+        key = (mode, all_logits, greedy_only, spec)
+        exe = self._executables.get(key)
+        if exe is not None:
+            self.pool, out = exe(*args[:4], *args[5:])  # compiled ahead (``precompile``): spec is baked in
+        else:
+            self.compiled_shapes.add(key)
+            self.pool, out = self._fn(mode, all_logits, greedy_only)(*args)
+        self.dispatch_s += time.perf_counter() - t0
         return out
+
+    def precompile(self, tables, steps, max_workers: Optional[int] = None, on_compiled=None) -> list[dict]:
+        """Compile the programs of ``steps`` [(mode, inp, samp, info)] ahead of use. Tracing and lowering
+        hold the GIL, so they run here one by one; XLA's compilation does not, so each lowered program is
+        handed to a pool of threads as soon as it exists. Returns ``info`` + seconds per program."""
+        workers = max_workers or min(8, os.cpu_count() or 1)
+        records = []
+
+        def compile_one(key, lowered, info, lower_s):
+            t0 = time.perf_counter()
+            exe = lowered.compile()
+            rec = dict(info, lower_s=lower_s, compile_s=time.perf_counter() - t0)
+            return key, exe, rec
+
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            futures = []
+            for mode, inp, samp, info in steps:
+                greedy_only = not bool(np.any(samp["temperature"] > 0))
+                args, spec = self._args(mode, tables, inp, samp, None)
+                key = (mode, False, greedy_only, spec)
+                if key in self._executables or key in self.compiled_shapes:
+                    continue
+                t0 = time.perf_counter()
+                lowered = self._fn(mode, False, greedy_only).lower(*args)
+                futures.append(pool.submit(compile_one, key, lowered, info, time.perf_counter() - t0))
+            for fut in concurrent.futures.as_completed(futures):
+                key, exe, rec = fut.result()
+                self._executables[key] = exe
+                self.compiled_shapes.add(key)
+                records.append(rec)
+                if on_compiled is not None:
+                    on_compiled(rec)
+        return records
 
     def collect(self, out):
         """Wait for a dispatched step and return its outputs as numpy."""

@@ -633,6 +633,11 @@ def run_server(args) -> int:
     engine = sj.Engine.from_pretrained(args.model, config=config)
     for name, path in adapters:
         engine.load_adapter(name, path)
+    precompile = getattr(args, "precompile", None)
+    if precompile or (precompile is None and engine.kernel_backend == "pallas"):
+        t0 = time.perf_counter()
+        done = engine.precompile()
+        log.info("compiled %d step programs in %.0f s", len(done), time.perf_counter() - t0)
     api_key = args.api_key or os.environ.get("SLORA_JAX_API_KEY") or None
     if not _is_loopback(args.host) and api_key is None:
         log.warning("serving on %s without --api-key: anyone who can reach it can use it", args.host)

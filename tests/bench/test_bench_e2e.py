@@ -53,6 +53,11 @@ def test_bench_produces_every_metric_for_every_system(model_dir, tmp_path):
     assert loads["loads"] >= 1 and loads["loads_hidden"] + loads["loads_visible"] == loads["loads_used"]
     eng = s["engine"]
     assert 0 < eng["host_overhead_share"] <= 1 and eng["steps"] > 0 and eng["kernel_backend"] == "xla"
+    parts = eng["host_breakdown_s"]
+    assert set(parts) == {"inbox", "schedule", "inputs", "dispatch", "outputs", "other"}
+    assert all(v >= 0 for v in parts.values()) and parts["inputs"] > 0 and parts["dispatch"] > 0
+    # The parts account for the host time (dispatch is host time: the step wall clock minus device waits).
+    assert sum(parts.values()) == pytest.approx(eng["host_time_s"], rel=0.05, abs=1e-3)
     assert eng["generated_tokens"] == sum(t.output_len for t in trace)
     assert runs["base"]["engine"]["adapter_loads"] == 0
     row = res["ratios"]["rows"][0]

@@ -171,8 +171,32 @@ def test_compiled_shapes_bounded_over_long_run(engine):
         engine.generate(prompts(n, seed=int(rng.integers(1000))),
                         adapters=[[None, "a0", "a1", "a2"][i % 4] for i in range(n)],
                         sampling=sj.SamplingParams(max_tokens=int(rng.integers(1, 12)), ignore_eos=True))
-    # prefill: T buckets {16, 32, 64, 128} x request buckets {1..8}; decode: batch buckets x table widths
-    assert engine.stats()["compiled_shapes"] <= 40
+    # prefill: T buckets {16, 32, 64, 128} (rows follow T); decode: batch buckets x table widths
+    assert engine.stats()["compiled_shapes"] <= 30
+
+
+def test_precompile_covers_every_step_and_changes_no_output(tiny):
+    """After ``precompile`` a mixed workload (adapters, sampling, preemption) compiles nothing, and its tokens
+    equal an engine that compiled on demand."""
+    # 47 usable pages, of which adapter a3 alone takes 36: the batch runs out of KV pages and preempts.
+    kw = dict(max_batch_size=4, max_prefill_tokens=48, max_model_len=64, num_pages=48)
+    ahead, lazy = make_engine(tiny, **kw), make_engine(tiny, **kw)
+    records = ahead.precompile(sampling=True, max_workers=2)
+    shapes = ahead.step_shapes()
+    assert len(records) == 2 * len(shapes) == ahead.stats()["compiled_shapes"]
+    assert {(r["mode"], r["size"], r["width"]) for r in records} == set(shapes)
+    assert all(r["compile_s"] > 0 for r in records)
+    assert ahead.precompile() == []  # nothing left to compile
+    ps = prompts(9, seed=7)
+    names = [None, "a0", "a1", "a2", "a3", "a4", "a5", "a0", None]
+    samplings = [sj.SamplingParams(max_tokens=12 + i, ignore_eos=True, temperature=0.8 * (i % 2), seed=i)
+                 for i in range(9)]
+    got = ahead.generate(ps, adapters=names, sampling=samplings)
+    want = lazy.generate(ps, adapters=names, sampling=samplings)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert ahead.stats()["compiled_shapes"] == len(records)
+    assert ahead.stats()["preemptions"] > 0  # the small pool exercised preemption on precompiled programs
+    assert ahead.stats()["kv_pages"] == 0
 
 
 def test_pool_updated_in_place(engine):
