@@ -36,6 +36,7 @@ class Request:
     k_pages: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
     v_pages: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
     holds_adapter: bool = False
+    cold_skips: int = 0  # admissions passed over while its adapter could not be copied in (scheduler._cold)
     # Scheduler bookkeeping.
     arrival_seq: int = 0
     virtual_start: float = 0.0
