@@ -200,11 +200,13 @@ class Runner:
             row.update(run())
             floor = max(nbytes / self.bw, flops / self.mm)
             row["floor_us"] = floor * 1e6
-            for impl in ("pallas", "xla", "jax_paged"):
+            for impl in ("pallas", "xla", "jax_paged", "pallas_fused"):
                 if f"{impl}_us" in row:
                     row[f"{impl}_pct_copy_bw"] = 100 * nbytes / self.bw / (row[f"{impl}_us"] * 1e-6)
             if "pallas_us" in row and "xla_us" in row:
                 row["speedup_vs_xla"] = row["xla_us"] / row["pallas_us"]
+            if "pallas_fused_us" in row:
+                row["fused_speedup_vs_split"] = row["pallas_us"] / row["pallas_fused_us"]
         except Exception as e:  # one failing case must not end the run
             row["error"] = f"{type(e).__name__}: {e}"[:2000]
             traceback.print_exc()
@@ -212,17 +214,19 @@ class Runner:
         self.results.append(row)
         print(_fmt_row(row), flush=True)
 
-    def timed(self, step_of, carry, consts, base=None):
-        """Checks and times step_of(impl)(carry, consts) -> carry for both backends.
+    def timed(self, step_of, carry, consts, base=None, variants=()):
+        """Checks and times step_of(impl)(carry, consts) -> carry for both backends (and Pallas ``variants``).
 
-        The check compares the two backends' first outputs (the op applied once to the poisoned
-        carry): relative error of Pallas against XLA, measured from `base` (what the op adds to).
+        The check compares the backends' first outputs (the op applied once to the poisoned carry):
+        relative error of each Pallas variant against XLA, measured from `base` (what the op adds to).
         """
         out, first = {}, {}
-        for impl in ("pallas", "xla"):
+        for impl in ("pallas", "xla", *variants):
             sec, first[impl] = in_loop_seconds(step_of(impl), carry + 0, consts, self.args.target_s, keep_first=True)
             out[f"{impl}_us"] = 1e6 * sec
         out["rel_err"] = relative_error(first["pallas"], first["xla"], base=base)
+        for v in variants:
+            out[f"{v}_rel_err"] = relative_error(first[v], first["xla"], base=base)
         return out
 
 
@@ -237,9 +241,12 @@ def lora_case(runner, op, *, T, distinct, rank, d_in, out_sizes, W, shape_name, 
         fn = {"decode": pk.lora_decode, "prefill": pk.lora_prefill}[op]
 
         def step_of(impl):
+            if op == "decode" and impl != "xla":  # "pallas": the split kernels; "pallas_fused": one launch
+                return lambda c, k: fn(c, *k[:7], k[7], out_sizes=out_sizes, implementation="pallas",
+                                       fused=impl == "pallas_fused")
             return lambda c, k: fn(c, *k[:7], k[7], out_sizes=out_sizes, implementation=impl)
 
-        return runner.timed(step_of, y, consts, base=y)
+        return runner.timed(step_of, y, consts, base=y, variants=("pallas_fused",) if op == "decode" else ())
 
     inputs = lora_inputs(rng, key, T=T, distinct=distinct, rank=rank, d_in=d_in, out_sizes=out_sizes, W=W,
                          dtype=dtype, sorted_slots=sorted_slots)
@@ -367,6 +374,11 @@ def tune(runner, dtype, tiny: bool = False):
                                  num_warps=nw)
         runner.record("tune:lora_decode", f"block={bk} warps={nw}", dict(block=bk, num_warps=nw), nbytes, flops,
                       functools.partial(pallas_us, step, y, consts))
+    for bk, nw in ([(32, 4)] if tiny else [(bk, nw) for bk in (128, 256, 512) for nw in (4, 8)]):
+        step = functools.partial(_lora_decode_step, dims=dims, interpret=interpret, block_k=bk, block_n=bk,
+                                 num_warps=nw, fused=True)
+        runner.record("tune:lora_decode", f"fused block={bk} warps={nw}", dict(block=bk, num_warps=nw, fused=True),
+                      nbytes, flops, functools.partial(pallas_us, step, y, consts))
     # LoRA prefill, 8192 tokens in 16 segments, rank 64.
     T, S = (64, 2) if tiny else (8192, 16)
     y, consts, nbytes, flops = lora_inputs(rng, runner.next_key(), T=T, distinct=S, rank=64, d_in=d_in,
@@ -404,12 +416,16 @@ def gpu_sweep(runner, quick: bool, dtype):
     shapes = {
         "qkv_gqa_W1024": (1024,) + qkv,
         "qkv_mha_W4096": (4096, H, (H, H, H)),
+        "o_mha_W4096": (4096, H, (H,)),
         "gate_up_11008": (1024, H, (11008, 11008)),
         "down_11008": (1024, 11008, (H,)),
         "gate_up_14336": (1024, H, (14336, 14336)),
         "down_14336": (1024, 14336, (H,)),
     }
-    if quick:
+    if runner.args.lora_decode_cases:
+        decode = [(int(T), int(d), r if r == "mixed" else int(r), sh) for T, d, r, sh in
+                  (c.split(":") for c in runner.args.lora_decode_cases.split(","))]
+    elif quick:
         decode = [(T, d, r, s) for s in ("qkv_gqa_W1024", "gate_up_14336") for T in (1, 256)
                   for d in sorted({1, T}) for r in (16, "mixed")]
         decode += [(64, 8, 16, "qkv_gqa_W1024"), (256, 256, 64, "qkv_mha_W4096")]
@@ -465,7 +481,9 @@ def _fmt_row(r):
     return (f"{r['op']:<24} {r['name']:<44} pallas {_fmt(r.get('pallas_us')):>9} us  xla {_fmt(r.get('xla_us')):>9} us"
             f"  floor {_fmt(r.get('floor_us')):>8} us  {_fmt(r.get('pallas_pct_copy_bw'), 0):>4}% bw"
             f"  x{_fmt(r.get('speedup_vs_xla'), 2)}  err {r.get('rel_err', float('nan')):.1e}"
-            + (f"  jax_paged {_fmt(r['jax_paged_us'])} us" if "jax_paged_us" in r else ""))
+            + (f"  jax_paged {_fmt(r['jax_paged_us'])} us" if "jax_paged_us" in r else "")
+            + (f"  fused {_fmt(r['pallas_fused_us'])} us {_fmt(r.get('pallas_fused_pct_copy_bw'), 0)}% bw"
+               f" err {r.get('pallas_fused_rel_err', float('nan')):.1e}" if "pallas_fused_us" in r else ""))
 
 
 def main(argv=None):
@@ -480,6 +498,9 @@ def main(argv=None):
     p.add_argument("--budget-s", type=float, default=None, help="start no new case after this many seconds")
     p.add_argument("--target-s", type=float, default=None, help="wall time of one timed loop")
     p.add_argument("--ops", default=None, help="comma list of ops to run (default: all)")
+    p.add_argument("--lora-decode-cases", default=None,
+                   help="lora_decode cases instead of the sweep's: comma list of T:adapters:rank:shape "
+                        "(rank an int or 'mixed'; shape a key of gpu_sweep's table, e.g. qkv_gqa_W1024)")
     args = p.parse_args(argv)
     args.ops = set(args.ops.split(",")) if args.ops else None
     if args.cpu_smoke:
@@ -515,7 +536,8 @@ def main(argv=None):
     for r in runner.results:
         print(_fmt_row(r))
     tol = 2e-2 if args.dtype == "bfloat16" else 1e-4
-    bad = [r for r in runner.results if "error" in r or r.get("rel_err", 0) > tol]
+    bad = [r for r in runner.results
+           if "error" in r or r.get("rel_err", 0) > tol or r.get("pallas_fused_rel_err", 0) > tol]
     if bad:
         print(f"{len(bad)} case(s) failed or exceeded the error tolerance")
     return 1 if bad else 0

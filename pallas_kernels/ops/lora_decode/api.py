@@ -27,6 +27,7 @@ def lora_decode(
     *,
     out_sizes: Sequence[int],
     implementation: Optional[str] = None,
+    fused: Optional[bool] = None,
 ) -> jax.Array:
     """Add each token's LoRA delta to the base output of M fused projections (one row per token).
 
@@ -43,6 +44,8 @@ def lora_decode(
         that row is returned unchanged.
       out_sizes: static tuple of each module's output columns.
       implementation: None (Pallas on GPU, XLA elsewhere), "xla" or "pallas" (interpret mode off-GPU).
+      fused: Pallas only: True = one kernel per (token, module), False = separate shrink and expand
+        kernels, None = chosen by size (see `pallas_triton.FUSED_MIN_PROGRAMS`).
 
     Returns:
       [T, sum(out_sizes)] in y's dtype: y + scale * (x A) B per module, accumulated in float32.
@@ -56,5 +59,6 @@ def lora_decode(
     if impl == "xla":
         return _reference_jit(y, x, pool, layer, a_pages, b_pages, ranks, scales, token_slot, dims=dims)
     return pallas_triton.lora_decode_pallas(
-        y, x, pool, layer, a_pages, b_pages, ranks, scales, token_slot, dims=dims, interpret=_backend.interpret_mode()
+        y, x, pool, layer, a_pages, b_pages, ranks, scales, token_slot, dims=dims, interpret=_backend.interpret_mode(),
+        fused=fused,
     )

@@ -14,6 +14,11 @@ are 2 per weight element, far below the tensor-core rate, so the products use CU
 (elementwise multiply + reduce: one row per token leaves no M >= 16 for tl.dot).
 Design: a program per rank block gives T*M*RB-way parallelism even for one token (T = 1 still
 fills a dozen SMs); v goes through a [T, M, RB, R] f32 buffer (tiny) between the two launches.
+
+Fused variant (one launch, grid (T, M)): program (t, m) gathers all of its adapter's rank rows at once
+(one [max_rank, BK] tile per step, the page of each row looked up through the table; rows past the rank
+are masked, so they cost no bytes), keeps v in registers and expands it over m's output columns. Half the
+launches and no v round trip, but only T*M programs: for many tokens, not for one (``FUSED_MIN_PROGRAMS``).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import _backend
-from pallas_kernels._checks import as_index_vector, cdiv, pow2_divisor
+from pallas_kernels._checks import as_index_vector, cdiv, next_pow2, pow2_divisor
 from pallas_kernels.ops.lora_layout import LoraDims
 
 
@@ -102,6 +107,63 @@ def _expand_kernel(layer_ref, slot_ref, ranks_ref, b_pages_ref, blocks_ref, v_re
         _backend.store(o_ref.at[t, pl.ds(y0, bn)], (yv.astype(jnp.float32) + acc).astype(o_ref.dtype), mask=col_ok)
 
 
+def _fused_kernel(layer_ref, slot_ref, ranks_ref, scales_ref, a_pages_ref, b_pages_ref, mods_ref, x_ref, pool_ref,
+                  y_ref, o_ref, *, dims, bk, bn, nblk):
+    t, m = pl.program_id(0), pl.program_id(1)
+    R, W = dims.page_rows, dims.width
+    RR = next_pow2(dims.max_rank)  # Triton tiles are powers of two; rows past the rank are masked anyway
+    layer = layer_ref[0]
+    slot = slot_ref[t]
+    s = jnp.maximum(slot, 0)
+    rank = jnp.where(slot >= 0, jnp.clip(ranks_ref[s, layer, m], 0, dims.max_rank), 0)
+    r = jnp.arange(RR)
+    row_ok = (r < rank)[:, None]
+    # Each rank row's block (page table column) and its row inside that page.
+    blk, in_blk = jnp.minimum(r // R, dims.rank_blocks - 1), r % R
+
+    def rows(pages_ref, c):
+        return (jnp.clip(pages_ref[s, m, c, blk], 0, dims.num_pages - 1) * R + in_blk)[:, None]
+
+    @pl.when(rank > 0)
+    def _():
+        def shrink(kb, acc):
+            k0 = kb * bk
+            c = k0 // W
+            cols = k0 - c * W + jnp.arange(bk)
+            col_ok = (k0 + jnp.arange(bk)) < dims.d_in
+            tile = _backend.load(pool_ref.at[layer, rows(a_pages_ref, c), cols[None, :]],
+                                 mask=row_ok & col_ok[None, :], other=0)
+            xk = _backend.load(x_ref.at[t, pl.ds(k0, bk)], mask=col_ok, other=0)
+            return acc + jnp.sum(tile.astype(jnp.float32) * xk.astype(jnp.float32)[None, :], axis=1)
+
+        v = lax.fori_loop(0, cdiv(dims.d_in, bk), shrink, jnp.zeros((RR,), jnp.float32))
+        v = v * scales_ref[s, layer, m].astype(jnp.float32)
+        y0, d_out = mods_ref[m, 0], mods_ref[m, 1]
+
+        # Static trip count (the widest module's blocks); blocks past this module's width are fully
+        # masked: no loads, no stores.
+        def expand(b, carry):
+            q0 = b * bn
+            c = jnp.minimum(q0 // W, dims.out_chunks_max - 1)
+            col_ok = (q0 + jnp.arange(bn)) < d_out
+            cols = q0 - c * W + jnp.arange(bn)
+            tile = _backend.load(pool_ref.at[layer, rows(b_pages_ref, c), cols[None, :]],
+                                 mask=row_ok & col_ok[None, :], other=0)
+            delta = jnp.sum(v[:, None] * tile.astype(jnp.float32), axis=0)
+            yv = _backend.load(y_ref.at[t, pl.ds(y0 + q0, bn)], mask=col_ok, other=0)
+            _backend.store(o_ref.at[t, pl.ds(y0 + q0, bn)], (yv.astype(jnp.float32) + delta).astype(o_ref.dtype),
+                           mask=col_ok)
+            return carry
+
+        lax.fori_loop(0, nblk, expand, 0)
+
+
+# From this many (token, module) programs on, ``fused=None`` picks the fused kernel (below it, it leaves SMs
+# idle). None: never by default, until a GPU run of benchmarks/kernels.py (variant pallas_fused) says where
+# it wins.
+FUSED_MIN_PROGRAMS: int | None = None
+
+
 def output_blocks(dims: LoraDims, bn: int) -> np.ndarray:
     """Static table of y's column blocks: rows (module, chunk, column in chunk, y column, valid columns)."""
     rows = []
@@ -111,15 +173,55 @@ def output_blocks(dims: LoraDims, bn: int) -> np.ndarray:
     return np.asarray(rows, np.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("dims", "interpret", "block_k", "block_n", "num_warps"))
+def use_fused(dims: LoraDims, fused: bool | None) -> bool:
+    if fused is not None:
+        return bool(fused)
+    return FUSED_MIN_PROGRAMS is not None and dims.num_tokens * dims.num_modules >= FUSED_MIN_PROGRAMS
+
+
+@functools.partial(jax.jit, static_argnames=("dims", "interpret", "block_k", "block_n", "num_warps", "fused"))
 def lora_decode_pallas(
     y, x, pool, layer, a_pages, b_pages, ranks, scales, token_slot, *,
-    dims: LoraDims, interpret: bool, block_k: int = 512, block_n: int = 512, num_warps: int = 4,
+    dims: LoraDims, interpret: bool, block_k: int | None = None, block_n: int | None = None,
+    num_warps: int | None = None, fused: bool | None = None,
 ):
-    """Shapes as `lora_decode`. block_k / block_n are capped to the largest power of two dividing W."""
+    """Shapes as `lora_decode`. block_k / block_n are capped to the largest power of two dividing W.
+    fused: None = by size (``FUSED_MIN_PROGRAMS``), True / False = that variant."""
+    if use_fused(dims, fused):
+        # Tiles of max_rank x block rows: ~16K elements, a size the split kernel's [R, 512] tiles x 2 stages use.
+        blk = max(16, 16384 // next_pow2(dims.max_rank))
+        return _fused(y, x, pool, layer, a_pages, b_pages, ranks, scales, token_slot, dims=dims, interpret=interpret,
+                      bk=pow2_divisor(dims.width, block_k or blk), bn=pow2_divisor(dims.width, block_n or blk),
+                      num_warps=num_warps or 4)
+    return _split(y, x, pool, layer, a_pages, b_pages, ranks, scales, token_slot, dims=dims, interpret=interpret,
+                  bk=pow2_divisor(dims.width, block_k or 512), bn=pow2_divisor(dims.width, block_n or 512),
+                  num_warps=num_warps or 4)
+
+
+def _fused(y, x, pool, layer, a_pages, b_pages, ranks, scales, token_slot, *, dims, interpret, bk, bn, num_warps):
+    T, M = dims.num_tokens, dims.num_modules
+    mods = jnp.asarray(np.array([dims.offsets, dims.out_sizes], np.int32).T)  # [M, (y column, width)]
+    pool_rows = pool.reshape(dims.num_layers, dims.num_pages * dims.page_rows, dims.width)
+    args = _backend.kernel_operands(
+        jnp.clip(as_index_vector(layer), 0, dims.num_layers - 1), token_slot.astype(jnp.int32),
+        ranks.astype(jnp.int32), scales.astype(jnp.float32), a_pages.astype(jnp.int32), b_pages.astype(jnp.int32),
+        mods, x, pool_rows, y,
+    )
+    return pl.pallas_call(
+        functools.partial(_fused_kernel, dims=dims, bk=bk, bn=bn, nblk=cdiv(max(dims.out_sizes), bn)),
+        out_shape=_backend.output_struct(y.shape, y.dtype, args[-1]),
+        grid=(T, M),
+        in_specs=[pl.no_block_spec] * 10,
+        out_specs=pl.no_block_spec,
+        input_output_aliases={9: 0},
+        compiler_params=_backend.compiler_params(num_warps=num_warps, num_stages=2),
+        interpret=interpret,
+        name="lora_decode_fused",
+    )(*args)
+
+
+def _split(y, x, pool, layer, a_pages, b_pages, ranks, scales, token_slot, *, dims, interpret, bk, bn, num_warps):
     T, M, RB, R = dims.num_tokens, dims.num_modules, dims.rank_blocks, dims.page_rows
-    bk = pow2_divisor(dims.width, block_k)
-    bn = pow2_divisor(dims.width, block_n)
     layer_v = jnp.clip(as_index_vector(layer), 0, dims.num_layers - 1)
     slot = token_slot.astype(jnp.int32)
     ranks = ranks.astype(jnp.int32)
