@@ -57,18 +57,22 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--max-batch-size", type=int, default=256)
     p.add_argument("--max-prefill-tokens", type=int, default=2048)
-    p.add_argument("--warmup", type=float, default=10.0, help="seconds of trace a warm-up window replays; "
+    p.add_argument("--precompile", action=argparse.BooleanOptionalAction, default=True,
+                   help="compile every step program (in parallel) before the warm-up")
+    p.add_argument("--budget", type=float, default=None, help="seconds: runs that would start after this are "
+                   "skipped (the table and plot are still written)")
+    p.add_argument("--warmup", type=float, default=4.0, help="seconds of trace a warm-up window replays; "
                    "windows repeat until one compiles nothing new (0 = no warm-up)")
     p.add_argument("--max-warmup", type=float, default=150.0, help="seconds the warm-up may take at most")
     p.add_argument("--kernel-backends", default="pallas,xla", help="first: every run; others: S2 n=100 only")
-    p.add_argument("--peft-limit", type=float, default=40.0, help="seconds the PEFT baseline runs (0 = skip)")
+    p.add_argument("--peft-limit", type=float, default=55.0, help="seconds the PEFT baseline runs (0 = skip)")
     p.add_argument("--peft-batch-size", type=int, default=8)
     p.add_argument("--slo-fractions", default="0.7,1.0", help="base rates tried, as fractions of its "
                    "measured throughput (empty = skip the SLO stage)")
     p.add_argument("--extra-schedulers", default="", help="also serve S2 n=1000 with these schedulers "
                    "(e.g. cluster,fair)")
     p.add_argument("--weight-sets", type=int, default=2)
-    p.add_argument("--memory-fraction", type=float, default=0.6,
+    p.add_argument("--memory-fraction", type=float, default=0.8,
                    help="share of the device memory left after the weights that the page pool takes")
     p.add_argument("--compile-cache", default=None, help="JAX compilation cache (default: OUT_DIR/jax-cache)")
     p.add_argument("--no-progress", action="store_true")
@@ -118,6 +122,8 @@ class Study:
         self.adapters = {s: SyntheticAdapters(cfg, ranks, TARGETS, args.weight_sets, seed=args.seed, prefix=s)
                          for s, ranks in SETTINGS.items()}
         self.runs: list[dict] = []
+        self.skipped: list[str] = []
+        self.t_start = time.perf_counter()
         self.cdfs: dict = {}
         self.ns = [int(x) for x in args.num_adapters.split(",") if x]
 
@@ -129,6 +135,8 @@ class Study:
                             max_batch_size=a.max_batch_size, max_prefill_tokens=a.max_prefill_tokens,
                             max_adapters_on_device=a.max_batch_size + 128, prefetch=True, prefetch_depth=32,
                             slo_first_token_s=a.slo, host_cache_bytes=64 << 30, seed=a.seed,
+                            # The longest request of the trace: bounds the decode programs to compile.
+                            max_model_len=a.input_range[1] + a.output_range[1],
                             # The merged baseline swaps a second copy of the weights into the running
                             # engine: the pool must leave room for it (a pool sized from free memory OOMed).
                             memory_fraction=a.memory_fraction)
@@ -145,8 +153,13 @@ class Study:
         from slora_jax.bench.metrics import latency_cdf
         from slora_jax.bench.trace import resolve_adapters
 
-        engine.adapters.evict_all()  # every run starts cold
         limit = (trace[-1].arrival_s if trace else 0.0) + self.args.drain
+        if self.args.budget is not None and time.perf_counter() - self.t_start + limit > self.args.budget:
+            print(f"[{label}] skipped: it would end past --budget {self.args.budget:.0f} s", flush=True)
+            self.skipped.append(label)
+            self.save()
+            return None
+        engine.adapters.evict_all()  # every run starts cold
         t0 = time.perf_counter()
         res = run_trace(engine, trace, resolve_adapters(trace, names) if names else [None] * len(trace),
                         time_limit_s=limit, progress=not self.args.no_progress, desc=label)
@@ -164,7 +177,7 @@ class Study:
         self.save()
         return row
 
-    def build(self, kernel_backend: str):
+    def build(self, kernel_backend: str, precompile: bool):
         t0 = time.perf_counter()
         engine = self.source.engine(self.econf(kernel_backend))
         self.source.release()  # the engine holds its own (fused) copy of the weights
@@ -174,6 +187,12 @@ class Study:
                 names[s] = ad.register(engine, max(self.ns))
         print(f"[setup] engine ({engine.kernel_backend}) with {sum(len(v) for v in names.values())} adapters, "
               f"{engine.stats()['total_pages']} pages, in {time.perf_counter() - t0:.0f} s", flush=True)
+        if precompile:
+            t0 = time.perf_counter()
+            recs = engine.precompile(sampling=False, on_compiled=lambda r: print(
+                f"[precompile] {r['mode']} {r['size']}x{r['width']}: lowered in {r['lower_s']:.1f} s, compiled in "
+                f"{r['compile_s']:.1f} s ({time.perf_counter() - t0:.0f} s so far)", flush=True))
+            self.save({f"precompile_{engine.kernel_backend}": {"programs": recs, "wall_s": time.perf_counter() - t0}})
         return engine, names
 
     def warmup(self, engine, names, seconds: float, max_s: float) -> None:
@@ -204,22 +223,41 @@ class Study:
             if new == 0 or time.perf_counter() - t0 > max_s or start >= max_s:
                 break
 
-    def main_runs(self, engine, names) -> None:
+    def _settings_runs(self, names) -> list[tuple[str, int]]:
+        """(setting, n) of every S-LoRA run, those the issue's targets read first (S1 n=5 against PEFT,
+        S2 at n = 1000 and 2000 against the base model), so a --budget cuts the least needed."""
+        want = [("S1", 5), ("S2", 1000), ("S2", 2000)]
+        every = [(s, n) for s in names for n in self.ns]
+        return [x for x in want if x in every] + [x for x in every if x not in want]
+
+    def core_runs(self, engine, names) -> None:
+        from slora_jax.bench.trace import with_base_model
+
+        kb = engine.kernel_backend
+        base_trace = with_base_model(self.trace(max(self.ns)))
+        self.serve(engine, f"base[{kb}]", "base", 0, base_trace, None, {**self._common(kb), "ranks_label": "-"})
+        for s, n in self._settings_runs(names)[:3]:
+            self._slora(engine, names, s, n)
+
+    def _common(self, kb: str) -> dict:
+        return {"kernel_backend": kb, "scheduler": "fcfs", "req_rate": self.args.rate}
+
+    def _slora(self, engine, names, s: str, n: int) -> None:
+        self.serve(engine, f"{s} n={n} [{engine.kernel_backend}]", "slora", n, self.trace(n), names[s][:n],
+                   {**self._common(engine.kernel_backend), "setting": s, "ranks_label": ",".join(map(str, SETTINGS[s]))})
+
+    def other_runs(self, engine, names) -> None:
         from slora_jax.bench.merged import merged_into
         from slora_jax.bench.trace import with_base_model
 
         kb = engine.kernel_backend
-        common = {"kernel_backend": kb, "scheduler": "fcfs", "req_rate": self.args.rate}
-        base_trace = with_base_model(self.trace(max(self.ns)))
-        self.serve(engine, f"base[{kb}]", "base", 0, base_trace, None, {**common, "ranks_label": "-"})
+        common = self._common(kb)
         first = next(iter(names))
         with merged_into(engine, self.adapters[first].weights(0)):
-            self.serve(engine, f"merged[{kb}]", "merged", 1, base_trace, None,
+            self.serve(engine, f"merged[{kb}]", "merged", 1, with_base_model(self.trace(max(self.ns))), None,
                        {**common, "ranks_label": str(self.adapters[first].ranks[0])})
-        for s, nm in names.items():
-            for n in self.ns:
-                self.serve(engine, f"{s} n={n} [{kb}]", "slora", n, self.trace(n), nm[:n],
-                           {**common, "setting": s, "ranks_label": ",".join(map(str, SETTINGS[s]))})
+        for s, n in self._settings_runs(names)[3:]:
+            self._slora(engine, names, s, n)
         s = "S2" if "S2" in names else next(iter(names))
         n = 1000 if 1000 in self.ns else max(self.ns)
         for sched_name in [x for x in self.args.extra_schedulers.split(",") if x]:
@@ -255,7 +293,7 @@ class Study:
             row = self.serve(engine, f"base rate={rate:.1f} [{kb}]", "base-slo", 0,
                              with_base_model(self.trace(1, rate)), None,
                              {"kernel_backend": kb, "scheduler": "fcfs", "req_rate": rate, "ranks_label": "-"})
-            if row["slo_attainment"] >= 0.9:
+            if row is not None and row["slo_attainment"] >= 0.9:
                 best = rate
         if best is None:
             print("[slo] the base model reached 90% SLO attainment at none of the rates tried")
@@ -272,6 +310,7 @@ class Study:
         if extra:
             self.results.update(extra)
         self.results["runs"] = self.runs
+        self.results["skipped"] = self.skipped
         (self.out_dir / "serving.json").write_text(json.dumps(self.results, indent=2, default=str))
 
 
@@ -291,6 +330,12 @@ def ratio_table(runs: list[dict], peft: dict | None, slo: float) -> list[tuple]:
         t = thr(f"S2 n={n} [{kb}]")
         v = t / b if (t is not None and b) else None
         rows.append((f"S2 n={n} / base throughput >= {want}", v, None if v is None else v >= want))
+        # Tokens generated by every request (finished or not) per second of engine steps: less biased than
+        # finished requests by a run that ends before the longest requests do.
+        r = by.get(f"S2 n={n} [{kb}]")
+        if r is not None and base is not None:
+            rows.append((f"S2 n={n} / base generated tokens per engine second (info)",
+                         _tok_rate(r) / _tok_rate(base) if _tok_rate(base) else None, None))
     merged = next((r for r in runs if r["backend"] == "merged"), None)
     if merged and b:
         rows.append(("merged / base throughput (info)", merged["throughput_req_s"] / b, None))
@@ -320,6 +365,11 @@ def ratio_table(runs: list[dict], peft: dict | None, slo: float) -> list[tuple]:
     return rows
 
 
+def _tok_rate(run: dict) -> float:
+    e = run.get("engine") or {}
+    return e.get("generated_tokens", 0) / e["step_time_s"] if e.get("step_time_s") else 0.0
+
+
 def _f(x, d=2):
     return "-" if x is None else f"{x:.{d}f}"
 
@@ -340,6 +390,7 @@ def main(argv=None) -> int:
     jax.config.update("jax_compilation_cache_dir", args.compile_cache or str(out_dir / "jax-cache"))
     dev = jax.devices()[0]
     study = Study(args, out_dir)
+    study.t_start = t_start  # --budget counts from the start of the script
     study.save({"meta": {"device": str(getattr(dev, "device_kind", dev)), "platform": dev.platform,
                          "jax": jax.__version__, "command": " ".join(["python", "benchmarks/serving.py"]
                                                                       + list(argv if argv is not None
@@ -348,11 +399,17 @@ def main(argv=None) -> int:
                 "settings": vars(args), "peft": peft})
     kernels = [k for k in args.kernel_backends.split(",") if k]
     for i, kb in enumerate(kernels):
-        engine, names = study.build(kb)
+        if i and args.budget is not None and time.perf_counter() - t_start > args.budget - 120:
+            print(f"[{kb}] skipped: too little of --budget left for a second engine", flush=True)
+            study.skipped.append(f"engine [{kb}]")
+            continue
+        # The second backend serves one run: its warm-up compiles what that run needs, not every shape.
+        engine, names = study.build(kb, args.precompile and i == 0)
         study.warmup(engine, names, args.warmup, args.max_warmup if i == 0 else args.max_warmup / 2)
         if i == 0:
-            study.main_runs(engine, names)
+            study.core_runs(engine, names)
             study.slo_runs(engine, names)
+            study.other_runs(engine, names)
         elif "S2" in names and 100 in study.ns:
             study.serve(engine, f"S2 n=100 [{engine.kernel_backend}]", "slora", 100, study.trace(100),
                         names["S2"][:100], {"kernel_backend": engine.kernel_backend, "scheduler": "fcfs",
