@@ -27,7 +27,7 @@ def lora_decode(
     *,
     out_sizes: Sequence[int],
     implementation: Optional[str] = None,
-    fused: Optional[bool] = None,
+    fused: bool = False,
 ) -> jax.Array:
     """Add each token's LoRA delta to the base output of M fused projections (one row per token).
 
@@ -44,8 +44,8 @@ def lora_decode(
         that row is returned unchanged.
       out_sizes: static tuple of each module's output columns.
       implementation: None (Pallas on GPU, XLA elsewhere), "xla" or "pallas" (interpret mode off-GPU).
-      fused: Pallas only: True = one kernel per (token, module), False = separate shrink and expand
-        kernels, None = chosen by size (see `pallas_triton.FUSED_MIN_PROGRAMS`).
+      fused: Pallas only: one kernel per (token, module) instead of separate shrink and expand kernels
+        (measured slower on the H200; kept for comparison, see `pallas_triton`).
 
     Returns:
       [T, sum(out_sizes)] in y's dtype: y + scale * (x A) B per module, accumulated in float32.

@@ -15,10 +15,12 @@ are 2 per weight element, far below the tensor-core rate, so the products use CU
 Design: a program per rank block gives T*M*RB-way parallelism even for one token (T = 1 still
 fills a dozen SMs); v goes through a [T, M, RB, R] f32 buffer (tiny) between the two launches.
 
-Fused variant (one launch, grid (T, M)): program (t, m) gathers all of its adapter's rank rows at once
-(one [max_rank, BK] tile per step, the page of each row looked up through the table; rows past the rank
-are masked, so they cost no bytes), keeps v in registers and expands it over m's output columns. Half the
-launches and no v round trip, but only T*M programs: for many tokens, not for one (``FUSED_MIN_PROGRAMS``).
+Fused variant (``fused=True``; one launch, grid (T, M)): program (t, m) gathers all of its adapter's rank
+rows at once (one [max_rank, BK] tile per step, the page of each row looked up through the table; rows past
+the rank are masked, so they cost no bytes), keeps v in registers and expands it over m's output columns.
+Measured on the H200 (benchmarks/results/kernels-lora_decode-fused-2026-11-28.json) it is 1.7-2.4x slower
+than the split kernels on every shape, tuned or not: only T*M programs, each a long serial loop, and
+compute on the masked rows of the max_rank-row tile. So it is not the default; it stays for comparison.
 """
 
 from __future__ import annotations
@@ -158,11 +160,6 @@ def _fused_kernel(layer_ref, slot_ref, ranks_ref, scales_ref, a_pages_ref, b_pag
         lax.fori_loop(0, nblk, expand, 0)
 
 
-# From this many (token, module) programs on, ``fused=None`` picks the fused kernel (below it, it leaves SMs
-# idle). None: never by default, until a GPU run of benchmarks/kernels.py (variant pallas_fused) says where
-# it wins.
-FUSED_MIN_PROGRAMS: int | None = None
-
 
 def output_blocks(dims: LoraDims, bn: int) -> np.ndarray:
     """Static table of y's column blocks: rows (module, chunk, column in chunk, y column, valid columns)."""
@@ -173,21 +170,15 @@ def output_blocks(dims: LoraDims, bn: int) -> np.ndarray:
     return np.asarray(rows, np.int32)
 
 
-def use_fused(dims: LoraDims, fused: bool | None) -> bool:
-    if fused is not None:
-        return bool(fused)
-    return FUSED_MIN_PROGRAMS is not None and dims.num_tokens * dims.num_modules >= FUSED_MIN_PROGRAMS
-
-
 @functools.partial(jax.jit, static_argnames=("dims", "interpret", "block_k", "block_n", "num_warps", "fused"))
 def lora_decode_pallas(
     y, x, pool, layer, a_pages, b_pages, ranks, scales, token_slot, *,
     dims: LoraDims, interpret: bool, block_k: int | None = None, block_n: int | None = None,
-    num_warps: int | None = None, fused: bool | None = None,
+    num_warps: int | None = None, fused: bool = False,
 ):
     """Shapes as `lora_decode`. block_k / block_n are capped to the largest power of two dividing W.
-    fused: None = by size (``FUSED_MIN_PROGRAMS``), True / False = that variant."""
-    if use_fused(dims, fused):
+    fused: the one-launch variant (slower on the H200, see the module docstring)."""
+    if fused:
         # Tiles of max_rank x block rows: ~16K elements, a size the split kernel's [R, 512] tiles x 2 stages use.
         blk = max(16, 16384 // next_pow2(dims.max_rank))
         return _fused(y, x, pool, layer, a_pages, b_pages, ranks, scales, token_slot, dims=dims, interpret=interpret,
