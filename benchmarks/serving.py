@@ -1,15 +1,16 @@
-"""S-LoRA's serving study (settings S1/S2, Llama-2-7B shape) on one GPU, with every baseline, in ~8 minutes.
+"""S-LoRA's serving study (settings S1/S2, Llama-2-7B shape) on one GPU, with every baseline, in ~7 minutes.
 
     python benchmarks/serving.py --out-dir benchmarks/results/serving-h200
 
 Stages (each prints as it goes; the table of the issue's ratios is printed last):
   1. transformers + PEFT, static batches (a subprocess, before JAX takes the GPU): S1 n=5 on the same trace,
      stopped after --peft-limit seconds (throughput = requests finished / time).
-  2. One engine (pallas kernels): warm-up (compiles), then on the same trace: the base model alone, one
-     adapter merged into the weights, S1 (rank 8) and S2 (ranks 64/32/16/8) with n adapters for each n.
+  2. One engine (pallas kernels): every step program compiled first (in parallel), one warm-up window, then
+     on the same trace: the base model alone, S1 n=5, S2 n=1000 and 2000 (what the targets read).
      Every run starts with no adapter on the device and stops --drain seconds after the last arrival.
   3. SLO: the base model at a few rates around its measured throughput; the highest rate at which it
      attains 90% of first tokens within --slo is then served with S2 n=1000 and the "slo" scheduler.
+     Then one adapter merged into the weights (--no-merged skips it) and the other S1/S2 runs.
   4. The same S2 n=100 run with the xla kernel backend (a second engine, so a second set of compiles).
 
 Random bf16 weights made on the device; synthetic adapters on q/k/v/o share a few random weight sets on
@@ -71,8 +72,10 @@ def parse_args(argv=None):
                    "measured throughput (empty = skip the SLO stage)")
     p.add_argument("--extra-schedulers", default="", help="also serve S2 n=1000 with these schedulers "
                    "(e.g. cluster,fair)")
+    p.add_argument("--merged", action=argparse.BooleanOptionalAction, default=True,
+                   help="the merged-adapter baseline (it needs room for a second copy of the weights)")
     p.add_argument("--weight-sets", type=int, default=2)
-    p.add_argument("--memory-fraction", type=float, default=0.8,
+    p.add_argument("--memory-fraction", type=float, default=0.6,
                    help="share of the device memory left after the weights that the page pool takes")
     p.add_argument("--compile-cache", default=None, help="JAX compilation cache (default: OUT_DIR/jax-cache)")
     p.add_argument("--no-progress", action="store_true")
@@ -253,9 +256,10 @@ class Study:
         kb = engine.kernel_backend
         common = self._common(kb)
         first = next(iter(names))
-        with merged_into(engine, self.adapters[first].weights(0)):
-            self.serve(engine, f"merged[{kb}]", "merged", 1, with_base_model(self.trace(max(self.ns))), None,
-                       {**common, "ranks_label": str(self.adapters[first].ranks[0])})
+        if self.args.merged:
+            with merged_into(engine, self.adapters[first].weights(0)):
+                self.serve(engine, f"merged[{kb}]", "merged", 1, with_base_model(self.trace(max(self.ns))), None,
+                           {**common, "ranks_label": str(self.adapters[first].ranks[0])})
         for s, n in self._settings_runs(names)[3:]:
             self._slora(engine, names, s, n)
         s = "S2" if "S2" in names else next(iter(names))
