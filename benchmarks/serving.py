@@ -68,7 +68,9 @@ def parse_args(argv=None):
     p.add_argument("--kernel-backends", default="pallas,xla", help="first: every run; others: S2 n=100 only")
     p.add_argument("--peft-limit", type=float, default=55.0, help="seconds the PEFT baseline runs (0 = skip)")
     p.add_argument("--peft-batch-size", type=int, default=8)
-    p.add_argument("--slo-fractions", default="0.7,1.0", help="base rates tried, as fractions of its "
+    # Above 1.0 too: a 16 s window holds the measured throughput below what base sustains (run 1 attained
+    # 100% at 1.0x), and the target reads the highest rate it sustains at 90%.
+    p.add_argument("--slo-fractions", default="0.7,1.0,1.4", help="base rates tried, as fractions of its "
                    "measured throughput (empty = skip the SLO stage)")
     p.add_argument("--extra-schedulers", default="", help="also serve S2 n=1000 with these schedulers "
                    "(e.g. cluster,fair)")
@@ -407,8 +409,8 @@ def main(argv=None) -> int:
             print(f"[{kb}] skipped: too little of --budget left for a second engine", flush=True)
             study.skipped.append(f"engine [{kb}]")
             continue
-        # The second backend serves one run: its warm-up compiles what that run needs, not every shape.
-        engine, names = study.build(kb, args.precompile and i == 0)
+        # Every backend's timed runs must not pay for compilation (the first run's xla row was cut by it).
+        engine, names = study.build(kb, args.precompile)
         study.warmup(engine, names, args.warmup, args.max_warmup if i == 0 else args.max_warmup / 2)
         if i == 0:
             study.core_runs(engine, names)
