@@ -200,13 +200,12 @@ class Runner:
             row.update(run())
             floor = max(nbytes / self.bw, flops / self.mm)
             row["floor_us"] = floor * 1e6
-            for impl in ("pallas", "xla", "jax_paged", "pallas_fused"):
-                if f"{impl}_us" in row:
-                    row[f"{impl}_pct_copy_bw"] = 100 * nbytes / self.bw / (row[f"{impl}_us"] * 1e-6)
+            for impl in [k[:-3] for k in list(row) if k.endswith("_us") and k != "case_us"]:
+                row[f"{impl}_pct_copy_bw"] = 100 * nbytes / self.bw / (row[f"{impl}_us"] * 1e-6)
             if "pallas_us" in row and "xla_us" in row:
                 row["speedup_vs_xla"] = row["xla_us"] / row["pallas_us"]
-            if "pallas_fused_us" in row:
-                row["fused_speedup_vs_split"] = row["pallas_us"] / row["pallas_fused_us"]
+            for v in [k[:-3] for k in list(row) if k.startswith("pallas_") and k.endswith("_us") and k != "pallas_us"]:
+                row[f"{v[len('pallas_'):]}_speedup_vs_pallas"] = row["pallas_us"] / row[f"{v}_us"]
         except Exception as e:  # one failing case must not end the run
             row["error"] = f"{type(e).__name__}: {e}"[:2000]
             traceback.print_exc()
@@ -241,12 +240,15 @@ def lora_case(runner, op, *, T, distinct, rank, d_in, out_sizes, W, shape_name, 
         fn = {"decode": pk.lora_decode, "prefill": pk.lora_prefill}[op]
 
         def step_of(impl):
-            if op == "decode" and impl != "xla":  # "pallas": the split kernels; "pallas_fused": one launch
-                return lambda c, k: fn(c, *k[:7], k[7], out_sizes=out_sizes, implementation="pallas",
-                                       fused=impl == "pallas_fused")
+            if op == "decode" and impl != "xla":
+                # "pallas": the split kernels; "pallas_fused": one launch; "pallas_ksN": d_in split N ways.
+                kw = dict(fused=impl == "pallas_fused",
+                          k_splits=int(impl[len("pallas_ks"):]) if impl.startswith("pallas_ks") else 1)
+                return lambda c, k: fn(c, *k[:7], k[7], out_sizes=out_sizes, implementation="pallas", **kw)
             return lambda c, k: fn(c, *k[:7], k[7], out_sizes=out_sizes, implementation=impl)
 
-        return runner.timed(step_of, y, consts, base=y, variants=("pallas_fused",) if op == "decode" else ())
+        variants = tuple(f"pallas_{v}" for v in runner.args.lora_decode_variants.split(",") if v) if op == "decode" else ()
+        return runner.timed(step_of, y, consts, base=y, variants=variants)
 
     inputs = lora_inputs(rng, key, T=T, distinct=distinct, rank=rank, d_in=d_in, out_sizes=out_sizes, W=W,
                          dtype=dtype, sorted_slots=sorted_slots)
@@ -482,8 +484,9 @@ def _fmt_row(r):
             f"  floor {_fmt(r.get('floor_us')):>8} us  {_fmt(r.get('pallas_pct_copy_bw'), 0):>4}% bw"
             f"  x{_fmt(r.get('speedup_vs_xla'), 2)}  err {r.get('rel_err', float('nan')):.1e}"
             + (f"  jax_paged {_fmt(r['jax_paged_us'])} us" if "jax_paged_us" in r else "")
-            + (f"  fused {_fmt(r['pallas_fused_us'])} us {_fmt(r.get('pallas_fused_pct_copy_bw'), 0)}% bw"
-               f" err {r.get('pallas_fused_rel_err', float('nan')):.1e}" if "pallas_fused_us" in r else ""))
+            + "".join(f"  {k[len('pallas_'):-3]} {_fmt(r[k])} us {_fmt(r.get(k[:-3] + '_pct_copy_bw'), 0)}% bw"
+                      f" err {r.get(k[:-3] + '_rel_err', float('nan')):.1e}"
+                      for k in r if k.startswith("pallas_") and k.endswith("_us") and k != "pallas_us"))
 
 
 def main(argv=None):
@@ -498,6 +501,9 @@ def main(argv=None):
     p.add_argument("--budget-s", type=float, default=None, help="start no new case after this many seconds")
     p.add_argument("--target-s", type=float, default=None, help="wall time of one timed loop")
     p.add_argument("--ops", default=None, help="comma list of ops to run (default: all)")
+    p.add_argument("--lora-decode-variants", default="fused",
+                   help="Pallas lora_decode variants timed beside the default: comma list of fused, ks2, ks4, ks8 "
+                        "(ksN: the shrink's pass over d_in split N ways)")
     p.add_argument("--lora-decode-cases", default=None,
                    help="lora_decode cases instead of the sweep's: comma list of T:adapters:rank:shape "
                         "(rank an int or 'mixed'; shape a key of gpu_sweep's table, e.g. qkv_gqa_W1024)")
@@ -537,7 +543,7 @@ def main(argv=None):
         print(_fmt_row(r))
     tol = 2e-2 if args.dtype == "bfloat16" else 1e-4
     bad = [r for r in runner.results
-           if "error" in r or r.get("rel_err", 0) > tol or r.get("pallas_fused_rel_err", 0) > tol]
+           if "error" in r or any(v > tol for k, v in r.items() if k.endswith("rel_err") and isinstance(v, float))]
     if bad:
         print(f"{len(bad)} case(s) failed or exceeded the error tolerance")
     return 1 if bad else 0

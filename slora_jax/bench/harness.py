@@ -147,9 +147,9 @@ def run_trace(engine, trace: Sequence[TraceRequest], adapters: Sequence[Optional
     after = engine.stats()
     delta = {k: after[k] - before[k] for k in _DELTA_KEYS if k in after and k in before}
     delta["host_overhead_share"] = delta["host_time_s"] / delta["step_time_s"] if delta.get("step_time_s") else 0.0
-    if "host_breakdown_s" in after:
-        delta["host_breakdown_s"] = {k: v - before["host_breakdown_s"].get(k, 0.0)
-                                     for k, v in after["host_breakdown_s"].items()}
+    for key in ("host_breakdown_s", "dispatch_breakdown_s"):
+        if key in after:
+            delta[key] = {k: v - before[key].get(k, 0.0) for k, v in after[key].items()}
     delta["kernel_backend"] = after.get("kernel_backend")
     delta["total_pages"] = after.get("total_pages")
     delta["timed_out"] = timed_out

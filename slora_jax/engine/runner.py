@@ -150,6 +150,9 @@ class ModelRunner:
         self._executables: dict = {}  # programs compiled ahead of use, by (mode, all_logits, greedy, spec)
         self.device_wait_s = 0.0
         self.dispatch_s = 0.0  # host time spent queuing step programs (compilation on demand included)
+        # Its parts: packing the step's inputs, uploading changed index tables, launching the program.
+        self.dispatch_parts = dict.fromkeys(("pack", "tables", "launch"), 0.0)
+        self._tables_upload_s = 0.0
 
     def allocate_pool(self, layout: PoolLayout) -> None:
         """Allocate the unified pool once (directly in its final placement); every later update is in place."""
@@ -170,9 +173,11 @@ class ModelRunner:
     def _tables(self, tables) -> tuple:
         """(device buffer, static spec) of the index tables, uploaded again only when a slot changed."""
         if tables.version != self._tables_version:
+            t0 = time.perf_counter()
             buf, spec = pack_tables(tables.arrays)
             self._tables_dev = (jax.device_put(buf, self.replicated), spec)
             self._tables_version = tables.version
+            self._tables_upload_s += time.perf_counter() - t0
         return self._tables_dev
 
     def _args(self, mode, tables, inp, samp, prev_tokens):
@@ -195,16 +200,23 @@ class ModelRunner:
         decode: ``inp["prev_rows"]`` [B] picks each row's input token from ``prev_tokens`` (the previous
         decode's device output) where >= 0."""
         t0 = time.perf_counter()
+        upload0 = self._tables_upload_s
         greedy_only = not bool(np.any(samp["temperature"] > 0))
         args, spec = self._args(mode, tables, inp, samp, prev_tokens)
         key = (mode, all_logits, greedy_only, spec)
         exe = self._executables.get(key)
+        t1 = time.perf_counter()
         if exe is not None:
             self.pool, out = exe(*args[:4], *args[5:])  # compiled ahead (``precompile``): spec is baked in
         else:
             self.compiled_shapes.add(key)
             self.pool, out = self._fn(mode, all_logits, greedy_only)(*args)
-        self.dispatch_s += time.perf_counter() - t0
+        t2 = time.perf_counter()
+        upload = self._tables_upload_s - upload0
+        self.dispatch_parts["tables"] += upload
+        self.dispatch_parts["pack"] += (t1 - t0) - upload
+        self.dispatch_parts["launch"] += t2 - t1
+        self.dispatch_s += t2 - t0
         return out
 
     def precompile(self, tables, steps, max_workers: Optional[int] = None, on_compiled=None) -> list[dict]:

@@ -21,7 +21,7 @@ CASES = [
 
 
 def _run_case(implementation, dtype, name, T, d_in, out_sizes, W, S, rank_choices, slots, seed, reference,
-              fused=None):
+              fused=False, k_splits=1):
     rng = np.random.default_rng(seed)
     L, R = 2, 16
     ranks = rng.choice(rank_choices, size=(S, L, len(out_sizes))).astype(np.int32)
@@ -34,10 +34,11 @@ def _run_case(implementation, dtype, name, T, d_in, out_sizes, W, S, rank_choice
     x = rng.standard_normal((T, d_in)).astype(dt)
     y = rng.standard_normal((T, sum(out_sizes))).astype(dt)  # poisoned output: the op adds to it
     layer = 1
-    fn = jax.jit(pk.lora_decode, static_argnames=("out_sizes", "implementation", "fused"))
+    fn = jax.jit(pk.lora_decode, static_argnames=("out_sizes", "implementation", "fused", "k_splits"))
     out = fn(
         jnp.asarray(y), jnp.asarray(x), jnp.asarray(case.pool), jnp.int32(layer), case.a_pages, case.b_pages,
         case.ranks, case.scales, token_slot, out_sizes=out_sizes, implementation=implementation, fused=fused,
+        k_splits=k_splits,
     )
     assert out.shape == y.shape and out.dtype == y.dtype
     ref = reference(y, x, case, layer, token_slot)
@@ -60,6 +61,14 @@ def test_lora_decode_fused_kernel_matches_dense_loop(dtype, case, lora_numpy_ref
     """The one-launch variant (all rank rows of a token's adapter gathered per tile) on the same cases."""
     _run_case("pallas", dtype, *case, seed=hash((case[0], dtype, "fused")) % 2**31, reference=lora_numpy_reference,
               fused=True)
+
+
+@pytest.mark.parametrize("k_splits", [2, 4])
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_lora_decode_k_splits_match_dense_loop(k_splits, case, lora_numpy_reference):
+    """The shrink's pass over d_in split over 2 or 4 programs (d_in not a multiple of the split included)."""
+    _run_case("pallas", "float32", *case, seed=hash((case[0], k_splits)) % 2**31, reference=lora_numpy_reference,
+              k_splits=k_splits)
 
 
 def test_case_packing_follows_the_page_layout():

@@ -30,8 +30,9 @@ SCRIPT = textwrap.dedent('''
     names = ["a", None, "b"]
     res = {}
     for tp in (1, 2):
-        eng = sj.Engine.from_pretrained(model, config=sj.EngineConfig(dtype="float32", num_pages=128,
-                                                                      tensor_parallel=tp))
+        eng = sj.Engine.from_pretrained(model, config=sj.EngineConfig(
+            dtype="float32", num_pages=128, tensor_parallel=tp, max_batch_size=4, max_prefill_tokens=32,
+            max_model_len=64))
         for n, d in ad.items():
             eng.load_adapter(n, d)
         if tp == 2:
@@ -39,7 +40,11 @@ SCRIPT = textwrap.dedent('''
             assert tuple(spec) == (None, None, None, "model"), spec
             wq = eng.runner.params["layers"]["wqkv"].sharding.spec
             assert tuple(wq) == (None, None, "model"), wq
+        # Programs compiled ahead run with the mesh's shardings too: generate compiles nothing more.
+        compiled = len(eng.precompile(sampling=False))
+        assert compiled == len(eng.step_shapes()) == eng.stats()["compiled_shapes"]
         outs = eng.generate(prompts, adapters=names, sampling=sj.SamplingParams(max_tokens=6, ignore_eos=True))
+        assert eng.stats()["compiled_shapes"] == compiled
         res[tp] = ([o.token_ids for o in outs], eng.logits(prompts, adapters=names))
         assert eng.stats()["kv_pages"] == 0
     try:

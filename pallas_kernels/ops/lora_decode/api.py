@@ -28,6 +28,7 @@ def lora_decode(
     out_sizes: Sequence[int],
     implementation: Optional[str] = None,
     fused: bool = False,
+    k_splits: int = 1,
 ) -> jax.Array:
     """Add each token's LoRA delta to the base output of M fused projections (one row per token).
 
@@ -46,6 +47,7 @@ def lora_decode(
       implementation: None (Pallas on GPU, XLA elsewhere), "xla" or "pallas" (interpret mode off-GPU).
       fused: Pallas only: one kernel per (token, module) instead of separate shrink and expand kernels
         (measured slower on the H200; kept for comparison, see `pallas_triton`).
+      k_splits: Pallas split kernels only: programs that share one rank block's pass over d_in.
 
     Returns:
       [T, sum(out_sizes)] in y's dtype: y + scale * (x A) B per module, accumulated in float32.
@@ -60,5 +62,5 @@ def lora_decode(
         return _reference_jit(y, x, pool, layer, a_pages, b_pages, ranks, scales, token_slot, dims=dims)
     return pallas_triton.lora_decode_pallas(
         y, x, pool, layer, a_pages, b_pages, ranks, scales, token_slot, dims=dims, interpret=_backend.interpret_mode(),
-        fused=fused,
+        fused=fused, k_splits=k_splits,
     )

@@ -13,7 +13,8 @@ read from HBM once, shared ones hit L2), plus x once per rank block and y read+w
 are 2 per weight element, far below the tensor-core rate, so the products use CUDA cores
 (elementwise multiply + reduce: one row per token leaves no M >= 16 for tl.dot).
 Design: a program per rank block gives T*M*RB-way parallelism even for one token (T = 1 still
-fills a dozen SMs); v goes through a [T, M, RB, R] f32 buffer (tiny) between the two launches.
+fills a dozen SMs); v goes through a [T, M, RB, KS, R] f32 buffer (tiny) between the two launches, KS =
+``k_splits`` programs each covering 1/KS of d_in for one rank block (partial sums the expand adds up).
 
 Fused variant (``fused=True``; one launch, grid (T, M)): program (t, m) gathers all of its adapter's rank
 rows at once (one [max_rank, BK] tile per step, the page of each row looked up through the table; rows past
@@ -46,8 +47,10 @@ def unsupported_reason(dims: LoraDims) -> str | None:
     return None
 
 
-def _shrink_kernel(layer_ref, slot_ref, ranks_ref, scales_ref, a_pages_ref, x_ref, pool_ref, v_ref, *, dims, bk):
-    t, m, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+def _shrink_kernel(layer_ref, slot_ref, ranks_ref, scales_ref, a_pages_ref, x_ref, pool_ref, v_ref, *, dims, bk, ks):
+    t, m = pl.program_id(0), pl.program_id(1)
+    j, part = pl.program_id(2) // ks, pl.program_id(2) % ks  # rank block, and which 1/ks of d_in
+    n_kb = cdiv(cdiv(dims.d_in, bk), ks)
     R, W = dims.page_rows, dims.width
     layer = layer_ref[0]
     slot = slot_ref[t]
@@ -56,9 +59,9 @@ def _shrink_kernel(layer_ref, slot_ref, ranks_ref, scales_ref, a_pages_ref, x_re
     nrows = jnp.clip(rank - j * R, 0, R)
     row_ok = (jnp.arange(R) < nrows)[:, None]
 
-    def body(kb, acc):
-        k0 = kb * bk
-        c = k0 // W
+    def body(i, acc):
+        k0 = (part * n_kb + i) * bk
+        c = jnp.minimum(k0 // W, dims.in_chunks - 1)  # past d_in (last part): masked below
         page = jnp.clip(a_pages_ref[s, m, c, j], 0, dims.num_pages - 1)
         col_ok = (k0 + jnp.arange(bk)) < dims.d_in
         tile = _backend.load(
@@ -72,7 +75,7 @@ def _shrink_kernel(layer_ref, slot_ref, ranks_ref, scales_ref, a_pages_ref, x_re
     # adapter's rank skip the loop entirely.
     @pl.when(nrows > 0)
     def _():
-        acc = lax.fori_loop(0, cdiv(dims.d_in, bk), body, jnp.zeros((R, bk), jnp.float32))
+        acc = lax.fori_loop(0, n_kb, body, jnp.zeros((R, bk), jnp.float32))
         v_ref[...] = jnp.sum(acc, axis=1) * scales_ref[s, layer, m].astype(jnp.float32)
 
     @pl.when(nrows <= 0)
@@ -101,7 +104,7 @@ def _expand_kernel(layer_ref, slot_ref, ranks_ref, b_pages_ref, blocks_ref, v_re
             tile = _backend.load(
                 pool_ref.at[layer, page, :, pl.ds(col, bn)], mask=row_ok[:, None] & col_ok[None, :], other=0
             )
-            vj = v_ref[t, m, jb, :]
+            vj = jnp.sum(v_ref[t, m, jb, :, :], axis=0)  # the shrink's partial sums over d_in
             return acc + jnp.sum(vj[:, None] * tile.astype(jnp.float32), axis=0)
 
         acc = lax.fori_loop(0, dims.rank_blocks, body, jnp.zeros((bn,), jnp.float32))
@@ -170,14 +173,17 @@ def output_blocks(dims: LoraDims, bn: int) -> np.ndarray:
     return np.asarray(rows, np.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("dims", "interpret", "block_k", "block_n", "num_warps", "fused"))
+@functools.partial(jax.jit, static_argnames=("dims", "interpret", "block_k", "block_n", "num_warps", "fused",
+                                             "k_splits"))
 def lora_decode_pallas(
     y, x, pool, layer, a_pages, b_pages, ranks, scales, token_slot, *,
     dims: LoraDims, interpret: bool, block_k: int | None = None, block_n: int | None = None,
-    num_warps: int | None = None, fused: bool = False,
+    num_warps: int | None = None, fused: bool = False, k_splits: int = 1,
 ):
     """Shapes as `lora_decode`. block_k / block_n are capped to the largest power of two dividing W.
-    fused: the one-launch variant (slower on the H200, see the module docstring)."""
+    fused: the one-launch variant (slower on the H200, see the module docstring).
+    k_splits (a power of two): the shrink splits d_in over this many programs per rank block (shorter
+    loops, more loads in flight); the expand sums their partial products."""
     if fused:
         # Tiles of max_rank x block rows: ~16K elements, a size the split kernel's [R, 512] tiles x 2 stages use.
         blk = max(16, 16384 // next_pow2(dims.max_rank))
@@ -186,7 +192,7 @@ def lora_decode_pallas(
                       num_warps=num_warps or 4)
     return _split(y, x, pool, layer, a_pages, b_pages, ranks, scales, token_slot, dims=dims, interpret=interpret,
                   bk=pow2_divisor(dims.width, block_k or 512), bn=pow2_divisor(dims.width, block_n or 512),
-                  num_warps=num_warps or 4)
+                  num_warps=num_warps or 4, ks=k_splits)
 
 
 def _fused(y, x, pool, layer, a_pages, b_pages, ranks, scales, token_slot, *, dims, interpret, bk, bn, num_warps):
@@ -211,7 +217,9 @@ def _fused(y, x, pool, layer, a_pages, b_pages, ranks, scales, token_slot, *, di
     )(*args)
 
 
-def _split(y, x, pool, layer, a_pages, b_pages, ranks, scales, token_slot, *, dims, interpret, bk, bn, num_warps):
+def _split(y, x, pool, layer, a_pages, b_pages, ranks, scales, token_slot, *, dims, interpret, bk, bn, num_warps, ks):
+    if ks < 1 or ks & (ks - 1):
+        raise ValueError(f"k_splits must be a power of two, got {ks}")
     T, M, RB, R = dims.num_tokens, dims.num_modules, dims.rank_blocks, dims.page_rows
     layer_v = jnp.clip(as_index_vector(layer), 0, dims.num_layers - 1)
     slot = token_slot.astype(jnp.int32)
@@ -223,11 +231,11 @@ def _split(y, x, pool, layer, a_pages, b_pages, ranks, scales, token_slot, *, di
         layer_v, slot, ranks, scales.astype(jnp.float32), a_pages.astype(jnp.int32), x, pool
     )
     v = pl.pallas_call(
-        functools.partial(_shrink_kernel, dims=dims, bk=bk),
-        out_shape=_backend.output_struct((T, M, RB, R), jnp.float32, shrink_args[0]),
-        grid=(T, M, RB),
+        functools.partial(_shrink_kernel, dims=dims, bk=bk, ks=ks),
+        out_shape=_backend.output_struct((T, M, RB, ks, R), jnp.float32, shrink_args[0]),
+        grid=(T, M, RB * ks),
         in_specs=[whole] * 7,
-        out_specs=pl.BlockSpec((None, None, None, R), lambda t, m, j: (t, m, j, 0)),
+        out_specs=pl.BlockSpec((None, None, None, None, R), lambda t, m, p: (t, m, p // ks, p % ks, 0)),
         compiler_params=params,
         interpret=interpret,
         name="lora_decode_shrink",
