@@ -49,7 +49,8 @@ def unsupported_reason(dims: LoraDims) -> str | None:
 
 def _shrink_kernel(layer_ref, slot_ref, ranks_ref, scales_ref, a_pages_ref, x_ref, pool_ref, v_ref, *, dims, bk, ks):
     t, m = pl.program_id(0), pl.program_id(1)
-    j, part = pl.program_id(2) // ks, pl.program_id(2) % ks  # rank block, and which 1/ks of d_in
+    # Rank block, and which 1/ks of d_in. ks = 1 keeps the exact program the GPU runs were measured on.
+    j, part = (pl.program_id(2), 0) if ks == 1 else (pl.program_id(2) // ks, pl.program_id(2) % ks)
     n_kb = cdiv(cdiv(dims.d_in, bk), ks)
     R, W = dims.page_rows, dims.width
     layer = layer_ref[0]
@@ -61,7 +62,7 @@ def _shrink_kernel(layer_ref, slot_ref, ranks_ref, scales_ref, a_pages_ref, x_re
 
     def body(i, acc):
         k0 = (part * n_kb + i) * bk
-        c = jnp.minimum(k0 // W, dims.in_chunks - 1)  # past d_in (last part): masked below
+        c = k0 // W if ks == 1 else jnp.minimum(k0 // W, dims.in_chunks - 1)  # past d_in: masked below
         page = jnp.clip(a_pages_ref[s, m, c, j], 0, dims.num_pages - 1)
         col_ok = (k0 + jnp.arange(bk)) < dims.d_in
         tile = _backend.load(
@@ -83,7 +84,8 @@ def _shrink_kernel(layer_ref, slot_ref, ranks_ref, scales_ref, a_pages_ref, x_re
         v_ref[...] = jnp.zeros((R,), jnp.float32)
 
 
-def _expand_kernel(layer_ref, slot_ref, ranks_ref, b_pages_ref, blocks_ref, v_ref, pool_ref, y_ref, o_ref, *, dims, bn):
+def _expand_kernel(layer_ref, slot_ref, ranks_ref, b_pages_ref, blocks_ref, v_ref, pool_ref, y_ref, o_ref, *, dims, bn,
+                   ks):
     t, b = pl.program_id(0), pl.program_id(1)
     R = dims.page_rows
     layer = layer_ref[0]
@@ -104,7 +106,8 @@ def _expand_kernel(layer_ref, slot_ref, ranks_ref, b_pages_ref, blocks_ref, v_re
             tile = _backend.load(
                 pool_ref.at[layer, page, :, pl.ds(col, bn)], mask=row_ok[:, None] & col_ok[None, :], other=0
             )
-            vj = jnp.sum(v_ref[t, m, jb, :, :], axis=0)  # the shrink's partial sums over d_in
+            # The shrink's partial sums over d_in (one of them when ks = 1).
+            vj = v_ref[t, m, jb, :] if ks == 1 else jnp.sum(v_ref[t, m, jb, :, :], axis=0)
             return acc + jnp.sum(vj[:, None] * tile.astype(jnp.float32), axis=0)
 
         acc = lax.fori_loop(0, dims.rank_blocks, body, jnp.zeros((bn,), jnp.float32))
@@ -232,10 +235,12 @@ def _split(y, x, pool, layer, a_pages, b_pages, ranks, scales, token_slot, *, di
     )
     v = pl.pallas_call(
         functools.partial(_shrink_kernel, dims=dims, bk=bk, ks=ks),
-        out_shape=_backend.output_struct((T, M, RB, ks, R), jnp.float32, shrink_args[0]),
+        out_shape=_backend.output_struct((T, M, RB, R) if ks == 1 else (T, M, RB, ks, R), jnp.float32,
+                                         shrink_args[0]),
         grid=(T, M, RB * ks),
         in_specs=[whole] * 7,
-        out_specs=pl.BlockSpec((None, None, None, None, R), lambda t, m, p: (t, m, p // ks, p % ks, 0)),
+        out_specs=(pl.BlockSpec((None, None, None, R), lambda t, m, j: (t, m, j, 0)) if ks == 1 else
+                   pl.BlockSpec((None, None, None, None, R), lambda t, m, p: (t, m, p // ks, p % ks, 0))),
         compiler_params=params,
         interpret=interpret,
         name="lora_decode_shrink",
@@ -244,7 +249,7 @@ def _split(y, x, pool, layer, a_pages, b_pages, ranks, scales, token_slot, *, di
     blocks = jnp.asarray(output_blocks(dims, bn))
     expand_args = _backend.kernel_operands(layer_v, slot, ranks, b_pages.astype(jnp.int32), blocks, v, pool, y)
     return pl.pallas_call(
-        functools.partial(_expand_kernel, dims=dims, bn=bn),
+        functools.partial(_expand_kernel, dims=dims, bn=bn, ks=ks),
         out_shape=_backend.output_struct(y.shape, y.dtype, expand_args[-1]),
         grid=(T, blocks.shape[0]),
         in_specs=[whole] * 8,
