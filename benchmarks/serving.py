@@ -60,8 +60,8 @@ def parse_args(argv=None):
     p.add_argument("--max-prefill-tokens", type=int, default=2048)
     p.add_argument("--precompile", action=argparse.BooleanOptionalAction, default=True,
                    help="compile every step program (in parallel) before the warm-up")
-    p.add_argument("--budget", type=float, default=None, help="seconds: runs that would start after this are "
-                   "skipped (the table and plot are still written)")
+    p.add_argument("--budget", type=float, default=None, help="seconds from the start: runs that would end after "
+                   "this are skipped (the table and plot are still written)")
     p.add_argument("--warmup", type=float, default=4.0, help="seconds of trace a warm-up window replays; "
                    "windows repeat until one compiles nothing new (0 = no warm-up)")
     p.add_argument("--max-warmup", type=float, default=150.0, help="seconds the warm-up may take at most")
@@ -409,7 +409,7 @@ def main(argv=None) -> int:
             print(f"[{kb}] skipped: too little of --budget left for a second engine", flush=True)
             study.skipped.append(f"engine [{kb}]")
             continue
-        # Every backend's timed runs must not pay for compilation (the first run's xla row was cut by it).
+        # Every backend's timed runs must not pay for compilation, the second backend's included.
         engine, names = study.build(kb, args.precompile)
         study.warmup(engine, names, args.warmup, args.max_warmup if i == 0 else args.max_warmup / 2)
         if i == 0:
