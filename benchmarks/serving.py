@@ -118,7 +118,7 @@ def run_peft(args, out_dir: Path) -> dict | None:
 
 # ---------------------------------------------------------------------------------------------- stages 2-4
 class Study:
-    def __init__(self, args, out_dir: Path):
+    def __init__(self, args, out_dir: Path, t_start: float):
         from slora_jax.bench.setup import ModelSource, SyntheticAdapters
 
         self.args, self.out_dir = args, out_dir
@@ -128,7 +128,7 @@ class Study:
                          for s, ranks in SETTINGS.items()}
         self.runs: list[dict] = []
         self.skipped: list[str] = []
-        self.t_start = time.perf_counter()
+        self.t_start = t_start  # --budget counts from here
         self.cdfs: dict = {}
         self.ns = [int(x) for x in args.num_adapters.split(",") if x]
 
@@ -395,8 +395,7 @@ def main(argv=None) -> int:
 
     jax.config.update("jax_compilation_cache_dir", args.compile_cache or str(out_dir / "jax-cache"))
     dev = jax.devices()[0]
-    study = Study(args, out_dir)
-    study.t_start = t_start  # --budget counts from the start of the script
+    study = Study(args, out_dir, t_start)
     study.save({"meta": {"device": str(getattr(dev, "device_kind", dev)), "platform": dev.platform,
                          "jax": jax.__version__, "command": " ".join(["python", "benchmarks/serving.py"]
                                                                       + list(argv if argv is not None

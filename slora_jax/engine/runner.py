@@ -149,8 +149,8 @@ class ModelRunner:
         self.compiled_shapes: set = set()
         self._executables: dict = {}  # programs compiled ahead of use, by (mode, all_logits, greedy, spec)
         self.device_wait_s = 0.0
-        self.dispatch_s = 0.0  # host time spent queuing step programs (compilation on demand included)
-        # Its parts: packing the step's inputs, uploading changed index tables, launching the program.
+        # Host time spent queuing step programs (compilation on demand included), in parts: packing the
+        # step's inputs, uploading changed index tables, launching the program.
         self.dispatch_parts = dict.fromkeys(("pack", "tables", "launch"), 0.0)
         self._tables_upload_s = 0.0
 
@@ -216,7 +216,6 @@ class ModelRunner:
         self.dispatch_parts["tables"] += upload
         self.dispatch_parts["pack"] += (t1 - t0) - upload
         self.dispatch_parts["launch"] += t2 - t1
-        self.dispatch_s += t2 - t0
         return out
 
     def precompile(self, tables, steps, max_workers: Optional[int] = None, on_compiled=None) -> list[dict]:
@@ -251,6 +250,10 @@ class ModelRunner:
                 if on_compiled is not None:
                     on_compiled(rec)
         return records
+
+    @property
+    def dispatch_s(self) -> float:
+        return sum(self.dispatch_parts.values())
 
     def collect(self, out):
         """Wait for a dispatched step and return its outputs as numpy."""
