@@ -222,14 +222,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
             raise bad_request("logprobs > 0 is not supported: logprobs=0 reports the log-probability of each "
                               "sampled token, without alternatives", "logprobs")
         specs = _choice_specs(state, body, prompts, body.max_tokens, want_logprobs=body.logprobs is not None)
-        gen = _start(state, adapter, specs)
-        meta = _Meta("cmpl-" + uuid.uuid4().hex, int(time.time()), body.model, body, chat=False)
-        if body.stream:
-            return _sse(gen, meta, state)
-        results = await _collect(gen, request)
-        if results is None:
-            return Response(status_code=499)
-        return _completion_body(meta, results, state, prompts)
+        return await _respond(state, adapter, specs, body, request, prompts, chat=False)
 
     @app.post("/v1/chat/completions", responses=ERROR_RESPONSES)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
@@ -248,14 +241,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         prompt = _chat_prompt(state, body)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         specs = _choice_specs(state, body, [prompt], max_tokens, want_logprobs=bool(body.logprobs))
-        gen = _start(state, adapter, specs)
-        meta = _Meta("chatcmpl-" + uuid.uuid4().hex, int(time.time()), body.model, body, chat=True)
-        if body.stream:
-            return _sse(gen, meta, state)
-        results = await _collect(gen, request)
-        if results is None:
-            return Response(status_code=499)
-        return _chat_body(meta, results, state, [prompt])
+        return await _respond(state, adapter, specs, body, request, [prompt], chat=True)
 
     @app.post("/v1/load_lora_adapter", responses=ERROR_RESPONSES)
     async def load_lora_adapter(body: LoadLoraRequest):
@@ -426,6 +412,18 @@ def _start(state: ServerState, adapter: Optional[str], specs: list[ChoiceSpec]) 
     except Exception as e:
         raise from_engine_error(e)
     return gen
+
+
+async def _respond(state: ServerState, adapter, specs, body, request: Request, prompts, *, chat: bool):
+    """Start the choices; stream them (SSE) or wait for all and answer in one body (499 if the client left)."""
+    gen = _start(state, adapter, specs)
+    meta = _Meta(("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex, int(time.time()), body.model, body, chat=chat)
+    if body.stream:
+        return _sse(gen, meta, state)
+    results = await _collect(gen, request)
+    if results is None:
+        return Response(status_code=499)
+    return (_chat_body if chat else _completion_body)(meta, results, state, prompts)
 
 
 async def _collect(gen: Generation, request: Request) -> Optional[list[ChoiceResult]]:
