@@ -618,6 +618,7 @@ def run_server(args) -> int:
     """``slora-jax serve``: load the model and adapters, bind, serve until interrupted. Returns the exit code.
 
     Reads the ``serve`` namespace of slora_jax.cli; the API key may also come from SLORA_JAX_API_KEY."""
+    import jax
     import uvicorn
 
     import slora_jax as sj
@@ -632,7 +633,7 @@ def run_server(args) -> int:
     for name, path in adapters:
         engine.load_adapter(name, path)
     precompile = getattr(args, "precompile", None)
-    if precompile or (precompile is None and engine.kernel_backend == "pallas"):
+    if precompile or (precompile is None and jax.default_backend() == "gpu"):
         t0 = time.perf_counter()
         done = engine.precompile()
         log.info("compiled %d step programs in %.0f s", len(done), time.perf_counter() - t0)
