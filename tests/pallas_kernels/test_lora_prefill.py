@@ -31,7 +31,7 @@ CASES = [
     ("one_token", 1, 48, (32, 40), 16, 2, (5, 32), lambda r, T, S: np.array([1], np.int32)),
     # A single long segment at the max rank (three rank blocks) spanning several tiles.
     ("one_segment", 70, 64, (48,), 32, 2, (48,), lambda r, T, S: np.full(T, 1, np.int32)),
-    # Slots in random order: more runs than the static tile list holds (correct, via the fallback).
+    # Slots in random order: more runs than the static tile list holds (correct: sorted, then put back).
     ("unsorted", 40, 32, (32, 32), 32, 3, (0, 8, 20), lambda r, T, S: r.integers(-1, S, T).astype(np.int32)),
 ]
 
@@ -104,3 +104,20 @@ def test_segment_tiles_partition_tokens_into_single_slot_tiles():
         assert np.all(slot[a:b] == s)
         covered[a:b] += 1
     np.testing.assert_array_equal(covered, 1)
+
+
+def test_pallas_path_has_no_xla_grouped_matmul_branch():
+    """Unsorted slots are handled by sorting, not by an XLA ragged_dot branch: XLA reserves the working memory
+    of every `cond` branch, and ragged_dot's at prefill sizes ran a GPU step out of memory."""
+    name, T, d_in, out_sizes, W, S, rank_choices, slots = CASES[3]
+    case_, token_slot, x, y = _make("float32", *CASES[3])
+    args = (jnp.asarray(y), jnp.asarray(x), jnp.asarray(case_.pool), jnp.int32(0), case_.a_pages, case_.b_pages,
+            case_.ranks, case_.scales, jnp.asarray(token_slot))
+
+    def program(impl, T):  # the traced program (primitives, whatever the platform lowers them to)
+        a = (args[0][:T], args[1][:T]) + args[2:8] + (args[8][:T],)
+        return str(jax.make_jaxpr(lambda *a: pk.lora_prefill(*a, out_sizes=out_sizes, implementation=impl))(*a))
+
+    assert "ragged_dot" in program("xla", T)  # the check can see one (T > 2 S: the "ragged" method)
+    assert "ragged_dot" not in program("pallas", T)
+    assert "pallas_call" in program("pallas", T)

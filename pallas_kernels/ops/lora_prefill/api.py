@@ -6,6 +6,7 @@ import functools
 from typing import Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels import _backend
@@ -38,7 +39,8 @@ def lora_prefill(
     layer scalar, a_pages [S, M, CHin, RB], b_pages [S, M, CHout_max, RB], ranks/scales [S, L, M],
     token_slot [T] with -1 = no adapter). Fast when tokens of one slot are consecutive (the engine
     sorts requests by adapter); any order is correct: the Pallas path works on at most
-    ceil(T/block_tokens) + min(T-1, S) tiles and, if the slots need more, the call runs the XLA path.
+    ceil(T/block_tokens) + min(T-1, S) tiles and, if the slots need more, it runs on the tokens sorted
+    by slot (a gather and a scatter of x and y more).
     block_tokens (TM): tokens per tile of the Pallas path, a power of two >= 16.
     """
     dims = validate_lora_args("lora_prefill", y, x, pool, layer, a_pages, b_pages, ranks, scales, token_slot, out_sizes)
@@ -55,18 +57,28 @@ def lora_prefill(
 
 @functools.partial(jax.jit, static_argnames=("dims", "block_tokens"))
 def _prefill_pallas_or_fallback(y, x, pool, layer, a_pages, b_pages, ranks, scales, token_slot, *, dims, block_tokens):
+    """The kernel on the tokens as given when their slots come in runs (the engine's order); otherwise on
+    the tokens sorted by slot, then put back. Both branches are Pallas: XLA reserves the working memory of
+    every branch of a `cond` whichever runs, and an XLA `ragged_dot` fallback here asked for 8.5 GiB at
+    4096 tokens on the H200 (a prefill step out of memory, though the branch never ran)."""
     nt = tiles.max_tiles(dims.num_tokens, dims.num_slots, block_tokens)
-    tile_list = tiles.segment_tiles(token_slot.astype("int32"), block_tokens, nt)
-    count = tile_list[3]
-    args = (y, x, pool, layer, a_pages, b_pages, ranks, scales)
+    slot = token_slot.astype("int32")
+    tile_list = tiles.segment_tiles(slot, block_tokens, nt)
+    args = (pool, layer, a_pages, b_pages, ranks, scales)
 
-    def kernel(_):
+    def kernel(y, x, tile_list):
         return pallas_triton.lora_prefill_pallas(
-            *args, tile_list[:3], dims=dims, interpret=_backend.interpret_mode(), num_tiles=nt,
+            y, x, *args, tile_list[:3], dims=dims, interpret=_backend.interpret_mode(), num_tiles=nt,
             block_tokens=block_tokens,
         )
 
-    def fallback(_):
-        return lora_prefill_reference(*args, token_slot, dims=dims)
+    def as_given(_):
+        return kernel(y, x, tile_list)
 
-    return lax.cond(count <= nt, kernel, fallback, None)
+    def sorted_by_slot(_):
+        # Sorted, the slots form at most S + 1 runs (-1 included), which the static tile list always holds.
+        order = jnp.argsort(jnp.where(slot >= 0, slot, dims.num_slots), stable=True)
+        out = kernel(y[order], x[order], tiles.segment_tiles(slot[order], block_tokens, nt))
+        return jnp.zeros_like(out).at[order].set(out)
+
+    return lax.cond(tile_list[3] <= nt, as_given, sorted_by_slot, None)

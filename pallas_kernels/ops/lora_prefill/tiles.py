@@ -4,7 +4,7 @@ A tile starts at every multiple of TM and at every change of slot, and ends at t
 it lies inside one TM-aligned block and one run of equal slots, so it has at most TM tokens.
 The number of tiles is ceil(T/TM) + (runs - 1). When the engine sorts tokens by adapter there
 are at most S + 1 runs (S slots and -1), so `max_tiles = ceil(T/TM) + min(T - 1, S)` is a static
-bound; callers check `count <= max_tiles` and fall back when a caller passed unsorted slots.
+bound; callers check `count <= max_tiles` and sort the tokens by slot when a caller passed them unsorted.
 """
 
 from __future__ import annotations
