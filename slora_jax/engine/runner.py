@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from slora_jax.config import EngineConfig, ModelConfig
+from slora_jax.errors import ConfigError
 from slora_jax.engine.sampler import sample
 from slora_jax.memory.pool import PoolLayout
 from sharding import named_sharding, tree_shardings
@@ -206,11 +207,14 @@ class ModelRunner:
         key = (mode, all_logits, greedy_only, spec)
         exe = self._executables.get(key)
         t1 = time.perf_counter()
-        if exe is not None:
-            self.pool, out = exe(*args[:4], *args[5:])  # compiled ahead (``precompile``): spec is baked in
-        else:
-            self.compiled_shapes.add(key)
-            self.pool, out = self._fn(mode, all_logits, greedy_only)(*args)
+        try:
+            if exe is not None:
+                self.pool, out = exe(*args[:4], *args[5:])  # compiled ahead (``precompile``): spec is baked in
+            else:
+                self.compiled_shapes.add(key)
+                self.pool, out = self._fn(mode, all_logits, greedy_only)(*args)
+        except jax.errors.JaxRuntimeError as e:
+            raise self._explained(e, mode) from e
         t2 = time.perf_counter()
         upload = self._tables_upload_s - upload0
         self.dispatch_parts["tables"] += upload
@@ -255,10 +259,26 @@ class ModelRunner:
     def dispatch_s(self) -> float:
         return sum(self.dispatch_parts.values())
 
+    def _explained(self, e: Exception, mode: str) -> Exception:
+        """A step that ran out of device memory as an error saying which settings to lower; others as they are.
+        The pool is sized from the memory free before any step ran, so what a step program needs on top of it
+        (activations of max_prefill_tokens tokens, logits) is the usual culprit."""
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            return e
+        pool_gb = int(np.prod(self.layout.shape)) * jnp.dtype(self.dtype).itemsize / 1e9
+        first = str(e).strip().splitlines()[0][:300]
+        return ConfigError(
+            f"the {mode} step ran out of device memory ({first}). The page pool holds {self.layout.num_pages} pages "
+            f"({pool_gb:.1f} GB); leave the step programs more room: lower EngineConfig.memory_fraction (now "
+            f"{self.econf.memory_fraction}) or num_pages, or max_prefill_tokens (now {self.econf.max_prefill_tokens})")
+
     def collect(self, out):
         """Wait for a dispatched step and return its outputs as numpy."""
         t0 = time.perf_counter()
-        out = jax.tree.map(np.asarray, out)
+        try:
+            out = jax.tree.map(np.asarray, out)
+        except jax.errors.JaxRuntimeError as e:  # an asynchronous failure of the step surfaces here
+            raise self._explained(e, "queued") from e
         self.device_wait_s += time.perf_counter() - t0
         return out
 

@@ -307,3 +307,22 @@ def test_text_prompts_with_a_tokenizer(tmp_path):
     assert by_text.prompt_token_ids == ids
     assert by_text.token_ids == by_ids.token_ids
     assert by_text.text == reference.decode(by_text.token_ids)
+
+
+def test_step_out_of_device_memory_says_which_settings_to_lower(tiny, monkeypatch):
+    """A step program that cannot get its working memory (the pool took too much) fails with the settings to
+    change, not with XLA's bare allocator message."""
+    import jax
+
+    eng = make_engine(tiny)
+
+    def out_of_memory(*args, **kwargs):
+        def run(*a):
+            raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 8.50GiB")
+        return run
+
+    monkeypatch.setattr(eng.runner, "_fn", out_of_memory)
+    eng.add_request([1, 2, 3], sampling=GREEDY)
+    with pytest.raises(sj.ConfigError, match=r"prefill step ran out of device memory .*8\.50GiB.*512 pages.*"
+                                             r"memory_fraction \(now 0\.85\).*max_prefill_tokens"):
+        eng.step()
