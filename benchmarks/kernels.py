@@ -58,11 +58,41 @@ MAX_RANK = 64
 # Timing
 
 
-def in_loop_seconds(step, carry, consts, target_s: float, keep_first: bool = False):
+def replica_mesh(n: int):
+    """A 1-D mesh over the first n local devices (0 = all of them), for --replicas."""
+    devs = jax.local_devices()
+    n = n or len(devs)
+    if n > len(devs):
+        raise SystemExit(f"--replicas {n}: this host has {len(devs)} local device(s)")
+    return jax.sharding.Mesh(np.array(devs[:n]), ("replica",))
+
+
+def on_replicas(step, carry, consts, mesh):
+    """(step, carry, consts) for one independent copy of the case per device of ``mesh``: the kernels run
+    under jax.shard_map, each device on its own replica of every input (the carry gets a leading replica
+    axis, the constants are copied whole to each device)."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    n = mesh.size
+    devs = list(mesh.devices.flat)
+    # Built per device: a pool-sized carry (write_kv) must not be stacked n times on one device first.
+    carry = jax.make_array_from_single_device_arrays(
+        (n,) + carry.shape, NamedSharding(mesh, P("replica")), [jax.device_put(carry[None], d) for d in devs])
+    consts = jax.device_put(consts, NamedSharding(mesh, P()))
+    # check_vma off: interpret-mode Pallas (the CPU) does not track varying mesh axes (see pallas_kernels).
+    body = jax.shard_map(lambda c, k: step(c[0], k)[None], mesh=mesh, in_specs=(P("replica"), P()),
+                         out_specs=P("replica"), check_vma=False)
+    return body, carry, consts
+
+
+def in_loop_seconds(step, carry, consts, target_s: float, keep_first: bool = False, mesh=None):
     """Seconds per call of step(carry, consts) -> carry, timed inside one jitted fori_loop.
 
-    Returns (seconds, step(carry) of the first call if keep_first else None).
+    mesh: run one replica per device of this mesh at once (the seconds are then those of all of them).
+    Returns (seconds, step(carry) of the first call if keep_first else None; [replicas, ...] with a mesh).
     """
+    if mesh is not None:
+        step, carry, consts = on_replicas(step, carry, consts, mesh)
 
     @functools.partial(jax.jit, donate_argnums=0)
     def loop(c, k, n):
@@ -178,6 +208,7 @@ class Runner:
         self.t_start = time.perf_counter()
         self.rng = np.random.default_rng(0)
         self.key = jax.random.key(0)
+        self.mesh = replica_mesh(args.replicas) if args.replicas != 1 else None
 
     def next_key(self):
         self.key, k = jax.random.split(self.key)
@@ -204,6 +235,8 @@ class Runner:
                 row[f"{impl}_pct_copy_bw"] = 100 * nbytes / self.bw / (row[f"{impl}_us"] * 1e-6)
             if "pallas_us" in row and "xla_us" in row:
                 row["speedup_vs_xla"] = row["xla_us"] / row["pallas_us"]
+            if row.get("replicas") and "pallas_us" in row:  # the bytes every replica moved, per second
+                row["pallas_aggregate_GBps"] = row["replicas"] * nbytes / (row["pallas_us"] * 1e-6) / 1e9
             for v in [k[:-3] for k in list(row) if k.startswith("pallas_") and k.endswith("_us") and k != "pallas_us"]:
                 row[f"{v[len('pallas_'):]}_speedup_vs_pallas"] = row["pallas_us"] / row[f"{v}_us"]
         except Exception as e:  # one failing case must not end the run
@@ -221,9 +254,15 @@ class Runner:
         """
         out, first = {}, {}
         for impl in ("pallas", "xla", *variants):
-            sec, first[impl] = in_loop_seconds(step_of(impl), carry + 0, consts, self.args.target_s, keep_first=True)
+            sec, first[impl] = in_loop_seconds(step_of(impl), carry + 0, consts, self.args.target_s, keep_first=True,
+                                               mesh=self.mesh)
             out[f"{impl}_us"] = 1e6 * sec
-        out["rel_err"] = relative_error(first["pallas"], first["xla"], base=base)
+        out["rel_err"] = relative_error(first["pallas"], first["xla"], base=base)  # every replica's output
+        if self.mesh is not None:
+            out["replicas"] = self.mesh.size
+            # Replicas run the same op on the same inputs: any difference between them is a fault.
+            out["replicas_differ"] = bool(any(np.any(np.asarray(f[i]) != np.asarray(f[0]))
+                                              for f in first.values() for i in range(1, self.mesh.size)))
         for v in variants:
             out[f"{v}_rel_err"] = relative_error(first[v], first["xla"], base=base)
         return out
@@ -300,7 +339,7 @@ def _jax_paged_attention(runner, q, consts, nkv, D, sm):
 
 
 def prefill_attention_case(runner, *, T, segments, nq, nkv, D, dtype):
-    rng, key = runner.rng, runner.next_key()
+    key = runner.next_key()
     n = T // segments
     seg = np.repeat(np.arange(segments), n).astype(np.int32)
     pos = np.tile(np.arange(n), segments).astype(np.int32)
@@ -484,6 +523,8 @@ def _fmt_row(r):
             f"  floor {_fmt(r.get('floor_us')):>8} us  {_fmt(r.get('pallas_pct_copy_bw'), 0):>4}% bw"
             f"  x{_fmt(r.get('speedup_vs_xla'), 2)}  err {r.get('rel_err', float('nan')):.1e}"
             + (f"  jax_paged {_fmt(r['jax_paged_us'])} us" if "jax_paged_us" in r else "")
+            + (f"  x{r['replicas']} replicas {_fmt(r.get('pallas_aggregate_GBps'), 0)} GB/s in all"
+               + (" DIFFER" if r.get("replicas_differ") else "") if r.get("replicas") else "")
             + "".join(f"  {k[len('pallas_'):-3]} {_fmt(r[k])} us {_fmt(r.get(k[:-3] + '_pct_copy_bw'), 0)}% bw"
                       f" err {r.get(k[:-3] + '_rel_err', float('nan')):.1e}"
                       for k in r if k.startswith("pallas_") and k.endswith("_us") and k != "pallas_us"))
@@ -507,6 +548,9 @@ def main(argv=None):
     p.add_argument("--lora-decode-cases", default=None,
                    help="lora_decode cases instead of the sweep's: comma list of T:adapters:rank:shape "
                         "(rank an int or 'mixed'; shape a key of gpu_sweep's table, e.g. qkv_gqa_W1024)")
+    p.add_argument("--replicas", type=int, default=1,
+                   help="run every checked case on this many local devices at once, one replica each, under "
+                        "jax.shard_map (0 = all local devices); times are then those of all replicas together")
     args = p.parse_args(argv)
     args.ops = set(args.ops.split(",")) if args.ops else None
     if args.cpu_smoke:
@@ -543,7 +587,8 @@ def main(argv=None):
         print(_fmt_row(r))
     tol = 2e-2 if args.dtype == "bfloat16" else 1e-4
     bad = [r for r in runner.results
-           if "error" in r or any(v > tol for k, v in r.items() if k.endswith("rel_err") and isinstance(v, float))]
+           if "error" in r or r.get("replicas_differ")
+           or any(v > tol for k, v in r.items() if k.endswith("rel_err") and isinstance(v, float))]
     if bad:
         print(f"{len(bad)} case(s) failed or exceeded the error tolerance")
     return 1 if bad else 0

@@ -1,0 +1,27 @@
+"""benchmarks/kernels.py end to end on the CPU (tiny shapes, interpret mode), one replica per device of a
+2-device simulated host: every op is checked against its reference on every replica, and the JSON says so."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def test_cpu_smoke_with_one_replica_per_device(tmp_path):
+    out = tmp_path / "kernels.json"
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+               PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernels.py"), "--cpu-smoke", "--replicas", "0",
+                           "--out", str(out)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["cases"]
+    assert {r["op"] for r in rows} == {"lora_decode", "lora_prefill", "paged_decode_attention", "prefill_attention",
+                                       "write_kv"}
+    for r in rows:
+        assert "error" not in r, r
+        assert r["replicas"] == 2 and r["replicas_differ"] is False, r
+        assert r["rel_err"] < 1e-4, r
+        assert r["pallas_aggregate_GBps"] > 0, r
