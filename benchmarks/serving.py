@@ -36,6 +36,8 @@ import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import numpy as np  # noqa: E402
+
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 SETTINGS = {"S1": (8,), "S2": (64, 32, 16, 8)}
 
@@ -81,6 +83,8 @@ def parse_args(argv=None):
                    help="share of the device memory left after the weights that the page pool takes")
     p.add_argument("--compile-cache", default=None, help="JAX compilation cache (default: OUT_DIR/jax-cache)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--report", action="store_true", help="run nothing: redo the ratio table and the plot from "
+                   "OUT_DIR/serving.json (e.g. of a study stopped by a time limit)")
     return p.parse_args(argv)
 
 
@@ -317,6 +321,9 @@ class Study:
             self.results.update(extra)
         self.results["runs"] = self.runs
         self.results["skipped"] = self.skipped
+        # Latency CDFs (rounded) go in too, so --report can redraw the plot of a run cut short.
+        self.results["cdfs"] = {label: {k: [np.round(np.asarray(a, float), 4).tolist() for a in xy]
+                                        for k, xy in c.items()} for label, c in self.cdfs.items()}
         (self.out_dir / "serving.json").write_text(json.dumps(self.results, indent=2, default=str))
 
 
@@ -363,8 +370,13 @@ def ratio_table(runs: list[dict], peft: dict | None, slo: float) -> list[tuple]:
     x = next((r for r in runs if r["backend"] == "slora" and r["kernel_backend"] == "xla"
               and r["label"].startswith("S2 n=100 ")), None)
     pl = thr(f"S2 n=100 [{kb}]") if kb != "xla" else None
-    if x and pl:
-        rows.append((f"S2 n=100 {kb} / xla throughput (info)", pl / x["throughput_req_s"], None))
+    if x and pl is not None:
+        # The xla backend may finish nothing inside the window; its generated tokens still compare.
+        rows.append((f"S2 n=100 {kb} / xla throughput (info)",
+                     pl / x["throughput_req_s"] if x["throughput_req_s"] else None, None))
+        r = by.get(f"S2 n=100 [{kb}]")
+        rows.append((f"S2 n=100 {kb} / xla generated tokens per engine second (info)",
+                     _tok_rate(r) / _tok_rate(x) if _tok_rate(x) else None, None))
     hs = [r["engine"].get("host_overhead_share") for r in runs if r["backend"] == "slora"]
     if hs:
         rows.append(("host overhead share (max over S-LoRA runs, info)", max(hs), None))
@@ -387,6 +399,12 @@ def _p(x):
 def main(argv=None) -> int:
     args = parse_args(argv)
     out_dir = Path(args.out_dir)
+    if args.report:
+        results = json.loads((out_dir / "serving.json").read_text())
+        peft_file = out_dir / "peft_S1.json"
+        peft = results.get("peft") or (json.loads(peft_file.read_text()) if peft_file.exists() else None)
+        report(out_dir, results, peft, (results.get("settings") or {}).get("slo", args.slo))
+        return 0
     out_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     peft = run_peft(args, out_dir)
@@ -421,13 +439,24 @@ def main(argv=None) -> int:
                                             "req_rate": args.rate, "setting": "S2", "ranks_label": "64,32,16,8"})
         del engine
         gc.collect()
-    rows = ratio_table(study.runs, peft, args.slo)
-    study.save({"ratios": [{"target": t, "measured": v, "met": m} for t, v, m in rows],
-                "wall_s": time.perf_counter() - t_start})
+    study.save({"wall_s": time.perf_counter() - t_start})
+    report(out_dir, study.results, peft, args.slo)
+    print(f"\nwall {time.perf_counter() - t_start:.0f} s; results in {out_dir}")
+    return 0
+
+
+def report(out_dir: Path, results: dict, peft: dict | None, slo: float) -> None:
+    """The issue's ratio table (into serving.json too), the plot and the printed tables, from saved runs."""
+    runs = results.get("runs", [])
+    rows = ratio_table(runs, peft, slo)
+    results["ratios"] = [{"target": t, "measured": v, "met": m} for t, v, m in rows]
+    (out_dir / "serving.json").write_text(json.dumps(results, indent=2, default=str))
     from slora_jax.bench.plots import plot_results
-    all_runs = list(study.runs) + ([dict(peft["runs"][0], label="peft S1 n=5")] if peft and peft.get("runs") else [])
-    plot_results({"runs": [r for r in all_runs if r["backend"] in ("slora", "base", "merged", "peft")]},
-                 {k: v for k, v in study.cdfs.items() if "rate=" not in k}, out_dir / "serving.png")
+    all_runs = list(runs) + ([dict(peft["runs"][0], label="peft S1 n=5")] if peft and peft.get("runs") else [])
+    cdfs = {k: {w: tuple(np.asarray(a) for a in xy) for w, xy in c.items()}
+            for k, c in results.get("cdfs", {}).items() if "rate=" not in k}
+    plot_results({"runs": [r for r in all_runs if r["backend"] in ("slora", "base", "merged", "peft")]}, cdfs,
+                 out_dir / "serving.png")
     print(f"\n{'run':<34}{'req/s':>8}{'tok/s':>9}{'1st tok':>9}{'lat avg':>9}{'SLO':>6}{'hidden':>8}{'host':>6}")
     for r in all_runs:
         loads = r.get("adapter_loads") or {}
@@ -437,9 +466,6 @@ def main(argv=None) -> int:
     print(f"\n{'target':<70}{'measured':>10}  met")
     for t, v, m in rows:
         print(f"{t:<70}{_f(v, 3):>10}  {'-' if m is None else ('yes' if m else 'NO')}")
-    print(f"\nwall {time.perf_counter() - t_start:.0f} s; results in {out_dir}")
-    return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
