@@ -85,6 +85,10 @@ def test_vmap_over_independent_batches(implementation):
 
 @pytest.mark.parametrize("mode", ["xla check_vma", "pallas nocheck", "lower"])
 def test_shard_map_on_two_simulated_devices(mode):
+    if mode == "lower" and jax.default_backend() == "gpu":
+        # This check lowers the Triton kernels for CUDA from a CPU-only process, which a host with a GPU
+        # plugin refuses ("No supported GPU devices found"); there every other test compiles and runs them.
+        pytest.skip("lowering for CUDA from a CPU process is the CPU host's check")
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
                PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     script = pathlib.Path(__file__).with_name("_shard_map_check.py")
