@@ -186,7 +186,8 @@ def lora_decode_pallas(
     """Shapes as `lora_decode`. block_k / block_n are capped to the largest power of two dividing W.
     fused: the one-launch variant (slower on the H200, see the module docstring).
     k_splits (a power of two): the shrink splits d_in over this many programs per rank block (shorter
-    loops, more loads in flight); the expand sums their partial products."""
+    loops, more loads in flight); the expand sums their partial products. On the H200, 2 ran within 2% of
+    1 and 4 ran 3-13% slower (benchmarks/results/kernels-lora_decode-ksplits-2026-11-28.json)."""
     if fused:
         # Tiles of max_rank x block rows: ~16K elements, a size the split kernel's [R, 512] tiles x 2 stages use.
         blk = max(16, 16384 // next_pow2(dims.max_rank))
