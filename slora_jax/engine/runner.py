@@ -48,6 +48,10 @@ def pack_inputs(inp: dict, samp: dict) -> tuple[np.ndarray, tuple]:
     return np.concatenate(parts), tuple(spec)
 
 
+def _out_of_memory(e: Exception) -> bool:
+    return "RESOURCE_EXHAUSTED" in str(e)
+
+
 def pack_tables(arrays: dict) -> tuple[np.ndarray, tuple]:
     """The adapter index tables ({group: (a_pages, b_pages, ranks, scales)}) in one int32 buffer: a change
     of any slot costs one host->device transfer, not one per array (16 per change were ~5 ms a step on
@@ -214,7 +218,9 @@ class ModelRunner:
                 self.compiled_shapes.add(key)
                 self.pool, out = self._fn(mode, all_logits, greedy_only)(*args)
         except jax.errors.JaxRuntimeError as e:
-            raise self._explained(e, mode) from e
+            if _out_of_memory(e):
+                raise self._out_of_memory_error(e, mode) from e
+            raise
         t2 = time.perf_counter()
         upload = self._tables_upload_s - upload0
         self.dispatch_parts["tables"] += upload
@@ -259,12 +265,10 @@ class ModelRunner:
     def dispatch_s(self) -> float:
         return sum(self.dispatch_parts.values())
 
-    def _explained(self, e: Exception, mode: str) -> Exception:
-        """A step that ran out of device memory as an error saying which settings to lower; others as they are.
-        The pool is sized from the memory free before any step ran, so what a step program needs on top of it
-        (activations of max_prefill_tokens tokens, logits) is the usual culprit."""
-        if "RESOURCE_EXHAUSTED" not in str(e):
-            return e
+    def _out_of_memory_error(self, e: Exception, mode: str) -> ConfigError:
+        """A step that ran out of device memory, as an error saying which settings to lower. The pool is sized
+        from the memory free before any step ran, so what a step program needs on top of it (activations of
+        max_prefill_tokens tokens, logits) is what no longer fits."""
         pool_gb = int(np.prod(self.layout.shape)) * jnp.dtype(self.dtype).itemsize / 1e9
         first = str(e).strip().splitlines()[0][:300]
         return ConfigError(
@@ -278,7 +282,9 @@ class ModelRunner:
         try:
             out = jax.tree.map(np.asarray, out)
         except jax.errors.JaxRuntimeError as e:  # an asynchronous failure of the step surfaces here
-            raise self._explained(e, "queued") from e
+            if _out_of_memory(e):
+                raise self._out_of_memory_error(e, "queued") from e
+            raise
         self.device_wait_s += time.perf_counter() - t0
         return out
 
