@@ -42,6 +42,7 @@ from jax import lax
 
 import pallas_kernels as pk
 from pallas_kernels.ops.lora_decode import pallas_triton as lora_decode_triton
+from pallas_kernels._checks import pow2_divisor
 from pallas_kernels.ops.lora_layout import validate_lora_args
 from pallas_kernels.ops.lora_prefill import pallas_triton as lora_prefill_triton
 from pallas_kernels.ops.lora_prefill import tiles as lora_tiles
@@ -231,7 +232,7 @@ class Runner:
             row.update(run())
             floor = max(nbytes / self.bw, flops / self.mm)
             row["floor_us"] = floor * 1e6
-            for impl in [k[:-3] for k in list(row) if k.endswith("_us") and k != "case_us"]:
+            for impl in [k[:-3] for k in list(row) if k.endswith("_us") and not k.startswith("part_")]:
                 row[f"{impl}_pct_copy_bw"] = 100 * nbytes / self.bw / (row[f"{impl}_us"] * 1e-6)
             if "pallas_us" in row and "xla_us" in row:
                 row["speedup_vs_xla"] = row["xla_us"] / row["pallas_us"]
@@ -287,11 +288,35 @@ def lora_case(runner, op, *, T, distinct, rank, d_in, out_sizes, W, shape_name, 
             return lambda c, k: fn(c, *k[:7], k[7], out_sizes=out_sizes, implementation=impl)
 
         variants = tuple(f"pallas_{v}" for v in runner.args.lora_decode_variants.split(",") if v) if op == "decode" else ()
-        return runner.timed(step_of, y, consts, base=y, variants=variants)
+        out = runner.timed(step_of, y, consts, base=y, variants=variants)
+        if op == "decode" and runner.args.lora_decode_parts:
+            out.update(lora_decode_parts(runner, y, consts, out_sizes))
+        return out
 
     inputs = lora_inputs(rng, key, T=T, distinct=distinct, rank=rank, d_in=d_in, out_sizes=out_sizes, W=W,
                          dtype=dtype, sorted_slots=sorted_slots)
     runner.record(f"lora_{op}", f"{shape_name} T={T} adapters={distinct} r={rank}", params, inputs[2], inputs[3], run)
+
+
+def lora_decode_parts(runner, y, consts, out_sizes) -> dict:
+    """The split MBGMV's two kernels timed apart (default blocks): where the op's time goes.
+
+    The shrink's loop carries x (plus 1e-30 x the sum of v, so that every iteration depends on all of v: an
+    elementwise pass over x more); the expand's carries y, with v fixed."""
+    x, pool, layer, a_pages, b_pages, ranks, scales, slot = consts
+    dims = validate_lora_args("parts", y, x, pool, layer, a_pages, b_pages, ranks, scales, slot, out_sizes)
+    kw = dict(dims=dims, interpret=not pk._backend.on_gpu(), num_warps=4, ks=1)
+    bk = bn = pow2_divisor(dims.width, 512)  # the defaults of lora_decode_pallas
+
+    def shrink(c, k):
+        v = lora_decode_triton.shrink_pallas(c, *k, bk=bk, **kw)
+        return c + (jnp.sum(v) * 1e-30).astype(c.dtype)
+
+    v = jax.jit(lambda: lora_decode_triton.shrink_pallas(x, pool, layer, a_pages, ranks, scales, slot, bk=bk, **kw))()
+    s_sec, _ = in_loop_seconds(shrink, x + 0, (pool, layer, a_pages, ranks, scales, slot), runner.args.target_s)
+    e_sec, _ = in_loop_seconds(lambda c, k: lora_decode_triton.expand_pallas(c, *k, bn=bn, **kw), y + 0,
+                               (v, pool, layer, b_pages, ranks, slot), runner.args.target_s)
+    return {"part_shrink_us": 1e6 * s_sec, "part_expand_us": 1e6 * e_sec}
 
 
 def paged_case(runner, *, B, ctx, nq, nkv, D, dtype, with_jax=True):
@@ -523,6 +548,8 @@ def _fmt_row(r):
             f"  floor {_fmt(r.get('floor_us')):>8} us  {_fmt(r.get('pallas_pct_copy_bw'), 0):>4}% bw"
             f"  x{_fmt(r.get('speedup_vs_xla'), 2)}  err {r.get('rel_err', float('nan')):.1e}"
             + (f"  jax_paged {_fmt(r['jax_paged_us'])} us" if "jax_paged_us" in r else "")
+            + (f"  shrink {_fmt(r['part_shrink_us'])} us expand {_fmt(r['part_expand_us'])} us"
+               if "part_shrink_us" in r else "")
             + (f"  x{r['replicas']} replicas {_fmt(r.get('pallas_aggregate_GBps'), 0)} GB/s in all"
                + (" DIFFER" if r.get("replicas_differ") else "") if r.get("replicas") else "")
             + "".join(f"  {k[len('pallas_'):-3]} {_fmt(r[k])} us {_fmt(r.get(k[:-3] + '_pct_copy_bw'), 0)}% bw"
@@ -548,6 +575,9 @@ def main(argv=None):
     p.add_argument("--lora-decode-cases", default=None,
                    help="lora_decode cases instead of the sweep's: comma list of T:adapters:rank:shape "
                         "(rank an int or 'mixed'; shape a key of gpu_sweep's table, e.g. qkv_gqa_W1024)")
+    p.add_argument("--lora-decode-parts", action="store_true",
+                   help="also time MBGMV's shrink and expand kernels apart (part_shrink_us, part_expand_us), and "
+                        "one empty iteration of the timing loop (loop_overhead_us)")
     p.add_argument("--replicas", type=int, default=1,
                    help="run every checked case on this many local devices at once, one replica each, under "
                         "jax.shard_map (0 = all local devices); times are then those of all replicas together")
@@ -566,6 +596,10 @@ def main(argv=None):
     mm = matmul_rate(256 if args.cpu_smoke else 8192, args.target_s)
     print(f"copy bandwidth {bw / 1e9:.0f} GB/s (read + write), bf16 matmul {mm / 1e12:.1f} TFLOP/s", flush=True)
 
+    # What one iteration of the timing loop costs around any op (a one-element add): the launch floor that
+    # every in-loop time here includes.
+    loop_us = 1e6 * in_loop_seconds(lambda c, k: c + 1, jnp.zeros((1,), jnp.float32), (), args.target_s)[0]
+    print(f"one empty iteration of the timing loop: {loop_us:.1f} us", flush=True)
     runner = Runner(args, bw, mm)
     if args.cpu_smoke:
         cpu_smoke(runner, dtype)
@@ -576,7 +610,7 @@ def main(argv=None):
         device=f"{dev.device_kind} ({dev.platform})", jax_version=jax.__version__,
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         command=" ".join([sys.executable.rsplit("/", 1)[-1]] + sys.argv), dtype=args.dtype,
-        copy_bandwidth_GBps=bw / 1e9, matmul_bf16_TFLOPs=mm / 1e12, cases=runner.results,
+        copy_bandwidth_GBps=bw / 1e9, matmul_bf16_TFLOPs=mm / 1e12, loop_overhead_us=loop_us, cases=runner.results,
         total_s=time.perf_counter() - runner.t_start,
     )
     with open(args.out, "w") as f:

@@ -222,41 +222,51 @@ def _fused(y, x, pool, layer, a_pages, b_pages, ranks, scales, token_slot, *, di
 
 
 def _split(y, x, pool, layer, a_pages, b_pages, ranks, scales, token_slot, *, dims, interpret, bk, bn, num_warps, ks):
+    v = shrink_pallas(x, pool, layer, a_pages, ranks, scales, token_slot, dims=dims, interpret=interpret, bk=bk,
+                      num_warps=num_warps, ks=ks)
+    return expand_pallas(y, v, pool, layer, b_pages, ranks, token_slot, dims=dims, interpret=interpret, bn=bn,
+                         num_warps=num_warps, ks=ks)
+
+
+def shrink_pallas(x, pool, layer, a_pages, ranks, scales, token_slot, *, dims, interpret, bk, num_warps, ks):
+    """The split variant's first kernel alone: v [T, M, RB, R] (or [T, M, RB, ks, R]) float32, scaled.
+    Public so that a benchmark can time the two kernels apart."""
     if ks < 1 or ks & (ks - 1):
         raise ValueError(f"k_splits must be a power of two, got {ks}")
     T, M, RB, R = dims.num_tokens, dims.num_modules, dims.rank_blocks, dims.page_rows
     layer_v = jnp.clip(as_index_vector(layer), 0, dims.num_layers - 1)
-    slot = token_slot.astype(jnp.int32)
-    ranks = ranks.astype(jnp.int32)
-    whole = pl.no_block_spec
-    params = _backend.compiler_params(num_warps=num_warps, num_stages=2)
-
     shrink_args = _backend.kernel_operands(
-        layer_v, slot, ranks, scales.astype(jnp.float32), a_pages.astype(jnp.int32), x, pool
+        layer_v, token_slot.astype(jnp.int32), ranks.astype(jnp.int32), scales.astype(jnp.float32),
+        a_pages.astype(jnp.int32), x, pool
     )
-    v = pl.pallas_call(
+    return pl.pallas_call(
         functools.partial(_shrink_kernel, dims=dims, bk=bk, ks=ks),
         out_shape=_backend.output_struct((T, M, RB, R) if ks == 1 else (T, M, RB, ks, R), jnp.float32,
                                          shrink_args[0]),
         grid=(T, M, RB * ks),
-        in_specs=[whole] * 7,
+        in_specs=[pl.no_block_spec] * 7,
         out_specs=(pl.BlockSpec((None, None, None, R), lambda t, m, j: (t, m, j, 0)) if ks == 1 else
                    pl.BlockSpec((None, None, None, None, R), lambda t, m, p: (t, m, p // ks, p % ks, 0))),
-        compiler_params=params,
+        compiler_params=_backend.compiler_params(num_warps=num_warps, num_stages=2),
         interpret=interpret,
         name="lora_decode_shrink",
     )(*shrink_args)
 
+
+def expand_pallas(y, v, pool, layer, b_pages, ranks, token_slot, *, dims, interpret, bn, num_warps, ks):
+    """The split variant's second kernel alone: y + v B (y aliased to the output)."""
+    layer_v = jnp.clip(as_index_vector(layer), 0, dims.num_layers - 1)
     blocks = jnp.asarray(output_blocks(dims, bn))
-    expand_args = _backend.kernel_operands(layer_v, slot, ranks, b_pages.astype(jnp.int32), blocks, v, pool, y)
+    expand_args = _backend.kernel_operands(layer_v, token_slot.astype(jnp.int32), ranks.astype(jnp.int32),
+                                           b_pages.astype(jnp.int32), blocks, v, pool, y)
     return pl.pallas_call(
         functools.partial(_expand_kernel, dims=dims, bn=bn, ks=ks),
         out_shape=_backend.output_struct(y.shape, y.dtype, expand_args[-1]),
-        grid=(T, blocks.shape[0]),
-        in_specs=[whole] * 8,
-        out_specs=whole,
+        grid=(dims.num_tokens, blocks.shape[0]),
+        in_specs=[pl.no_block_spec] * 8,
+        out_specs=pl.no_block_spec,
         input_output_aliases={7: 0},
-        compiler_params=params,
+        compiler_params=_backend.compiler_params(num_warps=num_warps, num_stages=2),
         interpret=interpret,
         name="lora_decode_expand",
     )(*expand_args)
