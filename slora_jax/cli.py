@@ -30,7 +30,12 @@ def _serve_args(sub):
     p.add_argument("--tensor-parallel", type=int, default=1)
     p.add_argument("--kernel-backend", default="auto", choices=["auto", "xla", "pallas"])
     p.add_argument("--num-pages", type=int, default=None)
+    p.add_argument("--memory-fraction", type=float, default=None,
+                   help="share of the device memory free after the weights that the page pool takes, when "
+                        "--num-pages is not given (default: EngineConfig's)")
     p.add_argument("--max-batch-size", type=int, default=64)
+    p.add_argument("--max-prefill-tokens", type=int, default=None,
+                   help="prompt tokens admitted in one prefill step (default: EngineConfig's)")
     p.add_argument("--max-lora-rank", type=int, default=64)
     p.add_argument("--served-model-name", default=None)
     p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")

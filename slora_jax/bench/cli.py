@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-batch-size", type=int, default=64)
     e.add_argument("--max-prefill-tokens", type=int, default=2048)
     e.add_argument("--num-pages", type=int, default=None)
+    e.add_argument("--memory-fraction", type=float, default=None,
+                   help="share of the free device memory the page pool takes without --num-pages")
     e.add_argument("--max-model-len", type=int, default=None,
                    help="longest prompt + output (default: the model's); bounds the decode programs compiled")
     e.add_argument("--max-adapters-on-device", type=int, default=None,
@@ -112,7 +114,8 @@ def engine_config(args, kernel_backend: str, ranks: Sequence[int]):
         max_batch_size=args.max_batch_size, max_prefill_tokens=args.max_prefill_tokens,
         max_model_len=args.max_model_len, max_adapters_on_device=slots, scheduler=args.scheduler, admission=args.admission,
         cluster_k=args.cluster_k, slo_first_token_s=args.slo, prefetch=args.prefetch,
-        prefetch_depth=args.prefetch_depth, host_cache_bytes=int(args.host_cache_gb * (1 << 30)), seed=args.seed)
+        prefetch_depth=args.prefetch_depth, host_cache_bytes=int(args.host_cache_gb * (1 << 30)), seed=args.seed,
+        **({} if args.memory_fraction is None else {"memory_fraction": args.memory_fraction}))
 
 
 def _meta(argv) -> dict:

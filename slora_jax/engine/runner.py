@@ -274,7 +274,8 @@ class ModelRunner:
         return ConfigError(
             f"the {mode} step ran out of device memory ({first}). The page pool holds {self.layout.num_pages} pages "
             f"({pool_gb:.1f} GB); leave the step programs more room: lower EngineConfig.memory_fraction (now "
-            f"{self.econf.memory_fraction}) or num_pages, or max_prefill_tokens (now {self.econf.max_prefill_tokens})")
+            f"{self.econf.memory_fraction}) or num_pages, or max_prefill_tokens (now {self.econf.max_prefill_tokens}); "
+            f"`slora-jax serve` and `bench` take them as --memory-fraction, --num-pages, --max-prefill-tokens")
 
     def collect(self, out):
         """Wait for a dispatched step and return its outputs as numpy."""

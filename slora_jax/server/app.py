@@ -614,6 +614,17 @@ def _parse_adapter_flag(spec: str) -> tuple[str, str]:
     return name.strip(), path.strip()
 
 
+def engine_config(args):
+    """The EngineConfig of a ``serve`` namespace; options left unset (None or absent) keep the config's defaults."""
+    import slora_jax as sj
+
+    optional = ("max_waiting", "max_model_len", "memory_fraction", "max_prefill_tokens")
+    extra = {k: getattr(args, k) for k in optional if getattr(args, k, None) is not None}
+    return sj.EngineConfig(dtype=args.dtype, kernel_backend=args.kernel_backend,
+                           tensor_parallel=args.tensor_parallel, num_pages=args.num_pages,
+                           max_batch_size=args.max_batch_size, max_lora_rank=args.max_lora_rank, **extra)
+
+
 def run_server(args) -> int:
     """``slora-jax serve``: load the model and adapters, bind, serve until interrupted. Returns the exit code.
 
@@ -625,11 +636,7 @@ def run_server(args) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     adapters = [_parse_adapter_flag(s) for s in args.adapter]
-    extra = {k: getattr(args, k) for k in ("max_waiting", "max_model_len") if getattr(args, k, None) is not None}
-    config = sj.EngineConfig(dtype=args.dtype, kernel_backend=args.kernel_backend,
-                             tensor_parallel=args.tensor_parallel, num_pages=args.num_pages,
-                             max_batch_size=args.max_batch_size, max_lora_rank=args.max_lora_rank, **extra)
-    engine = sj.Engine.from_pretrained(args.model, config=config)
+    engine = sj.Engine.from_pretrained(args.model, config=engine_config(args))
     for name, path in adapters:
         engine.load_adapter(name, path)
     precompile = getattr(args, "precompile", None)
