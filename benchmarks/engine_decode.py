@@ -94,8 +94,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--num-pages", type=int, default=None,
                     help="pool pages (default: --memory-fraction of the free device memory)")
-    # 0.85 (the engine's default) left the 4096-token prefill program too little room on the H200 (an
-    # 8.5 GiB allocation failed); serving.py uses 0.6 for the same reason.
+    # At 0.85 (the engine's default) the 4096-token prefill step ran out of memory on the H200: an 8.5 GiB
+    # workspace of lora_prefill's former XLA branch. That branch is gone; 0.6 stays until a GPU run shows it.
     ap.add_argument("--memory-fraction", type=float, default=0.6)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)

@@ -467,5 +467,6 @@ def report(out_dir: Path, results: dict, peft: dict | None, slo: float) -> None:
     for t, v, m in rows:
         print(f"{t:<70}{_f(v, 3):>10}  {'-' if m is None else ('yes' if m else 'NO')}")
 
+
 if __name__ == "__main__":
     sys.exit(main())
