@@ -1,6 +1,11 @@
-"""S-LoRA's serving study (settings S1/S2, Llama-2-7B shape) on one GPU, with every baseline, in ~7 minutes.
+"""S-LoRA's serving study (settings S1/S2, Llama-2-7B shape) on one GPU, with every baseline.
 
     python benchmarks/serving.py --out-dir benchmarks/results/serving-h200
+
+On the H200, stages 1-3 take ~9 minutes and stage 4 ~7 more (its 41 xla programs compile in ~6 minutes),
+so under a 10-minute limit run stage 4 on its own: --kernel-backends pallas,xla --settings S2
+--num-adapters 100 --peft-limit 0 --slo-fractions "" --no-merged. A study cut short keeps every finished
+run in serving.json; --report then writes its table and plot.
 
 Stages (each prints as it goes; the table of the issue's ratios is printed last):
   1. transformers + PEFT, static batches (a subprocess, before JAX takes the GPU): S1 n=5 on the same trace,
