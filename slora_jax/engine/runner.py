@@ -9,6 +9,7 @@ serving starts.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import functools
 import os
 import time
@@ -46,10 +47,6 @@ def pack_inputs(inp: dict, samp: dict) -> tuple[np.ndarray, tuple]:
             spec.append((group, name, a.shape, a.dtype.str, off))
             off += a.size
     return np.concatenate(parts), tuple(spec)
-
-
-def _out_of_memory(e: Exception) -> bool:
-    return "RESOURCE_EXHAUSTED" in str(e)
 
 
 def pack_tables(arrays: dict) -> tuple[np.ndarray, tuple]:
@@ -211,16 +208,12 @@ class ModelRunner:
         key = (mode, all_logits, greedy_only, spec)
         exe = self._executables.get(key)
         t1 = time.perf_counter()
-        try:
+        with self._out_of_memory_explained(mode):
             if exe is not None:
                 self.pool, out = exe(*args[:4], *args[5:])  # compiled ahead (``precompile``): spec is baked in
             else:
                 self.compiled_shapes.add(key)
                 self.pool, out = self._fn(mode, all_logits, greedy_only)(*args)
-        except jax.errors.JaxRuntimeError as e:
-            if _out_of_memory(e):
-                raise self._out_of_memory_error(e, mode) from e
-            raise
         t2 = time.perf_counter()
         upload = self._tables_upload_s - upload0
         self.dispatch_parts["tables"] += upload
@@ -247,7 +240,7 @@ class ModelRunner:
                 greedy_only = not bool(np.any(samp["temperature"] > 0))
                 args, spec = self._args(mode, tables, inp, samp, None)
                 key = (mode, False, greedy_only, spec)
-                if key in self._executables or key in self.compiled_shapes:
+                if key in self.compiled_shapes:  # compiled ahead or on demand already
                     continue
                 t0 = time.perf_counter()
                 lowered = self._fn(mode, False, greedy_only).lower(*args)
@@ -265,27 +258,31 @@ class ModelRunner:
     def dispatch_s(self) -> float:
         return sum(self.dispatch_parts.values())
 
-    def _out_of_memory_error(self, e: Exception, mode: str) -> ConfigError:
-        """A step that ran out of device memory, as an error saying which settings to lower. The pool is sized
-        from the memory free before any step ran, so what a step program needs on top of it (activations of
-        max_prefill_tokens tokens, logits) is what no longer fits."""
-        pool_gb = int(np.prod(self.layout.shape)) * jnp.dtype(self.dtype).itemsize / 1e9
-        first = str(e).strip().splitlines()[0][:300]
-        return ConfigError(
-            f"the {mode} step ran out of device memory ({first}). The page pool holds {self.layout.num_pages} pages "
-            f"({pool_gb:.1f} GB); leave the step programs more room: lower EngineConfig.memory_fraction (now "
-            f"{self.econf.memory_fraction}) or num_pages, or max_prefill_tokens (now {self.econf.max_prefill_tokens}); "
-            f"`slora-jax serve` and `bench` take them as --memory-fraction, --num-pages, --max-prefill-tokens")
+    @contextlib.contextmanager
+    def _out_of_memory_explained(self, mode: str):
+        """A step that runs out of device memory raises an error saying which settings to lower; other errors
+        pass as they are. The pool is sized from the memory free before any step ran, so what a step program
+        needs on top of it (activations of max_prefill_tokens tokens, logits) is what no longer fits."""
+        try:
+            yield
+        except jax.errors.JaxRuntimeError as e:
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            pool_gb = int(np.prod(self.layout.shape)) * jnp.dtype(self.dtype).itemsize / 1e9
+            first = str(e).strip().splitlines()[0][:300]
+            econf = self.econf
+            raise ConfigError(
+                f"the {mode} step ran out of device memory ({first}). The page pool holds {self.layout.num_pages} "
+                f"pages ({pool_gb:.1f} GB); leave the step programs more room: lower EngineConfig.memory_fraction "
+                f"(now {econf.memory_fraction}) or num_pages, or max_prefill_tokens (now {econf.max_prefill_tokens}); "
+                f"`slora-jax serve` and `bench` take them as --memory-fraction, --num-pages, --max-prefill-tokens"
+            ) from e
 
     def collect(self, out):
         """Wait for a dispatched step and return its outputs as numpy."""
         t0 = time.perf_counter()
-        try:
+        with self._out_of_memory_explained("queued"):  # an asynchronous failure of the step surfaces here
             out = jax.tree.map(np.asarray, out)
-        except jax.errors.JaxRuntimeError as e:  # an asynchronous failure of the step surfaces here
-            if _out_of_memory(e):
-                raise self._out_of_memory_error(e, "queued") from e
-            raise
         self.device_wait_s += time.perf_counter() - t0
         return out
 
