@@ -203,10 +203,9 @@ class Bench:
                 "prefetch": a.prefetch, "admission": a.admission}
 
     def run_engine_backends(self) -> None:
-        import jax
-
         from slora_jax.bench.harness import run_trace
         from slora_jax.bench.merged import merged_into
+        from slora_jax.engine.engine import precompile_wanted
 
         a = self.args
         jax_backends = [b for b in self.backends if b != "peft"]
@@ -217,7 +216,7 @@ class Bench:
             engine = self.source.engine(engine_config(a, kb, self.ranks))
             kname = engine.kernel_backend
             common = {**self._common(kname)}
-            if a.precompile or (a.precompile is None and jax.default_backend() == "gpu"):
+            if precompile_wanted(a.precompile):
                 recs = engine.precompile(sampling=False)
                 if self.progress:
                     print(f"[precompile {kname}] {len(recs)} programs, longest "

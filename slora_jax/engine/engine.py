@@ -37,6 +37,12 @@ def _on_gpu() -> bool:
     return jax.default_backend() == "gpu"
 
 
+def precompile_wanted(flag: Optional[bool]) -> bool:
+    """Whether ``serve``/``bench`` compile every step program first: as asked, and by default (None) on the
+    GPU, where compiling a step program on demand stalls the requests in flight for seconds."""
+    return _on_gpu() if flag is None else flag
+
+
 def _pool_pages(cfg: ModelConfig, econf: EngineConfig, layout: PoolLayout, device, shards: int = 1) -> int:
     """Pages from the config: an explicit count, else a fraction of the device memory left, else CPU bytes.
     With the pool split over ``shards`` devices, each device holds 1/shards of every page."""

@@ -629,18 +629,17 @@ def run_server(args) -> int:
     """``slora-jax serve``: load the model and adapters, bind, serve until interrupted. Returns the exit code.
 
     Reads the ``serve`` namespace of slora_jax.cli; the API key may also come from SLORA_JAX_API_KEY."""
-    import jax
     import uvicorn
 
     import slora_jax as sj
+    from slora_jax.engine.engine import precompile_wanted
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     adapters = [_parse_adapter_flag(s) for s in args.adapter]
     engine = sj.Engine.from_pretrained(args.model, config=engine_config(args))
     for name, path in adapters:
         engine.load_adapter(name, path)
-    precompile = getattr(args, "precompile", None)
-    if precompile or (precompile is None and jax.default_backend() == "gpu"):
+    if precompile_wanted(getattr(args, "precompile", None)):
         t0 = time.perf_counter()
         done = engine.precompile()
         log.info("compiled %d step programs in %.0f s", len(done), time.perf_counter() - t0)
