@@ -14,6 +14,7 @@ import warnings
 from typing import Optional
 
 import jax
+import jax.numpy as jnp
 
 with warnings.catch_warnings():
     # The Triton lowering is deprecated from jax 0.11 on but still the working GPU path there.
@@ -91,3 +92,17 @@ def kernel_operands(*arrays):
 def output_struct(shape, dtype, like) -> jax.ShapeDtypeStruct:
     """A `pallas_call` out_shape that varies over the same manual mesh axes as operand `like`."""
     return jax.eval_shape(lambda a: jax.numpy.zeros(shape, dtype) + jax.numpy.sum(a).astype(dtype) * 0, like)
+
+
+def column_mask(start, width: int, limit, exact: bool):
+    """[width] mask of the columns start + i < limit of one block.
+
+    exact=False when the caller knows statically that every block lies wholly inside or wholly outside
+    the limit (sizes that are multiples of the block): the mask is then one predicate broadcast over the
+    block. Triton vectorises a load only along runs where its mask is constant, and a per-column compare
+    against a bound known only at run time (a table entry) has no such runs, which turned the LoRA
+    kernels' loads and stores of weights and outputs into one element per instruction.
+    """
+    if exact:
+        return (start + jnp.arange(width)) < limit
+    return jnp.broadcast_to(start < limit, (width,))

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 
 import pallas_kernels as pk
+from pallas_kernels.ops.lora_decode import pallas_triton
+from pallas_kernels.ops.lora_layout import sanitize_slots, validate_lora_args
 from pallas_kernels.testing import TOLERANCE, make_lora_case, np_dtype, relative_error
 
 # (name, T, d_in, out_sizes, W, S, rank choices, slots) -- small shapes: interpret mode is slow.
@@ -21,7 +23,7 @@ CASES = [
 
 
 def _run_case(implementation, dtype, name, T, d_in, out_sizes, W, S, rank_choices, slots, seed, reference,
-              fused=False, k_splits=1):
+              fused=False, k_splits=1, **kernel_knobs):
     rng = np.random.default_rng(seed)
     L, R = 2, 16
     ranks = rng.choice(rank_choices, size=(S, L, len(out_sizes))).astype(np.int32)
@@ -34,12 +36,16 @@ def _run_case(implementation, dtype, name, T, d_in, out_sizes, W, S, rank_choice
     x = rng.standard_normal((T, d_in)).astype(dt)
     y = rng.standard_normal((T, sum(out_sizes))).astype(dt)  # poisoned output: the op adds to it
     layer = 1
-    fn = jax.jit(pk.lora_decode, static_argnames=("out_sizes", "implementation", "fused", "k_splits"))
-    out = fn(
-        jnp.asarray(y), jnp.asarray(x), jnp.asarray(case.pool), jnp.int32(layer), case.a_pages, case.b_pages,
-        case.ranks, case.scales, token_slot, out_sizes=out_sizes, implementation=implementation, fused=fused,
-        k_splits=k_splits,
-    )
+    args = (jnp.asarray(y), jnp.asarray(x), jnp.asarray(case.pool), jnp.int32(layer), case.a_pages, case.b_pages,
+            case.ranks, case.scales)
+    if kernel_knobs:  # the kernel itself, with knobs the public op does not take
+        dims = validate_lora_args("t", *args, token_slot, out_sizes)
+        out = pallas_triton.lora_decode_pallas(*args, sanitize_slots(token_slot, dims), dims=dims, interpret=pk._backend.interpret_mode(),
+                                               k_splits=k_splits, **kernel_knobs)
+    else:
+        fn = jax.jit(pk.lora_decode, static_argnames=("out_sizes", "implementation", "fused", "k_splits"))
+        out = fn(*args, token_slot, out_sizes=out_sizes, implementation=implementation, fused=fused,
+                 k_splits=k_splits)
     assert out.shape == y.shape and out.dtype == y.dtype
     ref = reference(y, x, case, layer, token_slot)
     err = relative_error(out, ref, base=y)
@@ -69,6 +75,18 @@ def test_lora_decode_k_splits_match_dense_loop(k_splits, case, lora_numpy_refere
     """The shrink's pass over d_in split over 2 or 4 programs (d_in not a multiple of the split included)."""
     _run_case("pallas", "float32", *case, seed=hash((case[0], k_splits)) % 2**31, reference=lora_numpy_reference,
               k_splits=k_splits)
+
+
+@pytest.mark.parametrize("knobs", [dict(expand_per_chunk=True), dict(expand_per_chunk=True, expand_warps=8, block_n=8),
+                                   dict(expand_per_chunk=False, expand_warps=2, block_n=8),
+                                   dict(column_masks=True)],
+                         ids=["expand_per_chunk", "expand_per_chunk_w8_bn8", "expand_per_block_w2_bn8", "column_masks"])
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_lora_decode_expand_knobs_match_dense_loop(knobs, case, lora_numpy_reference):
+    """The kernel's knobs: one expand program per page chunk (the default) or per block, other warps and
+    blocks, per-column masks everywhere."""
+    _run_case("pallas", "float32", *case, seed=hash((case[0], str(knobs))) % 2**31, reference=lora_numpy_reference,
+              **knobs)
 
 
 def test_case_packing_follows_the_page_layout():

@@ -121,3 +121,24 @@ def test_pallas_path_has_no_xla_grouped_matmul_branch():
     assert "ragged_dot" in program("xla", T)  # the check can see one (T > 2 S: the "ragged" method)
     assert "ragged_dot" not in program("pallas", T)
     assert "pallas_call" in program("pallas", T)
+
+
+@pytest.mark.parametrize("knobs", [dict(shrink_per_module=True), dict(block_k=16, block_n=16, num_warps=8),
+                                   dict(expand_per_chunk=True, block_n=16)],
+                         ids=["shrink_per_module", "small_blocks", "expand_per_chunk"])
+def test_lora_prefill_kernel_knobs_match_dense_loop(knobs, lora_numpy_reference):
+    """The kernel's tuning knobs (one shrink program per module; other block sizes) on the segments case."""
+    from pallas_kernels.ops.lora_layout import sanitize_slots
+    from pallas_kernels.ops.lora_prefill import pallas_triton
+
+    name, T, d_in, out_sizes, W, S, rank_choices, slots = CASES[0]
+    case_, token_slot, x, y = _make("float32", *CASES[0])
+    args = (jnp.asarray(y), jnp.asarray(x), jnp.asarray(case_.pool), jnp.int32(1), case_.a_pages, case_.b_pages,
+            case_.ranks, case_.scales)
+    dims = validate_lora_args("t", *args, token_slot, out_sizes)
+    nt = tiles.max_tiles(T, S, TM)
+    tile_list = tiles.segment_tiles(sanitize_slots(token_slot, dims), TM, nt)[:3]
+    out = pallas_triton.lora_prefill_pallas(*args, tile_list, dims=dims, interpret=pk._backend.interpret_mode(), num_tiles=nt,
+                                            block_tokens=TM, **knobs)
+    err = relative_error(out, lora_numpy_reference(y, x, case_, 1, token_slot), base=y)
+    assert err < TOLERANCE["float32"], f"{knobs}: relative error {err:.2e}"

@@ -5,9 +5,10 @@ Two kernels, as S-LoRA/Punica do it:
           for one rank block of token t's adapter, streaming the block's A^T tiles [R, BK] from
           the pool through `a_pages`; blocks past the token's rank run zero iterations, and rows
           past the rank inside the last block are masked out of the load (no bytes for them).
-  expand  grid (T, NOB) over BN-column blocks of y (blocks never straddle modules):
-          y[t, blk] += sum_j v[t, m, j] @ B_m[j-block, blk], B tiles read through `b_pages`,
-          y aliased input->output so rows without an adapter are never touched.
+  expand  grid (T, chunks): program (t, c) adds v[t, m] @ B_m to one W-column page chunk of module m's
+          part of y, as a loop over the chunk's BN-column blocks (the pages and v looked up once per
+          chunk), B tiles read through `b_pages`, y aliased input->output so rows without an adapter are
+          never touched. (``expand_per_chunk=False``: one program per (token, BN block) instead.)
 Bound: bytes. Per token, rank r: r*(d_in*M + sum d_out) weight elements (distinct adapters are
 read from HBM once, shared ones hit L2), plus x once per rank block and y read+write once; FLOPs
 are 2 per weight element, far below the tensor-core rate, so the products use CUDA cores
@@ -15,6 +16,11 @@ are 2 per weight element, far below the tensor-core rate, so the products use CU
 Design: a program per rank block gives T*M*RB-way parallelism even for one token (T = 1 still
 fills a dozen SMs); v goes through a [T, M, RB, KS, R] f32 buffer (tiny) between the two launches, KS =
 ``k_splits`` programs each covering 1/KS of d_in for one rank block (partial sums the expand adds up).
+Column masks are one predicate per block wherever sizes are multiples of the blocks
+(`_backend.column_mask`): per-column masks against a table entry kept Triton from vectorising.
+Measured on the H200 (benchmarks/NOTES.md, 2026-11-28), T = 256 tokens on 256 rank-16 adapters, q/k/v:
+these defaults (BK = BN = 256, expand per chunk) run at 75-78% of copy bandwidth, against 60% for one
+expand program per 512-column block with BK = 512 in the same runs.
 
 Fused variant (``fused=True``; one launch, grid (T, M)): program (t, m) gathers all of its adapter's rank
 rows at once (one [max_rank, BK] tile per step, the page of each row looked up through the table; rows past
@@ -47,9 +53,10 @@ def unsupported_reason(dims: LoraDims) -> str | None:
     return None
 
 
-def _shrink_kernel(layer_ref, slot_ref, ranks_ref, scales_ref, a_pages_ref, x_ref, pool_ref, v_ref, *, dims, bk, ks):
+def _shrink_kernel(layer_ref, slot_ref, ranks_ref, scales_ref, a_pages_ref, x_ref, pool_ref, v_ref, *, dims, bk, ks,
+                   exact):
     t, m = pl.program_id(0), pl.program_id(1)
-    # Rank block, and which 1/ks of d_in. ks = 1 keeps the exact program the GPU runs were measured on.
+    # Rank block, and which 1/ks of d_in.
     j, part = (pl.program_id(2), 0) if ks == 1 else (pl.program_id(2) // ks, pl.program_id(2) % ks)
     n_kb = cdiv(cdiv(dims.d_in, bk), ks)
     R, W = dims.page_rows, dims.width
@@ -64,7 +71,7 @@ def _shrink_kernel(layer_ref, slot_ref, ranks_ref, scales_ref, a_pages_ref, x_re
         k0 = (part * n_kb + i) * bk
         c = k0 // W if ks == 1 else jnp.minimum(k0 // W, dims.in_chunks - 1)  # past d_in: masked below
         page = jnp.clip(a_pages_ref[s, m, c, j], 0, dims.num_pages - 1)
-        col_ok = (k0 + jnp.arange(bk)) < dims.d_in
+        col_ok = _backend.column_mask(k0, bk, dims.d_in, exact)
         tile = _backend.load(
             pool_ref.at[layer, page, :, pl.ds(k0 - c * W, bk)], mask=row_ok & col_ok[None, :], other=0
         )
@@ -85,7 +92,7 @@ def _shrink_kernel(layer_ref, slot_ref, ranks_ref, scales_ref, a_pages_ref, x_re
 
 
 def _expand_kernel(layer_ref, slot_ref, ranks_ref, b_pages_ref, blocks_ref, v_ref, pool_ref, y_ref, o_ref, *, dims, bn,
-                   ks):
+                   ks, exact):
     t, b = pl.program_id(0), pl.program_id(1)
     R = dims.page_rows
     layer = layer_ref[0]
@@ -97,7 +104,7 @@ def _expand_kernel(layer_ref, slot_ref, ranks_ref, b_pages_ref, blocks_ref, v_re
 
     @pl.when(nb > 0)
     def _():
-        col_ok = jnp.arange(bn) < ncols
+        col_ok = _backend.column_mask(0, bn, ncols, exact)
 
         def body(jb, acc):
             page = jnp.clip(b_pages_ref[s, m, c, jb], 0, dims.num_pages - 1)
@@ -106,13 +113,52 @@ def _expand_kernel(layer_ref, slot_ref, ranks_ref, b_pages_ref, blocks_ref, v_re
             tile = _backend.load(
                 pool_ref.at[layer, page, :, pl.ds(col, bn)], mask=row_ok[:, None] & col_ok[None, :], other=0
             )
-            # The shrink's partial sums over d_in (one of them when ks = 1).
-            vj = v_ref[t, m, jb, :] if ks == 1 else jnp.sum(v_ref[t, m, jb, :, :], axis=0)
-            return acc + jnp.sum(vj[:, None] * tile.astype(jnp.float32), axis=0)
+            return acc + jnp.sum(_v_block(v_ref, t, m, jb, ks)[:, None] * tile.astype(jnp.float32), axis=0)
 
         acc = lax.fori_loop(0, dims.rank_blocks, body, jnp.zeros((bn,), jnp.float32))
         yv = _backend.load(y_ref.at[t, pl.ds(y0, bn)], mask=col_ok, other=0)
         _backend.store(o_ref.at[t, pl.ds(y0, bn)], (yv.astype(jnp.float32) + acc).astype(o_ref.dtype), mask=col_ok)
+
+
+def _expand_chunk_kernel(layer_ref, slot_ref, ranks_ref, b_pages_ref, chunks_ref, v_ref, pool_ref, y_ref, o_ref, *,
+                         dims, bn, ks, exact):
+    """Program (t, chunk): one W-column page chunk of one module, as a loop over its BN-column blocks. The
+    pages and v are looked up once per chunk; the loop's loads do not depend on earlier iterations, so the
+    compiler's pipeline has the next block's tiles in flight while this one is summed and stored."""
+    t, b = pl.program_id(0), pl.program_id(1)
+    R = dims.page_rows
+    layer = layer_ref[0]
+    m, c, y0, ncols = (chunks_ref[b, i] for i in range(4))
+    slot = slot_ref[t]
+    s = jnp.maximum(slot, 0)
+    rank = jnp.where(slot >= 0, jnp.clip(ranks_ref[s, layer, m], 0, dims.max_rank), 0)
+
+    @pl.when(rank > 0)
+    def _():
+        blocks = range(dims.rank_blocks)  # unrolled; blocks past the rank are fully masked (no bytes)
+        pages = [jnp.clip(b_pages_ref[s, m, c, jb], 0, dims.num_pages - 1) for jb in blocks]
+        row_ok = [(jnp.arange(R) < rank - jb * R)[:, None] for jb in blocks]
+        vs = [_v_block(v_ref, t, m, jb, ks)[:, None] for jb in blocks]
+
+        def body(i, carry):
+            q0 = i * bn
+            col_ok = _backend.column_mask(q0, bn, ncols, exact)
+            acc = jnp.zeros((R, bn), jnp.float32)
+            for jb in blocks:
+                tile = _backend.load(pool_ref.at[layer, pages[jb], :, pl.ds(q0, bn)], mask=row_ok[jb] & col_ok[None, :],
+                                     other=0)
+                acc = acc + vs[jb] * tile.astype(jnp.float32)
+            yv = _backend.load(y_ref.at[t, pl.ds(y0 + q0, bn)], mask=col_ok, other=0)
+            out = yv.astype(jnp.float32) + jnp.sum(acc, axis=0)
+            _backend.store(o_ref.at[t, pl.ds(y0 + q0, bn)], out.astype(o_ref.dtype), mask=col_ok)
+            return carry
+
+        lax.fori_loop(0, dims.width // bn, body, 0)
+
+
+def _v_block(v_ref, t, m, jb, ks):
+    """v of one rank block: the shrink's partial sums over d_in added up (one of them when ks = 1)."""
+    return v_ref[t, m, jb, :] if ks == 1 else jnp.sum(v_ref[t, m, jb, :, :], axis=0)
 
 
 def _fused_kernel(layer_ref, slot_ref, ranks_ref, scales_ref, a_pages_ref, b_pages_ref, mods_ref, x_ref, pool_ref,
@@ -167,6 +213,13 @@ def _fused_kernel(layer_ref, slot_ref, ranks_ref, scales_ref, a_pages_ref, b_pag
 
 
 
+def output_chunks(dims: LoraDims) -> np.ndarray:
+    """Static table of y's page chunks: rows (module, chunk, y column, valid columns)."""
+    return np.asarray([(m, c, off + c * dims.width, min(dims.width, d_out - c * dims.width))
+                       for m, (off, d_out) in enumerate(zip(dims.offsets, dims.out_sizes))
+                       for c in range(cdiv(d_out, dims.width))], np.int32)
+
+
 def output_blocks(dims: LoraDims, bn: int) -> np.ndarray:
     """Static table of y's column blocks: rows (module, chunk, column in chunk, y column, valid columns)."""
     rows = []
@@ -177,17 +230,23 @@ def output_blocks(dims: LoraDims, bn: int) -> np.ndarray:
 
 
 @functools.partial(jax.jit, static_argnames=("dims", "interpret", "block_k", "block_n", "num_warps", "fused",
-                                             "k_splits"))
+                                             "k_splits", "expand_per_chunk", "expand_warps", "column_masks"))
 def lora_decode_pallas(
     y, x, pool, layer, a_pages, b_pages, ranks, scales, token_slot, *,
     dims: LoraDims, interpret: bool, block_k: int | None = None, block_n: int | None = None,
-    num_warps: int | None = None, fused: bool = False, k_splits: int = 1,
+    num_warps: int | None = None, fused: bool = False, k_splits: int = 1, expand_per_chunk: bool = True,
+    expand_warps: int | None = None, column_masks: bool = False,
 ):
     """Shapes as `lora_decode`. block_k / block_n are capped to the largest power of two dividing W.
     fused: the one-launch variant (slower on the H200, see the module docstring).
     k_splits (a power of two): the shrink splits d_in over this many programs per rank block (shorter
     loops, more loads in flight); the expand sums their partial products. On the H200, 2 ran within 2% of
-    1 and 4 ran 3-13% slower (benchmarks/results/kernels-lora_decode-ksplits-2026-11-28.json)."""
+    1 and 4 ran 3-13% slower (benchmarks/results/kernels-lora_decode-ksplits-2026-11-28.json).
+    expand_per_chunk: one expand program per (token, page chunk of a module), looping over the chunk's
+      block_n-column blocks, instead of one per (token, block).
+    expand_warps: the expand's warps (default: num_warps).
+    column_masks: mask every block's columns one by one even where sizes are multiples of the blocks (the
+      kernels before 2026-11-28's change, kept to measure it: see `_backend.column_mask`)."""
     if fused:
         # Tiles of max_rank x block rows: ~16K elements, a size the split kernel's [R, 512] tiles x 2 stages use.
         blk = max(16, 16384 // next_pow2(dims.max_rank))
@@ -195,8 +254,9 @@ def lora_decode_pallas(
                       bk=pow2_divisor(dims.width, block_k or blk), bn=pow2_divisor(dims.width, block_n or blk),
                       num_warps=num_warps or 4)
     return _split(y, x, pool, layer, a_pages, b_pages, ranks, scales, token_slot, dims=dims, interpret=interpret,
-                  bk=pow2_divisor(dims.width, block_k or 512), bn=pow2_divisor(dims.width, block_n or 512),
-                  num_warps=num_warps or 4, ks=k_splits)
+                  bk=pow2_divisor(dims.width, block_k or 256), bn=pow2_divisor(dims.width, block_n or 256),
+                  num_warps=num_warps or 4, ks=k_splits, per_chunk=expand_per_chunk, expand_warps=expand_warps or num_warps or 4,
+                  column_masks=column_masks)
 
 
 def _fused(y, x, pool, layer, a_pages, b_pages, ranks, scales, token_slot, *, dims, interpret, bk, bn, num_warps):
@@ -221,14 +281,16 @@ def _fused(y, x, pool, layer, a_pages, b_pages, ranks, scales, token_slot, *, di
     )(*args)
 
 
-def _split(y, x, pool, layer, a_pages, b_pages, ranks, scales, token_slot, *, dims, interpret, bk, bn, num_warps, ks):
+def _split(y, x, pool, layer, a_pages, b_pages, ranks, scales, token_slot, *, dims, interpret, bk, bn, num_warps, ks,
+           per_chunk, expand_warps, column_masks):
     v = shrink_pallas(x, pool, layer, a_pages, ranks, scales, token_slot, dims=dims, interpret=interpret, bk=bk,
-                      num_warps=num_warps, ks=ks)
+                      num_warps=num_warps, ks=ks, column_masks=column_masks)
     return expand_pallas(y, v, pool, layer, b_pages, ranks, token_slot, dims=dims, interpret=interpret, bn=bn,
-                         num_warps=num_warps, ks=ks)
+                         num_warps=expand_warps, ks=ks, per_chunk=per_chunk, column_masks=column_masks)
 
 
-def shrink_pallas(x, pool, layer, a_pages, ranks, scales, token_slot, *, dims, interpret, bk, num_warps, ks):
+def shrink_pallas(x, pool, layer, a_pages, ranks, scales, token_slot, *, dims, interpret, bk, num_warps, ks,
+                  column_masks=False):
     """The split variant's first kernel alone: v [T, M, RB, R] (or [T, M, RB, ks, R]) float32, scaled.
     Public so that a benchmark can time the two kernels apart."""
     if ks < 1 or ks & (ks - 1):
@@ -240,7 +302,7 @@ def shrink_pallas(x, pool, layer, a_pages, ranks, scales, token_slot, *, dims, i
         a_pages.astype(jnp.int32), x, pool
     )
     return pl.pallas_call(
-        functools.partial(_shrink_kernel, dims=dims, bk=bk, ks=ks),
+        functools.partial(_shrink_kernel, dims=dims, bk=bk, ks=ks, exact=column_masks or dims.d_in % bk != 0),
         out_shape=_backend.output_struct((T, M, RB, R) if ks == 1 else (T, M, RB, ks, R), jnp.float32,
                                          shrink_args[0]),
         grid=(T, M, RB * ks),
@@ -253,14 +315,18 @@ def shrink_pallas(x, pool, layer, a_pages, ranks, scales, token_slot, *, dims, i
     )(*shrink_args)
 
 
-def expand_pallas(y, v, pool, layer, b_pages, ranks, token_slot, *, dims, interpret, bn, num_warps, ks):
-    """The split variant's second kernel alone: y + v B (y aliased to the output)."""
+def expand_pallas(y, v, pool, layer, b_pages, ranks, token_slot, *, dims, interpret, bn, num_warps, ks,
+                  per_chunk=False, column_masks=False):
+    """The split variant's second kernel alone: y + v B (y aliased to the output); per_chunk: one program per
+    (token, page chunk) looping over its blocks, else one per (token, block)."""
     layer_v = jnp.clip(as_index_vector(layer), 0, dims.num_layers - 1)
-    blocks = jnp.asarray(output_blocks(dims, bn))
+    blocks = jnp.asarray(output_chunks(dims) if per_chunk else output_blocks(dims, bn))
+    kernel = _expand_chunk_kernel if per_chunk else _expand_kernel
     expand_args = _backend.kernel_operands(layer_v, token_slot.astype(jnp.int32), ranks.astype(jnp.int32),
                                            b_pages.astype(jnp.int32), blocks, v, pool, y)
     return pl.pallas_call(
-        functools.partial(_expand_kernel, dims=dims, bn=bn, ks=ks),
+        functools.partial(kernel, dims=dims, bn=bn, ks=ks,
+                          exact=column_masks or any(d % bn for d in dims.out_sizes)),
         out_shape=_backend.output_struct(y.shape, y.dtype, expand_args[-1]),
         grid=(dims.num_tokens, blocks.shape[0]),
         in_specs=[pl.no_block_spec] * 8,

@@ -2,19 +2,25 @@
 
 Tokens come in runs sharing a slot (the engine sorts by adapter); `tiles.segment_tiles` cuts them
 into tiles of <= TM tokens of one slot, on device, into a static-size list.
-  shrink  grid (NT,): tile i loads x[tile, BK-column block] once and, for every module m, the
-          A^T rows of all rank blocks at once as a gather [RK, BK] through `a_pages` (rows past the
-          module's rank masked: no bytes for them), accumulating v_m = x @ A_m with tl.dot into
-          [TM, RK] f32; then v * scale goes to a [T, M, RK] f32 buffer.
-  expand  grid (NT, NOB): (tile, BN-column block of y) loads v [TM, RK], the B rows [RK, BN]
-          (gathered through `b_pages`, masked past the rank), and y [TM, BN]; y += v @ B with
-          tl.dot (v rounded to the pool dtype, as S-LoRA does), y aliased input->output.
-Bound: bytes. x is read once per tile for all modules (M-way fusion) and y read+written once;
-adapter weights (r * (d_in*M + sum d_out) per slot) are re-read per tile, from L2. FLOPs per token
-are 2 * RK * (M*d_in + sum d_out) against 2 * d_in + 4 * sum d_out bytes of x and y: for q/k/v at
-H = 4096, RK = 64 that is ~70 FLOP/byte, below the ~200 FLOP/byte ridge of an H200, so computing
-on the padded RK rather than each slot's own rank costs no time; only the loads skip.
-Unsorted slots overflow the static tile list; the api then falls back to the XLA path.
+  shrink  grid (NT, M): (tile i, module m) loads x[tile, BK-column block] and the A^T rows of all of
+          m's rank blocks at once as a gather [RK, BK] through `a_pages` (rows past the module's rank
+          masked: no bytes for them), accumulating v_m = x @ A_m with tl.dot into [TM, RK] f32; then
+          v * scale goes to a [T, M, RK] buffer in the pool's dtype. (``shrink_per_module=False``: grid
+          (NT,), one program for all modules, x read once.)
+  expand  grid (NT, chunks): (tile, W-column page chunk of one module) loads v [TM, RK] and the B rows'
+          pages once, then loops over the chunk's BN-column blocks: B rows [RK, BN] (gathered through
+          `b_pages`, masked past the rank) and y [TM, BN]; y += v @ B with tl.dot (v in the pool dtype,
+          as S-LoRA rounds it), y aliased input->output. (``expand_per_chunk=False``: one program per
+          (tile, BN block).)
+Bound: bytes. y is read+written once and x read once per module (the M reads of one tile run side by
+side and share L2); adapter weights (r * (d_in*M + sum d_out) per slot) are re-read per tile, from L2.
+FLOPs per token are 2 * RK * (M*d_in + sum d_out) against 2 * d_in + 4 * sum d_out bytes of x and y:
+for q/k/v at H = 4096, RK = 64 that is ~70 FLOP/byte, below the ~200 FLOP/byte ridge of an H200, so
+computing on the padded RK rather than each slot's own rank costs no time; only the loads skip.
+Why per module and per chunk: with 8192 tokens in 64 segments the per-tile grid had ~130 busy shrink
+programs for 132 SMs, and the per-block expand reloaded v for every block; on the H200 the two changes
+took the op from 55% to 67% of copy bandwidth in one run (benchmarks/NOTES.md, 2026-11-28).
+Unsorted slots overflow the static tile list; the api then sorts the tokens by slot first.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels import _backend
 from pallas_kernels._checks import as_index_vector, cdiv, matmul_precision, next_pow2, pow2_divisor
-from pallas_kernels.ops.lora_decode.pallas_triton import output_blocks
+from pallas_kernels.ops.lora_decode.pallas_triton import output_blocks, output_chunks
 from pallas_kernels.ops.lora_layout import LoraDims
 
 
@@ -53,13 +59,16 @@ def _rank_rows(dims: LoraDims, rk: int):
 
 def _shrink_kernel(
     layer_ref, start_ref, end_ref, tslot_ref, ranks_ref, scales_ref, a_pages_ref, x_ref, pool_ref, v_ref,
-    *, dims: LoraDims, tm: int, bk: int, rk: int,
+    *, dims: LoraDims, tm: int, bk: int, rk: int, per_module: bool, exact: bool,
 ):
     i = pl.program_id(0)
-    R, W, M = dims.page_rows, dims.width, dims.num_modules
+    R, W = dims.page_rows, dims.width
+    # All modules in one program (x read once), or program (i, m) for module m alone (M times the programs).
+    mods = [pl.program_id(1)] if per_module else list(range(dims.num_modules))
+    M = len(mods)
     layer, start, end, slot = layer_ref[0], start_ref[i], end_ref[i], tslot_ref[i]
     s = jnp.maximum(slot, 0)
-    rank = [jnp.where(slot >= 0, jnp.clip(ranks_ref[s, layer, m], 0, dims.max_rank), 0) for m in range(M)]
+    rank = [jnp.where(slot >= 0, jnp.clip(ranks_ref[s, layer, m], 0, dims.max_rank), 0) for m in mods]
     any_rank = functools.reduce(jnp.maximum, rank)
 
     @pl.when(any_rank > 0)
@@ -71,35 +80,36 @@ def _shrink_kernel(
         def body(kb, accs):
             k0 = kb * bk
             c = k0 // W
-            col_ok = (k0 + jnp.arange(bk)) < dims.d_in
+            col_ok = _backend.column_mask(k0, bk, dims.d_in, exact)
             xk = _backend.load(
                 x_ref.at[pl.ds(start, tm), pl.ds(k0, bk)], mask=row_ok[:, None] & col_ok[None, :], other=0
             )
             out = []
-            for m in range(M):
+            for n, m in enumerate(mods):
                 pages = jnp.clip(a_pages_ref[s, m, c, blk], 0, dims.num_pages - 1)
                 cols = k0 - c * W + jnp.arange(bk)
                 w = _backend.load(
                     pool_ref.at[layer, (pages * R + within)[:, None], cols[None, :]],
-                    mask=(rr < rank[m])[:, None] & col_ok[None, :], other=0,
+                    mask=(rr < rank[n])[:, None] & col_ok[None, :], other=0,
                 )
-                out.append(accs[m] + lax.dot_general(
+                out.append(accs[n] + lax.dot_general(
                     xk, w, (((1,), (1,)), ((), ())), precision=prec, preferred_element_type=jnp.float32
                 ))
             return tuple(out)
 
         zero = jnp.zeros((tm, rk), jnp.float32)
         accs = lax.fori_loop(0, cdiv(dims.d_in, bk), body, tuple(zero for _ in range(M)))
-        for m in range(M):
+        for n, m in enumerate(mods):
             _backend.store(
-                v_ref.at[pl.ds(start, tm), jnp.int32(m), :], accs[m] * scales_ref[s, layer, m].astype(jnp.float32),
+                v_ref.at[pl.ds(start, tm), jnp.int32(m), :],
+                (accs[n] * scales_ref[s, layer, m].astype(jnp.float32)).astype(v_ref.dtype),
                 mask=row_ok[:, None],
             )
 
 
 def _expand_kernel(
     layer_ref, start_ref, end_ref, tslot_ref, ranks_ref, b_pages_ref, blocks_ref, v_ref, pool_ref, y_ref, o_ref,
-    *, dims: LoraDims, tm: int, bn: int, rk: int,
+    *, dims: LoraDims, tm: int, bn: int, rk: int, exact: bool,
 ):
     i, b = pl.program_id(0), pl.program_id(1)
     R = dims.page_rows
@@ -111,7 +121,7 @@ def _expand_kernel(
     @pl.when(rank > 0)
     def _():
         row_ok = (start + jnp.arange(tm)) < end
-        col_ok = jnp.arange(bn) < ncols
+        col_ok = _backend.column_mask(0, bn, ncols, exact)
         rr, blk, within = _rank_rows(dims, rk)
         v = _backend.load(v_ref.at[pl.ds(start, tm), m, :], mask=row_ok[:, None], other=0)
         pages = jnp.clip(b_pages_ref[s, m, c, blk], 0, dims.num_pages - 1)
@@ -130,53 +140,112 @@ def _expand_kernel(
         _backend.store(o_ref.at[pl.ds(start, tm), pl.ds(y0, bn)], out, mask=ok)
 
 
+def _expand_chunk_kernel(
+    layer_ref, start_ref, end_ref, tslot_ref, ranks_ref, b_pages_ref, chunks_ref, v_ref, pool_ref, y_ref, o_ref,
+    *, dims: LoraDims, tm: int, bn: int, rk: int, exact: bool,
+):
+    """Program (tile, chunk): one W-column page chunk of one module as a loop over its BN-column blocks; v
+    and the B rows' pages are loaded once per chunk instead of once per block."""
+    i, b = pl.program_id(0), pl.program_id(1)
+    R = dims.page_rows
+    layer, start, end, slot = layer_ref[0], start_ref[i], end_ref[i], tslot_ref[i]
+    m, c, y0, ncols = (chunks_ref[b, k] for k in range(4))
+    s = jnp.maximum(slot, 0)
+    rank = jnp.where(slot >= 0, jnp.clip(ranks_ref[s, layer, m], 0, dims.max_rank), 0)
+
+    @pl.when(rank > 0)
+    def _():
+        row_ok = (start + jnp.arange(tm)) < end
+        rr, blk, within = _rank_rows(dims, rk)
+        v = _backend.load(v_ref.at[pl.ds(start, tm), m, :], mask=row_ok[:, None], other=0).astype(pool_ref.dtype)
+        rows = (jnp.clip(b_pages_ref[s, m, c, blk], 0, dims.num_pages - 1) * R + within)[:, None]
+        rank_ok = (rr < rank)[:, None]
+
+        def body(j, carry):
+            q0 = j * bn
+            col_ok = _backend.column_mask(q0, bn, ncols, exact)
+            w = _backend.load(pool_ref.at[layer, rows, (q0 + jnp.arange(bn))[None, :]], mask=rank_ok & col_ok[None, :],
+                              other=0)
+            acc = lax.dot_general(v, w, (((1,), (0,)), ((), ())), precision=matmul_precision(w.dtype),
+                                  preferred_element_type=jnp.float32)
+            ok = row_ok[:, None] & col_ok[None, :]
+            yv = _backend.load(y_ref.at[pl.ds(start, tm), pl.ds(y0 + q0, bn)], mask=ok, other=0)
+            _backend.store(o_ref.at[pl.ds(start, tm), pl.ds(y0 + q0, bn)],
+                           (yv.astype(jnp.float32) + acc).astype(o_ref.dtype), mask=ok)
+            return carry
+
+        lax.fori_loop(0, dims.width // bn, body, 0)
+
+
 @functools.partial(
-    jax.jit, static_argnames=("dims", "interpret", "num_tiles", "block_tokens", "block_k", "block_n", "num_warps")
+    jax.jit, static_argnames=("dims", "interpret", "num_tiles", "block_tokens", "block_k", "block_n", "num_warps",
+                              "shrink_per_module", "expand_per_chunk", "column_masks")
 )
 def lora_prefill_pallas(
     y, x, pool, layer, a_pages, b_pages, ranks, scales, tiles, *,
     dims: LoraDims, interpret: bool, num_tiles: int, block_tokens: int = 64, block_k: int = 128,
-    block_n: int = 128, num_warps: int = 4,
+    block_n: int = 128, num_warps: int = 4, shrink_per_module: bool = True, expand_per_chunk: bool = True,
+    column_masks: bool = False,
 ):
-    """Shapes as `lora_prefill`; `tiles` = (start, end, slot) [num_tiles] from `tiles.segment_tiles`."""
-    T, M, R, W = dims.num_tokens, dims.num_modules, dims.page_rows, dims.width
-    tm = block_tokens
-    bk = pow2_divisor(W, block_k)
-    bn = pow2_divisor(W, block_n)
-    rk = max(16, next_pow2(dims.max_rank))
+    """Shapes as `lora_prefill`; `tiles` = (start, end, slot) [num_tiles] from `tiles.segment_tiles`.
+    shrink_per_module: one shrink program per (tile, module) instead of per tile (M times the programs, x
+    re-read per module, from L2); expand_per_chunk: one expand program per (tile, page chunk), looping over its blocks;
+    column_masks: mask columns one by one even where sizes are multiples of the blocks (see
+    `_backend.column_mask`; kept to measure it)."""
+    kw = dict(dims=dims, interpret=interpret, tm=block_tokens, num_warps=num_warps, column_masks=column_masks)
+    v = shrink_pallas(x, pool, layer, a_pages, ranks, scales, tiles, bk=block_k, per_module=shrink_per_module,
+                      **kw)
+    return expand_pallas(y, v, pool, layer, b_pages, ranks, tiles, bn=block_n, per_chunk=expand_per_chunk, **kw)
+
+
+def _common(dims, pool, layer, tiles):
     layer_v = jnp.clip(as_index_vector(layer), 0, dims.num_layers - 1)
-    pool_rows = pool.reshape(dims.num_layers, dims.num_pages * R, W)  # free: rows of all pages
-    start, end, tslot = tiles
-    ranks = ranks.astype(jnp.int32)
-    whole = pl.no_block_spec
-    params = _backend.compiler_params(num_warps=num_warps, num_stages=2)
+    pool_rows = pool.reshape(dims.num_layers, dims.num_pages * dims.page_rows, dims.width)  # free: rows of all pages
+    return layer_v, pool_rows, tiles[0], tiles[1], tiles[2], max(16, next_pow2(dims.max_rank))
 
-    shrink_args = _backend.kernel_operands(
-        layer_v, start, end, tslot, ranks, scales.astype(jnp.float32), a_pages.astype(jnp.int32), x, pool_rows
-    )
-    v = pl.pallas_call(
-        functools.partial(_shrink_kernel, dims=dims, tm=tm, bk=bk, rk=rk),
-        out_shape=_backend.output_struct((T, M, rk), jnp.float32, shrink_args[0]),
-        grid=(num_tiles,),
-        in_specs=[whole] * 9,
-        out_specs=whole,
-        compiler_params=params,
-        interpret=interpret,
-        name="lora_prefill_shrink",
-    )(*shrink_args)
 
-    blocks = jnp.asarray(output_blocks(dims, bn))
-    expand_args = _backend.kernel_operands(
-        layer_v, start, end, tslot, ranks, b_pages.astype(jnp.int32), blocks, v, pool_rows, y
+def shrink_pallas(x, pool, layer, a_pages, ranks, scales, tiles, *, dims, interpret, tm, bk, num_warps,
+                  per_module=False, column_masks=False):
+    """MBGMM's first kernel alone: v [T, M, RK] scaled, in the pool's dtype (the expand's tl.dot takes v in
+    that dtype anyway; storing it so halves the bytes every output block re-reads). Public so that a
+    benchmark can time the two kernels apart."""
+    layer_v, pool_rows, start, end, tslot, rk = _common(dims, pool, layer, tiles)
+    bk = pow2_divisor(dims.width, bk)
+    args = _backend.kernel_operands(
+        layer_v, start, end, tslot, ranks.astype(jnp.int32), scales.astype(jnp.float32), a_pages.astype(jnp.int32), x,
+        pool_rows
     )
     return pl.pallas_call(
-        functools.partial(_expand_kernel, dims=dims, tm=tm, bn=bn, rk=rk),
-        out_shape=_backend.output_struct(y.shape, y.dtype, expand_args[-1]),
-        grid=(num_tiles, blocks.shape[0]),
-        in_specs=[whole] * 10,
-        out_specs=whole,
+        functools.partial(_shrink_kernel, dims=dims, tm=tm, bk=bk, rk=rk, per_module=per_module,
+                          exact=column_masks or dims.d_in % bk != 0),
+        out_shape=_backend.output_struct((dims.num_tokens, dims.num_modules, rk), pool.dtype, args[0]),
+        grid=(start.shape[0], dims.num_modules) if per_module else (start.shape[0],),
+        in_specs=[pl.no_block_spec] * 9,
+        out_specs=pl.no_block_spec,
+        compiler_params=_backend.compiler_params(num_warps=num_warps, num_stages=2),
+        interpret=interpret,
+        name="lora_prefill_shrink",
+    )(*args)
+
+
+def expand_pallas(y, v, pool, layer, b_pages, ranks, tiles, *, dims, interpret, tm, bn, num_warps, per_chunk=False,
+                  column_masks=False):
+    """MBGMM's second kernel alone: y + v B, y aliased to the output."""
+    layer_v, pool_rows, start, end, tslot, rk = _common(dims, pool, layer, tiles)
+    bn = pow2_divisor(dims.width, bn)
+    blocks = jnp.asarray(output_chunks(dims) if per_chunk else output_blocks(dims, bn))
+    kernel = _expand_chunk_kernel if per_chunk else _expand_kernel
+    args = _backend.kernel_operands(
+        layer_v, start, end, tslot, ranks.astype(jnp.int32), b_pages.astype(jnp.int32), blocks, v, pool_rows, y
+    )
+    return pl.pallas_call(
+        functools.partial(kernel, dims=dims, tm=tm, bn=bn, rk=rk, exact=column_masks or any(d % bn for d in dims.out_sizes)),
+        out_shape=_backend.output_struct(y.shape, y.dtype, args[-1]),
+        grid=(start.shape[0], blocks.shape[0]),
+        in_specs=[pl.no_block_spec] * 10,
+        out_specs=pl.no_block_spec,
         input_output_aliases={9: 0},
-        compiler_params=params,
+        compiler_params=_backend.compiler_params(num_warps=num_warps, num_stages=2),
         interpret=interpret,
         name="lora_prefill_expand",
-    )(*expand_args)
+    )(*args)
