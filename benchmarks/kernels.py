@@ -5,13 +5,16 @@
 
 First measures the device's copy bandwidth (x + 1 over 2 GiB bf16: bytes read + written per second)
 and its bf16 matmul rate (8192^3). Then, per case, on fresh random data made on the device, both
-backends are timed in-loop: a jitted `lax.fori_loop` of N repetitions whose carry is the op's
-whole output fed back as its input (y for LoRA, the pool for write_kv, the output as the next
-query for attention), so nothing can be sliced away and dispatch is paid once. The loop's first
-repetition is the check: the Pallas output against the XLA reference's, with the output poisoned
-(random y the op adds to; relative error ||pallas - xla|| / ||xla - y||). Reported per case:
+backends are timed in-loop: a jitted `lax.fori_loop` of N iterations, each running the op
+CALLS_PER_ITERATION times in a row, whose carry is the op's whole output fed back as its input (y
+for LoRA, the pool for write_kv, the output as the next query for attention), so nothing can be
+sliced away and dispatch is paid once (see `in_loop_seconds` for why several calls per iteration).
+One call on the first input is the check: the Pallas output against the XLA reference's, with the
+output poisoned (random y the op adds to; relative error ||pallas - xla|| / ||xla - y||). Reported per case:
 time, bytes the op must move, FLOPs, floor = max(bytes / copy bandwidth, FLOPs / matmul rate),
 % of copy bandwidth, speedup over XLA. Exit status 1 if any case failed or missed tolerance.
+`--lora-parts` also times the LoRA ops' shrink and expand kernels apart; `--lora-decode-variants` and
+`--lora-prefill-variants` time the Pallas kernels with other knobs beside their defaults.
 
 Sweeps (--quick trims them to fit ~4 minutes; --budget-s stops starting new cases):
   lora_decode   T in {1,16,64,256,512} x distinct adapters {1,8,T} x ranks {8,16,32,64,mixed},
@@ -43,7 +46,7 @@ from jax import lax
 import pallas_kernels as pk
 from pallas_kernels.ops.lora_decode import pallas_triton as lora_decode_triton
 from pallas_kernels._checks import pow2_divisor
-from pallas_kernels.ops.lora_layout import validate_lora_args
+from pallas_kernels.ops.lora_layout import sanitize_slots, validate_lora_args
 from pallas_kernels.ops.lora_prefill import pallas_triton as lora_prefill_triton
 from pallas_kernels.ops.lora_prefill import tiles as lora_tiles
 from pallas_kernels.ops.paged_decode_attention import layout as paged_layout
@@ -86,21 +89,39 @@ def on_replicas(step, carry, consts, mesh):
     return body, carry, consts
 
 
-def in_loop_seconds(step, carry, consts, target_s: float, keep_first: bool = False, mesh=None):
+# Calls of the op per iteration of the timing loop. One iteration of a jitted while loop costs ~23 us on the
+# H200 (its trip test goes back to the host: `loop_overhead_us`, measured on 2026-11-28), as much as a small
+# kernel, so the loop body runs the op this many times back to back, as the engine's unrolled layers do.
+# Set once by main (--calls-per-iteration).
+CALLS_PER_ITERATION = 8
+
+
+def in_loop_seconds(step, carry, consts, target_s: float, keep_first: bool = False, mesh=None, calls=None):
     """Seconds per call of step(carry, consts) -> carry, timed inside one jitted fori_loop.
 
+    Each iteration runs `calls` (default CALLS_PER_ITERATION) calls in a row, each one's output the next
+    one's input. An optimization barrier over the carry and the constants between calls keeps XLA from
+    fusing one call into the next and from computing once what calls share (a LoRA shrink reads only the
+    constant x: without the barrier on the constants, 8 calls ran one shrink).
     mesh: run one replica per device of this mesh at once (the seconds are then those of all of them).
-    Returns (seconds, step(carry) of the first call if keep_first else None; [replicas, ...] with a mesh).
+    Returns (seconds, step(carry) of one call if keep_first else None; [replicas, ...] with a mesh).
     """
+    calls = calls or CALLS_PER_ITERATION
     if mesh is not None:
         step, carry, consts = on_replicas(step, carry, consts, mesh)
 
+    def body(_, c, k):
+        c, k = lax.optimization_barrier((c, k))  # nothing in the body is loop-invariant (no hoisting either)
+        for _ in range(calls):
+            c, k = lax.optimization_barrier((step(c, k), k))
+        return c
+
     @functools.partial(jax.jit, donate_argnums=0)
     def loop(c, k, n):
-        return lax.fori_loop(0, n, lambda i, c: step(c, k), c)
+        return lax.fori_loop(0, n, functools.partial(body, k=k), c)
 
+    first = jax.block_until_ready(jax.jit(step)(carry, consts)) if keep_first else None
     carry = jax.block_until_ready(loop(carry, consts, 1))  # compile + warm up
-    first = jnp.copy(carry) if keep_first else None  # the carry is donated below
     t0 = time.perf_counter()
     carry = jax.block_until_ready(loop(carry, consts, 3))
     est = (time.perf_counter() - t0) / 3
@@ -110,7 +131,7 @@ def in_loop_seconds(step, carry, consts, target_s: float, keep_first: bool = Fal
         t0 = time.perf_counter()
         carry = jax.block_until_ready(loop(carry, consts, n))
         best = min(best, (time.perf_counter() - t0) / n)
-    return best, first
+    return best / calls, first
 
 
 def copy_bandwidth(nbytes: int, target_s: float) -> float:
@@ -278,19 +299,20 @@ def lora_case(runner, op, *, T, distinct, rank, d_in, out_sizes, W, shape_name, 
     def run():
         y, consts, _, _ = inputs
         fn = {"decode": pk.lora_decode, "prefill": pk.lora_prefill}[op]
+        dims = validate_lora_args(op, y, *consts[:7], consts[7], out_sizes)
 
         def step_of(impl):
-            if op == "decode" and impl != "xla":
-                # "pallas": the split kernels; "pallas_fused": one launch; "pallas_ksN": d_in split N ways.
-                kw = dict(fused=impl == "pallas_fused",
-                          k_splits=int(impl[len("pallas_ks"):]) if impl.startswith("pallas_ks") else 1)
-                return lambda c, k: fn(c, *k[:7], k[7], out_sizes=out_sizes, implementation="pallas", **kw)
+            if impl.startswith("pallas_"):  # a variant: the kernel called with its own knobs
+                kernel = _lora_decode_step if op == "decode" else _lora_prefill_step
+                kw = lora_variant_kwargs(op, impl[len("pallas_"):], dims)
+                return functools.partial(kernel, dims=dims, interpret=not pk._backend.on_gpu(), **kw)
             return lambda c, k: fn(c, *k[:7], k[7], out_sizes=out_sizes, implementation=impl)
 
-        variants = tuple(f"pallas_{v}" for v in runner.args.lora_decode_variants.split(",") if v) if op == "decode" else ()
+        names = runner.args.lora_decode_variants if op == "decode" else runner.args.lora_prefill_variants
+        variants = tuple(f"pallas_{v}" for v in names.split(",") if v)
         out = runner.timed(step_of, y, consts, base=y, variants=variants)
-        if op == "decode" and runner.args.lora_decode_parts:
-            out.update(lora_decode_parts(runner, y, consts, out_sizes))
+        if runner.args.lora_parts:
+            out.update(lora_parts(runner, op, y, consts, dims))
         return out
 
     inputs = lora_inputs(rng, key, T=T, distinct=distinct, rank=rank, d_in=d_in, out_sizes=out_sizes, W=W,
@@ -298,24 +320,63 @@ def lora_case(runner, op, *, T, distinct, rank, d_in, out_sizes, W, shape_name, 
     runner.record(f"lora_{op}", f"{shape_name} T={T} adapters={distinct} r={rank}", params, inputs[2], inputs[3], run)
 
 
-def lora_decode_parts(runner, y, consts, out_sizes) -> dict:
-    """The split MBGMV's two kernels timed apart (default blocks): where the op's time goes.
+# Variant names: knobs joined by "+", each a prefix and a number; a bare flag is on, a flag followed by 0 off.
+_DECODE_KNOBS = {"fused": "fused", "ks": "k_splits", "bk": "block_k", "bn": "block_n", "w": "num_warps",
+                 "ec": "expand_per_chunk", "ew": "expand_warps",
+                 "cm": "column_masks"}
+_PREFILL_KNOBS = {"pm": "shrink_per_module", "ec": "expand_per_chunk", "cm": "column_masks", "tm": "block_tokens",
+                  "bk": "block_k", "bn": "block_n",
+                  "w": "num_warps"}
 
-    The shrink's loop carries x (plus 1e-30 x the sum of v, so that every iteration depends on all of v: an
+
+def lora_variant_kwargs(op: str, name: str, dims) -> dict:
+    """Keyword arguments of the Pallas kernel for a variant name such as "ec+bn128" (decode: fused, ksN, bkN,
+    bnN, wN, ec = one expand program per page chunk, ewN = expand warps, cm = per-column masks) or
+    "tm128+pm0" (prefill: tmN = tokens per tile, bkN, bnN, wN, pm / ec = one shrink program per module /
+    one expand program per chunk (both on by default: pm0 and ec0 turn them off), cm = per-column masks)."""
+    knobs = _DECODE_KNOBS if op == "decode" else _PREFILL_KNOBS
+    kw = {}
+    for part in name.split("+"):
+        key = next((k for k in sorted(knobs, key=len, reverse=True) if part.startswith(k)), None)
+        if key is None:
+            raise SystemExit(f"unknown lora_{op} variant knob {part!r} (known: {', '.join(knobs)})")
+        rest = part[len(key):]
+        kw[knobs[key]] = int(rest) if rest else True
+    if op == "prefill":
+        tm = kw.get("block_tokens", 64)
+        kw["num_tiles"] = lora_tiles.max_tiles(dims.num_tokens, dims.num_slots, tm)
+    return kw
+
+
+def lora_parts(runner, op, y, consts, dims) -> dict:
+    """The default Pallas path's two kernels (shrink, expand) timed apart: where the op's time goes.
+
+    The shrink's loop carries x (plus 1e-30 x the sum of v, so that every call depends on all of v: an
     elementwise pass over x more); the expand's carries y, with v fixed."""
     x, pool, layer, a_pages, b_pages, ranks, scales, slot = consts
-    dims = validate_lora_args("parts", y, x, pool, layer, a_pages, b_pages, ranks, scales, slot, out_sizes)
-    kw = dict(dims=dims, interpret=not pk._backend.on_gpu(), num_warps=4, ks=1)
-    bk = bn = pow2_divisor(dims.width, 512)  # the defaults of lora_decode_pallas
+    interpret = not pk._backend.on_gpu()
+    if op == "decode":
+        kw = dict(dims=dims, interpret=interpret, num_warps=4, ks=1)  # the defaults of lora_decode_pallas:
+        shrink_fn = functools.partial(lora_decode_triton.shrink_pallas, bk=pow2_divisor(dims.width, 256), **kw)
+        expand_fn = functools.partial(lora_decode_triton.expand_pallas, bn=pow2_divisor(dims.width, 256),
+                                      per_chunk=True, **kw)
+        where = slot
+    else:
+        nt = lora_tiles.max_tiles(dims.num_tokens, dims.num_slots, 64)
+        where = lora_tiles.segment_tiles(slot, 64, nt)[:3]  # the sweep's slots are sorted
+        kw = dict(dims=dims, interpret=interpret, tm=64, num_warps=4)  # the defaults of lora_prefill_pallas
+        shrink_fn = functools.partial(lora_prefill_triton.shrink_pallas, bk=128, per_module=True, **kw)
+        expand_fn = functools.partial(lora_prefill_triton.expand_pallas, bn=128, per_chunk=True, **kw)
 
     def shrink(c, k):
-        v = lora_decode_triton.shrink_pallas(c, *k, bk=bk, **kw)
+        v = shrink_fn(c, *k)
         return c + (jnp.sum(v) * 1e-30).astype(c.dtype)
 
-    v = jax.jit(lambda: lora_decode_triton.shrink_pallas(x, pool, layer, a_pages, ranks, scales, slot, bk=bk, **kw))()
-    s_sec, _ = in_loop_seconds(shrink, x + 0, (pool, layer, a_pages, ranks, scales, slot), runner.args.target_s)
-    e_sec, _ = in_loop_seconds(lambda c, k: lora_decode_triton.expand_pallas(c, *k, bn=bn, **kw), y + 0,
-                               (v, pool, layer, b_pages, ranks, slot), runner.args.target_s)
+    shrink_consts = (pool, layer, a_pages, ranks, scales, where)
+    v = jax.jit(shrink_fn)(x, *shrink_consts)
+    s_sec, _ = in_loop_seconds(shrink, x + 0, shrink_consts, runner.args.target_s)
+    e_sec, _ = in_loop_seconds(lambda c, k: expand_fn(c, *k), y + 0, (v, pool, layer, b_pages, ranks, where),
+                               runner.args.target_s)
     return {"part_shrink_us": 1e6 * s_sec, "part_expand_us": 1e6 * e_sec}
 
 
@@ -464,11 +525,11 @@ def _paged_step(c, k, **kw):
 
 
 def _lora_decode_step(c, k, **kw):
-    return lora_decode_triton.lora_decode_pallas(c, *k, **kw)
+    return lora_decode_triton.lora_decode_pallas(c, *k[:7], sanitize_slots(k[7], kw["dims"]), **kw)
 
 
-def _lora_prefill_step(c, k, *, num_tiles, block_tokens, **kw):
-    tiles = lora_tiles.segment_tiles(k[7], block_tokens, num_tiles)[:3]
+def _lora_prefill_step(c, k, *, num_tiles, block_tokens=64, **kw):
+    tiles = lora_tiles.segment_tiles(sanitize_slots(k[7], kw["dims"]), block_tokens, num_tiles)[:3]
     return lora_prefill_triton.lora_prefill_pallas(c, *k[:7], tiles, num_tiles=num_tiles, block_tokens=block_tokens,
                                                    **kw)
 
@@ -570,14 +631,20 @@ def main(argv=None):
     p.add_argument("--target-s", type=float, default=None, help="wall time of one timed loop")
     p.add_argument("--ops", default=None, help="comma list of ops to run (default: all)")
     p.add_argument("--lora-decode-variants", default="fused",
-                   help="Pallas lora_decode variants timed beside the default: comma list of fused, ks2, ks4, ks8 "
-                        "(ksN: the shrink's pass over d_in split N ways)")
+                   help="Pallas lora_decode variants timed beside the default: comma list of knobs joined by '+' "
+                        "(fused, ksN the shrink's pass over d_in split N ways, bkN, bnN, wN warps, ec one expand "
+                        "program per page chunk, ewN expand warps, cm per-column masks), e.g. fused,ec,ec+bn128")
     p.add_argument("--lora-decode-cases", default=None,
                    help="lora_decode cases instead of the sweep's: comma list of T:adapters:rank:shape "
                         "(rank an int or 'mixed'; shape a key of gpu_sweep's table, e.g. qkv_gqa_W1024)")
-    p.add_argument("--lora-decode-parts", action="store_true",
-                   help="also time MBGMV's shrink and expand kernels apart (part_shrink_us, part_expand_us), and "
-                        "one empty iteration of the timing loop (loop_overhead_us)")
+    p.add_argument("--lora-prefill-variants", default="",
+                   help="Pallas lora_prefill variants timed beside the default: comma list of knobs joined by '+' "
+                        "(tmN tokens per tile, bkN, bnN, wN warps, pm0 one shrink program per tile instead of per "
+                        "module, ec0 one expand program per block instead of per page chunk, cm per-column masks)")
+    p.add_argument("--lora-parts", "--lora-decode-parts", dest="lora_parts", action="store_true",
+                   help="also time the LoRA ops' shrink and expand kernels apart (part_shrink_us, part_expand_us)")
+    p.add_argument("--calls-per-iteration", type=int, default=None,
+                   help="calls of the op per iteration of the timing loop (default 8; 1 with --cpu-smoke)")
     p.add_argument("--replicas", type=int, default=1,
                    help="run every checked case on this many local devices at once, one replica each, under "
                         "jax.shard_map (0 = all local devices); times are then those of all replicas together")
@@ -588,6 +655,8 @@ def main(argv=None):
     args.budget_s = args.budget_s or (210.0 if args.quick else 3600.0)
     args.target_s = args.target_s or (0.005 if args.cpu_smoke else 0.05)
     args.dtype = args.dtype or ("float32" if args.cpu_smoke else "bfloat16")
+    global CALLS_PER_ITERATION
+    CALLS_PER_ITERATION = args.calls_per_iteration or (1 if args.cpu_smoke else 8)
     dtype = jnp.dtype(args.dtype)
 
     dev = jax.devices()[0]
@@ -596,10 +665,12 @@ def main(argv=None):
     mm = matmul_rate(256 if args.cpu_smoke else 8192, args.target_s)
     print(f"copy bandwidth {bw / 1e9:.0f} GB/s (read + write), bf16 matmul {mm / 1e12:.1f} TFLOP/s", flush=True)
 
-    # What one iteration of the timing loop costs around any op (a one-element add): the launch floor that
-    # every in-loop time here includes.
-    loop_us = 1e6 * in_loop_seconds(lambda c, k: c + 1, jnp.zeros((1,), jnp.float32), (), args.target_s)[0]
-    print(f"one empty iteration of the timing loop: {loop_us:.1f} us", flush=True)
+    # What the timing loop costs around any op (a one-element add): one iteration with one call, and one call
+    # of the CALLS_PER_ITERATION in an iteration (the floor under every time here).
+    loop_us = 1e6 * in_loop_seconds(lambda c, k: c + 1, jnp.zeros((1,), jnp.float32), (), args.target_s, calls=1)[0]
+    call_us = 1e6 * in_loop_seconds(lambda c, k: c + 1, jnp.zeros((1,), jnp.float32), (), args.target_s)[0]
+    print(f"timing loop: {loop_us:.1f} us per iteration of one call; {call_us:.1f} us per call at "
+          f"{CALLS_PER_ITERATION} calls per iteration", flush=True)
     runner = Runner(args, bw, mm)
     if args.cpu_smoke:
         cpu_smoke(runner, dtype)
@@ -610,7 +681,8 @@ def main(argv=None):
         device=f"{dev.device_kind} ({dev.platform})", jax_version=jax.__version__,
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         command=" ".join([sys.executable.rsplit("/", 1)[-1]] + sys.argv), dtype=args.dtype,
-        copy_bandwidth_GBps=bw / 1e9, matmul_bf16_TFLOPs=mm / 1e12, loop_overhead_us=loop_us, cases=runner.results,
+        copy_bandwidth_GBps=bw / 1e9, matmul_bf16_TFLOPs=mm / 1e12, loop_overhead_us=loop_us,
+        calls_per_iteration=CALLS_PER_ITERATION, empty_call_us=call_us, cases=runner.results,
         total_s=time.perf_counter() - runner.t_start,
     )
     with open(args.out, "w") as f:
