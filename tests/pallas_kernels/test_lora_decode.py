@@ -40,8 +40,9 @@ def _run_case(implementation, dtype, name, T, d_in, out_sizes, W, S, rank_choice
             case.ranks, case.scales)
     if kernel_knobs:  # the kernel itself, with knobs the public op does not take
         dims = validate_lora_args("t", *args, token_slot, out_sizes)
-        out = pallas_triton.lora_decode_pallas(*args, sanitize_slots(token_slot, dims), dims=dims, interpret=pk._backend.interpret_mode(),
-                                               k_splits=k_splits, **kernel_knobs)
+        out = pallas_triton.lora_decode_pallas(*args, sanitize_slots(token_slot, dims), dims=dims,
+                                               interpret=pk._backend.interpret_mode(), k_splits=k_splits,
+                                               **kernel_knobs)
     else:
         fn = jax.jit(pk.lora_decode, static_argnames=("out_sizes", "implementation", "fused", "k_splits"))
         out = fn(*args, token_slot, out_sizes=out_sizes, implementation=implementation, fused=fused,
@@ -77,16 +78,22 @@ def test_lora_decode_k_splits_match_dense_loop(k_splits, case, lora_numpy_refere
               k_splits=k_splits)
 
 
-@pytest.mark.parametrize("knobs", [dict(expand_per_chunk=True), dict(expand_per_chunk=True, expand_warps=8, block_n=8),
-                                   dict(expand_per_chunk=False, expand_warps=2, block_n=8),
-                                   dict(column_masks=True)],
-                         ids=["expand_per_chunk", "expand_per_chunk_w8_bn8", "expand_per_block_w2_bn8", "column_masks"])
+@pytest.mark.parametrize("knobs", [dict(expand_per_chunk=False), dict(expand_warps=8, block_n=8),
+                                   dict(expand_per_chunk=False, expand_warps=2, block_n=8), dict(column_masks=True)],
+                         ids=["expand_per_block", "expand_w8_bn8", "expand_per_block_w2_bn8", "column_masks"])
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_lora_decode_expand_knobs_match_dense_loop(knobs, case, lora_numpy_reference):
-    """The kernel's knobs: one expand program per page chunk (the default) or per block, other warps and
-    blocks, per-column masks everywhere."""
+def test_lora_decode_kernel_knobs_match_dense_loop(knobs, case, lora_numpy_reference):
+    """The kernel's knobs: one expand program per block instead of per page chunk, other warps and blocks
+    (several blocks per chunk), per-column masks everywhere."""
     _run_case("pallas", "float32", *case, seed=hash((case[0], str(knobs))) % 2**31, reference=lora_numpy_reference,
               **knobs)
+
+
+def test_lora_decode_block_masks_on_a_partial_page_chunk(lora_numpy_reference):
+    """A module of 48 columns in 32-column pages, 16-column blocks: its second chunk holds one block and
+    the loop's next block lies wholly past the module (one predicate masks it, no per-column compare)."""
+    case = ("partial_chunk", 3, 32, (48, 16), 32, 2, (4, 16), None)
+    _run_case("pallas", "float32", *case, seed=5, reference=lora_numpy_reference, block_n=16)
 
 
 def test_case_packing_follows_the_page_layout():

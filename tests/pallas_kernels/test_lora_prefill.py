@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import pallas_kernels as pk
-from pallas_kernels.ops.lora_layout import validate_lora_args
-from pallas_kernels.ops.lora_prefill import tiles
+from pallas_kernels.ops.lora_layout import sanitize_slots, validate_lora_args
+from pallas_kernels.ops.lora_prefill import pallas_triton, tiles
 from pallas_kernels.ops.lora_prefill.reference import lora_prefill_reference
 from pallas_kernels.testing import TOLERANCE, make_lora_case, np_dtype, relative_error
 
@@ -123,22 +123,28 @@ def test_pallas_path_has_no_xla_grouped_matmul_branch():
     assert "pallas_call" in program("pallas", T)
 
 
-@pytest.mark.parametrize("knobs", [dict(shrink_per_module=True), dict(block_k=16, block_n=16, num_warps=8),
-                                   dict(expand_per_chunk=True, block_n=16)],
-                         ids=["shrink_per_module", "small_blocks", "expand_per_chunk"])
-def test_lora_prefill_kernel_knobs_match_dense_loop(knobs, lora_numpy_reference):
-    """The kernel's tuning knobs (one shrink program per module; other block sizes) on the segments case."""
-    from pallas_kernels.ops.lora_layout import sanitize_slots
-    from pallas_kernels.ops.lora_prefill import pallas_triton
+# A module of 48 columns in 32-column pages: with 16-column blocks its second chunk holds one block, and the
+# loop's next block lies wholly past the module (masked by one predicate, no per-column compare).
+PARTIAL_CHUNK = ("partial_chunk", 20, 32, (48, 16), 32, 2, (4, 16), lambda r, T, S: _sorted_slots(r, T, S, [0, 1]))
 
-    name, T, d_in, out_sizes, W, S, rank_choices, slots = CASES[0]
-    case_, token_slot, x, y = _make("float32", *CASES[0])
+
+@pytest.mark.parametrize("case,knobs", [
+    (CASES[0], dict(shrink_per_module=False, expand_per_chunk=False)),
+    (CASES[0], dict(block_k=16, block_n=16, num_warps=8)),
+    (CASES[0], dict(column_masks=True)),
+    (PARTIAL_CHUNK, dict(block_n=16)),
+], ids=["per_tile_per_block", "small_blocks", "column_masks", "partial_chunk"])
+def test_lora_prefill_kernel_knobs_match_dense_loop(case, knobs, lora_numpy_reference):
+    """The kernel's knobs: one shrink program per tile and one expand program per block (instead of per
+    module and per page chunk), small blocks (several per chunk), per-column masks."""
+    name, T, d_in, out_sizes, W, S, rank_choices, slots = case
+    case_, token_slot, x, y = _make("float32", *case)
     args = (jnp.asarray(y), jnp.asarray(x), jnp.asarray(case_.pool), jnp.int32(1), case_.a_pages, case_.b_pages,
             case_.ranks, case_.scales)
     dims = validate_lora_args("t", *args, token_slot, out_sizes)
     nt = tiles.max_tiles(T, S, TM)
     tile_list = tiles.segment_tiles(sanitize_slots(token_slot, dims), TM, nt)[:3]
-    out = pallas_triton.lora_prefill_pallas(*args, tile_list, dims=dims, interpret=pk._backend.interpret_mode(), num_tiles=nt,
-                                            block_tokens=TM, **knobs)
+    out = pallas_triton.lora_prefill_pallas(*args, tile_list, dims=dims, interpret=pk._backend.interpret_mode(),
+                                            num_tiles=nt, block_tokens=TM, **knobs)
     err = relative_error(out, lora_numpy_reference(y, x, case_, 1, token_slot), base=y)
     assert err < TOLERANCE["float32"], f"{knobs}: relative error {err:.2e}"

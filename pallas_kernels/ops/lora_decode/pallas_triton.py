@@ -255,8 +255,8 @@ def lora_decode_pallas(
                       num_warps=num_warps or 4)
     return _split(y, x, pool, layer, a_pages, b_pages, ranks, scales, token_slot, dims=dims, interpret=interpret,
                   bk=pow2_divisor(dims.width, block_k or 256), bn=pow2_divisor(dims.width, block_n or 256),
-                  num_warps=num_warps or 4, ks=k_splits, per_chunk=expand_per_chunk, expand_warps=expand_warps or num_warps or 4,
-                  column_masks=column_masks)
+                  num_warps=num_warps or 4, ks=k_splits, per_chunk=expand_per_chunk,
+                  expand_warps=expand_warps or num_warps or 4, column_masks=column_masks)
 
 
 def _fused(y, x, pool, layer, a_pages, b_pages, ranks, scales, token_slot, *, dims, interpret, bk, bn, num_warps):

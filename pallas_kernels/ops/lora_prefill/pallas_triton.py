@@ -239,7 +239,8 @@ def expand_pallas(y, v, pool, layer, b_pages, ranks, tiles, *, dims, interpret, 
         layer_v, start, end, tslot, ranks.astype(jnp.int32), b_pages.astype(jnp.int32), blocks, v, pool_rows, y
     )
     return pl.pallas_call(
-        functools.partial(kernel, dims=dims, tm=tm, bn=bn, rk=rk, exact=column_masks or any(d % bn for d in dims.out_sizes)),
+        functools.partial(kernel, dims=dims, tm=tm, bn=bn, rk=rk,
+                          exact=column_masks or any(d % bn for d in dims.out_sizes)),
         out_shape=_backend.output_struct(y.shape, y.dtype, args[-1]),
         grid=(start.shape[0], blocks.shape[0]),
         in_specs=[pl.no_block_spec] * 10,
