@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
+import inspect
 import json
 import math
 import sys
@@ -322,11 +323,9 @@ def lora_case(runner, op, *, T, distinct, rank, d_in, out_sizes, W, shape_name, 
 
 # Variant names: knobs joined by "+", each a prefix and a number; a bare flag is on, a flag followed by 0 off.
 _DECODE_KNOBS = {"fused": "fused", "ks": "k_splits", "bk": "block_k", "bn": "block_n", "w": "num_warps",
-                 "ec": "expand_per_chunk", "ew": "expand_warps",
-                 "cm": "column_masks"}
+                 "ec": "expand_per_chunk", "ew": "expand_warps", "cm": "column_masks"}
 _PREFILL_KNOBS = {"pm": "shrink_per_module", "ec": "expand_per_chunk", "cm": "column_masks", "tm": "block_tokens",
-                  "bk": "block_k", "bn": "block_n",
-                  "w": "num_warps"}
+                  "bk": "block_k", "bn": "block_n", "w": "num_warps"}
 
 
 def lora_variant_kwargs(op: str, name: str, dims) -> dict:
@@ -356,17 +355,22 @@ def lora_parts(runner, op, y, consts, dims) -> dict:
     x, pool, layer, a_pages, b_pages, ranks, scales, slot = consts
     interpret = not pk._backend.on_gpu()
     if op == "decode":
-        kw = dict(dims=dims, interpret=interpret, num_warps=4, ks=1)  # the defaults of lora_decode_pallas:
-        shrink_fn = functools.partial(lora_decode_triton.shrink_pallas, bk=pow2_divisor(dims.width, 256), **kw)
-        expand_fn = functools.partial(lora_decode_triton.expand_pallas, bn=pow2_divisor(dims.width, 256),
-                                      per_chunk=True, **kw)
+        kw = dict(dims=dims, interpret=interpret, num_warps=4, ks=1)  # the defaults of lora_decode_pallas
+        shrink_fn = functools.partial(lora_decode_triton.shrink_pallas,
+                                      bk=pow2_divisor(dims.width, lora_decode_triton.BLOCK_K), **kw)
+        expand_fn = functools.partial(lora_decode_triton.expand_pallas,
+                                      bn=pow2_divisor(dims.width, lora_decode_triton.BLOCK_N), per_chunk=True, **kw)
         where = slot
     else:
-        nt = lora_tiles.max_tiles(dims.num_tokens, dims.num_slots, 64)
-        where = lora_tiles.segment_tiles(slot, 64, nt)[:3]  # the sweep's slots are sorted
-        kw = dict(dims=dims, interpret=interpret, tm=64, num_warps=4)  # the defaults of lora_prefill_pallas
-        shrink_fn = functools.partial(lora_prefill_triton.shrink_pallas, bk=128, per_module=True, **kw)
-        expand_fn = functools.partial(lora_prefill_triton.expand_pallas, bn=128, per_chunk=True, **kw)
+        d = {k: v.default for k, v in inspect.signature(lora_prefill_triton.lora_prefill_pallas).parameters.items()}
+        tm = d["block_tokens"]
+        nt = lora_tiles.max_tiles(dims.num_tokens, dims.num_slots, tm)
+        where = lora_tiles.segment_tiles(slot, tm, nt)[:3]  # the sweep's slots are sorted
+        kw = dict(dims=dims, interpret=interpret, tm=tm, num_warps=d["num_warps"])
+        shrink_fn = functools.partial(lora_prefill_triton.shrink_pallas, bk=d["block_k"],
+                                      per_module=d["shrink_per_module"], **kw)
+        expand_fn = functools.partial(lora_prefill_triton.expand_pallas, bn=d["block_n"],
+                                      per_chunk=d["expand_per_chunk"], **kw)
 
     def shrink(c, k):
         v = shrink_fn(c, *k)

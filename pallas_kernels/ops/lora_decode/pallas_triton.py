@@ -45,6 +45,13 @@ from pallas_kernels._checks import as_index_vector, cdiv, next_pow2, pow2_diviso
 from pallas_kernels.ops.lora_layout import LoraDims
 
 
+# Default columns per shrink tile (BK) and per expand block (BN), capped to what divides W. On the H200,
+# 256 / 256 with the per-chunk expand ran the 256-adapter target case at 75-78% of copy bandwidth
+# (benchmarks/NOTES.md, "MBGMV: the expand was the slow half").
+BLOCK_K = 256
+BLOCK_N = 256
+
+
 def unsupported_reason(dims: LoraDims) -> str | None:
     """Why the Triton kernel cannot take these sizes, or None."""
     R = dims.page_rows
@@ -254,7 +261,7 @@ def lora_decode_pallas(
                       bk=pow2_divisor(dims.width, block_k or blk), bn=pow2_divisor(dims.width, block_n or blk),
                       num_warps=num_warps or 4)
     return _split(y, x, pool, layer, a_pages, b_pages, ranks, scales, token_slot, dims=dims, interpret=interpret,
-                  bk=pow2_divisor(dims.width, block_k or 256), bn=pow2_divisor(dims.width, block_n or 256),
+                  bk=pow2_divisor(dims.width, block_k or BLOCK_K), bn=pow2_divisor(dims.width, block_n or BLOCK_N),
                   num_warps=num_warps or 4, ks=k_splits, per_chunk=expand_per_chunk,
                   expand_warps=expand_warps or num_warps or 4, column_masks=column_masks)
 
