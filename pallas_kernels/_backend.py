@@ -15,6 +15,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 
 with warnings.catch_warnings():
     # The Triton lowering is deprecated from jax 0.11 on but still the working GPU path there.
@@ -92,6 +93,26 @@ def kernel_operands(*arrays):
 def output_struct(shape, dtype, like) -> jax.ShapeDtypeStruct:
     """A `pallas_call` out_shape that varies over the same manual mesh axes as operand `like`."""
     return jax.eval_shape(lambda a: jax.numpy.zeros(shape, dtype) + jax.numpy.sum(a).astype(dtype) * 0, like)
+
+
+def update_in_place(kernel, *operands, grid, num_warps: int, interpret: bool, name: str, num_stages: int = 2):
+    """Run `kernel` over `grid` as a `pallas_call` that updates its last operand in place: the output has
+    that operand's shape and dtype and aliases it (no copy when the caller donates it). Every operand is
+    passed whole (`no_block_spec`): the kernels gather through index tables, which this lowering's block
+    specs cannot express."""
+    args = kernel_operands(*operands)
+    target = args[-1]
+    return pl.pallas_call(
+        kernel,
+        out_shape=output_struct(target.shape, target.dtype, target),
+        grid=grid,
+        in_specs=[pl.no_block_spec] * len(args),
+        out_specs=pl.no_block_spec,
+        input_output_aliases={len(args) - 1: 0},
+        compiler_params=compiler_params(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name=name,
+    )(*args)
 
 
 def column_mask(start, width: int, limit, exact: bool):

@@ -270,22 +270,13 @@ def _fused(y, x, pool, layer, a_pages, b_pages, ranks, scales, token_slot, *, di
     T, M = dims.num_tokens, dims.num_modules
     mods = jnp.asarray(np.array([dims.offsets, dims.out_sizes], np.int32).T)  # [M, (y column, width)]
     pool_rows = pool.reshape(dims.num_layers, dims.num_pages * dims.page_rows, dims.width)
-    args = _backend.kernel_operands(
+    return _backend.update_in_place(
+        functools.partial(_fused_kernel, dims=dims, bk=bk, bn=bn, nblk=cdiv(max(dims.out_sizes), bn)),
         jnp.clip(as_index_vector(layer), 0, dims.num_layers - 1), token_slot.astype(jnp.int32),
         ranks.astype(jnp.int32), scales.astype(jnp.float32), a_pages.astype(jnp.int32), b_pages.astype(jnp.int32),
         mods, x, pool_rows, y,
+        grid=(T, M), num_warps=num_warps, interpret=interpret, name="lora_decode_fused",
     )
-    return pl.pallas_call(
-        functools.partial(_fused_kernel, dims=dims, bk=bk, bn=bn, nblk=cdiv(max(dims.out_sizes), bn)),
-        out_shape=_backend.output_struct(y.shape, y.dtype, args[-1]),
-        grid=(T, M),
-        in_specs=[pl.no_block_spec] * 10,
-        out_specs=pl.no_block_spec,
-        input_output_aliases={9: 0},
-        compiler_params=_backend.compiler_params(num_warps=num_warps, num_stages=2),
-        interpret=interpret,
-        name="lora_decode_fused",
-    )(*args)
 
 
 def _split(y, x, pool, layer, a_pages, b_pages, ranks, scales, token_slot, *, dims, interpret, bk, bn, num_warps, ks,
@@ -329,17 +320,8 @@ def expand_pallas(y, v, pool, layer, b_pages, ranks, token_slot, *, dims, interp
     layer_v = jnp.clip(as_index_vector(layer), 0, dims.num_layers - 1)
     blocks = jnp.asarray(output_chunks(dims) if per_chunk else output_blocks(dims, bn))
     kernel = _expand_chunk_kernel if per_chunk else _expand_kernel
-    expand_args = _backend.kernel_operands(layer_v, token_slot.astype(jnp.int32), ranks.astype(jnp.int32),
-                                           b_pages.astype(jnp.int32), blocks, v, pool, y)
-    return pl.pallas_call(
-        functools.partial(kernel, dims=dims, bn=bn, ks=ks,
-                          exact=column_masks or any(d % bn for d in dims.out_sizes)),
-        out_shape=_backend.output_struct(y.shape, y.dtype, expand_args[-1]),
-        grid=(dims.num_tokens, blocks.shape[0]),
-        in_specs=[pl.no_block_spec] * 8,
-        out_specs=pl.no_block_spec,
-        input_output_aliases={7: 0},
-        compiler_params=_backend.compiler_params(num_warps=num_warps, num_stages=2),
-        interpret=interpret,
-        name="lora_decode_expand",
-    )(*expand_args)
+    return _backend.update_in_place(
+        functools.partial(kernel, dims=dims, bn=bn, ks=ks, exact=column_masks or any(d % bn for d in dims.out_sizes)),
+        layer_v, token_slot.astype(jnp.int32), ranks.astype(jnp.int32), b_pages.astype(jnp.int32), blocks, v, pool, y,
+        grid=(dims.num_tokens, blocks.shape[0]), num_warps=num_warps, interpret=interpret, name="lora_decode_expand",
+    )

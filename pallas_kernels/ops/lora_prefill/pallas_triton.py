@@ -235,18 +235,9 @@ def expand_pallas(y, v, pool, layer, b_pages, ranks, tiles, *, dims, interpret, 
     bn = pow2_divisor(dims.width, bn)
     blocks = jnp.asarray(output_chunks(dims) if per_chunk else output_blocks(dims, bn))
     kernel = _expand_chunk_kernel if per_chunk else _expand_kernel
-    args = _backend.kernel_operands(
-        layer_v, start, end, tslot, ranks.astype(jnp.int32), b_pages.astype(jnp.int32), blocks, v, pool_rows, y
-    )
-    return pl.pallas_call(
+    return _backend.update_in_place(
         functools.partial(kernel, dims=dims, tm=tm, bn=bn, rk=rk,
                           exact=column_masks or any(d % bn for d in dims.out_sizes)),
-        out_shape=_backend.output_struct(y.shape, y.dtype, args[-1]),
-        grid=(start.shape[0], blocks.shape[0]),
-        in_specs=[pl.no_block_spec] * 10,
-        out_specs=pl.no_block_spec,
-        input_output_aliases={9: 0},
-        compiler_params=_backend.compiler_params(num_warps=num_warps, num_stages=2),
-        interpret=interpret,
-        name="lora_prefill_expand",
-    )(*args)
+        layer_v, start, end, tslot, ranks.astype(jnp.int32), b_pages.astype(jnp.int32), blocks, v, pool_rows, y,
+        grid=(start.shape[0], blocks.shape[0]), num_warps=num_warps, interpret=interpret, name="lora_prefill_expand",
+    )

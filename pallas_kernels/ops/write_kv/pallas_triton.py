@@ -35,19 +35,9 @@ def write_kv_pallas(pool, layer, k, v, k_rows, v_rows, *, interpret: bool, num_w
     """Shapes as `write_kv`."""
     L, P, R, W = pool.shape
     rows = pool.reshape(L, P * R, W)
-    whole = pl.no_block_spec
-    args = _backend.kernel_operands(
-        jnp.clip(as_index_vector(layer), 0, L - 1), k_rows.astype(jnp.int32), v_rows.astype(jnp.int32), k, v, rows
-    )
-    out = pl.pallas_call(
+    out = _backend.update_in_place(
         functools.partial(_kernel, n_rows=P * R, width=W, bw=pow2_divisor(W, 1024)),
-        out_shape=_backend.output_struct(rows.shape, rows.dtype, args[-1]),
-        grid=(k.shape[0],),
-        in_specs=[whole] * 6,
-        out_specs=whole,
-        input_output_aliases={5: 0},
-        compiler_params=_backend.compiler_params(num_warps=num_warps, num_stages=1),
-        interpret=interpret,
-        name="write_kv",
-    )(*args)
+        jnp.clip(as_index_vector(layer), 0, L - 1), k_rows.astype(jnp.int32), v_rows.astype(jnp.int32), k, v, rows,
+        grid=(k.shape[0],), num_warps=num_warps, num_stages=1, interpret=interpret, name="write_kv",
+    )
     return out.reshape(pool.shape)
