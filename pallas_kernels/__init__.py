@@ -2,7 +2,7 @@
 
 Public ops (each takes `implementation=None | "xla" | "pallas"`; None = Pallas on GPU, XLA elsewhere;
 "pallas" off-GPU runs the same kernel in interpret mode):
-  lora_decode, lora_prefill, paged_decode_attention, prefill_attention, write_kv.
+  lora_decode, lora_prefill, paged_decode_attention, paged_prefill_attention, prefill_attention, write_kv.
 All are plain JAX functions (jit, vmap, jax.shard_map). Under shard_map the compiled kernels work
 with check_vma on; interpret-mode Pallas (CPU) needs `check_vma=False` on jax 0.10.
 Bad static inputs (shapes, dtypes, options) raise `KernelInputError` (a ValueError); traced
@@ -14,7 +14,9 @@ from pallas_kernels._errors import KernelInputError
 from pallas_kernels.ops.lora_decode.api import lora_decode
 from pallas_kernels.ops.lora_prefill.api import lora_prefill
 from pallas_kernels.ops.paged_decode_attention.api import paged_decode_attention
+from pallas_kernels.ops.paged_prefill_attention.api import paged_prefill_attention
 from pallas_kernels.ops.prefill_attention.api import prefill_attention
 from pallas_kernels.ops.write_kv.api import write_kv
 
-__all__ = ["KernelInputError", "lora_decode", "lora_prefill", "paged_decode_attention", "prefill_attention", "write_kv"]
+__all__ = ["KernelInputError", "lora_decode", "lora_prefill", "paged_decode_attention", "paged_prefill_attention",
+           "prefill_attention", "write_kv"]
