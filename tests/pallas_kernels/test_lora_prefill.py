@@ -1,5 +1,6 @@
 """lora_prefill (MBGMM) on every backend against a dense float64 loop over tokens."""
 
+import functools
 import zlib
 
 import jax
@@ -148,3 +149,32 @@ def test_lora_prefill_kernel_knobs_match_dense_loop(case, knobs, lora_numpy_refe
                                             num_tiles=nt, block_tokens=TM, **knobs)
     err = relative_error(out, lora_numpy_reference(y, x, case_, 1, token_slot), base=y)
     assert err < TOLERANCE["float32"], f"{knobs}: relative error {err:.2e}"
+
+
+def _primitives_outside_kernels(jaxpr) -> set:
+    """Names of the primitives of a jaxpr and its sub-jaxprs, not looking inside Pallas kernels."""
+    names = set()
+    for eqn in jaxpr.eqns:
+        names.add(eqn.primitive.name)
+        if eqn.primitive.name == "pallas_call":
+            continue
+        for sub in jax.core.jaxprs_in_params(eqn.params):
+            names |= _primitives_outside_kernels(sub)
+    return names
+
+
+def test_slots_in_runs_runs_the_kernel_with_no_device_side_branch(lora_numpy_reference):
+    """With the caller's promise that slots come in runs there is no `cond` (XLA:GPU would read its predicate
+    on the host and hold the dispatching thread), and the result is the dense loop's."""
+    case_, token_slot, x, y = _make("float32", *CASES[0])
+    args = (jnp.asarray(y), jnp.asarray(x), jnp.asarray(case_.pool), jnp.int32(0), case_.a_pages, case_.b_pages,
+            case_.ranks, case_.scales, jnp.asarray(token_slot))
+
+    def run(*a, **kw):
+        return pk.lora_prefill(*a, out_sizes=CASES[0][3], implementation="pallas", **kw)
+
+    assert "cond" in _primitives_outside_kernels(jax.make_jaxpr(run)(*args).jaxpr)
+    assert "cond" not in _primitives_outside_kernels(jax.make_jaxpr(functools.partial(run, slots_in_runs=True))(*args).jaxpr)
+    out = jax.jit(functools.partial(run, slots_in_runs=True))(*args)
+    ref = lora_numpy_reference(y, x, case_, 0, token_slot)
+    assert relative_error(out, ref) < TOLERANCE["float32"]

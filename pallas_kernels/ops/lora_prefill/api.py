@@ -32,6 +32,7 @@ def lora_prefill(
     out_sizes: Sequence[int],
     implementation: Optional[str] = None,
     block_tokens: int = 64,
+    slots_in_runs: bool = False,
 ) -> jax.Array:
     """Add each token's LoRA delta to the base output, for runs of tokens sharing an adapter slot.
 
@@ -42,6 +43,10 @@ def lora_prefill(
     ceil(T/block_tokens) + min(T-1, S) tiles and, if the slots need more, it runs on the tokens sorted
     by slot (a gather and a scatter of x and y more).
     block_tokens (TM): tokens per tile of the Pallas path, a power of two >= 16.
+    slots_in_runs: the caller guarantees that each slot's tokens are consecutive (at most S + 1 runs, -1
+      included). The Pallas path then runs on the tokens as given with no device-side check: that check
+      is a `cond`, whose predicate XLA:GPU reads on the host, holding the dispatching thread until the
+      step has run that far (once per call, i.e. per layer and projection group).
     """
     dims = validate_lora_args("lora_prefill", y, x, pool, layer, a_pages, b_pages, ranks, scales, token_slot, out_sizes)
     if block_tokens < 16 or block_tokens & (block_tokens - 1):
@@ -52,11 +57,12 @@ def lora_prefill(
     args = (y, x, pool, layer, a_pages, b_pages, ranks, scales, sanitize_slots(token_slot, dims))
     if impl == "xla":
         return _reference_jit(*args, dims=dims)
-    return _prefill_pallas_or_fallback(*args, dims=dims, block_tokens=block_tokens)
+    return _prefill_pallas_or_fallback(*args, dims=dims, block_tokens=block_tokens, slots_in_runs=slots_in_runs)
 
 
-@functools.partial(jax.jit, static_argnames=("dims", "block_tokens"))
-def _prefill_pallas_or_fallback(y, x, pool, layer, a_pages, b_pages, ranks, scales, token_slot, *, dims, block_tokens):
+@functools.partial(jax.jit, static_argnames=("dims", "block_tokens", "slots_in_runs"))
+def _prefill_pallas_or_fallback(y, x, pool, layer, a_pages, b_pages, ranks, scales, token_slot, *, dims, block_tokens,
+                                slots_in_runs=False):
     """The kernel on the tokens as given when their slots come in runs (the engine's order); otherwise on
     the tokens sorted by slot, then put back. Both branches are Pallas: XLA reserves the working memory of
     every branch of a `cond` whichever runs, and an XLA `ragged_dot` fallback here asked for 8.5 GiB at
@@ -74,6 +80,9 @@ def _prefill_pallas_or_fallback(y, x, pool, layer, a_pages, b_pages, ranks, scal
 
     def as_given(_):
         return kernel(y, x, tile_list)
+
+    if slots_in_runs:
+        return as_given(None)
 
     def sorted_by_slot(_):
         # Sorted, the slots form at most S + 1 runs (-1 included), which the static tile list always holds.
