@@ -4,6 +4,7 @@ import functools
 import zlib
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -158,7 +159,7 @@ def _primitives_outside_kernels(jaxpr) -> set:
         names.add(eqn.primitive.name)
         if eqn.primitive.name == "pallas_call":
             continue
-        for sub in jax.core.jaxprs_in_params(eqn.params):
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
             names |= _primitives_outside_kernels(sub)
     return names
 
