@@ -69,7 +69,7 @@ class ModelConfig:
 class EngineConfig:
     """The engine's knobs. Defaults work on a laptop CPU and on one GPU."""
 
-    dtype: str = "bfloat16"  # "bfloat16" | "float16" | "float32"
+    dtype: str = "auto"  # "auto" (float32 on CPU, bfloat16 on GPU) | "bfloat16" | "float16" | "float32"
     kernel_backend: str = "auto"  # "xla" | "pallas" | "auto" (pallas on GPU, xla on CPU)
     tensor_parallel: int = 1
     max_lora_rank: int = 64
@@ -81,7 +81,9 @@ class EngineConfig:
     page_rows: int = 16  # rows (tokens of K or V, or rank rows of an adapter) per page
     # Batching.
     max_batch_size: int = 64  # running requests decoded in one step
-    max_prefill_tokens: int = 2048  # prompt tokens admitted in one prefill step
+    # Tokens of one step (decode tokens + prompt chunks; at least 2 x max_batch_size): longer prompts are
+    # computed in chunks over several steps.
+    max_prefill_tokens: int = 2048
     max_model_len: Optional[int] = None  # default: the model's max_position_embeddings
     max_adapters_on_device: int = 64  # adapter slots in the device index tables
     max_waiting: int = 100_000  # requests queued beyond this are refused with CapacityError
@@ -90,6 +92,9 @@ class EngineConfig:
     # "optimistic": KV pages are taken as tokens are produced, and a full pool preempts (recomputes) the
     # newest request; "reserve": admit only if every running request fits at its maximum length.
     admission: str = "optimistic"
+    # "optimistic": a new request is admitted only while this share of the pool stays free (or is held by
+    # adapters nobody uses), for the running requests' next KV pages.
+    kv_watermark: float = 0.01
     cluster_k: int = 4  # "cluster": adapters in a batch before same-adapter requests are preferred
     slo_first_token_s: Optional[float] = None  # "slo": drop requests that can no longer meet it
     prefetch: bool = True  # start adapter uploads for soon-to-run requests while a step runs
@@ -99,15 +104,15 @@ class EngineConfig:
     # (per-layer arrays: no slicing of stacked weights inside the step; 1.7x faster decode on the
     # H200, benchmarks/NOTES.md). None: unroll on GPU, scan elsewhere.
     scan_layers: Optional[bool] = None
-    # Queue decode step n+1 (fed by step n's tokens still on the device) before the host reads step n,
-    # so the host's bookkeeping overlaps the device's work. Outputs then reach callers one step later.
+    # Queue step n+1 (fed by step n's tokens still on the device) before the host reads step n, so the
+    # host's work overlaps the device's. Outputs then reach callers one step later.
     async_scheduling: bool = True
     seed: int = 0
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        if self.dtype not in ("bfloat16", "float16", "float32"):
-            raise ConfigError(f"dtype must be 'bfloat16', 'float16' or 'float32', got {self.dtype!r}")
+        if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
+            raise ConfigError(f"dtype must be 'auto', 'bfloat16', 'float16' or 'float32', got {self.dtype!r}")
         if self.kernel_backend not in ("xla", "pallas", "auto"):
             raise ConfigError(f"kernel_backend must be 'xla', 'pallas' or 'auto', got {self.kernel_backend!r}")
         if self.scheduler not in ("fcfs", "cluster", "slo", "fair"):
@@ -121,12 +126,21 @@ class EngineConfig:
                 raise ConfigError(f"{name} must be a positive integer, got {v!r}")
         if self.num_pages is not None and (not isinstance(self.num_pages, int) or self.num_pages < 2):
             raise ConfigError(f"num_pages must be an integer >= 2, got {self.num_pages!r}")
+        if not (0.0 <= self.kv_watermark < 1.0):
+            raise ConfigError(f"kv_watermark must be in [0, 1), got {self.kv_watermark!r}")
         if not (0.0 < self.memory_fraction <= 1.0):
             raise ConfigError(f"memory_fraction must be in (0, 1], got {self.memory_fraction!r}")
         if self.slo_first_token_s is not None and not self.slo_first_token_s > 0:
             raise ConfigError(f"slo_first_token_s must be positive, got {self.slo_first_token_s!r}")
         if self.scheduler == "slo" and self.slo_first_token_s is None:
             raise ConfigError("scheduler='slo' needs slo_first_token_s (e.g. 6.0)")
+
+    def resolved_dtype(self, backend: str) -> str:
+        """The dtype the engine runs in on ``backend`` (jax.default_backend()): "auto" is float32 on a CPU,
+        where bfloat16 arithmetic is emulated and 100-1000x slower, and bfloat16 elsewhere."""
+        if self.dtype != "auto":
+            return self.dtype
+        return "float32" if backend == "cpu" else "bfloat16"
 
     @property
     def max_rank_blocks(self) -> int:

@@ -112,7 +112,7 @@ class SyntheticAdapters:
         names = []
         for i in range(n):
             name = self.name(i)
-            if name not in engine.adapters:
+            if not engine.has_adapter(name):
                 engine.load_adapter_weights(name, self.weights(i))
             names.append(name)
         return names
@@ -139,7 +139,7 @@ def register_folders(engine, folders: Sequence[Path], n: int, names: Optional[Se
     for i in range(n):
         folder = folders[i % len(folders)]
         name = names[i] if names is not None else (folder.name if i < len(folders) else f"{folder.name}-{i}")
-        if name not in engine.adapters:
+        if not engine.has_adapter(name):
             engine.load_adapter(name, folder, lazy=True)
         out.append(name)
     return out

@@ -1,13 +1,15 @@
 """Engine: the public entry point. Requests in, tokens out, over one base model and many adapters.
 
-The loop is vLLM's: ``step()`` = schedule -> prepare inputs (numpy) -> run one jitted program -> update.
-``add_request`` and ``abort`` are thread-safe (they go through an inbox drained at the start of a step), so
-a server thread can feed the engine while another thread drives ``step()``.
+The loop is vLLM v1's, split along its seams: ``core.EngineCore`` (schedule -> run -> update, the host
+one step ahead of the device), ``inputs.StepInputs`` (device inputs from a schedule) and
+``outputs.OutputProcessor`` (append, finish, emit). This module is the public API. ``add_request`` and
+``abort`` are thread-safe (they go through an inbox drained at the start of a step), so a server thread
+can feed the engine while another thread drives ``step()``.
 """
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import itertools
 import queue
 import threading
@@ -23,9 +25,12 @@ from sharding import make_mesh
 from slora_jax.adapters.paging import AdapterTables
 from slora_jax.adapters.store import AdapterStore
 from slora_jax.config import EngineConfig, ModelConfig
-from slora_jax.engine.request import Request, Status
-from slora_jax.engine.runner import DTYPES, ModelRunner, bucket
-from slora_jax.engine.scheduler import Scheduler, SchedulerOutput
+from slora_jax.engine.core import EngineCore
+from slora_jax.engine.inputs import StepInputs, bucket
+from slora_jax.engine.outputs import OutputProcessor
+from slora_jax.engine.request import Request
+from slora_jax.engine.runner import DTYPES, ModelRunner
+from slora_jax.engine.scheduler import Scheduler
 from slora_jax.errors import AdapterError, CapacityError, ConfigError, RequestError
 from slora_jax.memory.pool import PoolLayout, UnifiedPagePool
 from slora_jax.types import AdapterInfo, RequestMetrics, RequestOutput, SamplingParams
@@ -65,6 +70,7 @@ class Engine:
     def __init__(self, model_config: ModelConfig, params: dict, config: Optional[EngineConfig] = None,
                  tokenizer=None, model_dir: Optional[str] = None):
         econf = config or EngineConfig()
+        econf = dataclasses.replace(econf, dtype=econf.resolved_dtype(jax.default_backend()))
         tp = econf.tensor_parallel
         if tp > len(jax.devices()):
             raise ConfigError(f"tensor_parallel={tp} but only {len(jax.devices())} device(s) are visible")
@@ -99,19 +105,14 @@ class Engine:
         self.adapters = AdapterStore(model_config, econf, self.layout, self.pool, self.tables,
                                      self.runner.write_pages, DTYPES[econf.dtype], to_host, stage)
         self.scheduler = Scheduler(econf, self.pool, self.adapters)
-        self._inbox: "queue.SimpleQueue" = queue.SimpleQueue()
-        self._requests: dict[str, Request] = {}
-        self._listeners: dict[str, Callable[[RequestOutput], None]] = {}
-        self._streaming: set[str] = set()  # requests whose partial outputs carry text
-        self._finish_only: set[str] = set()  # requests whose caller reads only the final output
+        self._inputs = StepInputs(econf.page_rows, econf.max_batch_size, self.scheduler.token_budget,
+                                  self._table_width, self._slots)
+        self._outputs = OutputProcessor(tokenizer, model_config.eos_token_ids, self.scheduler.finish)
+        self._core = EngineCore(self.runner, self.scheduler, self.adapters, self.tables, self._inputs,
+                                self._outputs, econf.async_scheduling)
         self._step_lock = threading.RLock()
-        self._inflight = None  # (device outputs, requests) of a decode step the host has not read yet
         self._ids = itertools.count()
         self._rng = np.random.default_rng(econf.seed)
-        self._counters = {"steps": 0, "prefill_steps": 0, "decode_steps": 0, "generated_tokens": 0,
-                          "prompt_tokens": 0, "finished": 0, "aborted": 0, "host_time_s": 0.0,
-                          "step_time_s": 0.0}
-        self._host_parts = dict.fromkeys(("inbox", "schedule", "inputs", "outputs"), 0.0)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -125,6 +126,7 @@ class Engine:
         from slora_jax.model.hf_config import load_model_config
 
         econf = config or EngineConfig()
+        econf = dataclasses.replace(econf, dtype=econf.resolved_dtype(jax.default_backend()))
         model_dir = str(Path(model_dir).expanduser())
         mcfg = load_model_config(model_dir)
         if weights_cache_dir is not None:
@@ -137,22 +139,35 @@ class Engine:
     # ------------------------------------------------------------------ adapters
     def load_adapter(self, name: str, adapter_dir, lazy: bool = False) -> AdapterInfo:
         """Register a PEFT LoRA folder under ``name``. Validated now (weights too unless ``lazy``)."""
-        return self.adapters.register(name, adapter_dir, lazy=lazy)
+        info = self.adapters.register(name, adapter_dir, lazy=lazy)
+        self._core.forget_adapter(name)
+        return info
 
     def load_adapter_weights(self, name: str, lora) -> AdapterInfo:
         """Register an adapter already in memory (``slora_jax.adapters.LoraWeights``, e.g. just trained)."""
-        return self.adapters.register_weights(name, lora)
+        info = self.adapters.register_weights(name, lora)
+        self._core.forget_adapter(name)
+        return info
 
     def unload_adapter(self, name: str) -> None:
         """Forget an adapter (its device pages and host copy are freed). Refused while requests use it."""
         with self._step_lock:
             changed: list[Request] = []
-            self._drain_inbox(changed)  # requests queued before the unload count as users
-            self._emit(changed)  # aborts drained here still reach their callers
-            users = [r.request_id for r in self._requests.values() if r.adapter == name and not r.finished]
+            self._core.drain_inbox(changed)  # requests queued before the unload count as users
+            self._core.drain(changed)  # the step on the device may still read its pages
+            self._outputs.emit(changed)  # aborts drained here still reach their callers
+            users = [r.request_id for r in self._core.requests.values() if r.adapter == name and not r.finished]
             if users and name in self.adapters:
                 raise AdapterError(f"adapter {name!r} is used by {len(users)} unfinished request(s)")
             self.adapters.unregister(name)
+            self._core.forget_adapter(name)
+
+    def adapter_names(self) -> list[str]:
+        """Names of every registered adapter (cheap: no per-adapter record is built)."""
+        return self.adapters.names()
+
+    def has_adapter(self, name: str) -> bool:
+        return name in self.adapters
 
     def list_adapters(self) -> list[AdapterInfo]:
         return self.adapters.list()
@@ -164,17 +179,16 @@ class Engine:
         """Validate and queue one request; returns its id. Thread-safe. Raises RequestError & co."""
         req = self._make_request(prompt, adapter, sampling, request_id)
         if listener is not None:
-            self._listeners[req.request_id] = listener
-            self._streaming.add(req.request_id)
-        self._inbox.put(("add", req))
+            self._outputs.listen(req.request_id, listener, stream=True)
+        self._core.inbox.put(("add", req))
         return req.request_id
 
     def abort(self, request_id: str) -> None:
         """Stop a request; its pages are freed at the next step. Thread-safe; unknown ids are ignored."""
-        self._inbox.put(("abort", request_id))
+        self._core.inbox.put(("abort", request_id))
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work() or not self._inbox.empty() or self._inflight is not None
+        return self._core.has_unfinished()
 
     def _make_request(self, prompt, adapter, sampling, request_id) -> Request:
         cfg = self.model_config
@@ -233,296 +247,65 @@ class Engine:
 
     # ------------------------------------------------------------------ the loop
     def step(self) -> list[RequestOutput]:
-        """Run one iteration; returns the outputs of every request that changed."""
+        """Run one iteration: queue the next step on the device, then read the one before it. Returns the
+        outputs of every request that changed."""
         with self._step_lock:
-            t0 = time.perf_counter()
-            changed: list[Request] = []
-            with self._timed("inbox"):
-                self._drain_inbox(changed)
-            wait0 = self.runner.device_wait_s
-            kind = self._finish_inflight(changed)
-            if kind is None:
-                with self._timed("schedule"):
-                    sched = self.scheduler.schedule()
-                changed.extend(sched.finished)
-                kind = sched.kind
-                if kind == "prefill":
-                    self._run_prefill(sched)
-                    changed.extend(sched.requests)
-                elif kind == "decode":
-                    self._run_decode(sched.requests, changed)
-            if kind != "idle":
-                self._counters["steps"] += 1
-                self._counters[kind + "_steps"] += 1
-            with self._timed("outputs"):
-                outs = self._emit(changed)
-            dt = time.perf_counter() - t0  # the step's wall time, its outputs' delivery included
-            self._counters["step_time_s"] += dt
-            self._counters["host_time_s"] += dt - (self.runner.device_wait_s - wait0)
-            return outs
+            return self._core.step()
 
-    @contextlib.contextmanager
-    def _timed(self, part: str):
-        """Add the host time of the block to ``stats()["host_breakdown_s"][part]``."""
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self._host_parts[part] += time.perf_counter() - t0
-
-    def _drain_inbox(self, changed: list) -> None:
-        while True:
-            try:
-                op, arg = self._inbox.get_nowait()
-            except queue.Empty:
-                return
-            if op == "add":
-                if arg.adapter is not None and arg.adapter not in self.adapters:
-                    # Unloaded between add_request and now: fail this request only.
-                    self._requests[arg.request_id] = arg
-                    arg.status = Status.FINISHED
-                    arg.finish_reason, arg.error = "abort", f"adapter {arg.adapter!r} was unloaded"
-                    arg.metrics.finish_time = time.monotonic()
-                    changed.append(arg)
-                    continue
-                self._requests[arg.request_id] = arg
-                self._counters["prompt_tokens"] += len(arg.prompt)
-                self.scheduler.add(arg)
-            else:
-                req = self.scheduler.abort(arg)
-                if req is not None:
-                    changed.append(req)
-
-    def _emit(self, changed: list[Request]) -> list[RequestOutput]:
-        outs = []
-        seen = set()
-        for req in changed:
-            if req.request_id in seen or (not req.finished and req.request_id in self._finish_only):
-                continue  # generate() reads finished outputs only: no per-step snapshot for it
-            seen.add(req.request_id)
-            # Detokenising every running request every step would cost more than the step itself at
-            # large batches: text is made for finished requests and for streams that asked for it.
-            wants_text = req.finished or req.request_id in self._streaming
-            text = self.tokenizer.decode(req.output) if self.tokenizer is not None and wants_text else None
-            out = req.to_output(text)
-            outs.append(out)
-            if req.finished:
-                self._counters["finished"] += 1
-                if req.finish_reason == "abort":
-                    self._counters["aborted"] += 1
-                self._requests.pop(req.request_id, None)
-            listener = self._listeners.get(req.request_id)
-            if listener is not None:
-                if req.finished:
-                    del self._listeners[req.request_id]
-                    self._streaming.discard(req.request_id)
-                    self._finish_only.discard(req.request_id)
-                listener(out)
-        return outs
-
-    def _by_adapter(self, reqs: list[Request]) -> list[Request]:
-        """Requests of one adapter side by side (stable): prefill LoRA works per segment of equal slots."""
-        return [reqs[i] for i in np.argsort(self._slots(reqs), kind="stable")]
-
-    def _slots(self, reqs: list[Request]) -> np.ndarray:
-        """Device slot of each request's adapter (-1: base), one store lookup per distinct adapter."""
+    def _slots(self, names) -> np.ndarray:
+        """Device slot of each adapter name (-1: base), one store lookup per distinct adapter."""
         by_name = {None: -1}
-        for name in {r.adapter for r in reqs} - {None}:
+        for name in set(names) - {None}:
             by_name[name] = self.adapters.slot_of(name)
-        return np.fromiter((by_name[r.adapter] for r in reqs), np.int32, len(reqs))
+        return np.fromiter((by_name[n] for n in names), np.int32, len(names))
 
-    def _sampling_arrays(self, reqs: list[Request], n: int, ahead: int = 0) -> dict:
-        pad = n - len(reqs)
-        sp = [r.sampling for r in reqs]
-        return dict(
-            temperature=np.pad(np.array([s.temperature for s in sp], np.float32), (0, pad)),
-            top_p=np.pad(np.array([s.top_p for s in sp], np.float32), (0, pad), constant_values=1.0),
-            top_k=np.pad(np.array([s.top_k for s in sp], np.int32), (0, pad)),
-            seeds=np.pad(np.array([r.seed for r in reqs], np.uint32), (0, pad)),
-            counters=np.pad(np.array([len(r.output) + ahead for r in reqs], np.int32), (0, pad)),
-        )
-
-    def _prefill_rows(self, T: int) -> int:
-        """Rows of ``last_index`` (and of sampling) in a prefill of T tokens: a function of T alone, so each
-        token bucket is one program. A prefill holds at most T and at most max_batch_size requests."""
-        return min(T, bucket(self.config.max_batch_size))
-
-    @staticmethod
-    def _prefill_arrays(T: int, rows: int) -> dict:
-        return dict(tokens=np.zeros(T, np.int32), positions=np.zeros(T, np.int32),
-                    token_slot=np.full(T, -1, np.int32), segment_ids=np.full(T, -1, np.int32),
-                    k_rows=np.full(T, -1, np.int32), v_rows=np.full(T, -1, np.int32),
-                    last_index=np.zeros(rows, np.int32))
-
-    def _prefill_inputs(self, reqs: list[Request], write_kv: bool = True) -> dict:
-        R = self.layout.page_rows
-        T = bucket(sum(r.context_len for r in reqs), 16)
-        inp = self._prefill_arrays(T, max(self._prefill_rows(T), bucket(len(reqs))))
-        tokens, positions, slot, seg = inp["tokens"], inp["positions"], inp["token_slot"], inp["segment_ids"]
-        k_rows, v_rows, last = inp["k_rows"], inp["v_rows"], inp["last_index"]
-        slots = self._slots(reqs)
-        off = 0
-        for i, r in enumerate(reqs):
-            n = r.context_len
-            sl = slice(off, off + n)
-            tokens[sl] = r.context
-            pos = np.arange(n, dtype=np.int32)
-            positions[sl] = pos
-            slot[sl] = slots[i]
-            seg[sl] = i
-            if write_kv:
-                k_rows[sl] = r.k_pages[pos // R] * R + pos % R
-                v_rows[sl] = r.v_pages[pos // R] * R + pos % R
-            last[i] = off + n - 1
-            off += n
-        return inp
-
-    def _run_prefill(self, sched: SchedulerOutput) -> None:
-        with self._timed("inputs"):
-            reqs = self._by_adapter(sched.requests)
-            inp = self._prefill_inputs(reqs)
-            samp = self._sampling_arrays(reqs, len(inp["last_index"]))
-        tokens, logp = self.runner.run("prefill", self.tables, inp, samp)
-        with self._timed("outputs"):
-            self._append(reqs, tokens, logp)
-
-    def _run_decode(self, reqs: list[Request], changed: list) -> None:
-        out = self._dispatch_decode(reqs)
-        if self.config.async_scheduling:
-            self._inflight = (out, reqs)  # read at the next step, after the step after it is queued
-            return
-        tokens, logp = self.runner.collect(out)
-        with self._timed("outputs"):
-            self._append(reqs, tokens, logp)
-        changed.extend(reqs)
-
-    def _finish_inflight(self, changed: list) -> Optional[str]:
-        """Read the decode step still on the device. When the batch can go on as it is (nobody waits to
-        be admitted, pages for one more token fit), first queue the next decode step, fed by the tokens
-        still on the device, so that this step's host work overlaps the device's work on the next.
-        Returns "decode" when it queued that step, None when the scheduler must decide."""
-        if self._inflight is None:
-            return None
-        out, reqs = self._inflight
-        self._inflight = None
-        nxt = None
-        # Go on without a scheduling decision when nobody could be admitted anyway: the queue is empty,
-        # or the batch is full (a slot freed by this step is taken one step later).
-        sched = self.scheduler
-        if not sched.waiting or len(sched.running) >= self.config.max_batch_size:
-            # Rows that finish by length on the tokens being read would be wasted: leave them out.
-            going = [r for r in reqs if r.status is Status.RUNNING and len(r.output) + 1 < r.sampling.max_tokens
-                     and r.context_len + 1 < r.max_len]
-            if going and all(self.scheduler.ensure_kv(r, r.context_len + 1) for r in going):
-                row = {id(r): i for i, r in enumerate(reqs)}
-                prev_rows = np.fromiter((row[id(r)] for r in going), np.int32, len(going))
-                nxt = (self._dispatch_decode(going, ahead=1, prev=(out[0], prev_rows)), going)
-        tokens, logp = self.runner.collect(out)
-        with self._timed("outputs"):
-            self._append(reqs, tokens, logp)
-        changed.extend(reqs)
-        if nxt is None:
-            return None
-        with self._timed("schedule"):
-            changed.extend(sched.tick())
-        self._inflight = nxt
-        return "decode"
-
-    def _dispatch_decode(self, reqs: list[Request], ahead: int = 0, prev=None):
-        """Queue a decode step for ``reqs``. ``ahead`` = 1: each request's newest token is still on the
-        device (``prev`` = (device tokens, row of each request there)); positions move one further."""
-        with self._timed("inputs"):
-            inp, samp = self._decode_inputs(reqs, ahead, prev)
-        return self.runner.dispatch("decode", self.tables, inp, samp, prev_tokens=None if prev is None else prev[0])
-
-    def _decode_inputs(self, reqs: list[Request], ahead: int, prev) -> tuple[dict, dict]:
-        R = self.layout.page_rows
-        n = len(reqs)
-        # At least 2 rows: XLA turns a one-row scatter into a dynamic-update-slice, which it then
-        # protects with a full copy of the pool (seen in the compiled HLO); a padded row avoids it.
-        B = bucket(n, 2)
-        inp = self._decode_arrays(B, self._decode_width(max(len(r.k_pages) for r in reqs)))
-        pos = np.fromiter((r.context_len - 1 + ahead for r in reqs), np.int32, n)
-        k_pages, v_pages = inp["k_pages"], inp["v_pages"]
-        for i, r in enumerate(reqs):
-            k_pages[i, :len(r.k_pages)] = r.k_pages
-            v_pages[i, :len(r.v_pages)] = r.v_pages
-        rows = np.arange(n)
-        if prev is None:
-            inp["tokens"][:n] = np.fromiter((r.output[-1] for r in reqs), np.int32, n)
-        else:
-            inp["prev_rows"][:n] = prev[1]
-        inp["positions"][:n] = pos
-        inp["token_slot"][:n] = self._slots(reqs)
-        inp["k_rows"][:n] = k_pages[rows, pos // R] * R + pos % R
-        inp["v_rows"][:n] = v_pages[rows, pos // R] * R + pos % R
-        inp["lengths"][:n] = pos + 1
-        return inp, self._sampling_arrays(reqs, B, ahead)
-
-    def _decode_width(self, pages: int) -> int:
-        """Page-table columns of a decode step holding at most ``pages`` pages per request. The Pallas
-        kernel reads only each row's own pages, so its table always has room for the longest request the
-        engine allows (one program per batch bucket); the XLA path gathers every column, so its width
-        follows the longest context (bucketed)."""
+    def _table_width(self, pages: int) -> int:
+        """Page-table columns of a step holding at most ``pages`` pages per request. The Pallas kernels read
+        only each row's own pages, so their table always has room for the longest request the engine allows
+        (one program per bucket); the XLA path gathers every column, so its width follows the longest
+        context (bucketed)."""
         if self.kernel_backend == "pallas":
             return max(self._max_pages, pages)
         return bucket(pages, 4)
 
-    @staticmethod
-    def _decode_arrays(B: int, width: int) -> dict:
-        return dict(tokens=np.zeros(B, np.int32), prev_rows=np.full(B, -1, np.int32),
-                    positions=np.zeros(B, np.int32), token_slot=np.full(B, -1, np.int32),
-                    k_rows=np.full(B, -1, np.int32), v_rows=np.full(B, -1, np.int32),
-                    k_pages=np.zeros((B, width), np.int32), v_pages=np.zeros((B, width), np.int32),
-                    lengths=np.zeros(B, np.int32))
+    def record_steps(self, on: bool = True) -> list:
+        """Start (or stop) keeping one record per queued step: mode, tokens, decode and prompt tokens, keys
+        attended, K/V rows read, rows sampled, adapters and LoRA groups. Returns the list it appends to
+        (benchmarks compute the floor of the work that really ran from it)."""
+        self._core.trace = [] if on else None
+        return self._core.trace
 
     def step_shapes(self) -> list[tuple[str, int, int]]:
-        """Every (mode, tokens or batch rows, page-table width) a step of this engine can take: the bounded
-        set of programs it compiles (prefill: token buckets up to the longest prompt it may run in one
-        step; decode: batch buckets x table widths)."""
-        longest = max(self.config.max_prefill_tokens, self.max_model_len - 1)
-        prefill = [("prefill", T, 0) for T in _powers(16, bucket(longest, 16))]
-        widths = sorted({self._decode_width(p) for p in range(1, self._max_pages + 1)})
-        decode = [("decode", B, w) for B in _powers(2, bucket(self.config.max_batch_size, 2)) for w in widths]
-        return prefill + decode
+        """Every (mode, rows or tokens, page-table width) a step of this engine can take: the bounded set of
+        programs it compiles (decode: batch buckets; mixed: token buckets up to the step's token budget)."""
+        return self._inputs.shapes(self._max_pages)
+
+    def lora_variants(self) -> list[tuple]:
+        """LoRA groups of the programs precompiled: none, and those of every registered adapter together."""
+        union = self._core.lora_groups(self.adapters.names())
+        return [()] + ([union] if union else [])
 
     def precompile(self, sampling: bool = True, max_workers: Optional[int] = None,
                    on_compiled: Optional[Callable[[dict], None]] = None) -> list[dict]:
-        """Compile every step program the engine can run (``step_shapes``) before serving, so no request
-        waits for a compilation (a 7B step program takes tens of seconds to compile on the GPU). Programs
-        compile in parallel threads. ``sampling``: also the programs for temperature > 0 (greedy-only
-        batches use their own). Returns one record per program compiled now (shape, seconds)."""
+        """Compile every step program the engine can run (``step_shapes`` x ``lora_variants``) before serving,
+        so no request waits for a compilation (a 7B step program takes tens of seconds to compile on the
+        GPU). Programs compile in parallel threads. ``sampling``: also the programs for temperature > 0
+        (greedy-only batches use their own). Returns one record per program compiled now."""
         steps = []
-        for temp in ((0.0, 1.0) if sampling else (0.0,)):
-            for mode, n, width in self.step_shapes():
-                if mode == "prefill":
-                    inp = self._prefill_arrays(n, self._prefill_rows(n))
-                    samp = self._sampling_arrays([], len(inp["last_index"]))
-                else:
-                    inp = self._decode_arrays(n, width)
-                    samp = self._sampling_arrays([], n)
-                samp["temperature"][:] = temp
-                steps.append((mode, inp, samp, dict(mode=mode, size=n, width=width, greedy=temp == 0.0)))
+        for groups in self.lora_variants():
+            for temp in ((0.0, 1.0) if sampling else (0.0,)):
+                for mode, n, width in self.step_shapes():
+                    if mode == "decode":
+                        inp = self._inputs.decode_arrays(n, width)
+                    else:
+                        inp = self._inputs.mixed_arrays(n, width)
+                    rows = inp["lengths"].shape[0]
+                    samp = self._inputs.sampling([], rows)
+                    samp["temperature"][:] = temp
+                    info = dict(mode=mode, size=n, width=width, greedy=temp == 0.0, lora_groups=list(groups))
+                    steps.append((mode, inp, samp, groups, info))
         with self._step_lock:
             return self.runner.precompile(self.tables, steps, max_workers, on_compiled)
-
-    def _append(self, reqs: list[Request], tokens: np.ndarray, logp: np.ndarray) -> None:
-        now = time.monotonic()
-        eos = set(self.model_config.eos_token_ids)
-        for i, r in enumerate(reqs):
-            if r.status is not Status.RUNNING:
-                continue  # finished or aborted while its step was on the device: the row is dropped
-            t = int(tokens[i])
-            r.output.append(t)
-            r.logprobs.append(float(logp[i]))
-            self._counters["generated_tokens"] += 1
-            if r.metrics.first_token_time is None:
-                r.metrics.first_token_time = now
-            sp = r.sampling
-            if t in sp.stop_token_ids or (not sp.ignore_eos and t in eos):
-                self.scheduler.finish(r, "stop")
-            elif len(r.output) >= sp.max_tokens or r.context_len >= r.max_len:
-                self.scheduler.finish(r, "length")
 
     # ------------------------------------------------------------------ convenience
     def generate(self, prompts: Sequence[Prompt], adapters=None, sampling=None,
@@ -545,9 +328,8 @@ class Engine:
         reqs = [self._make_request(p, a, s, None) for p, a, s in zip(prompts, adapters, samplings)]
         ids = [r.request_id for r in reqs]
         for r in reqs:  # validated all first: a bad prompt queues nothing
-            self._listeners[r.request_id] = collect
-            self._finish_only.add(r.request_id)
-            self._inbox.put(("add", r))
+            self._outputs.listen(r.request_id, collect, stream=False)
+            self._core.inbox.put(("add", r))
         bar = _progress(n) if use_tqdm else None
         while not done.is_set() and n:
             self.step()
@@ -572,10 +354,9 @@ class Engine:
                 if out.finished:
                     return
         finally:
-            if rid in self._listeners or rid in self._requests:
+            if rid in self._outputs.listeners or rid in self._core.requests:
                 self.abort(rid)
-                self._listeners.pop(rid, None)
-                self._streaming.discard(rid)
+                self._outputs.forget(rid)
 
     def logits(self, prompts: Sequence[Sequence[int]], adapters=None) -> list[np.ndarray]:
         """Float32 logits [len, V] of every position of every prompt (scoring; nothing is cached)."""
@@ -583,6 +364,9 @@ class Engine:
         adapters = _per_prompt(adapters, n, "adapters")
         with self._step_lock:
             reqs = [self._make_request(p, a, None, None) for p, a in zip(prompts, adapters)]
+            changed: list[Request] = []
+            self._core.drain(changed)  # the pool is donated to this program: nothing may be in flight
+            self._outputs.emit(changed)
             held = []
             try:
                 for r in reqs:
@@ -590,9 +374,9 @@ class Engine:
                         if not self.adapters.acquire(r.adapter):
                             raise CapacityError(f"no room on the device for adapter {r.adapter!r} right now")
                         held.append(r.adapter)
-                reqs_sorted = self._by_adapter(reqs)
-                inp = self._prefill_inputs(reqs_sorted, write_kv=False)
-                samp = self._sampling_arrays(reqs_sorted, len(inp["last_index"]))
+                reqs_sorted = [reqs[i] for i in np.argsort(self._slots([r.adapter for r in reqs]), kind="stable")]
+                inp = self._inputs.scoring(reqs_sorted)
+                samp = self._inputs.sampling(reqs_sorted, len(inp["last_index"]))
                 logits = self.runner.run("prefill", self.tables, inp, samp, all_logits=True)
             finally:
                 for a in held:
@@ -615,24 +399,21 @@ class Engine:
             preemptions=self.scheduler.num_preemptions,
             kernel_backend=self.kernel_backend,
             **{f"adapter_{k}": v for k, v in self.adapters.counters.items()},
-            **self._counters,
+            **self._core.counters,
+            **self._outputs.counters,
         )
-        s["host_overhead_share"] = s["host_time_s"] / s["step_time_s"] if s["step_time_s"] else 0.0
+        # The share of step time in which the device may have waited for the host: host time of the steps
+        # queued when the step before them had already finished (an upper bound). host_busy_share is all of
+        # the host's time in step(), most of it overlapped with the device's work.
+        s["host_overhead_share"] = s["exposed_host_s"] / s["step_time_s"] if s["step_time_s"] else 0.0
+        s["host_busy_share"] = s["host_time_s"] / s["step_time_s"] if s["step_time_s"] else 0.0
         # Where the host time goes: building inputs, queuing programs (dispatch, with the input transfer),
         # scheduling (with adapter loads and prefetch), reading outputs; "other" is the rest of step().
-        parts = dict(self._host_parts, dispatch=self.runner.dispatch_s)
+        parts = dict(self._core.host_parts, dispatch=self.runner.dispatch_s)
         parts["other"] = max(s["host_time_s"] - sum(parts.values()), 0.0)
         s["host_breakdown_s"] = parts
         s["dispatch_breakdown_s"] = dict(self.runner.dispatch_parts)  # pack + tables + launch = dispatch
         return s
-
-
-def _powers(lo: int, hi: int) -> list[int]:
-    """Powers of two from lo to hi (both powers of two)."""
-    out = [lo]
-    while out[-1] < hi:
-        out.append(out[-1] * 2)
-    return out
 
 
 def _per_prompt(value, n: int, what: str) -> list:

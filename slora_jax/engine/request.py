@@ -36,6 +36,8 @@ class Request:
     k_pages: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
     v_pages: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
     holds_adapter: bool = False
+    computed: int = 0  # context tokens whose K/V are in the pool or written by a step already queued
+    pending: int = 0  # tokens sampled by queued steps that the host has not read yet
     cold_skips: int = 0  # admissions passed over while its adapter could not be copied in (scheduler._cold)
     # Scheduler bookkeeping.
     arrival_seq: int = 0
@@ -49,6 +51,23 @@ class Request:
     @property
     def context(self) -> list[int]:
         return self.prompt + self.output
+
+    @property
+    def last_token(self) -> int:
+        return self.output[-1] if self.output else self.prompt[-1]
+
+    def tokens(self, start: int, stop: int) -> list[int]:
+        """Context tokens [start, stop) without copying the whole context."""
+        P = len(self.prompt)
+        if stop <= P:
+            return self.prompt[start:stop]
+        return self.prompt[start:] + self.output[max(start - P, 0):stop - P]
+
+    @property
+    def ends_with_pending(self) -> bool:
+        """The tokens still on the device end the request by length: it needs no further step."""
+        n = self.pending
+        return len(self.output) + n >= self.sampling.max_tokens or self.context_len + n >= self.max_len
 
     @property
     def remaining_tokens(self) -> int:

@@ -24,7 +24,9 @@ from slora_jax.errors import ConfigError
 from slora_jax.engine.sampler import sample
 from slora_jax.memory.pool import PoolLayout
 from sharding import named_sharding, tree_shardings
-from slora_jax.model.llama import POOL_AXES, StepStatics, forward, fuse_params, lm_logits, param_axes
+from slora_jax.model.llama import LORA_GROUPS, POOL_AXES, StepStatics, forward, fuse_params, lm_logits, param_axes
+
+ALL_GROUPS = tuple(LORA_GROUPS)
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32}
 
@@ -86,17 +88,19 @@ def _prefill_impl(params, pool, tables_buf, buf, specs, *, cfg, st):
     return pool, (tokens, logp)
 
 
-def _decode_impl(params, pool, tables_buf, buf, specs, prev_tokens, *, cfg, st):
+def _generate_impl(params, pool, tables_buf, buf, specs, prev_tokens, *, cfg, st):
+    """A decode or mixed step: the forward over the step's tokens, then one sample per row."""
     spec, tables_spec = specs
     inp, samp = unpack_inputs(buf, spec)
     tables = unpack_tables(tables_buf, tables_spec)
-    # A row whose input token is still on the device (the previous step's output, not yet seen by the
-    # host) names its row there; this lets the host queue step n+1 before it has read step n.
+    # A token still on the device (a row of the previous step's output, not yet seen by the host) is named
+    # by its row there; this lets the host queue step n+1 before it has read step n.
     prev = inp.pop("prev_rows")
     inp["tokens"] = jnp.where(prev >= 0, prev_tokens[jnp.maximum(prev, 0)], inp["tokens"])
     h, pool = forward(params, pool, tables, inp, cfg, st)
-    tokens, logp = sample(lm_logits(params, h), **samp, greedy_only=st.greedy_only)
-    # Fixed-size token output, so the next step's program takes it whatever this step's batch bucket.
+    last = inp.pop("last_index", None)
+    tokens, logp = sample(lm_logits(params, h if last is None else h[last]), **samp, greedy_only=st.greedy_only)
+    # Fixed-size token output, so the next step's program takes it whatever this step's bucket.
     return pool, (jnp.zeros(prev_tokens.shape, jnp.int32).at[:tokens.shape[0]].set(tokens), logp)
 
 
@@ -108,7 +112,7 @@ def _step_program(cfg: ModelConfig, st: StepStatics):
     engines of one model compile each shape once."""
     key = (repr(cfg), st)
     if key not in _PROGRAMS:
-        impl = _prefill_impl if st.mode == "prefill" else _decode_impl
+        impl = _prefill_impl if st.mode == "prefill" else _generate_impl
         _PROGRAMS[key] = jax.jit(functools.partial(impl, cfg=cfg, st=st), static_argnums=(4,),
                                  donate_argnums=(1,))
     return _PROGRAMS[key]
@@ -167,9 +171,9 @@ class ModelRunner:
         self.pool = jax.jit(lambda: jnp.zeros(layout.shape, self.dtype), out_shardings=where)()
 
     # ------------------------------------------------------------------ programs
-    def _fn(self, mode: str, all_logits: bool = False, greedy_only: bool = False):
+    def _fn(self, mode: str, all_logits: bool = False, greedy_only: bool = False, lora_groups: tuple = ALL_GROUPS):
         st = StepStatics(mode=mode, backend=None if self.backend == "auto" else self.backend,
-                         all_logits=all_logits, greedy_only=greedy_only)
+                         all_logits=all_logits, greedy_only=greedy_only, lora_groups=tuple(lora_groups))
         return _step_program(self.cfg, st)
 
     def _tables(self, tables) -> tuple:
@@ -187,25 +191,27 @@ class ModelRunner:
         tables_buf, tables_spec = self._tables(tables)
         spec = (spec, tables_spec)
         args = [self.params, self.pool, tables_buf, buf, spec]
-        if mode == "decode":
+        if mode != "prefill":
             args.append(self._no_prev_tokens if prev_tokens is None else prev_tokens)
         return args, spec
 
-    def lower(self, mode: str, tables, inp: dict, samp: dict, all_logits: bool = False):
+    def lower(self, mode: str, tables, inp: dict, samp: dict, all_logits: bool = False,
+              lora_groups: tuple = ALL_GROUPS):
         """The step program for these inputs, lowered (for inspecting what it compiles to)."""
         args, _ = self._args(mode, tables, inp, samp, None)
-        return self._fn(mode, all_logits, not bool(np.any(samp["temperature"] > 0))).lower(*args)
+        return self._fn(mode, all_logits, not bool(np.any(samp["temperature"] > 0)), lora_groups).lower(*args)
 
-    def dispatch(self, mode: str, tables, inp: dict, samp: dict, all_logits: bool = False, prev_tokens=None):
+    def dispatch(self, mode: str, tables, inp: dict, samp: dict, all_logits: bool = False, prev_tokens=None,
+                 lora_groups: tuple = ALL_GROUPS):
         """Queue one step on the device and return its (device) outputs without waiting for them.
 
-        decode: ``inp["prev_rows"]`` [B] picks each row's input token from ``prev_tokens`` (the previous
-        decode's device output) where >= 0."""
+        decode and mixed: ``inp["prev_rows"]`` [T] picks each token from ``prev_tokens`` (the previous step's
+        device output) where >= 0. ``lora_groups``: the LoRA groups the program runs kernels for."""
         t0 = time.perf_counter()
         upload0 = self._tables_upload_s
         greedy_only = not bool(np.any(samp["temperature"] > 0))
         args, spec = self._args(mode, tables, inp, samp, prev_tokens)
-        key = (mode, all_logits, greedy_only, spec)
+        key = (mode, all_logits, greedy_only, tuple(lora_groups), spec)
         exe = self._executables.get(key)
         t1 = time.perf_counter()
         with self._out_of_memory_explained(mode):
@@ -213,7 +219,7 @@ class ModelRunner:
                 self.pool, out = exe(*args[:4], *args[5:])  # compiled ahead (``precompile``): spec is baked in
             else:
                 self.compiled_shapes.add(key)
-                self.pool, out = self._fn(mode, all_logits, greedy_only)(*args)
+                self.pool, out = self._fn(mode, all_logits, greedy_only, lora_groups)(*args)
         t2 = time.perf_counter()
         upload = self._tables_upload_s - upload0
         self.dispatch_parts["tables"] += upload
@@ -222,7 +228,7 @@ class ModelRunner:
         return out
 
     def precompile(self, tables, steps, max_workers: Optional[int] = None, on_compiled=None) -> list[dict]:
-        """Compile the programs of ``steps`` [(mode, inp, samp, info)] ahead of use. Tracing and lowering
+        """Compile the programs of ``steps`` [(mode, inp, samp, lora_groups, info)] ahead of use. Tracing and lowering
         hold the GIL, so they run here one by one; XLA's compilation does not, so each lowered program is
         handed to a pool of threads as soon as it exists. Returns ``info`` + seconds per program."""
         workers = max_workers or min(8, os.cpu_count() or 1)
@@ -236,14 +242,14 @@ class ModelRunner:
 
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
             futures = []
-            for mode, inp, samp, info in steps:
+            for mode, inp, samp, groups, info in steps:
                 greedy_only = not bool(np.any(samp["temperature"] > 0))
                 args, spec = self._args(mode, tables, inp, samp, None)
-                key = (mode, False, greedy_only, spec)
+                key = (mode, False, greedy_only, tuple(groups), spec)
                 if key in self.compiled_shapes:  # compiled ahead or on demand already
                     continue
                 t0 = time.perf_counter()
-                lowered = self._fn(mode, False, greedy_only).lower(*args)
+                lowered = self._fn(mode, False, greedy_only, groups).lower(*args)
                 futures.append(pool.submit(compile_one, key, lowered, info, time.perf_counter() - t0))
             for fut in concurrent.futures.as_completed(futures):
                 key, exe, rec = fut.result()

@@ -1,11 +1,14 @@
 """Scheduler: decides each step's work and owns every KV page.
 
-Each step is "schedule -> prepare inputs -> run -> update". ``schedule`` either admits waiting requests
-(a prefill step) or advances every running request by one token (a decode step). Admission checks
-the batch size, the prefill token budget, the adapter's pages (loaded now, evicting unreferenced
-adapters LRU) and the KV pages. When a decode step needs a KV page and none is left, the most recent
-running request is preempted: its pages are freed and it goes back to the front of the queue to be
-recomputed later, so nothing crashes and nothing is lost.
+Each step is "schedule -> prepare inputs -> run -> update", and one step program runs decode tokens and
+prompt chunks together (chunked prefill, as vLLM v1 and Sarathi): every running request past its prompt
+gets one decode token, prompts in progress get their next chunk, and waiting requests are admitted with
+what is left of the step's token budget; a prompt longer than that continues in later steps, its K/V
+already in the pool. Admission checks the batch size, the adapter's pages (loaded now, evicting
+unreferenced adapters LRU), the KV pages of its first chunk and a free-page watermark. When a decode
+token needs a KV page and none is left, the most recent running request is preempted: its pages are
+freed and it goes back to the front of the queue to be recomputed later, so nothing crashes and nothing
+is lost. The host may schedule step n+1 before it has read step n (``Request.pending``).
 
 The order in which waiting requests are considered is the policy (``policies.py``); everything that
 touches pages is here, so a policy can never over-commit the pool. After each decision the adapters of the
@@ -38,10 +41,29 @@ COLD_PATIENCE = 64
 
 
 @dataclass
+class Chunk:
+    """Prompt tokens [start, start + count) of a request's context, computed in one step."""
+
+    req: Request
+    start: int
+    count: int
+    samples: bool  # the chunk ends the context: the step samples the request's next token
+
+
+@dataclass
 class SchedulerOutput:
-    kind: str  # "prefill" | "decode" | "idle"
-    requests: list[Request] = field(default_factory=list)
+    decode: list[Request] = field(default_factory=list)  # one token each, at position req.computed - 1
+    chunks: list[Chunk] = field(default_factory=list)
     finished: list[Request] = field(default_factory=list)  # ended during scheduling (abort, failed load)
+
+    @property
+    def kind(self) -> str:
+        """"mixed" (prompt chunks, with or without decode tokens) | "decode" | "idle"."""
+        return "mixed" if self.chunks else ("decode" if self.decode else "idle")
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.decode) + sum(c.count for c in self.chunks)
 
 
 class Scheduler:
@@ -61,6 +83,12 @@ class Scheduler:
         self.now = time.monotonic()
         self._seq = 0
         self._blocked: Optional[Request] = None  # the request admission stopped at in the last schedule()
+        # Tokens of one step: every decode token plus prompt chunks. At least twice the batch, so that
+        # prompts progress in a full batch.
+        self.token_budget = max(econf.max_prefill_tokens, 2 * econf.max_batch_size)
+        # Free pages a new admission must leave (the running requests' next KV blocks): without it, a
+        # full batch admits until the pool is full and then preempts, recomputing what it just admitted.
+        self.watermark = max(2, int(econf.kv_watermark * pool.total_pages))
 
     # ------------------------------------------------------------------ queue
     def add(self, req: Request) -> None:
@@ -113,6 +141,7 @@ class Scheduler:
             self.pool.free(np.concatenate([req.k_pages, req.v_pages]), KV)
         req.k_pages = np.zeros(0, np.int32)
         req.v_pages = np.zeros(0, np.int32)
+        req.computed = 0
         if req.holds_adapter:
             self.store.release(req.adapter)
             req.holds_adapter = False
@@ -152,25 +181,38 @@ class Scheduler:
             self.finish(req, "abort", "first-token SLO can no longer be met")
         return now, late
 
-    def tick(self, now: Optional[float] = None) -> list[Request]:
-        """The scheduling work of a step the engine queues without a decision (the running batch goes on
-        as it is): load bookkeeping, SLO expiry and prefetch. Returns the requests it ended."""
-        now, late = self._begin(now)
-        self._prefetch(now)
-        return late
-
     def schedule(self, now: Optional[float] = None) -> SchedulerOutput:
+        """One step's work: a decode token for every running request past its prompt, the chunks that
+        continue prompts being computed, then new admissions, within ``token_budget`` tokens.
+
+        The step before this one may still be on the device: a request's ``pending`` tokens are sampled
+        there and not read yet. Its decode token here is then that pending token (the engine takes it
+        from the device), and a request whose pending token ends it by length gets no more work."""
         now, late = self._begin(now)
-        out = SchedulerOutput("idle", finished=list(late))
-        admitted = self._admit(out, now)
-        if admitted:
-            out.kind, out.requests = "prefill", admitted
-        elif self.running:
-            # Everyone may have been preempted (back to the queue, re-admitted next step): then idle.
-            reqs = self._prepare_decode()
-            if reqs:
-                out.kind, out.requests = "decode", reqs
-        elif self.waiting and not out.finished:
+        out = SchedulerOutput(finished=list(late))
+        budget = self.token_budget
+        for req in self._prepare_running():
+            if req.computed < req.context_len:  # a prompt (or a recomputation) in progress
+                if budget <= 0:
+                    continue
+                n = min(req.context_len - req.computed, budget)
+                if not self.ensure_kv(req, req.computed + n):
+                    continue  # its next chunk waits for pages; the decode tokens still run
+                out.chunks.append(Chunk(req, req.computed, n, req.computed + n == req.context_len))
+                req.computed += n
+                budget -= n
+            else:
+                out.decode.append(req)
+                req.computed += 1
+                budget -= 1
+        if budget > 0:
+            self._admit(out, now, budget)
+        for c in out.chunks:
+            if c.samples:
+                c.req.pending += 1
+        for req in out.decode:
+            req.pending += 1
+        if out.kind == "idle" and not self.running and self.waiting and not out.finished and not self._busy():
             # Nothing runs and the request admission stopped at does not fit even an empty pool: it never will.
             req = self._blocked if self._blocked is not None and not self._blocked.finished else self.waiting[0]
             self.finish(req, "abort", "request does not fit in the page pool")
@@ -178,25 +220,30 @@ class Scheduler:
         self._prefetch(now)
         return out
 
-    def _admit(self, out: SchedulerOutput, now: float) -> list[Request]:
+    def _busy(self) -> bool:
+        """Some request still has a token on the device: its pages come back once it is read."""
+        return any(r.pending for r in itertools.chain(self.running, self.waiting))
+
+    def _admit(self, out: SchedulerOutput, now: float, budget: int) -> None:
         econf = self.econf
         admitted: list[Request] = []
-        tokens = 0
         self._blocked = None
         if len(self.running) >= econf.max_batch_size or not self.waiting:
-            return admitted
+            return
         keep = {r.adapter for r in self.running if r.adapter is not None}  # adapters loads must not evict
         no_room, passed = False, 0
         for req in self.policy.order(self, now):
             if req.status is not Status.WAITING:  # a policy's stale entry: never admit twice
                 continue
-            if len(self.running) + len(admitted) >= econf.max_batch_size:
+            if req.pending:  # preempted with a token still on the device: back once it is read
+                continue
+            if len(self.running) + len(admitted) >= econf.max_batch_size or budget <= 0:
                 break
             self._blocked = req
-            n = req.context_len
-            if admitted and tokens + n > econf.max_prefill_tokens:
-                break
             if not self._reserve_ok(req, admitted):
+                break
+            n = min(req.context_len, budget)
+            if not self._above_watermark(req, n):
                 break
             if req.adapter is not None and not req.holds_adapter:
                 busy = bool(self.running or admitted)
@@ -225,7 +272,9 @@ class Scheduler:
                 self.release(req)
                 break
             admitted.append(req)
-            tokens += n
+            out.chunks.append(Chunk(req, 0, n, n == req.context_len))
+            req.computed = n
+            budget -= n
             self._blocked = None
         _remove_identical(self.waiting, {id(r) for r in admitted})
         for req in admitted:
@@ -234,7 +283,18 @@ class Scheduler:
                 req.metrics.first_scheduled_time = now
             self.running.append(req)
             self.policy.on_admit(req, self)
-        return admitted
+
+    def _above_watermark(self, req: Request, n: int) -> bool:
+        """Whether admitting ``req`` with a first chunk of ``n`` tokens leaves ``watermark`` pages free
+        (counting adapter pages nobody uses as free). Only while others run: alone, a request may use it all."""
+        if not self.running:
+            return True
+        need = 2 * math.ceil(n / self.R)
+        if req.adapter is not None and not self.store.is_resident(req.adapter):
+            need += self.store.pages_needed(req.adapter)
+        keep = frozenset() if req.adapter is None else {req.adapter}
+        avail = self.pool.free_pages + self.store.evictable_pages(exclude=keep)
+        return need + self.watermark <= avail
 
     def _cold(self, req: Request, busy: bool, keep: set, try_copy: bool = True) -> Optional[str]:
         """With prefetch on and a step about to run anyway, a request whose adapter is not on the device yet
@@ -275,17 +335,26 @@ class Scheduler:
         avail = self.pool.free_pages + self.store.evictable_pages(exclude=keep)
         return need + adapter_need + reserved <= avail
 
-    def _prepare_decode(self) -> list[Request]:
-        """Make sure every running request has a page for the token it is about to write."""
+    def _prepare_running(self) -> list[Request]:
+        """The running requests that get work this step, oldest first. A decode token needs a page for its
+        K/V: when none is left the newest request is preempted (recomputed later), oldest ones first served."""
+        work = []
         for req in sorted(self.running, key=lambda r: r.arrival_seq):
             if req.status is not Status.RUNNING:
                 continue
-            while not self.ensure_kv(req, req.context_len):
+            if req.computed < req.context_len:
+                work.append(req)
+                continue
+            if req.ends_with_pending:
+                continue
+            while not self.ensure_kv(req, req.computed + 1):
                 victim = max(self.running, key=lambda r: r.arrival_seq)
                 self.preempt(victim)
                 if victim is req:
                     break
-        return list(self.running)
+            if req.status is Status.RUNNING:
+                work.append(req)
+        return work
 
     def _prefetch(self, now: float) -> None:
         if not self.econf.prefetch or not self.waiting:

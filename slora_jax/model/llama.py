@@ -115,10 +115,12 @@ def param_axes(path, leaf) -> tuple:
 class StepStatics:
     """Static (compile-time) facts of a step program."""
 
-    mode: str  # "prefill" | "decode"
+    mode: str  # "decode" | "mixed" | "prefill" (scoring: self-attention within the step, no cache)
     backend: Optional[str]  # kernel implementation: "xla" | "pallas" | None (auto)
     all_logits: bool = False  # prefill: return logits of every token (scoring) instead of sampling
     greedy_only: bool = False  # every row of the batch is greedy: no vocabulary sort
+    # LoRA groups whose kernels the program runs (an adapter of the batch targets them); () = none.
+    lora_groups: tuple = tuple(LORA_GROUPS)
 
 
 def _dot(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -128,21 +130,38 @@ def _dot(x: jax.Array, w: jax.Array) -> jax.Array:
     return jnp.dot(x, w, precision=prec, preferred_element_type=jnp.float32)
 
 
-def _lora(y, x, pool, layer, tables, token_slot, group, out_sizes, st: StepStatics):
+def _lora(y, x, pool, layer, tables, inp, group, out_sizes, st: StepStatics):
+    """y + each token's LoRA delta of ``group``: MBGMV for decode tokens, MBGMM for prompt tokens (a mixed
+    step's decode tokens are its first ``slot_decode.shape[0]`` tokens at most)."""
+    if group not in st.lora_groups:
+        return y
     a_pages, b_pages, ranks, scales = tables[group]
-    op = pk.lora_prefill if st.mode == "prefill" else pk.lora_decode
-    return op(y, x, pool, layer, a_pages, b_pages, ranks, scales, token_slot,
-              out_sizes=out_sizes, implementation=st.backend)
+    args = (pool, layer, a_pages, b_pages, ranks, scales)
+    if st.mode == "decode":
+        return pk.lora_decode(y, x, *args, inp["token_slot"], out_sizes=out_sizes, implementation=st.backend)
+    if st.mode == "prefill":
+        return pk.lora_prefill(y, x, *args, inp["token_slot"], out_sizes=out_sizes, implementation=st.backend)
+    n = inp["slot_decode"].shape[0]
+    head = pk.lora_decode(y[:n], x[:n], *args, inp["slot_decode"], out_sizes=out_sizes, implementation=st.backend)
+    y = jax.lax.dynamic_update_slice_in_dim(y, head, 0, axis=0)
+    # The engine lays prompt chunks out sorted by adapter: each slot's tokens are one run.
+    return pk.lora_prefill(y, x, *args, inp["slot_prefill"], out_sizes=out_sizes, implementation=st.backend,
+                           slots_in_runs=True)
 
 
 def forward(params: dict, pool: jax.Array, tables: dict, inp: dict, cfg: ModelConfig, st: StepStatics):
     """Run all layers over the step's tokens; returns (final hidden states [T, H], updated pool).
 
     inp (all arrays, shapes bucketed by the engine):
-      tokens [T], positions [T], token_slot [T] (-1 = base model), k_rows/v_rows [T] (flat pool rows
-      page*R+i where this token's K/V go; -1 = do not store);
-      prefill: segment_ids [T] (-1 = padding);
-      decode (T = B): k_pages/v_pages [B, NB], lengths [B] (tokens in cache after this step's write).
+      tokens [T], positions [T], k_rows/v_rows [T] (flat pool rows page*R+i where this token's K/V go;
+      -1 = do not store);
+      decode (T = B, one token per request): token_slot [T] (-1 = base model), k_pages/v_pages [B, NB],
+        lengths [B] (tokens in cache after this step's write);
+      mixed (decode tokens first, then prompt chunks; N = min(T, rows) rows of page tables): k_pages/v_pages
+        [N, NB] (decode token i is row i), lengths [N] (decode attention; 0 = not a decode token),
+        token_row [T] (prompt tokens: their row; -1 otherwise), slot_decode [N] / slot_prefill [T] (adapter
+        slot of the decode / prompt tokens, -1 elsewhere);
+      prefill (scoring, nothing cached): token_slot [T], segment_ids [T] (-1 = padding).
     """
     D = cfg.head_dim
     Nq, Nkv = cfg.num_heads, cfg.num_kv_heads
@@ -152,7 +171,6 @@ def forward(params: dict, pool: jax.Array, tables: dict, inp: dict, cfg: ModelCo
     dtype = params["embed"].dtype
     h = params["embed"][inp["tokens"]].astype(dtype)
     T = h.shape[0]
-    slot = inp["token_slot"]
     pos = inp["positions"]
     qkv_out = group_dims(cfg, "qkv")[1]
     o_out = group_dims(cfg, "o")[1]
@@ -166,7 +184,7 @@ def forward(params: dict, pool: jax.Array, tables: dict, inp: dict, cfg: ModelCo
         qkv = _dot(x, w["wqkv"]).astype(dtype)
         if cfg.attention_bias:
             qkv = qkv + w["bqkv"]
-        qkv = _lora(qkv, x, pool, l, tables, slot, "qkv", qkv_out, st)
+        qkv = _lora(qkv, x, pool, l, tables, inp, "qkv", qkv_out, st)
         q = qkv[:, :Nq * D].reshape(T, Nq, D)
         k = qkv[:, Nq * D:(Nq + Nkv) * D].reshape(T, Nkv, D)
         v = qkv[:, (Nq + Nkv) * D:].reshape(T, Nkv, D)
@@ -174,24 +192,32 @@ def forward(params: dict, pool: jax.Array, tables: dict, inp: dict, cfg: ModelCo
         k = apply_rope(k, pos, inv_freq)
         pool = pk.write_kv(pool, l, k.reshape(T, Nkv * D), v.reshape(T, Nkv * D), inp["k_rows"], inp["v_rows"],
                            implementation=st.backend)
+        window = cfg.sliding_window
         if st.mode == "prefill":
             attn = pk.prefill_attention(q, k, v, inp["segment_ids"], pos, sm_scale=sm_scale,
-                                        sliding_window=cfg.sliding_window, implementation=st.backend)
-        else:
+                                        sliding_window=window, implementation=st.backend)
+        elif st.mode == "decode":
             attn = pk.paged_decode_attention(q, pool, l, inp["k_pages"], inp["v_pages"], inp["lengths"],
-                                             sm_scale=sm_scale, sliding_window=cfg.sliding_window,
-                                             implementation=st.backend)
+                                             sm_scale=sm_scale, sliding_window=window, implementation=st.backend)
+        else:
+            # Each kernel gives exact zeros for the tokens the other one attends: the sum is either's output.
+            attn = pk.paged_prefill_attention(q, pool, l, inp["token_row"], pos, inp["k_pages"], inp["v_pages"],
+                                              sm_scale=sm_scale, sliding_window=window, implementation=st.backend)
+            n = inp["lengths"].shape[0]
+            head = pk.paged_decode_attention(q[:n], pool, l, inp["k_pages"], inp["v_pages"], inp["lengths"],
+                                             sm_scale=sm_scale, sliding_window=window, implementation=st.backend)
+            attn = jax.lax.dynamic_update_slice_in_dim(attn, attn[:n] + head, 0, axis=0)
         attn = attn.reshape(T, Nq * D)
         o = _dot(attn, w["wo"]).astype(dtype)
-        o = _lora(o, attn, pool, l, tables, slot, "o", o_out, st)
+        o = _lora(o, attn, pool, l, tables, inp, "o", o_out, st)
         h = h + o
         x = rms_norm(h, w["mlp_norm"], cfg.rms_norm_eps)
         gu = _dot(x, w["w_gate_up"]).astype(dtype)
-        gu = _lora(gu, x, pool, l, tables, slot, "gate_up", gu_out, st)
+        gu = _lora(gu, x, pool, l, tables, inp, "gate_up", gu_out, st)
         I = cfg.intermediate_size
         a = (jax.nn.silu(gu[:, :I].astype(jnp.float32)) * gu[:, I:].astype(jnp.float32)).astype(dtype)
         d = _dot(a, w["w_down"]).astype(dtype)
-        d = _lora(d, a, pool, l, tables, slot, "down", dn_out, st)
+        d = _lora(d, a, pool, l, tables, inp, "down", dn_out, st)
         h = h + d
         return (h, pool), None
 

@@ -1,0 +1,202 @@
+"""Offline throughput (vLLM's ``benchmark_throughput`` convention) beside the floor of the work that ran.
+
+    python benchmarks/offline.py --model llama-3-8b --num-requests 1000 --input-len 256 --output-len 256 \
+        --adapters 0,100,1000 --repeats 2 --out offline.json
+
+N requests of fixed lengths (greedy, ignore EOS) are handed to one ``Engine.generate`` call; the run ends
+when the last finishes. One engine (random bf16 weights made on the device) serves every case, so the
+step programs are compiled once (``precompile``) and every ratio is taken within one run:
+- base: no request has an adapter;
+- n adapters, host-resident: random LoRAs of ranks 8/16/32/64 on q/k/v/o registered from memory (names
+  share host copies; each has its own device pages), each request's adapter drawn uniformly.
+
+The floor of each run is computed from the steps that actually ran (``Engine.record_steps``): per step,
+max(bytes / copy bandwidth, FLOPs / matmul rate), summed, where bytes = weights once + K/V rows read and
+written + the distinct adapters' pages, and FLOPs = 2 x matmul parameters x tokens + attention + LoRA +
+logits; bandwidth and matmul rate are measured in the same run (the best of several device copies, and a
+bf16 8192^3 matmul), beside the H200's 4.8 TB/s HBM peak. Prints a table last and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import slora_jax as sj
+from slora_jax.bench.setup import SyntheticAdapters
+from slora_jax.model.init import named_config, random_params
+from slora_jax.model.random_checkpoint import tiny_llama_config
+
+HBM_PEAK = 4.8e12
+
+
+def _time(fn, reps: int = 5) -> float:
+    fn()  # compile and warm
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return float(np.median(ts))
+
+
+def copy_bandwidth(nbytes: int) -> dict:
+    """Bytes read + written per second by the fastest of several device copies of ``nbytes``."""
+    try:
+        from benchmarks.bandwidth import measure_copy_bandwidth  # the kernels' reference, where present
+        return dict(measure_copy_bandwidth(nbytes))
+    except ImportError:
+        pass
+    n = nbytes // 2
+    x = jnp.ones((n,), jnp.bfloat16)
+    ways = {
+        "x+1": jax.jit(lambda a: a + 1),
+        "copy": jax.jit(lambda a: jnp.copy(a)),
+        "x*2 (2D)": jax.jit(lambda a: (a.reshape(-1, 8192) * 2).reshape(-1)),
+    }
+    rates = {k: 2 * nbytes / _time(lambda f=f: f(x).block_until_ready()) for k, f in ways.items()}
+    best = max(rates, key=rates.get)
+    return dict(bytes_per_s=rates[best], method=best, all=rates)
+
+
+def matmul_rate(n: int) -> float:
+    a = jnp.ones((n, n), jnp.bfloat16)
+    f = jax.jit(lambda x: x @ x)
+    return 2 * n ** 3 / _time(lambda: f(a).block_until_ready())
+
+
+def floor_seconds(trace: list, cfg, itemsize: int, adapter_bytes: dict, bw: float, mm: float) -> dict:
+    """The floor of the steps in ``trace``: sum over steps of max(bytes/bw, flops/mm)."""
+    L, H, V = cfg.num_layers, cfg.hidden_size, cfg.vocab_size
+    kv = cfg.kv_size
+    mat_params = L * (H * (cfg.q_size + 2 * kv) + cfg.q_size * H + 3 * H * cfg.intermediate_size)
+    weight_bytes = (mat_params + V * H * (1 if cfg.tie_word_embeddings else 2)) * itemsize
+    t_bytes = t_flops = total = 0.0
+    for s in trace:
+        tokens = s["decode_tokens"] + s["prompt_tokens"]
+        b = weight_bytes + 2 * L * kv * itemsize * (s["kv_read"] + tokens)
+        b += sum(adapter_bytes.get(a, 0) for a in s["adapters"])
+        f = 2 * mat_params * tokens + 4 * L * cfg.q_size * s["attended"] + 2 * H * V * s["sampled"]
+        tb, tf = b / bw, f / mm
+        t_bytes += tb
+        t_flops += tf
+        total += max(tb, tf)
+    return dict(floor_s=total, bytes_s=t_bytes, flops_s=t_flops, steps=len(trace))
+
+
+def run_case(engine, prompts, adapters, sp, cfg, itemsize, adapter_bytes, bw, mm) -> dict:
+    trace = engine.record_steps(True)
+    s0 = engine.stats()
+    t0 = time.perf_counter()
+    outs = engine.generate(prompts, adapters=adapters, sampling=sp)
+    wall = time.perf_counter() - t0
+    s1 = engine.stats()
+    engine.record_steps(False)
+    out_tokens = sum(len(o.token_ids) for o in outs)
+    assert all(o.finish_reason == "length" for o in outs), "a request did not run to its length"
+    fl = floor_seconds(trace, cfg, itemsize, adapter_bytes, bw, mm)
+    d = {k: s1[k] - s0[k] for k in ("steps", "mixed_steps", "decode_steps", "preemptions", "host_time_s",
+                                    "step_time_s", "exposed_host_s", "prefill_tokens")}
+    parts = {k: s1["host_breakdown_s"][k] - s0["host_breakdown_s"][k] for k in s1["host_breakdown_s"]}
+    parts.update({f"dispatch.{k}": s1["dispatch_breakdown_s"][k] - s0["dispatch_breakdown_s"][k]
+                  for k in s1["dispatch_breakdown_s"]})
+    return dict(wall_s=wall, output_tokens=out_tokens, output_tok_s=out_tokens / wall,
+                total_tok_s=(out_tokens + sum(map(len, prompts))) / wall, floor=fl,
+                pct_of_floor=100 * fl["floor_s"] / wall,
+                host_overhead_share=d["exposed_host_s"] / d["step_time_s"] if d["step_time_s"] else 0.0,
+                host_busy_share=d["host_time_s"] / d["step_time_s"] if d["step_time_s"] else 0.0,
+                counters=d, host_parts_s=parts,
+                mean_distinct_adapters=float(np.mean([len(s["adapters"]) for s in trace])) if trace else 0.0)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="llama-3-8b", help="named shape or 'tiny'")
+    ap.add_argument("--num-requests", type=int, default=1000)
+    ap.add_argument("--input-len", type=int, default=256)
+    ap.add_argument("--output-len", type=int, default=256)
+    ap.add_argument("--adapters", default="0,100,1000", help="comma list of adapter counts (0 = base)")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--max-batch-size", type=int, default=256)
+    ap.add_argument("--max-prefill-tokens", type=int, default=2048, help="tokens per step")
+    ap.add_argument("--memory-fraction", type=float, default=0.85)
+    ap.add_argument("--num-pages", type=int, default=None)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--kernel-backend", default="auto")
+    ap.add_argument("--no-precompile", action="store_true")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    cfg = tiny_llama_config() if args.model == "tiny" else named_config(args.model)
+    tiny = args.model == "tiny"
+    bw = copy_bandwidth(64 << 20 if tiny else 2 << 30)
+    mm = matmul_rate(512 if tiny else 8192)
+    dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[args.dtype]
+    itemsize = jnp.dtype(dtype).itemsize
+    params = random_params(cfg, dtype, seed=0)
+    counts = [int(x) for x in args.adapters.split(",")]
+    econf = sj.EngineConfig(dtype=args.dtype, kernel_backend=args.kernel_backend, max_batch_size=args.max_batch_size,
+                            max_model_len=args.input_len + args.output_len + 16, num_pages=args.num_pages,
+                            memory_fraction=args.memory_fraction, max_prefill_tokens=args.max_prefill_tokens,
+                            max_adapters_on_device=min(max(counts + [1]), 1024), host_cache_bytes=200 << 30)
+    engine = sj.Engine(cfg, params, econf)
+    del params
+    synth = SyntheticAdapters(cfg, (8, 16, 32, 64), weight_sets=2)
+    names = synth.register(engine, max(counts)) if max(counts) else []
+    # Bytes each adapter's A and B take in the pool's dtype: what a step using it must read at least once.
+    adapter_bytes = {n: sum((m.a.size + m.b.size) * itemsize for m in synth.weights(i).modules.values())
+                     for i, n in enumerate(names)}
+    t0 = time.perf_counter()
+    compiled = [] if args.no_precompile else engine.precompile(sampling=False)
+    precompile_s = time.perf_counter() - t0
+    rng = np.random.default_rng(0)
+    V = cfg.vocab_size
+    prompts = [rng.integers(3, V - 1, args.input_len).tolist() for _ in range(args.num_requests)]
+    sp = sj.SamplingParams(max_tokens=args.output_len, ignore_eos=True)
+    engine.generate(prompts[:8], sampling=sj.SamplingParams(max_tokens=8, ignore_eos=True))  # warm-up
+    results = []
+    for rep in range(args.repeats):
+        for n in counts:
+            picks = None if n == 0 else [names[i] for i in rng.integers(0, n, args.num_requests)]
+            res = run_case(engine, prompts, picks, sp, cfg, itemsize, adapter_bytes, bw["bytes_per_s"], mm)
+            res.update(case="base" if n == 0 else f"{n} adapters", adapters=n, repeat=rep)
+            results.append(res)
+            if args.out:  # after every case: a run cut short still leaves what it measured
+                with open(args.out, "w") as f:
+                    json.dump(dict(partial=True, command="python " + " ".join(sys.argv), results=results), f,
+                              indent=1, default=float)
+            print(f"[{res['case']} #{rep}] {res['output_tok_s']:.0f} out tok/s, {res['pct_of_floor']:.0f}% of floor, "
+                  f"host share {res['host_overhead_share']:.3f}, steps {res['counters']['steps']}", flush=True)
+    base = {r["repeat"]: r["output_tok_s"] for r in results if r["adapters"] == 0}
+    for r in results:
+        if r["repeat"] in base:
+            r["vs_base"] = r["output_tok_s"] / base[r["repeat"]]
+    record = dict(
+        device=str(jax.devices()[0].device_kind), jax_version=jax.__version__,
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        command="python " + " ".join(sys.argv), model=args.model, copy_bandwidth=bw,
+        hbm_peak_bytes_per_s=HBM_PEAK, matmul_flops_per_s=mm, precompile_s=precompile_s,
+        programs_compiled=len(compiled), results=results)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(record, f, indent=1, default=float)
+    print(f"\ncopy bandwidth {bw['bytes_per_s'] / 1e12:.2f} TB/s ({bw.get('method')}; HBM peak 4.8), "
+          f"matmul {mm / 1e12:.0f} TFLOP/s, precompile {precompile_s:.0f} s for {len(compiled)} programs")
+    print(f"{'case':<16}{'rep':>4}{'out tok/s':>11}{'vs base':>9}{'% floor':>9}{'host':>7}{'busy':>7}{'steps':>7}"
+          f"{'mixed':>7}{'preempt':>8}{'adapters/step':>14}")
+    for r in results:
+        c = r["counters"]
+        print(f"{r['case']:<16}{r['repeat']:>4}{r['output_tok_s']:>11.0f}{r.get('vs_base', float('nan')):>9.3f}"
+              f"{r['pct_of_floor']:>9.1f}{r['host_overhead_share']:>7.3f}{r['host_busy_share']:>7.3f}{c['steps']:>7}"
+              f"{c['mixed_steps']:>7}{c['preemptions']:>8}{r['mean_distinct_adapters']:>14.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""EngineCore: the step loop. schedule -> prepare inputs -> run -> update, with the host one step ahead.
+
+Each ``step()`` queues step n+1 on the device before it reads step n: tokens that step n samples feed
+step n+1 on the device (``prev_rows``), and the host reads them one step late, so its scheduling, input
+building and output handling overlap the device's work in every state of the batch (full or not,
+queue empty or not). The only waits on the device are the reads of outputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import jax
+
+from slora_jax.engine.inputs import StepInputs
+from slora_jax.engine.outputs import OutputProcessor
+from slora_jax.engine.request import Request, Status
+from slora_jax.engine.scheduler import Scheduler
+from slora_jax.model.llama import LORA_GROUPS, MODULE_GROUP
+from slora_jax.types import RequestOutput
+
+
+@dataclass
+class _InFlight:
+    out: object  # device outputs (tokens [rows], logprobs [n])
+    rows: list  # (request, samples) per sampling row
+    done: object = None  # a small device array ready when the step is (for idle-time accounting)
+
+
+class EngineCore:
+    def __init__(self, runner, scheduler: Scheduler, adapters, tables, inputs: StepInputs,
+                 outputs: OutputProcessor, async_scheduling: bool = True):
+        self.runner = runner
+        self.scheduler = scheduler
+        self.adapters = adapters
+        self.tables = tables
+        self.inputs = inputs
+        self.outputs = outputs
+        self.async_scheduling = async_scheduling
+        self.inbox: "queue.SimpleQueue" = queue.SimpleQueue()
+        self.requests: dict[str, Request] = {}
+        self._inflight: Optional[_InFlight] = None
+        self._groups: dict[str, frozenset] = {}  # adapter name -> LoRA groups it targets
+        self.trace: Optional[list] = None  # per-step records while tracing (benchmark floors)
+        self.counters = {"steps": 0, "mixed_steps": 0, "decode_steps": 0, "prompt_tokens": 0,
+                         "prefill_tokens": 0, "host_time_s": 0.0, "step_time_s": 0.0, "exposed_host_s": 0.0}
+        self.host_parts = dict.fromkeys(("inbox", "schedule", "inputs", "outputs"), 0.0)
+
+    # ------------------------------------------------------------------ state
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work() or not self.inbox.empty() or self._inflight is not None
+
+    def lora_groups(self, adapters) -> tuple:
+        """The LoRA groups a batch needs kernels for: those any of its adapters targets (none without one)."""
+        names = set(adapters) - {None}
+        if not names:
+            return ()
+        wanted = set()
+        for name in names:
+            groups = self._groups.get(name)
+            if groups is None:
+                mods = self.adapters.info(name).target_modules
+                groups = self._groups[name] = frozenset(MODULE_GROUP[m][0] for m in mods)
+            wanted |= groups
+        return tuple(g for g in LORA_GROUPS if g in wanted)
+
+    def forget_adapter(self, name: str) -> None:
+        """``name`` was registered again or removed: look its targets up afresh."""
+        self._groups.pop(name, None)
+
+    # ------------------------------------------------------------------ the loop
+    def step(self) -> list[RequestOutput]:
+        t0 = time.perf_counter()
+        wait0 = self.runner.device_wait_s
+        changed: list[Request] = []
+        with self.timed("inbox"):
+            self.drain_inbox(changed)
+        with self.timed("schedule"):
+            sched = self.scheduler.schedule()
+        changed.extend(sched.finished)
+        prev, self._inflight = self._inflight, None
+        queued_at = None
+        if sched.kind != "idle":
+            self._inflight = self._dispatch(sched, prev)
+            queued_at = time.perf_counter()
+        if prev is not None:
+            # The device had work queued behind ``prev`` unless ``prev`` had already finished by the time the
+            # next step was queued: then the host time of this step up to that point is time the device
+            # may have waited for the host.
+            idle = queued_at is None or prev.done.is_ready()
+            tokens, logp = self.runner.collect(prev.out)
+            if idle:
+                self.counters["exposed_host_s"] += (queued_at or time.perf_counter()) - t0
+            with self.timed("outputs"):
+                self.outputs.append(prev.rows, tokens, logp, changed)
+        elif queued_at is not None:
+            self.counters["exposed_host_s"] += queued_at - t0  # nothing was queued before this step
+        if self._inflight is not None and not self.async_scheduling:
+            cur, self._inflight = self._inflight, None
+            tokens, logp = self.runner.collect(cur.out)
+            with self.timed("outputs"):
+                self.outputs.append(cur.rows, tokens, logp, changed)
+        with self.timed("outputs"):
+            for r in changed:
+                if r.finished:
+                    self.requests.pop(r.request_id, None)
+            outs = self.outputs.emit(changed)
+        dt = time.perf_counter() - t0
+        self.counters["step_time_s"] += dt
+        self.counters["host_time_s"] += dt - (self.runner.device_wait_s - wait0)
+        return outs
+
+    def _dispatch(self, sched, prev: Optional[_InFlight]) -> _InFlight:
+        kind = sched.kind
+        self.counters["steps"] += 1
+        self.counters[kind + "_steps"] += 1
+        self.counters["prefill_tokens"] += sum(c.count for c in sched.chunks)
+        with self.timed("inputs"):
+            prev_row = {} if prev is None else {id(r): i for i, (r, s) in enumerate(prev.rows) if s}
+            mode, inp, samp, rows = self.inputs.build(sched, prev_row)
+            groups = self.lora_groups(r.adapter for r, _ in rows)
+        out = self.runner.dispatch(mode, self.tables, inp, samp, lora_groups=groups,
+                                   prev_tokens=None if prev is None else prev.out[0])
+        if self.trace is not None:
+            self.trace.append(dict(
+                mode=mode, tokens=int(inp["tokens"].shape[0]), decode_tokens=len(sched.decode),
+                prompt_tokens=sum(c.count for c in sched.chunks),
+                # Keys each query token attends: its position + 1 (a chunk's tokens, summed).
+                attended=int(sum(r.computed for r in sched.decode)
+                             + sum(c.count * c.start + c.count * (c.count + 1) // 2 for c in sched.chunks)),
+                # K/V rows a step must read at least once: every decode row's context, every chunk's.
+                kv_read=int(sum(r.computed for r in sched.decode) + sum(c.start + c.count for c in sched.chunks)),
+                sampled=len(rows), adapters=sorted({r.adapter for r, _ in rows} - {None}), lora_groups=list(groups)))
+        return _InFlight(out, rows, out[1])
+
+    def drain(self, changed: list) -> None:
+        """Read the step still on the device, if any (before a synchronous operation on the pool)."""
+        if self._inflight is not None:
+            cur, self._inflight = self._inflight, None
+            tokens, logp = self.runner.collect(cur.out)
+            self.outputs.append(cur.rows, tokens, logp, changed)
+
+    def drain_inbox(self, changed: list) -> None:
+        while True:
+            try:
+                op, arg = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+            if op == "add":
+                if arg.adapter is not None and arg.adapter not in self.adapters:
+                    # Unloaded between add_request and now: fail this request only.
+                    self.requests[arg.request_id] = arg
+                    arg.status = Status.FINISHED
+                    arg.finish_reason, arg.error = "abort", f"adapter {arg.adapter!r} was unloaded"
+                    arg.metrics.finish_time = time.monotonic()
+                    changed.append(arg)
+                    continue
+                self.requests[arg.request_id] = arg
+                self.counters["prompt_tokens"] += len(arg.prompt)
+                self.scheduler.add(arg)
+            else:
+                req = self.scheduler.abort(arg)
+                if req is not None:
+                    changed.append(req)
+
+    @contextlib.contextmanager
+    def timed(self, part: str):
+        """Add the host time of the block to ``stats()["host_breakdown_s"][part]``."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.host_parts[part] += time.perf_counter() - t0
