@@ -91,6 +91,50 @@ def floor_seconds(trace: list, cfg, itemsize: int, adapter_bytes: dict, bw: floa
     return dict(floor_s=total, bytes_s=t_bytes, flops_s=t_flops, steps=len(trace))
 
 
+def step_breakdown(trace: list, cfg, itemsize: int, adapter_bytes: dict, bw: float, mm: float) -> dict:
+    """Device time by kind of step, paced by when the host could queue the next step: step k ran from about
+    queued_at[k+1] to queued_at[k+2] (the host queues k+2 once k is read), beside its floor."""
+    out: dict = {}
+    for k in range(len(trace) - 2):
+        s = trace[k]
+        key = "mixed" if s["mode"] == "mixed" else f"decode B={s['tokens']}"
+        dt = trace[k + 2]["queued_at"] - trace[k + 1]["queued_at"]
+        fl = floor_seconds([s], cfg, itemsize, adapter_bytes, bw, mm)["floor_s"]
+        e = out.setdefault(key, dict(steps=0, time_s=0.0, floor_s=0.0))
+        e["steps"] += 1
+        e["time_s"] += dt
+        e["floor_s"] += fl
+    for e in out.values():
+        e["pct_of_floor"] = 100 * e["floor_s"] / e["time_s"] if e["time_s"] else 0.0
+        e["mean_step_ms"] = 1e3 * e["time_s"] / e["steps"]
+    return out
+
+
+def profile_steps(engine, prompts, sp, log_dir: str, top: int = 30) -> dict:
+    """Device time per kernel over a short decode-heavy run, from a jax.profiler trace."""
+    import glob
+    engine.generate(prompts[:8], sampling=sp)
+    jax.profiler.start_trace(log_dir)
+    try:
+        engine.generate(prompts, sampling=sp)
+    finally:
+        jax.profiler.stop_trace()
+    files = glob.glob(f"{log_dir}/**/*.xplane.pb", recursive=True)
+    if not files:
+        return {}
+    data = jax.profiler.ProfileData.from_file(files[-1])
+    per: dict = {}
+    for plane in data.planes:
+        if not plane.name.startswith("/device:GPU"):
+            continue
+        for line in plane.lines:
+            for ev in line.events:
+                per[ev.name] = per.get(ev.name, 0.0) + ev.duration_ns / 1e9
+    total = sum(per.values())
+    ranked = sorted(per.items(), key=lambda kv: -kv[1])[:top]
+    return dict(total_s=total, top=[dict(name=k[:120], s=v, share=v / total if total else 0.0) for k, v in ranked])
+
+
 def run_case(engine, prompts, adapters, sp, cfg, itemsize, adapter_bytes, bw, mm) -> dict:
     trace = engine.record_steps(True)
     s0 = engine.stats()
@@ -107,7 +151,8 @@ def run_case(engine, prompts, adapters, sp, cfg, itemsize, adapter_bytes, bw, mm
     parts = {k: s1["host_breakdown_s"][k] - s0["host_breakdown_s"][k] for k in s1["host_breakdown_s"]}
     parts.update({f"dispatch.{k}": s1["dispatch_breakdown_s"][k] - s0["dispatch_breakdown_s"][k]
                   for k in s1["dispatch_breakdown_s"]})
-    return dict(wall_s=wall, output_tokens=out_tokens, output_tok_s=out_tokens / wall,
+    return dict(breakdown=step_breakdown(trace, cfg, itemsize, adapter_bytes, bw, mm),
+                wall_s=wall, output_tokens=out_tokens, output_tok_s=out_tokens / wall,
                 total_tok_s=(out_tokens + sum(map(len, prompts))) / wall, floor=fl,
                 pct_of_floor=100 * fl["floor_s"] / wall,
                 host_overhead_share=d["exposed_host_s"] / d["step_time_s"] if d["step_time_s"] else 0.0,
@@ -131,6 +176,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--kernel-backend", default="auto")
     ap.add_argument("--no-precompile", action="store_true")
+    ap.add_argument("--profile-dir", default=None,
+                    help="also trace 256 requests of 64 tokens (base) and report device time per kernel")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     cfg = tiny_llama_config() if args.model == "tiny" else named_config(args.model)
@@ -173,6 +220,10 @@ def main(argv=None) -> int:
                               indent=1, default=float)
             print(f"[{res['case']} #{rep}] {res['output_tok_s']:.0f} out tok/s, {res['pct_of_floor']:.0f}% of floor, "
                   f"host share {res['host_overhead_share']:.3f}, steps {res['counters']['steps']}", flush=True)
+    profile = {}
+    if args.profile_dir:
+        profile = profile_steps(engine, prompts[:256], sj.SamplingParams(max_tokens=64, ignore_eos=True),
+                                args.profile_dir)
     base = {r["repeat"]: r["output_tok_s"] for r in results if r["adapters"] == 0}
     for r in results:
         if r["repeat"] in base:
@@ -182,7 +233,7 @@ def main(argv=None) -> int:
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         command="python " + " ".join(sys.argv), model=args.model, copy_bandwidth=bw,
         hbm_peak_bytes_per_s=HBM_PEAK, matmul_flops_per_s=mm, precompile_s=precompile_s,
-        programs_compiled=len(compiled), results=results)
+        programs_compiled=len(compiled), results=results, profile=profile)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(record, f, indent=1, default=float)
@@ -190,6 +241,12 @@ def main(argv=None) -> int:
           f"matmul {mm / 1e12:.0f} TFLOP/s, precompile {precompile_s:.0f} s for {len(compiled)} programs")
     print(f"{'case':<16}{'rep':>4}{'out tok/s':>11}{'vs base':>9}{'% floor':>9}{'host':>7}{'busy':>7}{'steps':>7}"
           f"{'mixed':>7}{'preempt':>8}{'adapters/step':>14}")
+    for r in results:
+        print(f"  {r['case']} #{r['repeat']}: " + ", ".join(
+            f"{k}: {v['steps']} steps {v['mean_step_ms']:.2f} ms ({v['pct_of_floor']:.0f}% of floor)"
+            for k, v in sorted(r["breakdown"].items())))
+    for p in (profile.get("top") or [])[:15]:
+        print(f"  kernel {p['share'] * 100:5.1f}% {p['s'] * 1e3:8.1f} ms  {p['name']}")
     for r in results:
         c = r["counters"]
         print(f"{r['case']:<16}{r['repeat']:>4}{r['output_tok_s']:>11.0f}{r.get('vs_base', float('nan')):>9.3f}"

@@ -173,7 +173,7 @@ class Study:
             self.skipped.append(label)
             self.save()
             return None
-        engine.adapters.evict_all()  # every run starts cold
+        engine.evict_adapters()  # every run starts cold
         t0 = time.perf_counter()
         res = run_trace(engine, trace, resolve_adapters(trace, names) if names else [None] * len(trace),
                         time_limit_s=limit, progress=not self.args.no_progress, desc=label)
@@ -282,16 +282,12 @@ class Study:
 
     def with_policy(self, engine, name: str, fn):
         """Run ``fn`` with the engine's scheduling policy swapped for ``name`` (between runs)."""
-        from slora_jax.engine.policies import make_policy
-
-        sched = engine.scheduler
-        old = sched.policy
-        sched.set_policy(make_policy(dataclasses.replace(engine.config, scheduler=name,
-                                                         slo_first_token_s=self.args.slo)))
+        old = (engine.config.scheduler, engine.config.slo_first_token_s)
+        engine.set_scheduler(name, slo_first_token_s=self.args.slo)
         try:
             return fn()
         finally:
-            sched.set_policy(old)
+            engine.set_scheduler(old[0], slo_first_token_s=old[1])
 
     def slo_runs(self, engine, names) -> None:
         from slora_jax.bench.trace import with_base_model

@@ -178,7 +178,7 @@ class Bench:
             return register_folders(engine, self.folders, n)
         if str_names:
             for i, name in enumerate(str_names):
-                if name not in engine.adapters:
+                if not engine.has_adapter(name):
                     engine.load_adapter_weights(name, self.synthetic.weights(i))
             return str_names
         return self.synthetic.register(engine, n)
@@ -228,7 +228,7 @@ class Bench:
                 names = self.names_for(engine, t, self.adapter_count(t, n0))
                 run_trace(engine, t, tr.resolve_adapters(t, names), progress=self.progress,
                           desc=f"warmup [{kname}]", time_limit_s=a.warmup * 4 + 30)
-                engine.adapters.evict_all()
+                engine.evict_adapters()
             if first_kernel and "base" in jax_backends:
                 t = tr.with_base_model(self.trace_for(a.num_adapters[0]))
                 res = run_trace(engine, t, [None] * len(t), time_limit_s=a.time_limit, progress=self.progress,
@@ -245,7 +245,7 @@ class Bench:
                 for n in a.num_adapters:
                     t = self.trace_for(n)
                     names = self.names_for(engine, t, self.adapter_count(t, n))
-                    engine.adapters.evict_all()  # every run starts cold
+                    engine.evict_adapters()  # every run starts cold
                     res = run_trace(engine, t, tr.resolve_adapters(t, names), time_limit_s=a.time_limit,
                                     progress=self.progress, desc=f"slora n={n} [{kname}]")
                     self.record(f"slora[{kname}] n={len(names)}", "slora", len(names), res, common)

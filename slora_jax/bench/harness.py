@@ -18,8 +18,8 @@ from slora_jax.errors import SloraError
 from slora_jax.types import SamplingParams
 
 # engine.stats() counters whose change over a run is reported.
-_DELTA_KEYS = ("steps", "prefill_steps", "decode_steps", "generated_tokens", "prompt_tokens", "host_time_s",
-               "step_time_s", "preemptions", "adapter_loads", "adapter_evictions", "adapter_load_bytes",
+_DELTA_KEYS = ("steps", "mixed_steps", "decode_steps", "generated_tokens", "prompt_tokens", "host_time_s",
+               "step_time_s", "exposed_host_s", "preemptions", "adapter_loads", "adapter_evictions", "adapter_load_bytes",
                "adapter_host_loads", "adapter_host_evictions", "adapter_prefetch_loads",
                "compiled_shapes")  # programs compiled during the run: its times include their compilation
 
@@ -104,7 +104,7 @@ def run_trace(engine, trace: Sequence[TraceRequest], adapters: Sequence[Optional
             wake.set()
 
     before = engine.stats()
-    loads_from = engine.adapters.load_count
+    loads_from = engine.adapter_load_count()
     bar = _progress(n, desc, progress)
     t0_box.append(time.monotonic())
     feeder = threading.Thread(target=feed, name="bench-feeder", daemon=True)
@@ -146,11 +146,12 @@ def run_trace(engine, trace: Sequence[TraceRequest], adapters: Sequence[Optional
         total = max([r.finish_s for r in records if r.finish_s is not None] + [1e-9])
     after = engine.stats()
     delta = {k: after[k] - before[k] for k in _DELTA_KEYS if k in after and k in before}
-    delta["host_overhead_share"] = delta["host_time_s"] / delta["step_time_s"] if delta.get("step_time_s") else 0.0
+    delta["host_overhead_share"] = (delta["exposed_host_s"] / delta["step_time_s"]) if delta.get("step_time_s") else 0.0
+    delta["host_busy_share"] = delta["host_time_s"] / delta["step_time_s"] if delta.get("step_time_s") else 0.0
     for key in ("host_breakdown_s", "dispatch_breakdown_s"):
         if key in after:
             delta[key] = {k: v - before[key].get(k, 0.0) for k, v in after[key].items()}
     delta["kernel_backend"] = after.get("kernel_backend")
     delta["total_pages"] = after.get("total_pages")
     delta["timed_out"] = timed_out
-    return RunResult(records, total, delta, engine.adapters.load_summary(loads_from))
+    return RunResult(records, total, delta, engine.adapter_load_summary(loads_from))

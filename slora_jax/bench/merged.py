@@ -80,11 +80,11 @@ def merged_reference(w: np.ndarray, a: np.ndarray, b: np.ndarray, s: np.ndarray)
 @contextlib.contextmanager
 def merged_into(engine, lora):
     """Serve ``engine`` with ``lora`` merged into its weights inside the block (requests use adapter=None)."""
-    runner = engine.runner
-    original = runner.params
-    runner.params = merge_lora(original, engine.model_config, lora)
-    jax.block_until_ready(runner.params)
+    original = engine.base_params()
+    merged = merge_lora(original, engine.model_config, lora)
+    jax.block_until_ready(merged)
+    engine.replace_base_params(merged)
     try:
         yield engine
     finally:
-        runner.params = original
+        engine.replace_base_params(original)

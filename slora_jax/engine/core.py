@@ -134,7 +134,10 @@ class EngineCore:
                              + sum(c.count * c.start + c.count * (c.count + 1) // 2 for c in sched.chunks)),
                 # K/V rows a step must read at least once: every decode row's context, every chunk's.
                 kv_read=int(sum(r.computed for r in sched.decode) + sum(c.start + c.count for c in sched.chunks)),
-                sampled=len(rows), adapters=sorted({r.adapter for r, _ in rows} - {None}), lora_groups=list(groups)))
+                sampled=len(rows), adapters=sorted({r.adapter for r, _ in rows} - {None}), lora_groups=list(groups),
+                # When the step was queued: with the host ahead, the step queued after it waits for its
+                # predecessor, so these times pace the device (queued_at[k+2] - queued_at[k+1] ~ step k).
+                queued_at=time.perf_counter()))
         return _InFlight(out, rows, out[1])
 
     def drain(self, changed: list) -> None:

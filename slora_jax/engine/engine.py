@@ -172,6 +172,37 @@ class Engine:
     def list_adapters(self) -> list[AdapterInfo]:
         return self.adapters.list()
 
+    def evict_adapters(self) -> None:
+        """Drop every adapter from the device (host copies stay): the next use of each loads it again."""
+        with self._step_lock:
+            self.adapters.evict_all()
+
+    def adapter_load_count(self) -> int:
+        """Adapter uploads to the device so far (a mark for ``adapter_load_summary``)."""
+        return self.adapters.load_count
+
+    def adapter_load_summary(self, since: int = 0) -> dict:
+        """How the adapter uploads after mark ``since`` went: counts, bytes, how many were hidden by prefetch."""
+        return self.adapters.load_summary(since)
+
+    def set_scheduler(self, name: str, **options) -> None:
+        """Use another scheduling policy (fcfs | cluster | slo | fair) from now on; only while nothing runs."""
+        from slora_jax.engine.policies import make_policy
+        with self._step_lock:
+            self.scheduler.set_policy(make_policy(dataclasses.replace(self.config, scheduler=name, **options)))
+
+    def base_params(self):
+        """The base model's weights as the step programs read them (fused q|k|v and gate|up)."""
+        return self.runner.params
+
+    def replace_base_params(self, params) -> None:
+        """Serve with other base weights of the same layout (e.g. an adapter merged in); nothing in flight."""
+        with self._step_lock:
+            changed: list[Request] = []
+            self._core.drain(changed)
+            self._outputs.emit(changed)
+            self.runner.params = params
+
     # ------------------------------------------------------------------ requests
     def add_request(self, prompt: Prompt, adapter: Optional[str] = None,
                     sampling: Optional[SamplingParams] = None, request_id: Optional[str] = None,

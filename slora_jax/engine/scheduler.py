@@ -65,6 +65,16 @@ class SchedulerOutput:
     def num_tokens(self) -> int:
         return len(self.decode) + sum(c.count for c in self.chunks)
 
+    @property
+    def requests(self) -> list[Request]:
+        """Every request with work in this step."""
+        return self.decode + [c.req for c in self.chunks]
+
+    @property
+    def sampled(self) -> list[Request]:
+        """Requests that get a new token from this step: every decode token, and chunks ending a context."""
+        return self.decode + [c.req for c in self.chunks if c.samples]
+
 
 class Scheduler:
     def __init__(self, econf: EngineConfig, pool: UnifiedPagePool, store: AdapterStore, policy=None):

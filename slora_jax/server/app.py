@@ -297,7 +297,7 @@ def _adapter_for(state: ServerState, model: str) -> Optional[str]:
     """None for the base model's name, else the adapter name (checked now, so unknown names get 404)."""
     if model == state.model_name:
         return None
-    if model not in state.engine.adapters:
+    if not state.engine.has_adapter(model):
         raise model_not_found(f"the model {model!r} does not exist: use {state.model_name!r} (the base model) "
                               f"or a loaded adapter's name (GET /v1/models lists them)")
     return model

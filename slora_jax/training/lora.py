@@ -139,9 +139,9 @@ def base_params(source, model_config: Optional[ModelConfig] = None, dtype: Optio
     dtype for an Engine, float32 otherwise. Raises ModelError when the weights do not match model_config."""
     if dtype is not None and dtype not in _DTYPES:
         raise ConfigError(f"dtype must be one of {', '.join(_DTYPES)} or None, got {dtype!r}")
-    if hasattr(source, "runner") and hasattr(source, "model_config"):  # an Engine
+    if hasattr(source, "base_params") and hasattr(source, "model_config"):  # an Engine
         model_config = model_config or source.model_config
-        params = source.runner.params
+        params = source.base_params()
         dtype = dtype or source.config.dtype
     elif isinstance(source, (str, os.PathLike)):
         from slora_jax.model.checkpoint import load_params

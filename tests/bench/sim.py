@@ -1,7 +1,8 @@
 """A Scheduler over a real page pool and AdapterStore with the device replaced by bookkeeping.
 
-Each ``step`` does what ``Engine.step`` does around the model: schedule, then one token for every scheduled
-request (first token for a prefill, next token for a decode), finishing requests at their max_tokens.
+Each ``step`` does what ``Engine.step`` does around the model, reading every step before the next: schedule,
+then one token for every request the step samples (a decode token, or a prompt chunk that ends the prompt),
+finishing requests at their max_tokens.
 The clock is simulated (``dt`` seconds a step), so policies that read time are tested deterministically.
 """
 
@@ -62,7 +63,8 @@ class Sim:
         out = self.sched.schedule(self.now)
         self.outputs.append(out)
         end = self.now + self.dt
-        for r in out.requests:
+        for r in out.sampled:
+            r.pending -= 1
             r.output.append(7)
             if r.metrics.first_token_time is None:
                 r.metrics.first_token_time = end

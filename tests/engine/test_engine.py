@@ -183,7 +183,9 @@ def test_precompile_covers_every_step_and_changes_no_output(tiny):
     ahead, lazy = make_engine(tiny, **kw), make_engine(tiny, **kw)
     records = ahead.precompile(sampling=True, max_workers=2)
     shapes = ahead.step_shapes()
-    assert len(records) == 2 * len(shapes) == ahead.stats()["compiled_shapes"]
+    variants = ahead.lora_variants()
+    assert variants == [(), ("qkv", "o", "gate_up", "down")]  # no LoRA, and what the adapters target together
+    assert len(records) == 2 * len(shapes) * len(variants) == ahead.stats()["compiled_shapes"]
     assert {(r["mode"], r["size"], r["width"]) for r in records} == set(shapes)
     assert all(r["compile_s"] > 0 for r in records)
     assert ahead.precompile() == []  # nothing left to compile
@@ -205,9 +207,9 @@ def test_pool_updated_in_place(engine):
     captured = []
     dispatch = engine.runner.dispatch
 
-    def spy(mode, tables, inp, samp, all_logits=False, prev_tokens=None):
-        captured.append((mode, tables, inp, samp))
-        return dispatch(mode, tables, inp, samp, all_logits, prev_tokens)
+    def spy(mode, tables, inp, samp, all_logits=False, prev_tokens=None, lora_groups=()):
+        captured.append((mode, tables, inp, samp, lora_groups))
+        return dispatch(mode, tables, inp, samp, all_logits, prev_tokens, lora_groups)
 
     engine.runner.dispatch = spy
     try:
@@ -218,12 +220,12 @@ def test_pool_updated_in_place(engine):
     assert engine.runner.pool_pointer() == before
     pool_shape = ",".join(map(str, engine.runner.pool.shape))
     modes = set()
-    for mode, tables_obj, inp, samp in captured:
-        hlo = engine.runner.lower(mode, tables_obj, inp, samp).compile().as_text()
+    for mode, tables_obj, inp, samp, groups in captured:
+        hlo = engine.runner.lower(mode, tables_obj, inp, samp, lora_groups=groups).compile().as_text()
         copies = [ln for ln in hlo.splitlines() if f"[{pool_shape}]" in ln and " copy(" in ln]
         assert not copies, (mode, copies[:2])
         modes.add(mode)
-    assert modes == {"prefill", "decode"}
+    assert modes == {"mixed", "decode"}
 
 
 def test_request_that_can_never_fit_is_refused(tiny):

@@ -158,8 +158,8 @@ def _service(sim, adapters):
     """Weighted tokens served per adapter (input x1 at admission, output x2), counted from the simulation."""
     served = {a: 0.0 for a in adapters}
     for out in sim.outputs:
-        for r in out.requests:
-            if len(r.output) == 1 and out.kind == "prefill":
+        for r in out.sampled:
+            if len(r.output) == 1:  # its prompt was computed in this step
                 served[r.adapter] += len(r.prompt)
             served[r.adapter] += 2
     return served
@@ -211,7 +211,7 @@ def test_fair_idle_adapter_cannot_bank_credit():
     admitted = []
     for _ in range(60):
         out = sim.step()
-        admitted += [r.adapter for r in out.requests if out.kind == "prefill"]
+        admitted += [c.req.adapter for c in out.chunks if c.start == 0]
     # Alternation, not a burst of b: a keeps getting slots.
     assert admitted[:10].count("a") >= 3, admitted[:10]
     assert any(b.metrics.first_token_time for b in bs)
