@@ -44,7 +44,7 @@ class EngineCore:
         self.inbox: "queue.SimpleQueue" = queue.SimpleQueue()
         self.requests: dict[str, Request] = {}
         self._inflight: Optional[_InFlight] = None
-        self._groups: dict[str, frozenset] = {}  # adapter name -> LoRA groups it targets
+        self._registered: Optional[tuple] = None  # LoRA groups the registered adapters target (cached)
         self.trace: Optional[list] = None  # per-step records while tracing (benchmark floors)
         self.counters = {"steps": 0, "mixed_steps": 0, "decode_steps": 0, "prompt_tokens": 0,
                          "prefill_tokens": 0, "host_time_s": 0.0, "step_time_s": 0.0, "exposed_host_s": 0.0}
@@ -55,22 +55,24 @@ class EngineCore:
         return self.scheduler.has_work() or not self.inbox.empty() or self._inflight is not None
 
     def lora_groups(self, adapters) -> tuple:
-        """The LoRA groups a batch needs kernels for: those any of its adapters targets (none without one)."""
-        names = set(adapters) - {None}
-        if not names:
+        """The LoRA groups a batch's program runs kernels for: none for a batch without adapters, else the
+        groups that the registered adapters target (q/k/v/o adapters launch no MLP kernels). Two variants
+        at most, so every program can be compiled ahead (``Engine.precompile``)."""
+        if all(a is None for a in adapters):
             return ()
-        wanted = set()
-        for name in names:
-            groups = self._groups.get(name)
-            if groups is None:
-                mods = self.adapters.info(name).target_modules
-                groups = self._groups[name] = frozenset(MODULE_GROUP[m][0] for m in mods)
-            wanted |= groups
-        return tuple(g for g in LORA_GROUPS if g in wanted)
+        return self.registered_groups()
 
-    def forget_adapter(self, name: str) -> None:
-        """``name`` was registered again or removed: look its targets up afresh."""
-        self._groups.pop(name, None)
+    def registered_groups(self) -> tuple:
+        if self._registered is None:
+            wanted = set()
+            for name in self.adapters.names():
+                wanted |= {MODULE_GROUP[m][0] for m in self.adapters.info(name).target_modules}
+            self._registered = tuple(g for g in LORA_GROUPS if g in wanted)
+        return self._registered
+
+    def adapters_changed(self) -> None:
+        """An adapter was registered or removed: the groups the registered ones target may differ."""
+        self._registered = None
 
     # ------------------------------------------------------------------ the loop
     def step(self) -> list[RequestOutput]:

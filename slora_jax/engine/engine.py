@@ -140,13 +140,13 @@ class Engine:
     def load_adapter(self, name: str, adapter_dir, lazy: bool = False) -> AdapterInfo:
         """Register a PEFT LoRA folder under ``name``. Validated now (weights too unless ``lazy``)."""
         info = self.adapters.register(name, adapter_dir, lazy=lazy)
-        self._core.forget_adapter(name)
+        self._core.adapters_changed()
         return info
 
     def load_adapter_weights(self, name: str, lora) -> AdapterInfo:
         """Register an adapter already in memory (``slora_jax.adapters.LoraWeights``, e.g. just trained)."""
         info = self.adapters.register_weights(name, lora)
-        self._core.forget_adapter(name)
+        self._core.adapters_changed()
         return info
 
     def unload_adapter(self, name: str) -> None:
@@ -160,7 +160,7 @@ class Engine:
             if users and name in self.adapters:
                 raise AdapterError(f"adapter {name!r} is used by {len(users)} unfinished request(s)")
             self.adapters.unregister(name)
-            self._core.forget_adapter(name)
+            self._core.adapters_changed()
 
     def adapter_names(self) -> list[str]:
         """Names of every registered adapter (cheap: no per-adapter record is built)."""
@@ -312,8 +312,8 @@ class Engine:
         return self._inputs.shapes(self._max_pages)
 
     def lora_variants(self) -> list[tuple]:
-        """LoRA groups of the programs precompiled: none, and those of every registered adapter together."""
-        union = self._core.lora_groups(self.adapters.names())
+        """LoRA groups of the step programs: none, and those the registered adapters target together."""
+        union = self._core.registered_groups()
         return [()] + ([union] if union else [])
 
     def precompile(self, sampling: bool = True, max_workers: Optional[int] = None,

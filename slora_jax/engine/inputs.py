@@ -1,9 +1,11 @@
 """Device inputs of a step, built on the host from the scheduler's decision (numpy, shapes bucketed).
 
 Every array is 32-bit (the runner packs them into one buffer, one host->device copy per step). Shapes
-depend on buckets only, so a run compiles a bounded set of programs (``step_shapes``):
-- decode: B rows, one token each (a power of two >= 8, at most the batch bucket);
-- mixed: T tokens (a power of two >= 64, at most the step's token budget): decode tokens first, then
+depend on buckets only, so a run compiles a bounded set of programs (``step_shapes``; with greedy and
+sampling variants and two LoRA variants, 48 for a batch of 256 and 2048 tokens a step):
+- decode: B rows, one token each (16, 32, 64, 96, 128, 192, 256, ...: powers of two and the steps half way
+  between them from 64 on, where a padded row costs most; at most the batch bucket);
+- mixed: T tokens (a power of two >= 128, at most the step's token budget): decode tokens first, then
   prompt chunks sorted by adapter (each adapter's prompt tokens one run, as MBGMM wants them); page
   tables and sampling rows N = min(T, batch bucket), decode token i being row i;
 - prefill: scoring only (``Engine.logits``): whole prompts, self-attention within the step, nothing cached.
@@ -18,8 +20,8 @@ import numpy as np
 from slora_jax.engine.request import Request
 from slora_jax.engine.scheduler import Chunk, SchedulerOutput
 
-DECODE_MIN_ROWS = 8
-MIXED_MIN_TOKENS = 64
+DECODE_MIN_ROWS = 16
+MIXED_MIN_TOKENS = 128
 
 
 def bucket(n: int, minimum: int = 1) -> int:
@@ -36,6 +38,13 @@ def powers(lo: int, hi: int) -> list[int]:
     return out
 
 
+def decode_buckets(rows: int) -> list[int]:
+    """Decode batch sizes up to ``rows`` (a power of two): powers of two from 16, and 1.5x each from 64."""
+    out = {b for b in powers(min(DECODE_MIN_ROWS, rows), rows)}
+    out |= {3 * b // 2 for b in out if 64 <= b < rows}
+    return sorted(out)
+
+
 class StepInputs:
     """Builds each step's arrays for one engine (its page size, batch bucket and table width rule)."""
 
@@ -46,10 +55,11 @@ class StepInputs:
         self.token_budget = token_budget
         self.table_width = table_width  # page-table columns for a longest request of n pages
         self.slot_of = slot_of  # adapter names -> device slots (-1: base)
+        self._decode_buckets = decode_buckets(self.rows)
 
     # ------------------------------------------------------------------ shapes
     def decode_rows(self, n: int) -> int:
-        return min(bucket(n, DECODE_MIN_ROWS), self.rows)
+        return next(b for b in self._decode_buckets if b >= n)
 
     def mixed_tokens(self, n: int) -> int:
         return bucket(n, MIXED_MIN_TOKENS)
@@ -57,7 +67,7 @@ class StepInputs:
     def shapes(self, max_pages: int) -> list[tuple[str, int, int]]:
         """Every (mode, rows or tokens, table width) a generation step can take."""
         widths = sorted({self.table_width(p) for p in range(1, max_pages + 1)})
-        decode = [("decode", B, w) for B in powers(min(DECODE_MIN_ROWS, self.rows), self.rows) for w in widths]
+        decode = [("decode", B, w) for B in self._decode_buckets for w in widths]
         mixed = [("mixed", T, w) for T in powers(MIXED_MIN_TOKENS, self.mixed_tokens(self.token_budget))
                  for w in widths]
         return decode + mixed

@@ -64,6 +64,12 @@ class Request:
         return self.prompt[start:] + self.output[max(start - P, 0):stop - P]
 
     @property
+    def in_prompt(self) -> bool:
+        """Context tokens other than the newest one still lack K/V: the next work is a prompt chunk (the
+        prompt, or the whole context again after a preemption), not a decode token."""
+        return self.computed < self.context_len + self.pending - 1
+
+    @property
     def ends_with_pending(self) -> bool:
         """The tokens still on the device end the request by length: it needs no further step."""
         n = self.pending

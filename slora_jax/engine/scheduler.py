@@ -202,7 +202,7 @@ class Scheduler:
         out = SchedulerOutput(finished=list(late))
         budget = self.token_budget
         for req in self._prepare_running():
-            if req.computed < req.context_len:  # a prompt (or a recomputation) in progress
+            if req.in_prompt:
                 if budget <= 0:
                     continue
                 n = min(req.context_len - req.computed, budget)
@@ -253,8 +253,6 @@ class Scheduler:
             if not self._reserve_ok(req, admitted):
                 break
             n = min(req.context_len, budget)
-            if not self._above_watermark(req, n):
-                break
             if req.adapter is not None and not req.holds_adapter:
                 busy = bool(self.running or admitted)
                 cold = self._cold(req, busy, keep, try_copy=not no_room)
@@ -278,7 +276,7 @@ class Scheduler:
                 if not ok:
                     break
                 req.holds_adapter = True
-            if not self.ensure_kv(req, n):
+            if not self._above_watermark(req, n) or not self.ensure_kv(req, n):
                 self.release(req)
                 break
             admitted.append(req)
@@ -295,13 +293,12 @@ class Scheduler:
             self.policy.on_admit(req, self)
 
     def _above_watermark(self, req: Request, n: int) -> bool:
-        """Whether admitting ``req`` with a first chunk of ``n`` tokens leaves ``watermark`` pages free
-        (counting adapter pages nobody uses as free). Only while others run: alone, a request may use it all."""
+        """Whether the K/V pages of ``req``'s first chunk of ``n`` tokens leave ``watermark`` pages free
+        (counting adapter pages nobody uses as free; its own adapter is already on the device). Only while
+        others run: alone, a request may use it all."""
         if not self.running:
             return True
         need = 2 * math.ceil(n / self.R)
-        if req.adapter is not None and not self.store.is_resident(req.adapter):
-            need += self.store.pages_needed(req.adapter)
         keep = frozenset() if req.adapter is None else {req.adapter}
         avail = self.pool.free_pages + self.store.evictable_pages(exclude=keep)
         return need + self.watermark <= avail
@@ -352,7 +349,7 @@ class Scheduler:
         for req in sorted(self.running, key=lambda r: r.arrival_seq):
             if req.status is not Status.RUNNING:
                 continue
-            if req.computed < req.context_len:
+            if req.in_prompt:
                 work.append(req)
                 continue
             if req.ends_with_pending:

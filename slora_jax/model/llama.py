@@ -123,6 +123,15 @@ class StepStatics:
     lora_groups: tuple = tuple(LORA_GROUPS)
 
 
+def _linear(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x @ w in the weights' dtype, accumulated in float32. Asking the GEMM for the narrow output (rather
+    than float32 and a cast after it) lets cuBLAS round in its epilogue: the separate casts of float32
+    [T, N] outputs took ~7% of the device time of a Llama-3-8B serving run on the H200."""
+    if w.dtype == jnp.float32:
+        return _dot(x, w)
+    return jnp.dot(x, w, preferred_element_type=w.dtype)
+
+
 def _dot(x: jax.Array, w: jax.Array) -> jax.Array:
     """x @ w accumulated in float32; float32 weights get full precision (GPUs default to TF32, which
     misses the float32 parity with transformers by ~3e-4)."""
@@ -181,7 +190,7 @@ def forward(params: dict, pool: jax.Array, tables: dict, inp: dict, cfg: ModelCo
         h, pool = carry
         w, l = xs
         x = rms_norm(h, w["attn_norm"], cfg.rms_norm_eps)
-        qkv = _dot(x, w["wqkv"]).astype(dtype)
+        qkv = _linear(x, w["wqkv"])
         if cfg.attention_bias:
             qkv = qkv + w["bqkv"]
         qkv = _lora(qkv, x, pool, l, tables, inp, "qkv", qkv_out, st)
@@ -208,15 +217,15 @@ def forward(params: dict, pool: jax.Array, tables: dict, inp: dict, cfg: ModelCo
                                              sm_scale=sm_scale, sliding_window=window, implementation=st.backend)
             attn = jax.lax.dynamic_update_slice_in_dim(attn, attn[:n] + head, 0, axis=0)
         attn = attn.reshape(T, Nq * D)
-        o = _dot(attn, w["wo"]).astype(dtype)
+        o = _linear(attn, w["wo"])
         o = _lora(o, attn, pool, l, tables, inp, "o", o_out, st)
         h = h + o
         x = rms_norm(h, w["mlp_norm"], cfg.rms_norm_eps)
-        gu = _dot(x, w["w_gate_up"]).astype(dtype)
+        gu = _linear(x, w["w_gate_up"])
         gu = _lora(gu, x, pool, l, tables, inp, "gate_up", gu_out, st)
         I = cfg.intermediate_size
         a = (jax.nn.silu(gu[:, :I].astype(jnp.float32)) * gu[:, I:].astype(jnp.float32)).astype(dtype)
-        d = _dot(a, w["w_down"]).astype(dtype)
+        d = _linear(a, w["w_down"])
         d = _lora(d, a, pool, l, tables, inp, "down", dn_out, st)
         h = h + d
         return (h, pool), None

@@ -325,6 +325,6 @@ def test_step_out_of_device_memory_says_which_settings_to_lower(tiny, monkeypatc
 
     monkeypatch.setattr(eng.runner, "_fn", out_of_memory)
     eng.add_request([1, 2, 3], sampling=GREEDY)
-    with pytest.raises(sj.ConfigError, match=r"prefill step ran out of device memory .*8\.50GiB.*512 pages.*"
+    with pytest.raises(sj.ConfigError, match=r"mixed step ran out of device memory .*8\.50GiB.*512 pages.*"
                                              r"memory_fraction \(now 0\.85\).*max_prefill_tokens"):
         eng.step()

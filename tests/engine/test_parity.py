@@ -136,13 +136,15 @@ def test_mistral_sliding_window_and_linear_rope_parity(tmp_path, arch):
         assert out.token_ids == hf_greedy(model_dir, adapter if name else None, p, 6), name
 
 
-@pytest.mark.parametrize("backend", ["xla", "pallas"])
-def test_chunked_prefill_in_mixed_steps_equals_references(llama_gqa_dir, llama_adapters, backend):
+@pytest.mark.parametrize("family,backend", [("llama", "xla"), ("llama", "pallas"), ("qwen2", "xla")])
+def test_chunked_prefill_in_mixed_steps_equals_references(request, family, backend):
     """A step budget of 16 tokens splits 20-40 token prompts into chunks that continue over several steps,
     their K/V already in the pool, while other requests decode in the same steps: greedy tokens equal
     transformers+peft request by request."""
-    some = dict(list(llama_adapters.items())[:3]) if backend == "pallas" else llama_adapters
-    eng = sj.Engine.from_pretrained(llama_gqa_dir, config=sj.EngineConfig(
+    model_dir = request.getfixturevalue("llama_gqa_dir" if family == "llama" else "qwen2_dir")
+    adapters = request.getfixturevalue("llama_adapters" if family == "llama" else "qwen2_adapters")
+    some = dict(list(adapters.items())[:3]) if backend == "pallas" else adapters
+    eng = sj.Engine.from_pretrained(model_dir, config=sj.EngineConfig(
         dtype="float32", kernel_backend=backend, num_pages=256, max_lora_rank=64, max_batch_size=4,
         max_prefill_tokens=16))
     for name, d in some.items():
@@ -155,5 +157,5 @@ def test_chunked_prefill_in_mixed_steps_equals_references(llama_gqa_dir, llama_a
     assert stats["mixed_steps"] > len(prompts)  # prompts took several steps each
     assert stats["prefill_tokens"] >= sum(map(len, prompts))
     for p, name, out in zip(prompts, names, outs):
-        assert out.token_ids == hf_greedy(llama_gqa_dir, some.get(name), p, 5), name
+        assert out.token_ids == hf_greedy(model_dir, some.get(name), p, 5), name
     assert eng.stats()["kv_pages"] == 0  # every page came back

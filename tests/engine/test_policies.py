@@ -65,10 +65,11 @@ def _distinct_adapters_per_decode(scheduler, **kw):
     sim = Sim(adapters={f"a{i}": 8 for i in range(8)}, scheduler=scheduler, max_batch_size=6, prefetch=False, **kw)
     counts = []
     for t in range(300):
-        for _ in range(rng.poisson(1.0)):
+        # Two arrivals a step: more than 6 slots serve, so requests wait and the policy has a choice.
+        for _ in range(rng.poisson(2.0)):
             sim.add(int(rng.integers(2, 12)), int(rng.integers(2, 10)), f"a{int(rng.integers(0, 8))}")
         out = sim.step()
-        if out.kind == "decode":
+        if out.requests:  # every step with work: decode tokens and prompt chunks share it
             counts.append(len({r.adapter for r in out.requests}))
     sim.run()
     assert all(r.finish_reason == "length" for r in sim.finished)
@@ -78,7 +79,7 @@ def _distinct_adapters_per_decode(scheduler, **kw):
 def test_cluster_batches_hold_fewer_adapters_than_fcfs():
     fcfs = _distinct_adapters_per_decode("fcfs")
     cluster = _distinct_adapters_per_decode("cluster", cluster_k=2)
-    assert cluster < 0.8 * fcfs, (cluster, fcfs)
+    assert cluster < 0.6 * fcfs, (cluster, fcfs)
 
 
 # ------------------------------------------------------------------------------------------------ SLO
@@ -172,7 +173,7 @@ def test_fair_bounds_service_gap_between_backlogged_adapters(steps):
     gaps = {p: [] for p in sims}
     for t in range(steps):
         batch = [("hot" if rng.random() < 0.9 else "cold", int(rng.integers(2, 16)), int(rng.integers(2, 16)))
-                 for _ in range(rng.poisson(2.0))]  # far more than 4 slots serve: both stay backlogged
+                 for _ in range(rng.poisson(4.0))]  # far more than 4 slots serve: both stay backlogged
         for p, sim in sims.items():
             for a, n_in, n_out in batch:
                 sim.add(n_in, n_out, a)
@@ -348,7 +349,7 @@ def test_cold_adapter_waits_one_step_and_its_load_is_hidden():
     assert ev.hidden and ev.needed_step == ev.issued_step + 1
 
 
-@pytest.mark.parametrize("num_pages", [200, 320])
+@pytest.mark.parametrize("num_pages", [160, 320])
 def test_under_page_pressure_busy_loads_stay_hidden_and_nobody_starves(num_pages):
     """Many adapters, a pool too small for the batch's KV and every adapter: a cold request is passed over
     (not loaded behind a stalled step) until its copy can start, and still finishes."""
@@ -368,5 +369,5 @@ def test_under_page_pressure_busy_loads_stay_hidden_and_nobody_starves(num_pages
     assert summary["loads_visible_busy"] == 0 and summary["hidden_fraction_busy"] == 1.0
     # Cold requests were passed over (the path under test ran), and past COLD_PATIENCE one blocked the queue
     # until its copy could start: every request above finished all the same.
-    assert max(r.cold_skips for r in reqs) > (COLD_PATIENCE if num_pages == 200 else 0)
+    assert max(r.cold_skips for r in reqs) > (COLD_PATIENCE if num_pages == 160 else 0)
     assert sim.pool.stats()["kv_pages"] == 0
