@@ -150,12 +150,25 @@ def profile_steps(engine, prompts, adapters, sp, log_dir: str, top: int = 30) ->
                 top=[dict(name=k[:120], s=v, share=v / total if total else 0.0) for k, v in ranked])
 
 
-def run_case(engine, prompts, adapters, sp, cfg, itemsize, adapter_bytes, bw, mm) -> dict:
+def run_case(engine, prompts, adapters, sp, cfg, itemsize, adapter_bytes, bw, mm, host_profile: bool = False) -> dict:
     trace = engine.record_steps(True)
     s0 = engine.stats()
+    prof = None
+    if host_profile:
+        import cProfile
+        prof = cProfile.Profile()
+        prof.enable()
     t0 = time.perf_counter()
     outs = engine.generate(prompts, adapters=adapters, sampling=sp)
     wall = time.perf_counter() - t0
+    host_top = []
+    if prof is not None:
+        import pstats
+        prof.disable()
+        st = pstats.Stats(prof)
+        rows = sorted(st.stats.items(), key=lambda kv: -kv[1][2])[:25]  # by own time
+        host_top = [dict(fn=f"{k[0].split('/')[-1]}:{k[1]}:{k[2]}", calls=v[1], own_s=v[2], cum_s=v[3])
+                    for k, v in rows]
     s1 = engine.stats()
     engine.record_steps(False)
     out_tokens = sum(len(o.token_ids) for o in outs)
@@ -166,7 +179,7 @@ def run_case(engine, prompts, adapters, sp, cfg, itemsize, adapter_bytes, bw, mm
     parts = {k: s1["host_breakdown_s"][k] - s0["host_breakdown_s"][k] for k in s1["host_breakdown_s"]}
     parts.update({f"dispatch.{k}": s1["dispatch_breakdown_s"][k] - s0["dispatch_breakdown_s"][k]
                   for k in s1["dispatch_breakdown_s"]})
-    return dict(breakdown=step_breakdown(trace, cfg, itemsize, adapter_bytes, bw, mm),
+    return dict(breakdown=step_breakdown(trace, cfg, itemsize, adapter_bytes, bw, mm), host_profile=host_top,
                 wall_s=wall, output_tokens=out_tokens, output_tok_s=out_tokens / wall,
                 total_tok_s=(out_tokens + sum(map(len, prompts))) / wall, floor=fl,
                 pct_of_floor=100 * fl["floor_s"] / wall,
@@ -193,6 +206,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-precompile", action="store_true")
     ap.add_argument("--profile-dir", default=None,
                     help="also trace 256 requests of 64 tokens (base) and report device time per kernel")
+    ap.add_argument("--host-profile", action="store_true",
+                    help="profile the host (cProfile) in the last repeat of every case: own time per function")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     cfg = tiny_llama_config() if args.model == "tiny" else named_config(args.model)
@@ -226,7 +241,8 @@ def main(argv=None) -> int:
     for rep in range(args.repeats):
         for n in counts:
             picks = None if n == 0 else [names[i] for i in rng.integers(0, n, args.num_requests)]
-            res = run_case(engine, prompts, picks, sp, cfg, itemsize, adapter_bytes, bw["bytes_per_s"], mm)
+            res = run_case(engine, prompts, picks, sp, cfg, itemsize, adapter_bytes, bw["bytes_per_s"], mm,
+                           host_profile=args.host_profile and rep == args.repeats - 1)
             res.update(case="base" if n == 0 else f"{n} adapters", adapters=n, repeat=rep)
             results.append(res)
             if args.out:  # after every case: a run cut short still leaves what it measured
@@ -263,6 +279,9 @@ def main(argv=None) -> int:
         print(f"  {r['case']} #{r['repeat']}: " + ", ".join(
             f"{k}: {v['steps']} steps {v['mean_step_ms']:.2f} ms ({v['pct_of_floor']:.0f}% of floor)"
             for k, v in sorted(r["breakdown"].items())))
+    for r in results:
+        if r["host_profile"]:
+            print(f"  host, {r['case']}: " + "; ".join(f"{h['fn']} {h['own_s']:.2f}s" for h in r["host_profile"][:8]))
     for n, prof in profile.items():
         print(f"  profile, {n} adapters: {prof.get('total_s', 0):.3f} s of device time, steps {prof.get('steps')}")
         for p in (prof.get("top") or [])[:18]:

@@ -45,6 +45,18 @@ def decode_buckets(rows: int) -> list[int]:
     return sorted(out)
 
 
+def fill_tables(k_pages: np.ndarray, v_pages: np.ndarray, reqs: list[Request], first_row: int = 0) -> None:
+    """Rows first_row.. of the page tables get each request's K and V page ids, in three numpy operations
+    rather than two slice assignments per request (a quarter of a 256-row decode step's host time)."""
+    if not reqs:
+        return
+    counts = np.fromiter((len(r.k_pages) for r in reqs), np.int64, len(reqs))
+    rows = np.repeat(np.arange(first_row, first_row + len(reqs)), counts)
+    cols = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+    k_pages[rows, cols] = np.concatenate([r.k_pages for r in reqs])
+    v_pages[rows, cols] = np.concatenate([r.v_pages for r in reqs])
+
+
 class StepInputs:
     """Builds each step's arrays for one engine (its page size, batch bucket and table width rule)."""
 
@@ -145,9 +157,8 @@ class StepInputs:
         R = self.R
         pos = np.fromiter((r.computed - 1 for r in decode), np.int32, n)
         k_pages, v_pages = inp["k_pages"], inp["v_pages"]
+        fill_tables(k_pages, v_pages, decode)
         for i, r in enumerate(decode):
-            k_pages[i, :len(r.k_pages)] = r.k_pages
-            v_pages[i, :len(r.v_pages)] = r.v_pages
             row = prev_row.get(id(r), -1) if r.pending > 1 else -1
             if row >= 0:
                 inp["prev_rows"][i] = row
