@@ -31,94 +31,10 @@ import jax.numpy as jnp
 import numpy as np
 
 import slora_jax as sj
+from floors import HBM_PEAK, copy_bandwidth, floor_seconds, matmul_rate, step_breakdown  # noqa: E402  (benchmarks/)
 from slora_jax.bench.setup import SyntheticAdapters
 from slora_jax.model.init import named_config, random_params
 from slora_jax.model.random_checkpoint import tiny_llama_config
-
-HBM_PEAK = 4.8e12
-
-
-def _time(fn, reps: int = 5) -> float:
-    fn()  # compile and warm
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts))
-
-
-def copy_bandwidth(nbytes: int) -> dict:
-    """Bytes read + written per second by the fastest of several device copies of ``nbytes``."""
-    try:
-        from benchmarks.bandwidth import measure_copy_bandwidth  # the kernels' reference, where present
-        return dict(measure_copy_bandwidth(nbytes))
-    except ImportError:
-        pass
-    n = nbytes // 2
-    x = jnp.ones((n,), jnp.bfloat16)
-    ways = {
-        "x+1": jax.jit(lambda a: a + 1),
-        "copy": jax.jit(lambda a: jnp.copy(a)),
-        "x*2 (2D)": jax.jit(lambda a: (a.reshape(-1, 8192) * 2).reshape(-1)),
-    }
-    rates = {k: 2 * nbytes / _time(lambda f=f: f(x).block_until_ready()) for k, f in ways.items()}
-    best = max(rates, key=rates.get)
-    return dict(bytes_per_s=rates[best], method=best, all=rates)
-
-
-def matmul_rate(n: int) -> float:
-    a = jnp.ones((n, n), jnp.bfloat16)
-    f = jax.jit(lambda x: x @ x)
-    return 2 * n ** 3 / _time(lambda: f(a).block_until_ready())
-
-
-def floor_seconds(trace: list, cfg, itemsize: int, adapter_bytes: dict, bw: float, mm: float) -> dict:
-    """The floor of the steps in ``trace``. Per step, two phases each at its own roofline:
-    - projections: weights (and the batch's adapters) read once vs 2 x parameters x tokens FLOPs (+ logits);
-    - attention: K/V rows read and written once vs 4 x q_size x keys attended FLOPs per layer;
-    floor_s sums max(bytes / bw, FLOPs / mm) of each phase over steps. At batch 256 an 8B model's decode
-    projections are compute-bound on an H200 (256 FLOP per weight byte, above the ridge), so a bytes-only
-    floor would understate them. overlap_floor_s lets both phases overlap (max of the step totals): a
-    looser bound, reported beside it."""
-    L, H, V = cfg.num_layers, cfg.hidden_size, cfg.vocab_size
-    kv = cfg.kv_size
-    mat_params = L * (H * (cfg.q_size + 2 * kv) + cfg.q_size * H + 3 * H * cfg.intermediate_size)
-    weight_bytes = (mat_params + V * H * (1 if cfg.tie_word_embeddings else 2)) * itemsize
-    out = dict(floor_s=0.0, overlap_floor_s=0.0, proj_bytes_s=0.0, proj_flops_s=0.0, attn_bytes_s=0.0,
-               attn_flops_s=0.0, steps=len(trace))
-    for s in trace:
-        tokens = s["decode_tokens"] + s["prompt_tokens"]
-        adapters = sum(adapter_bytes.get(a, 0) for a in s["adapters"])
-        pb = (weight_bytes + adapters) / bw
-        # LoRA FLOPs (2 x rank x (d_in + d_out) per token and module) are under 1% of the base's: left out.
-        pf = (2 * mat_params * tokens + 2 * H * V * s["sampled"]) / mm
-        ab = 2 * L * kv * itemsize * (s["kv_read"] + tokens) / bw
-        af = 4 * L * cfg.q_size * s["attended"] / mm
-        out["floor_s"] += max(pb, pf) + max(ab, af)
-        out["overlap_floor_s"] += max(pb + ab, pf + af)
-        for k, v in (("proj_bytes_s", pb), ("proj_flops_s", pf), ("attn_bytes_s", ab), ("attn_flops_s", af)):
-            out[k] += v
-    return out
-
-
-def step_breakdown(trace: list, cfg, itemsize: int, adapter_bytes: dict, bw: float, mm: float) -> dict:
-    """Device time by kind of step, paced by when the host could queue the next step: step k ran from about
-    queued_at[k+1] to queued_at[k+2] (the host queues k+2 once k is read), beside its floor."""
-    out: dict = {}
-    for k in range(len(trace) - 2):
-        s = trace[k]
-        key = "mixed" if s["mode"] == "mixed" else f"decode B={s['tokens']}"
-        dt = trace[k + 2]["queued_at"] - trace[k + 1]["queued_at"]
-        fl = floor_seconds([s], cfg, itemsize, adapter_bytes, bw, mm)["floor_s"]
-        e = out.setdefault(key, dict(steps=0, time_s=0.0, floor_s=0.0))
-        e["steps"] += 1
-        e["time_s"] += dt
-        e["floor_s"] += fl
-    for e in out.values():
-        e["pct_of_floor"] = 100 * e["floor_s"] / e["time_s"] if e["time_s"] else 0.0
-        e["mean_step_ms"] = 1e3 * e["time_s"] / e["steps"]
-    return out
 
 
 def profile_steps(engine, prompts, adapters, sp, log_dir: str, top: int = 30) -> dict:
@@ -227,8 +143,7 @@ def main(argv=None) -> int:
     synth = SyntheticAdapters(cfg, (8, 16, 32, 64), weight_sets=2)
     names = synth.register(engine, max(counts)) if max(counts) else []
     # Bytes each adapter's A and B take in the pool's dtype: what a step using it must read at least once.
-    adapter_bytes = {n: sum((m.a.size + m.b.size) * itemsize for m in synth.weights(i).modules.values())
-                     for i, n in enumerate(names)}
+    adapter_bytes = {n: synth.nbytes(i, itemsize) for i, n in enumerate(names)}
     t0 = time.perf_counter()
     compiled = [] if args.no_precompile else engine.precompile(sampling=False)
     precompile_s = time.perf_counter() - t0

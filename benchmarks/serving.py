@@ -12,7 +12,10 @@ Stages (each prints as it goes; the table of the issue's ratios is printed last)
      stopped after --peft-limit seconds (throughput = requests finished / time).
   2. One engine (pallas kernels): every step program compiled first (in parallel), one warm-up window, then
      on the same trace: the base model alone, S1 n=5, S2 n=1000 and 2000 (what the targets read).
-     Every run starts with no adapter on the device and stops --drain seconds after the last arrival.
+     Every run starts with no adapter on the device and lasts until every request has finished (steady
+     state: --duration seconds of arrivals above what the engine serves; --drain caps it). Each run keeps
+     a record of its steps, so its floor (benchmarks/floors.py) and the byte ceiling of an adapter run
+     against the base run come from the work that ran, in the same run.
   3. SLO: the base model at a few rates around its measured throughput; the highest rate at which it
      attains 90% of first tokens within --slo is then served with S2 n=1000 and the "slo" scheduler.
      Then one adapter merged into the weights (--no-merged skips it) and the other S1/S2 runs.
@@ -21,7 +24,7 @@ Stages (each prints as it goes; the table of the issue's ratios is printed last)
 Random bf16 weights made on the device; synthetic adapters on q/k/v/o share a few random weight sets on
 the host (2,000 distinct 7B-shaped adapters would not fit in host memory) but every adapter name gets its
 own device pages, so the copies and the memory traffic are real. JSON of every run goes to --out-dir.
-CPU smoke test (minutes): --model tiny --dtype float32 --rate 4 --duration 3 --drain 6 --num-adapters 3,8
+CPU smoke test (minutes): --model tiny --dtype float32 --rate 4 --duration 3 --num-adapters 3,8
 --input-range 4 16 --output-range 2 8 --max-batch-size 8 --peft-limit 10 --warmup 2.
 """
 
@@ -57,8 +60,9 @@ def parse_args(argv=None):
     p.add_argument("--rate", type=float, default=50.0, help="req/s of the throughput runs (above capacity)")
     p.add_argument("--cv", type=float, default=1.0)
     p.add_argument("--alpha", type=float, default=1.0)
-    p.add_argument("--duration", type=float, default=10.0, help="seconds of arrivals per run")
-    p.add_argument("--drain", type=float, default=6.0, help="a run stops this long after its last arrival")
+    p.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals per run")
+    p.add_argument("--drain", type=float, default=None, help="a run stops this long after its last arrival "
+                   "(default: when every request has finished)")
     p.add_argument("--input-range", type=int, nargs=2, default=[8, 512])
     p.add_argument("--output-range", type=int, nargs=2, default=[8, 512])
     p.add_argument("--slo", type=float, default=6.0)
@@ -141,6 +145,16 @@ class Study:
         self.cdfs: dict = {}
         self.ns = [int(x) for x in args.num_adapters.split(",") if x]
 
+    def measure_rates(self, model: str) -> None:
+        """Copy bandwidth and matmul rate of this device, for the floors (benchmarks/floors.py)."""
+        from floors import copy_bandwidth, matmul_rate
+
+        tiny = model == "tiny"
+        bw = copy_bandwidth(64 << 20 if tiny else 2 << 30)
+        self.rates = dict(bytes_per_s=bw["bytes_per_s"], bandwidth_method=bw["method"],
+                          flops_per_s=matmul_rate(256 if tiny else 8192))
+        self.save({"rates": self.rates})
+
     def econf(self, kernel_backend: str):
         from slora_jax.config import EngineConfig
 
@@ -167,18 +181,24 @@ class Study:
         from slora_jax.bench.metrics import latency_cdf
         from slora_jax.bench.trace import resolve_adapters
 
-        limit = (trace[-1].arrival_s if trace else 0.0) + self.args.drain
-        if self.args.budget is not None and time.perf_counter() - self.t_start + limit > self.args.budget:
+        last = trace[-1].arrival_s if trace else 0.0
+        limit = None if self.args.drain is None else last + self.args.drain
+        expect = limit if limit is not None else 2 * last + 30  # what a run that drains may take
+        if self.args.budget is not None and time.perf_counter() - self.t_start + expect > self.args.budget:
             print(f"[{label}] skipped: it would end past --budget {self.args.budget:.0f} s", flush=True)
             self.skipped.append(label)
             self.save()
             return None
         engine.evict_adapters()  # every run starts cold
         t0 = time.perf_counter()
-        res = run_trace(engine, trace, resolve_adapters(trace, names) if names else [None] * len(trace),
-                        time_limit_s=limit, progress=not self.args.no_progress, desc=label)
+        steps = engine.record_steps(True)
+        try:
+            res = run_trace(engine, trace, resolve_adapters(trace, names) if names else [None] * len(trace),
+                            time_limit_s=limit, progress=not self.args.no_progress, desc=label)
+        finally:
+            engine.record_steps(False)
         row = {"label": label, "backend": backend, "num_adapters": n, **extra, **res.summary(self.args.slo),
-               "wall_s": time.perf_counter() - t0}
+               "wall_s": time.perf_counter() - t0, "floor": self.floor(engine, steps, extra.get("setting"))}
         self.runs.append(row)
         self.cdfs[label] = {"latency": latency_cdf(res.records, "latency"),
                             "first_token_latency": latency_cdf(res.records, "first_token_latency")}
@@ -190,6 +210,20 @@ class Study:
               f"compiled {row['engine'].get('compiled_shapes')} | {row['wall_s']:.0f} s", flush=True)
         self.save()
         return row
+
+    def floor(self, engine, steps: list, setting) -> dict:
+        """The floor of the steps a run took (benchmarks/floors.py), against rates measured at the start."""
+        from floors import floor_seconds
+
+        itemsize = 2 if self.args.dtype in ("bfloat16", "float16") else 4
+        sizes = {}
+        if setting is not None:
+            ad = self.adapters[setting]
+            sizes = {ad.name(i): ad.nbytes(i, itemsize) for i in range(max(self.ns))}
+        out = floor_seconds(steps, engine.model_config, itemsize, sizes, self.rates["bytes_per_s"],
+                            self.rates["flops_per_s"])
+        out["generated_tokens"] = sum(s["sampled"] for s in steps)  # rows sampled, a few dropped at the end
+        return out
 
     def build(self, kernel_backend: str, precompile: bool):
         t0 = time.perf_counter()
@@ -350,6 +384,14 @@ def ratio_table(runs: list[dict], peft: dict | None, slo: float) -> list[tuple]:
         if r is not None and base is not None:
             rows.append((f"S2 n={n} / base generated tokens per engine second (info)",
                          _tok_rate(r) / _tok_rate(base) if _tok_rate(base) else None, None))
+            # The byte ceiling of this pair of runs: the ratio of their floor throughputs, each from the steps
+            # it ran; the tokens/s ratio should reach 0.95 of it.
+            tok = r["throughput_tok_s"] / base["throughput_tok_s"] if base["throughput_tok_s"] else None
+            ceil = _ceiling(r, base)
+            rows.append((f"S2 n={n} / base tokens/s (info)", tok, None))
+            rows.append((f"S2 n={n} byte ceiling vs base, same run (info)", ceil, None))
+            v = tok / ceil if (tok is not None and ceil) else None
+            rows.append((f"S2 n={n} tokens/s ratio / its byte ceiling >= 0.95", v, None if v is None else v >= 0.95))
     merged = next((r for r in runs if r["backend"] == "merged"), None)
     if merged and b:
         rows.append(("merged / base throughput (info)", merged["throughput_req_s"] / b, None))
@@ -384,6 +426,14 @@ def ratio_table(runs: list[dict], peft: dict | None, slo: float) -> list[tuple]:
     return rows
 
 
+def _ceiling(run: dict, base: dict) -> float | None:
+    """Floor throughput (tokens per floor second) of ``run`` over that of ``base``."""
+    f, fb = run.get("floor") or {}, base.get("floor") or {}
+    if not f.get("floor_s") or not fb.get("floor_s") or not fb.get("generated_tokens"):
+        return None
+    return (f["generated_tokens"] / f["floor_s"]) / (fb["generated_tokens"] / fb["floor_s"])
+
+
 def _tok_rate(run: dict) -> float:
     e = run.get("engine") or {}
     return e.get("generated_tokens", 0) / e["step_time_s"] if e.get("step_time_s") else 0.0
@@ -415,6 +465,7 @@ def main(argv=None) -> int:
     jax.config.update("jax_compilation_cache_dir", args.compile_cache or str(out_dir / "jax-cache"))
     dev = jax.devices()[0]
     study = Study(args, out_dir, t_start)
+    study.measure_rates(args.model)
     study.save({"meta": {"device": str(getattr(dev, "device_kind", dev)), "platform": dev.platform,
                          "jax": jax.__version__, "command": " ".join(["python", "benchmarks/serving.py"]
                                                                       + list(argv if argv is not None

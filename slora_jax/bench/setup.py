@@ -107,6 +107,10 @@ class SyntheticAdapters:
                                               name=f"{self.prefix}-r{r}-{k}")
         return self._loras[(r, k)]
 
+    def nbytes(self, i: int, itemsize: int) -> int:
+        """Bytes of adapter i's A and B in a pool of ``itemsize``-byte elements (what a step using it reads)."""
+        return int(sum((m.a.size + m.b.size) * itemsize for m in self.weights(i).modules.values()))
+
     def register(self, engine, n: int) -> list[str]:
         """Register adapters 0..n-1 in ``engine`` (those already there are kept); returns their names."""
         names = []
