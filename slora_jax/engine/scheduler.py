@@ -20,6 +20,7 @@ instead of making the whole batch wait for the copy.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import math
 import time
@@ -85,7 +86,7 @@ class Scheduler:
         self.store = store
         self.R = pool.layout.page_rows
         self.waiting: deque[Request] = deque()
-        self.running: list[Request] = []
+        self.running: list[Request] = []  # in arrival order (kept so on admission): oldest served first
         self.policy = policy or make_policy(econf)
         self.num_preemptions = 0
         self._upcoming: frozenset = frozenset()  # adapters of the requests prefetch expects to admit next
@@ -289,7 +290,7 @@ class Scheduler:
             req.status = Status.RUNNING
             if req.metrics.first_scheduled_time is None:
                 req.metrics.first_scheduled_time = now
-            self.running.append(req)
+            bisect.insort(self.running, req, key=_arrival)  # a recomputed request goes back in its place
             self.policy.on_admit(req, self)
 
     def _above_watermark(self, req: Request, n: int) -> bool:
@@ -346,7 +347,7 @@ class Scheduler:
         """The running requests that get work this step, oldest first. A decode token needs a page for its
         K/V: when none is left the newest request is preempted (recomputed later), oldest ones first served."""
         work = []
-        for req in sorted(self.running, key=lambda r: r.arrival_seq):
+        for req in list(self.running):
             if req.status is not Status.RUNNING:
                 continue
             if req.in_prompt:
@@ -355,7 +356,7 @@ class Scheduler:
             if req.ends_with_pending:
                 continue
             while not self.ensure_kv(req, req.computed + 1):
-                victim = max(self.running, key=lambda r: r.arrival_seq)
+                victim = self.running[-1]  # the newest
                 self.preempt(victim)
                 if victim is req:
                     break
@@ -380,6 +381,10 @@ class Scheduler:
                 continue  # reported when the request itself is admitted
             if not (self.store.is_resident(name) or self.store.reading(name)):
                 break  # no room: the ones after it would find none either
+
+
+def _arrival(req: Request) -> int:
+    return req.arrival_seq
 
 
 def _remove_identical(seq, ids: set) -> None:
