@@ -14,8 +14,6 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-import jax
-
 from slora_jax.engine.inputs import StepInputs
 from slora_jax.engine.outputs import OutputProcessor
 from slora_jax.engine.request import Request, Status
@@ -87,7 +85,11 @@ class EngineCore:
         prev, self._inflight = self._inflight, None
         queued_at = None
         if sched.kind != "idle":
-            self._inflight = self._dispatch(sched, prev)
+            try:
+                self._inflight = self._dispatch(sched, prev)
+            except BaseException:
+                self._inflight = prev  # still on the device: read by the next step (or drain)
+                raise
             queued_at = time.perf_counter()
         if prev is not None:
             # The device had work queued behind ``prev`` unless ``prev`` had already finished by the time the

@@ -18,7 +18,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from slora_jax.engine.request import Request
-from slora_jax.engine.scheduler import Chunk, SchedulerOutput
+from slora_jax.engine.scheduler import SchedulerOutput
 
 DECODE_MIN_ROWS = 16
 MIXED_MIN_TOKENS = 128
