@@ -3,8 +3,9 @@
     python benchmarks/kernels.py --out $OUT/kernels.json [--quick] [--tune]
     python benchmarks/kernels.py --quick --cpu-smoke          # tiny shapes, interpret mode, CPU
 
-First measures the device's copy bandwidth (x + 1 over 2 GiB bf16: bytes read + written per second)
-and its bf16 matmul rate (8192^3). Then, per case, on fresh random data made on the device, both
+First measures the device's copy bandwidth (`bandwidth.measure_copy_bandwidth`: the fastest of a Pallas
+copy kernel and several XLA copies over 2 GiB, bytes read + written per second, reported beside the HBM
+peak) and its bf16 matmul rate (8192^3). Then, per case, on fresh random data made on the device, both
 backends are timed in-loop: a jitted `lax.fori_loop` of N iterations, each running the op
 CALLS_PER_ITERATION times in a row, whose carry is the op's whole output fed back as its input (y
 for LoRA, the pool for write_kv, the output as the next query for attention), so nothing can be
@@ -35,6 +36,7 @@ import functools
 import inspect
 import json
 import math
+import os
 import sys
 import time
 import traceback
@@ -45,6 +47,10 @@ import numpy as np
 from jax import lax
 
 import pallas_kernels as pk
+
+# The scripts here import their shared helpers as siblings (they are run as `python benchmarks/<name>.py`).
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bandwidth import measure_copy_bandwidth  # noqa: E402
 from pallas_kernels.ops.lora_decode import pallas_triton as lora_decode_triton
 from pallas_kernels._checks import pow2_divisor
 from pallas_kernels.ops.lora_layout import sanitize_slots, validate_lora_args
@@ -133,11 +139,6 @@ def in_loop_seconds(step, carry, consts, target_s: float, keep_first: bool = Fal
         carry = jax.block_until_ready(loop(carry, consts, n))
         best = min(best, (time.perf_counter() - t0) / n)
     return best / calls, first
-
-
-def copy_bandwidth(nbytes: int, target_s: float) -> float:
-    x = jnp.ones((nbytes // 2,), jnp.bfloat16)
-    return 2 * nbytes / in_loop_seconds(lambda c, k: c + 1, x, (), target_s)[0]
 
 
 def matmul_rate(n: int, target_s: float) -> float:
@@ -665,9 +666,10 @@ def main(argv=None):
 
     dev = jax.devices()[0]
     print(f"device {dev.device_kind} ({dev.platform}), jax {jax.__version__}", flush=True)
-    bw = copy_bandwidth((4 << 20) if args.cpu_smoke else (2 << 30), args.target_s)
+    bandwidth = measure_copy_bandwidth((4 << 20) if args.cpu_smoke else (2 << 30), args.target_s)
+    bw = bandwidth.bytes_per_s
     mm = matmul_rate(256 if args.cpu_smoke else 8192, args.target_s)
-    print(f"copy bandwidth {bw / 1e9:.0f} GB/s (read + write), bf16 matmul {mm / 1e12:.1f} TFLOP/s", flush=True)
+    print(f"{bandwidth.describe()}; bf16 matmul {mm / 1e12:.1f} TFLOP/s", flush=True)
 
     # What the timing loop costs around any op (a one-element add): one iteration with one call, and one call
     # of the CALLS_PER_ITERATION in an iteration (the floor under every time here).
@@ -685,7 +687,7 @@ def main(argv=None):
         device=f"{dev.device_kind} ({dev.platform})", jax_version=jax.__version__,
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         command=" ".join([sys.executable.rsplit("/", 1)[-1]] + sys.argv), dtype=args.dtype,
-        copy_bandwidth_GBps=bw / 1e9, matmul_bf16_TFLOPs=mm / 1e12, loop_overhead_us=loop_us,
+        **bandwidth.as_dict(), matmul_bf16_TFLOPs=mm / 1e12, loop_overhead_us=loop_us,
         calls_per_iteration=CALLS_PER_ITERATION, empty_call_us=call_us, cases=runner.results,
         total_s=time.perf_counter() - runner.t_start,
     )
