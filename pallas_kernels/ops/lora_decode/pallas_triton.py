@@ -41,7 +41,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import _backend
-from pallas_kernels._checks import as_index_vector, cdiv, next_pow2, pow2_divisor
+from pallas_kernels._checks import as_index_vector, cdiv, matmul_precision, next_pow2, pow2_divisor
 from pallas_kernels.ops.lora_layout import LoraDims
 
 
@@ -220,6 +220,236 @@ def _fused_kernel(layer_ref, slot_ref, ranks_ref, scales_ref, a_pages_ref, b_pag
 
 
 
+# ------------------------------------------------------------------------------------------------
+# Grouped MBGMV: tokens that share an adapter read its weights once per tile.
+
+# Tokens per group tile: the smallest M that tl.dot takes.
+GROUP_TOKENS = 16
+# Programs that share one group tile's pass over d_in (each writes a partial v the expand adds up): one tile
+# of 16 tokens is one program per (module, rank block) otherwise, too few to keep HBM busy when one adapter
+# serves the whole batch.
+GROUP_SPLITS = 4
+# Grouping of the default path: "sort" (tiles of tokens sharing a slot after a stable sort by slot), "runs"
+# (tiles of consecutive tokens with one slot, no sort), "none" (the per-token kernels above).
+DEFAULT_GROUPING = "sort"
+GROUPINGS = ("sort", "runs", "none")
+
+
+def grouped_unsupported_reason(dims: LoraDims, bk: int, bn: int) -> str | None:
+    """Why the grouped kernels (tl.dot over >= 16 on every side) cannot take these sizes, or None; the op then
+    keeps the per-token kernels, which take them."""
+    if dims.page_rows < 16:
+        return f"page_rows {dims.page_rows} < 16"
+    if min(bk, bn) < 16:
+        return f"pool width {dims.width} has no power-of-two block >= 16"
+    return None
+
+
+def default_single_splits(dims: LoraDims, bk: int) -> int:
+    """Programs per rank block for a token alone on its adapter: 1 for big batches (measured best at T = 256);
+    more at small T, where T * M programs of one serial pass over d_in leave most SMs idle and the op is one
+    long chain of dependent loads (T = 1: 12 programs of 16 loads each on q/k/v at H = 4096)."""
+    want = cdiv(128, dims.num_tokens * dims.num_modules)
+    return int(max(1, min(8, next_pow2(want), next_pow2(cdiv(dims.d_in, bk)))))
+
+
+def decode_plan(token_slot, dims: LoraDims, *, tm: int, sort: bool):
+    """The step's group tiles, from the slot table alone (a sort and a few elementwise ops, no kernel).
+
+    Positions i = 0..T-1 index the tokens in grouping order: order[i] is the token at position i and key[i]
+    its slot (S for "no adapter", so such tokens sort last and form tiles of rank 0). A tile starts where the
+    key changes or at a multiple of tm, and runs to the next start: it holds <= tm tokens of one slot.
+    Returns (order [T + tm] int32, padded so a tile's rows load without a bounds check; key [T] int32;
+    tile_len [T] int32: the tile's size at its first position, 0 elsewhere).
+    """
+    T, S = dims.num_tokens, dims.num_slots
+    pos = jnp.arange(T, dtype=jnp.int32)
+    key = jnp.where(token_slot >= 0, token_slot, S).astype(jnp.int32)
+    order = pos
+    if sort:
+        key, order = lax.sort((key, pos), num_keys=1, is_stable=True)
+    prev = jnp.concatenate([jnp.full((1,), -1, jnp.int32), key[:-1]])
+    is_start = (pos % tm == 0) | (key != prev)
+    first_start_from = lax.cummin(jnp.where(is_start, pos, T), reverse=True)
+    next_start = jnp.concatenate([first_start_from[1:], jnp.full((1,), T, jnp.int32)])
+    tile_len = jnp.where(is_start, next_start - pos, 0).astype(jnp.int32)
+    return jnp.concatenate([order, jnp.zeros((tm,), jnp.int32)]), key, tile_len
+
+
+def _tile_adapter(key_ref, ranks_ref, layer, i, m, dims):
+    """Slot (clipped for table reads) and rank of module m for the tile at position i (rank 0: no adapter)."""
+    key = key_ref[i]
+    s = jnp.minimum(key, dims.num_slots - 1)
+    rank = jnp.where(key < dims.num_slots, jnp.clip(ranks_ref[s, layer, m], 0, dims.max_rank), 0)
+    return s, rank
+
+
+def _grouped_shrink_kernel(layer_ref, order_ref, key_ref, len_ref, ranks_ref, scales_ref, a_pages_ref, x_ref, pool_ref,
+                           v_ref, *, dims, bk, tm, gks, sks, exact):
+    """Program (position i, module m, rank block j x part p). At a tile's first position: a tile of >= 2
+    tokens reads each [R, bk] tile of A once for all of them and multiplies it into their x rows with tl.dot
+    (part p of gks covers 1/gks of d_in); a lone token runs the per-token loop (part p of sks). Elsewhere,
+    and for rank blocks past the adapter's rank, the program does nothing."""
+    i, m, q = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    nparts = max(gks, sks)
+    j, p = q // nparts, q % nparts
+    R, W = dims.page_rows, dims.width
+    layer = layer_ref[0]
+    n = len_ref[i]
+    s, rank = _tile_adapter(key_ref, ranks_ref, layer, i, m, dims)
+    nrows = jnp.clip(rank - j * R, 0, R)
+    row_ok = (jnp.arange(R) < nrows)[:, None]
+    n_kb = cdiv(dims.d_in, bk)
+
+    def a_tile(k0):
+        c = jnp.minimum(k0 // W, dims.in_chunks - 1)  # a part past d_in: wholly masked below
+        page = jnp.clip(a_pages_ref[s, m, c, j], 0, dims.num_pages - 1)
+        col_ok = _backend.column_mask(k0, bk, dims.d_in, exact)
+        tile = _backend.load(pool_ref.at[layer, page, :, pl.ds(k0 - c * W, bk)], mask=row_ok & col_ok[None, :],
+                             other=0)
+        return tile, col_ok
+
+    @pl.when((n >= 2) & (nrows > 0) & (p < gks))
+    def _():
+        ng = cdiv(n_kb, gks)
+        tok_ok = jnp.arange(tm) < n
+        rows = order_ref[pl.ds(i, tm)]
+        prec = matmul_precision(pool_ref.dtype)
+
+        def body(kb, acc):
+            k0 = (p * ng + kb) * bk
+            a, col_ok = a_tile(k0)
+            xt = _backend.load(x_ref.at[rows[:, None], (k0 + jnp.arange(bk))[None, :]],
+                               mask=tok_ok[:, None] & col_ok[None, :], other=0)
+            return acc + lax.dot_general(xt, a, (((1,), (1,)), ((), ())), precision=prec,
+                                         preferred_element_type=jnp.float32)
+
+        acc = lax.fori_loop(0, ng, body, jnp.zeros((tm, R), jnp.float32))
+        scale = scales_ref[s, layer, m].astype(jnp.float32)
+        _backend.store(v_ref.at[pl.ds(i, tm), m, j, p, :], acc * scale, mask=tok_ok[:, None])
+
+    @pl.when((n == 1) & (nrows > 0) & (p < sks))
+    def _():
+        ns = cdiv(n_kb, sks)
+        t = order_ref[i]
+
+        def body(kb, acc):
+            k0 = (p * ns + kb) * bk
+            a, col_ok = a_tile(k0)
+            xk = _backend.load(x_ref.at[t, pl.ds(k0, bk)], mask=col_ok, other=0)
+            return acc + a.astype(jnp.float32) * xk.astype(jnp.float32)[None, :]
+
+        acc = lax.fori_loop(0, ns, body, jnp.zeros((R, bk), jnp.float32))
+        v_ref[i, m, j, p, :] = jnp.sum(acc, axis=1) * scales_ref[s, layer, m].astype(jnp.float32)
+
+
+def _grouped_expand_kernel(layer_ref, order_ref, key_ref, len_ref, ranks_ref, b_pages_ref, chunks_ref, v_ref, pool_ref,
+                           y_ref, o_ref, *, dims, bn, tm, gks, sks, exact):
+    """Program (position i, page chunk of one module). At a tile's first position: for a tile of >= 2 tokens,
+    each [R, bn] tile of B is read once and y[rows] += v [tm, R] @ B with tl.dot, rows gathered through the
+    order; a lone token runs the per-token expand. v of rank blocks past the rank is never written by the
+    shrink, so its loads are masked off (no bytes, and no stale values)."""
+    i, b = pl.program_id(0), pl.program_id(1)
+    R = dims.page_rows
+    layer = layer_ref[0]
+    m, c, y0, ncols = (chunks_ref[b, k] for k in range(4))
+    n = len_ref[i]
+    s, rank = _tile_adapter(key_ref, ranks_ref, layer, i, m, dims)
+    nb = (rank + R - 1) // R
+    blocks = range(dims.rank_blocks)  # unrolled; blocks past the rank are fully masked (no bytes)
+
+    def b_tiles(q0, col_ok):
+        out = []
+        for jb in blocks:
+            page = jnp.clip(b_pages_ref[s, m, c, jb], 0, dims.num_pages - 1)
+            row_ok = (jnp.arange(R) < rank - jb * R)[:, None]
+            out.append(_backend.load(pool_ref.at[layer, page, :, pl.ds(q0, bn)], mask=row_ok & col_ok[None, :],
+                                     other=0))
+        return out
+
+    @pl.when((n >= 2) & (rank > 0))
+    def _():
+        tok_ok = jnp.arange(tm) < n
+        rows = order_ref[pl.ds(i, tm)]
+        prec = matmul_precision(pool_ref.dtype)
+        vs = []
+        for jb in blocks:
+            ok = jnp.broadcast_to(tok_ok[:, None] & (jb < nb), (tm, R))
+            v = _backend.load(v_ref.at[pl.ds(i, tm), m, jnp.int32(jb), jnp.int32(0), :], mask=ok, other=0)
+            for part in range(1, gks):
+                v = v + _backend.load(v_ref.at[pl.ds(i, tm), m, jnp.int32(jb), jnp.int32(part), :], mask=ok, other=0)
+            vs.append(v.astype(pool_ref.dtype))
+
+        def body(qi, carry):
+            q0 = qi * bn
+            col_ok = _backend.column_mask(q0, bn, ncols, exact)
+            acc = jnp.zeros((tm, bn), jnp.float32)
+            for v, w in zip(vs, b_tiles(q0, col_ok)):
+                acc = acc + lax.dot_general(v, w, (((1,), (0,)), ((), ())), precision=prec,
+                                            preferred_element_type=jnp.float32)
+            idx = (rows[:, None], (y0 + q0 + jnp.arange(bn))[None, :])
+            ok = tok_ok[:, None] & col_ok[None, :]
+            yv = _backend.load(y_ref.at[idx], mask=ok, other=0)
+            _backend.store(o_ref.at[idx], (yv.astype(jnp.float32) + acc).astype(o_ref.dtype), mask=ok)
+            return carry
+
+        lax.fori_loop(0, dims.width // bn, body, 0)
+
+    @pl.when((n == 1) & (rank > 0))
+    def _():
+        t = order_ref[i]
+        vs = []
+        for jb in blocks:
+            ok = jnp.broadcast_to(jb < nb, (R,))
+            v = _backend.load(v_ref.at[i, m, jnp.int32(jb), jnp.int32(0), :], mask=ok, other=0)
+            for part in range(1, sks):
+                v = v + _backend.load(v_ref.at[i, m, jnp.int32(jb), jnp.int32(part), :], mask=ok, other=0)
+            vs.append(v[:, None])
+
+        def body(qi, carry):
+            q0 = qi * bn
+            col_ok = _backend.column_mask(q0, bn, ncols, exact)
+            acc = jnp.zeros((R, bn), jnp.float32)
+            for v, w in zip(vs, b_tiles(q0, col_ok)):
+                acc = acc + v * w.astype(jnp.float32)
+            yv = _backend.load(y_ref.at[t, pl.ds(y0 + q0, bn)], mask=col_ok, other=0)
+            out = yv.astype(jnp.float32) + jnp.sum(acc, axis=0)
+            _backend.store(o_ref.at[t, pl.ds(y0 + q0, bn)], out.astype(o_ref.dtype), mask=col_ok)
+            return carry
+
+        lax.fori_loop(0, dims.width // bn, body, 0)
+
+
+def _grouped(y, x, pool, layer, a_pages, b_pages, ranks, scales, token_slot, *, dims, interpret, bk, bn, num_warps,
+             expand_warps, tm, gks, sks, sort, column_masks):
+    """Both grouped kernels: the plan (a sort of the slots and a few elementwise ops), then shrink and expand."""
+    T, M, RB, R = dims.num_tokens, dims.num_modules, dims.rank_blocks, dims.page_rows
+    order, key, tile_len = decode_plan(token_slot, dims, tm=tm, sort=sort)
+    layer_v = jnp.clip(as_index_vector(layer), 0, dims.num_layers - 1)
+    nparts = max(gks, sks)
+    args = _backend.kernel_operands(layer_v, order, key, tile_len, ranks.astype(jnp.int32), scales.astype(jnp.float32),
+                                    a_pages.astype(jnp.int32), x, pool)
+    # Rows past T: a tile's [tm, R] stores and loads stay inside the buffer without a bounds check.
+    v = pl.pallas_call(
+        functools.partial(_grouped_shrink_kernel, dims=dims, bk=bk, tm=tm, gks=gks, sks=sks,
+                          exact=column_masks or dims.d_in % bk != 0),
+        out_shape=_backend.output_struct((T + tm, M, RB, nparts, R), jnp.float32, args[0]),
+        grid=(T, M, RB * nparts),
+        in_specs=[pl.no_block_spec] * len(args),
+        out_specs=pl.no_block_spec,
+        compiler_params=_backend.compiler_params(num_warps=num_warps, num_stages=2),
+        interpret=interpret,
+        name="lora_decode_grouped_shrink",
+    )(*args)
+    chunks = jnp.asarray(output_chunks(dims))
+    return _backend.update_in_place(
+        functools.partial(_grouped_expand_kernel, dims=dims, bn=bn, tm=tm, gks=gks, sks=sks,
+                          exact=column_masks or any(d % bn for d in dims.out_sizes)),
+        layer_v, order, key, tile_len, ranks.astype(jnp.int32), b_pages.astype(jnp.int32), chunks, v, pool, y,
+        grid=(T, chunks.shape[0]), num_warps=expand_warps, interpret=interpret, name="lora_decode_grouped_expand",
+    )
+
+
 def output_chunks(dims: LoraDims) -> np.ndarray:
     """Static table of y's page chunks: rows (module, chunk, y column, valid columns)."""
     return np.asarray([(m, c, off + c * dims.width, min(dims.width, d_out - c * dims.width))
@@ -237,14 +467,22 @@ def output_blocks(dims: LoraDims, bn: int) -> np.ndarray:
 
 
 @functools.partial(jax.jit, static_argnames=("dims", "interpret", "block_k", "block_n", "num_warps", "fused",
-                                             "k_splits", "expand_per_chunk", "expand_warps", "column_masks"))
+                                             "k_splits", "expand_per_chunk", "expand_warps", "column_masks",
+                                             "grouping", "group_splits", "single_splits"))
 def lora_decode_pallas(
     y, x, pool, layer, a_pages, b_pages, ranks, scales, token_slot, *,
     dims: LoraDims, interpret: bool, block_k: int | None = None, block_n: int | None = None,
     num_warps: int | None = None, fused: bool = False, k_splits: int = 1, expand_per_chunk: bool = True,
-    expand_warps: int | None = None, column_masks: bool = False,
+    expand_warps: int | None = None, column_masks: bool = False, grouping: str | None = None,
+    group_splits: int | None = None, single_splits: int | None = None,
 ):
     """Shapes as `lora_decode`. block_k / block_n are capped to the largest power of two dividing W.
+    grouping: "sort" / "runs" (the grouped kernels: tokens sharing an adapter read it once per tile of
+      GROUP_TOKENS, see `decode_plan`) or "none" (the per-token kernels); default DEFAULT_GROUPING. Sizes the
+      grouped kernels cannot take (`grouped_unsupported_reason`) use the per-token kernels.
+    group_splits / single_splits (grouped kernels, powers of two): programs sharing one group tile's / one
+      lone token's pass over d_in (defaults GROUP_SPLITS and `default_single_splits`).
+    The knobs below apply to the per-token kernels (grouping="none"):
     fused: the one-launch variant (slower on the H200, see the module docstring).
     k_splits (a power of two): the shrink splits d_in over this many programs per rank block (shorter
     loops, more loads in flight); the expand sums their partial products. On the H200, 2 ran within 2% of
@@ -254,6 +492,23 @@ def lora_decode_pallas(
     expand_warps: the expand's warps (default: num_warps).
     column_masks: mask every block's columns one by one even where sizes are multiples of the blocks (the
       kernels before 2026-11-28's change, kept to measure it: see `_backend.column_mask`)."""
+    grouping = grouping or DEFAULT_GROUPING
+    if grouping not in GROUPINGS:
+        raise ValueError(f"grouping must be one of {GROUPINGS}, got {grouping!r}")
+    bk = pow2_divisor(dims.width, block_k or BLOCK_K)
+    bn = pow2_divisor(dims.width, block_n or BLOCK_N)
+    if grouping != "none" and not fused and grouped_unsupported_reason(dims, bk, bn) is None:
+        if k_splits != 1 or not expand_per_chunk:
+            raise ValueError("k_splits and expand_per_chunk are knobs of the per-token kernels (grouping='none')")
+        gks = group_splits or GROUP_SPLITS
+        sks = single_splits or default_single_splits(dims, bk)
+        for name, v in (("group_splits", gks), ("single_splits", sks)):
+            if v < 1 or v & (v - 1):
+                raise ValueError(f"{name} must be a power of two, got {v}")
+        return _grouped(y, x, pool, layer, a_pages, b_pages, ranks, scales, token_slot, dims=dims,
+                        interpret=interpret, bk=bk, bn=bn, num_warps=num_warps or 4,
+                        expand_warps=expand_warps or num_warps or 4, tm=GROUP_TOKENS, gks=gks, sks=sks,
+                        sort=grouping == "sort", column_masks=column_masks)
     if fused:
         # Tiles of max_rank x block rows: ~16K elements, a size the split kernel's [R, 512] tiles x 2 stages use.
         blk = max(16, 16384 // next_pow2(dims.max_rank))
