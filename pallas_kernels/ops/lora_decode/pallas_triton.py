@@ -259,7 +259,7 @@ def decode_plan(token_slot, dims: LoraDims, *, tm: int, sort: bool):
     Positions i = 0..T-1 index the tokens in grouping order: order[i] is the token at position i and key[i]
     its slot (S for "no adapter", so such tokens sort last and form tiles of rank 0). A tile starts where the
     key changes or at a multiple of tm, and runs to the next start: it holds <= tm tokens of one slot.
-    Returns (order [T + tm] int32, padded so a tile's rows load without a bounds check; key [T] int32;
+    Returns (order [T + tm] int32, padded with T so a tile's rows load without a bounds check; key [T] int32;
     tile_len [T] int32: the tile's size at its first position, 0 elsewhere).
     """
     T, S = dims.num_tokens, dims.num_slots
@@ -273,7 +273,10 @@ def decode_plan(token_slot, dims: LoraDims, *, tm: int, sort: bool):
     first_start_from = lax.cummin(jnp.where(is_start, pos, T), reverse=True)
     next_start = jnp.concatenate([first_start_from[1:], jnp.full((1,), T, jnp.int32)])
     tile_len = jnp.where(is_start, next_start - pos, 0).astype(jnp.int32)
-    return jnp.concatenate([order, jnp.zeros((tm,), jnp.int32)]), key, tile_len
+    # The padding names row T, past the end: a tile's masked rows never touch memory on the GPU, and in
+    # interpret mode a gather there clamps and a scatter there is dropped (a real row id would be written back
+    # with its old value in the same scatter as its update, and might win).
+    return jnp.concatenate([order, jnp.full((tm,), T, jnp.int32)]), key, tile_len
 
 
 def _tile_adapter(key_ref, ranks_ref, layer, i, m, dims):
