@@ -32,6 +32,10 @@ def _slots(kind, rng, T, S):
         s = rng.choice(np.array([0, 0, 0, 0, 1 % S, 1 % S, -1, S, 2 % S, 3 % S], np.int32), T)
         s[rng.integers(0, T)] = S + 3  # out of range: no adapter
         return s.astype(np.int32)
+    if kind == "pairs":  # runs of 2-3 tokens: tiles with fewer programs than pieces of work (several rounds)
+        sizes = np.resize([2, 3, 1, 2, 3], T)
+        s = np.concatenate([np.full(n, i % S, np.int32) for i, n in enumerate(sizes)])[:T]
+        return s
     if kind == "distinct":  # every token alone on its adapter: the per-token path only
         return rng.permutation(T).astype(np.int32) % S
     raise ValueError(kind)
@@ -46,7 +50,9 @@ CASES = [
     ("mixed_33", 33, 80, (64, 32, 32), 32, 4, (0, 1, 5, 16, 32), "mixed"),
     ("small_batch_8", 8, 64, (64, 32, 32), 32, 2, (16,), "one_adapter"),
     ("distinct_12", 12, 64, (32, 32), 32, 12, (8, 16), "distinct"),
+    ("pairs_wide", 15, 64, (128, 64), 64, 8, (1, 16, 32), "pairs"),
 ]
+KNOB_CASES = [CASES[1], CASES[4], CASES[-1]]
 
 
 def _check(case, dtype, grouping, reference, **knobs):
@@ -91,14 +97,15 @@ def test_grouped_kernels_match_dense_loop_bf16(case, lora_numpy_reference):
     _check(case, "bfloat16", "sort", lora_numpy_reference)
 
 
-@pytest.mark.parametrize("knobs", [dict(group_splits=1, single_splits=1), dict(group_splits=8, single_splits=4),
+@pytest.mark.parametrize("knobs", [dict(group_splits=1, single_splits=1), dict(group_splits=16, single_splits=4),
                                    dict(group_splits=2, single_splits=2, block_k=16, block_n=16),
                                    dict(column_masks=True)],
-                         ids=["splits1", "gs8_ss4", "gs2_ss2_blocks16", "column_masks"])
-@pytest.mark.parametrize("case", [CASES[1], CASES[4]], ids=[CASES[1][0], CASES[4][0]])
+                         ids=["splits1", "gs16_ss4", "gs2_ss2_blocks16", "column_masks"])
+@pytest.mark.parametrize("case", KNOB_CASES, ids=[c[0] for c in KNOB_CASES])
 def test_grouped_kernel_knobs_match_dense_loop(case, knobs, lora_numpy_reference):
-    """Splits of d_in over 1-8 programs (parts past d_in included: d_in = 80 is 3 blocks of 32), smaller blocks
-    (several per page chunk), per-column masks."""
+    """Splits of d_in over 1-16 parts (parts past d_in included: d_in = 80 is 3 blocks of 32; a 5-token tile
+    takes 16 parts in rounds of 5 programs), smaller blocks (several per page chunk, spread over a tile's
+    programs), per-column masks."""
     _check(case, "float32", "sort", lora_numpy_reference, **knobs)
 
 
@@ -135,9 +142,9 @@ def test_plan_tiles_cover_every_token_once_in_groups_of_one_slot(sort):
                               np.zeros((1, 4, 16, 16), np.float32), 0, np.zeros((S, 1, 1, 1), np.int32),
                               np.zeros((S, 1, 1, 1), np.int32), np.zeros((S, 1, 1), np.int32),
                               np.zeros((S, 1, 1), np.float32), slot, (16,))
-    order, key, tile_len = (np.asarray(a) for a in pallas_triton.decode_plan(jnp.asarray(slot), dims, tm=TM,
-                                                                             sort=sort))
-    assert order.shape == (T + TM,) and key.shape == tile_len.shape == (T,)
+    order, key, start, tile_len = (np.asarray(a) for a in pallas_triton.decode_plan(jnp.asarray(slot), dims,
+                                                                                    tm=TM, sort=sort))
+    assert order.shape == (T + TM,) and key.shape == start.shape == tile_len.shape == (T,)
     perm = order[:T]
     assert np.all(order[T:] == T)  # padding past the last token
     assert sorted(perm.tolist()) == list(range(T))
@@ -157,6 +164,7 @@ def test_plan_tiles_cover_every_token_once_in_groups_of_one_slot(sort):
         assert i + n == T or tile_len[i + n] > 0  # the next position starts the next tile
         assert np.all(tile_len[i + 1:i + n] == 0)
         covered[i:i + n] += 1
+        assert np.all(start[i:i + n] == i)  # every position knows its tile's first position
         i += n
     assert np.all(covered == 1)
     # Maximal: a tile ends only at a key change, a 16-position boundary or the end.

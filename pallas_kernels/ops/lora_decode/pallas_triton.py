@@ -222,13 +222,19 @@ def _fused_kernel(layer_ref, slot_ref, ranks_ref, scales_ref, a_pages_ref, b_pag
 
 # ------------------------------------------------------------------------------------------------
 # Grouped MBGMV: tokens that share an adapter read its weights once per tile.
+#
+# The grids stay the per-token ones, one program per position (token in grouping order) and module / page
+# chunk. A tile of n >= 2 tokens starting at position st owns the n programs at positions st..st+n-1, and
+# spreads its work over them: in the shrink, GROUP_SPLITS parts of d_in (program k does parts k, k + n, ...),
+# in the expand, the page chunk's column blocks (block k, k + n, ...). So one adapter serving the whole batch
+# keeps as many programs busy as distinct adapters do, and with distinct adapters the grids are the
+# per-token kernels' own (no idle programs added).
 
 # Tokens per group tile: the smallest M that tl.dot takes.
 GROUP_TOKENS = 16
-# Programs that share one group tile's pass over d_in (each writes a partial v the expand adds up): one tile
-# of 16 tokens is one program per (module, rank block) otherwise, too few to keep HBM busy when one adapter
-# serves the whole batch.
-GROUP_SPLITS = 4
+# Parts of d_in per group tile: each writes a partial v that the expand adds up. 8 parts of a 4096-wide input
+# are 2 blocks of 256 columns per program.
+GROUP_SPLITS = 8
 # Grouping of the default path: "sort" (tiles of tokens sharing a slot after a stable sort by slot), "runs"
 # (tiles of consecutive tokens with one slot, no sort), "none" (the per-token kernels above).
 DEFAULT_GROUPING = "sort"
@@ -254,13 +260,14 @@ def default_single_splits(dims: LoraDims, bk: int) -> int:
 
 
 def decode_plan(token_slot, dims: LoraDims, *, tm: int, sort: bool):
-    """The step's group tiles, from the slot table alone (a sort and a few elementwise ops, no kernel).
+    """The step's group tiles, from the slot table alone (a sort and a few elementwise ops and scans).
 
     Positions i = 0..T-1 index the tokens in grouping order: order[i] is the token at position i and key[i]
     its slot (S for "no adapter", so such tokens sort last and form tiles of rank 0). A tile starts where the
     key changes or at a multiple of tm, and runs to the next start: it holds <= tm tokens of one slot.
-    Returns (order [T + tm] int32, padded with T so a tile's rows load without a bounds check; key [T] int32;
-    tile_len [T] int32: the tile's size at its first position, 0 elsewhere).
+    Returns int32 arrays (order [T + tm], padded with T so a tile's rows load without a bounds check; key [T];
+    start [T]: the first position of position i's tile; tile_len [T]: the tile's size at its first position,
+    0 elsewhere).
     """
     T, S = dims.num_tokens, dims.num_slots
     pos = jnp.arange(T, dtype=jnp.int32)
@@ -273,33 +280,47 @@ def decode_plan(token_slot, dims: LoraDims, *, tm: int, sort: bool):
     first_start_from = lax.cummin(jnp.where(is_start, pos, T), reverse=True)
     next_start = jnp.concatenate([first_start_from[1:], jnp.full((1,), T, jnp.int32)])
     tile_len = jnp.where(is_start, next_start - pos, 0).astype(jnp.int32)
+    start = lax.cummax(jnp.where(is_start, pos, 0))
     # The padding names row T, past the end: a tile's masked rows never touch memory on the GPU, and in
     # interpret mode a gather there clamps and a scatter there is dropped (a real row id would be written back
     # with its old value in the same scatter as its update, and might win).
-    return jnp.concatenate([order, jnp.full((tm,), T, jnp.int32)]), key, tile_len
+    return jnp.concatenate([order, jnp.full((tm,), T, jnp.int32)]), key, start, tile_len
 
 
-def _tile_adapter(key_ref, ranks_ref, layer, i, m, dims):
-    """Slot (clipped for table reads) and rank of module m for the tile at position i (rank 0: no adapter)."""
-    key = key_ref[i]
+def _tile_of(start_ref, len_ref, key_ref, ranks_ref, layer, i, m, dims):
+    """For the program at position i: its tile's first position, size, this program's index in the tile, the
+    slot (clipped for table reads) and module m's rank (0: no adapter)."""
+    st = start_ref[i]
+    n = len_ref[st]
+    key = key_ref[st]
     s = jnp.minimum(key, dims.num_slots - 1)
     rank = jnp.where(key < dims.num_slots, jnp.clip(ranks_ref[s, layer, m], 0, dims.max_rank), 0)
-    return s, rank
+    return st, n, i - st, s, rank
 
 
-def _grouped_shrink_kernel(layer_ref, order_ref, key_ref, len_ref, ranks_ref, scales_ref, a_pages_ref, x_ref, pool_ref,
-                           v_ref, *, dims, bk, tm, gks, sks, exact):
-    """Program (position i, module m, rank block j x part p). At a tile's first position: a tile of >= 2
-    tokens reads each [R, bk] tile of A once for all of them and multiplies it into their x rows with tl.dot
-    (part p of gks covers 1/gks of d_in); a lone token runs the per-token loop (part p of sks). Elsewhere,
-    and for rank blocks past the adapter's rank, the program does nothing."""
+def _spread(k, n, units: int, fn):
+    """Run fn(u) for the units u = k, k + n, k + 2n, ... < units: program k of a tile of n >= 2 programs takes
+    its share of `units` pieces of work. Static unrolling under pl.when: Triton loops need static bounds here
+    (see `_shrink_kernel`)."""
+    for r in range(cdiv(units, 2)):
+        u = k + r * n
+
+        @pl.when(u < units)
+        def _():
+            fn(u)
+
+
+def _grouped_shrink_kernel(layer_ref, order_ref, key_ref, start_ref, len_ref, ranks_ref, scales_ref, a_pages_ref,
+                           x_ref, pool_ref, v_ref, *, dims, bk, tm, gks, sks, exact):
+    """Program (position i, module m, rank block j x part p < sks). In a tile of >= 2 tokens, each [R, bk]
+    tile of A is read once for all of them and multiplied into their x rows with tl.dot; the tile's gks parts
+    of d_in are spread over its programs (p = 0 only). A lone token runs the per-token loop over part p of
+    sks. Rank blocks past the adapter's rank do nothing."""
     i, m, q = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    nparts = max(gks, sks)
-    j, p = q // nparts, q % nparts
+    j, p = q // sks, q % sks
     R, W = dims.page_rows, dims.width
     layer = layer_ref[0]
-    n = len_ref[i]
-    s, rank = _tile_adapter(key_ref, ranks_ref, layer, i, m, dims)
+    st, n, k, s, rank = _tile_of(start_ref, len_ref, key_ref, ranks_ref, layer, i, m, dims)
     nrows = jnp.clip(rank - j * R, 0, R)
     row_ok = (jnp.arange(R) < nrows)[:, None]
     n_kb = cdiv(dims.d_in, bk)
@@ -312,24 +333,27 @@ def _grouped_shrink_kernel(layer_ref, order_ref, key_ref, len_ref, ranks_ref, sc
                              other=0)
         return tile, col_ok
 
-    @pl.when((n >= 2) & (nrows > 0) & (p < gks))
+    @pl.when((n >= 2) & (nrows > 0) & (p == 0))
     def _():
         ng = cdiv(n_kb, gks)
         tok_ok = jnp.arange(tm) < n
-        rows = order_ref[pl.ds(i, tm)]
+        rows = order_ref[pl.ds(st, tm)]
         prec = matmul_precision(pool_ref.dtype)
-
-        def body(kb, acc):
-            k0 = (p * ng + kb) * bk
-            a, col_ok = a_tile(k0)
-            xt = _backend.load(x_ref.at[rows[:, None], (k0 + jnp.arange(bk))[None, :]],
-                               mask=tok_ok[:, None] & col_ok[None, :], other=0)
-            return acc + lax.dot_general(xt, a, (((1,), (1,)), ((), ())), precision=prec,
-                                         preferred_element_type=jnp.float32)
-
-        acc = lax.fori_loop(0, ng, body, jnp.zeros((tm, R), jnp.float32))
         scale = scales_ref[s, layer, m].astype(jnp.float32)
-        _backend.store(v_ref.at[pl.ds(i, tm), m, j, p, :], acc * scale, mask=tok_ok[:, None])
+
+        def part(u):
+            def body(kb, acc):
+                k0 = (u * ng + kb) * bk
+                a, col_ok = a_tile(k0)
+                xt = _backend.load(x_ref.at[rows[:, None], (k0 + jnp.arange(bk))[None, :]],
+                                   mask=tok_ok[:, None] & col_ok[None, :], other=0)
+                return acc + lax.dot_general(xt, a, (((1,), (1,)), ((), ())), precision=prec,
+                                             preferred_element_type=jnp.float32)
+
+            acc = lax.fori_loop(0, ng, body, jnp.zeros((tm, R), jnp.float32))
+            _backend.store(v_ref.at[pl.ds(st, tm), m, j, u, :], acc * scale, mask=tok_ok[:, None])
+
+        _spread(k, n, gks, part)
 
     @pl.when((n == 1) & (nrows > 0) & (p < sks))
     def _():
@@ -346,20 +370,21 @@ def _grouped_shrink_kernel(layer_ref, order_ref, key_ref, len_ref, ranks_ref, sc
         v_ref[i, m, j, p, :] = jnp.sum(acc, axis=1) * scales_ref[s, layer, m].astype(jnp.float32)
 
 
-def _grouped_expand_kernel(layer_ref, order_ref, key_ref, len_ref, ranks_ref, b_pages_ref, chunks_ref, v_ref, pool_ref,
-                           y_ref, o_ref, *, dims, bn, tm, gks, sks, exact):
-    """Program (position i, page chunk of one module). At a tile's first position: for a tile of >= 2 tokens,
-    each [R, bn] tile of B is read once and y[rows] += v [tm, R] @ B with tl.dot, rows gathered through the
-    order; a lone token runs the per-token expand. v of rank blocks past the rank is never written by the
-    shrink, so its loads are masked off (no bytes, and no stale values)."""
+def _grouped_expand_kernel(layer_ref, order_ref, key_ref, start_ref, len_ref, ranks_ref, b_pages_ref, chunks_ref,
+                           v_ref, pool_ref, y_ref, o_ref, *, dims, bn, tm, gks, sks, exact):
+    """Program (position i, page chunk of one module). In a tile of >= 2 tokens, the chunk's bn-column blocks
+    are spread over the tile's programs; per block each [R, bn] tile of B is read once and y[rows] += v @ B
+    with tl.dot, rows gathered through the order. A lone token runs the per-token expand over the chunk. v of
+    rank blocks past the rank is never written by the shrink, so its loads are masked off (no bytes, and no
+    stale values)."""
     i, b = pl.program_id(0), pl.program_id(1)
     R = dims.page_rows
     layer = layer_ref[0]
     m, c, y0, ncols = (chunks_ref[b, k] for k in range(4))
-    n = len_ref[i]
-    s, rank = _tile_adapter(key_ref, ranks_ref, layer, i, m, dims)
+    st, n, k, s, rank = _tile_of(start_ref, len_ref, key_ref, ranks_ref, layer, i, m, dims)
     nb = (rank + R - 1) // R
     blocks = range(dims.rank_blocks)  # unrolled; blocks past the rank are fully masked (no bytes)
+    n_cols = dims.width // bn
 
     def b_tiles(q0, col_ok):
         out = []
@@ -370,21 +395,22 @@ def _grouped_expand_kernel(layer_ref, order_ref, key_ref, len_ref, ranks_ref, b_
                                      other=0))
         return out
 
-    @pl.when((n >= 2) & (rank > 0))
+    @pl.when((n >= 2) & (rank > 0) & (k < n_cols))
     def _():
         tok_ok = jnp.arange(tm) < n
-        rows = order_ref[pl.ds(i, tm)]
+        rows = order_ref[pl.ds(st, tm)]
         prec = matmul_precision(pool_ref.dtype)
         vs = []
         for jb in blocks:
             ok = jnp.broadcast_to(tok_ok[:, None] & (jb < nb), (tm, R))
-            v = _backend.load(v_ref.at[pl.ds(i, tm), m, jnp.int32(jb), jnp.int32(0), :], mask=ok, other=0)
+            v = _backend.load(v_ref.at[pl.ds(st, tm), m, jnp.int32(jb), jnp.int32(0), :], mask=ok, other=0)
             for part in range(1, gks):
-                v = v + _backend.load(v_ref.at[pl.ds(i, tm), m, jnp.int32(jb), jnp.int32(part), :], mask=ok, other=0)
+                v = v + _backend.load(v_ref.at[pl.ds(st, tm), m, jnp.int32(jb), jnp.int32(part), :], mask=ok,
+                                      other=0)
             vs.append(v.astype(pool_ref.dtype))
 
-        def body(qi, carry):
-            q0 = qi * bn
+        def column_block(u):
+            q0 = u * bn
             col_ok = _backend.column_mask(q0, bn, ncols, exact)
             acc = jnp.zeros((tm, bn), jnp.float32)
             for v, w in zip(vs, b_tiles(q0, col_ok)):
@@ -394,9 +420,8 @@ def _grouped_expand_kernel(layer_ref, order_ref, key_ref, len_ref, ranks_ref, b_
             ok = tok_ok[:, None] & col_ok[None, :]
             yv = _backend.load(y_ref.at[idx], mask=ok, other=0)
             _backend.store(o_ref.at[idx], (yv.astype(jnp.float32) + acc).astype(o_ref.dtype), mask=ok)
-            return carry
 
-        lax.fori_loop(0, dims.width // bn, body, 0)
+        _spread(k, n, n_cols, column_block)
 
     @pl.when((n == 1) & (rank > 0))
     def _():
@@ -420,24 +445,23 @@ def _grouped_expand_kernel(layer_ref, order_ref, key_ref, len_ref, ranks_ref, b_
             _backend.store(o_ref.at[t, pl.ds(y0 + q0, bn)], out.astype(o_ref.dtype), mask=col_ok)
             return carry
 
-        lax.fori_loop(0, dims.width // bn, body, 0)
+        lax.fori_loop(0, n_cols, body, 0)
 
 
 def _grouped(y, x, pool, layer, a_pages, b_pages, ranks, scales, token_slot, *, dims, interpret, bk, bn, num_warps,
              expand_warps, tm, gks, sks, sort, column_masks):
-    """Both grouped kernels: the plan (a sort of the slots and a few elementwise ops), then shrink and expand."""
+    """Both grouped kernels: the plan (a sort of the slots, elementwise ops and two scans), shrink, expand."""
     T, M, RB, R = dims.num_tokens, dims.num_modules, dims.rank_blocks, dims.page_rows
-    order, key, tile_len = decode_plan(token_slot, dims, tm=tm, sort=sort)
+    order, key, start, tile_len = decode_plan(token_slot, dims, tm=tm, sort=sort)
     layer_v = jnp.clip(as_index_vector(layer), 0, dims.num_layers - 1)
-    nparts = max(gks, sks)
-    args = _backend.kernel_operands(layer_v, order, key, tile_len, ranks.astype(jnp.int32), scales.astype(jnp.float32),
-                                    a_pages.astype(jnp.int32), x, pool)
+    plan = (layer_v, order, key, start, tile_len, ranks.astype(jnp.int32))
+    args = _backend.kernel_operands(*plan, scales.astype(jnp.float32), a_pages.astype(jnp.int32), x, pool)
     # Rows past T: a tile's [tm, R] stores and loads stay inside the buffer without a bounds check.
     v = pl.pallas_call(
         functools.partial(_grouped_shrink_kernel, dims=dims, bk=bk, tm=tm, gks=gks, sks=sks,
                           exact=column_masks or dims.d_in % bk != 0),
-        out_shape=_backend.output_struct((T + tm, M, RB, nparts, R), jnp.float32, args[0]),
-        grid=(T, M, RB * nparts),
+        out_shape=_backend.output_struct((T + tm, M, RB, max(gks, sks), R), jnp.float32, args[0]),
+        grid=(T, M, RB * sks),
         in_specs=[pl.no_block_spec] * len(args),
         out_specs=pl.no_block_spec,
         compiler_params=_backend.compiler_params(num_warps=num_warps, num_stages=2),
@@ -448,7 +472,7 @@ def _grouped(y, x, pool, layer, a_pages, b_pages, ranks, scales, token_slot, *, 
     return _backend.update_in_place(
         functools.partial(_grouped_expand_kernel, dims=dims, bn=bn, tm=tm, gks=gks, sks=sks,
                           exact=column_masks or any(d % bn for d in dims.out_sizes)),
-        layer_v, order, key, tile_len, ranks.astype(jnp.int32), b_pages.astype(jnp.int32), chunks, v, pool, y,
+        *plan, b_pages.astype(jnp.int32), chunks, v, pool, y,
         grid=(T, chunks.shape[0]), num_warps=expand_warps, interpret=interpret, name="lora_decode_grouped_expand",
     )
 
