@@ -21,6 +21,9 @@ Sweeps (--quick trims them to fit ~4 minutes; --budget-s stops starting new case
   lora_decode   T in {1,16,64,256,512} x distinct adapters {1,8,T} x ranks {8,16,32,64,mixed},
                 H = 4096 with q/k/v fused (W = 1024 GQA and W = 4096 MHA), gate/up and down of
                 MLP widths 11008 / 14336; page tables sized for rank 64 (RB = 4), as the engine does.
+                --quick: one adapter shared by 256 tokens, 256 adapters, T = 1/2/4/8 on one adapter, 5
+                adapters for 256 tokens, and a few wider shapes; each beside the per-token kernels
+                (variant "none", the former default).
   lora_prefill  8192 tokens in 1/16/64 segments, rank 64, q/k/v: the XLA path is jax.lax.ragged_dot.
   paged_decode_attention  batch 32..256 x context 512..4096, 8 KV heads, D = 128, 32 query heads,
                 pages at random; also jax's own pallas.ops.gpu.paged_attention when importable.
@@ -324,19 +327,27 @@ def lora_case(runner, op, *, T, distinct, rank, d_in, out_sizes, W, shape_name, 
 
 # Variant names: knobs joined by "+", each a prefix and a number; a bare flag is on, a flag followed by 0 off.
 _DECODE_KNOBS = {"fused": "fused", "ks": "k_splits", "bk": "block_k", "bn": "block_n", "w": "num_warps",
-                 "ec": "expand_per_chunk", "ew": "expand_warps", "cm": "column_masks"}
+                 "ec": "expand_per_chunk", "ew": "expand_warps", "cm": "column_masks", "gs": "group_splits",
+                 "ss": "single_splits"}
+# Decode variant words that name a grouping of MBGMV (see lora_decode's `grouping`).
+_DECODE_GROUPINGS = ("none", "runs", "sort")
 _PREFILL_KNOBS = {"pm": "shrink_per_module", "ec": "expand_per_chunk", "cm": "column_masks", "tm": "block_tokens",
                   "bk": "block_k", "bn": "block_n", "w": "num_warps"}
 
 
 def lora_variant_kwargs(op: str, name: str, dims) -> dict:
-    """Keyword arguments of the Pallas kernel for a variant name such as "ec+bn128" (decode: fused, ksN, bkN,
-    bnN, wN, ec = one expand program per page chunk, ewN = expand warps, cm = per-column masks) or
+    """Keyword arguments of the Pallas kernel for a variant name such as "none+ks2" (decode: none / runs /
+    sort = MBGMV's grouping, none being the per-token kernels; gsN / ssN = parts of d_in per group tile / per
+    lone token; fused, ksN, ec (per-token kernels only: none+ks2); bkN, bnN, wN, ewN = expand warps,
+    cm = per-column masks) or
     "tm128+pm0" (prefill: tmN = tokens per tile, bkN, bnN, wN, pm / ec = one shrink program per module /
     one expand program per chunk (both on by default: pm0 and ec0 turn them off), cm = per-column masks)."""
     knobs = _DECODE_KNOBS if op == "decode" else _PREFILL_KNOBS
     kw = {}
     for part in name.split("+"):
+        if op == "decode" and part in _DECODE_GROUPINGS:
+            kw["grouping"] = part
+            continue
         key = next((k for k in sorted(knobs, key=len, reverse=True) if part.startswith(k)), None)
         if key is None:
             raise SystemExit(f"unknown lora_{op} variant knob {part!r} (known: {', '.join(knobs)})")
@@ -356,11 +367,33 @@ def lora_parts(runner, op, y, consts, dims) -> dict:
     x, pool, layer, a_pages, b_pages, ranks, scales, slot = consts
     interpret = not pk._backend.on_gpu()
     if op == "decode":
+        bk = pow2_divisor(dims.width, lora_decode_triton.BLOCK_K)
+        bn = pow2_divisor(dims.width, lora_decode_triton.BLOCK_N)
+        if (lora_decode_triton.DEFAULT_GROUPING != "none"
+                and lora_decode_triton.grouped_unsupported_reason(dims, bk, bn) is None):
+            # The defaults of lora_decode_pallas's grouped path; the plan (a sort) is outside both timings.
+            tm = lora_decode_triton.GROUP_TOKENS
+            kw = dict(dims=dims, interpret=interpret, num_warps=4, tm=tm, gks=lora_decode_triton.GROUP_SPLITS,
+                      sks=lora_decode_triton.default_single_splits(dims, bk))
+            shrink_fn = functools.partial(lora_decode_triton.grouped_shrink_pallas, bk=bk, **kw)
+            expand_fn = functools.partial(lora_decode_triton.grouped_expand_pallas, bn=bn, **kw)
+            plan = jax.jit(functools.partial(lora_decode_triton.grouped_plan, dims=dims, tm=tm,
+                                             sort=lora_decode_triton.DEFAULT_GROUPING == "sort"))(
+                sanitize_slots(slot, dims), layer, ranks)
+
+            def shrink(c, k):
+                v = shrink_fn(c, *k)
+                return c + (jnp.sum(v) * 1e-30).astype(c.dtype)
+
+            shrink_consts = (pool, a_pages, scales, plan)
+            v = jax.jit(shrink_fn)(x, *shrink_consts)
+            s_sec, _ = in_loop_seconds(shrink, x + 0, shrink_consts, runner.args.target_s)
+            e_sec, _ = in_loop_seconds(lambda c, k: expand_fn(c, *k), y + 0, (v, pool, b_pages, plan),
+                                       runner.args.target_s)
+            return {"part_shrink_us": 1e6 * s_sec, "part_expand_us": 1e6 * e_sec}
         kw = dict(dims=dims, interpret=interpret, num_warps=4, ks=1)  # the defaults of lora_decode_pallas
-        shrink_fn = functools.partial(lora_decode_triton.shrink_pallas,
-                                      bk=pow2_divisor(dims.width, lora_decode_triton.BLOCK_K), **kw)
-        expand_fn = functools.partial(lora_decode_triton.expand_pallas,
-                                      bn=pow2_divisor(dims.width, lora_decode_triton.BLOCK_N), per_chunk=True, **kw)
+        shrink_fn = functools.partial(lora_decode_triton.shrink_pallas, bk=bk, **kw)
+        expand_fn = functools.partial(lora_decode_triton.expand_pallas, bn=bn, per_chunk=True, **kw)
         where = slot
     else:
         d = {k: v.default for k, v in inspect.signature(lora_prefill_triton.lora_prefill_pallas).parameters.items()}
@@ -558,9 +591,13 @@ def gpu_sweep(runner, quick: bool, dtype):
         decode = [(int(T), int(d), r if r == "mixed" else int(r), sh) for T, d, r, sh in
                   (c.split(":") for c in runner.args.lora_decode_cases.split(","))]
     elif quick:
-        decode = [(T, d, r, s) for s in ("qkv_gqa_W1024", "gate_up_14336") for T in (1, 256)
-                  for d in sorted({1, T}) for r in (16, "mixed")]
-        decode += [(64, 8, 16, "qkv_gqa_W1024"), (256, 256, 64, "qkv_mha_W4096")]
+        # Issue 15's cases first: one adapter shared by 256 tokens, the 256-adapter target, small batches on one
+        # adapter (T = 1..8), then a few adapters shared by many tokens in random order (the grouping's sort).
+        decode = [(256, 1, 16, "qkv_gqa_W1024"), (256, 256, 16, "qkv_gqa_W1024")]
+        decode += [(T, 1, 16, "qkv_gqa_W1024") for T in (1, 2, 4, 8)]
+        decode += [(8, 8, 16, "qkv_gqa_W1024"), (256, 5, 16, "qkv_gqa_W1024"), (64, 8, 16, "qkv_gqa_W1024")]
+        decode += [(256, 256, 64, "qkv_mha_W4096"), (256, 256, "mixed", "qkv_gqa_W1024"),
+                   (256, 1, 16, "gate_up_14336"), (256, 256, "mixed", "gate_up_14336"), (1, 1, 16, "gate_up_14336")]
     else:
         decode = [(T, d, r, s) for s in shapes for T in (1, 16, 64, 256, 512) for d in sorted({1, min(8, T), T})
                   for r in (8, 16, 32, 64, "mixed")]
@@ -588,6 +625,9 @@ def cpu_smoke(runner, dtype):
     """Tiny shapes on the CPU (Pallas in interpret mode): checks the script, not the numbers."""
     lora_case(runner, "decode", T=4, distinct=2, rank="mixed", d_in=64, out_sizes=(64, 32), W=32,
               shape_name="tiny", dtype=dtype)
+    # Tiles of one adapter (16 + 4 tokens): MBGMV's grouped path.
+    lora_case(runner, "decode", T=20, distinct=1, rank=16, d_in=64, out_sizes=(64, 32), W=32,
+              shape_name="tiny_shared", dtype=dtype)
     lora_case(runner, "prefill", T=64, distinct=2, rank=64, d_in=64, out_sizes=(32,), W=32, shape_name="tiny",
               dtype=dtype, sorted_slots=True)
     paged_case(runner, B=2, ctx=32, nq=4, nkv=2, D=16, dtype=dtype, with_jax=False)
@@ -635,10 +675,11 @@ def main(argv=None):
     p.add_argument("--budget-s", type=float, default=None, help="start no new case after this many seconds")
     p.add_argument("--target-s", type=float, default=None, help="wall time of one timed loop")
     p.add_argument("--ops", default=None, help="comma list of ops to run (default: all)")
-    p.add_argument("--lora-decode-variants", default="fused",
+    p.add_argument("--lora-decode-variants", default="none",
                    help="Pallas lora_decode variants timed beside the default: comma list of knobs joined by '+' "
-                        "(fused, ksN the shrink's pass over d_in split N ways, bkN, bnN, wN warps, ec one expand "
-                        "program per page chunk, ewN expand warps, cm per-column masks), e.g. fused,ec,ec+bn128")
+                        "(none / runs / sort: MBGMV's grouping, none = the per-token kernels; gsN / ssN: parts of "
+                        "d_in per group tile / lone token; fused, ksN, ec: per-token kernels, with none; bkN, "
+                        "bnN, wN warps, ewN expand warps, cm per-column masks), e.g. none,gs4,gs16,none+ks2")
     p.add_argument("--lora-decode-cases", default=None,
                    help="lora_decode cases instead of the sweep's: comma list of T:adapters:rank:shape "
                         "(rank an int or 'mixed'; shape a key of gpu_sweep's table, e.g. qkv_gqa_W1024)")

@@ -451,13 +451,27 @@ def _grouped_expand_kernel(layer_ref, order_ref, key_ref, start_ref, len_ref, ra
 def _grouped(y, x, pool, layer, a_pages, b_pages, ranks, scales, token_slot, *, dims, interpret, bk, bn, num_warps,
              expand_warps, tm, gks, sks, sort, column_masks):
     """Both grouped kernels: the plan (a sort of the slots, elementwise ops and two scans), shrink, expand."""
-    T, M, RB, R = dims.num_tokens, dims.num_modules, dims.rank_blocks, dims.page_rows
-    order, key, start, tile_len = decode_plan(token_slot, dims, tm=tm, sort=sort)
+    plan = grouped_plan(token_slot, layer, ranks, dims=dims, tm=tm, sort=sort)
+    v = grouped_shrink_pallas(x, pool, a_pages, scales, plan, dims=dims, interpret=interpret, bk=bk, tm=tm, gks=gks,
+                              sks=sks, num_warps=num_warps, column_masks=column_masks)
+    return grouped_expand_pallas(y, v, pool, b_pages, plan, dims=dims, interpret=interpret, bn=bn, tm=tm, gks=gks,
+                                 sks=sks, num_warps=expand_warps, column_masks=column_masks)
+
+
+def grouped_plan(token_slot, layer, ranks, *, dims, tm=GROUP_TOKENS, sort=True):
+    """The operands both grouped kernels read first: (layer [1], order, key, start, tile_len, ranks) int32."""
     layer_v = jnp.clip(as_index_vector(layer), 0, dims.num_layers - 1)
-    plan = (layer_v, order, key, start, tile_len, ranks.astype(jnp.int32))
+    return (layer_v, *decode_plan(token_slot, dims, tm=tm, sort=sort), ranks.astype(jnp.int32))
+
+
+def grouped_shrink_pallas(x, pool, a_pages, scales, plan, *, dims, interpret, bk, tm, gks, sks, num_warps,
+                          column_masks=False):
+    """The grouped shrink alone: v [T + tm, M, RB, max(gks, sks), R] float32 partial sums, scaled, at each
+    tile's positions. Public so that a benchmark can time the two kernels apart."""
+    T, M, RB, R = dims.num_tokens, dims.num_modules, dims.rank_blocks, dims.page_rows
     args = _backend.kernel_operands(*plan, scales.astype(jnp.float32), a_pages.astype(jnp.int32), x, pool)
     # Rows past T: a tile's [tm, R] stores and loads stay inside the buffer without a bounds check.
-    v = pl.pallas_call(
+    return pl.pallas_call(
         functools.partial(_grouped_shrink_kernel, dims=dims, bk=bk, tm=tm, gks=gks, sks=sks,
                           exact=column_masks or dims.d_in % bk != 0),
         out_shape=_backend.output_struct((T + tm, M, RB, max(gks, sks), R), jnp.float32, args[0]),
@@ -468,12 +482,18 @@ def _grouped(y, x, pool, layer, a_pages, b_pages, ranks, scales, token_slot, *, 
         interpret=interpret,
         name="lora_decode_grouped_shrink",
     )(*args)
+
+
+def grouped_expand_pallas(y, v, pool, b_pages, plan, *, dims, interpret, bn, tm, gks, sks, num_warps,
+                          column_masks=False):
+    """The grouped expand alone: y + v B, y aliased to the output."""
     chunks = jnp.asarray(output_chunks(dims))
     return _backend.update_in_place(
         functools.partial(_grouped_expand_kernel, dims=dims, bn=bn, tm=tm, gks=gks, sks=sks,
                           exact=column_masks or any(d % bn for d in dims.out_sizes)),
         *plan, b_pages.astype(jnp.int32), chunks, v, pool, y,
-        grid=(T, chunks.shape[0]), num_warps=expand_warps, interpret=interpret, name="lora_decode_grouped_expand",
+        grid=(dims.num_tokens, chunks.shape[0]), num_warps=num_warps, interpret=interpret,
+        name="lora_decode_grouped_expand",
     )
 
 
