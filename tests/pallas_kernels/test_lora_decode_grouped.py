@@ -161,16 +161,13 @@ def test_plan_tiles_cover_every_token_once_in_groups_of_one_slot(sort):
         n = tile_len[i]
         assert 1 <= n <= TM and (i % TM) + n <= TM
         assert np.all(key[i:i + n] == key[i])
-        assert i + n == T or tile_len[i + n] > 0  # the next position starts the next tile
-        assert np.all(tile_len[i + 1:i + n] == 0)
         covered[i:i + n] += 1
-        assert np.all(start[i:i + n] == i)  # every position knows its tile's first position
+        # Every position knows its tile's first position and size.
+        assert np.all(start[i:i + n] == i) and np.all(tile_len[i:i + n] == n)
+        # Maximal: a tile ends only at a key change, a 16-position boundary or the end.
+        assert i + n == T or (i + n) % TM == 0 or key[i + n] != key[i]
         i += n
     assert np.all(covered == 1)
-    # Maximal: a tile ends only at a key change, a 16-position boundary or the end.
-    for i in np.nonzero(tile_len)[0]:
-        e = i + tile_len[i]
-        assert e == T or e % TM == 0 or key[e] != key[i]
 
 
 def test_grouping_knob_is_checked():

@@ -266,8 +266,8 @@ def decode_plan(token_slot, dims: LoraDims, *, tm: int, sort: bool):
     its slot (S for "no adapter", so such tokens sort last and form tiles of rank 0). A tile starts where the
     key changes or at a multiple of tm, and runs to the next start: it holds <= tm tokens of one slot.
     Returns int32 arrays (order [T + tm], padded with T so a tile's rows load without a bounds check; key [T];
-    start [T]: the first position of position i's tile; tile_len [T]: the tile's size at its first position,
-    0 elsewhere).
+    start [T]: the first position of position i's tile; tile_len [T]: the size of position i's tile). Each is
+    indexed by the program's own position, so a kernel's first three loads do not wait on each other.
     """
     T, S = dims.num_tokens, dims.num_slots
     pos = jnp.arange(T, dtype=jnp.int32)
@@ -279,8 +279,8 @@ def decode_plan(token_slot, dims: LoraDims, *, tm: int, sort: bool):
     is_start = (pos % tm == 0) | (key != prev)
     first_start_from = lax.cummin(jnp.where(is_start, pos, T), reverse=True)
     next_start = jnp.concatenate([first_start_from[1:], jnp.full((1,), T, jnp.int32)])
-    tile_len = jnp.where(is_start, next_start - pos, 0).astype(jnp.int32)
     start = lax.cummax(jnp.where(is_start, pos, 0))
+    tile_len = (next_start - pos)[start].astype(jnp.int32)
     # The padding names row T, past the end: a tile's masked rows never touch memory on the GPU, and in
     # interpret mode a gather there clamps and a scatter there is dropped (a real row id would be written back
     # with its old value in the same scatter as its update, and might win).
@@ -291,8 +291,8 @@ def _tile_of(start_ref, len_ref, key_ref, ranks_ref, layer, i, m, dims):
     """For the program at position i: its tile's first position, size, this program's index in the tile, the
     slot (clipped for table reads) and module m's rank (0: no adapter)."""
     st = start_ref[i]
-    n = len_ref[st]
-    key = key_ref[st]
+    n = len_ref[i]
+    key = key_ref[i]  # a tile has one key
     s = jnp.minimum(key, dims.num_slots - 1)
     rank = jnp.where(key < dims.num_slots, jnp.clip(ranks_ref[s, layer, m], 0, dims.max_rank), 0)
     return st, n, i - st, s, rank
