@@ -85,7 +85,7 @@ def _check(case, dtype, grouping, reference, **knobs):
     np.testing.assert_array_equal(np.asarray(out)[skip], y[skip], err_msg=f"seed {seed}")
 
 
-@pytest.mark.parametrize("grouping", ["sort", "runs"])
+@pytest.mark.parametrize("grouping", ["kernel", "sort", "runs"])
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_grouped_kernels_match_dense_loop(case, grouping, lora_numpy_reference):
     _check(case, "float32", grouping, lora_numpy_reference)
@@ -94,7 +94,7 @@ def test_grouped_kernels_match_dense_loop(case, grouping, lora_numpy_reference):
 @pytest.mark.parametrize("case", [CASES[1], CASES[4]], ids=[CASES[1][0], CASES[4][0]])
 def test_grouped_kernels_match_dense_loop_bf16(case, lora_numpy_reference):
     """bf16: the group path rounds v to the pool dtype before its tl.dot (as MBGMM does)."""
-    _check(case, "bfloat16", "sort", lora_numpy_reference)
+    _check(case, "bfloat16", "kernel", lora_numpy_reference)
 
 
 @pytest.mark.parametrize("knobs", [dict(group_splits=1, single_splits=1), dict(group_splits=16, single_splits=4),
@@ -106,7 +106,7 @@ def test_grouped_kernel_knobs_match_dense_loop(case, knobs, lora_numpy_reference
     """Splits of d_in over 1-16 parts (parts past d_in included: d_in = 80 is 3 blocks of 32; a 5-token tile
     takes 16 parts in rounds of 5 programs), smaller blocks (several per page chunk, spread over a tile's
     programs), per-column masks."""
-    _check(case, "float32", "sort", lora_numpy_reference, **knobs)
+    _check(case, "float32", "kernel", lora_numpy_reference, **knobs)
 
 
 def test_page_rows_below_16_fall_back_to_the_per_token_kernels(lora_numpy_reference):

@@ -47,10 +47,11 @@ def lora_decode(
         that row is returned unchanged.
       out_sizes: static tuple of each module's output columns.
       implementation: None (Pallas on GPU, XLA elsewhere), "xla" or "pallas" (interpret mode off-GPU).
-      grouping: Pallas only: "sort" (the default, `pallas_triton.DEFAULT_GROUPING`): tokens that share an
-        adapter slot are grouped per step (a stable sort of the slots) into tiles of up to 16 that read the
-        adapter's weights once, with tl.dot; a token alone on its adapter runs the per-token loop. "runs":
-        the same over runs of consecutive tokens only (no sort; for callers that order tokens by adapter).
+      grouping: Pallas only: "kernel" (the default, `pallas_triton.DEFAULT_GROUPING`): tokens that share an
+        adapter slot are grouped per step into tiles of up to 16 that read the adapter's weights once, with
+        tl.dot, each program finding its tile in the slot table itself; a token alone on its adapter runs the
+        per-token loop. "sort": the same tiles from a plan XLA computes first (a stable sort of the slots).
+        "runs": tiles of consecutive tokens only (no sort; for callers that order tokens by adapter).
         "none": the per-token kernels for every token (the former default). Every choice gives the same
         result; they differ in speed.
       fused: Pallas only: one kernel per (token, module) instead of separate shrink and expand kernels

@@ -223,22 +223,29 @@ def _fused_kernel(layer_ref, slot_ref, ranks_ref, scales_ref, a_pages_ref, b_pag
 # ------------------------------------------------------------------------------------------------
 # Grouped MBGMV: tokens that share an adapter read its weights once per tile.
 #
-# The grids stay the per-token ones, one program per position (token in grouping order) and module / page
-# chunk. A tile of n >= 2 tokens starting at position st owns the n programs at positions st..st+n-1, and
-# spreads its work over them: in the shrink, GROUP_SPLITS parts of d_in (program k does parts k, k + n, ...),
-# in the expand, the page chunk's column blocks (block k, k + n, ...). So one adapter serving the whole batch
-# keeps as many programs busy as distinct adapters do, and with distinct adapters the grids are the
-# per-token kernels' own (no idle programs added).
+# A tile is up to GROUP_TOKENS tokens of one slot. The grids stay the per-token ones (one program per token and
+# module / page chunk), and a tile of n >= 2 tokens spreads its work over its n programs: in the shrink,
+# GROUP_SPLITS parts of d_in (program k of the tile does parts k, k + n, ...), in the expand, the page chunk's
+# column blocks (block k, k + n, ...). So one adapter serving the whole batch keeps as many programs busy as
+# distinct adapters do, and with distinct adapters the grids are the per-token kernels' own. v is indexed by
+# token, as in the per-token kernels.
+#
+# Where the tiles come from (`grouping`):
+#   "kernel"  every program derives its tile from the slot table itself: the k-th group of 16 among the tokens
+#             of its slot, in token order (a compare, a prefix count and a [16, T] select over the table, which
+#             sits in L2). No work outside the two kernels.
+#   "sort"    the same tiles from a plan computed first by XLA (a stable sort of the slots and a few scans):
+#             program i is the token at position i of the sorted order.
+#   "runs"    the plan without the sort: tiles are runs of consecutive tokens with one slot.
+#   "none"    the per-token kernels above, for every token.
 
 # Tokens per group tile: the smallest M that tl.dot takes.
 GROUP_TOKENS = 16
 # Parts of d_in per group tile: each writes a partial v that the expand adds up. 8 parts of a 4096-wide input
 # are 2 blocks of 256 columns per program.
 GROUP_SPLITS = 8
-# Grouping of the default path: "sort" (tiles of tokens sharing a slot after a stable sort by slot), "runs"
-# (tiles of consecutive tokens with one slot, no sort), "none" (the per-token kernels above).
-DEFAULT_GROUPING = "sort"
-GROUPINGS = ("sort", "runs", "none")
+DEFAULT_GROUPING = "kernel"
+GROUPINGS = ("kernel", "sort", "runs", "none")
 
 
 def grouped_unsupported_reason(dims: LoraDims, bk: int, bn: int) -> str | None:
@@ -260,14 +267,14 @@ def default_single_splits(dims: LoraDims, bk: int) -> int:
 
 
 def decode_plan(token_slot, dims: LoraDims, *, tm: int, sort: bool):
-    """The step's group tiles, from the slot table alone (a sort and a few elementwise ops and scans).
+    """Group tiles of the "sort" / "runs" groupings, computed by XLA from the slot table.
 
     Positions i = 0..T-1 index the tokens in grouping order: order[i] is the token at position i and key[i]
     its slot (S for "no adapter", so such tokens sort last and form tiles of rank 0). A tile starts where the
     key changes or at a multiple of tm, and runs to the next start: it holds <= tm tokens of one slot.
-    Returns int32 arrays (order [T + tm], padded with T so a tile's rows load without a bounds check; key [T];
-    start [T]: the first position of position i's tile; tile_len [T]: the size of position i's tile). Each is
-    indexed by the program's own position, so a kernel's first three loads do not wait on each other.
+    Returns int32 arrays (order [T + tm], padded with T; key [T]; start [T]: the first position of position
+    i's tile; tile_len [T]: the size of position i's tile). Each is indexed by the program's own position, so
+    a kernel's first table loads do not wait on each other.
     """
     T, S = dims.num_tokens, dims.num_slots
     pos = jnp.arange(T, dtype=jnp.int32)
@@ -281,21 +288,52 @@ def decode_plan(token_slot, dims: LoraDims, *, tm: int, sort: bool):
     next_start = jnp.concatenate([first_start_from[1:], jnp.full((1,), T, jnp.int32)])
     start = lax.cummax(jnp.where(is_start, pos, 0))
     tile_len = (next_start - pos)[start].astype(jnp.int32)
-    # The padding names row T, past the end: a tile's masked rows never touch memory on the GPU, and in
-    # interpret mode a gather there clamps and a scatter there is dropped (a real row id would be written back
-    # with its old value in the same scatter as its update, and might win).
     return jnp.concatenate([order, jnp.full((tm,), T, jnp.int32)]), key, start, tile_len
 
 
-def _tile_of(start_ref, len_ref, key_ref, ranks_ref, layer, i, m, dims):
-    """For the program at position i: its tile's first position, size, this program's index in the tile, the
-    slot (clipped for table reads) and module m's rank (0: no adapter)."""
-    st = start_ref[i]
-    n = len_ref[i]
-    key = key_ref[i]  # a tile has one key
-    s = jnp.minimum(key, dims.num_slots - 1)
-    rank = jnp.where(key < dims.num_slots, jnp.clip(ranks_ref[s, layer, m], 0, dims.max_rank), 0)
-    return st, n, i - st, s, rank
+def kernel_plan_keys(token_slot, dims: LoraDims):
+    """The one table of the "kernel" grouping: each token's key (slot, or S for none), padded with -1 (no
+    token) to a power of two so that a program loads it whole as one Triton block."""
+    T, S = dims.num_tokens, dims.num_slots
+    key = jnp.where(token_slot >= 0, token_slot, S).astype(jnp.int32)
+    return jnp.concatenate([key, jnp.full((next_pow2(T) - T,), -1, jnp.int32)])
+
+
+def _tile(plan_refs, i, *, dims, tm, in_kernel):
+    """The program at grid index i: (t: its own token, n: its tile's size, k: its index in the tile, key,
+    members(): the tile's tokens [tm], T past n). Rows named T lie past the end: masked loads and stores never
+    touch them on the GPU, and in interpret mode a gather there clamps and a scatter there is dropped."""
+    T = dims.num_tokens
+    if in_kernel:
+        (keys_ref,) = plan_refs
+        key = keys_ref[i]
+        idx = jnp.arange(keys_ref.shape[0], dtype=jnp.int32)
+        eq = (keys_ref[...] == key).astype(jnp.int32)
+        rank_in_key = jnp.sum(jnp.where(idx < i, eq, 0))
+        first = rank_in_key // tm * tm  # rank of the tile's first token among the key's tokens
+        n = jnp.minimum(tm, jnp.sum(eq) - first)
+
+        def members():
+            before = jnp.cumsum(eq) - eq  # tokens of the key before each token
+            sel = (eq[None, :] > 0) & (before[None, :] == (first + jnp.arange(tm, dtype=jnp.int32))[:, None])
+            tok = jnp.sum(jnp.where(sel, idx[None, :], 0), axis=1)
+            return jnp.where(jnp.arange(tm) < n, tok, T)
+
+        return i, n, rank_in_key - first, key, members
+    order_ref, key_ref, start_ref, len_ref = plan_refs
+    st, n, key = start_ref[i], len_ref[i], key_ref[i]
+
+    def members():
+        return jnp.where(jnp.arange(tm) < n, order_ref[pl.ds(st, tm)], T)
+
+    return order_ref[i], n, i - st, key, members
+
+
+def _slot_rank(key, ranks_ref, layer, m, dims):
+    """Slot (clipped for table reads) and module m's rank of a tile's key (rank 0: no adapter)."""
+    s = jnp.clip(key, 0, dims.num_slots - 1)
+    rank = jnp.where((key >= 0) & (key < dims.num_slots), jnp.clip(ranks_ref[s, layer, m], 0, dims.max_rank), 0)
+    return s, rank
 
 
 def _spread(k, n, units: int, fn):
@@ -310,20 +348,22 @@ def _spread(k, n, units: int, fn):
             fn(u)
 
 
-def _grouped_shrink_kernel(layer_ref, order_ref, key_ref, start_ref, len_ref, ranks_ref, scales_ref, a_pages_ref,
-                           x_ref, pool_ref, v_ref, *, dims, bk, tm, gks, sks, exact):
-    """Program (position i, module m, rank block j x part p < sks). In a tile of >= 2 tokens, each [R, bk]
-    tile of A is read once for all of them and multiplied into their x rows with tl.dot; the tile's gks parts
-    of d_in are spread over its programs (p = 0 only). A lone token runs the per-token loop over part p of
-    sks. Rank blocks past the adapter's rank do nothing."""
+def _grouped_shrink_kernel(layer_ref, *refs, dims, bk, tm, gks, sks, exact, in_kernel):
+    """Program (token, module m, rank block j x part p < sks). In a tile of >= 2 tokens, each [R, bk] tile of
+    A is read once for all of them and multiplied into their x rows with tl.dot; the tile's gks parts of d_in
+    are spread over its programs (p = 0 only). A lone token runs the per-token loop over part p of sks. Rank
+    blocks past the adapter's rank do nothing."""
+    *plan_refs, ranks_ref, scales_ref, a_pages_ref, x_ref, pool_ref, v_ref = refs
     i, m, q = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     j, p = q // sks, q % sks
     R, W = dims.page_rows, dims.width
     layer = layer_ref[0]
-    st, n, k, s, rank = _tile_of(start_ref, len_ref, key_ref, ranks_ref, layer, i, m, dims)
+    t, n, k, key, members = _tile(plan_refs, i, dims=dims, tm=tm, in_kernel=in_kernel)
+    s, rank = _slot_rank(key, ranks_ref, layer, m, dims)
     nrows = jnp.clip(rank - j * R, 0, R)
     row_ok = (jnp.arange(R) < nrows)[:, None]
     n_kb = cdiv(dims.d_in, bk)
+    cols_r = jnp.arange(R)[None, :]
 
     def a_tile(k0):
         c = jnp.minimum(k0 // W, dims.in_chunks - 1)  # a part past d_in: wholly masked below
@@ -337,7 +377,7 @@ def _grouped_shrink_kernel(layer_ref, order_ref, key_ref, start_ref, len_ref, ra
     def _():
         ng = cdiv(n_kb, gks)
         tok_ok = jnp.arange(tm) < n
-        rows = order_ref[pl.ds(st, tm)]
+        rows = members()[:, None]
         prec = matmul_precision(pool_ref.dtype)
         scale = scales_ref[s, layer, m].astype(jnp.float32)
 
@@ -345,20 +385,19 @@ def _grouped_shrink_kernel(layer_ref, order_ref, key_ref, start_ref, len_ref, ra
             def body(kb, acc):
                 k0 = (u * ng + kb) * bk
                 a, col_ok = a_tile(k0)
-                xt = _backend.load(x_ref.at[rows[:, None], (k0 + jnp.arange(bk))[None, :]],
+                xt = _backend.load(x_ref.at[rows, (k0 + jnp.arange(bk))[None, :]],
                                    mask=tok_ok[:, None] & col_ok[None, :], other=0)
                 return acc + lax.dot_general(xt, a, (((1,), (1,)), ((), ())), precision=prec,
                                              preferred_element_type=jnp.float32)
 
             acc = lax.fori_loop(0, ng, body, jnp.zeros((tm, R), jnp.float32))
-            _backend.store(v_ref.at[pl.ds(st, tm), m, j, u, :], acc * scale, mask=tok_ok[:, None])
+            _backend.store(v_ref.at[rows, m, j, u, cols_r], acc * scale, mask=tok_ok[:, None])
 
         _spread(k, n, gks, part)
 
     @pl.when((n == 1) & (nrows > 0) & (p < sks))
     def _():
         ns = cdiv(n_kb, sks)
-        t = order_ref[i]
 
         def body(kb, acc):
             k0 = (p * ns + kb) * bk
@@ -367,21 +406,21 @@ def _grouped_shrink_kernel(layer_ref, order_ref, key_ref, start_ref, len_ref, ra
             return acc + a.astype(jnp.float32) * xk.astype(jnp.float32)[None, :]
 
         acc = lax.fori_loop(0, ns, body, jnp.zeros((R, bk), jnp.float32))
-        v_ref[i, m, j, p, :] = jnp.sum(acc, axis=1) * scales_ref[s, layer, m].astype(jnp.float32)
+        v_ref[t, m, j, p, :] = jnp.sum(acc, axis=1) * scales_ref[s, layer, m].astype(jnp.float32)
 
 
-def _grouped_expand_kernel(layer_ref, order_ref, key_ref, start_ref, len_ref, ranks_ref, b_pages_ref, chunks_ref,
-                           v_ref, pool_ref, y_ref, o_ref, *, dims, bn, tm, gks, sks, exact):
-    """Program (position i, page chunk of one module). In a tile of >= 2 tokens, the chunk's bn-column blocks
-    are spread over the tile's programs; per block each [R, bn] tile of B is read once and y[rows] += v @ B
-    with tl.dot, rows gathered through the order. A lone token runs the per-token expand over the chunk. v of
-    rank blocks past the rank is never written by the shrink, so its loads are masked off (no bytes, and no
-    stale values)."""
+def _grouped_expand_kernel(layer_ref, *refs, dims, bn, tm, gks, sks, exact, in_kernel):
+    """Program (token, page chunk of one module). In a tile of >= 2 tokens, the chunk's bn-column blocks are
+    spread over the tile's programs; per block each [R, bn] tile of B is read once and y[rows] += v @ B with
+    tl.dot. A lone token runs the per-token expand over the chunk. v of rank blocks past the rank is never
+    written by the shrink, so its loads are masked off (no bytes, and no stale values)."""
+    *plan_refs, ranks_ref, b_pages_ref, chunks_ref, v_ref, pool_ref, y_ref, o_ref = refs
     i, b = pl.program_id(0), pl.program_id(1)
     R = dims.page_rows
     layer = layer_ref[0]
-    m, c, y0, ncols = (chunks_ref[b, k] for k in range(4))
-    st, n, k, s, rank = _tile_of(start_ref, len_ref, key_ref, ranks_ref, layer, i, m, dims)
+    m, c, y0, ncols = (chunks_ref[b, q] for q in range(4))
+    t, n, k, key, members = _tile(plan_refs, i, dims=dims, tm=tm, in_kernel=in_kernel)
+    s, rank = _slot_rank(key, ranks_ref, layer, m, dims)
     nb = (rank + R - 1) // R
     blocks = range(dims.rank_blocks)  # unrolled; blocks past the rank are fully masked (no bytes)
     n_cols = dims.width // bn
@@ -398,15 +437,15 @@ def _grouped_expand_kernel(layer_ref, order_ref, key_ref, start_ref, len_ref, ra
     @pl.when((n >= 2) & (rank > 0) & (k < n_cols))
     def _():
         tok_ok = jnp.arange(tm) < n
-        rows = order_ref[pl.ds(st, tm)]
+        rows = members()[:, None]
         prec = matmul_precision(pool_ref.dtype)
+        cols_r = jnp.arange(R)[None, :]
         vs = []
         for jb in blocks:
             ok = jnp.broadcast_to(tok_ok[:, None] & (jb < nb), (tm, R))
-            v = _backend.load(v_ref.at[pl.ds(st, tm), m, jnp.int32(jb), jnp.int32(0), :], mask=ok, other=0)
+            v = _backend.load(v_ref.at[rows, m, jnp.int32(jb), jnp.int32(0), cols_r], mask=ok, other=0)
             for part in range(1, gks):
-                v = v + _backend.load(v_ref.at[pl.ds(st, tm), m, jnp.int32(jb), jnp.int32(part), :], mask=ok,
-                                      other=0)
+                v = v + _backend.load(v_ref.at[rows, m, jnp.int32(jb), jnp.int32(part), cols_r], mask=ok, other=0)
             vs.append(v.astype(pool_ref.dtype))
 
         def column_block(u):
@@ -416,7 +455,7 @@ def _grouped_expand_kernel(layer_ref, order_ref, key_ref, start_ref, len_ref, ra
             for v, w in zip(vs, b_tiles(q0, col_ok)):
                 acc = acc + lax.dot_general(v, w, (((1,), (0,)), ((), ())), precision=prec,
                                             preferred_element_type=jnp.float32)
-            idx = (rows[:, None], (y0 + q0 + jnp.arange(bn))[None, :])
+            idx = (rows, (y0 + q0 + jnp.arange(bn))[None, :])
             ok = tok_ok[:, None] & col_ok[None, :]
             yv = _backend.load(y_ref.at[idx], mask=ok, other=0)
             _backend.store(o_ref.at[idx], (yv.astype(jnp.float32) + acc).astype(o_ref.dtype), mask=ok)
@@ -425,13 +464,12 @@ def _grouped_expand_kernel(layer_ref, order_ref, key_ref, start_ref, len_ref, ra
 
     @pl.when((n == 1) & (rank > 0))
     def _():
-        t = order_ref[i]
         vs = []
         for jb in blocks:
             ok = jnp.broadcast_to(jb < nb, (R,))
-            v = _backend.load(v_ref.at[i, m, jnp.int32(jb), jnp.int32(0), :], mask=ok, other=0)
+            v = _backend.load(v_ref.at[t, m, jnp.int32(jb), jnp.int32(0), :], mask=ok, other=0)
             for part in range(1, sks):
-                v = v + _backend.load(v_ref.at[i, m, jnp.int32(jb), jnp.int32(part), :], mask=ok, other=0)
+                v = v + _backend.load(v_ref.at[t, m, jnp.int32(jb), jnp.int32(part), :], mask=ok, other=0)
             vs.append(v[:, None])
 
         def body(qi, carry):
@@ -449,32 +487,36 @@ def _grouped_expand_kernel(layer_ref, order_ref, key_ref, start_ref, len_ref, ra
 
 
 def _grouped(y, x, pool, layer, a_pages, b_pages, ranks, scales, token_slot, *, dims, interpret, bk, bn, num_warps,
-             expand_warps, tm, gks, sks, sort, column_masks):
-    """Both grouped kernels: the plan (a sort of the slots, elementwise ops and two scans), shrink, expand."""
-    plan = grouped_plan(token_slot, layer, ranks, dims=dims, tm=tm, sort=sort)
-    v = grouped_shrink_pallas(x, pool, a_pages, scales, plan, dims=dims, interpret=interpret, bk=bk, tm=tm, gks=gks,
-                              sks=sks, num_warps=num_warps, column_masks=column_masks)
-    return grouped_expand_pallas(y, v, pool, b_pages, plan, dims=dims, interpret=interpret, bn=bn, tm=tm, gks=gks,
-                                 sks=sks, num_warps=expand_warps, column_masks=column_masks)
+             expand_warps, tm, gks, sks, grouping, column_masks):
+    """Both grouped kernels: the plan's tables (for "sort"/"runs", XLA's sort and scans), shrink, expand."""
+    plan = grouped_plan(token_slot, layer, ranks, dims=dims, tm=tm, grouping=grouping)
+    kw = dict(dims=dims, interpret=interpret, tm=tm, gks=gks, sks=sks, column_masks=column_masks,
+              in_kernel=grouping == "kernel")
+    v = grouped_shrink_pallas(x, pool, a_pages, scales, plan, bk=bk, num_warps=num_warps, **kw)
+    return grouped_expand_pallas(y, v, pool, b_pages, plan, bn=bn, num_warps=expand_warps, **kw)
 
 
-def grouped_plan(token_slot, layer, ranks, *, dims, tm=GROUP_TOKENS, sort=True):
-    """The operands both grouped kernels read first: (layer [1], order, key, start, tile_len, ranks) int32."""
+def grouped_plan(token_slot, layer, ranks, *, dims, tm=GROUP_TOKENS, grouping="kernel"):
+    """The operands both grouped kernels read first: (layer [1], the grouping's tables..., ranks), int32."""
     layer_v = jnp.clip(as_index_vector(layer), 0, dims.num_layers - 1)
-    return (layer_v, *decode_plan(token_slot, dims, tm=tm, sort=sort), ranks.astype(jnp.int32))
+    if grouping == "kernel":
+        tables = (kernel_plan_keys(token_slot, dims),)
+    else:
+        tables = decode_plan(token_slot, dims, tm=tm, sort=grouping == "sort")
+    return (layer_v, *tables, ranks.astype(jnp.int32))
 
 
 def grouped_shrink_pallas(x, pool, a_pages, scales, plan, *, dims, interpret, bk, tm, gks, sks, num_warps,
-                          column_masks=False):
-    """The grouped shrink alone: v [T + tm, M, RB, max(gks, sks), R] float32 partial sums, scaled, at each
-    tile's positions. Public so that a benchmark can time the two kernels apart."""
+                          in_kernel, column_masks=False):
+    """The grouped shrink alone: v [T, M, RB, max(gks, sks), R] float32 partial sums per token, scaled (only
+    the parts and rank blocks a token's tile uses are written). Public so that a benchmark can time the two
+    kernels apart."""
     T, M, RB, R = dims.num_tokens, dims.num_modules, dims.rank_blocks, dims.page_rows
     args = _backend.kernel_operands(*plan, scales.astype(jnp.float32), a_pages.astype(jnp.int32), x, pool)
-    # Rows past T: a tile's [tm, R] stores and loads stay inside the buffer without a bounds check.
     return pl.pallas_call(
         functools.partial(_grouped_shrink_kernel, dims=dims, bk=bk, tm=tm, gks=gks, sks=sks,
-                          exact=column_masks or dims.d_in % bk != 0),
-        out_shape=_backend.output_struct((T + tm, M, RB, max(gks, sks), R), jnp.float32, args[0]),
+                          exact=column_masks or dims.d_in % bk != 0, in_kernel=in_kernel),
+        out_shape=_backend.output_struct((T, M, RB, max(gks, sks), R), jnp.float32, args[0]),
         grid=(T, M, RB * sks),
         in_specs=[pl.no_block_spec] * len(args),
         out_specs=pl.no_block_spec,
@@ -484,13 +526,13 @@ def grouped_shrink_pallas(x, pool, a_pages, scales, plan, *, dims, interpret, bk
     )(*args)
 
 
-def grouped_expand_pallas(y, v, pool, b_pages, plan, *, dims, interpret, bn, tm, gks, sks, num_warps,
+def grouped_expand_pallas(y, v, pool, b_pages, plan, *, dims, interpret, bn, tm, gks, sks, num_warps, in_kernel,
                           column_masks=False):
     """The grouped expand alone: y + v B, y aliased to the output."""
     chunks = jnp.asarray(output_chunks(dims))
     return _backend.update_in_place(
         functools.partial(_grouped_expand_kernel, dims=dims, bn=bn, tm=tm, gks=gks, sks=sks,
-                          exact=column_masks or any(d % bn for d in dims.out_sizes)),
+                          exact=column_masks or any(d % bn for d in dims.out_sizes), in_kernel=in_kernel),
         *plan, b_pages.astype(jnp.int32), chunks, v, pool, y,
         grid=(dims.num_tokens, chunks.shape[0]), num_warps=num_warps, interpret=interpret,
         name="lora_decode_grouped_expand",
@@ -524,8 +566,9 @@ def lora_decode_pallas(
     group_splits: int | None = None, single_splits: int | None = None,
 ):
     """Shapes as `lora_decode`. block_k / block_n are capped to the largest power of two dividing W.
-    grouping: "sort" / "runs" (the grouped kernels: tokens sharing an adapter read it once per tile of
-      GROUP_TOKENS, see `decode_plan`) or "none" (the per-token kernels); default DEFAULT_GROUPING. Sizes the
+    grouping: "kernel" / "sort" / "runs" (the grouped kernels: tokens sharing an adapter read it once per tile
+      of GROUP_TOKENS; see "Grouped MBGMV" above for where the tiles come from) or "none" (the per-token
+      kernels); default DEFAULT_GROUPING. Sizes the
       grouped kernels cannot take (`grouped_unsupported_reason`) use the per-token kernels.
     group_splits / single_splits (grouped kernels, powers of two): programs sharing one group tile's / one
       lone token's pass over d_in (defaults GROUP_SPLITS and `default_single_splits`).
@@ -555,7 +598,7 @@ def lora_decode_pallas(
         return _grouped(y, x, pool, layer, a_pages, b_pages, ranks, scales, token_slot, dims=dims,
                         interpret=interpret, bk=bk, bn=bn, num_warps=num_warps or 4,
                         expand_warps=expand_warps or num_warps or 4, tm=GROUP_TOKENS, gks=gks, sks=sks,
-                        sort=grouping == "sort", column_masks=column_masks)
+                        grouping=grouping, column_masks=column_masks)
     if fused:
         # Tiles of max_rank x block rows: ~16K elements, a size the split kernel's [R, 512] tiles x 2 stages use.
         blk = max(16, 16384 // next_pow2(dims.max_rank))
