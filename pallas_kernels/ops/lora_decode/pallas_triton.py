@@ -337,9 +337,9 @@ def _slot_rank(key, ranks_ref, layer, m, dims):
 
 
 def _spread(k, n, units: int, fn):
-    """Run fn(u) for the units u = k, k + n, k + 2n, ... < units: program k of a tile of n >= 2 programs takes
-    its share of `units` pieces of work. Static unrolling under pl.when: Triton loops need static bounds here
-    (see `_shrink_kernel`)."""
+    """Run fn(u) for the units u = k, k + n, k + 2n, ... < units: worker k of n >= 2 workers takes its share
+    of `units` pieces of work. Static unrolling under pl.when: Triton loops need static bounds here (see
+    `_shrink_kernel`)."""
     for r in range(cdiv(units, 2)):
         u = k + r * n
 
@@ -351,8 +351,8 @@ def _spread(k, n, units: int, fn):
 def _grouped_shrink_kernel(layer_ref, *refs, dims, bk, tm, gks, sks, exact, in_kernel):
     """Program (token, module m, rank block j x part p < sks). In a tile of >= 2 tokens, each [R, bk] tile of
     A is read once for all of them and multiplied into their x rows with tl.dot; the tile's gks parts of d_in
-    are spread over its programs (p = 0 only). A lone token runs the per-token loop over part p of sks. Rank
-    blocks past the adapter's rank do nothing."""
+    are spread over its n * sks programs. A lone token runs the per-token loop over part p of sks. Rank blocks
+    past the adapter's rank do nothing."""
     *plan_refs, ranks_ref, scales_ref, a_pages_ref, x_ref, pool_ref, v_ref = refs
     i, m, q = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     j, p = q // sks, q % sks
@@ -373,7 +373,7 @@ def _grouped_shrink_kernel(layer_ref, *refs, dims, bk, tm, gks, sks, exact, in_k
                              other=0)
         return tile, col_ok
 
-    @pl.when((n >= 2) & (nrows > 0) & (p == 0))
+    @pl.when((n >= 2) & (nrows > 0))
     def _():
         ng = cdiv(n_kb, gks)
         tok_ok = jnp.arange(tm) < n
@@ -393,7 +393,9 @@ def _grouped_shrink_kernel(layer_ref, *refs, dims, bk, tm, gks, sks, exact, in_k
             acc = lax.fori_loop(0, ng, body, jnp.zeros((tm, R), jnp.float32))
             _backend.store(v_ref.at[rows, m, j, u, cols_r], acc * scale, mask=tok_ok[:, None])
 
-        _spread(k, n, gks, part)
+        # The tile's n * sks programs of this rank block share its parts (sks > 1 only for small batches, where
+        # a tile of 2-8 tokens would otherwise give each of its few programs several parts in a row).
+        _spread(p * n + k, n * sks, gks, part)
 
     @pl.when((n == 1) & (nrows > 0) & (p < sks))
     def _():
