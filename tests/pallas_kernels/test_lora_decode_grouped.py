@@ -178,3 +178,13 @@ def test_grouping_knob_is_checked():
             lc.ranks, lc.scales, np.zeros(3, np.int32))
     with pytest.raises(pk.KernelInputError, match="grouping"):
         pk.lora_decode(*args, out_sizes=(32,), grouping="bogus")
+
+
+def test_kernel_grouping_hands_large_batches_to_the_sorted_plan(monkeypatch, lora_numpy_reference):
+    """Above KERNEL_PLAN_MAX_TOKENS the in-kernel plan (a [16, T] select per program) gives way to XLA's sort."""
+    calls = []
+    plan = pallas_triton.decode_plan
+    monkeypatch.setattr(pallas_triton, "KERNEL_PLAN_MAX_TOKENS", 16)
+    monkeypatch.setattr(pallas_triton, "decode_plan", lambda *a, **k: calls.append(k) or plan(*a, **k))
+    _check(("above_max", 19, 48, (32,), 16, 2, (16,), "mixed"), "float32", "kernel", lora_numpy_reference)
+    assert calls and calls[0]["sort"] is True

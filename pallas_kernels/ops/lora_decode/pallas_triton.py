@@ -1,6 +1,11 @@
 """Pallas (Triton lowering) MBGMV: multi-adapter LoRA for decode, straight from the page pool.
 
-Two kernels, as S-LoRA/Punica do it:
+The default path is the grouped pair of kernels ("Grouped MBGMV" below): tokens that share an adapter are
+put in tiles of up to 16 that read its A and B once and multiply them in with tl.dot, while a token alone
+on its adapter runs the per-token loop described next. `grouping="none"` runs the per-token kernels for
+every token (the default before 2026-11-30).
+
+The per-token kernels, as S-LoRA/Punica do it:
   shrink  grid (T, M, RB): program (t, m, j) computes v[t, m, j*R:(j+1)*R] = scale * x[t] @ A_m
           for one rank block of token t's adapter, streaming the block's A^T tiles [R, BK] from
           the pool through `a_pages`; blocks past the token's rank run zero iterations, and rows
@@ -246,6 +251,9 @@ GROUP_TOKENS = 16
 GROUP_SPLITS = 8
 DEFAULT_GROUPING = "kernel"
 GROUPINGS = ("kernel", "sort", "runs", "none")
+# Above this many tokens "kernel" becomes "sort": every program of "kernel" loads the whole slot table and
+# selects over [16, T] of it, which grows with T, while the sort is paid once.
+KERNEL_PLAN_MAX_TOKENS = 1024
 
 
 def grouped_unsupported_reason(dims: LoraDims, bk: int, bn: int) -> str | None:
@@ -592,6 +600,8 @@ def lora_decode_pallas(
     if grouping != "none" and not fused and grouped_unsupported_reason(dims, bk, bn) is None:
         if k_splits != 1 or not expand_per_chunk:
             raise ValueError("k_splits and expand_per_chunk are knobs of the per-token kernels (grouping='none')")
+        if grouping == "kernel" and dims.num_tokens > KERNEL_PLAN_MAX_TOKENS:
+            grouping = "sort"
         gks = group_splits or GROUP_SPLITS
         sks = single_splits or default_single_splits(dims, bk)
         for name, v in (("group_splits", gks), ("single_splits", sks)):
