@@ -340,7 +340,7 @@ def lora_case(runner, op, *, T, distinct, rank, d_in, out_sizes, W, shape_name, 
 # Variant names: knobs joined by "+", each a prefix and a number; a bare flag is on, a flag followed by 0 off.
 _DECODE_KNOBS = {"fused": "fused", "ks": "k_splits", "bk": "block_k", "bn": "block_n", "w": "num_warps",
                  "ec": "expand_per_chunk", "ew": "expand_warps", "cm": "column_masks", "gs": "group_splits",
-                 "ss": "single_splits"}
+                 "ss": "single_splits", "st": "num_stages"}
 # Decode variant words that name a grouping of MBGMV (see lora_decode's `grouping`).
 _DECODE_GROUPINGS = ("kernel", "sort", "runs", "none")
 _PREFILL_KNOBS = {"pm": "shrink_per_module", "ec": "expand_per_chunk", "cm": "column_masks", "tm": "block_tokens",
@@ -350,7 +350,8 @@ _PREFILL_KNOBS = {"pm": "shrink_per_module", "ec": "expand_per_chunk", "cm": "co
 def lora_variant_kwargs(op: str, name: str, dims) -> dict:
     """Keyword arguments of the Pallas kernel for a variant name such as "none+ks2" (decode: kernel / sort /
     runs / none = MBGMV's grouping, none being the per-token kernels; gsN / ssN = parts of d_in per group tile / per
-    lone token; fused, ksN, ec (per-token kernels only: none+ks2); bkN, bnN, wN, ewN = expand warps,
+    lone token; stN = the grouped kernels' pipeline stages; fused, ksN, ec (per-token kernels only: none+ks2);
+    bkN, bnN, wN, ewN = expand warps,
     cm = per-column masks) or
     "tm128+pm0" (prefill: tmN = tokens per tile, bkN, bnN, wN, pm / ec = one shrink program per module /
     one expand program per chunk (both on by default: pm0 and ec0 turn them off), cm = per-column masks)."""
@@ -689,9 +690,10 @@ def main(argv=None):
     p.add_argument("--ops", default=None, help="comma list of ops to run (default: all)")
     p.add_argument("--lora-decode-variants", default="none,sort",
                    help="Pallas lora_decode variants timed beside the default: comma list of knobs joined by '+' "
-                        "(kernel / sort / runs / none: MBGMV's grouping, none = the per-token kernels; gsN / ssN: parts of "
-                        "d_in per group tile / lone token; fused, ksN, ec: per-token kernels, with none; bkN, "
-                        "bnN, wN warps, ewN expand warps, cm per-column masks), e.g. none,gs4,gs16,none+ks2")
+                        "(kernel / sort / runs / none: MBGMV's grouping, none = the per-token kernels; gsN / ssN: "
+                        "parts of d_in per group tile / lone token; stN: the grouped kernels' pipeline stages; "
+                        "fused, ksN, ec: per-token kernels, with none; bkN, bnN, wN warps, ewN expand warps, cm "
+                        "per-column masks), e.g. none,gs4,gs16,st3,none+ks2")
     p.add_argument("--lora-decode-cases", default=None,
                    help="lora_decode cases instead of the sweep's: comma list of T:adapters:rank:shape "
                         "(rank an int or 'mixed'; shape a key of gpu_sweep's table, e.g. qkv_gqa_W1024)")

@@ -497,13 +497,14 @@ def _grouped_expand_kernel(layer_ref, *refs, dims, bn, tm, gks, sks, exact, in_k
 
 
 def _grouped(y, x, pool, layer, a_pages, b_pages, ranks, scales, token_slot, *, dims, interpret, bk, bn, num_warps,
-             expand_warps, tm, gks, sks, grouping, column_masks):
+             expand_warps, tm, gks, sks, grouping, column_masks, num_stages=2):
     """Both grouped kernels: the plan's tables (for "sort"/"runs", XLA's sort and scans), shrink, expand."""
     plan = grouped_plan(token_slot, layer, ranks, dims=dims, tm=tm, grouping=grouping)
     kw = dict(dims=dims, interpret=interpret, tm=tm, gks=gks, sks=sks, column_masks=column_masks,
               in_kernel=grouping == "kernel")
-    v = grouped_shrink_pallas(x, pool, a_pages, scales, plan, bk=bk, num_warps=num_warps, **kw)
-    return grouped_expand_pallas(y, v, pool, b_pages, plan, bn=bn, num_warps=expand_warps, **kw)
+    v = grouped_shrink_pallas(x, pool, a_pages, scales, plan, bk=bk, num_warps=num_warps, num_stages=num_stages, **kw)
+    return grouped_expand_pallas(y, v, pool, b_pages, plan, bn=bn, num_warps=expand_warps, num_stages=num_stages,
+                                 **kw)
 
 
 def grouped_plan(token_slot, layer, ranks, *, dims, tm=GROUP_TOKENS, grouping="kernel"):
@@ -517,7 +518,7 @@ def grouped_plan(token_slot, layer, ranks, *, dims, tm=GROUP_TOKENS, grouping="k
 
 
 def grouped_shrink_pallas(x, pool, a_pages, scales, plan, *, dims, interpret, bk, tm, gks, sks, num_warps,
-                          in_kernel, column_masks=False):
+                          in_kernel, column_masks=False, num_stages=2):
     """The grouped shrink alone: v [T, M, RB, max(gks, sks), R] float32 partial sums per token, scaled (only
     the parts and rank blocks a token's tile uses are written). Public so that a benchmark can time the two
     kernels apart."""
@@ -530,21 +531,21 @@ def grouped_shrink_pallas(x, pool, a_pages, scales, plan, *, dims, interpret, bk
         grid=(T, M, RB * sks),
         in_specs=[pl.no_block_spec] * len(args),
         out_specs=pl.no_block_spec,
-        compiler_params=_backend.compiler_params(num_warps=num_warps, num_stages=2),
+        compiler_params=_backend.compiler_params(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="lora_decode_grouped_shrink",
     )(*args)
 
 
 def grouped_expand_pallas(y, v, pool, b_pages, plan, *, dims, interpret, bn, tm, gks, sks, num_warps, in_kernel,
-                          column_masks=False):
+                          column_masks=False, num_stages=2):
     """The grouped expand alone: y + v B, y aliased to the output."""
     chunks = jnp.asarray(output_chunks(dims))
     return _backend.update_in_place(
         functools.partial(_grouped_expand_kernel, dims=dims, bn=bn, tm=tm, gks=gks, sks=sks,
                           exact=column_masks or any(d % bn for d in dims.out_sizes), in_kernel=in_kernel),
         *plan, b_pages.astype(jnp.int32), chunks, v, pool, y,
-        grid=(dims.num_tokens, chunks.shape[0]), num_warps=num_warps, interpret=interpret,
+        grid=(dims.num_tokens, chunks.shape[0]), num_warps=num_warps, num_stages=num_stages, interpret=interpret,
         name="lora_decode_grouped_expand",
     )
 
@@ -567,13 +568,13 @@ def output_blocks(dims: LoraDims, bn: int) -> np.ndarray:
 
 @functools.partial(jax.jit, static_argnames=("dims", "interpret", "block_k", "block_n", "num_warps", "fused",
                                              "k_splits", "expand_per_chunk", "expand_warps", "column_masks",
-                                             "grouping", "group_splits", "single_splits"))
+                                             "grouping", "group_splits", "single_splits", "num_stages"))
 def lora_decode_pallas(
     y, x, pool, layer, a_pages, b_pages, ranks, scales, token_slot, *,
     dims: LoraDims, interpret: bool, block_k: int | None = None, block_n: int | None = None,
     num_warps: int | None = None, fused: bool = False, k_splits: int = 1, expand_per_chunk: bool = True,
     expand_warps: int | None = None, column_masks: bool = False, grouping: str | None = None,
-    group_splits: int | None = None, single_splits: int | None = None,
+    group_splits: int | None = None, single_splits: int | None = None, num_stages: int = 2,
 ):
     """Shapes as `lora_decode`. block_k / block_n are capped to the largest power of two dividing W.
     grouping: "kernel" / "sort" / "runs" (the grouped kernels: tokens sharing an adapter read it once per tile
@@ -582,6 +583,8 @@ def lora_decode_pallas(
       grouped kernels cannot take (`grouped_unsupported_reason`) use the per-token kernels.
     group_splits / single_splits (grouped kernels, powers of two): programs sharing one group tile's / one
       lone token's pass over d_in (defaults GROUP_SPLITS and `default_single_splits`).
+    num_stages (grouped kernels): the Triton pipeline depth of their loops (2, the per-token kernels' value;
+      deeper keeps more of a program's loads in flight, the open question at 256 distinct adapters).
     The knobs below apply to the per-token kernels (grouping="none"):
     fused: the one-launch variant (slower on the H200, see the module docstring).
     k_splits (a power of two): the shrink splits d_in over this many programs per rank block (shorter
@@ -610,7 +613,7 @@ def lora_decode_pallas(
         return _grouped(y, x, pool, layer, a_pages, b_pages, ranks, scales, token_slot, dims=dims,
                         interpret=interpret, bk=bk, bn=bn, num_warps=num_warps or 4,
                         expand_warps=expand_warps or num_warps or 4, tm=GROUP_TOKENS, gks=gks, sks=sks,
-                        grouping=grouping, column_masks=column_masks)
+                        grouping=grouping, column_masks=column_masks, num_stages=num_stages)
     if fused:
         # Tiles of max_rank x block rows: ~16K elements, a size the split kernel's [R, 512] tiles x 2 stages use.
         blk = max(16, 16384 // next_pow2(dims.max_rank))
