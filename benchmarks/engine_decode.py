@@ -8,7 +8,8 @@ q/k/v/o, registered from memory. For each batch size and backend: B requests are
 ``--steps`` decode steps are timed through ``engine.step()`` (host scheduling included) for
 (a) every request on its own adapter (up to ``--adapters`` distinct) and (b) no adapter at all.
 Each time is set against its memory floor: (weights + KV read + distinct adapters' bytes) / copy
-bandwidth measured in the same run. Also times an in-place pool write against a full pool copy.
+bandwidth measured in the same run (`bandwidth.measure_copy_bandwidth`: the fastest of several
+copies, beside the HBM peak). Also times an in-place pool write against a full pool copy.
 Prints a table last and writes JSON (device, jax version, date, command, numbers).
 """
 
@@ -18,6 +19,7 @@ import argparse
 import datetime
 import gc
 import json
+import os
 import sys
 import time
 
@@ -30,21 +32,12 @@ from slora_jax.adapters.synthetic import random_lora
 from slora_jax.model.init import named_config, random_params
 from slora_jax.model.random_checkpoint import tiny_llama_config
 
+# The scripts here import their shared helpers as siblings (they are run as `python benchmarks/<name>.py`).
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bandwidth import measure_copy_bandwidth  # noqa: E402
+
 RANKS = (8, 16, 32, 64)
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
-
-
-def copy_bandwidth(nbytes: int = 2 << 30) -> float:
-    """Bytes read + written per second by a device copy (x + 1)."""
-    x = jnp.ones((nbytes // 2,), jnp.bfloat16)
-    f = jax.jit(lambda a: a + 1)
-    f(x).block_until_ready()
-    ts = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        f(x).block_until_ready()
-        ts.append(time.perf_counter() - t0)
-    return 2 * nbytes / float(np.median(ts))
 
 
 def param_bytes(tree) -> int:
@@ -103,7 +96,9 @@ def main(argv=None) -> int:
     cfg = tiny_llama_config() if args.model == "tiny" else named_config(args.model)
     batches = [int(b) for b in args.batches.split(",")]
     rng = np.random.default_rng(42)
-    bw = copy_bandwidth(64 << 20 if args.model == "tiny" else 2 << 30)
+    bandwidth = measure_copy_bandwidth(64 << 20 if args.model == "tiny" else 2 << 30)
+    bw = bandwidth.bytes_per_s
+    print(bandwidth.describe(), flush=True)
     dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[args.dtype]
     t0 = time.perf_counter()
     params = random_params(cfg, dtype, seed=0)
@@ -114,7 +109,8 @@ def main(argv=None) -> int:
     results = {"device": str(dev.device_kind), "platform": dev.platform, "jax": jax.__version__,
                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "command": " ".join(["python", "benchmarks/engine_decode.py"] + (argv or sys.argv[1:])),
-               "model": cfg.name, "dtype": args.dtype, "copy_bandwidth_Bps": bw, "weight_bytes": wbytes,
+               "model": cfg.name, "dtype": args.dtype, "copy_bandwidth_Bps": bw, **bandwidth.as_dict(),
+               "weight_bytes": wbytes,
                "random_init_s": init_s, "adapters": args.adapters, "ranks": list(RANKS), "targets": list(TARGETS),
                "cases": []}
     itemsize = jnp.dtype(dtype).itemsize

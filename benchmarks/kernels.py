@@ -3,8 +3,9 @@
     python benchmarks/kernels.py --out $OUT/kernels.json [--quick] [--tune]
     python benchmarks/kernels.py --quick --cpu-smoke          # tiny shapes, interpret mode, CPU
 
-First measures the device's copy bandwidth (x + 1 over 2 GiB bf16: bytes read + written per second)
-and its bf16 matmul rate (8192^3). Then, per case, on fresh random data made on the device, both
+First measures the device's copy bandwidth (`bandwidth.measure_copy_bandwidth`: the fastest of a Pallas
+copy kernel and several XLA copies over 2 GiB, bytes read + written per second, reported beside the HBM
+peak) and its bf16 matmul rate (8192^3). Then, per case, on fresh random data made on the device, both
 backends are timed in-loop: a jitted `lax.fori_loop` of N iterations, each running the op
 CALLS_PER_ITERATION times in a row, whose carry is the op's whole output fed back as its input (y
 for LoRA, the pool for write_kv, the output as the next query for attention), so nothing can be
@@ -20,6 +21,9 @@ Sweeps (--quick trims them to fit ~4 minutes; --budget-s stops starting new case
   lora_decode   T in {1,16,64,256,512} x distinct adapters {1,8,T} x ranks {8,16,32,64,mixed},
                 H = 4096 with q/k/v fused (W = 1024 GQA and W = 4096 MHA), gate/up and down of
                 MLP widths 11008 / 14336; page tables sized for rank 64 (RB = 4), as the engine does.
+                --quick: one adapter shared by 256 tokens, 256 adapters, T = 1/2/4/8 on one adapter, 5
+                adapters for 256 tokens, and a few wider shapes; each beside the per-token kernels
+                (variant "none", the former default).
   lora_prefill  8192 tokens in 1/16/64 segments, rank 64, q/k/v: the XLA path is jax.lax.ragged_dot.
   paged_decode_attention  batch 32..256 x context 512..4096, 8 KV heads, D = 128, 32 query heads,
                 pages at random; also jax's own pallas.ops.gpu.paged_attention when importable.
@@ -35,6 +39,7 @@ import functools
 import inspect
 import json
 import math
+import os
 import sys
 import time
 import traceback
@@ -45,6 +50,10 @@ import numpy as np
 from jax import lax
 
 import pallas_kernels as pk
+
+# The scripts here import their shared helpers as siblings (they are run as `python benchmarks/<name>.py`).
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bandwidth import measure_copy_bandwidth  # noqa: E402
 from pallas_kernels.ops.lora_decode import pallas_triton as lora_decode_triton
 from pallas_kernels._checks import pow2_divisor
 from pallas_kernels.ops.lora_layout import sanitize_slots, validate_lora_args
@@ -133,11 +142,6 @@ def in_loop_seconds(step, carry, consts, target_s: float, keep_first: bool = Fal
         carry = jax.block_until_ready(loop(carry, consts, n))
         best = min(best, (time.perf_counter() - t0) / n)
     return best / calls, first
-
-
-def copy_bandwidth(nbytes: int, target_s: float) -> float:
-    x = jnp.ones((nbytes // 2,), jnp.bfloat16)
-    return 2 * nbytes / in_loop_seconds(lambda c, k: c + 1, x, (), target_s)[0]
 
 
 def matmul_rate(n: int, target_s: float) -> float:
@@ -260,7 +264,8 @@ class Runner:
                 row["speedup_vs_xla"] = row["xla_us"] / row["pallas_us"]
             if row.get("replicas") and "pallas_us" in row:  # the bytes every replica moved, per second
                 row["pallas_aggregate_GBps"] = row["replicas"] * nbytes / (row["pallas_us"] * 1e-6) / 1e9
-            for v in [k[:-3] for k in list(row) if k.startswith("pallas_") and k.endswith("_us") and k != "pallas_us"]:
+            for v in [k[:-3] for k in list(row) if k.startswith("pallas_") and k.endswith("_us") and k != "pallas_us"
+                      and "pallas_us" in row]:
                 row[f"{v[len('pallas_'):]}_speedup_vs_pallas"] = row["pallas_us"] / row[f"{v}_us"]
         except Exception as e:  # one failing case must not end the run
             row["error"] = f"{type(e).__name__}: {e}"[:2000]
@@ -275,19 +280,30 @@ class Runner:
         The check compares the backends' first outputs (the op applied once to the poisoned carry):
         relative error of each Pallas variant against XLA, measured from `base` (what the op adds to).
         """
-        out, first = {}, {}
-        for impl in ("pallas", "xla", *variants):
-            sec, first[impl] = in_loop_seconds(step_of(impl), carry + 0, consts, self.args.target_s, keep_first=True,
-                                               mesh=self.mesh)
+        out, first, failed = {}, {}, []
+        for impl in ("xla", "pallas", *variants):
+            try:
+                sec, first[impl] = in_loop_seconds(step_of(impl), carry + 0, consts, self.args.target_s,
+                                                   keep_first=True, mesh=self.mesh)
+            except Exception as e:  # a Pallas path that fails to lower must not hide the others' numbers
+                if impl == "xla":
+                    raise
+                traceback.print_exc()
+                failed.append(f"{impl}: {type(e).__name__}: {e}"[:1000])
+                continue
             out[f"{impl}_us"] = 1e6 * sec
-        out["rel_err"] = relative_error(first["pallas"], first["xla"], base=base)  # every replica's output
+        if "pallas" in first:
+            out["rel_err"] = relative_error(first["pallas"], first["xla"], base=base)  # every replica's output
         if self.mesh is not None:
             out["replicas"] = self.mesh.size
             # Replicas run the same op on the same inputs: any difference between them is a fault.
             out["replicas_differ"] = bool(any(np.any(np.asarray(f[i]) != np.asarray(f[0]))
                                               for f in first.values() for i in range(1, self.mesh.size)))
         for v in variants:
-            out[f"{v}_rel_err"] = relative_error(first[v], first["xla"], base=base)
+            if v in first:
+                out[f"{v}_rel_err"] = relative_error(first[v], first["xla"], base=base)
+        if failed:
+            out["error"] = "; ".join(failed)
         return out
 
 
@@ -323,19 +339,28 @@ def lora_case(runner, op, *, T, distinct, rank, d_in, out_sizes, W, shape_name, 
 
 # Variant names: knobs joined by "+", each a prefix and a number; a bare flag is on, a flag followed by 0 off.
 _DECODE_KNOBS = {"fused": "fused", "ks": "k_splits", "bk": "block_k", "bn": "block_n", "w": "num_warps",
-                 "ec": "expand_per_chunk", "ew": "expand_warps", "cm": "column_masks"}
+                 "ec": "expand_per_chunk", "ew": "expand_warps", "cm": "column_masks", "gs": "group_splits",
+                 "ss": "single_splits", "st": "num_stages"}
+# Decode variant words that name a grouping of MBGMV (see lora_decode's `grouping`).
+_DECODE_GROUPINGS = ("kernel", "sort", "runs", "none")
 _PREFILL_KNOBS = {"pm": "shrink_per_module", "ec": "expand_per_chunk", "cm": "column_masks", "tm": "block_tokens",
                   "bk": "block_k", "bn": "block_n", "w": "num_warps"}
 
 
 def lora_variant_kwargs(op: str, name: str, dims) -> dict:
-    """Keyword arguments of the Pallas kernel for a variant name such as "ec+bn128" (decode: fused, ksN, bkN,
-    bnN, wN, ec = one expand program per page chunk, ewN = expand warps, cm = per-column masks) or
+    """Keyword arguments of the Pallas kernel for a variant name such as "none+ks2" (decode: kernel / sort /
+    runs / none = MBGMV's grouping, none being the per-token kernels; gsN / ssN = parts of d_in per group tile / per
+    lone token; stN = the grouped kernels' pipeline stages; fused, ksN, ec (per-token kernels only: none+ks2);
+    bkN, bnN, wN, ewN = expand warps,
+    cm = per-column masks) or
     "tm128+pm0" (prefill: tmN = tokens per tile, bkN, bnN, wN, pm / ec = one shrink program per module /
     one expand program per chunk (both on by default: pm0 and ec0 turn them off), cm = per-column masks)."""
     knobs = _DECODE_KNOBS if op == "decode" else _PREFILL_KNOBS
     kw = {}
     for part in name.split("+"):
+        if op == "decode" and part in _DECODE_GROUPINGS:
+            kw["grouping"] = part
+            continue
         key = next((k for k in sorted(knobs, key=len, reverse=True) if part.startswith(k)), None)
         if key is None:
             raise SystemExit(f"unknown lora_{op} variant knob {part!r} (known: {', '.join(knobs)})")
@@ -355,11 +380,32 @@ def lora_parts(runner, op, y, consts, dims) -> dict:
     x, pool, layer, a_pages, b_pages, ranks, scales, slot = consts
     interpret = not pk._backend.on_gpu()
     if op == "decode":
+        bk = pow2_divisor(dims.width, lora_decode_triton.BLOCK_K)
+        bn = pow2_divisor(dims.width, lora_decode_triton.BLOCK_N)
+        if (lora_decode_triton.DEFAULT_GROUPING != "none"
+                and lora_decode_triton.grouped_unsupported_reason(dims, bk, bn) is None):
+            # The defaults of lora_decode_pallas's grouped path; the plan (a sort) is outside both timings.
+            tm, grouping = lora_decode_triton.GROUP_TOKENS, lora_decode_triton.DEFAULT_GROUPING
+            kw = dict(dims=dims, interpret=interpret, num_warps=4, tm=tm, gks=lora_decode_triton.GROUP_SPLITS,
+                      sks=lora_decode_triton.default_single_splits(dims, bk), in_kernel=grouping == "kernel")
+            shrink_fn = functools.partial(lora_decode_triton.grouped_shrink_pallas, bk=bk, **kw)
+            expand_fn = functools.partial(lora_decode_triton.grouped_expand_pallas, bn=bn, **kw)
+            plan = jax.jit(functools.partial(lora_decode_triton.grouped_plan, dims=dims, tm=tm, grouping=grouping))(
+                sanitize_slots(slot, dims), layer, ranks)
+
+            def shrink(c, k):
+                v = shrink_fn(c, *k)
+                return c + (jnp.sum(v) * 1e-30).astype(c.dtype)
+
+            shrink_consts = (pool, a_pages, scales, plan)
+            v = jax.jit(shrink_fn)(x, *shrink_consts)
+            s_sec, _ = in_loop_seconds(shrink, x + 0, shrink_consts, runner.args.target_s)
+            e_sec, _ = in_loop_seconds(lambda c, k: expand_fn(c, *k), y + 0, (v, pool, b_pages, plan),
+                                       runner.args.target_s)
+            return {"part_shrink_us": 1e6 * s_sec, "part_expand_us": 1e6 * e_sec}
         kw = dict(dims=dims, interpret=interpret, num_warps=4, ks=1)  # the defaults of lora_decode_pallas
-        shrink_fn = functools.partial(lora_decode_triton.shrink_pallas,
-                                      bk=pow2_divisor(dims.width, lora_decode_triton.BLOCK_K), **kw)
-        expand_fn = functools.partial(lora_decode_triton.expand_pallas,
-                                      bn=pow2_divisor(dims.width, lora_decode_triton.BLOCK_N), per_chunk=True, **kw)
+        shrink_fn = functools.partial(lora_decode_triton.shrink_pallas, bk=bk, **kw)
+        expand_fn = functools.partial(lora_decode_triton.expand_pallas, bn=bn, per_chunk=True, **kw)
         where = slot
     else:
         d = {k: v.default for k, v in inspect.signature(lora_prefill_triton.lora_prefill_pallas).parameters.items()}
@@ -557,9 +603,13 @@ def gpu_sweep(runner, quick: bool, dtype):
         decode = [(int(T), int(d), r if r == "mixed" else int(r), sh) for T, d, r, sh in
                   (c.split(":") for c in runner.args.lora_decode_cases.split(","))]
     elif quick:
-        decode = [(T, d, r, s) for s in ("qkv_gqa_W1024", "gate_up_14336") for T in (1, 256)
-                  for d in sorted({1, T}) for r in (16, "mixed")]
-        decode += [(64, 8, 16, "qkv_gqa_W1024"), (256, 256, 64, "qkv_mha_W4096")]
+        # Issue 15's cases first: one adapter shared by 256 tokens, the 256-adapter target, small batches on one
+        # adapter (T = 1..8), then a few adapters shared by many tokens in random order (the grouping's sort).
+        decode = [(256, 1, 16, "qkv_gqa_W1024"), (256, 256, 16, "qkv_gqa_W1024")]
+        decode += [(T, 1, 16, "qkv_gqa_W1024") for T in (1, 2, 4, 8)]
+        decode += [(8, 8, 16, "qkv_gqa_W1024"), (256, 5, 16, "qkv_gqa_W1024"), (64, 8, 16, "qkv_gqa_W1024")]
+        decode += [(256, 256, 64, "qkv_mha_W4096"), (256, 256, "mixed", "qkv_gqa_W1024"),
+                   (256, 1, 16, "gate_up_14336"), (256, 256, "mixed", "gate_up_14336"), (1, 1, 16, "gate_up_14336")]
     else:
         decode = [(T, d, r, s) for s in shapes for T in (1, 16, 64, 256, 512) for d in sorted({1, min(8, T), T})
                   for r in (8, 16, 32, 64, "mixed")]
@@ -587,6 +637,9 @@ def cpu_smoke(runner, dtype):
     """Tiny shapes on the CPU (Pallas in interpret mode): checks the script, not the numbers."""
     lora_case(runner, "decode", T=4, distinct=2, rank="mixed", d_in=64, out_sizes=(64, 32), W=32,
               shape_name="tiny", dtype=dtype)
+    # Tiles of one adapter (16 + 4 tokens): MBGMV's grouped path.
+    lora_case(runner, "decode", T=20, distinct=1, rank=16, d_in=64, out_sizes=(64, 32), W=32,
+              shape_name="tiny_shared", dtype=dtype)
     lora_case(runner, "prefill", T=64, distinct=2, rank=64, d_in=64, out_sizes=(32,), W=32, shape_name="tiny",
               dtype=dtype, sorted_slots=True)
     paged_case(runner, B=2, ctx=32, nq=4, nkv=2, D=16, dtype=dtype, with_jax=False)
@@ -605,7 +658,7 @@ def _fmt(v, nd=1):
 
 
 def _fmt_row(r):
-    if "error" in r:
+    if "error" in r and not any(k.endswith("_us") for k in r):
         return f"{r['op']:<24} {r['name']:<44} ERROR {r['error'][:120]}"
     if "skipped" in r:
         return f"{r['op']:<24} {r['name']:<44} skipped ({r['skipped']})"
@@ -619,7 +672,8 @@ def _fmt_row(r):
                + (" DIFFER" if r.get("replicas_differ") else "") if r.get("replicas") else "")
             + "".join(f"  {k[len('pallas_'):-3]} {_fmt(r[k])} us {_fmt(r.get(k[:-3] + '_pct_copy_bw'), 0)}% bw"
                       f" err {r.get(k[:-3] + '_rel_err', float('nan')):.1e}"
-                      for k in r if k.startswith("pallas_") and k.endswith("_us") and k != "pallas_us"))
+                      for k in r if k.startswith("pallas_") and k.endswith("_us") and k != "pallas_us")
+            + (f"  ERROR {r['error'][:300]}" if "error" in r else ""))
 
 
 def main(argv=None):
@@ -634,10 +688,12 @@ def main(argv=None):
     p.add_argument("--budget-s", type=float, default=None, help="start no new case after this many seconds")
     p.add_argument("--target-s", type=float, default=None, help="wall time of one timed loop")
     p.add_argument("--ops", default=None, help="comma list of ops to run (default: all)")
-    p.add_argument("--lora-decode-variants", default="fused",
+    p.add_argument("--lora-decode-variants", default="none,sort",
                    help="Pallas lora_decode variants timed beside the default: comma list of knobs joined by '+' "
-                        "(fused, ksN the shrink's pass over d_in split N ways, bkN, bnN, wN warps, ec one expand "
-                        "program per page chunk, ewN expand warps, cm per-column masks), e.g. fused,ec,ec+bn128")
+                        "(kernel / sort / runs / none: MBGMV's grouping, none = the per-token kernels; gsN / ssN: "
+                        "parts of d_in per group tile / lone token; stN: the grouped kernels' pipeline stages; "
+                        "fused, ksN, ec: per-token kernels, with none; bkN, bnN, wN warps, ewN expand warps, cm "
+                        "per-column masks), e.g. none,gs4,gs16,st3,none+ks2")
     p.add_argument("--lora-decode-cases", default=None,
                    help="lora_decode cases instead of the sweep's: comma list of T:adapters:rank:shape "
                         "(rank an int or 'mixed'; shape a key of gpu_sweep's table, e.g. qkv_gqa_W1024)")
@@ -665,9 +721,10 @@ def main(argv=None):
 
     dev = jax.devices()[0]
     print(f"device {dev.device_kind} ({dev.platform}), jax {jax.__version__}", flush=True)
-    bw = copy_bandwidth((4 << 20) if args.cpu_smoke else (2 << 30), args.target_s)
+    bandwidth = measure_copy_bandwidth((4 << 20) if args.cpu_smoke else (2 << 30), args.target_s)
+    bw = bandwidth.bytes_per_s
     mm = matmul_rate(256 if args.cpu_smoke else 8192, args.target_s)
-    print(f"copy bandwidth {bw / 1e9:.0f} GB/s (read + write), bf16 matmul {mm / 1e12:.1f} TFLOP/s", flush=True)
+    print(f"{bandwidth.describe()}; bf16 matmul {mm / 1e12:.1f} TFLOP/s", flush=True)
 
     # What the timing loop costs around any op (a one-element add): one iteration with one call, and one call
     # of the CALLS_PER_ITERATION in an iteration (the floor under every time here).
@@ -685,7 +742,7 @@ def main(argv=None):
         device=f"{dev.device_kind} ({dev.platform})", jax_version=jax.__version__,
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         command=" ".join([sys.executable.rsplit("/", 1)[-1]] + sys.argv), dtype=args.dtype,
-        copy_bandwidth_GBps=bw / 1e9, matmul_bf16_TFLOPs=mm / 1e12, loop_overhead_us=loop_us,
+        **bandwidth.as_dict(), matmul_bf16_TFLOPs=mm / 1e12, loop_overhead_us=loop_us,
         calls_per_iteration=CALLS_PER_ITERATION, empty_call_us=call_us, cases=runner.results,
         total_s=time.perf_counter() - runner.t_start,
     )

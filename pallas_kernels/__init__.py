@@ -5,6 +5,8 @@ Public ops (each takes `implementation=None | "xla" | "pallas"`; None = Pallas o
   lora_decode, lora_prefill, paged_decode_attention, paged_prefill_attention, prefill_attention, write_kv.
 All are plain JAX functions (jit, vmap, jax.shard_map). Under shard_map the compiled kernels work
 with check_vma on; interpret-mode Pallas (CPU) needs `check_vma=False` on jax 0.10.
+`unsupported_ops(head_dim=..., ...)` names, before any call, the ops whose Pallas kernel cannot take a
+model's shapes (and why), so an engine can reject or route them to XLA when it is built.
 Bad static inputs (shapes, dtypes, options) raise `KernelInputError` (a ValueError); traced
 indices are clipped into range (layer, page ids, lengths) or treated as "none" (slots outside
 [0, S), rows < 0), identically on every backend.
@@ -17,6 +19,7 @@ from pallas_kernels.ops.paged_decode_attention.api import paged_decode_attention
 from pallas_kernels.ops.paged_prefill_attention.api import paged_prefill_attention
 from pallas_kernels.ops.prefill_attention.api import prefill_attention
 from pallas_kernels.ops.write_kv.api import write_kv
+from pallas_kernels.support import unsupported_ops
 
 __all__ = ["KernelInputError", "lora_decode", "lora_prefill", "paged_decode_attention", "paged_prefill_attention",
-           "prefill_attention", "write_kv"]
+           "prefill_attention", "write_kv", "unsupported_ops"]

@@ -9,6 +9,7 @@ refs with non-varying grid indices and trips the check); the compiled GPU path d
 """
 
 import functools
+import pathlib
 import sys
 
 import jax
@@ -159,6 +160,33 @@ def lower_for_gpu():
 
         export_cuda(f"{op.__name__} gate/up", mlp, sd((t, 22016), bf), sd((t, 4096), bf), pool, sd((8, 2, 4, 4), i32),
                     sd((8, 2, 11, 4), i32), sd((8, 4, 2), i32), sd((8, 4, 2), f32), sd((t,), i32))
+
+    # MBGMV's groupings at the benchmark's q/k/v GQA shape, from one token (single splits) to a full batch, in
+    # bf16 and float32 (tl.dot at full precision).
+    from pallas_kernels.ops.lora_decode import pallas_triton as mbgmv
+    from pallas_kernels.ops.lora_layout import LoraDims
+
+    for grouping in ("kernel", "sort", "runs", "none"):
+        for t, dt in ((1, bf), (2, bf), (8, bf), (256, bf), (40, f32)):
+            p_ = sd((2, 64, 16, 1024), dt)
+            dims = LoraDims(num_tokens=t, d_in=4096, out_sizes=(4096, 1024, 1024), num_layers=2, num_pages=64,
+                            page_rows=16, width=1024, num_slots=8, in_chunks=4, out_chunks_max=4, rank_blocks=4)
+
+            def qkv(y, x, pool, a, b, r, s, slot, grouping=grouping, dims=dims):
+                return mbgmv.lora_decode_pallas(y, x, pool, 1, a, b, r, s, slot, dims=dims, interpret=False,
+                                                grouping=grouping)
+
+            export_cuda(f"lora_decode {grouping} T={t} {jnp.dtype(dt).name}", qkv, sd((t, 6144), dt),
+                        sd((t, 4096), dt), p_, sd((8, 3, 4, 4), i32), sd((8, 3, 4, 4), i32), sd((8, 2, 3), i32),
+                        sd((8, 2, 3), f32), sd((t,), i32))
+
+    # The copy kernel of benchmarks/bandwidth.py.
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "benchmarks"))
+    import bandwidth
+
+    for dt in (bf, jnp.uint32):
+        export_cuda(f"bandwidth copy {jnp.dtype(dt).name}", lambda x: bandwidth._pallas_copy(x, interpret=False),
+                    sd((1 << 20,), dt))
 
 
 if __name__ == "__main__":

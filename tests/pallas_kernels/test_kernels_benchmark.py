@@ -28,6 +28,11 @@ def test_cpu_smoke_with_one_replica_per_device(tmp_path):
         assert r["replicas"] == 2 and r["replicas_differ"] is False, r
         assert r["rel_err"] < 1e-4, r
         assert r["pallas_aggregate_GBps"] > 0, r
-    (decode,) = [r for r in rows if r["op"] == "lora_decode"]
-    assert decode["part_shrink_us"] > 0 and decode["part_expand_us"] > 0  # MBGMV's two kernels timed apart
-    assert "part_shrink_pct_copy_bw" not in decode  # the op's bytes are not a part's
+    decode = [r for r in rows if r["op"] == "lora_decode"]
+    assert {r["shape"] for r in decode} == {"tiny", "tiny_shared"}
+    for r in decode:
+        assert r["part_shrink_us"] > 0 and r["part_expand_us"] > 0  # MBGMV's two kernels timed apart
+        assert "part_shrink_pct_copy_bw" not in r  # the op's bytes are not a part's
+        # The per-token kernels (the former default) timed and checked beside the grouped default.
+        assert r["pallas_none_us"] > 0 and r["pallas_none_rel_err"] < 1e-4, r
+    assert report["copy_bandwidth_method"] in report["copy_bandwidth_candidates_GBps"]

@@ -78,8 +78,10 @@ def test_lora_decode_k_splits_match_dense_loop(k_splits, case, lora_numpy_refere
               k_splits=k_splits)
 
 
-@pytest.mark.parametrize("knobs", [dict(expand_per_chunk=False), dict(expand_warps=8, block_n=8),
-                                   dict(expand_per_chunk=False, expand_warps=2, block_n=8), dict(column_masks=True)],
+@pytest.mark.parametrize("knobs", [dict(expand_per_chunk=False, grouping="none"),
+                                   dict(expand_warps=8, block_n=8, grouping="none"),
+                                   dict(expand_per_chunk=False, expand_warps=2, block_n=8, grouping="none"),
+                                   dict(column_masks=True, grouping="none")],
                          ids=["expand_per_block", "expand_w8_bn8", "expand_per_block_w2_bn8", "column_masks"])
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_lora_decode_kernel_knobs_match_dense_loop(knobs, case, lora_numpy_reference):
@@ -93,7 +95,7 @@ def test_lora_decode_block_masks_on_a_partial_page_chunk(lora_numpy_reference):
     """A module of 48 columns in 32-column pages, 16-column blocks: its second chunk holds one block and
     the loop's next block lies wholly past the module (one predicate masks it, no per-column compare)."""
     case = ("partial_chunk", 3, 32, (48, 16), 32, 2, (4, 16), None)
-    _run_case("pallas", "float32", *case, seed=5, reference=lora_numpy_reference, block_n=16)
+    _run_case("pallas", "float32", *case, seed=5, reference=lora_numpy_reference, block_n=16, grouping="none")
 
 
 def test_case_packing_follows_the_page_layout():

@@ -7,6 +7,7 @@ from typing import Optional, Sequence
 import jax
 
 from pallas_kernels import _backend
+from pallas_kernels._errors import KernelInputError
 from pallas_kernels.ops.lora_decode import pallas_triton
 from pallas_kernels.ops.lora_decode.reference import lora_decode_reference
 from pallas_kernels.ops.lora_layout import sanitize_slots, validate_lora_args
@@ -29,6 +30,7 @@ def lora_decode(
     implementation: Optional[str] = None,
     fused: bool = False,
     k_splits: int = 1,
+    grouping: Optional[str] = None,
 ) -> jax.Array:
     """Add each token's LoRA delta to the base output of M fused projections (one row per token).
 
@@ -45,16 +47,29 @@ def lora_decode(
         that row is returned unchanged.
       out_sizes: static tuple of each module's output columns.
       implementation: None (Pallas on GPU, XLA elsewhere), "xla" or "pallas" (interpret mode off-GPU).
+      grouping: Pallas only: "kernel" (the default, `pallas_triton.DEFAULT_GROUPING`): tokens that share an
+        adapter slot are grouped per step into tiles of up to 16 that read the adapter's weights once, with
+        tl.dot, each program finding its tile in the slot table itself; a token alone on its adapter runs the
+        per-token loop. "sort": the same tiles from a plan XLA computes first (a stable sort of the slots).
+        "runs": tiles of consecutive tokens only (no sort; for callers that order tokens by adapter).
+        "none": the per-token kernels for every token (the former default). Every choice gives the same
+        result; they differ in speed.
       fused: Pallas only: one kernel per (token, module) instead of separate shrink and expand kernels
-        (measured slower on the H200; kept for comparison, see `pallas_triton`).
-      k_splits: Pallas split kernels only: programs that share one rank block's pass over d_in
-        (2 measured no faster on the H200 and 4 slower; 1 is the default).
+        (measured slower on the H200; kept for comparison, see `pallas_triton`). Implies grouping="none".
+      k_splits: Pallas per-token kernels only: programs that share one rank block's pass over d_in
+        (2 measured no faster on the H200 and 4 slower; 1 is the default). k_splits != 1 implies
+        grouping="none".
 
     Returns:
       [T, sum(out_sizes)] in y's dtype: y + scale * (x A) B per module, accumulated in float32.
       The Pallas path updates y in place when the caller donates it.
     """
     dims = validate_lora_args("lora_decode", y, x, pool, layer, a_pages, b_pages, ranks, scales, token_slot, out_sizes)
+    if grouping is not None and grouping not in pallas_triton.GROUPINGS:
+        raise KernelInputError(f"lora_decode: grouping must be None or one of {pallas_triton.GROUPINGS}, "
+                               f"got {grouping!r}")
+    if grouping is None and (fused or k_splits != 1):
+        grouping = "none"  # both are knobs of the per-token kernels
     impl = _backend.resolve(implementation, "lora_decode", pallas_triton.unsupported_reason(dims))
     if dims.num_tokens == 0:
         return y
@@ -63,5 +78,5 @@ def lora_decode(
         return _reference_jit(y, x, pool, layer, a_pages, b_pages, ranks, scales, token_slot, dims=dims)
     return pallas_triton.lora_decode_pallas(
         y, x, pool, layer, a_pages, b_pages, ranks, scales, token_slot, dims=dims, interpret=_backend.interpret_mode(),
-        fused=fused, k_splits=k_splits,
+        fused=fused, k_splits=k_splits, grouping=grouping,
     )

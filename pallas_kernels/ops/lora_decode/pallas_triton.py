@@ -1,6 +1,11 @@
 """Pallas (Triton lowering) MBGMV: multi-adapter LoRA for decode, straight from the page pool.
 
-Two kernels, as S-LoRA/Punica do it:
+The default path is the grouped pair of kernels ("Grouped MBGMV" below): tokens that share an adapter are
+put in tiles of up to 16 that read its A and B once and multiply them in with tl.dot, while a token alone
+on its adapter runs the per-token loop described next. `grouping="none"` runs the per-token kernels for
+every token (the default before 2026-11-30).
+
+The per-token kernels, as S-LoRA/Punica do it:
   shrink  grid (T, M, RB): program (t, m, j) computes v[t, m, j*R:(j+1)*R] = scale * x[t] @ A_m
           for one rank block of token t's adapter, streaming the block's A^T tiles [R, BK] from
           the pool through `a_pages`; blocks past the token's rank run zero iterations, and rows
@@ -41,7 +46,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import _backend
-from pallas_kernels._checks import as_index_vector, cdiv, next_pow2, pow2_divisor
+from pallas_kernels._checks import as_index_vector, cdiv, matmul_precision, next_pow2, pow2_divisor
 from pallas_kernels.ops.lora_layout import LoraDims
 
 
@@ -220,6 +225,331 @@ def _fused_kernel(layer_ref, slot_ref, ranks_ref, scales_ref, a_pages_ref, b_pag
 
 
 
+# ------------------------------------------------------------------------------------------------
+# Grouped MBGMV: tokens that share an adapter read its weights once per tile.
+#
+# A tile is up to GROUP_TOKENS tokens of one slot. The grids stay the per-token ones (one program per token and
+# module / page chunk), and a tile of n >= 2 tokens spreads its work over its n programs: in the shrink,
+# GROUP_SPLITS parts of d_in (program k of the tile does parts k, k + n, ...), in the expand, the page chunk's
+# column blocks (block k, k + n, ...). So one adapter serving the whole batch keeps as many programs busy as
+# distinct adapters do, and with distinct adapters the grids are the per-token kernels' own. v is indexed by
+# token, as in the per-token kernels.
+#
+# Where the tiles come from (`grouping`):
+#   "kernel"  every program derives its tile from the slot table itself: the k-th group of 16 among the tokens
+#             of its slot, in token order (a compare, a prefix count and a [16, T] select over the table, which
+#             sits in L2). No work outside the two kernels.
+#   "sort"    the same tiles from a plan computed first by XLA (a stable sort of the slots and a few scans):
+#             program i is the token at position i of the sorted order.
+#   "runs"    the plan without the sort: tiles are runs of consecutive tokens with one slot.
+#   "none"    the per-token kernels above, for every token.
+
+# Tokens per group tile: the smallest M that tl.dot takes.
+GROUP_TOKENS = 16
+# Parts of d_in per group tile: each writes a partial v that the expand adds up. 8 parts of a 4096-wide input
+# are 2 blocks of 256 columns per program.
+GROUP_SPLITS = 8
+DEFAULT_GROUPING = "kernel"
+GROUPINGS = ("kernel", "sort", "runs", "none")
+# Above this many tokens "kernel" becomes "sort": every program of "kernel" loads the whole slot table and
+# selects over [16, T] of it, which grows with T, while the sort is paid once.
+KERNEL_PLAN_MAX_TOKENS = 1024
+
+
+def grouped_unsupported_reason(dims: LoraDims, bk: int, bn: int) -> str | None:
+    """Why the grouped kernels (tl.dot over >= 16 on every side) cannot take these sizes, or None; the op then
+    keeps the per-token kernels, which take them."""
+    if dims.page_rows < 16:
+        return f"page_rows {dims.page_rows} < 16"
+    if min(bk, bn) < 16:
+        return f"pool width {dims.width} has no power-of-two block >= 16"
+    return None
+
+
+def default_single_splits(dims: LoraDims, bk: int) -> int:
+    """Programs per rank block for a token alone on its adapter: 1 for big batches (measured best at T = 256);
+    more at small T, where T * M programs of one serial pass over d_in leave most SMs idle and the op is one
+    long chain of dependent loads (T = 1: 12 programs of 16 loads each on q/k/v at H = 4096)."""
+    want = cdiv(128, dims.num_tokens * dims.num_modules)
+    return int(max(1, min(8, next_pow2(want), next_pow2(cdiv(dims.d_in, bk)))))
+
+
+def decode_plan(token_slot, dims: LoraDims, *, tm: int, sort: bool):
+    """Group tiles of the "sort" / "runs" groupings, computed by XLA from the slot table.
+
+    Positions i = 0..T-1 index the tokens in grouping order: order[i] is the token at position i and key[i]
+    its slot (S for "no adapter", so such tokens sort last and form tiles of rank 0). A tile starts where the
+    key changes or at a multiple of tm, and runs to the next start: it holds <= tm tokens of one slot.
+    Returns int32 arrays (order [T + tm], padded with T; key [T]; start [T]: the first position of position
+    i's tile; tile_len [T]: the size of position i's tile). Each is indexed by the program's own position, so
+    a kernel's first table loads do not wait on each other.
+    """
+    T, S = dims.num_tokens, dims.num_slots
+    pos = jnp.arange(T, dtype=jnp.int32)
+    key = jnp.where(token_slot >= 0, token_slot, S).astype(jnp.int32)
+    order = pos
+    if sort:
+        key, order = lax.sort((key, pos), num_keys=1, is_stable=True)
+    prev = jnp.concatenate([jnp.full((1,), -1, jnp.int32), key[:-1]])
+    is_start = (pos % tm == 0) | (key != prev)
+    first_start_from = lax.cummin(jnp.where(is_start, pos, T), reverse=True)
+    next_start = jnp.concatenate([first_start_from[1:], jnp.full((1,), T, jnp.int32)])
+    start = lax.cummax(jnp.where(is_start, pos, 0))
+    tile_len = (next_start - pos)[start].astype(jnp.int32)
+    return jnp.concatenate([order, jnp.full((tm,), T, jnp.int32)]), key, start, tile_len
+
+
+def kernel_plan_keys(token_slot, dims: LoraDims):
+    """The one table of the "kernel" grouping: each token's key (slot, or S for none), padded with -1 (no
+    token) to a power of two so that a program loads it whole as one Triton block."""
+    T, S = dims.num_tokens, dims.num_slots
+    key = jnp.where(token_slot >= 0, token_slot, S).astype(jnp.int32)
+    return jnp.concatenate([key, jnp.full((next_pow2(T) - T,), -1, jnp.int32)])
+
+
+def _tile(plan_refs, i, *, dims, tm, in_kernel):
+    """The program at grid index i: (t: its own token, n: its tile's size, k: its index in the tile, key,
+    members(): the tile's tokens [tm], T past n). Rows named T lie past the end: masked loads and stores never
+    touch them on the GPU, and in interpret mode a gather there clamps and a scatter there is dropped."""
+    T = dims.num_tokens
+    if in_kernel:
+        (keys_ref,) = plan_refs
+        key = keys_ref[i]
+        idx = jnp.arange(keys_ref.shape[0], dtype=jnp.int32)
+        eq = (keys_ref[...] == key).astype(jnp.int32)
+        rank_in_key = jnp.sum(jnp.where(idx < i, eq, 0))
+        first = rank_in_key // tm * tm  # rank of the tile's first token among the key's tokens
+        n = jnp.minimum(tm, jnp.sum(eq) - first)
+
+        def members():
+            before = jnp.cumsum(eq) - eq  # tokens of the key before each token
+            sel = (eq[None, :] > 0) & (before[None, :] == (first + jnp.arange(tm, dtype=jnp.int32))[:, None])
+            tok = jnp.sum(jnp.where(sel, idx[None, :], 0), axis=1)
+            return jnp.where(jnp.arange(tm) < n, tok, T)
+
+        return i, n, rank_in_key - first, key, members
+    order_ref, key_ref, start_ref, len_ref = plan_refs
+    st, n, key = start_ref[i], len_ref[i], key_ref[i]
+
+    def members():
+        return jnp.where(jnp.arange(tm) < n, order_ref[pl.ds(st, tm)], T)
+
+    return order_ref[i], n, i - st, key, members
+
+
+def _slot_rank(key, ranks_ref, layer, m, dims):
+    """Slot (clipped for table reads) and module m's rank of a tile's key (rank 0: no adapter)."""
+    s = jnp.clip(key, 0, dims.num_slots - 1)
+    rank = jnp.where((key >= 0) & (key < dims.num_slots), jnp.clip(ranks_ref[s, layer, m], 0, dims.max_rank), 0)
+    return s, rank
+
+
+def _spread(k, n, units: int, fn):
+    """Run fn(u) for the units u = k, k + n, k + 2n, ... < units: worker k of n >= 2 workers takes its share
+    of `units` pieces of work. Static unrolling under pl.when: Triton loops need static bounds here (see
+    `_shrink_kernel`)."""
+    for r in range(cdiv(units, 2)):
+        u = k + r * n
+
+        @pl.when(u < units)
+        def _():
+            fn(u)
+
+
+def _grouped_shrink_kernel(layer_ref, *refs, dims, bk, tm, gks, sks, exact, in_kernel):
+    """Program (token, module m, rank block j x part p < sks). In a tile of >= 2 tokens, each [R, bk] tile of
+    A is read once for all of them and multiplied into their x rows with tl.dot; the tile's gks parts of d_in
+    are spread over its n * sks programs. A lone token runs the per-token loop over part p of sks. Rank blocks
+    past the adapter's rank do nothing."""
+    *plan_refs, ranks_ref, scales_ref, a_pages_ref, x_ref, pool_ref, v_ref = refs
+    i, m, q = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    j, p = q // sks, q % sks
+    R, W = dims.page_rows, dims.width
+    layer = layer_ref[0]
+    t, n, k, key, members = _tile(plan_refs, i, dims=dims, tm=tm, in_kernel=in_kernel)
+    s, rank = _slot_rank(key, ranks_ref, layer, m, dims)
+    nrows = jnp.clip(rank - j * R, 0, R)
+    row_ok = (jnp.arange(R) < nrows)[:, None]
+    n_kb = cdiv(dims.d_in, bk)
+    cols_r = jnp.arange(R)[None, :]
+
+    def a_tile(k0):
+        c = jnp.minimum(k0 // W, dims.in_chunks - 1)  # a part past d_in: wholly masked below
+        page = jnp.clip(a_pages_ref[s, m, c, j], 0, dims.num_pages - 1)
+        col_ok = _backend.column_mask(k0, bk, dims.d_in, exact)
+        tile = _backend.load(pool_ref.at[layer, page, :, pl.ds(k0 - c * W, bk)], mask=row_ok & col_ok[None, :],
+                             other=0)
+        return tile, col_ok
+
+    @pl.when((n >= 2) & (nrows > 0))
+    def _():
+        ng = cdiv(n_kb, gks)
+        tok_ok = jnp.arange(tm) < n
+        rows = members()[:, None]
+        prec = matmul_precision(pool_ref.dtype)
+        scale = scales_ref[s, layer, m].astype(jnp.float32)
+
+        def part(u):
+            def body(kb, acc):
+                k0 = (u * ng + kb) * bk
+                a, col_ok = a_tile(k0)
+                xt = _backend.load(x_ref.at[rows, (k0 + jnp.arange(bk))[None, :]],
+                                   mask=tok_ok[:, None] & col_ok[None, :], other=0)
+                return acc + lax.dot_general(xt, a, (((1,), (1,)), ((), ())), precision=prec,
+                                             preferred_element_type=jnp.float32)
+
+            acc = lax.fori_loop(0, ng, body, jnp.zeros((tm, R), jnp.float32))
+            _backend.store(v_ref.at[rows, m, j, u, cols_r], acc * scale, mask=tok_ok[:, None])
+
+        # The tile's n * sks programs of this rank block share its parts (sks > 1 only for small batches, where
+        # a tile of 2-8 tokens would otherwise give each of its few programs several parts in a row).
+        _spread(p * n + k, n * sks, gks, part)
+
+    @pl.when((n == 1) & (nrows > 0) & (p < sks))
+    def _():
+        ns = cdiv(n_kb, sks)
+
+        def body(kb, acc):
+            k0 = (p * ns + kb) * bk
+            a, col_ok = a_tile(k0)
+            xk = _backend.load(x_ref.at[t, pl.ds(k0, bk)], mask=col_ok, other=0)
+            return acc + a.astype(jnp.float32) * xk.astype(jnp.float32)[None, :]
+
+        acc = lax.fori_loop(0, ns, body, jnp.zeros((R, bk), jnp.float32))
+        v_ref[t, m, j, p, :] = jnp.sum(acc, axis=1) * scales_ref[s, layer, m].astype(jnp.float32)
+
+
+def _grouped_expand_kernel(layer_ref, *refs, dims, bn, tm, gks, sks, exact, in_kernel):
+    """Program (token, page chunk of one module). In a tile of >= 2 tokens, the chunk's bn-column blocks are
+    spread over the tile's programs; per block each [R, bn] tile of B is read once and y[rows] += v @ B with
+    tl.dot. A lone token runs the per-token expand over the chunk. v of rank blocks past the rank is never
+    written by the shrink, so its loads are masked off (no bytes, and no stale values)."""
+    *plan_refs, ranks_ref, b_pages_ref, chunks_ref, v_ref, pool_ref, y_ref, o_ref = refs
+    i, b = pl.program_id(0), pl.program_id(1)
+    R = dims.page_rows
+    layer = layer_ref[0]
+    m, c, y0, ncols = (chunks_ref[b, q] for q in range(4))
+    t, n, k, key, members = _tile(plan_refs, i, dims=dims, tm=tm, in_kernel=in_kernel)
+    s, rank = _slot_rank(key, ranks_ref, layer, m, dims)
+    nb = (rank + R - 1) // R
+    blocks = range(dims.rank_blocks)  # unrolled; blocks past the rank are fully masked (no bytes)
+    n_cols = dims.width // bn
+
+    def b_tiles(q0, col_ok):
+        out = []
+        for jb in blocks:
+            page = jnp.clip(b_pages_ref[s, m, c, jb], 0, dims.num_pages - 1)
+            row_ok = (jnp.arange(R) < rank - jb * R)[:, None]
+            out.append(_backend.load(pool_ref.at[layer, page, :, pl.ds(q0, bn)], mask=row_ok & col_ok[None, :],
+                                     other=0))
+        return out
+
+    @pl.when((n >= 2) & (rank > 0) & (k < n_cols))
+    def _():
+        tok_ok = jnp.arange(tm) < n
+        rows = members()[:, None]
+        prec = matmul_precision(pool_ref.dtype)
+        cols_r = jnp.arange(R)[None, :]
+        vs = []
+        for jb in blocks:
+            ok = jnp.broadcast_to(tok_ok[:, None] & (jb < nb), (tm, R))
+            v = _backend.load(v_ref.at[rows, m, jnp.int32(jb), jnp.int32(0), cols_r], mask=ok, other=0)
+            for part in range(1, gks):
+                v = v + _backend.load(v_ref.at[rows, m, jnp.int32(jb), jnp.int32(part), cols_r], mask=ok, other=0)
+            vs.append(v.astype(pool_ref.dtype))
+
+        def column_block(u):
+            q0 = u * bn
+            col_ok = _backend.column_mask(q0, bn, ncols, exact)
+            acc = jnp.zeros((tm, bn), jnp.float32)
+            for v, w in zip(vs, b_tiles(q0, col_ok)):
+                acc = acc + lax.dot_general(v, w, (((1,), (0,)), ((), ())), precision=prec,
+                                            preferred_element_type=jnp.float32)
+            idx = (rows, (y0 + q0 + jnp.arange(bn))[None, :])
+            ok = tok_ok[:, None] & col_ok[None, :]
+            yv = _backend.load(y_ref.at[idx], mask=ok, other=0)
+            _backend.store(o_ref.at[idx], (yv.astype(jnp.float32) + acc).astype(o_ref.dtype), mask=ok)
+
+        _spread(k, n, n_cols, column_block)
+
+    @pl.when((n == 1) & (rank > 0))
+    def _():
+        vs = []
+        for jb in blocks:
+            ok = jnp.broadcast_to(jb < nb, (R,))
+            v = _backend.load(v_ref.at[t, m, jnp.int32(jb), jnp.int32(0), :], mask=ok, other=0)
+            for part in range(1, sks):
+                v = v + _backend.load(v_ref.at[t, m, jnp.int32(jb), jnp.int32(part), :], mask=ok, other=0)
+            vs.append(v[:, None])
+
+        def body(qi, carry):
+            q0 = qi * bn
+            col_ok = _backend.column_mask(q0, bn, ncols, exact)
+            acc = jnp.zeros((R, bn), jnp.float32)
+            for v, w in zip(vs, b_tiles(q0, col_ok)):
+                acc = acc + v * w.astype(jnp.float32)
+            yv = _backend.load(y_ref.at[t, pl.ds(y0 + q0, bn)], mask=col_ok, other=0)
+            out = yv.astype(jnp.float32) + jnp.sum(acc, axis=0)
+            _backend.store(o_ref.at[t, pl.ds(y0 + q0, bn)], out.astype(o_ref.dtype), mask=col_ok)
+            return carry
+
+        lax.fori_loop(0, n_cols, body, 0)
+
+
+def _grouped(y, x, pool, layer, a_pages, b_pages, ranks, scales, token_slot, *, dims, interpret, bk, bn, num_warps,
+             expand_warps, tm, gks, sks, grouping, column_masks, num_stages=2):
+    """Both grouped kernels: the plan's tables (for "sort"/"runs", XLA's sort and scans), shrink, expand."""
+    plan = grouped_plan(token_slot, layer, ranks, dims=dims, tm=tm, grouping=grouping)
+    kw = dict(dims=dims, interpret=interpret, tm=tm, gks=gks, sks=sks, column_masks=column_masks,
+              in_kernel=grouping == "kernel")
+    v = grouped_shrink_pallas(x, pool, a_pages, scales, plan, bk=bk, num_warps=num_warps, num_stages=num_stages, **kw)
+    return grouped_expand_pallas(y, v, pool, b_pages, plan, bn=bn, num_warps=expand_warps, num_stages=num_stages,
+                                 **kw)
+
+
+def grouped_plan(token_slot, layer, ranks, *, dims, tm=GROUP_TOKENS, grouping="kernel"):
+    """The operands both grouped kernels read first: (layer [1], the grouping's tables..., ranks), int32."""
+    layer_v = jnp.clip(as_index_vector(layer), 0, dims.num_layers - 1)
+    if grouping == "kernel":
+        tables = (kernel_plan_keys(token_slot, dims),)
+    else:
+        tables = decode_plan(token_slot, dims, tm=tm, sort=grouping == "sort")
+    return (layer_v, *tables, ranks.astype(jnp.int32))
+
+
+def grouped_shrink_pallas(x, pool, a_pages, scales, plan, *, dims, interpret, bk, tm, gks, sks, num_warps,
+                          in_kernel, column_masks=False, num_stages=2):
+    """The grouped shrink alone: v [T, M, RB, max(gks, sks), R] float32 partial sums per token, scaled (only
+    the parts and rank blocks a token's tile uses are written). Public so that a benchmark can time the two
+    kernels apart."""
+    T, M, RB, R = dims.num_tokens, dims.num_modules, dims.rank_blocks, dims.page_rows
+    args = _backend.kernel_operands(*plan, scales.astype(jnp.float32), a_pages.astype(jnp.int32), x, pool)
+    return pl.pallas_call(
+        functools.partial(_grouped_shrink_kernel, dims=dims, bk=bk, tm=tm, gks=gks, sks=sks,
+                          exact=column_masks or dims.d_in % bk != 0, in_kernel=in_kernel),
+        out_shape=_backend.output_struct((T, M, RB, max(gks, sks), R), jnp.float32, args[0]),
+        grid=(T, M, RB * sks),
+        in_specs=[pl.no_block_spec] * len(args),
+        out_specs=pl.no_block_spec,
+        compiler_params=_backend.compiler_params(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name="lora_decode_grouped_shrink",
+    )(*args)
+
+
+def grouped_expand_pallas(y, v, pool, b_pages, plan, *, dims, interpret, bn, tm, gks, sks, num_warps, in_kernel,
+                          column_masks=False, num_stages=2):
+    """The grouped expand alone: y + v B, y aliased to the output."""
+    chunks = jnp.asarray(output_chunks(dims))
+    return _backend.update_in_place(
+        functools.partial(_grouped_expand_kernel, dims=dims, bn=bn, tm=tm, gks=gks, sks=sks,
+                          exact=column_masks or any(d % bn for d in dims.out_sizes), in_kernel=in_kernel),
+        *plan, b_pages.astype(jnp.int32), chunks, v, pool, y,
+        grid=(dims.num_tokens, chunks.shape[0]), num_warps=num_warps, num_stages=num_stages, interpret=interpret,
+        name="lora_decode_grouped_expand",
+    )
+
+
 def output_chunks(dims: LoraDims) -> np.ndarray:
     """Static table of y's page chunks: rows (module, chunk, y column, valid columns)."""
     return np.asarray([(m, c, off + c * dims.width, min(dims.width, d_out - c * dims.width))
@@ -237,14 +567,25 @@ def output_blocks(dims: LoraDims, bn: int) -> np.ndarray:
 
 
 @functools.partial(jax.jit, static_argnames=("dims", "interpret", "block_k", "block_n", "num_warps", "fused",
-                                             "k_splits", "expand_per_chunk", "expand_warps", "column_masks"))
+                                             "k_splits", "expand_per_chunk", "expand_warps", "column_masks",
+                                             "grouping", "group_splits", "single_splits", "num_stages"))
 def lora_decode_pallas(
     y, x, pool, layer, a_pages, b_pages, ranks, scales, token_slot, *,
     dims: LoraDims, interpret: bool, block_k: int | None = None, block_n: int | None = None,
     num_warps: int | None = None, fused: bool = False, k_splits: int = 1, expand_per_chunk: bool = True,
-    expand_warps: int | None = None, column_masks: bool = False,
+    expand_warps: int | None = None, column_masks: bool = False, grouping: str | None = None,
+    group_splits: int | None = None, single_splits: int | None = None, num_stages: int = 2,
 ):
     """Shapes as `lora_decode`. block_k / block_n are capped to the largest power of two dividing W.
+    grouping: "kernel" / "sort" / "runs" (the grouped kernels: tokens sharing an adapter read it once per tile
+      of GROUP_TOKENS; see "Grouped MBGMV" above for where the tiles come from) or "none" (the per-token
+      kernels); default DEFAULT_GROUPING. Sizes the
+      grouped kernels cannot take (`grouped_unsupported_reason`) use the per-token kernels.
+    group_splits / single_splits (grouped kernels, powers of two): programs sharing one group tile's / one
+      lone token's pass over d_in (defaults GROUP_SPLITS and `default_single_splits`).
+    num_stages (grouped kernels): the Triton pipeline depth of their loops (2, the per-token kernels' value;
+      deeper keeps more of a program's loads in flight, the open question at 256 distinct adapters).
+    The knobs below apply to the per-token kernels (grouping="none"):
     fused: the one-launch variant (slower on the H200, see the module docstring).
     k_splits (a power of two): the shrink splits d_in over this many programs per rank block (shorter
     loops, more loads in flight); the expand sums their partial products. On the H200, 2 ran within 2% of
@@ -254,6 +595,25 @@ def lora_decode_pallas(
     expand_warps: the expand's warps (default: num_warps).
     column_masks: mask every block's columns one by one even where sizes are multiples of the blocks (the
       kernels before 2026-11-28's change, kept to measure it: see `_backend.column_mask`)."""
+    grouping = grouping or DEFAULT_GROUPING
+    if grouping not in GROUPINGS:
+        raise ValueError(f"grouping must be one of {GROUPINGS}, got {grouping!r}")
+    bk = pow2_divisor(dims.width, block_k or BLOCK_K)
+    bn = pow2_divisor(dims.width, block_n or BLOCK_N)
+    if grouping != "none" and not fused and grouped_unsupported_reason(dims, bk, bn) is None:
+        if k_splits != 1 or not expand_per_chunk:
+            raise ValueError("k_splits and expand_per_chunk are knobs of the per-token kernels (grouping='none')")
+        if grouping == "kernel" and dims.num_tokens > KERNEL_PLAN_MAX_TOKENS:
+            grouping = "sort"
+        gks = group_splits or GROUP_SPLITS
+        sks = single_splits or default_single_splits(dims, bk)
+        for name, v in (("group_splits", gks), ("single_splits", sks)):
+            if v < 1 or v & (v - 1):
+                raise ValueError(f"{name} must be a power of two, got {v}")
+        return _grouped(y, x, pool, layer, a_pages, b_pages, ranks, scales, token_slot, dims=dims,
+                        interpret=interpret, bk=bk, bn=bn, num_warps=num_warps or 4,
+                        expand_warps=expand_warps or num_warps or 4, tm=GROUP_TOKENS, gks=gks, sks=sks,
+                        grouping=grouping, column_masks=column_masks, num_stages=num_stages)
     if fused:
         # Tiles of max_rank x block rows: ~16K elements, a size the split kernel's [R, 512] tiles x 2 stages use.
         blk = max(16, 16384 // next_pow2(dims.max_rank))
