@@ -249,7 +249,10 @@ GROUP_TOKENS = 16
 # Parts of d_in per group tile: each writes a partial v that the expand adds up. 8 parts of a 4096-wide input
 # are 2 blocks of 256 columns per program.
 GROUP_SPLITS = 8
-DEFAULT_GROUPING = "kernel"
+# The per-token kernels: on the H200 (2026-11-30, kernels-v2-quick-2026-11-30.json) the grouped "kernel"
+# grouping took 102.7 us where they take 63.3 (256 tokens on 256 adapters, the many-adapter case the engine
+# serves most) and 32.0 against 43.5 with one shared adapter. The groupings stay as knobs.
+DEFAULT_GROUPING = "none"
 GROUPINGS = ("kernel", "sort", "runs", "none")
 # Above this many tokens "kernel" becomes "sort": every program of "kernel" loads the whole slot table and
 # selects over [16, T] of it, which grows with T, while the sort is paid once.
