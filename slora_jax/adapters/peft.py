@@ -14,6 +14,7 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -296,6 +297,75 @@ def _parse_tensor_name(name: str, model_config: ModelConfig) -> tuple[str, str, 
     return key, prefix, layer, module, m.group("ab")
 
 
+@dataclass
+class TensorPair:
+    """The lora_A / lora_B tensors of one adapted projection in one layer, as the config and file agree."""
+
+    key: str  # peft's module key, e.g. 'model.layers.3.self_attn.q_proj'
+    layer: int
+    module: str
+    rank: int
+    alpha: float
+    a: str  # tensor name of lora_A.weight [rank, d_in]
+    b: str  # tensor name of lora_B.weight [d_out, rank]
+
+
+def match_tensors(tensors: dict, cfg: dict, model_config: ModelConfig, max_rank: int,
+                  weights_path: Path, targets: Optional[dict] = None) -> list[TensorPair]:
+    """Check a weights file's tensors ({name: (dtype tag, shape)}) against the normalised config ``cfg``
+    and the base model: every targeted projection has lora_A and lora_B of the config's rank, nothing
+    else is there. Returns the pairs in MODULES order, then by layer; raises AdapterError otherwise.
+    ``targets``: ``config_ranks(cfg, model_config)`` when already known (it is the costly part)."""
+    found: dict[tuple[int, str], dict] = {}
+    prefixes = set()
+    # LoRA tensors first, so an adapter on lm_head is reported as that, not as its saved base weight.
+    for tname in sorted(tensors, key=lambda n: ".lora_" not in n):
+        key, prefix, layer, module, ab = _parse_tensor_name(tname, model_config)
+        prefixes.add(prefix)
+        found.setdefault((layer, module), {"key": key})[ab] = tname
+    if not found:
+        raise AdapterError(f"{weights_path} holds no LoRA weights")
+    if len(prefixes) > 1:
+        raise AdapterError(f"{weights_path} mixes module paths {sorted(prefixes)}")
+    prefix = prefixes.pop()
+    if targets is not None and prefix == "model.":
+        expected = {lm: key for lm, (key, _, _) in targets.items()}
+    else:
+        expected = _config_targets(cfg, model_config, prefix)
+    for lm, entry in sorted(found.items()):
+        if lm not in expected:
+            raise AdapterError(f"{weights_path.name} has LoRA weights for {entry['key']!r}, which "
+                               f"{CONFIG_FILE} does not target")
+        for ab in "AB":
+            if ab not in entry:
+                raise AdapterError(f"{weights_path.name} has no lora_{ab} weight for {entry['key']!r}")
+    missing = [k for lm, k in expected.items() if lm not in found]
+    if missing:
+        raise AdapterError(f"{CONFIG_FILE} targets {missing[0]!r} but {weights_path.name} has no weights for it"
+                           + (f" (nor for {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    pairs = []
+    for (layer, module), entry in sorted(found.items(), key=lambda kv: (MODULES.index(kv[0][1]), kv[0][0])):
+        key = entry["key"]
+        rank, alpha = _rank_alpha(cfg, key) if targets is None else targets[(layer, module)][1:]
+        _check_rank(rank, f"rank of {key}", max_rank)
+        _check_alpha(alpha, f"alpha of {key}")
+        d_in, d_out = model_config.module_dims(module)
+        a_shape, b_shape = tuple(tensors[entry["A"]][1]), tuple(tensors[entry["B"]][1])
+        if a_shape != (rank, d_in):
+            raise AdapterError(f"tensor {entry['A']!r} has shape {list(a_shape)}, expected {[rank, d_in]} "
+                               f"(r={rank}, {module} in_features={d_in})")
+        if b_shape != (d_out, rank):
+            raise AdapterError(f"tensor {entry['B']!r} has shape {list(b_shape)}, expected {[d_out, rank]} "
+                               f"({module} out_features={d_out}, r={rank})")
+        pairs.append(TensorPair(key, layer, module, rank, alpha, entry["A"], entry["B"]))
+    return pairs
+
+
+def module_scale(cfg: dict, rank: int, alpha: float) -> float:
+    """The factor peft multiplies B A x by: alpha/r, or alpha/sqrt(r) with use_rslora."""
+    return _scale(cfg, rank, alpha)
+
+
 def load_peft_adapter(adapter_dir, model_config: ModelConfig, max_rank: int, name: str) -> LoraWeights:
     """Load and validate a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors) into host float32.
 
@@ -309,62 +379,39 @@ def load_peft_adapter(adapter_dir, model_config: ModelConfig, max_rank: int, nam
     weights_path = path / WEIGHTS_FILE
 
     with open_safetensors(weights_path, error=AdapterError) as f:
-        found: dict[tuple[int, str], dict] = {}
-        prefixes = set()
-        # LoRA tensors first, so an adapter on lm_head is reported as that, not as its saved base weight.
-        for tname in sorted(f.tensors, key=lambda n: ".lora_" not in n):
-            key, prefix, layer, module, ab = _parse_tensor_name(tname, model_config)
-            prefixes.add(prefix)
-            found.setdefault((layer, module), {"key": key})[ab] = tname
-        if not found:
-            raise AdapterError(f"{weights_path} holds no LoRA weights")
-        if len(prefixes) > 1:
-            raise AdapterError(f"{weights_path} mixes module paths {sorted(prefixes)}")
-        expected = _config_targets(cfg, model_config, prefixes.pop())
-        for lm, entry in sorted(found.items()):
-            if lm not in expected:
-                raise AdapterError(f"{weights_path.name} has LoRA weights for {entry['key']!r}, which "
-                                   f"{CONFIG_FILE} does not target")
-            for ab in "AB":
-                if ab not in entry:
-                    raise AdapterError(f"{weights_path.name} has no lora_{ab} weight for {entry['key']!r}")
-        missing = [k for lm, k in expected.items() if lm not in found]
-        if missing:
-            raise AdapterError(f"{CONFIG_FILE} targets {missing[0]!r} but {weights_path.name} has no weights for it"
-                               + (f" (nor for {len(missing) - 1} more)" if len(missing) > 1 else ""))
-
-        max_r = max(_check_rank(_rank_alpha(cfg, e["key"])[0], f"rank of {e['key']}", max_rank)
-                    for e in found.values())
+        pairs = match_tensors(f.tensors, cfg, model_config, max_rank, weights_path)
+        max_r = max(p.rank for p in pairs)
         L = model_config.num_layers
         modules: dict[str, ModuleLora] = {}
-        for (layer, module), entry in sorted(found.items(), key=lambda kv: (MODULES.index(kv[0][1]), kv[0][0])):
-            key = entry["key"]
-            rank, alpha = _rank_alpha(cfg, key)
-            _check_rank(rank, f"rank of {key}", max_rank)
-            _check_alpha(alpha, f"alpha of {key}")
-            d_in, d_out = model_config.module_dims(module)
-            a_shape, b_shape = f.tensors[entry["A"]].shape, f.tensors[entry["B"]].shape
-            if a_shape != (rank, d_in):
-                raise AdapterError(f"tensor {entry['A']!r} has shape {list(a_shape)}, expected {[rank, d_in]} "
-                                   f"(r={rank}, {module} in_features={d_in})")
-            if b_shape != (d_out, rank):
-                raise AdapterError(f"tensor {entry['B']!r} has shape {list(b_shape)}, expected {[d_out, rank]} "
-                                   f"({module} out_features={d_out}, r={rank})")
-            a = np.asarray(f.get(entry["A"]), dtype=np.float32)
-            b = np.asarray(f.get(entry["B"]), dtype=np.float32)
-            for tname, t in ((entry["A"], a), (entry["B"], b)):
+        for p in pairs:
+            d_in, d_out = model_config.module_dims(p.module)
+            a = np.asarray(f.get(p.a), dtype=np.float32)
+            b = np.asarray(f.get(p.b), dtype=np.float32)
+            for tname, t in ((p.a, a), (p.b, b)):
                 if not np.isfinite(t).all():
                     raise AdapterError(f"tensor {tname!r} has non-finite values (NaN or Inf)")
-            if module not in modules:
-                modules[module] = ModuleLora(a=np.zeros((L, max_r, d_in), np.float32),
-                                             b=np.zeros((L, max_r, d_out), np.float32),
-                                             ranks=np.zeros((L,), np.int32), scales=np.zeros((L,), np.float32))
-            ml = modules[module]
-            ml.a[layer, :rank] = a
-            ml.b[layer, :rank] = b.T
-            ml.ranks[layer] = rank
-            ml.scales[layer] = _scale(cfg, rank, alpha)
+            if p.module not in modules:
+                modules[p.module] = ModuleLora(a=np.zeros((L, max_r, d_in), np.float32),
+                                               b=np.zeros((L, max_r, d_out), np.float32),
+                                               ranks=np.zeros((L,), np.int32), scales=np.zeros((L,), np.float32))
+            ml = modules[p.module]
+            ml.a[p.layer, :p.rank] = a
+            ml.b[p.layer, :p.rank] = b.T
+            ml.ranks[p.layer] = p.rank
+            ml.scales[p.layer] = _scale(cfg, p.rank, p.alpha)
 
     targets = tuple(m for m in MODULES if m in modules)
     return LoraWeights(name=name, path=str(path), modules={m: modules[m] for m in targets}, rank=max_r,
                        target_modules=targets, config=raw)
+
+
+def validated_config(adapter_dir, model_config: ModelConfig, max_rank: int) -> tuple[dict, dict]:
+    """(adapter_config.json as saved, the same with peft's defaults filled in), validated against the base
+    model and the rank limit; AdapterError says what is wrong."""
+    return _validated_config(adapter_dir, model_config, max_rank)
+
+
+def config_ranks(cfg: dict, model_config: ModelConfig) -> dict[tuple[int, str], tuple[str, int, float]]:
+    """(layer, module) -> (module key, rank, alpha) of every projection a normalised config adapts: what the
+    weights file must hold, known without reading it."""
+    return {lm: (key, *_rank_alpha(cfg, key)) for lm, key in _config_targets(cfg, model_config).items()}

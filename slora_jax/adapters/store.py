@@ -9,7 +9,10 @@ Loads are split in two so that prefetch really overlaps compute: ``prefetch`` al
 and *stages* the weights (an asynchronous host->device copy into a buffer of their own), and the first
 ``acquire`` *commits* them (a device-side scatter into the pool). Had the copy gone straight into the pool,
 the step dispatched right after it would wait for the copy, since every step reads the pool. An adapter
-that is not in host memory is read from disk on a background thread when prefetched.
+that is not in host memory is read from disk by a pool of reader threads (``adapters.reader``: straight
+into the page-tile layout), never on the engine's thread: a request whose adapter is being read waits while
+the rest of the batch runs, and ``read_ahead`` starts the reads for requests further down the queue. A read
+that fails marks its adapter failed: its requests get an AdapterError naming the reason, the others go on.
 
 Every load is logged (``load_log``): who issued it (prefetch or the admission that needed it), at which
 scheduling step, the step that needed it, and how long that step waited for it.
@@ -17,6 +20,7 @@ scheduling step, the step that needed it, and how long that step waited for it.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -28,7 +32,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from slora_jax.adapters.paging import AdapterTables, PagedAdapter, page_adapter
-from slora_jax.adapters.peft import load_peft_adapter, read_adapter_config
+from slora_jax.adapters.reader import AdapterPlan, plan_adapter, read_paged_adapter
 from slora_jax.config import EngineConfig, ModelConfig
 from slora_jax.errors import AdapterError, UnknownAdapterError
 from slora_jax.memory.pool import ADAPTER, PoolLayout, UnifiedPagePool
@@ -43,7 +47,7 @@ class LoadEvent:
     nbytes: int
     issued_step: int  # scheduling step during which the copy was started
     prefetched: bool  # started by prefetch (True) or by the admission that needed it (False)
-    read_s: float = 0.0  # disk -> host time spent on the engine thread for this load (0 when in host memory)
+    read_s: float = 0.0  # time the engine thread waited for this load's disk read (0 when in host memory)
     needed_step: Optional[int] = None  # step of the first acquire after the load; None while unused
     ready_when_needed: Optional[bool] = None  # the copy had completed when that step began
     wait_s: float = 0.0  # time that step waited for the copy to complete
@@ -81,9 +85,16 @@ class _Record:
     shared_id: Optional[int] = None  # id() of the LoraWeights whose host copy it shares
     staged: object = None  # device copy of the tiles not yet written into the pool
     pending: Optional[LoadEvent] = None  # the load whose first use is still to come
+    plan: Optional[AdapterPlan] = None  # page layout from the config (registered from a folder)
 
 
 _LOG_MAX = 100_000
+
+
+def default_read_workers() -> int:
+    """Reader threads when the config names none: reads are bound by memory copies that release the GIL,
+    so one per core helps, up to where the page cache's bandwidth is shared out."""
+    return max(1, min(8, os.cpu_count() or 1))
 
 
 def _default_stage(device=None) -> Callable:
@@ -133,15 +144,22 @@ class AdapterStore:
         self._free_slots = list(range(tables.num_slots - 1, -1, -1))
         self._lock = threading.RLock()  # registration may come from server threads
         self._reader: Optional[ThreadPoolExecutor] = None
-        self._reading: dict[str, Future] = {}
-        self._read_failed: set[str] = set()
+        self._read_workers = int(getattr(econf, "adapter_read_workers", None) or default_read_workers())
+        self._reading: dict[str, tuple[_Record, Future]] = {}
+        self._read_failed: dict[str, str] = {}  # name -> why its read failed
+        self._stats_lock = threading.Lock()  # reader threads update the read counters
+        self._reads_active = 0
+        self._reads_mark = 0.0
         self.step = 0
         self.busy = True  # set by the scheduler: whether the step being scheduled has other work
         self.load_log: list[LoadEvent] = []  # the most recent loads (older ones are dropped past _LOG_MAX)
         self._log_dropped = 0
         self.counters = {"loads": 0, "evictions": 0, "load_bytes": 0, "host_loads": 0, "host_evictions": 0,
                          "prefetch_loads": 0, "prefetch_unused": 0, "hidden_loads": 0, "load_wait_s": 0.0,
-                         "load_read_s": 0.0}
+                         # Disk reads, on any thread: seconds summed over reads, bytes, count, failures, wall
+                         # time with at least one read under way, and throughput (aggregate and per reader).
+                         "load_read_s": 0.0, "read_bytes": 0, "reads": 0, "read_failures": 0,
+                         "read_wall_s": 0.0, "read_gbps": 0.0, "read_gbps_per_reader": 0.0}
 
     # ------------------------------------------------------------------ registration
     def register(self, name: str, path, lazy: bool = False) -> AdapterInfo:
@@ -149,11 +167,11 @@ class AdapterStore:
         with self._lock:
             self._check_name(name)
         path = str(Path(path).expanduser())
-        config = read_adapter_config(path, self.cfg, self.econf.max_lora_rank)
-        rec = _Record(name=name, path=path, config=config)
+        plan = plan_adapter(path, self.cfg, self.layout, self.econf.max_lora_rank)
+        rec = _Record(name=name, path=path, config=plan.config, plan=plan, rank=plan.rank, ranks=dict(plan.ranks),
+                      targets=plan.targets, num_pages=plan.num_pages)
         if not lazy:
-            paged, lora = self._read(rec)
-            self._describe(rec, lora, paged)
+            paged = self._read(rec)  # on the caller's thread: it waits for the result anyway
         with self._lock:
             self._check_name(name)
             self._records[name] = rec
@@ -208,8 +226,8 @@ class AdapterStore:
                     del self._shared[sid]
                 else:
                     self._shared[sid] = (entry[0], entry[1], entry[2] - 1)
-            self._reading.pop(name, None)
-            self._read_failed.discard(name)
+            self._reading.pop(name, None)  # a read under way finishes unseen: its result is dropped
+            self._read_failed.pop(name, None)
             del self._records[name]
 
     def __contains__(self, name: str) -> bool:
@@ -242,16 +260,14 @@ class AdapterStore:
         return slot
 
     def pages_needed(self, name: str, resident_too: bool = False) -> int:
-        """Pages a load would take now (0 when already resident, unless ``resident_too``).
-        May read the adapter from disk the first time."""
+        """Pages a load would take now (0 when already resident, unless ``resident_too``); known from the
+        config, so nothing is read. AdapterError if the adapter's read failed."""
         with self._lock:  # request threads call this while the engine thread may evict
             rec = self._get(name)
+            self._raise_if_failed(name)
             if rec.slot is not None:
                 return int(rec.pages.size) if resident_too else 0
-            if rec.num_pages is not None:
-                return rec.num_pages
-        self._host_get(rec)  # reads from disk outside the lock
-        return rec.num_pages
+            return rec.num_pages
 
     def ready_for_use(self, name: str) -> bool:
         """Resident, and its copy (if any is still pending) was started in an earlier step."""
@@ -261,6 +277,30 @@ class AdapterStore:
     def reading(self, name: str) -> bool:
         """A background disk read of ``name`` is under way."""
         return name in self._reading
+
+    def failed(self, name: str) -> Optional[str]:
+        """Why the adapter's read failed, or None."""
+        return self._read_failed.get(name)
+
+    def read_ahead(self, names) -> int:
+        """Start background reads of the adapters among ``names`` (in order) that are neither in host memory
+        nor being read, while the bytes being read stay within half the host cache (so reading ahead never
+        evicts what was read for sooner use). Returns how many reads it started."""
+        started = 0
+        with self._lock:
+            inflight = sum(self._plan_bytes(rec) for rec, _ in self._reading.values())
+            for name in dict.fromkeys(names):
+                rec = self._records.get(name)
+                if (rec is None or rec.slot is not None or name in self._host or name in self._reading
+                        or name in self._read_failed or rec.plan is None):
+                    continue
+                size = self._plan_bytes(rec)
+                if inflight + size > self.econf.host_cache_bytes // 2 and inflight:
+                    break
+                self._read_async(rec)
+                inflight += size
+                started += 1
+        return started
 
     def evictable_pages(self, exclude: set = frozenset()) -> int:
         return sum(int(r.pages.size) for r in self._resident.values() if r.refcount == 0 and r.name not in exclude)
@@ -293,6 +333,7 @@ class AdapterStore:
         background thread now, stage it on a later call. True if a device copy was started."""
         with self._lock:
             rec = self._get(name)
+            self._raise_if_failed(name)
             if rec.slot is not None:
                 return False
             paged = self._host.get(name)
@@ -336,6 +377,7 @@ class AdapterStore:
         return self.pool.free_pages >= pages_wanted and bool(self._free_slots)
 
     def _load(self, rec: _Record, evict: bool, prefetched: bool) -> bool:
+        self._raise_if_failed(rec.name)
         read_s = 0.0
         paged = self._host.get(rec.name)
         if paged is None:
@@ -367,7 +409,6 @@ class AdapterStore:
             self._log_dropped += cut
         self.counters["loads"] += 1
         self.counters["load_bytes"] += paged.nbytes
-        self.counters["load_read_s"] += read_s
         if prefetched:
             self.counters["prefetch_loads"] += 1
         return True
@@ -431,25 +472,70 @@ class AdapterStore:
         }
 
     # ------------------------------------------------------------------ host tier
-    def _read(self, rec: _Record):
-        lora = load_peft_adapter(rec.path, self.cfg, self.econf.max_lora_rank, rec.name)
-        paged = page_adapter(lora, self.cfg, self.layout, self.econf.max_lora_rank, self._dtype)
-        paged.tiles = self._to_host(paged.tiles)
-        with self._lock:
-            self.counters["host_loads"] += 1
-        return paged, lora
+    def _read(self, rec: _Record) -> PagedAdapter:
+        """Read ``rec``'s weights file into host tiles (pinned host memory on GPU); any thread. Raises
+        AdapterError saying why it failed."""
+        t0 = self._read_begins()
+        nbytes = 0
+        try:
+            paged, nbytes = read_paged_adapter(rec.plan, self.cfg, self.layout, self.econf.max_lora_rank, self._dtype)
+            paged.tiles = self._to_host(paged.tiles)
+            block = getattr(paged.tiles, "block_until_ready", None)
+            if block is not None:
+                block()  # the copy into pinned memory is part of the read, not of the engine's step
+        except AdapterError:
+            self._read_ends(t0, nbytes, failed=True)
+            raise
+        except Exception as e:  # an I/O or memory error: this adapter fails, with what happened
+            self._read_ends(t0, nbytes, failed=True)
+            raise AdapterError(f"reading adapter {rec.name!r} from {rec.path} failed: {type(e).__name__}: {e}") from e
+        self._read_ends(t0, nbytes, failed=False)
+        return paged
+
+    def _read_begins(self) -> float:
+        now = time.perf_counter()
+        with self._stats_lock:
+            if self._reads_active:
+                self.counters["read_wall_s"] += now - self._reads_mark
+            self._reads_mark = now
+            self._reads_active += 1
+        return now
+
+    def _read_ends(self, t0: float, nbytes: int, failed: bool) -> None:
+        now = time.perf_counter()
+        c = self.counters
+        with self._stats_lock:
+            c["read_wall_s"] += now - self._reads_mark
+            self._reads_mark = now
+            self._reads_active -= 1
+            c["load_read_s"] += now - t0
+            c["read_bytes"] += nbytes
+            c["reads"] += 1
+            c["host_loads"] += 0 if failed else 1
+            c["read_failures"] += 1 if failed else 0
+            c["read_gbps"] = c["read_bytes"] / c["read_wall_s"] / 1e9 if c["read_wall_s"] else 0.0
+            c["read_gbps_per_reader"] = c["read_bytes"] / c["load_read_s"] / 1e9 if c["load_read_s"] else 0.0
+
+    def _plan_bytes(self, rec: _Record) -> int:
+        return (rec.num_pages or 0) * self.layout.bytes_per_page(np.dtype(self._dtype).itemsize)
 
     def _read_async(self, rec: _Record) -> None:
         if rec.name in self._reading or rec.in_memory or rec.name in self._read_failed:
             return
         if self._reader is None:
-            self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-read")
-        self._reading[rec.name] = self._reader.submit(self._read, rec)
+            self._reader = ThreadPoolExecutor(max_workers=self._read_workers, thread_name_prefix="adapter-read")
+        self._reading[rec.name] = (rec, self._reader.submit(self._read, rec))
+
+    def _raise_if_failed(self, name: str) -> None:
+        reason = self._read_failed.get(name)
+        if reason is not None:
+            raise AdapterError(f"adapter {name!r} could not be read: {reason} (unload it and load it again "
+                               "once its files are fixed)")
 
     def wait_reads(self, timeout: Optional[float] = None) -> None:
         """Block until the background disk reads under way now are done (they join the host tier at the
         next step)."""
-        for fut in list(self._reading.values()):
+        for _, fut in list(self._reading.values()):
             try:
                 fut.exception(timeout=timeout)
             except Exception:  # a timeout: the caller only wanted to wait that long
@@ -458,18 +544,23 @@ class AdapterStore:
     def _collect_reads(self) -> None:
         """Move finished background reads into the host tier (on the engine thread)."""
         with self._lock:
-            for name, fut in list(self._reading.items()):
+            for name, (rec, fut) in list(self._reading.items()):
                 if fut.done():
-                    del self._reading[name]
-                    rec = self._records.get(name)
-                    if rec is None:
-                        continue
-                    if fut.exception() is not None:
-                        self._read_failed.add(name)  # not retried in the background; its request reports it
-                        continue
-                    paged, lora = fut.result()
-                    self._describe(rec, lora, paged)
-                    self._host_put(name, paged)
+                    self._finish_read(rec, fut)
+
+    def _finish_read(self, rec: _Record, fut: Future) -> Optional[PagedAdapter]:
+        """Record a finished read of ``rec`` (under the lock): into the host tier, or marked failed."""
+        if self._reading.get(rec.name, (None,))[0] is rec:
+            del self._reading[rec.name]
+        if self._records.get(rec.name) is not rec:
+            return None  # unloaded (or replaced) while it was being read
+        err = fut.exception()
+        if err is not None:
+            self._read_failed[rec.name] = str(err)  # not retried; its requests report it
+            return None
+        paged = fut.result()
+        self._host_put(rec.name, paged)
+        return paged
 
     def _describe(self, rec: _Record, lora, paged: Optional[PagedAdapter] = None) -> None:
         rec.rank = int(lora.rank)
@@ -479,23 +570,21 @@ class AdapterStore:
             rec.num_pages = paged.num_pages
 
     def _host_get(self, rec: _Record) -> PagedAdapter:
+        """The host copy of ``rec``, read now if need be: by a reader thread, this one waiting for it."""
         with self._lock:
             paged = self._host.get(rec.name)
             if paged is not None:
                 self._host.move_to_end(rec.name)
                 return paged
-            fut = self._reading.pop(rec.name, None)
-        if fut is not None:
-            try:
-                paged, lora = fut.result()  # a background read is under way: wait for it
-            except AdapterError:
-                paged, lora = self._read(rec)  # re-raise on this thread, with its message
-        else:
-            paged, lora = self._read(rec)
+            self._raise_if_failed(rec.name)
+            self._read_async(rec)
+            fut = self._reading[rec.name][1]
+        fut.exception()  # wait outside the lock: the reader threads' results are collected under it
         with self._lock:
-            self._describe(rec, lora, paged)
-            if self._records.get(rec.name) is rec:
-                self._host_put(rec.name, paged)
+            paged = self._finish_read(rec, fut)
+            self._raise_if_failed(rec.name)
+        if paged is None:  # unloaded while it was read
+            raise UnknownAdapterError(f"adapter {rec.name!r} was unloaded while it was being read")
         return paged
 
     def _host_put(self, name: str, paged: PagedAdapter) -> None:

@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
+import os
 import re
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, NamedTuple, Optional
@@ -85,6 +88,66 @@ def open_safetensors(path, error: type[Exception] = ModelError) -> Iterator[Safe
         raise error(f"corrupt or truncated safetensors file {path}: {e}") from e
     with handle:
         yield SafetensorsFile(handle, path, error)
+
+
+class TensorSpan(NamedTuple):
+    dtype: str  # safetensors tag, e.g. "BF16"
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset of the tensor's data in the file
+    end: int
+
+
+# safetensors float tags -> numpy dtypes (BF16 from ml_dtypes).
+SAFETENSORS_NUMPY = {"F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+                     "BF16": np.dtype(ml_dtypes.bfloat16)}
+_HEADER_MAX = 100 << 20  # safetensors' own cap on the JSON header
+
+
+def read_safetensors_header(fileobj, path, error: type[Exception] = ModelError) -> dict[str, TensorSpan]:
+    """{tensor name: TensorSpan} from an open safetensors file, checked against the file's size (a truncated
+    or corrupt file raises ``error`` here, before any data is read). Only the header is read."""
+    size = os.fstat(fileobj.fileno()).st_size
+    prefix = os.pread(fileobj.fileno(), 8, 0)
+    if len(prefix) < 8:
+        raise error(f"corrupt or truncated safetensors file {path}: {size} bytes")
+    (n,) = struct.unpack("<Q", prefix)
+    if n > _HEADER_MAX or 8 + n > size:
+        raise error(f"corrupt or truncated safetensors file {path}: header of {n} bytes in a file of {size}")
+    try:
+        header = json.loads(os.pread(fileobj.fileno(), n, 8))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(f"corrupt safetensors file {path}: unreadable header ({e})") from e
+    if not isinstance(header, dict):
+        raise error(f"corrupt safetensors file {path}: the header is not a JSON object")
+    base = 8 + n
+    out: dict[str, TensorSpan] = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (start, end) = entry["dtype"], tuple(int(d) for d in entry["shape"]), entry["data_offsets"]
+            start, end = int(start), int(end)
+        except (KeyError, TypeError, ValueError) as e:
+            raise error(f"corrupt safetensors file {path}: bad header entry for {name!r}") from e
+        item = SAFETENSORS_NUMPY[dtype].itemsize if dtype in SAFETENSORS_NUMPY else None
+        if not 0 <= start <= end or base + end > size or (
+                item is not None and end - start != item * math.prod(shape)):
+            raise error(f"corrupt or truncated safetensors file {path}: tensor {name!r} lies at bytes "
+                        f"{base + start}..{base + end} of a file of {size}")
+        out[name] = TensorSpan(dtype, shape, base + start, base + end)
+    return out
+
+
+def pread_into(fd: int, buf: memoryview, offset: int, path, error: type[Exception] = ModelError) -> None:
+    """Fill ``buf`` with the file's bytes from ``offset`` (the GIL is released while the kernel copies).
+    A file that got shorter since its header was read raises ``error``, where a memory map would crash
+    the process with SIGBUS."""
+    done, want = 0, len(buf)
+    while done < want:
+        got = os.preadv(fd, [buf[done:]], offset + done)
+        if got <= 0:
+            raise error(f"{path} ended at byte {offset + done} while reading it (truncated or replaced?)")
+        done += got
 
 
 # --------------------------------------------------------------------------------------------- layout

@@ -84,8 +84,9 @@ def _peft_config(config: ModelConfig, rank: int, alpha: float, target_modules: S
 def write_random_adapter(out_dir, config: ModelConfig, rank: int = 8, alpha: float = 16,
                          target_modules: Sequence[str] = ("q_proj", "v_proj"), seed: int = 0,
                          use_rslora: bool = False, layers_to_transform: Optional[Union[int, list[int]]] = None,
-                         init_scale: float = 0.02) -> Path:
-    """Write a random PEFT LoRA folder (adapter_config.json + adapter_model.safetensors) for ``config``.
+                         init_scale: float = 0.02, dtype: str = "float32") -> Path:
+    """Write a random PEFT LoRA folder (adapter_config.json + adapter_model.safetensors) for ``config``,
+    its tensors in ``dtype`` ('float32' | 'bfloat16' | 'float16').
 
     lora_A [r, in] ~ U(-1/sqrt(in), 1/sqrt(in)) as peft's default init; lora_B [out, r] ~ N(0, init_scale)
     (nonzero, unlike peft's init, so the adapter changes the model's outputs). Returns the folder."""
@@ -100,6 +101,7 @@ def write_random_adapter(out_dir, config: ModelConfig, rank: int = 8, alpha: flo
         if any(not 0 <= i < config.num_layers for i in chosen):
             raise AdapterError(f"layers_to_transform {chosen} out of range for {config.num_layers} layers")
         layers = sorted(set(chosen))
+    target = numpy_dtype(dtype)
     rng = np.random.default_rng(seed)
     tensors = {}
     for i in layers:
@@ -110,8 +112,8 @@ def write_random_adapter(out_dir, config: ModelConfig, rank: int = 8, alpha: flo
             block = "self_attn" if m in MODULES[:4] else "mlp"
             prefix = f"base_model.model.model.layers.{i}.{block}.{m}"
             bound = 1.0 / math.sqrt(d_in)
-            tensors[f"{prefix}.lora_A.weight"] = rng.uniform(-bound, bound, (rank, d_in)).astype(np.float32)
-            tensors[f"{prefix}.lora_B.weight"] = (rng.standard_normal((d_out, rank)) * init_scale).astype(np.float32)
+            tensors[f"{prefix}.lora_A.weight"] = rng.uniform(-bound, bound, (rank, d_in)).astype(target)
+            tensors[f"{prefix}.lora_B.weight"] = (rng.standard_normal((d_out, rank)) * init_scale).astype(target)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = _peft_config(config, rank, alpha, target_modules, use_rslora, layers_to_transform)

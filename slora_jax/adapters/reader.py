@@ -1,0 +1,217 @@
+"""Reading a PEFT adapter's weights straight into the page-tile layout of the unified pool.
+
+``plan_adapter`` works out, from adapter_config.json alone, which pages an adapter takes and where each
+module's A and B tiles lie among them (the same layout as ``paging.page_adapter``), so the engine knows an
+adapter's size without reading its weights. ``read_paged_adapter`` then reads adapter_model.safetensors
+tensor by tensor into a small per-thread buffer and copies each tensor once, cast and tiled, into the
+adapter's tile array: no float32 copy of the adapter, no padded intermediates, no per-tensor Python arrays
+beyond views.
+
+The file is read with ``pread`` rather than memory-mapped: a file truncated or replaced while it is mapped
+kills the process with SIGBUS on the next access, whereas a short read fails only this adapter. The
+kernel's copy out of the page cache releases the GIL, as do the numpy copies, so several reader threads
+read in parallel.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from slora_jax.adapters.paging import GroupTiles, PagedAdapter
+from slora_jax.adapters.peft import (WEIGHTS_FILE, config_ranks, match_tensors, module_scale,
+                                     validated_config)
+from slora_jax.config import MODULES, ModelConfig
+from slora_jax.errors import AdapterError
+from slora_jax.memory.pool import PoolLayout
+from slora_jax.model.checkpoint import SAFETENSORS_NUMPY, pread_into, read_safetensors_header
+from slora_jax.model.llama import LORA_GROUPS, group_dims
+
+# (same-size unsigned type, all-ones exponent) of each float format: with the sign bit cleared, a value is
+# NaN or Inf exactly when its bits, read as an unsigned integer, are >= the all-ones exponent.
+_EXPONENT = {"BF16": (np.uint16, 0x7F80), "F16": (np.uint16, 0x7C00), "F32": (np.uint32, 0x7F800000),
+             "F64": (np.uint64, 0x7FF0000000000000)}
+_UINT = {2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+
+@dataclass(frozen=True)
+class ModulePlace:
+    """Where one module's tiles start among the adapter's pages (A: ch_in*rb tiles, then B: ch_out*rb)."""
+
+    a0: int
+    b0: int
+    ch_in: int
+    ch_out: int
+    rb: int  # rank blocks of this module (its largest rank over layers, in page rows)
+
+
+@dataclass
+class AdapterPlan:
+    """An adapter's page layout, from its config alone."""
+
+    adapter_dir: str
+    config: dict  # adapter_config.json as saved
+    cfg: dict  # the same with peft's defaults filled in
+    groups: dict[str, GroupTiles]
+    num_pages: int
+    rank: int  # largest rank over modules and layers
+    ranks: dict[str, int]  # module -> its largest rank
+    targets: tuple[str, ...]  # adapted modules, in MODULES order
+    places: dict[str, ModulePlace]
+    layer_ranks: dict  # (layer, module) -> (module key, rank, alpha): what the weights file must hold
+
+    @property
+    def weights_path(self) -> Path:
+        return Path(self.adapter_dir) / WEIGHTS_FILE
+
+
+def plan_adapter(adapter_dir, model_config: ModelConfig, layout: PoolLayout, max_rank: int) -> AdapterPlan:
+    """Validate adapter_config.json (AdapterError otherwise) and lay the adapter out in pages."""
+    raw, cfg = validated_config(adapter_dir, model_config, max_rank)
+    per_layer = config_ranks(cfg, model_config)  # (layer, module) -> (rank, alpha)
+    L = model_config.num_layers
+    mod_rank: dict[str, int] = {}
+    for (_, m), (_, r, _) in per_layer.items():
+        mod_rank[m] = max(mod_rank.get(m, 0), r)
+    rb_max = layout.rank_blocks(max_rank)
+    groups, places, n = {}, {}, 0
+    for g, mods in LORA_GROUPS.items():
+        d_in, outs = group_dims(model_config, g)
+        ch_in = layout.chunks(d_in)
+        ch_out_max = max(layout.chunks(o) for o in outs)
+        a_idx = np.full((len(mods), ch_in, rb_max), -1, np.int32)
+        b_idx = np.full((len(mods), ch_out_max, rb_max), -1, np.int32)
+        ranks = np.zeros((L, len(mods)), np.int32)
+        scales = np.zeros((L, len(mods)), np.float32)
+        for i, m in enumerate(mods):
+            if m not in mod_rank:
+                continue
+            rb = layout.rank_blocks(mod_rank[m])
+            ch_out = layout.chunks(outs[i])
+            a_idx[i, :, :rb] = n + np.arange(ch_in * rb).reshape(ch_in, rb)
+            b_idx[i, :ch_out, :rb] = n + ch_in * rb + np.arange(ch_out * rb).reshape(ch_out, rb)
+            places[m] = ModulePlace(n, n + ch_in * rb, ch_in, ch_out, rb)
+            n += (ch_in + ch_out) * rb
+            for layer in range(L):
+                if (layer, m) in per_layer:
+                    _, r, alpha = per_layer[(layer, m)]
+                    ranks[layer, i] = r
+                    scales[layer, i] = module_scale(cfg, r, alpha)
+        groups[g] = GroupTiles(a_idx, b_idx, ranks, scales)
+    targets = tuple(m for m in MODULES if m in mod_rank)
+    return AdapterPlan(str(adapter_dir), raw, cfg, groups, n, max(mod_rank.values()), mod_rank, targets, places,
+                       per_layer)
+
+
+_staging = threading.local()
+
+
+def _staging_buffer(nbytes: int) -> np.ndarray:
+    """A per-thread byte buffer of at least ``nbytes``, reused across reads."""
+    buf = getattr(_staging, "buf", None)
+    if buf is None or buf.nbytes < nbytes:
+        buf = np.empty(max(nbytes, 1 << 20), np.uint8)
+        _staging.buf = buf
+    return buf
+
+
+def _scratch(nbytes: int) -> np.ndarray:
+    """A second per-thread byte buffer (for the finite check), reused across reads."""
+    buf = getattr(_staging, "scratch", None)
+    if buf is None or buf.nbytes < nbytes:
+        buf = np.empty(max(nbytes, 1 << 20), np.uint8)
+        _staging.scratch = buf
+    return buf
+
+
+def _finite_error(raw: np.ndarray, dtype_tag: str) -> bool:
+    """True when some value in ``raw`` (the bytes of ``dtype_tag`` floats) is NaN or Inf."""
+    utype, exponent = _EXPONENT[dtype_tag]
+    u = raw.view(utype)
+    if not u.size:
+        return False
+    bits = 8 * u.itemsize
+    tmp = _scratch(raw.nbytes)[:raw.nbytes].view(utype)
+    np.bitwise_and(u, utype((1 << (bits - 1)) - 1), out=tmp)  # clear the sign bit
+    return bool(tmp.max() >= exponent)
+
+
+def _tile_layers(dest: np.ndarray, layers, m: np.ndarray, W: int) -> None:
+    """Write m [n, r, d] (one module's A, or B^T, in n layers) into dest [L, ch, rb*R, W] (that module's
+    tiles in every layer) at ``layers``: tile (c, j) of a layer holds rows jR.. and columns cW.. of its
+    matrix, as ``paging._tile`` lays them out. Padding stays as it was (zero)."""
+    n, r, d = m.shape
+    full = d // W
+    if full:
+        dest[layers, :full, :r, :] = m[:, :, :full * W].reshape(n, r, full, W).transpose(0, 2, 1, 3)
+    if d > full * W:
+        dest[layers, full, :r, :d - full * W] = m[:, :, full * W:]
+
+
+def read_paged_adapter(plan: AdapterPlan, model_config: ModelConfig, layout: PoolLayout, max_rank: int,
+                       dtype) -> tuple[PagedAdapter, int]:
+    """Read the adapter's weights file into a PagedAdapter in ``dtype`` (numpy); returns it and the bytes
+    read from the file. Raises AdapterError for a missing, truncated or corrupt file, weights that disagree
+    with the config or the base model, and non-finite values.
+
+    The tensors of one module (A or B) of equal rank in every layer are read into one buffer and tiled with
+    one strided copy, so the Python work per adapter does not grow with the number of layers."""
+    path = plan.weights_path
+    dtype = np.dtype(dtype)
+    R, W, L = layout.page_rows, layout.page_width, model_config.num_layers
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError as e:
+        raise AdapterError(f"{path} no longer exists (the adapter folder was moved or deleted after the "
+                           "adapter was registered)") from e
+    except OSError as e:
+        raise AdapterError(f"cannot open {path}: {e}") from e
+    with f:
+        spans = read_safetensors_header(f, path, AdapterError)
+        pairs = match_tensors(spans, plan.cfg, model_config, max_rank, path, plan.layer_ranks)
+        batches: dict[tuple, list] = {}  # (module, is B, dtype tag, shape) -> [(layer, tensor name)]
+        for p in pairs:
+            for name, is_b in ((p.a, False), (p.b, True)):
+                span = spans[name]
+                if span.dtype not in SAFETENSORS_NUMPY:
+                    raise AdapterError(f"tensor {name!r} in {path.name} has unsupported dtype {span.dtype} "
+                                       f"(supported: {', '.join(sorted(SAFETENSORS_NUMPY))})")
+                batches.setdefault((p.module, is_b, span.dtype, span.shape), []).append((p.layer, name))
+        tiles = np.zeros((L, plan.num_pages, R, W), dtype)  # padding is zero
+        same_bits = _UINT[dtype.itemsize]
+        fd = f.fileno()
+        nbytes = 0
+        # In file order of each batch's first tensor: the reads go mostly forward through the file.
+        for (module, is_b, tag, shape), items in sorted(batches.items(), key=lambda kv: spans[kv[1][0][1]].start):
+            place = plan.places[module]  # match_tensors checked the file against plan.cfg
+            per = spans[items[0][1]].end - spans[items[0][1]].start
+            stage = _staging_buffer(per * len(items))[:per * len(items)]
+            view = memoryview(stage)
+            for i, (_, name) in enumerate(items):
+                pread_into(fd, view[i * per:(i + 1) * per], spans[name].start, path, AdapterError)
+            nbytes += stage.nbytes
+            if _finite_error(stage, tag):
+                bad = next(name for i, (_, name) in enumerate(items)
+                           if _finite_error(stage[i * per:(i + 1) * per], tag))
+                raise AdapterError(f"tensor {bad!r} has non-finite values (NaN or Inf)")
+            src = stage.view(SAFETENSORS_NUMPY[tag]).reshape((len(items),) + shape)
+            if src.dtype == np.float64:
+                src = src.astype(np.float32)  # through float32, as the float32 loader rounds it
+            m = src.transpose(0, 2, 1) if is_b else src  # B is stored [d_out, r]; its tiles hold B^T
+            first, ch = (place.b0, place.ch_out) if is_b else (place.a0, place.ch_in)
+            dest = tiles[:, first:first + ch * place.rb].reshape(L, ch, place.rb * R, W)
+            layers = np.fromiter((layer for layer, _ in items), np.intp, len(items))
+            if len(items) == L and (layers == np.arange(L)).all():
+                layers = slice(None)  # every layer in order: a plain strided copy
+            if src.dtype == dtype:
+                # Same format: copy bits (a plain integer copy releases the GIL and needs no cast loop).
+                _tile_layers(dest.view(same_bits), layers, m.view(same_bits), W)
+            else:
+                _tile_layers(dest, layers, m, W)
+    return PagedAdapter(tiles, plan.groups, plan.num_pages), nbytes
+
+
+__all__ = ["AdapterPlan", "ModulePlace", "plan_adapter", "read_paged_adapter"]
