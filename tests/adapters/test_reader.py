@@ -1,0 +1,363 @@
+"""The adapter read path: straight-to-tiles reads against the float32 loader + page_adapter, parallel reads,
+failures in the middle of a read, eviction and unloading while a read is in flight, files that vanish after
+registration, and the read speed against numpy reading the same files."""
+
+import shutil
+import threading
+import time
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from slora_jax.adapters import reader as reader_mod
+from slora_jax.adapters.paging import AdapterTables, page_adapter
+from slora_jax.adapters.peft import load_peft_adapter
+from slora_jax.adapters.reader import plan_adapter, read_paged_adapter
+from slora_jax.adapters.store import AdapterStore
+from slora_jax.config import EngineConfig
+from slora_jax.errors import AdapterError
+from slora_jax.memory.pool import PoolLayout, UnifiedPagePool
+from slora_jax.model.hf_config import load_model_config
+from slora_jax.model.random_checkpoint import tiny_llama_config, write_random_adapter
+from tests.bench.sim import TINY, Sim
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+
+
+def reference(adapter_dir, cfg, layout, dtype):
+    """The adapter as the float32 loader reads it, cut into pages by page_adapter."""
+    return page_adapter(load_peft_adapter(adapter_dir, cfg, 64, "ref"), cfg, layout, 64, dtype)
+
+
+def assert_same_paged(got, ref):
+    assert got.num_pages == ref.num_pages
+    assert got.tiles.dtype == ref.tiles.dtype and got.tiles.shape == ref.tiles.shape
+    np.testing.assert_array_equal(got.tiles.view(np.uint8), ref.tiles.view(np.uint8))  # bit for bit
+    assert set(got.groups) == set(ref.groups)
+    for g in ref.groups:
+        for field in ("a_idx", "b_idx", "ranks", "scales"):
+            np.testing.assert_array_equal(getattr(got.groups[g], field), getattr(ref.groups[g], field))
+
+
+def tensor_bytes(adapter_dir) -> int:
+    from safetensors.numpy import load_file
+
+    return sum(t.nbytes for t in load_file(str(adapter_dir / "adapter_model.safetensors")).values())
+
+
+# ------------------------------------------------------------------------------------------ exact reads
+
+
+@pytest.mark.parametrize("dtype", [np.float32, BF16])
+def test_peft_made_adapters_read_like_the_float32_loader(llama_gqa_dir, llama_adapters, dtype):
+    cfg = load_model_config(llama_gqa_dir)
+    layout = PoolLayout(cfg.num_layers, 64, 16, cfg.kv_size)
+    for name, d in llama_adapters.items():
+        plan = plan_adapter(d, cfg, layout, 64)
+        got, nbytes = read_paged_adapter(plan, cfg, layout, 64, dtype)
+        assert_same_paged(got, reference(d, cfg, layout, dtype))
+        assert nbytes == tensor_bytes(d), name
+
+
+@pytest.mark.parametrize("file_dtype,engine_dtype", [("float32", BF16), ("bfloat16", BF16), ("float16", np.float32),
+                                                     ("bfloat16", np.float32), ("float32", np.float16)])
+def test_odd_shapes_dtypes_and_layers(tmp_path, file_dtype, engine_dtype):
+    # Widths that are not a multiple of the page width, ranks that are not a multiple of the page rows,
+    # layers left out, and every module.
+    cfg = tiny_llama_config(hidden_size=80, intermediate_size=136, num_layers=3)
+    layout = PoolLayout(cfg.num_layers, 64, 16, cfg.kv_size)
+    d = write_random_adapter(tmp_path / "a", cfg, rank=20, seed=3, dtype=file_dtype, layers_to_transform=[0, 2],
+                             target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                             "down_proj"))
+    got, _ = read_paged_adapter(plan_adapter(d, cfg, layout, 64), cfg, layout, 64, engine_dtype)
+    assert_same_paged(got, reference(d, cfg, layout, engine_dtype))
+    assert not got.tiles[1].any()  # the layer left out is all zero
+
+
+def test_plan_knows_the_size_without_reading(tmp_path, llama_gqa_dir, llama_adapters):
+    cfg = load_model_config(llama_gqa_dir)
+    layout = PoolLayout(cfg.num_layers, 64, 16, cfg.kv_size)
+    for d in llama_adapters.values():
+        plan = plan_adapter(d, cfg, layout, 64)
+        ref = reference(d, cfg, layout, np.float32)
+        lw = load_peft_adapter(d, cfg, 64, "x")
+        assert plan.num_pages == ref.num_pages
+        assert plan.targets == lw.target_modules and plan.rank == lw.rank
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_non_finite_values_are_named(tmp_path, value):
+    from safetensors.numpy import load_file, save_file
+
+    cfg = tiny_llama_config()
+    layout = PoolLayout(cfg.num_layers, 64, 16, cfg.kv_size)
+    d = write_random_adapter(tmp_path / "a", cfg, rank=8, dtype="bfloat16")
+    f = d / "adapter_model.safetensors"
+    tensors = load_file(str(f))
+    bad = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
+    tensors[bad][3, 2] = value
+    save_file(tensors, str(f))
+    with pytest.raises(AdapterError, match=f"{bad}.*non-finite"):
+        read_paged_adapter(plan_adapter(d, cfg, layout, 64), cfg, layout, 64, np.float32)
+
+
+def test_truncated_file_is_refused_before_reading(tmp_path):
+    cfg = tiny_llama_config()
+    layout = PoolLayout(cfg.num_layers, 64, 16, cfg.kv_size)
+    d = write_random_adapter(tmp_path / "a", cfg, rank=8)
+    plan = plan_adapter(d, cfg, layout, 64)
+    f = d / "adapter_model.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+    with pytest.raises(AdapterError, match="truncated"):
+        read_paged_adapter(plan, cfg, layout, 64, np.float32)
+
+
+# ------------------------------------------------------------------------------------------ the store
+
+
+def make_store(cfg=TINY, workers=2, dtype=np.float32, **econf):
+    econf = EngineConfig(num_pages=256, **econf)
+    layout = PoolLayout(cfg.num_layers, 256, econf.page_rows, cfg.kv_size)
+    pool = UnifiedPagePool(layout)
+    tables = AdapterTables(cfg, layout, econf.max_adapters_on_device, econf.max_lora_rank)
+    writes = []
+    store = AdapterStore(cfg, econf, layout, pool, tables, lambda p, t: writes.append((p, t)), dtype,
+                         stage=lambda tiles: tiles)
+    store._read_workers = workers
+    return store, writes
+
+
+def folders(root, n, rank=8, cfg=TINY, **kw):
+    return [write_random_adapter(root / f"ad{i}", cfg, rank=rank, seed=i, **kw) for i in range(n)]
+
+
+def test_reads_run_in_parallel_off_the_calling_thread(tmp_path, monkeypatch):
+    dirs = folders(tmp_path, 4)
+    store, _ = make_store(workers=2)
+    for d in dirs:
+        store.register(d.name, d, lazy=True)
+    # Two reads must be inside read_paged_adapter at once for either to go on: serial reads time out.
+    barrier = threading.Barrier(2, timeout=20)
+    threads = set()
+    real = reader_mod.read_paged_adapter
+
+    def gated(*a, **k):
+        threads.add(threading.get_ident())
+        barrier.wait()
+        return real(*a, **k)
+
+    monkeypatch.setattr("slora_jax.adapters.store.read_paged_adapter", gated)
+    assert store.read_ahead([d.name for d in dirs]) == 4
+    assert all(store.reading(d.name) for d in dirs)
+    store.wait_reads(timeout=60)
+    store.begin_step(1)
+    assert threading.get_ident() not in threads and len(threads) == 2
+    c = store.counters
+    assert c["reads"] == 4 and c["read_failures"] == 0 and c["host_loads"] == 4
+    assert c["read_bytes"] == sum(tensor_bytes(d) for d in dirs)
+    assert c["load_read_s"] > c["read_wall_s"] > 0  # overlapping reads: more read seconds than wall seconds
+    assert c["read_gbps"] == pytest.approx(c["read_bytes"] / c["read_wall_s"] / 1e9)
+    for d in dirs:
+        assert store.info(d.name).location == "host"
+        assert store.acquire(d.name)
+    layout = store.layout
+    for d in dirs:  # what reached the host tier is the adapter as the float32 loader reads it
+        assert_same_paged(store._host[d.name], reference(d, TINY, layout, np.float32))
+
+
+def test_read_ahead_stays_within_half_the_host_cache(tmp_path):
+    dirs = folders(tmp_path, 6)
+    store, _ = make_store()
+    for d in dirs:
+        store.register(d.name, d, lazy=True)
+    one = store._plan_bytes(store._records[dirs[0].name])
+    store.econf = EngineConfig(num_pages=256, host_cache_bytes=5 * one)  # half of it holds 2 reads, not 3
+    assert store.read_ahead([d.name for d in dirs]) == 2
+    assert [store.reading(d.name) for d in dirs] == [True, True, False, False, False, False]
+    store.wait_reads(timeout=60)
+
+
+def test_failure_in_the_middle_of_a_read_fails_that_adapter_only(tmp_path, monkeypatch):
+    good, bad = folders(tmp_path, 2, rank=16)
+    sim = Sim(max_batch_size=4)
+    sim.store.register(good.name, good, lazy=True)
+    sim.store.register(bad.name, bad, lazy=True)
+    real = reader_mod.pread_into
+    calls = {"n": 0}
+
+    def truncating(fd, buf, offset, path, error):
+        # The file is cut short after the first reads of its data, as if replaced while being read.
+        if "ad1" in str(path):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                with open(path, "r+b") as f:
+                    f.truncate(offset + 10)
+        return real(fd, buf, offset, path, error)
+
+    monkeypatch.setattr(reader_mod, "pread_into", truncating)
+    ok = sim.add(4, 6, good.name)
+    sim.step()
+    failing = sim.add(4, 3, bad.name)
+    for _ in range(3):
+        sim.step()
+        sim.store.wait_reads(timeout=60)
+    sim.run()
+    assert calls["n"] >= 2
+    assert failing.finish_reason == "abort" and "ended at byte" in failing.error and bad.name in failing.error
+    assert ok.finish_reason == "length" and len(ok.output) == 6
+    assert sim.store.failed(bad.name) and sim.store.counters["read_failures"] == 1
+    with pytest.raises(AdapterError, match="could not be read.*unload it"):  # later requests learn why at once
+        sim.store.pages_needed(bad.name)
+    sim.pool.check_invariants()
+    # Unload, fix, load again: it serves.
+    monkeypatch.setattr(reader_mod, "pread_into", real)
+    sim.store.unregister(bad.name)
+    write_random_adapter(bad, TINY, rank=16, seed=1)
+    sim.store.register(bad.name, bad, lazy=True)
+    again = sim.add(4, 3, bad.name)
+    sim.run()
+    assert again.finish_reason == "length"
+
+
+def test_file_deleted_after_registration(tmp_path):
+    good, gone = folders(tmp_path, 2)
+    sim = Sim(max_batch_size=4)
+    for d in (good, gone):
+        sim.store.register(d.name, d, lazy=True)
+    shutil.rmtree(gone)
+    ok = sim.add(4, 5, good.name)
+    sim.step()
+    lost = sim.add(4, 3, gone.name)
+    for _ in range(3):
+        sim.step()
+        sim.store.wait_reads(timeout=60)
+    sim.run()
+    assert lost.finish_reason == "abort"
+    assert "no longer exists" in lost.error and "after the adapter was registered" in lost.error
+    assert ok.finish_reason == "length"
+    # On an idle store the first use says the same, on the caller's thread.
+    store, _ = make_store()
+    d = folders(tmp_path / "b", 1)[0]
+    store.register("x", d, lazy=True)
+    (d / "adapter_model.safetensors").unlink()
+    with pytest.raises(AdapterError, match="no longer exists"):
+        store.acquire("x")
+
+
+def _gate_reads(monkeypatch, names):
+    """Hold the reads of ``names`` until the returned event is set; returns (started event, release event)."""
+    started, release = threading.Event(), threading.Event()
+    real = reader_mod.read_paged_adapter
+
+    def gated(plan, *a, **k):
+        if any(plan.adapter_dir.endswith(n) for n in names):
+            started.set()
+            assert release.wait(30)
+        return real(plan, *a, **k)
+
+    monkeypatch.setattr("slora_jax.adapters.store.read_paged_adapter", gated)
+    return started, release
+
+
+def test_unload_while_a_read_is_in_flight_drops_its_result(tmp_path, monkeypatch):
+    old, new = folders(tmp_path, 2, rank=8)
+    store, _ = make_store()
+    store.register("x", old, lazy=True)
+    started, release = _gate_reads(monkeypatch, ["ad0"])
+    store.read_ahead(["x"])
+    assert started.wait(30) and store.reading("x")
+    store.unregister("x")
+    store.register("x", new, lazy=True)  # same name, another folder, while the old read still runs
+    release.set()
+    store.wait_reads(timeout=60)
+    time.sleep(0.05)
+    store.begin_step(1)
+    assert store.host_bytes == 0 and store.info("x").location == "disk"  # the stale read was dropped
+    assert store.acquire("x")
+    assert_same_paged(store._host["x"], reference(new, TINY, store.layout, np.float32))
+
+
+def test_eviction_while_a_read_is_in_flight(tmp_path, monkeypatch):
+    a, b, c = folders(tmp_path, 3, rank=8)
+    store, _ = make_store(max_adapters_on_device=1)
+    for d in (a, b, c):
+        store.register(d.name, d, lazy=True)
+    one = store._plan_bytes(store._records[a.name])
+    store.econf = EngineConfig(num_pages=256, max_adapters_on_device=1, host_cache_bytes=2 * one)
+    assert store.acquire(a.name)  # on the device, in use
+    store.release(a.name)
+    started, release = _gate_reads(monkeypatch, [c.name])
+    store.read_ahead([c.name])
+    assert started.wait(30)
+    # While c is being read: b takes a's device slot (a is evicted from the device) and joins the host tier.
+    assert store.acquire(b.name)
+    assert store.info(a.name).location == "host" and store.reading(c.name)
+    release.set()
+    store.wait_reads(timeout=60)
+    store.begin_step(1)
+    # c's arrival evicts the least recently used host copy (a); b stays on the device and usable.
+    assert store.info(c.name).location == "host" and store.info(a.name).location == "disk"
+    assert store.info(b.name).location == "device" and store.host_bytes <= 2 * one
+    store.release(b.name)
+    assert store.acquire(c.name)  # b is evicted from the device for c
+    assert_same_paged(store._host[c.name], reference(c, TINY, store.layout, np.float32))
+    assert store.acquire(a.name) is False  # one slot, held by c (a was read from disk again meanwhile)
+    store.release(c.name)
+    assert store.acquire(a.name)
+    store.pool.check_invariants()
+
+
+# ------------------------------------------------------------------------------------------ speed
+
+
+def test_eager_registration_reads_near_numpy_speed(tmp_path):
+    """50 rank-64 adapters of a 1024-hidden, 8-layer model (bf16 files, bf16 engine): registering them
+    eagerly takes at most 3x what numpy takes to read the same files into arrays it keeps (as registering
+    keeps the adapters: both pay for memory that is new to the process). Best of 3 for each, timed in
+    turns, so that a busy machine slows both alike."""
+    cfg = tiny_llama_config(hidden_size=1024, intermediate_size=2816, num_layers=8, num_heads=16,
+                            num_kv_heads=4, head_dim=64, vocab_size=1024)
+    dirs = folders(tmp_path, 50, rank=64, cfg=cfg, dtype="bfloat16",
+                   target_modules=("q_proj", "k_proj", "v_proj", "o_proj"))
+    files = [d / "adapter_model.safetensors" for d in dirs]
+    store, _ = make_store(cfg=cfg, dtype=BF16, host_cache_bytes=8 << 30)
+    for f in files:
+        f.read_bytes()  # both timings start from the page cache
+    numpy_s, register_s = [], []
+    for rep in range(3):
+        t0 = time.perf_counter()
+        kept = [np.fromfile(f, np.uint8) for f in files]
+        numpy_s.append(time.perf_counter() - t0)
+        total = sum(a.nbytes for a in kept)
+        del kept
+        t0 = time.perf_counter()
+        for d in dirs:
+            store.register(f"r{rep}-{d.name}", d)
+        register_s.append(time.perf_counter() - t0)
+        for d in dirs:
+            store.unregister(f"r{rep}-{d.name}")
+    assert total > 300e6
+    assert store.counters["reads"] == 150 and store.counters["read_bytes"] >= 150 * (total / 50) * 0.99
+    ratio = min(register_s) / min(numpy_s)
+    assert ratio <= 3.0, (f"eager registration {min(register_s):.3f}s vs numpy {min(numpy_s):.3f}s: "
+                          f"{ratio:.2f}x (all: {register_s}, {numpy_s})")
+
+
+def test_engine_stats_count_background_reads(tmp_path):
+    import jax.numpy as jnp
+
+    import slora_jax as sj
+    from slora_jax.model.init import random_params
+
+    d = folders(tmp_path, 1, rank=8)[0]
+    engine = sj.Engine(TINY, random_params(TINY, jnp.float32), sj.EngineConfig(dtype="float32", num_pages=256))
+    engine.load_adapter("a", d, lazy=True)
+    assert engine.list_adapters()[0].rank == 8  # known from the config before any read
+    before = engine.stats()
+    assert before["adapter_reads"] == 0 and before["adapter_load_read_s"] == 0.0
+    out = engine.generate([[3, 4, 5]], adapters="a", sampling=sj.SamplingParams(max_tokens=2, ignore_eos=True))
+    assert len(out[0].token_ids) == 2
+    s = engine.stats()
+    assert s["adapter_reads"] == 1 and s["adapter_read_bytes"] == tensor_bytes(d)
+    assert s["adapter_load_read_s"] > 0 and s["adapter_read_wall_s"] > 0 and s["adapter_read_gbps"] > 0
