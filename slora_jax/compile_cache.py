@@ -1,0 +1,128 @@
+"""JAX's persistent compilation cache, on by default, so that a restart with the same configuration loads
+its step programs instead of compiling them (a 7B/8B step program takes tens of seconds on the GPU).
+
+``enable_compilation_cache`` points JAX at a folder (``~/.cache/slora-jax/xla`` by default) and caches
+every program whatever its compile time (JAX's default skips those under a second, which would leave a
+restart compiling the many small ones). On the GPU, JAX also keeps XLA's autotuning results there.
+
+A damaged entry never stops a start. JAX itself only warns about an entry it cannot load and compiles
+the program again, but then keeps the damaged file (it never overwrites an existing key), so every later
+start would compile that program again. The cache is therefore wrapped so that an entry that does not
+decompress is deleted on sight, and a program compiled again after its entry failed to load replaces
+that entry.
+
+The setting is process-wide (JAX has one cache per process): the first engine's folder is used by every
+engine and every jitted function of the process.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import Optional, Union
+
+log = logging.getLogger("slora_jax.compile_cache")
+
+DEFAULT_CACHE_DIR = "~/.cache/slora-jax/xla"
+_lock = threading.Lock()
+
+
+def enable_compilation_cache(cache_dir: Optional[Union[str, Path]] = DEFAULT_CACHE_DIR,
+                             min_compile_time_s: float = 0.0) -> Optional[Path]:
+    """Turn JAX's persistent compilation cache on in ``cache_dir`` (created if missing) for this process.
+
+    ``cache_dir`` None (or "") leaves JAX's own setting as it is: off unless the caller configured it.
+    ``min_compile_time_s``: programs that compile faster are not written (0: every program).
+    Returns the folder in use, or None when caching is off or the folder cannot be created (logged:
+    a read-only home only costs the speed-up)."""
+    if cache_dir is None or str(cache_dir) == "":
+        return None
+    import jax
+
+    path = Path(cache_dir).expanduser().absolute()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        log.warning("cannot create the compilation cache folder %s (%s); compiling without a cache", path, e)
+        return None
+    with _lock:
+        changed = jax.config.jax_compilation_cache_dir != str(path)
+        jax.config.update("jax_compilation_cache_dir", str(path))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_time_s))
+        jax.config.update("jax_enable_compilation_cache", True)
+        _install_self_healing(changed)
+    return path
+
+
+def _install_self_healing(reset: bool) -> None:
+    """Wrap JAX's file cache in ``_SelfHealingCache``. This reaches into jax._src (no public hook exists);
+    with another JAX layout it logs and leaves JAX's cache as it is, which still warns and recompiles."""
+    try:
+        from jax._src import compilation_cache as cc
+    except ImportError:  # pragma: no cover - a JAX without this module
+        log.debug("jax._src.compilation_cache not found: damaged cache entries are only skipped")
+        return
+    try:
+        if reset and getattr(cc, "_cache_initialized", False):
+            cc.reset_cache()  # initialised earlier with another folder
+        if getattr(cc, "_cache", None) is None:
+            cc._initialize_cache()
+        base = cc._cache
+        if base is not None and not isinstance(base, _SelfHealingCache):
+            cc._cache = _SelfHealingCache(base, cc)
+    except Exception as e:  # noqa: BLE001 - a JAX whose internals differ: keep its own behaviour
+        log.debug("could not wrap JAX's compilation cache (%s: %s)", type(e).__name__, e)
+
+
+class _SelfHealingCache:
+    """JAX's cache interface (get/put) over its file cache: damaged entries are dropped and rebuilt."""
+
+    def __init__(self, base, cc):
+        self._base, self._cc = base, cc
+        self.hits = self.misses = self.dropped = 0
+
+    def __getattr__(self, name):  # the rest of the interface (path, clear, ...) is the base cache's
+        return getattr(self._base, name)
+
+    def _file(self, key: str) -> Optional[Path]:
+        try:
+            from jax._src.lru_cache import _CACHE_SUFFIX
+        except ImportError:  # pragma: no cover
+            _CACHE_SUFFIX = "-cache"
+        root = getattr(self._base, "path", None) or getattr(self._base, "_path", None)
+        return None if root is None else Path(str(root)) / f"{key}{_CACHE_SUFFIX}"
+
+    def _drop(self, key: str) -> None:
+        f = self._file(key)
+        if f is not None:
+            try:
+                f.unlink(missing_ok=True)
+            except OSError as e:
+                log.warning("cannot remove damaged compilation cache entry %s: %s", f, e)
+
+    def get(self, key: str):
+        value = self._base.get(key)
+        if value is None:
+            self.misses += 1
+            return None
+        try:
+            # The same checks JAX makes before deserializing: a truncated or overwritten file fails here.
+            self._cc.extract_executable_and_time(self._cc.decompress_executable(value))
+        except Exception as e:  # noqa: BLE001 - zstd/zlib raise their own error types
+            log.warning("compilation cache entry %s is damaged (%s: %s); removed, compiling again",
+                        key, type(e).__name__, e)
+            self.dropped += 1
+            self._drop(key)
+            return None
+        self.hits += 1
+        return value
+
+    def put(self, key: str, value: bytes) -> None:
+        # JAX writes only after compiling, i.e. after ``get`` found nothing usable: an entry still there
+        # failed to load (JAX warned), so it is replaced rather than kept, as the file cache would.
+        self._drop(key)
+        self._base.put(key, value)
+
+
+__all__ = ["DEFAULT_CACHE_DIR", "enable_compilation_cache"]

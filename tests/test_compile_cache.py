@@ -1,0 +1,94 @@
+"""The persistent compilation cache: a second start compiles nothing, a damaged entry is rebuilt, and the
+folder can be moved or switched off. Each start is its own Python process, as a restart is."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# One engine start: a tiny model, its step programs compiled ahead; prints what the cache saw, counted by
+# JAX's own monitoring events (a hit is a program loaded instead of compiled).
+START = r"""
+import json, sys
+import numpy as np
+import jax
+counts = {}
+jax.monitoring.register_event_listener(lambda event, **kw: counts.__setitem__(event, counts.get(event, 0) + 1))
+import slora_jax as sj
+from slora_jax.model.checkpoint import param_shapes
+from slora_jax.model.random_checkpoint import tiny_llama_config
+cfg = tiny_llama_config()
+rng = np.random.default_rng(0)  # numpy weights: nothing is compiled before the engine starts
+params = jax.tree.map(lambda s: (rng.standard_normal(s) * 0.1).astype(np.float32), param_shapes(cfg),
+                      is_leaf=lambda x: isinstance(x, tuple))
+conf = sj.EngineConfig(dtype="float32", num_pages=64, max_batch_size=2, max_prefill_tokens=16, max_model_len=32)
+engine = sj.Engine(cfg, params, conf)
+records = engine.precompile(sampling=False)
+out = engine.generate([[3, 4, 5]], sampling=sj.SamplingParams(max_tokens=3, ignore_eos=True))
+print(json.dumps({"programs": len(records), "tokens": out[0].token_ids,
+                  "cache_dir": jax.config.jax_compilation_cache_dir,
+                  "requests": counts.get("/jax/compilation_cache/compile_requests_use_cache", 0),
+                  "hits": counts.get("/jax/compilation_cache/cache_hits", 0),
+                  "misses": counts.get("/jax/compilation_cache/cache_misses", 0)}))
+"""
+
+
+def start(home: Path) -> dict:
+    env = dict(os.environ, HOME=str(home), JAX_PLATFORMS="cpu")
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    root = Path(__file__).resolve().parents[1]
+    res = subprocess.run([sys.executable, "-c", START], env=env, cwd=root, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1]) | {"stderr": res.stderr}
+
+
+def entries(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.name.endswith("-cache"))
+
+
+def test_second_start_compiles_nothing_and_damaged_entries_are_rebuilt(tmp_path):
+    folder = tmp_path / ".cache" / "slora-jax" / "xla"  # the default, under this HOME
+    first = start(tmp_path)
+    assert first["cache_dir"] == str(folder)
+    assert first["programs"] == 3 and first["requests"] > 0
+    assert first["hits"] == 0 and first["misses"] == first["requests"]  # everything compiled and written
+    written = entries(folder)
+    assert len(written) == first["misses"]
+
+    second = start(tmp_path)
+    assert second["misses"] == 0 and second["hits"] == second["requests"] == first["requests"]
+    assert second["tokens"] == first["tokens"]
+    assert entries(folder) == written
+
+    # Damage every entry: some truncated, some overwritten with garbage of the same length.
+    for i, p in enumerate(written):
+        data = p.read_bytes()
+        p.write_bytes(data[:len(data) // 3] if i % 2 else os.urandom(len(data)))
+    third = start(tmp_path)  # starts, compiles again, and writes good entries in place of the damaged ones
+    assert third["tokens"] == first["tokens"]
+    assert third["hits"] == 0 and third["misses"] == third["requests"]
+    fourth = start(tmp_path)
+    assert fourth["misses"] == 0 and fourth["hits"] == fourth["requests"]
+
+
+def test_folder_is_configurable_and_can_be_left_off(tmp_path):
+    import jax
+
+    from slora_jax.compile_cache import enable_compilation_cache
+
+    before = jax.config.jax_compilation_cache_dir
+    try:
+        assert enable_compilation_cache(None) is None and jax.config.jax_compilation_cache_dir == before
+        assert enable_compilation_cache("") is None
+        there = enable_compilation_cache(tmp_path / "a" / "b")
+        assert there == tmp_path / "a" / "b" and there.is_dir()
+        assert jax.config.jax_compilation_cache_dir == str(there)
+        blocked = tmp_path / "file"
+        blocked.write_text("not a folder")
+        assert enable_compilation_cache(blocked / "sub") is None  # cannot be created: no cache, no error
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)
