@@ -268,17 +268,9 @@ def _tensor_index(files: list[Path]) -> dict[str, tuple[Path, TensorInfo]]:
 # --------------------------------------------------------------------------------------------- loading
 
 
-def load_params(model_dir, config: ModelConfig, dtype: str) -> dict:
-    """Read a HF Llama/Mistral/Qwen2 safetensors checkpoint into the stacked layout (module docstring), cast
-    to ``dtype`` ('bfloat16' | 'float16' | 'float32').
-
-    Tensors are streamed one at a time into preallocated stacked arrays, so host memory peaks near one copy
-    of the weights in ``dtype``. Raises ModelError naming any missing, unexpected, misshapen or unreadable
-    tensor or file."""
-    target = numpy_dtype(dtype)
-    slots = tensor_slots(config)
-    where = _tensor_index(checkpoint_files(model_dir))
-
+def check_tensors(model_dir, config: ModelConfig, slots: dict, where: dict) -> None:
+    """Raise ModelError unless the checkpoint's tensors (``where``: name -> (file, info with dtype and
+    shape)) are exactly the ones ``slots`` needs, with their shapes and a float dtype."""
     missing = [n for n in slots if n not in where]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
@@ -295,6 +287,36 @@ def load_params(model_dir, config: ModelConfig, dtype: str) -> dict:
             raise ModelError(f"tensor {name!r} has shape {list(info.shape)}, expected {list(slot.hf_shape)}")
         if info.dtype not in SAFETENSORS_FLOAT_DTYPES:
             raise ModelError(f"tensor {name!r} has unsupported dtype {info.dtype}")
+
+
+def tensor_spans(files: list[Path]) -> dict[str, tuple[Path, TensorSpan]]:
+    """name -> (file, TensorSpan) over a checkpoint's files, from their headers alone."""
+    where: dict[str, tuple[Path, TensorSpan]] = {}
+    for path in files:
+        try:
+            f = open(path, "rb")
+        except OSError as e:
+            raise ModelError(f"cannot open {path}: {e}") from e
+        with f:
+            for name, span in read_safetensors_header(f, path).items():
+                if name in where:
+                    raise ModelError(f"tensor {name!r} appears in both {where[name][0].name} and {path.name}")
+                where[name] = (path, span)
+    return where
+
+
+
+def load_params(model_dir, config: ModelConfig, dtype: str) -> dict:
+    """Read a HF Llama/Mistral/Qwen2 safetensors checkpoint into the stacked layout (module docstring), cast
+    to ``dtype`` ('bfloat16' | 'float16' | 'float32').
+
+    Tensors are streamed one at a time into preallocated stacked arrays, so host memory peaks near one copy
+    of the weights in ``dtype``. Raises ModelError naming any missing, unexpected, misshapen or unreadable
+    tensor or file."""
+    target = numpy_dtype(dtype)
+    slots = tensor_slots(config)
+    where = _tensor_index(checkpoint_files(model_dir))
+    check_tensors(model_dir, config, slots, where)
 
     shapes = param_shapes(config)
     params: dict = {k: np.empty(s, target) for k, s in shapes.items() if k != "layers"}

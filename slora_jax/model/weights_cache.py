@@ -202,3 +202,76 @@ def load_params_cached(model_dir, model_config: ModelConfig, dtype: str, cache_d
     _save(params, entry, key, model_dir, model_config, dtype)
     _drop_stale(cache_dir, entry, model_dir, dtype)
     return params
+
+
+# --------------------------------------------------------------------------------------------- fused, on device
+
+FUSED_FORMAT = 1  # bump when device_load's fused layout changes
+
+
+def _fused_key(model_dir, model_config: ModelConfig, dtype: str, scan_layers: bool) -> tuple[str, str]:
+    """(cache key, tag naming the layout) of a fused entry."""
+    tag = f"{dtype}-fused{FUSED_FORMAT}-{'stacked' if scan_layers else 'unrolled'}"
+    key = hashlib.sha256((checkpoint_fingerprint(model_dir, model_config, dtype) + tag).encode()).hexdigest()
+    return key, tag
+
+
+def _abstract_manifest(abstract) -> dict:
+    import jax
+
+    leaves = jax.tree_util.tree_flatten_with_path(abstract)[0]
+    return {jax.tree_util.keystr(p): list(a.shape) for p, a in leaves}
+
+
+def load_fused_params_cached(model_dir, model_config: ModelConfig, dtype: str, cache_dir, scan_layers: bool = True,
+                             device=None, mesh=None, workers: Optional[int] = None) -> dict:
+    """``device_load.load_fused_params`` with an orbax cache of its result: a valid entry is restored
+    straight onto the device (or mesh) in the fused layout, ready to compile; otherwise the checkpoint is
+    loaded and the entry saved for the next start. A damaged entry is loaded again and replaced; a cache
+    folder that cannot be written only costs the speed-up (logged)."""
+    from slora_jax.model.device_load import fused_abstract, load_fused_params
+
+    numpy_dtype(dtype)
+    cache_dir = Path(cache_dir).expanduser()
+    key, tag = _fused_key(model_dir, model_config, dtype, scan_layers)
+    entry = _entry(cache_dir, model_config, tag, key)
+    abstract = fused_abstract(model_config, dtype, scan_layers, device, mesh)
+    shapes = _abstract_manifest(abstract)
+    manifest = _read_manifest(entry)
+    if (manifest is not None and manifest.get("key") == key and manifest.get("shapes") == shapes
+            and (entry / _PARAMS).is_dir()):
+        ckpt = _checkpointer()
+        try:
+            return ckpt.restore((entry / _PARAMS).absolute(), abstract)
+        except Exception as e:  # orbax/tensorstore raise many types on damaged files; load again
+            log.warning("weights cache %s is unreadable (%s: %s); loading the checkpoint again",
+                        entry, type(e).__name__, e)
+            shutil.rmtree(entry, ignore_errors=True)
+        finally:
+            ckpt.close()
+    params = load_fused_params(model_dir, model_config, dtype, scan_layers, device, mesh, workers)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        log.warning("cannot create the weights cache folder %s: %s", cache_dir, e)
+        return params
+    tmp = entry.with_name(f"{entry.name}.partial-{uuid.uuid4().hex[:8]}")
+    try:
+        tmp.mkdir(parents=True)
+        ckpt = _checkpointer()
+        try:
+            ckpt.save((tmp / _PARAMS).absolute(), params)
+            ckpt.wait_until_finished()
+        finally:
+            ckpt.close()
+        (tmp / MANIFEST).write_text(json.dumps({"format": CACHE_FORMAT, "key": key, "dtype": tag,
+                                                "model_dir": str(Path(model_dir).resolve()), "shapes": shapes}))
+        if entry.exists():
+            shutil.rmtree(entry, ignore_errors=True)
+        os.replace(tmp, entry)
+        _drop_stale(cache_dir, entry, model_dir, tag)
+    except OSError as e:
+        log.warning("could not save the weights cache to %s: %s", entry, e)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return params
