@@ -1,0 +1,280 @@
+"""Cold-start benchmark: adapter reads, a cold adapter's way to the device pool, and checkpoint loading.
+
+    python benchmarks/cold_start.py --out $OUT/cold_start.json          # GPU: Llama-3-8B shape
+    python benchmarks/cold_start.py --tiny --out /tmp/cold_start.json   # toy sizes, runs on a CPU
+
+Measured in one run (issue 14's targets in brackets):
+  1. Adapter bytes from the page cache to host tiles (pinned host memory where the device has it), one
+     reader thread and 1..8 readers in parallel, as file bytes per second [>= 2 GB/s per reader,
+     >= 5 GB/s aggregate]. numpy reading the same files (np.fromfile) is timed beside it.
+  2. A 51 MB adapter (rank 30 on q/k/v/o of the 8B shape, bf16) from its folder to the engine's device
+     pool: load_adapter (read + pinned copy) then the device copy and the write into the pool, waited
+     for; p50 and p90 over distinct, page-cached folders [p50 <= 30 ms].
+  3. The 8B checkpoint (random bf16 weights written by this script as one safetensors file, then
+     page-cached) to fused device weights, ready to compile [<= 20 s]; then the same from the orbax
+     cache of that layout [<= 8 s]. ``--numpy-loader`` also times the former path (numpy load_params,
+     numpy fuse, device_put per leaf) for comparison.
+Writes JSON (device, jax version, date, command, numbers) and prints a table last. Files go under
+--workdir (default: a temporary folder, removed at the end; the 8B checkpoint takes 16 GB).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import datetime
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from slora_jax.adapters.reader import plan_adapter, read_paged_adapter
+from slora_jax.config import EngineConfig, ModelConfig
+from slora_jax.memory.pool import PoolLayout
+from slora_jax.model.checkpoint import tensor_slots
+from slora_jax.model.hf_config import to_hf_config
+from slora_jax.model.init import named_config, random_params
+from slora_jax.model.random_checkpoint import tiny_llama_config, write_random_adapter
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def tiny_config() -> ModelConfig:
+    return tiny_llama_config(vocab_size=2048, hidden_size=512, intermediate_size=1408, num_layers=4,
+                             num_heads=8, num_kv_heads=2, head_dim=64, name="tiny-cold-start")
+
+
+# ------------------------------------------------------------------------------------------ files
+
+
+def write_checkpoint(out: Path, cfg: ModelConfig, seed: int = 0) -> Path:
+    """A bf16 HF checkpoint as one model.safetensors, written tensor by tensor (never whole in memory):
+    values are N(0, 0.02) from a 64 MiB pool of random numbers, repeated."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(to_hf_config(cfg), indent=2))
+    slots = tensor_slots(cfg)
+    header, off = {"__metadata__": {"format": "pt"}}, 0
+    for name, slot in slots.items():
+        n = int(np.prod(slot.hf_shape)) * 2
+        header[name] = {"dtype": "BF16", "shape": list(slot.hf_shape), "data_offsets": [off, off + n]}
+        off += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    pool = (np.random.default_rng(seed).standard_normal(32 << 20, dtype=np.float32) * 0.02).astype(BF16)
+    pool = memoryview(pool.view(np.uint8))
+    with open(out / "model.safetensors", "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        pos = 0
+        for name in slots:
+            left = header[name]["data_offsets"][1] - header[name]["data_offsets"][0]
+            while left:
+                chunk = min(left, len(pool) - pos)
+                f.write(pool[pos:pos + chunk])
+                pos = (pos + chunk) % len(pool)
+                left -= chunk
+    return out
+
+
+def page_cache(paths) -> float:
+    """Read files once so that later reads come from the page cache; returns bytes read."""
+    total = 0
+    for p in paths:
+        with open(p, "rb") as f:
+            while chunk := f.read(64 << 20):
+                total += len(chunk)
+    return total
+
+
+# ------------------------------------------------------------------------------------------ adapters
+
+
+def pinned_put(device):
+    """numpy -> pinned host memory (waited for), as the engine's host tier holds adapters on a GPU;
+    None where the device has no pinned host memory (CPU: the tier is numpy)."""
+    try:
+        where = jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host")
+        jax.device_put(np.zeros(4, np.float32), where).block_until_ready()
+    except Exception:  # noqa: BLE001 - no memory kinds on this backend
+        return None
+
+    def put(x):
+        return jax.device_put(x, where).block_until_ready()
+    return put
+
+
+def bench_reads(cfg, folders, readers, put) -> dict:
+    layout = PoolLayout(cfg.num_layers, 1, 16, cfg.kv_size)
+    plans = [plan_adapter(d, cfg, layout, 64) for d in folders]
+    files = [d / "adapter_model.safetensors" for d in folders]
+    file_bytes = sum(f.stat().st_size for f in files)
+
+    def read_one(plan):
+        paged, n = read_paged_adapter(plan, cfg, layout, 64, BF16)
+        if put is not None:
+            put(paged.tiles)
+        return n
+
+    out = {"adapters": len(folders), "file_bytes": file_bytes, "pinned": put is not None}
+    t0 = time.perf_counter()
+    for f in files:
+        np.fromfile(f, np.uint8)
+    out["numpy_fromfile_gbps"] = file_bytes / (time.perf_counter() - t0) / 1e9
+    read_one(plans[0])  # first-use costs (allocators, jit of nothing) out of the timing
+    best_single = 0.0
+    for _ in range(2):
+        t0 = time.perf_counter()
+        nbytes = sum(read_one(p) for p in plans)
+        best_single = max(best_single, nbytes / (time.perf_counter() - t0) / 1e9)
+    out["per_reader_gbps"] = best_single
+    out["aggregate_gbps"] = {}
+    for k in readers:
+        with concurrent.futures.ThreadPoolExecutor(k) as pool:
+            t0 = time.perf_counter()
+            nbytes = sum(pool.map(read_one, plans))
+            out["aggregate_gbps"][k] = nbytes / (time.perf_counter() - t0) / 1e9
+    out["best_aggregate_gbps"] = max(out["aggregate_gbps"].values())
+    return out
+
+
+def bench_cold_adapter(cfg, folders, num_pages) -> dict:
+    """load_adapter (eager read) + device copy + write into the pool, per cold adapter."""
+    import slora_jax as sj
+
+    engine = sj.Engine(cfg, random_params(cfg, jnp.bfloat16),
+                       EngineConfig(dtype="bfloat16", num_pages=num_pages, max_lora_rank=64))
+    store = engine.adapters  # the load path itself, without a model step around it
+    times = []
+    for i, d in enumerate(folders):
+        name = f"cold{i}"
+        engine.runner.pool.block_until_ready()
+        t0 = time.perf_counter()
+        engine.load_adapter(name, d)
+        assert store.acquire(name)
+        engine.runner.pool.block_until_ready()
+        times.append(time.perf_counter() - t0)
+        store.release(name)
+        engine.unload_adapter(name)
+    warm = times[1:] if len(times) > 2 else times  # the first one compiles the pool write
+    mb = (folders[0] / "adapter_model.safetensors").stat().st_size / 1e6
+    res = {"adapter_mb": mb, "loads": len(warm), "p50_ms": statistics.median(warm) * 1e3,
+           "p90_ms": float(np.percentile(warm, 90)) * 1e3, "first_ms": times[0] * 1e3,
+           "engine_read_gbps": engine.stats()["adapter_read_gbps_per_reader"]}
+    del engine, store
+    return res
+
+
+# ------------------------------------------------------------------------------------------ checkpoint
+
+
+def bench_checkpoint(cfg, model_dir: Path, cache_dir: Path, numpy_loader: bool) -> dict:
+    from slora_jax.model.device_load import load_fused_params
+    from slora_jax.model.weights_cache import load_fused_params_cached
+
+    scan = jax.default_backend() != "gpu"  # the engine's default: unrolled layers on the GPU
+    out = {"checkpoint_gb": (model_dir / "model.safetensors").stat().st_size / 1e9, "scan_layers": scan}
+    t0 = time.perf_counter()
+    params = load_fused_params(model_dir, cfg, "bfloat16", scan_layers=scan)
+    jax.block_until_ready(params)
+    out["safetensors_to_device_s"] = time.perf_counter() - t0
+    del params
+    t0 = time.perf_counter()
+    params = load_fused_params_cached(model_dir, cfg, "bfloat16", cache_dir, scan_layers=scan)
+    jax.block_until_ready(params)
+    out["first_cached_load_and_save_s"] = time.perf_counter() - t0
+    del params
+    page_cache(p for p in cache_dir.rglob("*") if p.is_file())
+    t0 = time.perf_counter()
+    params = load_fused_params_cached(model_dir, cfg, "bfloat16", cache_dir, scan_layers=scan)
+    jax.block_until_ready(params)
+    out["orbax_cache_to_device_s"] = time.perf_counter() - t0
+    del params
+    if numpy_loader:
+        from slora_jax.model.checkpoint import load_params
+        from slora_jax.model.llama import fuse_params
+
+        t0 = time.perf_counter()
+        fused = fuse_params(load_params(model_dir, cfg, "bfloat16"), cfg)
+        dev = jax.tree.map(lambda a: jax.device_put(a, jax.devices()[0]), fused)
+        jax.block_until_ready(dev)
+        out["numpy_loader_s"] = time.perf_counter() - t0
+        del fused, dev
+    return out
+
+
+# ------------------------------------------------------------------------------------------ main
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "cold_start.json"))
+    ap.add_argument("--tiny", action="store_true", help="toy sizes (CPU)")
+    ap.add_argument("--workdir", default=None, help="where files are written (kept); default: a temp folder")
+    ap.add_argument("--adapters", type=int, default=None, help="adapter folders (default 24; --tiny 8)")
+    ap.add_argument("--readers", default="1,2,4,8")
+    ap.add_argument("--skip-checkpoint", action="store_true")
+    ap.add_argument("--numpy-loader", action="store_true", help="also time the numpy checkpoint loader")
+    args = ap.parse_args(argv)
+
+    cfg = tiny_config() if args.tiny else named_config("llama-3-8b")
+    n_adapters = args.adapters or (8 if args.tiny else 24)
+    readers = [int(x) for x in args.readers.split(",")]
+    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="cold_start-"))
+    work.mkdir(parents=True, exist_ok=True)
+    device = jax.devices()[0]
+    result = {"device": str(getattr(device, "device_kind", device)), "backend": jax.default_backend(),
+              "jax": jax.__version__, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+              "command": " ".join([sys.executable] + sys.argv), "model": cfg.name, "tiny": args.tiny}
+    try:
+        t0 = time.perf_counter()
+        folders = [write_random_adapter(work / "adapters" / f"a{i:03d}", cfg, rank=30, alpha=60, seed=i,
+                                        target_modules=TARGETS, dtype="bfloat16") for i in range(n_adapters)]
+        page_cache(d / "adapter_model.safetensors" for d in folders)
+        result["adapter_setup_s"] = time.perf_counter() - t0
+        result["reads"] = bench_reads(cfg, folders, readers, pinned_put(device))
+        pages = 128 if args.tiny else 512
+        result["cold_adapter"] = bench_cold_adapter(cfg, folders, pages)
+        if not args.skip_checkpoint:
+            t0 = time.perf_counter()
+            model_dir = write_checkpoint(work / "model", cfg)
+            page_cache([model_dir / "model.safetensors"])
+            result["checkpoint_setup_s"] = time.perf_counter() - t0
+            result["checkpoint"] = bench_checkpoint(cfg, model_dir, work / "weights_cache", args.numpy_loader)
+    finally:
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    r, c = result["reads"], result["cold_adapter"]
+    rows = [("adapter read, 1 reader (GB/s)", f"{r['per_reader_gbps']:.2f}", ">= 2"),
+            (f"adapter read, aggregate best of {readers} (GB/s)", f"{r['best_aggregate_gbps']:.2f}", ">= 5"),
+            ("numpy fromfile, same files (GB/s)", f"{r['numpy_fromfile_gbps']:.2f}", ""),
+            (f"{c['adapter_mb']:.0f} MB adapter disk -> pool p50 / p90 (ms)", f"{c['p50_ms']:.1f} / {c['p90_ms']:.1f}",
+             "p50 <= 30")]
+    if "checkpoint" in result:
+        k = result["checkpoint"]
+        rows += [(f"checkpoint {k['checkpoint_gb']:.1f} GB safetensors -> device (s)",
+                  f"{k['safetensors_to_device_s']:.1f}", "<= 20"),
+                 ("checkpoint from the orbax cache (s)", f"{k['orbax_cache_to_device_s']:.1f}", "<= 8")]
+        if "numpy_loader_s" in k:
+            rows.append(("checkpoint, numpy loader (s)", f"{k['numpy_loader_s']:.1f}", ""))
+    print(f"\ncold start on {result['device']} (jax {result['jax']}, {cfg.name}); JSON: {args.out}")
+    width = max(len(a) for a, _, _ in rows)
+    for a, b, t in rows:
+        print(f"  {a:<{width}}  {b:>14}  {t}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
