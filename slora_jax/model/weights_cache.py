@@ -224,7 +224,8 @@ def _abstract_manifest(abstract) -> dict:
 
 
 def load_fused_params_cached(model_dir, model_config: ModelConfig, dtype: str, cache_dir, scan_layers: bool = True,
-                             device=None, mesh=None, workers: Optional[int] = None) -> dict:
+                             device=None, mesh=None, workers: Optional[int] = None,
+                             via_pinned_host: Optional[bool] = None) -> dict:
     """``device_load.load_fused_params`` with an orbax cache of its result: a valid entry is restored
     straight onto the device (or mesh) in the fused layout, ready to compile; otherwise the checkpoint is
     loaded and the entry saved for the next start. A damaged entry is loaded again and replaced; a cache
@@ -249,7 +250,7 @@ def load_fused_params_cached(model_dir, model_config: ModelConfig, dtype: str, c
             shutil.rmtree(entry, ignore_errors=True)
         finally:
             ckpt.close()
-    params = load_fused_params(model_dir, model_config, dtype, scan_layers, device, mesh, workers)
+    params = load_fused_params(model_dir, model_config, dtype, scan_layers, device, mesh, workers, via_pinned_host)
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
