@@ -221,6 +221,50 @@ def bench_checkpoint(cfg, model_dir: Path, cache_dir: Path, numpy_loader: bool) 
     return out
 
 
+# ------------------------------------------------------------------------------------------ step memory
+
+
+def bench_step_memory(cfg) -> dict:
+    """Why XLA's rematerialization pass reports "can't reduce memory use below X; only reduced to Y" on
+    the step programs: with the engine's default pool sizing, one decode and one prefill program are
+    lowered and compiled as they are and with the pass disabled; their memory analysis (arguments,
+    outputs, bytes aliased between them, temporaries), compile seconds, and whether the pool is aliased
+    from input to output. Reads the engine's internals: a diagnostic, not a use of the public API."""
+    import re
+
+    import slora_jax as sj
+
+    engine = sj.Engine(cfg, random_params(cfg, jnp.bfloat16), EngineConfig(dtype="bfloat16"))
+    stats = engine.runner.device.memory_stats() or {}
+    out = {"pool_gib": engine.runner.pool.nbytes / 2**30,
+           "weights_gib": sum(x.nbytes for x in jax.tree.leaves(engine.runner.params)) / 2**30,
+           "device_bytes_limit_gib": stats.get("bytes_limit", 0) / 2**30,
+           "device_bytes_in_use_gib": stats.get("bytes_in_use", 0) / 2**30, "programs": {}}
+    B = engine.config.max_batch_size
+    T = engine.config.max_prefill_tokens
+    for mode in ("decode", "prefill"):
+        if mode == "decode":
+            inp = engine._decode_arrays(B, engine._decode_width(1))
+            samp = engine._sampling_arrays([], B)
+        else:
+            inp = engine._prefill_arrays(T, engine._prefill_rows(T))
+            samp = engine._sampling_arrays([], len(inp["last_index"]))
+        lowered = engine.runner.lower(mode, engine.tables, inp, samp)
+        for label, options in (("default", None), ("no_remat", {"xla_disable_hlo_passes": "rematerialization"})):
+            t0 = time.perf_counter()
+            compiled = lowered.compile(options)
+            secs = time.perf_counter() - t0
+            ma = compiled.memory_analysis()
+            alias = re.search(r"input_output_alias=\{([^}]*)\}", compiled.as_text() or "")
+            out["programs"][f"{mode}-{label}"] = {
+                "compile_s": secs, "argument_gib": ma.argument_size_in_bytes / 2**30,
+                "output_gib": ma.output_size_in_bytes / 2**30, "alias_gib": ma.alias_size_in_bytes / 2**30,
+                "temp_gib": ma.temp_size_in_bytes / 2**30, "input_output_alias": alias.group(1) if alias else None}
+            del compiled
+    del engine
+    return out
+
+
 # ------------------------------------------------------------------------------------------ main
 
 
@@ -233,6 +277,8 @@ def main(argv=None) -> int:
     ap.add_argument("--readers", default="1,2,4,8")
     ap.add_argument("--skip-checkpoint", action="store_true")
     ap.add_argument("--numpy-loader", action="store_true", help="also time the numpy checkpoint loader")
+    ap.add_argument("--step-memory", action="store_true",
+                    help="also compile a decode and a prefill step program with and without rematerialization")
     args = ap.parse_args(argv)
 
     cfg = tiny_config() if args.tiny else named_config("llama-3-8b")
@@ -259,6 +305,8 @@ def main(argv=None) -> int:
             page_cache([model_dir / "model.safetensors"])
             result["checkpoint_setup_s"] = time.perf_counter() - t0
             result["checkpoint"] = bench_checkpoint(cfg, model_dir, work / "weights_cache", args.numpy_loader)
+        if args.step_memory:
+            result["step_memory"] = bench_step_memory(cfg)
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
@@ -281,6 +329,10 @@ def main(argv=None) -> int:
                  ("checkpoint from the orbax cache (s)", f"{k['orbax_cache_to_device_s']:.1f}", "<= 8")]
         if "numpy_loader_s" in k:
             rows.append(("checkpoint, numpy loader (s)", f"{k['numpy_loader_s']:.1f}", ""))
+    for name, prog in result.get("step_memory", {}).get("programs", {}).items():
+        rows.append((f"step {name}: compile s / args, out, alias, temp GiB",
+                     f"{prog['compile_s']:.1f} / {prog['argument_gib']:.1f}, {prog['output_gib']:.1f}, "
+                     f"{prog['alias_gib']:.1f}, {prog['temp_gib']:.1f}", ""))
     print(f"\ncold start on {result['device']} (jax {result['jax']}, {cfg.name}); JSON: {args.out}")
     width = max(len(a) for a, _, _ in rows)
     for a, b, t in rows:
