@@ -7,8 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 # One engine start: a tiny model, its step programs compiled ahead; prints what the cache saw, counted by
 # JAX's own monitoring events (a hit is a program loaded instead of compiled).
 START = r"""

@@ -72,7 +72,7 @@ class Engine:
         econf = config or EngineConfig()
         econf = dataclasses.replace(econf, dtype=econf.resolved_dtype(jax.default_backend()))
         from slora_jax.compile_cache import DEFAULT_CACHE_DIR, enable_compilation_cache
-        enable_compilation_cache(getattr(econf, "compile_cache_dir", DEFAULT_CACHE_DIR))  # before any compile
+        enable_compilation_cache(getattr(econf, "compile_cache_dir", DEFAULT_CACHE_DIR))  # before compiling
         tp = econf.tensor_parallel
         if tp > len(jax.devices()):
             raise ConfigError(f"tensor_parallel={tp} but only {len(jax.devices())} device(s) are visible")

@@ -193,8 +193,7 @@ def load_fused_params(model_dir, config: ModelConfig, dtype: str, scan_layers: b
                 else:
                     per_layer[layer] = parts
     params["layers"] = stacked if stacked is not None else per_layer
-    jax.block_until_ready(params)  # the memory maps must outlive the copies out of them
-    del maps
+    jax.block_until_ready(params)  # the memory maps (closed on return) must outlive the copies out of them
     return params
 
 

@@ -1,7 +1,6 @@
 """Loading a checkpoint straight into the fused device layout: bit for bit what the numpy loader and
 fuse_params give, layers placed from several threads, and the orbax cache of the result."""
 
-import shutil
 import threading
 
 import jax
