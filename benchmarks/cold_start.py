@@ -226,7 +226,7 @@ def bench_checkpoint(cfg, model_dir: Path, cache_dir: Path, numpy_loader: bool) 
 
 def bench_step_memory(cfg) -> dict:
     """Why XLA's rematerialization pass reports "can't reduce memory use below X; only reduced to Y" on
-    the step programs: with the engine's default pool sizing, one decode and one prefill program are
+    the step programs: with the engine's default pool sizing, the largest decode and mixed programs are
     lowered and compiled as they are and with the pass disabled; their memory analysis (arguments,
     outputs, bytes aliased between them, temporaries), compile seconds, and whether the pool is aliased
     from input to output. Reads the engine's internals: a diagnostic, not a use of the public API."""
@@ -240,15 +240,11 @@ def bench_step_memory(cfg) -> dict:
            "weights_gib": sum(x.nbytes for x in jax.tree.leaves(engine.runner.params)) / 2**30,
            "device_bytes_limit_gib": stats.get("bytes_limit", 0) / 2**30,
            "device_bytes_in_use_gib": stats.get("bytes_in_use", 0) / 2**30, "programs": {}}
-    B = engine.config.max_batch_size
-    T = engine.config.max_prefill_tokens
-    for mode in ("decode", "prefill"):
-        if mode == "decode":
-            inp = engine._decode_arrays(B, engine._decode_width(1))
-            samp = engine._sampling_arrays([], B)
-        else:
-            inp = engine._prefill_arrays(T, engine._prefill_rows(T))
-            samp = engine._sampling_arrays([], len(inp["last_index"]))
+    shapes = engine.step_shapes()
+    for mode in ("decode", "mixed"):
+        _, n, width = max(s for s in shapes if s[0] == mode)  # the largest program of each kind
+        inp = engine._inputs.decode_arrays(n, width) if mode == "decode" else engine._inputs.mixed_arrays(n, width)
+        samp = engine._inputs.sampling([], inp["lengths"].shape[0])
         lowered = engine.runner.lower(mode, engine.tables, inp, samp)
         for label, options in (("default", None), ("no_remat", {"xla_disable_hlo_passes": "rematerialization"})):
             t0 = time.perf_counter()
@@ -278,7 +274,7 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-checkpoint", action="store_true")
     ap.add_argument("--numpy-loader", action="store_true", help="also time the numpy checkpoint loader")
     ap.add_argument("--step-memory", action="store_true",
-                    help="also compile a decode and a prefill step program with and without rematerialization")
+                    help="also compile the largest decode and mixed step programs with and without rematerialization")
     args = ap.parse_args(argv)
 
     cfg = tiny_config() if args.tiny else named_config("llama-3-8b")
