@@ -52,13 +52,14 @@ def test_second_start_compiles_nothing_and_damaged_entries_are_rebuilt(tmp_path)
     folder = tmp_path / ".cache" / "slora-jax" / "xla"  # the default, under this HOME
     first = start(tmp_path)
     assert first["cache_dir"] == str(folder)
-    assert first["programs"] == 3 and first["requests"] > 0
+    assert first["programs"] >= 2 and first["requests"] > first["programs"]  # step programs and small ones
     assert first["hits"] == 0 and first["misses"] == first["requests"]  # everything compiled and written
     written = entries(folder)
     assert len(written) == first["misses"]
 
     second = start(tmp_path)
     assert second["misses"] == 0 and second["hits"] == second["requests"] == first["requests"]
+    assert second["programs"] == first["programs"]
     assert second["tokens"] == first["tokens"]
     assert entries(folder) == written
 

@@ -261,10 +261,10 @@ class AdapterStore:
 
     def pages_needed(self, name: str, resident_too: bool = False) -> int:
         """Pages a load would take now (0 when already resident, unless ``resident_too``); known from the
-        config, so nothing is read. AdapterError if the adapter's read failed."""
+        config, so nothing is read. An adapter whose read failed still answers: the scheduler sizes its
+        requests with this, and ``acquire`` is where they learn of the failure."""
         with self._lock:  # request threads call this while the engine thread may evict
             rec = self._get(name)
-            self._raise_if_failed(name)
             if rec.slot is not None:
                 return int(rec.pages.size) if resident_too else 0
             return rec.num_pages
