@@ -363,3 +363,25 @@ def test_engine_stats_count_background_reads(tmp_path):
     s = engine.stats()
     assert s["adapter_reads"] == 1 and s["adapter_read_bytes"] == tensor_bytes(d)
     assert s["adapter_load_read_s"] > 0 and s["adapter_read_wall_s"] > 0 and s["adapter_read_gbps"] > 0
+
+
+def test_a_request_waiting_for_its_read_does_not_hold_back_the_batch(tmp_path, monkeypatch):
+    warm, cold = folders(tmp_path, 2)
+    sim = Sim(max_batch_size=8)
+    sim.store.register(warm.name, warm)  # read now: in host memory
+    sim.store.register(cold.name, cold, lazy=True)
+    started, release = _gate_reads(monkeypatch, [cold.name])
+    first = sim.add(4, 30, warm.name)
+    sim.step()
+    blocked = sim.add(4, 3, cold.name)
+    behind = [sim.add(4, 3, warm.name) for _ in range(3)]  # queued after the cold one
+    for _ in range(6):
+        sim.step()
+    assert started.is_set() and sim.store.reading(cold.name)
+    assert blocked.metrics.first_token_time is None  # still waiting for its read...
+    assert all(r.finish_reason == "length" for r in behind)  # ...while those behind it went through
+    assert len(first.output) >= 6  # and the running request never stopped
+    release.set()
+    sim.store.wait_reads(timeout=60)
+    sim.run()
+    assert blocked.finish_reason == "length" and first.finish_reason == "length"
