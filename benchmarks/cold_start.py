@@ -137,6 +137,10 @@ def bench_reads(cfg, folders, readers, put) -> dict:
         nbytes = sum(read_one(p) for p in plans)
         best_single = max(best_single, nbytes / (time.perf_counter() - t0) / 1e9)
     out["per_reader_gbps"] = best_single
+    if put is not None:  # the same without the copy into pinned memory: what the tiling alone costs
+        t0 = time.perf_counter()
+        nbytes = sum(read_paged_adapter(p, cfg, layout, 64, BF16)[1] for p in plans)
+        out["per_reader_to_numpy_gbps"] = nbytes / (time.perf_counter() - t0) / 1e9
     out["aggregate_gbps"] = {}
     for k in readers:
         with concurrent.futures.ThreadPoolExecutor(k) as pool:
