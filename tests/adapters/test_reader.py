@@ -316,8 +316,9 @@ def test_eviction_while_a_read_is_in_flight(tmp_path, monkeypatch):
 def test_eager_registration_reads_near_numpy_speed(tmp_path):
     """50 rank-64 adapters of a 1024-hidden, 8-layer model (bf16 files, bf16 engine): registering them
     eagerly takes at most 3x what numpy takes to read the same files into arrays it keeps (as registering
-    keeps the adapters: both pay for memory that is new to the process). Best of 3 for each, timed in
-    turns, so that a busy machine slows both alike."""
+    keeps the adapters: both pay for memory that is new to the process). Each adapter is timed both ways
+    back to back, three times, and its best time of each way counts: on a shared machine a time slice
+    lost to another process then spoils one sample, not a whole pass."""
     cfg = tiny_llama_config(hidden_size=1024, intermediate_size=2816, num_layers=8, num_heads=16,
                             num_kv_heads=4, head_dim=64, vocab_size=1024)
     dirs = folders(tmp_path, 50, rank=64, cfg=cfg, dtype="bfloat16",
@@ -326,24 +327,28 @@ def test_eager_registration_reads_near_numpy_speed(tmp_path):
     store, _ = make_store(cfg=cfg, dtype=BF16, host_cache_bytes=8 << 30)
     for f in files:
         f.read_bytes()  # both timings start from the page cache
-    numpy_s, register_s = [], []
+    numpy_s = np.full((3, len(dirs)), np.inf)
+    register_s = np.full((3, len(dirs)), np.inf)
+    total = 0
     for rep in range(3):
-        t0 = time.perf_counter()
-        kept = [np.fromfile(f, np.uint8) for f in files]
-        numpy_s.append(time.perf_counter() - t0)
+        kept = []
+        for i, (d, f) in enumerate(zip(dirs, files)):
+            t0 = time.perf_counter()
+            kept.append(np.fromfile(f, np.uint8))
+            t1 = time.perf_counter()
+            store.register(f"r{rep}-{d.name}", d)
+            t2 = time.perf_counter()
+            numpy_s[rep, i], register_s[rep, i] = t1 - t0, t2 - t1
         total = sum(a.nbytes for a in kept)
         del kept
-        t0 = time.perf_counter()
-        for d in dirs:
-            store.register(f"r{rep}-{d.name}", d)
-        register_s.append(time.perf_counter() - t0)
         for d in dirs:
             store.unregister(f"r{rep}-{d.name}")
     assert total > 300e6
     assert store.counters["reads"] == 150 and store.counters["read_bytes"] >= 150 * (total / 50) * 0.99
-    ratio = min(register_s) / min(numpy_s)
-    assert ratio <= 3.0, (f"eager registration {min(register_s):.3f}s vs numpy {min(numpy_s):.3f}s: "
-                          f"{ratio:.2f}x (all: {register_s}, {numpy_s})")
+    best_numpy, best_register = numpy_s.min(axis=0).sum(), register_s.min(axis=0).sum()
+    ratio = best_register / best_numpy
+    assert ratio <= 3.0, (f"eager registration {best_register:.3f}s vs numpy {best_numpy:.3f}s: {ratio:.2f}x "
+                          f"(passes: {register_s.sum(axis=1)}, {numpy_s.sum(axis=1)})")
 
 
 def test_engine_stats_count_background_reads(tmp_path):
