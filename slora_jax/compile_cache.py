@@ -18,6 +18,7 @@ engine and every jitted function of the process.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from pathlib import Path
 from typing import Optional, Union
@@ -26,6 +27,21 @@ log = logging.getLogger("slora_jax.compile_cache")
 
 DEFAULT_CACHE_DIR = "~/.cache/slora-jax/xla"
 _lock = threading.Lock()
+
+
+def disable_compilation_cache() -> None:
+    """Turn the persistent cache off for this process (until ``enable_compilation_cache``): for measuring
+    compilation itself."""
+    import jax
+
+    with _lock:
+        jax.config.update("jax_compilation_cache_dir", None)
+        try:
+            from jax._src import compilation_cache as cc
+
+            cc.reset_cache()
+        except Exception as e:  # noqa: BLE001 - a JAX whose internals differ
+            log.debug("could not reset JAX's compilation cache (%s: %s)", type(e).__name__, e)
 
 
 def enable_compilation_cache(cache_dir: Optional[Union[str, Path]] = DEFAULT_CACHE_DIR,
@@ -121,8 +137,20 @@ class _SelfHealingCache:
     def put(self, key: str, value: bytes) -> None:
         # JAX writes only after compiling, i.e. after ``get`` found nothing usable: an entry still there
         # failed to load (JAX warned), so it is replaced rather than kept, as the file cache would.
-        self._drop(key)
-        self._base.put(key, value)
+        f = self._file(key)
+        if f is None or getattr(self._base, "eviction_enabled", True):
+            self._drop(key)
+            self._base.put(key, value)  # the base cache does its own size accounting
+            return
+        # Written under another name and renamed: another process starting meanwhile (the folder is shared)
+        # never reads half a file.
+        tmp = f.with_name(f"{f.name}.{os.getpid()}-{threading.get_ident()}.tmp")
+        try:
+            tmp.write_bytes(value)
+            os.replace(tmp, f)
+        except OSError as e:
+            log.warning("cannot write compilation cache entry %s: %s", f, e)
+            tmp.unlink(missing_ok=True)
 
 
-__all__ = ["DEFAULT_CACHE_DIR", "enable_compilation_cache"]
+__all__ = ["DEFAULT_CACHE_DIR", "disable_compilation_cache", "enable_compilation_cache"]

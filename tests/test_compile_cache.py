@@ -77,7 +77,7 @@ def test_second_start_compiles_nothing_and_damaged_entries_are_rebuilt(tmp_path)
 def test_folder_is_configurable_and_can_be_left_off(tmp_path):
     import jax
 
-    from slora_jax.compile_cache import enable_compilation_cache
+    from slora_jax.compile_cache import disable_compilation_cache, enable_compilation_cache
 
     before = jax.config.jax_compilation_cache_dir
     try:
@@ -89,5 +89,10 @@ def test_folder_is_configurable_and_can_be_left_off(tmp_path):
         blocked = tmp_path / "file"
         blocked.write_text("not a folder")
         assert enable_compilation_cache(blocked / "sub") is None  # cannot be created: no cache, no error
+        disable_compilation_cache()
+        assert jax.config.jax_compilation_cache_dir is None
     finally:
-        jax.config.update("jax_compilation_cache_dir", before)
+        if before is None:
+            disable_compilation_cache()
+        else:
+            enable_compilation_cache(before)
