@@ -107,6 +107,10 @@ def plan_adapter(adapter_dir, model_config: ModelConfig, layout: PoolLayout, max
 
 
 _staging = threading.local()
+# Bytes a reader thread reads at once (a batch of layers of one module) and checks for NaN/Inf at once: the
+# per-thread buffers stay this small, whatever the adapter.
+_BATCH_BYTES = 16 << 20
+_CHECK_BYTES = 1 << 20
 
 
 def _staging_buffer(nbytes: int) -> np.ndarray:
@@ -133,10 +137,16 @@ def _finite_error(raw: np.ndarray, dtype_tag: str) -> bool:
     u = raw.view(utype)
     if not u.size:
         return False
-    bits = 8 * u.itemsize
-    tmp = _scratch(raw.nbytes)[:raw.nbytes].view(utype)
-    np.bitwise_and(u, utype((1 << (bits - 1)) - 1), out=tmp)  # clear the sign bit
-    return bool(tmp.max() >= exponent)
+    magnitude = utype((1 << (8 * u.itemsize - 1)) - 1)  # every bit but the sign
+    step = max(_CHECK_BYTES // u.itemsize, 1)
+    tmp = _scratch(min(u.size, step) * u.itemsize).view(utype)
+    for i in range(0, u.size, step):
+        part = u[i:i + step]
+        out = tmp[:part.size]
+        np.bitwise_and(part, magnitude, out=out)
+        if out.max() >= exponent:
+            return True
+    return False
 
 
 def _tile_layers(dest: np.ndarray, layers, m: np.ndarray, W: int) -> None:
@@ -179,13 +189,18 @@ def read_paged_adapter(plan: AdapterPlan, model_config: ModelConfig, layout: Poo
                 if span.dtype not in SAFETENSORS_NUMPY:
                     raise AdapterError(f"tensor {name!r} in {path.name} has unsupported dtype {span.dtype} "
                                        f"(supported: {', '.join(sorted(SAFETENSORS_NUMPY))})")
-                batches.setdefault((p.module, is_b, span.dtype, span.shape), []).append((p.layer, name))
+                key = (p.module, is_b, span.dtype, span.shape)
+                batches.setdefault(key, [[]])
+                if len(batches[key][-1]) * (span.end - span.start) >= _BATCH_BYTES:
+                    batches[key].append([])  # a new batch of layers: the staging buffer stays bounded
+                batches[key][-1].append((p.layer, name))
         tiles = np.zeros((L, plan.num_pages, R, W), dtype)  # padding is zero
         same_bits = _UINT[dtype.itemsize]
         fd = f.fileno()
         nbytes = 0
+        flat = [(key, items) for key, groups in batches.items() for items in groups]
         # In file order of each batch's first tensor: the reads go mostly forward through the file.
-        for (module, is_b, tag, shape), items in sorted(batches.items(), key=lambda kv: spans[kv[1][0][1]].start):
+        for (module, is_b, tag, shape), items in sorted(flat, key=lambda kv: spans[kv[1][0][1]].start):
             place = plan.places[module]  # match_tensors checked the file against plan.cfg
             per = spans[items[0][1]].end - spans[items[0][1]].start
             stage = _staging_buffer(per * len(items))[:per * len(items)]
@@ -204,8 +219,8 @@ def read_paged_adapter(plan: AdapterPlan, model_config: ModelConfig, layout: Poo
             first, ch = (place.b0, place.ch_out) if is_b else (place.a0, place.ch_in)
             dest = tiles[:, first:first + ch * place.rb].reshape(L, ch, place.rb * R, W)
             layers = np.fromiter((layer for layer, _ in items), np.intp, len(items))
-            if len(items) == L and (layers == np.arange(L)).all():
-                layers = slice(None)  # every layer in order: a plain strided copy
+            if (np.diff(layers) == 1).all():
+                layers = slice(int(layers[0]), int(layers[-1]) + 1)  # consecutive layers: a plain strided copy
             if src.dtype == dtype:
                 # Same format: copy bits (a plain integer copy releases the GIL and needs no cast loop).
                 _tile_layers(dest.view(same_bits), layers, m.view(same_bits), W)

@@ -75,6 +75,27 @@ def test_odd_shapes_dtypes_and_layers(tmp_path, file_dtype, engine_dtype):
     assert not got.tiles[1].any()  # the layer left out is all zero
 
 
+def test_reads_in_small_batches_and_checks_in_small_chunks(tmp_path, monkeypatch):
+    # Buffers far smaller than a module's tensors: every batch and check boundary is crossed.
+    from safetensors.numpy import load_file, save_file
+
+    monkeypatch.setattr(reader_mod, "_BATCH_BYTES", 3000)
+    monkeypatch.setattr(reader_mod, "_CHECK_BYTES", 256)
+    cfg = tiny_llama_config(num_layers=5)
+    layout = PoolLayout(cfg.num_layers, 64, 16, cfg.kv_size)
+    d = write_random_adapter(tmp_path / "a", cfg, rank=12, seed=4, dtype="bfloat16",
+                             target_modules=("q_proj", "v_proj", "down_proj"), layers_to_transform=[0, 1, 3, 4])
+    got, _ = read_paged_adapter(plan_adapter(d, cfg, layout, 64), cfg, layout, 64, BF16)
+    assert_same_paged(got, reference(d, cfg, layout, BF16))
+    f = d / "adapter_model.safetensors"
+    tensors = load_file(str(f))
+    bad = "base_model.model.model.layers.4.mlp.down_proj.lora_A.weight"
+    tensors[bad][-1, -1] = np.inf  # the last value of the last chunk
+    save_file(tensors, str(f))
+    with pytest.raises(AdapterError, match=f"{bad}.*non-finite"):
+        read_paged_adapter(plan_adapter(d, cfg, layout, 64), cfg, layout, 64, BF16)
+
+
 def test_plan_knows_the_size_without_reading(tmp_path, llama_gqa_dir, llama_adapters):
     cfg = load_model_config(llama_gqa_dir)
     layout = PoolLayout(cfg.num_layers, 64, 16, cfg.kv_size)
