@@ -284,8 +284,8 @@ class AdapterStore:
 
     def read_ahead(self, names) -> int:
         """Start background reads of the adapters among ``names`` (in order) that are neither in host memory
-        nor being read, while the bytes being read stay within half the host cache (so reading ahead never
-        evicts what was read for sooner use). Returns how many reads it started."""
+        nor being read, while the bytes being read stay within half the host cache (so that reads ahead cannot
+        by themselves flush the adapters read for sooner use). Returns how many reads it started."""
         started = 0
         with self._lock:
             inflight = sum(self._plan_bytes(rec) for rec, _ in self._reading.values())
