@@ -29,6 +29,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -119,9 +120,19 @@ def bench_reads(cfg, folders, readers, put) -> dict:
     plans = [plan_adapter(d, cfg, layout, 64) for d in folders]
     files = [d / "adapter_model.safetensors" for d in folders]
     file_bytes = sum(f.stat().st_size for f in files)
+    max_tile_bytes = max(p.num_pages for p in plans) * cfg.num_layers * 16 * cfg.kv_size * BF16.itemsize
+
+    buffers = threading.local()
 
     def read_one(plan):
-        paged, n = read_paged_adapter(plan, cfg, layout, 64, BF16)
+        # As the engine's reader threads do when the host tier copies into pinned memory: tiles are built in
+        # a buffer each thread reuses.
+        out = None
+        if put is not None:
+            out = getattr(buffers, "buf", None)
+            if out is None:
+                out = buffers.buf = np.empty(max_tile_bytes, np.uint8)
+        paged, n = read_paged_adapter(plan, cfg, layout, 64, BF16, out)
         if put is not None:
             put(paged.tiles)
         return n

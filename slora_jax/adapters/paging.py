@@ -8,6 +8,7 @@ Placing it on the device maps those local indices to the pool pages it was given
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
@@ -26,15 +27,51 @@ class GroupTiles:
 
 @dataclass
 class PagedAdapter:
-    """An adapter in page form, ready to be copied into any n free pages of the pool."""
+    """An adapter in page form, ready to be copied into any n free pages of the pool.
+
+    ``transposed`` marks pages held as their tile's transpose: the page's R*W values, read as [W, R], are
+    the tile's [R, W]. The reader keeps B's tiles so because B is stored [d_out, r] and its tiles hold B^T:
+    cutting B into [W, R] blocks copies runs of R values, where transposing it on the host copies one
+    value at a time (its slowest step). ``canonical_tiles`` turns them round, on the device."""
 
     tiles: object  # [L, n, R, W] in the engine dtype: numpy, or a pinned-host jax array on GPU
     groups: dict[str, GroupTiles]
     num_pages: int
+    transposed: Optional[np.ndarray] = None  # [n] bool; None: every page as the pool holds it
 
     @property
     def nbytes(self) -> int:
         return int(np.prod(self.tiles.shape)) * self.tiles.dtype.itemsize
+
+
+def _transpose_pages(tiles, mask):
+    """tiles [L, n, R, W] with the pages in ``mask`` [n] turned from [W, R] into [R, W] (jax arrays)."""
+    import jax.numpy as jnp
+
+    L, n, R, W = tiles.shape
+    turned = tiles.reshape(L, n, W, R).swapaxes(2, 3)
+    return jnp.where(mask[None, :, None, None], turned, tiles)
+
+
+_transpose_pages_jit = None
+
+
+def canonical_tiles(tiles, transposed: Optional[np.ndarray]):
+    """``tiles`` with every page as the pool holds it (see PagedAdapter.transposed). A jax array is turned
+    on its device (asynchronously, one small program per page count); numpy is turned on the host."""
+    if transposed is None or not transposed.any():
+        return tiles
+    L, n, R, W = tiles.shape
+    if isinstance(tiles, np.ndarray):
+        out = tiles.copy()
+        out[:, transposed] = tiles[:, transposed].reshape(L, -1, W, R).swapaxes(2, 3)
+        return out
+    global _transpose_pages_jit
+    if _transpose_pages_jit is None:
+        import jax
+
+        _transpose_pages_jit = jax.jit(_transpose_pages)
+    return _transpose_pages_jit(tiles, transposed)
 
 
 def _tile(w: np.ndarray, R: int, W: int, rb: int, ch: int) -> np.ndarray:

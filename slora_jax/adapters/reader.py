@@ -15,9 +15,13 @@ read in parallel.
 
 from __future__ import annotations
 
+import functools
+import math
+import mmap
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -62,6 +66,7 @@ class AdapterPlan:
     targets: tuple[str, ...]  # adapted modules, in MODULES order
     places: dict[str, ModulePlace]
     layer_ranks: dict  # (layer, module) -> (module key, rank, alpha): what the weights file must hold
+    b_pages: np.ndarray  # [num_pages] bool: the pages of B tiles, which the reader keeps transposed
 
     @property
     def weights_path(self) -> Path:
@@ -102,8 +107,11 @@ def plan_adapter(adapter_dir, model_config: ModelConfig, layout: PoolLayout, max
                     scales[layer, i] = module_scale(cfg, r, alpha)
         groups[g] = GroupTiles(a_idx, b_idx, ranks, scales)
     targets = tuple(m for m in MODULES if m in mod_rank)
+    b_pages = np.zeros(n, bool)
+    for place in places.values():
+        b_pages[place.b0:place.b0 + place.ch_out * place.rb] = True
     return AdapterPlan(str(adapter_dir), raw, cfg, groups, n, max(mod_rank.values()), mod_rank, targets, places,
-                       per_layer)
+                       per_layer, b_pages)
 
 
 _staging = threading.local()
@@ -149,8 +157,22 @@ def _finite_error(raw: np.ndarray, dtype_tag: str) -> bool:
     return False
 
 
+def _new_zeros(shape: tuple, dtype: np.dtype) -> np.ndarray:
+    """A zeroed array in memory new to the process, its pages mapped in one call (MAP_POPULATE): touching
+    fresh pages one 4 KiB fault at a time made writing the tiles cost twice what the read did."""
+    size = math.prod(shape) * dtype.itemsize
+    flags = getattr(mmap, "MAP_POPULATE", None)
+    if flags is None or size < (1 << 20):
+        return np.zeros(shape, dtype)
+    try:
+        mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | flags)
+    except (OSError, ValueError):
+        return np.zeros(shape, dtype)
+    return np.frombuffer(mm, dtype).reshape(shape)  # anonymous memory is zero; freed with the array
+
+
 def _tile_layers(dest: np.ndarray, layers, m: np.ndarray, W: int) -> None:
-    """Write m [n, r, d] (one module's A, or B^T, in n layers) into dest [L, ch, rb*R, W] (that module's
+    """Write m [n, r, d] (one module's A in n layers) into dest [L, ch, rb*R, W] (that module's
     tiles in every layer) at ``layers``: tile (c, j) of a layer holds rows jR.. and columns cW.. of its
     matrix, as ``paging._tile`` lays them out. Padding stays as it was (zero)."""
     n, r, d = m.shape
@@ -161,10 +183,27 @@ def _tile_layers(dest: np.ndarray, layers, m: np.ndarray, W: int) -> None:
         dest[layers, full, :r, :d - full * W] = m[:, :, full * W:]
 
 
+def _tile_layers_b(dest: np.ndarray, layers, m: np.ndarray, W: int, R: int) -> None:
+    """Write B as stored, m [n, d_out, r] (n layers), into dest [L, ch, rb, W, R] (that module's B pages in
+    every layer, each held as [W, R], see PagedAdapter.transposed): page (c, j) holds rows cW.. and
+    columns jR.. of B, i.e. the transpose of B^T's tile (c, j). Runs of R values are copied."""
+    n, d, r = m.shape
+    full = d // W
+    for j in range(dest.shape[2]):
+        lo, hi = j * R, min((j + 1) * R, r)
+        if hi <= lo:
+            break
+        if full:
+            dest[layers, :full, j, :, :hi - lo] = m[:, :full * W, lo:hi].reshape(n, full, W, hi - lo)
+        if d > full * W:
+            dest[layers, full, j, :d - full * W, :hi - lo] = m[:, full * W:, lo:hi]
+
+
 def read_paged_adapter(plan: AdapterPlan, model_config: ModelConfig, layout: PoolLayout, max_rank: int,
-                       dtype) -> tuple[PagedAdapter, int]:
-    """Read the adapter's weights file into a PagedAdapter in ``dtype`` (numpy); returns it and the bytes
-    read from the file. Raises AdapterError for a missing, truncated or corrupt file, weights that disagree
+                       dtype, out: Optional[np.ndarray] = None) -> tuple[PagedAdapter, int]:
+    """Read the adapter's weights file into a PagedAdapter in ``dtype`` (numpy; B's pages transposed, as
+    ``transposed`` says); returns it and the bytes read from the file. ``out``: a byte buffer to build the
+    tiles in (reused by a caller that copies them elsewhere: new memory costs a page fault per 4 KiB). Raises AdapterError for a missing, truncated or corrupt file, weights that disagree
     with the config or the base model, and non-finite values.
 
     The tensors of one module (A or B) of equal rank in every layer are read into one buffer and tiled with
@@ -194,7 +233,13 @@ def read_paged_adapter(plan: AdapterPlan, model_config: ModelConfig, layout: Poo
                 if len(batches[key][-1]) * (span.end - span.start) >= _BATCH_BYTES:
                     batches[key].append([])  # a new batch of layers: the staging buffer stays bounded
                 batches[key][-1].append((p.layer, name))
-        tiles = np.zeros((L, plan.num_pages, R, W), dtype)  # padding is zero
+        shape = (L, plan.num_pages, R, W)
+        size = math.prod(shape) * dtype.itemsize
+        if out is not None and out.nbytes >= size:
+            tiles = out[:size].view(dtype).reshape(shape)
+            tiles.view(np.uint8).fill(0)  # padding is zero
+        else:
+            tiles = _new_zeros(shape, dtype)
         same_bits = _UINT[dtype.itemsize]
         fd = f.fileno()
         nbytes = 0
@@ -215,18 +260,19 @@ def read_paged_adapter(plan: AdapterPlan, model_config: ModelConfig, layout: Poo
             src = stage.view(SAFETENSORS_NUMPY[tag]).reshape((len(items),) + shape)
             if src.dtype == np.float64:
                 src = src.astype(np.float32)  # through float32, as the float32 loader rounds it
-            m = src.transpose(0, 2, 1) if is_b else src  # B is stored [d_out, r]; its tiles hold B^T
             first, ch = (place.b0, place.ch_out) if is_b else (place.a0, place.ch_in)
-            dest = tiles[:, first:first + ch * place.rb].reshape(L, ch, place.rb * R, W)
+            dest = tiles[:, first:first + ch * place.rb]
+            dest = dest.reshape(L, ch, place.rb, W, R) if is_b else dest.reshape(L, ch, place.rb * R, W)
+            tile = functools.partial(_tile_layers_b, W=W, R=R) if is_b else functools.partial(_tile_layers, W=W)
             layers = np.fromiter((layer for layer, _ in items), np.intp, len(items))
             if (np.diff(layers) == 1).all():
                 layers = slice(int(layers[0]), int(layers[-1]) + 1)  # consecutive layers: a plain strided copy
             if src.dtype == dtype:
                 # Same format: copy bits (a plain integer copy releases the GIL and needs no cast loop).
-                _tile_layers(dest.view(same_bits), layers, m.view(same_bits), W)
+                tile(dest.view(same_bits), layers, src.view(same_bits))
             else:
-                _tile_layers(dest, layers, m, W)
-    return PagedAdapter(tiles, plan.groups, plan.num_pages), nbytes
+                tile(dest, layers, src)
+    return PagedAdapter(tiles, plan.groups, plan.num_pages, plan.b_pages), nbytes
 
 
 __all__ = ["AdapterPlan", "ModulePlace", "plan_adapter", "read_paged_adapter"]

@@ -31,7 +31,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from slora_jax.adapters.paging import AdapterTables, PagedAdapter, page_adapter
+from slora_jax.adapters.paging import AdapterTables, PagedAdapter, canonical_tiles, page_adapter
 from slora_jax.adapters.reader import AdapterPlan, plan_adapter, read_paged_adapter
 from slora_jax.config import EngineConfig, ModelConfig
 from slora_jax.errors import AdapterError, UnknownAdapterError
@@ -115,6 +115,17 @@ def _default_stage(device=None) -> Callable:
     return stage
 
 
+def _aliases(x, buf: np.ndarray) -> bool:
+    """Whether ``x`` (numpy, or a jax array that may wrap host memory zero-copy) lies in ``buf``."""
+    if isinstance(x, np.ndarray):
+        return np.shares_memory(x, buf)
+    try:
+        ptr = x.unsafe_buffer_pointer()
+    except Exception:  # noqa: BLE001 - no single buffer (sharded) or no pointer: not a view of ours
+        return False
+    return buf.ctypes.data <= ptr < buf.ctypes.data + buf.nbytes
+
+
 def _wait(x) -> tuple[bool, float]:
     """(was ready already, seconds spent waiting) for a staged device array."""
     is_ready = getattr(x, "is_ready", None)
@@ -148,6 +159,11 @@ class AdapterStore:
         self._reading: dict[str, tuple[_Record, Future]] = {}
         self._read_failed: dict[str, str] = {}  # name -> why its read failed
         self._stats_lock = threading.Lock()  # reader threads update the read counters
+        self._scratch = threading.local()  # per reader thread: a buffer the tiles are built in, if reusable
+        probe = np.zeros(1, np.float32)
+        # When the host tier copies the tiles (into pinned memory on GPU), a reader builds them in a buffer
+        # of its own, reused: a new one would cost a page fault per 4 KiB (10+ ms for 51 MB).
+        self._host_copies = to_host(probe) is not probe
         self._reads_active = 0
         self._reads_mark = 0.0
         self.step = 0
@@ -395,7 +411,8 @@ class AdapterStore:
         slot = self._free_slots.pop()
         stage = self._stage or _default_stage()
         self._stage = stage
-        rec.staged = stage(paged.tiles)  # asynchronous host->device copy; committed by the first acquire
+        # Asynchronous host->device copy (B's pages turned round there); committed by the first acquire.
+        rec.staged = canonical_tiles(stage(paged.tiles), paged.transposed)
         self.tables.set_slot(slot, paged, pages)
         rec.slot, rec.pages = slot, pages
         self._resident[rec.name] = rec
@@ -478,8 +495,13 @@ class AdapterStore:
         t0 = self._read_begins()
         nbytes = 0
         try:
-            paged, nbytes = read_paged_adapter(rec.plan, self.cfg, self.layout, self.econf.max_lora_rank, self._dtype)
-            paged.tiles = self._to_host(paged.tiles)
+            out = self._tile_buffer(rec) if self._host_copies else None
+            paged, nbytes = read_paged_adapter(rec.plan, self.cfg, self.layout, self.econf.max_lora_rank, self._dtype,
+                                               out)
+            host = self._to_host(paged.tiles)
+            if out is not None and _aliases(host, out):  # not copied after all: the buffer will be reused
+                host = self._to_host(np.array(paged.tiles))
+            paged.tiles = host
             block = getattr(paged.tiles, "block_until_ready", None)
             if block is not None:
                 block()  # the copy into pinned memory is part of the read, not of the engine's step
@@ -491,6 +513,15 @@ class AdapterStore:
             raise AdapterError(f"reading adapter {rec.name!r} from {rec.path} failed: {type(e).__name__}: {e}") from e
         self._read_ends(t0, nbytes, failed=False)
         return paged
+
+    def _tile_buffer(self, rec: _Record) -> np.ndarray:
+        """This reader thread's reusable byte buffer, large enough for ``rec``'s tiles."""
+        size = self._plan_bytes(rec)
+        buf = getattr(self._scratch, "buf", None)
+        if buf is None or buf.nbytes < size:
+            buf = np.empty(size, np.uint8)
+            self._scratch.buf = buf
+        return buf
 
     def _read_begins(self) -> float:
         now = time.perf_counter()
