@@ -132,7 +132,14 @@ def test_metrics_parse_and_describe_the_engine(server, http, reference):
                                                ignore_eos=True))
     assert r.status_code == 200
     http.post("/v1/completions", json=dict(model="nope", prompt=prompt, max_tokens=5))
-    m = scrape(server.url)
+    # Engine gauges come from the snapshot the engine thread publishes when it pauses (or every second).
+    deadline = time.monotonic() + 10
+    while True:
+        m = scrape(server.url)
+        if value(m, "slora_adapter_resident", adapter="a2") == 1 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert value(m, "slora_engine_stats_age_seconds") < 10
     assert value(m, "slora_requests_total", model="a2", finish_reason="length") \
         - value(before, "slora_requests_total", model="a2", finish_reason="length") == 1
     assert value(m, "slora_generation_tokens_total", model="a2") \
