@@ -18,6 +18,8 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
+import sys
 from typing import Optional
 
 from slora_jax.server.errors import APIError, error_body, unavailable
@@ -239,8 +241,9 @@ def serve(build, sock, lifecycle: Lifecycle, *, drain_s: float, header_timeout_s
         if lifecycle.phase == "ready":
             say("ready")
 
-    gate = StartingGate(lifecycle, on_startup=lambda aio: threading.Thread(
-        target=load, args=(aio,), name="slora-startup", daemon=True).start())
+    loader = []
+    gate = StartingGate(lifecycle, on_startup=lambda aio: loader.append(threading.Thread(
+        target=load, args=(aio,), name="slora-startup", daemon=True)) or loader[0].start())
     from slora_jax.server.connections import guarded_protocol
 
     config = uvicorn.Config(gate, log_level="info", http=guarded_protocol(header_timeout_s, max_connections),
@@ -250,4 +253,12 @@ def serve(build, sock, lifecycle: Lifecycle, *, drain_s: float, header_timeout_s
         server.run(sockets=[sock])
     except KeyboardInterrupt:
         pass
-    return 1 if failed else 0
+    code = 1 if failed else 0
+    if loader and loader[0].is_alive():
+        # Stopped while still loading or compiling: the compiler's worker threads would hold the exit
+        # until they finish, minutes on a large model. Nothing is being served, so nothing is lost.
+        say("stopped while starting")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code

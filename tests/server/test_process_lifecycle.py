@@ -305,3 +305,27 @@ class lines_as_response:
 
     def iter_lines(self):
         return self.lines
+
+
+def test_compile_progress_and_sigterm_while_starting(files, server_env, tmp_path):
+    """--precompile shows its progress on the terminal and in the probes; SIGTERM before it is done ends
+    the process at once rather than after the remaining compilations."""
+    env = dict(server_env, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "cold_cache"))  # really compile
+    p = Process(files, env, "--precompile", "--max-batch-size", "1")
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while not any("compiling up to" in line for line in p.lines):
+            assert time.monotonic() < deadline and p.proc.poll() is None, p.log()
+            time.sleep(0.05)
+        total = int(re.search(r"compiling up to (\d+) step programs", p.log()).group(1))
+        assert total > 2
+        r = httpx.get(p.url + "/health", timeout=10)
+        assert r.status_code == 503 and r.json()["status"] == "starting", r.text
+        assert "compil" in r.json()["detail"]
+        t0 = time.monotonic()
+        p.sigterm()
+        assert p.wait(30) == 0, p.log()
+        assert time.monotonic() - t0 < 20
+        assert "stopped while starting" in p.log() and "slora-jax: ready" not in p.log()
+    finally:
+        p.kill()
