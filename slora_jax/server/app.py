@@ -689,7 +689,7 @@ def run_server(args) -> int:
 
     def build():
         t0 = time.perf_counter()
-        progress.step(f"loading the model from {args.model}")
+        progress.step("loading the model", f"from {args.model}")
         engine = sj.Engine.from_pretrained(args.model, config=engine_config(args))
         progress.step(f"model loaded in {time.perf_counter() - t0:.1f} s")
         for i, (name, path) in enumerate(adapters):
@@ -697,7 +697,7 @@ def run_server(args) -> int:
             engine.load_adapter(name, path)
         runtime = None
         if state_file is not None:
-            progress.step(f"loading the adapters recorded in {state_file.path}")
+            progress.step("loading the adapters recorded in the state file", str(state_file.path))
             runtime = replay_state(engine, state_file, root, {n for n, _ in adapters})
         if precompile_wanted(getattr(args, "precompile", None)):
             t0 = time.perf_counter()

@@ -198,9 +198,10 @@ class Progress:
     def __init__(self, lifecycle: Lifecycle):
         self.lifecycle = lifecycle
 
-    def step(self, detail: str) -> None:
+    def step(self, detail: str, where: str = "") -> None:
+        """``detail`` goes to the probes too (which anyone may read); ``where`` (a path) only to the terminal."""
         self.lifecycle.detail = detail
-        say(detail)
+        say(f"{detail} {where}" if where else detail)
 
     def compiling(self, total: int):
         """``on_compiled`` for Engine.precompile: a line at each tenth of ``total`` programs."""
@@ -233,8 +234,9 @@ def serve(build, sock, lifecycle: Lifecycle, *, drain_s: float, header_timeout_s
             asyncio.run_coroutine_threadsafe(gate.install(app), aio).result()
         except BaseException as e:  # reported, and the server stops: there is nothing to serve
             failed.append(e)
-            lifecycle.phase, lifecycle.detail = "failed", f"{type(e).__name__}: {e}"
-            say(f"error: cannot start: {lifecycle.detail}")
+            # The probes, which need no key, say only that it failed: the message may name server paths.
+            lifecycle.phase, lifecycle.detail = "failed", "start-up failed (the server's log says why)"
+            say(f"error: cannot start: {type(e).__name__}: {e}")
             log.debug("start-up failed", exc_info=True)
             aio.call_soon_threadsafe(setattr, server, "should_exit", True)
             return

@@ -329,3 +329,36 @@ def test_compile_progress_and_sigterm_while_starting(files, server_env, tmp_path
         assert "stopped while starting" in p.log() and "slora-jax: ready" not in p.log()
     finally:
         p.kill()
+
+
+def test_a_model_that_cannot_load_is_one_line_and_exit_1(files, server_env, tmp_path):
+    p = Process(dict(files, model=tmp_path / "no-model-here"), server_env)
+    try:
+        assert p.wait(120) == 1, p.log()
+        errors = [line for line in p.lines if "error: cannot start" in line]
+        assert len(errors) == 1 and "no-model-here" in errors[0], p.log()
+    finally:
+        p.kill()
+
+
+def test_state_file_entries_that_no_longer_load_are_dropped(files, server_env, tmp_path):
+    state = tmp_path / "adapters.json"
+    state.write_text(json.dumps({"version": 1, "adapters": [
+        {"name": "gone", "path": "no-such-adapter"}, {"name": "back", "path": "nested/late"},
+        {"name": "a0", "path": "a0"}]}))
+    p = Process(files, server_env, "--adapter-root", str(files["adapter_root"]), "--state-file", str(state),
+                "--adapter", f"a0={files['adapters']['a0']}")
+    try:
+        p.wait_ready()
+        models = {m["id"] for m in httpx.get(p.url + "/v1/models").json()["data"]}
+        assert {"back", "a0"} <= models and "gone" not in models, models
+        assert "cannot load 'gone'" in p.log() and "'a0' is already loaded" in p.log()
+        # The next runtime change rewrites the file with what the server really serves.
+        r = httpx.post(p.url + "/v1/load_lora_adapter", json={"lora_name": "more", "lora_path": "a1"})
+        assert r.status_code == 200, r.text
+        assert json.loads(state.read_text())["adapters"] == [{"name": "back", "path": "nested/late"},
+                                                             {"name": "more", "path": "a1"}]
+        p.sigterm()
+        assert p.wait() == 0
+    finally:
+        p.kill()
