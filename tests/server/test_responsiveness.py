@@ -123,3 +123,21 @@ def test_tokenizing_does_not_block_other_connections(engine):
         assert r.status_code == 200 and seconds < 1.0, seconds
         t.join()
         assert result["r"].status_code == 400 and "max_tokens" in result["r"].text
+
+
+def test_adapter_load_and_unload_do_not_run_on_the_engine_thread(engine, files):
+    """Reading and validating an adapter happens on a worker thread: with the engine thread held (a long
+    step), a load and an unload still complete at once."""
+    app = create_app(engine, served_model_name="tiny", adapter_root=str(files["adapter_root"]))
+    with serving(app) as url:
+        held = hold_engine_thread(app, 4.0)
+        time.sleep(0.3)
+        t0 = time.perf_counter()
+        r = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "offthread", "lora_path": "nested/late"},
+                       timeout=30)
+        assert r.status_code == 200, r.text
+        r = httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": "offthread"}, timeout=30)
+        assert r.status_code == 200, r.text
+        assert time.perf_counter() - t0 < 2.0
+        assert held.is_alive()  # the engine thread was busy all along
+        held.join()
