@@ -6,7 +6,6 @@ import math
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 
@@ -48,7 +47,7 @@ HOSTILE_FIELDS = [
 def test_hostile_patterns_are_matched_in_linear_time(adapter):
     """Each field with a catastrophic-backtracking pattern: answered in well under a second, in a child
     process so that a regression shows as a timeout rather than a hung test run."""
-    script = textwrap.dedent(f"""
+    script = textwrap.dedent("""
         import json, shutil, sys, time
         from pathlib import Path
         from slora_jax.adapters.peft import read_adapter_config

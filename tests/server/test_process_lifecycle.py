@@ -97,10 +97,10 @@ def wait_in_flight_below(url: str, n: int, timeout: float = 60) -> None:
         time.sleep(0.02)
 
 
-def read_stream(resp) -> list:
-    """Every ``data:`` payload of an SSE response, parsed, up to and including '[DONE]'."""
+def read_stream(lines) -> list:
+    """Every ``data:`` payload among an SSE response's ``lines``, parsed, up to and including '[DONE]'."""
     events = []
-    for line in resp.iter_lines():
+    for line in lines:
         if line.startswith("data: "):
             data = line[len("data: "):]
             events.append(data if data == "[DONE]" else json.loads(data))
@@ -152,7 +152,7 @@ def test_request_deadline_and_retry_after(limits_server):
     assert "--request-timeout" in err["message"]
     with httpx.stream("POST", url + "/v1/completions", json={**LONG, "n": 32, "stream": True}, timeout=60) as resp:
         assert resp.status_code == 200
-        events = read_stream(resp)
+        events = read_stream(resp.iter_lines())
     assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == "request_timeout", events[-3:]
     wait_in_flight_below(url, 1)  # the requests ended by the deadline released their places
     assert httpx.get(url + "/health", timeout=10).status_code == 200
@@ -249,7 +249,7 @@ def test_start_state_file_and_sigterm_drain(files, server_env, tmp_path, referen
             lines = resp.iter_lines()
             head = next(line for line in lines if line.startswith("data: "))
             first.sigterm()
-            events = [json.loads(head[len("data: "):])] + read_stream(lines_as_response(lines))
+            events = [json.loads(head[len("data: "):])] + read_stream(lines)
         assert events[-1] == "[DONE]" and "error" not in events[-2], events[-2:]
         ids = sum((e["choices"][0]["token_ids"] for e in events[:-1]), [])
         assert ids == expected(reference, prompt, "late", 200, ignore_eos=True).token_ids
@@ -279,7 +279,7 @@ def test_start_state_file_and_sigterm_drain(files, server_env, tmp_path, referen
             with httpx.stream("POST", second.url + "/v1/completions", json={**LONG, "n": 32, "stream": True},
                               timeout=120) as resp:
                 streamed["status"] = resp.status_code
-                streamed["events"] = read_stream(resp)
+                streamed["events"] = read_stream(resp.iter_lines())
 
         st = threading.Thread(target=stream, daemon=True)
         st.start()
@@ -296,15 +296,6 @@ def test_start_state_file_and_sigterm_drain(files, server_env, tmp_path, referen
     finally:
         second.kill()
 
-
-class lines_as_response:
-    """read_stream over an iterator of lines already started."""
-
-    def __init__(self, lines):
-        self.lines = lines
-
-    def iter_lines(self):
-        return self.lines
 
 
 def test_compile_progress_and_sigterm_while_starting(files, server_env, tmp_path):
