@@ -154,8 +154,13 @@ class AdapterAdmin:
         return model
 
     def acquire(self, adapter: Optional[str], count: int) -> None:
-        if adapter is not None:
-            self.inflight[adapter] += count
+        """Count ``count`` new engine requests for ``adapter``; 404 if its drain began after the handler
+        checked the name (while it tokenized)."""
+        if adapter is None:
+            return
+        if adapter in self.draining:
+            raise model_not_found(f"the model {adapter!r} is being unloaded")
+        self.inflight[adapter] += count
 
     def release(self, adapter: Optional[str], count: int) -> None:
         if adapter is None:

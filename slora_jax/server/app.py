@@ -414,11 +414,11 @@ def _start(state: ServerState, adapter: Optional[str], specs: list[ChoiceSpec]) 
                           f"at once ({state.max_pending}, --max-pending)", "n")
     if state.pending + len(specs) > state.max_pending:
         raise over_capacity(f"{state.pending} requests are in flight (limit {state.max_pending}); retry later")
+    state.admin.acquire(adapter, len(specs))
     model = adapter if adapter is not None else state.model_name
     runs = [ChoiceRun(state.loop, state.tokenizer, adapter, model, s, state.metrics) for s in specs]
     state.pending += len(runs)
     state.metrics.in_flight.set(state.pending)
-    state.admin.acquire(adapter, len(runs))
 
     def release():
         state.pending -= len(runs)
