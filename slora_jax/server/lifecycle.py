@@ -46,7 +46,7 @@ class Lifecycle:
 
     # ------------------------------------------------------------------ probes
     def live(self) -> tuple[int, dict]:
-        if self.phase in ("starting",):
+        if self.phase == "starting":
             return 200, {"status": "starting", "detail": self.detail}
         if self.phase == "failed":
             return 503, {"status": "stopped", "detail": self.detail}
@@ -243,9 +243,13 @@ def serve(build, sock, lifecycle: Lifecycle, *, drain_s: float, header_timeout_s
         if lifecycle.phase == "ready":
             say("ready")
 
-    loader = []
-    gate = StartingGate(lifecycle, on_startup=lambda aio: loader.append(threading.Thread(
-        target=load, args=(aio,), name="slora-startup", daemon=True)) or loader[0].start())
+    loader: list[threading.Thread] = []
+
+    def start_loading(aio) -> None:
+        loader.append(threading.Thread(target=load, args=(aio,), name="slora-startup", daemon=True))
+        loader[0].start()
+
+    gate = StartingGate(lifecycle, on_startup=start_loading)
     from slora_jax.server.connections import guarded_protocol
 
     config = uvicorn.Config(gate, log_level="info", http=guarded_protocol(header_timeout_s, max_connections),
