@@ -148,10 +148,18 @@ class AdapterAdmin:
             return None
         if model in self.draining:
             raise model_not_found(f"the model {model!r} is being unloaded")
+        if model not in self.names and self._engine_has(model):
+            self.names.add(model)  # registered with the engine by other means (a Python caller, say)
         if model not in self.names:
             raise model_not_found(f"the model {model!r} does not exist: use {self.model_name!r} (the base model) "
                                   f"or a loaded adapter's name (GET /v1/models lists them)")
         return model
+
+    def _engine_has(self, name: str) -> bool:
+        has = getattr(self.engine, "has_adapter", None)
+        if has is not None:
+            return bool(has(name))
+        return any(info.name == name for info in self.engine.list_adapters())  # O(adapters), unknown names only
 
     def acquire(self, adapter: Optional[str], count: int) -> None:
         """Count ``count`` new engine requests for ``adapter``; 404 if its drain began after the handler

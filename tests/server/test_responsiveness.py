@@ -141,3 +141,18 @@ def test_adapter_load_and_unload_do_not_run_on_the_engine_thread(engine, files):
         assert time.perf_counter() - t0 < 2.0
         assert held.is_alive()  # the engine thread was busy all along
         held.join()
+
+
+def test_adapter_registered_with_the_engine_directly_is_served(engine, files):
+    """The server's own list of names follows adapters that a Python caller registers on the engine."""
+    app = create_app(engine, served_model_name="tiny", max_tokens_limit=4)
+    with serving(app) as url:
+        body = {"model": "direct", "prompt": [5, 6, 7], "max_tokens": 8}
+        assert httpx.post(url + "/v1/completions", json=body, timeout=30).status_code == 404
+        engine.load_adapter("direct", str(files["late"]))
+        try:
+            r = httpx.post(url + "/v1/completions", json=body, timeout=30)
+            # Past the name check, refused only for max_tokens: no generation needed to tell.
+            assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens", r.text
+        finally:
+            engine.unload_adapter("direct")
