@@ -89,6 +89,9 @@ class StateFile:
             pairs = [(str(e["name"]), str(e["path"])) for e in entries]
         except (OSError, UnicodeDecodeError, ValueError, RecursionError, KeyError, TypeError) as e:
             raise ValueError(f"--state-file {self.path} is not a state file this server wrote: {e}") from e
+        if data.get("version", self.VERSION) != self.VERSION:
+            raise ValueError(f"--state-file {self.path} has version {data.get('version')!r}; this server reads "
+                             f"version {self.VERSION}")
         return pairs
 
     def write(self, pairs: list[tuple[str, str]]) -> None:

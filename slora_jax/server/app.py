@@ -671,6 +671,11 @@ def run_server(args) -> int:
     state_file = StateFile(opt.state_file) if opt.state_file else None
     if state_file is not None and root is None:
         raise SystemExit("--state-file records adapters loaded at runtime, which needs --adapter-root")
+    if state_file is not None:
+        try:
+            state_file.read()  # unusable: say so now, not after minutes of loading
+        except ValueError as e:
+            raise SystemExit(str(e))
     api_key = args.api_key or os.environ.get("SLORA_JAX_API_KEY") or None
     if not _is_loopback(args.host) and api_key is None:
         log.warning("serving on %s without --api-key: anyone who can reach it can use it", args.host)
