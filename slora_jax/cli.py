@@ -46,6 +46,8 @@ def _serve_args(sub):
     p.add_argument("--max-body-bytes", type=int, default=4 << 20, help="largest request body (413 beyond)")
     p.add_argument("--max-pending", type=int, default=4096, help="requests in flight before 429")
     p.add_argument("--max-waiting", type=int, default=100_000, help="engine queue bound (429 beyond)")
+    from slora_jax.server.flags import add_serving_limits
+    add_serving_limits(p)
     return p
 
 

@@ -18,6 +18,7 @@ from typing import Optional
 
 import numpy as np
 
+from slora_jax.adapters import patterns
 from slora_jax.config import ATTN_MODULES, MODULES, ModelConfig
 from slora_jax.errors import AdapterError
 from slora_jax.model.checkpoint import open_safetensors, read_json_object
@@ -43,6 +44,10 @@ _UNSUPPORTED_FLAGS = {
 }
 # These initialisations rewrite the base weights, so the saved A/B only fit that rewritten base.
 _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+# The largest |alpha/r| accepted. RMSNorm squares the residual stream in float32 (model/llama.py), so an
+# update of s * B(Ax) with |B(Ax)| of order one overflows that square to inf (and the next layer's
+# output to NaN) once s passes sqrt(float32 max), about 1.8e19: in float32 and bfloat16 alike.
+MAX_LORA_SCALE = float(np.finfo(np.float32).max) ** 0.5
 _TENSOR = re.compile(r"^(?P<key>(?P<prefix>.*?)layers\.(?P<layer>\d+)\.(?P<block>[^.]+)\.(?P<module>[^.]+))"
                      r"\.lora_(?P<ab>[AB])\.weight$")
 
@@ -90,7 +95,7 @@ def _targets(cfg: dict, key: str) -> bool:
     exclude = cfg.get("exclude_modules")
     if exclude:
         if isinstance(exclude, str):
-            if re.fullmatch(exclude, key):
+            if patterns.fullmatch(exclude, key, "exclude_modules"):
                 return False
         elif key in exclude or any(key.endswith(f".{e}") for e in exclude):
             return False
@@ -99,7 +104,7 @@ def _targets(cfg: dict, key: str) -> bool:
         if targets.lower() == "all-linear":
             # Every nn.Linear but the output head: in a Llama-family block, the 7 projections.
             return key.rsplit(".", 1)[-1] in MODULES
-        return re.fullmatch(targets, key) is not None
+        return patterns.fullmatch(targets, key, "target_modules")
     if key in targets:
         return True  # an exact key is taken as is, without the layer filter
     found = any(key.endswith(f".{t}") for t in targets)
@@ -110,10 +115,10 @@ def _targets(cfg: dict, key: str) -> bool:
     pattern = cfg.get("layers_pattern")
     match = None
     if not pattern:
-        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
+        match = patterns.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
     else:
         for p in [pattern] if isinstance(pattern, str) else pattern:
-            match = re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", key)
+            match = patterns.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", key, "layers_pattern")
             if match is not None:
                 break
     if match is None:
@@ -122,21 +127,34 @@ def _targets(cfg: dict, key: str) -> bool:
     return layer == indexes if isinstance(indexes, int) else layer in indexes
 
 
-def _pattern_value(patterns: dict, key: str, default):
+def _pattern_value(table: dict, key: str, default, what: str):
     """peft's ``get_pattern_key`` lookup: the first pattern p with re.match(rf"(.*\\.)?({p})$", key) wins."""
-    for p in patterns:
-        if re.match(rf"(.*\.)?({p})$", key):
-            return patterns[p]
-    return patterns.get(key, default)
+    for p in table:
+        if patterns.match(rf"(.*\.)?({p})$", key, what):
+            return table[p]
+    return table.get(key, default)
 
 
 def _rank_alpha(cfg: dict, key: str) -> tuple[int, float]:
-    return (_pattern_value(cfg["rank_pattern"], key, cfg["r"]),
-            _pattern_value(cfg["alpha_pattern"], key, cfg["lora_alpha"]))
+    return (_pattern_value(cfg["rank_pattern"], key, cfg["r"], "rank_pattern key"),
+            _pattern_value(cfg["alpha_pattern"], key, cfg["lora_alpha"], "alpha_pattern key"))
 
 
 def _scale(cfg: dict, rank: int, alpha: float) -> float:
     return alpha / math.sqrt(rank) if cfg.get("use_rslora", False) else alpha / rank
+
+
+def _check_scale(cfg: dict, key: str, rank: int, alpha: float) -> float:
+    """The module's scale, refused when it is not finite or so large that the adapter's output overflows."""
+    scale = _scale(cfg, rank, alpha)
+    how = f"lora_alpha {alpha!r} / {'sqrt(r)' if cfg.get('use_rslora', False) else 'r'} (r={rank})"
+    if not math.isfinite(scale):
+        raise AdapterError(f"the scale of {key} is {scale!r} ({how}): it must be a finite number")
+    if abs(scale) > MAX_LORA_SCALE:
+        raise AdapterError(f"the scale of {key} is {scale:.3g} ({how}), above the largest this engine accepts "
+                           f"({MAX_LORA_SCALE:.3g}): the adapter's output would overflow and every token it "
+                           "generates would be garbage")
+    return scale
 
 
 def _check_rank(value, what: str, max_rank: int) -> int:
@@ -154,10 +172,7 @@ def _check_alpha(alpha, what: str) -> float:
 
 
 def _check_regex(pattern, what: str) -> None:
-    try:
-        re.compile(pattern)
-    except (re.error, TypeError) as e:
-        raise AdapterError(f"{what} {pattern!r} is not a valid regex: {e}") from e
+    patterns.compile_pattern(pattern, what)
 
 
 def _normalise(raw: dict) -> dict:
@@ -245,7 +260,10 @@ def read_adapter_config(adapter_dir, model_config: ModelConfig, max_rank: int) -
 def _validated_config(adapter_dir, model_config: ModelConfig, max_rank: int) -> tuple[dict, dict]:
     """(config as saved, config with peft's defaults filled in)."""
     path = _check_folder(adapter_dir)
-    raw = read_json_object(path / CONFIG_FILE, AdapterError)
+    try:
+        raw = read_json_object(path / CONFIG_FILE, AdapterError)
+    except RecursionError as e:  # json's parser recurses once per nesting level
+        raise AdapterError(f"{path / CONFIG_FILE} is nested too deeply to be an adapter config") from e
     cfg = _normalise(raw)
     for key in ("lm_head", "model.embed_tokens"):
         if _targets(cfg, key):
@@ -258,7 +276,7 @@ def _validated_config(adapter_dir, model_config: ModelConfig, max_rank: int) -> 
     for key in targets.values():
         rank, alpha = _rank_alpha(cfg, key)
         _check_rank(rank, f"rank of {key}", max_rank)
-        _check_alpha(alpha, f"alpha of {key}")
+        _check_scale(cfg, key, rank, _check_alpha(alpha, f"alpha of {key}"))
     return raw, cfg
 
 

@@ -26,18 +26,18 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from slora_jax.errors import AdapterError, ModelError, UnknownAdapterError
+from slora_jax.server.adapter_admin import AdapterAdmin, StateFile, shown_path
 from slora_jax.server.engine_loop import EngineFailed, EngineLoop
-from slora_jax.server.errors import (APIError, bad_request, from_engine_error, model_not_found, over_capacity,
-                                     unavailable)
+from slora_jax.server.errors import APIError, bad_request, from_engine_error, over_capacity, unavailable
 from slora_jax.server.generation import ChoiceResult, ChoiceRun, ChoiceSpec, Delta, Generation
 from slora_jax.server.guard import RequestGuard
+from slora_jax.server.lifecycle import Lifecycle
 from slora_jax.server.metrics import CONTENT_TYPE, ServerMetrics
 from slora_jax.server.paths import adapter_root as resolve_root
-from slora_jax.server.paths import resolve_adapter_path
 from slora_jax.server.protocol import (ChatCompletionRequest, CompletionRequest, ErrorResponse, LoadLoraRequest,
                                        UnloadLoraRequest, _Sampling)
-from slora_jax.server.text import decode_token, encode_prompt, server_tokenizer
+from slora_jax.server.text import (decode_token, encode_prompt, prompt_char_limit, refuse_long_text,
+                                   server_tokenizer)
 from slora_jax.types import SamplingParams
 
 log = logging.getLogger("slora_jax.server")
@@ -51,55 +51,63 @@ class ServerState:
     """Everything the routes share. One per app."""
 
     def __init__(self, engine, served_model_name: str, adapter_root: Optional[Path], max_tokens_limit: int,
-                 max_pending: int, metrics: ServerMetrics):
+                 max_pending: int, metrics: ServerMetrics, lifecycle: Lifecycle, state_file: Optional[StateFile],
+                 runtime_adapters: Optional[dict]):
         self.engine = engine
-        self.loop = EngineLoop(engine)
+        # /metrics reads what the engine thread publishes after its steps; a scrape never waits for a step.
+        self.loop = EngineLoop(engine, on_snapshot=lambda stats, adapters: metrics.set_engine_snapshot(
+            stats, adapters, up=True))
         self.tokenizer = server_tokenizer(engine)
         self.model_name = served_model_name
         self.adapter_root = adapter_root
         self.max_tokens_limit = max_tokens_limit
         self.max_pending = max_pending
         self.metrics = metrics
+        self.lifecycle = lifecycle
+        lifecycle.engine_loop = self.loop
+        self.model_dir = getattr(engine, "model_dir", None)
+        self.admin = AdapterAdmin(engine, self.loop, adapter_root, served_model_name, state_file, runtime_adapters,
+                                  hidden_paths=(self.model_dir,) if self.model_dir else ())
+        self.max_prompt_chars = prompt_char_limit(self.tokenizer, engine.max_model_len) if self.tokenizer else 0
         self.pending = 0  # engine requests started by handlers and not closed yet (event-loop thread only)
         self.created = int(time.time())
-
-    async def snapshot(self, timeout: float = 5.0) -> None:
-        """Refresh the metrics' copy of engine stats (taken on the engine thread; stale if it is busy)."""
-        if not self.loop.alive:
-            self.metrics.set_engine_snapshot(None, None, up=False)
-            return
-        try:
-            stats, adapters = await asyncio.wait_for(
-                self.loop.call(lambda: (self.engine.stats(), self.engine.list_adapters())), timeout)
-        except (asyncio.TimeoutError, EngineFailed):
-            self.metrics.set_engine_snapshot(None, None, up=self.loop.alive)
-            return
-        self.metrics.set_engine_snapshot(stats, adapters, up=True)
 
 
 def create_app(engine, *, served_model_name: Optional[str] = None, api_key: Optional[str] = None,
                adapter_root: Optional[str] = None, max_body_bytes: int = 4 << 20,
-               max_tokens_limit: Optional[int] = None, max_pending: int = 4096) -> Any:
+               max_tokens_limit: Optional[int] = None, max_pending: int = 4096, state_file=None,
+               runtime_adapters: Optional[dict] = None, lifecycle: Optional[Lifecycle] = None,
+               body_timeout_s: Optional[float] = None) -> Any:
     """The ASGI app serving ``engine``. The engine thread starts and stops with the app's lifespan.
 
     served_model_name: the ``model`` value meaning "no adapter" (default: the checkpoint folder's name).
-    api_key: when set, every route but /health and /metrics needs ``Authorization: Bearer <api_key>``.
+    api_key: when set, every route but the probes and /metrics needs ``Authorization: Bearer <api_key>``.
     adapter_root: folder that /v1/load_lora_adapter may load from; None disables runtime loading.
     max_body_bytes: larger request bodies get 413. max_tokens_limit: largest ``max_tokens`` accepted
     (default: the engine's context length). max_pending: engine requests in flight before 429.
+    state_file: path (or StateFile) where runtime loads and unloads are recorded; runtime_adapters: the
+    adapters already replayed from it (name -> path). lifecycle: phase, probes, request deadline and stall
+    timeout (default: a Lifecycle that is ready once the app starts). body_timeout_s: 408 for a body slower.
     """
     name = served_model_name or _default_model_name(engine)
     metrics = ServerMetrics()
+    lifecycle = lifecycle or Lifecycle()
+    if state_file is not None and not isinstance(state_file, StateFile):
+        state_file = StateFile(state_file)
     state = ServerState(engine, name, resolve_root(adapter_root), max_tokens_limit or engine.max_model_len,
-                        max_pending, metrics)
+                        max_pending, metrics, lifecycle, state_file, runtime_adapters)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         state.loop.start()
+        lifecycle.aio = asyncio.get_running_loop()
+        if lifecycle.phase == "starting":
+            lifecycle.phase = "ready"
         try:
             yield
         finally:
             state.loop.stop()
+            state.admin.close()
 
     app = FastAPI(title="slora-jax", version=_version(), lifespan=lifespan,
                   description="OpenAI-compatible completions over one base model and many LoRA adapters.")
@@ -107,7 +115,7 @@ def create_app(engine, *, served_model_name: Optional[str] = None, api_key: Opti
     _install_error_handlers(app, metrics)
     _add_routes(app, state)
     _document_errors(app)
-    app.add_middleware(RequestGuard, api_key=api_key, max_body_bytes=max_body_bytes,
+    app.add_middleware(RequestGuard, api_key=api_key, max_body_bytes=max_body_bytes, body_timeout_s=body_timeout_s,
                        on_error=lambda status: metrics.http_errors.labels(str(status)).inc())
     return app
 
@@ -118,7 +126,7 @@ def create_app(engine, *, served_model_name: Optional[str] = None, api_key: Opti
 def _install_error_handlers(app: FastAPI, metrics: ServerMetrics) -> None:
     def answer(err: APIError) -> JSONResponse:
         metrics.http_errors.labels(str(err.status)).inc()
-        return JSONResponse(err.body(), status_code=err.status)
+        return JSONResponse(err.body(), status_code=err.status, headers=err.headers or None)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
@@ -132,6 +140,12 @@ def _install_error_handlers(app: FastAPI, metrics: ServerMetrics) -> None:
     async def _http(request: Request, exc: StarletteHTTPException):
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return answer(APIError(exc.status_code, str(exc.detail), kind, str(exc.status_code)))
+
+    @app.exception_handler(RecursionError)
+    async def _too_deep(request: Request, exc: RecursionError):
+        # json's parser recurses per nesting level: a deeply nested body is the client's error, and a 500
+        # here would also close the connection.
+        return answer(bad_request("the request body is nested too deeply"))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
@@ -156,7 +170,8 @@ def _validation_param(exc: RequestValidationError) -> Optional[str]:
 _ERRORS = {400: "Bad request (invalid or unsupported parameters)", 401: "Missing or invalid API key",
            403: "Adapter path outside --adapter-root, or runtime loading disabled",
            404: "Unknown model or adapter", 413: "Request body too large",
-           429: "Over capacity: retry later", 503: "Engine not running"}
+           429: "Over capacity: retry after the Retry-After header's seconds",
+           503: "Starting, shutting down or engine not running", 504: "Request ran past --request-timeout"}
 
 
 ERROR_RESPONSES = {status: {"model": ErrorResponse, "description": text} for status, text in _ERRORS.items()}
@@ -184,25 +199,38 @@ def _document_errors(app: FastAPI) -> None:
 
 
 def _add_routes(app: FastAPI, state: ServerState) -> None:
+    def probe(answer):
+        status, body = answer()
+        return JSONResponse(body, status_code=status)
+
     @app.get("/health")
     async def health():
-        if not state.loop.alive:
-            return JSONResponse({"status": "engine stopped"}, status_code=503)
-        return {"status": "ok"}
+        """200 when requests can be served now; 503 ``starting``, ``draining``, ``stalled`` or ``stopped``."""
+        return probe(state.lifecycle.ready)
+
+    @app.get("/ready")
+    async def ready():
+        """Kubernetes readiness: as /health."""
+        return probe(state.lifecycle.ready)
+
+    @app.get("/live")
+    async def live():
+        """Kubernetes liveness: 200 while the engine makes progress (or the server is starting)."""
+        return probe(state.lifecycle.live)
 
     @app.get("/metrics")
     async def prometheus():
-        await state.snapshot()
+        state.metrics.set_engine_snapshot(None, None, up=state.loop.alive)
         return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models", responses=ERROR_RESPONSES)
     async def models():
-        adapters = await _call(state, state.engine.list_adapters)
-        data = [_model_card(state.model_name, state.created, root=str(state.engine.model_dir or state.model_name),
-                            parent=None, location="device")]
+        adapters = await asyncio.to_thread(state.engine.list_adapters)
+        base_root = Path(state.model_dir).name if state.model_dir else state.model_name
+        data = [_model_card(state.model_name, state.created, root=base_root, parent=None, location="device")]
         for info in adapters:
-            card = _model_card(info.name, state.created, root=info.path, parent=state.model_name,
-                               location=info.location)
+            card = _model_card(info.name, state.created, root=shown_path(info.path, state.adapter_root),
+                               parent=state.model_name, location=info.location)
             card.update(rank=info.rank, target_modules=list(info.target_modules))
             data.append(card)
         return {"object": "list", "data": data}
@@ -210,7 +238,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/v1/completions", responses=ERROR_RESPONSES)
     async def completions(body: CompletionRequest, request: Request):
         adapter = _adapter_for(state, body.model)
-        prompts = _completion_prompts(state, body.prompt)
+        prompts = await asyncio.to_thread(_completion_prompts, state, body.prompt)  # tokenizing is slow
         _refuse_unsupported(body)
         if body.echo:
             raise bad_request("echo is not supported", "echo")
@@ -238,29 +266,26 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         if body.max_tokens is not None and body.max_completion_tokens is not None \
                 and body.max_tokens != body.max_completion_tokens:
             raise bad_request("max_tokens and max_completion_tokens disagree", "max_completion_tokens")
-        prompt = _chat_prompt(state, body)
+        prompt = await asyncio.to_thread(_chat_prompt, state, body)  # rendering and tokenizing are slow
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         specs = _choice_specs(state, body, [prompt], max_tokens, want_logprobs=bool(body.logprobs))
         return await _respond(state, adapter, specs, body, request, [prompt], chat=True)
 
     @app.post("/v1/load_lora_adapter", responses=ERROR_RESPONSES)
     async def load_lora_adapter(body: LoadLoraRequest):
-        if body.lora_name == state.model_name:
-            raise bad_request(f"{body.lora_name!r} is the base model's name", "lora_name")
         try:
-            path = resolve_adapter_path(state.adapter_root, body.lora_path)
-            info = await _call(state, lambda: state.engine.load_adapter(body.lora_name, str(path)))
+            info = await state.admin.load(body.lora_name, body.lora_path)
         except Exception:
             state.metrics.adapter_ops.labels("load", "error").inc()
             raise
         state.metrics.adapter_ops.labels("load", "ok").inc()
         return {"status": "ok", "message": f"Success: LoRA adapter '{body.lora_name}' added successfully.",
-                "adapter": _adapter_json(info)}
+                "adapter": _adapter_json(info, state.adapter_root)}
 
     @app.post("/v1/unload_lora_adapter", responses=ERROR_RESPONSES)
     async def unload_lora_adapter(body: UnloadLoraRequest):
         try:
-            await _call(state, lambda: state.engine.unload_adapter(body.lora_name))
+            await state.admin.unload(body.lora_name, drain=bool(body.drain), timeout_s=body.drain_timeout)
         except Exception:
             state.metrics.adapter_ops.labels("unload", "error").inc()
             raise
@@ -268,39 +293,23 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         return {"status": "ok", "message": f"Success: LoRA adapter '{body.lora_name}' removed successfully."}
 
 
-async def _call(state: ServerState, fn):
-    """An engine call on the engine thread; its exceptions become HTTP errors."""
-    try:
-        return await state.loop.call(fn)
-    except EngineFailed as e:
-        raise unavailable(str(e))
-    except UnknownAdapterError as e:
-        raise model_not_found(str(e))
-    except (AdapterError, ModelError) as e:
-        raise bad_request(str(e))
-
-
 def _model_card(model_id: str, created: int, root: str, parent: Optional[str], location: str) -> dict:
     return {"id": model_id, "object": "model", "created": created, "owned_by": "slora-jax", "root": root,
             "parent": parent, "location": location}
 
 
-def _adapter_json(info) -> dict:
-    return {"name": info.name, "path": info.path, "rank": info.rank, "target_modules": list(info.target_modules),
-            "location": info.location}
+def _adapter_json(info, root: Optional[Path]) -> dict:
+    return {"name": info.name, "path": shown_path(info.path, root), "rank": info.rank,
+            "target_modules": list(info.target_modules), "location": info.location}
 
 
 # --------------------------------------------------------------------------------------------- requests
 
 
 def _adapter_for(state: ServerState, model: str) -> Optional[str]:
-    """None for the base model's name, else the adapter name (checked now, so unknown names get 404)."""
-    if model == state.model_name:
-        return None
-    if not state.engine.has_adapter(model):
-        raise model_not_found(f"the model {model!r} does not exist: use {state.model_name!r} (the base model) "
-                              f"or a loaded adapter's name (GET /v1/models lists them)")
-    return model
+    """None for the base model's name, else the adapter name (checked now, so unknown names and adapters
+    being unloaded get 404)."""
+    return state.admin.adapter_for(model)
 
 
 def _refuse_unsupported(body: _Sampling) -> None:
@@ -322,6 +331,8 @@ def _completion_prompts(state: ServerState, prompt) -> list[list[int]]:
         prompts = list(prompt)
     out = []
     for p in prompts:
+        if isinstance(p, str) and state.tokenizer is not None:
+            refuse_long_text(len(p), state.max_prompt_chars, state.engine.max_model_len, "prompt")
         ids = encode_prompt(state.tokenizer, p) if isinstance(p, str) else list(p)
         if not ids:
             raise bad_request("prompt is empty", "prompt")
@@ -342,6 +353,8 @@ def _chat_prompt(state: ServerState, body: ChatCompletionRequest) -> list[int]:
         if m.name is not None:
             msg["name"] = m.name
         messages.append(msg)
+    refuse_long_text(sum(len(m["content"]) for m in messages), state.max_prompt_chars, state.engine.max_model_len,
+                     "messages")
     from jinja2.exceptions import TemplateError
 
     try:
@@ -393,18 +406,28 @@ def _choice_specs(state: ServerState, body: _Sampling, prompts: list[list[int]],
 
 def _start(state: ServerState, adapter: Optional[str], specs: list[ChoiceSpec]) -> Generation:
     """Admission control, then every choice into the engine (validated there; errors become 4xx)."""
+    state.lifecycle.refuse_if_not_serving()
     if not state.loop.alive:
         raise unavailable("the engine is not running")
+    if len(specs) > state.max_pending:  # could never be admitted: retrying is pointless
+        raise bad_request(f"this request has {len(specs)} choices (prompts x n), more than this server ever runs "
+                          f"at once ({state.max_pending}, --max-pending)", "n")
     if state.pending + len(specs) > state.max_pending:
         raise over_capacity(f"{state.pending} requests are in flight (limit {state.max_pending}); retry later")
+    state.admin.acquire(adapter, len(specs))
     model = adapter if adapter is not None else state.model_name
     runs = [ChoiceRun(state.loop, state.tokenizer, adapter, model, s, state.metrics) for s in specs]
     state.pending += len(runs)
+    state.metrics.in_flight.set(state.pending)
 
     def release():
         state.pending -= len(runs)
+        state.metrics.in_flight.set(state.pending)
+        state.admin.release(adapter, len(runs))
+        state.lifecycle.untrack(gen)
 
     gen = Generation(runs, on_close=release)
+    state.lifecycle.track(gen)
     try:
         gen.start()
     except EngineFailed as e:
@@ -626,47 +649,78 @@ def engine_config(args):
 
 
 def run_server(args) -> int:
-    """``slora-jax serve``: load the model and adapters, bind, serve until interrupted. Returns the exit code.
+    """``slora-jax serve``: bind, then load the model and adapters while /health answers 503 ``starting``,
+    serve until SIGTERM/SIGINT, drain. Returns the exit code.
 
     Reads the ``serve`` namespace of slora_jax.cli; the API key may also come from SLORA_JAX_API_KEY."""
-    import uvicorn
-
     import slora_jax as sj
     from slora_jax.engine.engine import precompile_wanted
+    from slora_jax.server import flags
+    from slora_jax.server.adapter_admin import check_adapter_name, replay_state
+    from slora_jax.server.lifecycle import Progress, say, serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    opt = flags.serving_limits(args)
     adapters = [_parse_adapter_flag(s) for s in args.adapter]
-    engine = sj.Engine.from_pretrained(args.model, config=engine_config(args))
-    for name, path in adapters:
-        engine.load_adapter(name, path)
-    if precompile_wanted(getattr(args, "precompile", None)):
-        t0 = time.perf_counter()
-        done = engine.precompile()
-        log.info("compiled %d step programs in %.0f s", len(done), time.perf_counter() - t0)
+    for name, _ in adapters:
+        try:
+            check_adapter_name(name)
+        except APIError as e:
+            raise SystemExit(f"--adapter: {e.message}")
+    root = resolve_root(args.adapter_root)
+    state_file = StateFile(opt.state_file) if opt.state_file else None
+    if state_file is not None and root is None:
+        raise SystemExit("--state-file records adapters loaded at runtime, which needs --adapter-root")
+    if state_file is not None:
+        try:
+            state_file.read()  # unusable: say so now, not after minutes of loading
+        except ValueError as e:
+            raise SystemExit(str(e))
     api_key = args.api_key or os.environ.get("SLORA_JAX_API_KEY") or None
     if not _is_loopback(args.host) and api_key is None:
         log.warning("serving on %s without --api-key: anyone who can reach it can use it", args.host)
-    app = create_app(engine, served_model_name=args.served_model_name, api_key=api_key,
-                     adapter_root=args.adapter_root,
-                     max_body_bytes=getattr(args, "max_body_bytes", None) or (4 << 20),
-                     max_tokens_limit=getattr(args, "max_tokens_limit", None),
-                     max_pending=getattr(args, "max_pending", None) or 4096)
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((args.host, args.port))
+    sock.listen(2048)  # connections queue from now on: probes may come as soon as the address is printed
     host, port = sock.getsockname()[:2]
     url_host = f"[{host}]" if family == socket.AF_INET6 else host
-    print(f"slora-jax: serving {app.state.server.model_name!r} and {len(adapters)} adapter(s) on "
-          f"http://{url_host}:{port}", flush=True)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5))
+    model_name = args.served_model_name or Path(args.model).expanduser().name
+    lifecycle = Lifecycle(stall_timeout_s=opt.stall_timeout, request_timeout_s=opt.request_timeout)
+    progress = Progress(lifecycle)
+    say(f"serving {model_name!r} and {len(adapters)} adapter(s) on http://{url_host}:{port} "
+        "(/health answers 503 until the model is loaded)")
+
+    def build():
+        t0 = time.perf_counter()
+        progress.step("loading the model", f"from {args.model}")
+        engine = sj.Engine.from_pretrained(args.model, config=engine_config(args))
+        progress.step(f"model loaded in {time.perf_counter() - t0:.1f} s")
+        for i, (name, path) in enumerate(adapters):
+            progress.step(f"loading adapter {i + 1}/{len(adapters)} {name!r}")
+            engine.load_adapter(name, path)
+        runtime = None
+        if state_file is not None:
+            progress.step("loading the adapters recorded in the state file", str(state_file.path))
+            runtime = replay_state(engine, state_file, root, {n for n, _ in adapters})
+        if precompile_wanted(getattr(args, "precompile", None)):
+            t0 = time.perf_counter()
+            total = 2 * len(engine.step_shapes())  # greedy and sampling programs of each shape
+            progress.step(f"compiling up to {total} step programs")
+            done = engine.precompile(on_compiled=progress.compiling(total))
+            progress.step(f"compiled {len(done)} step programs in {time.perf_counter() - t0:.0f} s")
+        return create_app(engine, served_model_name=args.served_model_name, api_key=api_key,
+                          adapter_root=args.adapter_root,
+                          max_body_bytes=getattr(args, "max_body_bytes", None) or (4 << 20),
+                          max_tokens_limit=getattr(args, "max_tokens_limit", None),
+                          max_pending=getattr(args, "max_pending", None) or 4096, state_file=state_file,
+                          runtime_adapters=runtime, lifecycle=lifecycle, body_timeout_s=opt.body_timeout)
+
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal: end with status 0.
     signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        server.run(sockets=[sock])
-    except KeyboardInterrupt:
-        pass
-    return 0
+    return serve(build, sock, lifecycle, drain_s=opt.drain_timeout, header_timeout_s=opt.header_timeout,
+                 max_connections=opt.max_connections, keep_alive_s=opt.keep_alive_timeout)
 
 
 def _interrupt(signum, frame):

@@ -1,8 +1,12 @@
 """The engine thread: drives ``engine.step()`` and bridges request outputs to asyncio handlers.
 
 HTTP handlers never run engine code that mutates its state while a step is in flight: requests go in
-through the engine's thread-safe ``add_request``/``abort``, and everything else (adapter load/unload,
-stats, adapter listing) runs as a job on the engine thread between two steps.
+through the engine's thread-safe ``add_request``/``abort``, and other calls that must not overlap a step
+run as a job on the engine thread between two steps.
+
+The thread also publishes what scrapes and probes read, so that neither waits for it: a snapshot of
+``engine.stats()`` and ``engine.list_adapters()`` (at most every ``snapshot_interval_s``), and a heartbeat,
+the time it last finished a step or found nothing to do.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import concurrent.futures
 import logging
 import queue
 import threading
+import time
 from typing import Any, Callable, Optional, Sequence
 
 from slora_jax.types import RequestOutput, SamplingParams
@@ -60,9 +65,14 @@ class RequestHandle:
 class EngineLoop:
     """Owns the thread that calls ``engine.step()``; safe to call from any thread or the event loop."""
 
-    def __init__(self, engine, idle_wait_s: float = 0.05):
+    def __init__(self, engine, idle_wait_s: float = 0.05, snapshot_interval_s: float = 1.0,
+                 on_snapshot: Optional[Callable[[dict, list], None]] = None):
         self.engine = engine
         self._idle_wait_s = idle_wait_s
+        self._snapshot_interval_s = snapshot_interval_s
+        self._on_snapshot = on_snapshot
+        self._last_snapshot = float("-inf")
+        self.heartbeat = time.monotonic()  # the last time the thread finished a step or an idle wait
         self._wake = threading.Event()
         self._jobs: "queue.SimpleQueue[tuple[Callable[[], Any], concurrent.futures.Future]]" = queue.SimpleQueue()
         self._stop = threading.Event()
@@ -90,19 +100,47 @@ class EngineLoop:
 
     def _run(self) -> None:
         try:
+            busy = False
             while not self._stop.is_set():
                 self._run_jobs()
                 if self.engine.has_unfinished():
                     self.engine.step()
+                    busy = True
+                    self._publish()
                 else:
+                    self._publish(force=busy)  # the state after the last step, before a pause
+                    busy = False
                     self._wake.wait(self._idle_wait_s)
                     self._wake.clear()
+                self.heartbeat = time.monotonic()
         except BaseException as e:  # anything here leaves the engine in an unknown state
             log.exception("engine thread stopped")
             self.failure = e
             self._fail_all(EngineFailed(f"the engine stopped: {type(e).__name__}: {e}"))
         finally:
             self._fail_jobs()
+
+    def _publish(self, force: bool = False) -> None:
+        """Hand the engine's stats to ``on_snapshot``, rate-limited so that scrapes never cost steps."""
+        if self._on_snapshot is None:
+            return
+        now = time.monotonic()
+        if not force and now - self._last_snapshot < self._snapshot_interval_s:
+            return
+        self._last_snapshot = now
+        try:
+            self._on_snapshot(self.engine.stats(), self.engine.list_adapters())
+        except Exception:  # metrics must never stop generation
+            log.exception("engine snapshot failed")
+
+    def refresh_snapshot(self) -> None:
+        """Publish a snapshot at the next iteration (after an adapter load or unload, say)."""
+        self._last_snapshot = float("-inf")
+        self._wake.set()
+
+    def stalled_for(self) -> float:
+        """Seconds since the engine thread last made progress (finished a step or an idle wait)."""
+        return time.monotonic() - self.heartbeat
 
     def _run_jobs(self) -> None:
         while True:

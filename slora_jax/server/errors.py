@@ -12,10 +12,11 @@ class APIError(Exception):
     """An error answered as ``{"error": {"message", "type", "code"}}`` with ``status``."""
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 code: Optional[str] = None, param: Optional[str] = None):
+                 code: Optional[str] = None, param: Optional[str] = None, headers: Optional[dict] = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param = status, message, type, param
         self.code = code if code is not None else str(status)
+        self.headers = dict(headers or {})
 
     def body(self) -> dict:
         return error_body(self.message, self.type, self.code, self.param)
@@ -34,12 +35,19 @@ def model_not_found(message: str) -> APIError:
     return APIError(404, message, "not_found_error", "model_not_found", "model")
 
 
+# Seconds a client told "over capacity" waits before retrying: a few decode steps' worth of requests finish
+# in that time, and clients that honour it do not retry in a tight loop.
+RETRY_AFTER_S = 1
+
+
 def over_capacity(message: str) -> APIError:
-    return APIError(429, message, "rate_limit_error", "over_capacity")
+    """429, with the Retry-After header every 429 carries."""
+    return APIError(429, message, "rate_limit_error", "over_capacity", headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
-def unavailable(message: str) -> APIError:
-    return APIError(503, message, "service_unavailable", "engine_unavailable")
+def unavailable(message: str, code: str = "engine_unavailable", retry_after: Optional[int] = None) -> APIError:
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+    return APIError(503, message, "service_unavailable", code, headers=headers)
 
 
 def from_engine_error(exc: Exception) -> APIError:

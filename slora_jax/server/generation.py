@@ -113,12 +113,13 @@ class ChoiceRun:
             if finish is not None:
                 return
 
-    def close(self) -> None:
-        """Abort the engine request if it is still going (client gone or handler failed)."""
+    def close(self, reason: str = "disconnect") -> None:
+        """Abort the engine request if it is still going (client gone, handler failed, request ended by the
+        server); ``reason`` is what metrics count it as if it had not finished."""
         if self.handle is not None and not self.handle.finished:
             self.handle.abort()
         if self.handle is not None:
-            self._record("disconnect")
+            self._record(reason)
 
     def _record(self, reason: str) -> None:
         if self._recorded:
@@ -137,6 +138,15 @@ class Generation:
         self.runs = runs
         self._on_close = on_close
         self._closed = False
+        self._merged: "asyncio.Queue[Delta | BaseException]" = asyncio.Queue()
+        self.failure: Optional[APIError] = None
+
+    def fail(self, error: APIError) -> None:
+        """End the request with ``error`` (server shutting down, deadline passed): whoever reads its deltas
+        gets the error next, and its engine requests are aborted."""
+        if self.failure is None and not self._closed:
+            self.failure = error
+            self._merged.put_nowait(error)
 
     def start(self) -> None:
         """Submit every choice; if one is refused, the ones already queued are aborted and the error raised."""
@@ -148,7 +158,7 @@ class Generation:
             raise
 
     async def deltas(self) -> AsyncIterator[Delta]:
-        merged: "asyncio.Queue[Delta | BaseException]" = asyncio.Queue()
+        merged = self._merged
 
         async def pump(run: ChoiceRun) -> None:
             try:
@@ -186,6 +196,6 @@ class Generation:
             return
         self._closed = True
         for run in self.runs:
-            run.close()
+            run.close("error" if self.failure is not None else "disconnect")
         if self._on_close is not None:
             self._on_close()

@@ -1,10 +1,11 @@
-"""ASGI middleware in front of every route: API-key check and request body size bound.
+"""ASGI middleware in front of every route: API-key check, request body size bound and body read timeout.
 
 Sits outside FastAPI so that a refused request costs no parsing; answers in the OpenAI error format.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 from typing import Optional
@@ -12,7 +13,7 @@ from typing import Optional
 from slora_jax.server.errors import error_body
 
 # Paths anyone may read: liveness probes and Prometheus scrapers carry no API key.
-OPEN_PATHS = ("/health", "/metrics")
+OPEN_PATHS = ("/health", "/live", "/ready", "/metrics")
 
 
 async def _send_error(send, status: int, message: str, type: str, code: str, extra_headers=()) -> None:
@@ -24,13 +25,16 @@ async def _send_error(send, status: int, message: str, type: str, code: str, ext
 
 
 class RequestGuard:
-    """Refuse requests without ``Authorization: Bearer <api_key>`` (401) and bodies over ``max_body_bytes``
-    (413); count refusals in ``on_error(status)``."""
+    """Refuse requests without ``Authorization: Bearer <api_key>`` (401), bodies over ``max_body_bytes``
+    (413) and bodies not received within ``body_timeout_s`` of their headers (408); count refusals in
+    ``on_error(status)``."""
 
-    def __init__(self, app, api_key: Optional[str], max_body_bytes: int, on_error=None):
+    def __init__(self, app, api_key: Optional[str], max_body_bytes: int, on_error=None,
+                 body_timeout_s: Optional[float] = None):
         self.app = app
         self.api_key = api_key.encode() if api_key else None
         self.max_body_bytes = max_body_bytes
+        self.body_timeout_s = body_timeout_s
         self.on_error = on_error or (lambda status: None)
 
     async def __call__(self, scope, receive, send):
@@ -48,8 +52,17 @@ class RequestGuard:
             return await self._too_large(send)
         # Read the whole body first (bounded), then replay it: a chunked upload cannot exceed the bound either.
         chunks, size = [], 0
+        loop = asyncio.get_running_loop()
+        deadline = None if not self.body_timeout_s else loop.time() + self.body_timeout_s
         while True:
-            message = await receive()
+            try:
+                message = await (receive() if deadline is None
+                                 else asyncio.wait_for(receive(), max(deadline - loop.time(), 0.0)))
+            except asyncio.TimeoutError:  # a client that stopped half-way must not hold the connection
+                self.on_error(408)
+                return await _send_error(send, 408, f"the request body did not arrive within "
+                                         f"{self.body_timeout_s:g} s", "invalid_request_error", "request_timeout",
+                                         [(b"connection", b"close")])
             if message["type"] != "http.request":  # client gone before the body arrived
                 return
             chunk = message.get("body", b"")

@@ -7,7 +7,7 @@ import threading
 import time
 from typing import Optional
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -99,6 +99,8 @@ class ServerMetrics:
                              buckets=_LATENCY_BUCKETS, registry=r)
         self.tpot = Histogram("slora_time_per_output_token_seconds", "Mean time between generated tokens "
                               "of a request.", buckets=_LATENCY_BUCKETS, registry=r)
+        self.in_flight = Gauge("slora_requests_in_flight", "Engine requests (choices) that HTTP handlers started "
+                               "and have not closed; admission refuses beyond --max-pending.", registry=r)
         self.adapter_ops = Counter("slora_adapter_api_calls", "Adapter load/unload calls, by outcome.",
                                    ["op", "outcome"], registry=r)
         self._engine = _EngineCollector()

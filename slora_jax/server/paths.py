@@ -27,8 +27,9 @@ def resolve_adapter_path(root: Optional[Path], requested: str) -> Path:
     """The adapter folder ``requested`` names, resolved (symlinks followed) and checked to lie in ``root``.
 
     Relative paths are taken from ``root``. Refused (APIError 400/403) when no root is configured, when the
-    path has a ``..`` part or a NUL, when it resolves outside ``root``, or when any file in the folder is a
-    link that leads outside ``root``."""
+    path has a ``..`` part or a NUL, when it resolves outside ``root`` (403 whether or not it exists), when
+    it does not exist or is not a folder (400), or when any file in the folder is a link that leads outside
+    ``root``."""
     if root is None:
         raise APIError(403, "runtime adapter loading is disabled: start the server with --adapter-root DIR",
                        "permission_error", "adapter_loading_disabled", "lora_path")
@@ -39,12 +40,17 @@ def resolve_adapter_path(root: Optional[Path], requested: str) -> Path:
     candidate = Path(requested).expanduser()
     if not candidate.is_absolute():
         candidate = root / candidate
+    # Confinement is decided before existence, so that a path outside the root gets the same answer
+    # whether or not it exists there (the answer must not probe the server's file system). Links that
+    # exist are followed; a dangling one is judged by where it points.
     try:
-        resolved = candidate.resolve(strict=True)
-    except (OSError, RuntimeError):  # missing, or a symlink loop
+        resolved = candidate.resolve(strict=False)
+    except (OSError, RuntimeError):  # a symlink loop
         raise bad_request(f"adapter folder {requested!r} does not exist under the adapter root", "lora_path")
     if not _inside(resolved, root):
         raise _escape(requested)
+    if not resolved.exists():
+        raise bad_request(f"adapter folder {requested!r} does not exist under the adapter root", "lora_path")
     if not resolved.is_dir():
         raise bad_request(f"adapter path {requested!r} is not a folder", "lora_path")
     # The loader opens files in the folder by name: a link among them must not lead out either.

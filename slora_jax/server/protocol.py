@@ -93,10 +93,14 @@ class LoadLoraRequest(_Body):
 
 
 class UnloadLoraRequest(_Body):
-    """POST /v1/unload_lora_adapter (vLLM)."""
+    """POST /v1/unload_lora_adapter (vLLM). ``drain`` (an extension, off by default as in vLLM): new requests
+    for the adapter get 404 at once, the ones in flight finish, then it unloads; if they have not finished
+    within ``drain_timeout`` seconds (default 60) it serves again and the call answers 400."""
 
     lora_name: str = Field(min_length=1, max_length=256)
     lora_int_id: Optional[int] = None
+    drain: Optional[bool] = False
+    drain_timeout: Optional[float] = Field(None, ge=0.0, le=3600.0)
 
 
 class ErrorInfo(BaseModel):

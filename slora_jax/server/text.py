@@ -122,3 +122,25 @@ def encode_prompt(tokenizer, text: str, add_special_tokens: bool = True) -> list
     if tokenizer is None:
         raise bad_request("this model has no tokenizer.json: give prompts as lists of token ids", "prompt")
     return tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+
+def prompt_char_limit(tokenizer, max_model_len: int) -> int:
+    """Characters beyond which a text cannot fit the context, so it is refused before tokenizing (which
+    costs seconds for megabytes): no token covers more characters than the vocabulary's longest entry,
+    so a text of more than ``max_model_len`` times that many characters has more than ``max_model_len``
+    tokens. (Byte-level vocabularies spell one byte per character, so the bound holds for them too.)"""
+    longest = 1
+    inner = getattr(tokenizer, "tokenizer", tokenizer)
+    get_vocab = getattr(inner, "get_vocab", None)
+    if get_vocab is not None:
+        try:
+            longest = max((len(t) for t in get_vocab(with_added_tokens=True)), default=1)
+        except TypeError:
+            longest = max((len(t) for t in get_vocab()), default=1)
+    return max_model_len * max(longest, 1)
+
+
+def refuse_long_text(chars: int, limit: int, max_model_len: int, param: str) -> None:
+    if chars > limit:
+        raise bad_request(f"the {param} has {chars} characters: more than {limit} cannot fit this model's context "
+                          f"of {max_model_len} tokens", param)

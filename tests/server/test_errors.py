@@ -130,11 +130,11 @@ def test_limited_server_bounds(limited_server):
     assert r.status_code == 200, r.text
     assert_error(http.post("/v1/completions", json={**ok, "max_tokens": LIMITED["max_tokens_limit"] + 1}),
                  400)
-    # Admission control: more choices than max_pending at once.
-    assert_error(http.post("/v1/completions", json={**ok, "n": LIMITED["max_pending"] + 1}), 429,
-                 "over_capacity")
+    # More choices than max_pending can never be admitted: a 400 naming n, not a 429 that invites retries.
+    err = assert_error(http.post("/v1/completions", json={**ok, "n": LIMITED["max_pending"] + 1}), 400)
+    assert err["param"] == "n" and "--max-pending" in err["message"], err
     client = openai.OpenAI(base_url=limited_server.url + "/v1", api_key="unused", max_retries=0)
-    with pytest.raises(openai.RateLimitError):
+    with pytest.raises(openai.BadRequestError):
         client.completions.create(model="tiny", prompt=[5, 6], max_tokens=2, n=LIMITED["max_pending"] + 1)
     # Body size bound, declared or streamed in chunks.
     big = {**ok, "prompt": "x" * (LIMITED["max_body_bytes"] + 1)}

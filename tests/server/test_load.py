@@ -118,9 +118,16 @@ def test_non_streaming_client_that_leaves_is_aborted(server):
             raise AssertionError("the request finished before the client left; make it longer")
         except httpx.ReadTimeout:
             pass
-    after = wait_idle(server.url)
-    assert value(after, "slora_engine_aborted_requests_total") - value(before, "slora_engine_aborted_requests_total") \
-        == 16
+    # The handler may still be admitting the request when the client is gone; wait for its aborts to show.
+    deadline = time.monotonic() + 60
+    while True:
+        after = wait_idle(server.url)
+        aborted = value(after, "slora_engine_aborted_requests_total") \
+            - value(before, "slora_engine_aborted_requests_total")
+        if aborted >= 16 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert aborted == 16
     assert value(after, "slora_requests_total", model="a1", finish_reason="disconnect") \
         - value(before, "slora_requests_total", model="a1", finish_reason="disconnect") == 16
 
@@ -132,7 +139,14 @@ def test_metrics_parse_and_describe_the_engine(server, http, reference):
                                                ignore_eos=True))
     assert r.status_code == 200
     http.post("/v1/completions", json=dict(model="nope", prompt=prompt, max_tokens=5))
-    m = scrape(server.url)
+    # Engine gauges come from the snapshot the engine thread publishes when it pauses (or every second).
+    deadline = time.monotonic() + 10
+    while True:
+        m = scrape(server.url)
+        if value(m, "slora_adapter_resident", adapter="a2") == 1 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert value(m, "slora_engine_stats_age_seconds") < 10
     assert value(m, "slora_requests_total", model="a2", finish_reason="length") \
         - value(before, "slora_requests_total", model="a2", finish_reason="length") == 1
     assert value(m, "slora_generation_tokens_total", model="a2") \
