@@ -99,6 +99,10 @@ class EngineConfig:
     slo_first_token_s: Optional[float] = None  # "slo": drop requests that can no longer meet it
     prefetch: bool = True  # start adapter uploads for soon-to-run requests while a step runs
     prefetch_depth: int = 16  # waiting requests looked at for prefetch
+    # Waiting requests whose adapters are read from disk into host memory ahead of use (reads run on
+    # adapter_read_workers threads, default one per core up to 8; at most half the host cache in flight).
+    read_ahead_depth: int = 256
+    adapter_read_workers: Optional[int] = None
     host_cache_bytes: int = 8 << 30  # bound of adapter weights held in host memory
     # Scan over stacked layer weights (one compiled layer body: fast compiles) or unroll the layers
     # (per-layer arrays: no slicing of stacked weights inside the step; 1.7x faster decode on the
@@ -108,6 +112,9 @@ class EngineConfig:
     # host's work overlaps the device's. Outputs then reach callers one step later.
     async_scheduling: bool = True
     seed: int = 0
+    # JAX's persistent compilation cache: a second start with the same configuration compiles nothing.
+    # None leaves it off.
+    compile_cache_dir: Optional[str] = "~/.cache/slora-jax/xla"
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -120,12 +127,15 @@ class EngineConfig:
         if self.admission not in ("optimistic", "reserve"):
             raise ConfigError(f"admission must be 'optimistic' or 'reserve', got {self.admission!r}")
         for name in ("tensor_parallel", "max_lora_rank", "page_rows", "max_batch_size", "max_prefill_tokens",
-                     "max_adapters_on_device", "cluster_k"):
+                     "max_adapters_on_device", "cluster_k", "read_ahead_depth"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {v!r}")
         if self.num_pages is not None and (not isinstance(self.num_pages, int) or self.num_pages < 2):
             raise ConfigError(f"num_pages must be an integer >= 2, got {self.num_pages!r}")
+        if self.adapter_read_workers is not None and (not isinstance(self.adapter_read_workers, int)
+                                                      or self.adapter_read_workers < 1):
+            raise ConfigError(f"adapter_read_workers must be None or a positive integer, got {self.adapter_read_workers!r}")
         if not (0.0 <= self.kv_watermark < 1.0):
             raise ConfigError(f"kv_watermark must be in [0, 1), got {self.kv_watermark!r}")
         if not (0.0 < self.memory_fraction <= 1.0):
@@ -141,6 +151,11 @@ class EngineConfig:
         if self.dtype != "auto":
             return self.dtype
         return "float32" if backend == "cpu" else "bfloat16"
+
+    def resolved_scan_layers(self, backend: str) -> bool:
+        """Scan the layers (one compiled layer body) unless told otherwise; unrolled on a GPU, where reading
+        each layer's own arrays made decode steps 1.7x faster."""
+        return self.scan_layers if self.scan_layers is not None else backend != "gpu"
 
     @property
     def max_rank_blocks(self) -> int:

@@ -155,7 +155,7 @@ class AdapterStore:
         self._free_slots = list(range(tables.num_slots - 1, -1, -1))
         self._lock = threading.RLock()  # registration may come from server threads
         self._reader: Optional[ThreadPoolExecutor] = None
-        self._read_workers = int(getattr(econf, "adapter_read_workers", None) or default_read_workers())
+        self._read_workers = int(econf.adapter_read_workers or default_read_workers())
         self._reading: dict[str, tuple[_Record, Future]] = {}
         self._read_failed: dict[str, str] = {}  # name -> why its read failed
         self._stats_lock = threading.Lock()  # reader threads update the read counters

@@ -71,8 +71,9 @@ class Engine:
                  tokenizer=None, model_dir: Optional[str] = None):
         econf = config or EngineConfig()
         econf = dataclasses.replace(econf, dtype=econf.resolved_dtype(jax.default_backend()))
-        from slora_jax.compile_cache import DEFAULT_CACHE_DIR, enable_compilation_cache
-        enable_compilation_cache(getattr(econf, "compile_cache_dir", DEFAULT_CACHE_DIR))  # before compiling
+        if econf.compile_cache_dir is not None:
+            from slora_jax.compile_cache import enable_compilation_cache
+            enable_compilation_cache(econf.compile_cache_dir)  # before anything compiles
         tp = econf.tensor_parallel
         if tp > len(jax.devices()):
             raise ConfigError(f"tensor_parallel={tp} but only {len(jax.devices())} device(s) are visible")
@@ -122,20 +123,29 @@ class Engine:
                         weights_cache_dir=None) -> "Engine":
         """Load a Hugging Face checkpoint folder (config.json + *.safetensors [+ tokenizer.json]).
 
-        ``weights_cache_dir``: keep the converted weights there (orbax) so a restart skips the
-        safetensors conversion (7B: 23 s -> 3 s on the GPU host, benchmarks/NOTES.md)."""
-        from slora_jax.model.checkpoint import Tokenizer, load_params
+        The safetensors are memory-mapped and each layer is put on the device (or the mesh) by a pool of
+        threads, fused (q|k|v, gate|up) and cast there. ``weights_cache_dir``: keep that fused layout there
+        (orbax), restored straight onto the device at the next start."""
+        from slora_jax.model.checkpoint import Tokenizer
+        from slora_jax.model.device_load import load_fused_params
         from slora_jax.model.hf_config import load_model_config
 
         econf = config or EngineConfig()
-        econf = dataclasses.replace(econf, dtype=econf.resolved_dtype(jax.default_backend()))
+        backend = jax.default_backend()
+        econf = dataclasses.replace(econf, dtype=econf.resolved_dtype(backend))
+        if econf.compile_cache_dir is not None:
+            from slora_jax.compile_cache import enable_compilation_cache
+            enable_compilation_cache(econf.compile_cache_dir)
         model_dir = str(Path(model_dir).expanduser())
         mcfg = load_model_config(model_dir)
+        tp = econf.tensor_parallel
+        mesh = make_mesh(tp) if 1 < tp <= len(jax.devices()) else None
+        where = dict(scan_layers=econf.resolved_scan_layers(backend), mesh=mesh)
         if weights_cache_dir is not None:
-            from slora_jax.model.weights_cache import load_params_cached
-            params = load_params_cached(model_dir, mcfg, econf.dtype, weights_cache_dir)
+            from slora_jax.model.weights_cache import load_fused_params_cached
+            params = load_fused_params_cached(model_dir, mcfg, econf.dtype, weights_cache_dir, **where)
         else:
-            params = load_params(model_dir, mcfg, econf.dtype)
+            params = load_fused_params(model_dir, mcfg, econf.dtype, **where)
         return cls(mcfg, params, econf, tokenizer=Tokenizer.from_dir(model_dir, mcfg), model_dir=model_dir)
 
     # ------------------------------------------------------------------ adapters

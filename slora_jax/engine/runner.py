@@ -136,15 +136,16 @@ class ModelRunner:
         # Where small per-step arrays (index tables, adapter tiles) live: one device, or every device.
         self.replicated = (jax.sharding.SingleDeviceSharding(self.device) if mesh is None
                            else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-        fused = fuse_params(params, cfg)
+        layers = params["layers"]
+        # Checkpoints load already fused and placed (model.device_load); other callers pass load_params' layout.
+        fused = params if isinstance(layers, (list, tuple)) or "wqkv" in layers else fuse_params(params, cfg)
         if mesh is None:
             place = jax.tree.map(lambda a: self.device, fused)
         else:
             place = tree_shardings(fused, param_axes, mesh)
         self.params = jax.tree.map(lambda a, where: jax.device_put(jnp.asarray(a, dtype=self.dtype), where),
                                    fused, place)
-        scan = econf.scan_layers if econf.scan_layers is not None else jax.default_backend() != "gpu"
-        if not scan:
+        if not econf.resolved_scan_layers(jax.default_backend()) and not isinstance(self.params["layers"], list):
             # One array per layer: the unrolled program reads each layer's weights where they lie.
             stacked = self.params["layers"]
             self.params["layers"] = [{k: v[l] for k, v in stacked.items()} for l in range(cfg.num_layers)]

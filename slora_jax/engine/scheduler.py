@@ -367,6 +367,9 @@ class Scheduler:
     def _prefetch(self, now: float) -> None:
         if not self.econf.prefetch or not self.waiting:
             return
+        # Disk reads go far ahead (they only take host memory); device copies only for the next few.
+        self.store.read_ahead(r.adapter for r in self.policy.peek(self, self.econf.read_ahead_depth, now)
+                              if r.adapter is not None)
         reserve = 2 * len(self.running) + 2  # keep room for the running requests' next KV blocks
         self.store.busy = True
         upcoming = [r.adapter for r in self.policy.peek(self, self.econf.prefetch_depth, now)

@@ -33,6 +33,13 @@ _ENGINE_STATS = {
     "aborted": ("slora_engine_aborted_requests", "Requests aborted (client gone, stop string, ...).", "counter"),
     "adapter_loads": ("slora_adapter_loads", "Adapter uploads to the device.", "counter"),
     "adapter_evictions": ("slora_adapter_evictions", "Adapter evictions from the device.", "counter"),
+    "adapter_reads": ("slora_adapter_reads", "Adapter reads from disk into host memory.", "counter"),
+    "adapter_read_bytes": ("slora_adapter_read_bytes", "Bytes of adapter files read from disk.", "counter"),
+    "adapter_load_read_s": ("slora_adapter_read_seconds", "Seconds reader threads spent reading adapter files "
+                            "(summed over threads).", "counter"),
+    "adapter_read_failures": ("slora_adapter_read_failures", "Adapter reads that failed.", "counter"),
+    "adapter_read_gbps": ("slora_adapter_read_gbps", "Adapter read throughput while reads were under way, "
+                          "GB/s.", "gauge"),
 }
 
 
