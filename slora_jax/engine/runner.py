@@ -106,6 +106,12 @@ def _generate_impl(params, pool, tables_buf, buf, specs, prev_tokens, *, cfg, st
 
 _PROGRAMS: dict = {}
 
+# No rematerialization pass: it counted the donated pool, which the output aliases, against the device's
+# memory and gave up ("Can't reduce memory use below 88 GiB ... only reduced to 184 GiB") on every 8B step
+# program, while XLA's own memory analysis of the same programs shows 0-0.2 GiB of temporaries with and
+# without it; without it they compile 1.4-1.7x faster (H200, benchmarks/results/step_memory-2026-11-30.json).
+_STEP_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "rematerialization"}
+
 
 def _step_program(cfg: ModelConfig, st: StepStatics):
     """The jitted step for (model shape, statics), shared by every engine in the process so that two
@@ -114,7 +120,7 @@ def _step_program(cfg: ModelConfig, st: StepStatics):
     if key not in _PROGRAMS:
         impl = _prefill_impl if st.mode == "prefill" else _generate_impl
         _PROGRAMS[key] = jax.jit(functools.partial(impl, cfg=cfg, st=st), static_argnums=(4,),
-                                 donate_argnums=(1,))
+                                 donate_argnums=(1,), compiler_options=_STEP_COMPILER_OPTIONS)
     return _PROGRAMS[key]
 
 
