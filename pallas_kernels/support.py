@@ -12,10 +12,13 @@ from pallas_kernels.ops.lora_layout import LoraDims
 from pallas_kernels.ops.lora_prefill import pallas_triton as _lora_prefill
 from pallas_kernels.ops.paged_decode_attention import pallas_triton as _paged
 from pallas_kernels.ops.paged_decode_attention.layout import PagedAttentionDims
+from pallas_kernels.ops.paged_prefill_attention import pallas_triton as _paged_prefill
+from pallas_kernels.ops.paged_prefill_attention.layout import PagedPrefillDims
 from pallas_kernels.ops.prefill_attention import pallas_triton as _prefill
 from pallas_kernels.ops.prefill_attention.layout import PrefillAttentionDims
 
-OPS = ("lora_decode", "lora_prefill", "paged_decode_attention", "prefill_attention", "write_kv")
+OPS = ("lora_decode", "lora_prefill", "paged_decode_attention", "paged_prefill_attention", "prefill_attention",
+       "write_kv")
 
 
 def unsupported_ops(*, head_dim: int, num_q_heads: int, num_kv_heads: int, page_rows: int,
@@ -43,12 +46,16 @@ def unsupported_ops(*, head_dim: int, num_q_heads: int, num_kv_heads: int, page_
                     width=width, num_slots=1, in_chunks=1, out_chunks_max=1, rank_blocks=1)
     paged = PagedAttentionDims(batch=1, num_q_heads=nq, head_dim=head_dim, num_kv_heads=nkv, num_layers=1,
                                num_pages=1, page_rows=page_rows, num_blocks=1, sm_scale=1.0, sliding_window=None)
+    paged_prefill = PagedPrefillDims(num_tokens=1, num_q_heads=nq, head_dim=head_dim, num_kv_heads=nkv, num_layers=1,
+                                     num_pages=1, page_rows=page_rows, num_rows=1, num_blocks=1, sm_scale=1.0,
+                                     sliding_window=None)
     prefill = PrefillAttentionDims(num_tokens=1, num_q_heads=nq, num_kv_heads=nkv, head_dim=head_dim, sm_scale=1.0,
                                    sliding_window=None)
     reasons = {
         "lora_decode": _lora_decode.unsupported_reason(lora),
         "lora_prefill": _lora_prefill.unsupported_reason(lora),
         "paged_decode_attention": _paged.unsupported_reason(paged),
+        "paged_prefill_attention": _paged_prefill.unsupported_reason(paged_prefill),
         "prefill_attention": _prefill.unsupported_reason(prefill),
         "write_kv": None,  # copies rows of any width and page size
     }

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import queue
 import threading
 import time
@@ -36,6 +37,7 @@ from slora_jax.memory.pool import PoolLayout, UnifiedPagePool
 from slora_jax.types import AdapterInfo, RequestMetrics, RequestOutput, SamplingParams
 
 Prompt = Union[str, Sequence[int]]
+_log = logging.getLogger("slora_jax.engine")
 
 
 def _on_gpu() -> bool:
@@ -95,7 +97,8 @@ class Engine:
             backend = "pallas" if _on_gpu() and mesh is None else "xla"
         self.kernel_backend = backend
         # Weights go on the device first so that the pool is sized from the memory really left.
-        self.runner = ModelRunner(model_config, econf, params, backend, device, mesh)
+        self.runner = ModelRunner(model_config, econf, params, self._op_backend(model_config, econf, backend),
+                                  device, mesh)
         unit = PoolLayout(model_config.num_layers, 1, econf.page_rows, model_config.kv_size)
         pages = _pool_pages(model_config, econf, unit, device, shards=tp)
         self.layout = PoolLayout(model_config.num_layers, pages, econf.page_rows, model_config.kv_size)
@@ -116,6 +119,25 @@ class Engine:
         self._step_lock = threading.RLock()
         self._ids = itertools.count()
         self._rng = np.random.default_rng(econf.seed)
+
+    @staticmethod
+    def _op_backend(cfg: ModelConfig, econf: EngineConfig, backend: str) -> str:
+        """The kernel choice the step programs get: ``backend``, or "auto" (each op on Pallas where its kernel
+        takes the model's shapes, XLA elsewhere) when Pallas was chosen automatically and some kernel cannot.
+        An explicit "pallas" that cannot run every op is refused here, not in the first step."""
+        if backend != "pallas":
+            return backend
+        import pallas_kernels as pk
+        bad = pk.unsupported_ops(head_dim=cfg.head_dim, num_q_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
+                                 page_rows=econf.page_rows, tensor_parallel=econf.tensor_parallel)
+        if not bad:
+            return backend
+        why = "; ".join(f"{op}: {reason}" for op, reason in bad.items())
+        if econf.kernel_backend == "pallas":
+            raise ConfigError(f"kernel_backend='pallas' cannot run this model ({why}); use 'auto' (XLA for "
+                              f"these ops) or 'xla'")
+        _log.warning("these ops run on the XLA path, their Pallas kernels cannot take this model: %s", why)
+        return "auto"
 
     # ------------------------------------------------------------------ construction
     @classmethod

@@ -328,3 +328,24 @@ def test_step_out_of_device_memory_says_which_settings_to_lower(tiny, monkeypatc
     with pytest.raises(sj.ConfigError, match=r"mixed step ran out of device memory .*8\.50GiB.*512 pages.*"
                                              r"memory_fraction \(now 0\.85\).*max_prefill_tokens"):
         eng.step()
+
+
+def test_shapes_a_pallas_kernel_cannot_take_are_caught_when_the_engine_is_built(tmp_path, monkeypatch, caplog):
+    """head_dim 8: 'pallas' is refused at construction naming the ops and their limit; 'auto' where Pallas would
+    be chosen runs those ops on XLA (said once in the log) and gives the XLA engine's tokens."""
+    import slora_jax.engine.engine as engine_mod
+    from slora_jax.model.random_checkpoint import tiny_llama_config, write_random_checkpoint
+
+    model = write_random_checkpoint(tmp_path / "hd8", tiny_llama_config(hidden_size=32, head_dim=8), seed=4, std=0.1)
+    with pytest.raises(sj.ConfigError, match=r"paged_decode_attention: head_dim must be a power of two >= 16, got 8"):
+        sj.Engine.from_pretrained(model, config=sj.EngineConfig(dtype="float32", kernel_backend="pallas", num_pages=64))
+    ps = prompts(3, seed=9)
+    sp = sj.SamplingParams(max_tokens=4, ignore_eos=True)
+    want = sj.Engine.from_pretrained(model, config=sj.EngineConfig(dtype="float32", kernel_backend="xla",
+                                                                   num_pages=64)).generate(ps, sampling=sp)
+    monkeypatch.setattr(engine_mod, "_on_gpu", lambda: True)  # where "auto" picks Pallas
+    with caplog.at_level("WARNING", logger="slora_jax.engine"):
+        eng = sj.Engine.from_pretrained(model, config=sj.EngineConfig(dtype="float32", num_pages=64))
+    assert eng.kernel_backend == "pallas"
+    assert any("XLA path" in r.message and "paged_prefill_attention" in r.message for r in caplog.records)
+    assert [o.token_ids for o in eng.generate(ps, sampling=sp)] == [o.token_ids for o in want]

@@ -15,14 +15,14 @@ def test_llama_shapes_are_supported_by_every_kernel():
 
 def test_head_dim_8_rules_out_both_attention_kernels_and_names_the_limit():
     bad = pk.unsupported_ops(head_dim=8, num_q_heads=14, num_kv_heads=2, page_rows=16)
-    assert set(bad) == {"paged_decode_attention", "prefill_attention"}
+    assert set(bad) == {"paged_decode_attention", "paged_prefill_attention", "prefill_attention"}
     for why in bad.values():
         assert "head_dim must be a power of two >= 16, got 8" in why
 
 
 def test_page_rows_and_width_limits_reach_the_lora_kernels():
     bad = pk.unsupported_ops(head_dim=16, num_q_heads=4, num_kv_heads=1, page_rows=12)
-    assert {"lora_decode", "lora_prefill", "paged_decode_attention"} <= set(bad)
+    assert {"lora_decode", "lora_prefill", "paged_decode_attention", "paged_prefill_attention"} <= set(bad)
     assert "page_rows" in bad["lora_decode"] and "12" in bad["lora_decode"]
     # Width 24 (not a multiple of 16) under tensor parallelism 1: the prefill LoRA kernel's tl.dot blocks.
     bad = pk.unsupported_ops(head_dim=16, num_q_heads=4, num_kv_heads=2, page_rows=16, page_width=24)
@@ -52,6 +52,9 @@ def test_reasons_match_what_the_ops_raise_when_forced_onto_pallas():
     with pytest.raises(pk.KernelInputError, match=re.escape(bad["paged_decode_attention"])):
         pk.paged_decode_attention(q, pool, 0, pages, pages, np.ones(T, np.int32), sm_scale=1.0,
                                   implementation="pallas")
+    with pytest.raises(pk.KernelInputError, match=re.escape(bad["paged_prefill_attention"])):
+        pk.paged_prefill_attention(q, pool, 0, np.zeros(T, np.int32), np.arange(T, dtype=np.int32), pages, pages,
+                                   sm_scale=1.0, implementation="pallas")
 
 
 def test_rejects_non_positive_sizes():
