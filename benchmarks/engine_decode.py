@@ -9,7 +9,8 @@ q/k/v/o, registered from memory. For each batch size and backend: B requests are
 (a) every request on its own adapter (up to ``--adapters`` distinct) and (b) no adapter at all.
 Each time is set against its memory floor: (weights + KV read + distinct adapters' bytes) / copy
 bandwidth measured in the same run (`bandwidth.measure_copy_bandwidth`: the fastest of several
-copies, beside the HBM peak). Also times an in-place pool write against a full pool copy.
+copies, beside the HBM peak). Through the public Engine API only (that the pool is updated in place is
+checked on the compiled programs by tests/engine/test_engine.py::test_pool_updated_in_place).
 Prints a table last and writes JSON (device, jax version, date, command, numbers).
 """
 
@@ -127,21 +128,6 @@ def main(argv=None) -> int:
         for i in range(args.adapters):
             names.append(f"ad{i}")
             engine.load_adapter_weights(names[-1], loras[i % len(loras)])
-        # In-place proof on the device: a one-page write into the whole pool vs one full copy of it.
-        layout = engine.layout
-        pool_bytes = int(np.prod(layout.shape)) * itemsize
-        tiles = jnp.ones((layout.num_layers, 1, layout.page_rows, layout.page_width), dtype)
-        engine.runner.write_pages(np.array([1], np.int32), tiles)
-        jax.block_until_ready(engine.runner.pool)
-        ptr0 = engine.runner.pool_pointer()
-        t = time.perf_counter()
-        for _ in range(20):
-            engine.runner.write_pages(np.array([1], np.int32), tiles)
-        jax.block_until_ready(engine.runner.pool)
-        write_s = (time.perf_counter() - t) / 20
-        results.setdefault("pool", {})[backend] = dict(
-            pool_bytes=pool_bytes, num_pages=layout.num_pages, one_page_write_s=write_s,
-            full_copy_floor_s=2 * pool_bytes / bw, pointer_unchanged=engine.runner.pool_pointer() == ptr0)
         for B in batches:
             for mode in ("lora", "base"):
                 use = names[:min(B, len(names))] if mode == "lora" else []
@@ -166,9 +152,6 @@ def main(argv=None) -> int:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=2)
     print(f"\ncopy bandwidth {bw / 1e12:.2f} TB/s; weights {wbytes / 1e9:.2f} GB; {cfg.name} {args.dtype}")
-    for backend, p in results.get("pool", {}).items():
-        print(f"[{backend}] pool {p['pool_bytes'] / 1e9:.1f} GB: one-page write {p['one_page_write_s'] * 1e6:.0f} us "
-              f"vs full copy >= {p['full_copy_floor_s'] * 1e3:.1f} ms; pointer unchanged: {p['pointer_unchanged']}")
     print(f"{'backend':<8}{'B':>5}{'lora ms':>10}{'base ms':>10}{'floor ms':>10}{'lora/base tok/s':>17}"
           f"{'%floor':>8}{'host%':>7}")
     by = {(c["backend"], c["batch"], c["mode"]): c for c in results["cases"]}

@@ -14,7 +14,7 @@ Stages (each prints as it goes; the table of the issue's ratios is printed last)
      on the same trace: the base model alone, S1 n=5, S2 n=1000 and 2000 (what the targets read).
      Every run starts with no adapter on the device and lasts until every request has finished (steady
      state: --duration seconds of arrivals above what the engine serves; --drain caps it). Each run keeps
-     a record of its steps, so its floor (benchmarks/floors.py) and the byte ceiling of an adapter run
+     a record of its steps, so its floor (slora_jax/bench/floors.py) and the byte ceiling of an adapter run
      against the base run come from the work that ran, in the same run.
   3. SLO: the base model at a few rates around its measured throughput; the highest rate at which it
      attains 90% of first tokens within --slo is then served with S2 n=1000 and the "slo" scheduler.
@@ -145,8 +145,8 @@ class Study:
         self.ns = [int(x) for x in args.num_adapters.split(",") if x]
 
     def measure_rates(self, model: str) -> None:
-        """Copy bandwidth and matmul rate of this device, for the floors (benchmarks/floors.py)."""
-        from floors import copy_bandwidth, matmul_rate
+        """Copy bandwidth and matmul rate of this device, for the floors (slora_jax/bench/floors.py)."""
+        from slora_jax.bench.floors import copy_bandwidth, matmul_rate
 
         tiny = model == "tiny"
         bw = copy_bandwidth(64 << 20 if tiny else 2 << 30)
@@ -211,8 +211,8 @@ class Study:
         return row
 
     def floor(self, engine, steps: list, setting) -> dict:
-        """The floor of the steps a run took (benchmarks/floors.py), against rates measured at the start."""
-        from floors import floor_seconds
+        """The floor of the steps a run took (slora_jax/bench/floors.py), against rates measured at the start."""
+        from slora_jax.bench.floors import floor_seconds
 
         itemsize = 2 if self.args.dtype in ("bfloat16", "float16") else 4
         sizes = {}

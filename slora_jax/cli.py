@@ -54,13 +54,26 @@ def _serve_args(sub):
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:  # its options belong to the bench's own parser
+        rest = argv[1:]
+        if "--mode" in rest:
+            i = rest.index("--mode")
+            mode = rest[i + 1] if i + 1 < len(rest) else ""
+            rest = rest[:i] + rest[i + 2:]
+            if mode not in ("serving", "offline"):
+                print(f"slora-jax bench: --mode must be 'serving' (the default) or 'offline', got {mode!r}",
+                      file=sys.stderr)
+                return 2
+            if mode == "offline":  # vLLM's benchmark_throughput convention: every request handed over at once
+                from slora_jax.bench.offline import main as offline_main
+                return offline_main(rest)
         from slora_jax.bench.cli import main as bench_main
-        return bench_main(argv[1:])
+        return bench_main(rest)
     parser = argparse.ArgumentParser(prog="slora-jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _demo_args(sub)
     _serve_args(sub)
-    sub.add_parser("bench", help="S-LoRA synthetic-workload benchmark (slora-jax bench --help)")
+    sub.add_parser("bench", help="S-LoRA synthetic-workload benchmark (slora-jax bench --help); --mode offline: "
+                   "offline throughput beside its floor (slora-jax bench --mode offline --help)")
     args = parser.parse_args(argv)
     if args.command == "demo":
         from slora_jax.demo import run_demo

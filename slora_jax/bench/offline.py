@@ -1,0 +1,214 @@
+"""Offline throughput (vLLM's ``benchmark_throughput`` convention) beside the floor of the work that ran.
+
+    slora-jax bench --mode offline --model llama-3-8b --num-requests 1000 --input-len 256 --output-len 256 \
+        --adapters 0,100,1000 --repeats 2 --out offline.json     (or python benchmarks/offline.py ...)
+
+N requests of fixed lengths (greedy, ignore EOS) are handed to one ``Engine.generate`` call; the run ends
+when the last finishes. One engine (random bf16 weights made on the device) serves every case, so the
+step programs are compiled once (``precompile``) and every ratio is taken within one run:
+- base: no request has an adapter;
+- n adapters, host-resident: random LoRAs of ranks 8/16/32/64 on q/k/v/o registered from memory (names
+  share host copies; each has its own device pages), each request's adapter drawn uniformly.
+
+The floor of each run is computed from the steps that actually ran (``Engine.record_steps``): per step, the
+projections (weights and the batch's adapters read once, 2 x parameters x tokens FLOPs, logits) and the
+attention (K/V rows read and written once, 4 x q_size FLOPs per key attended per layer), each at
+max(bytes / copy bandwidth, FLOPs / matmul rate), summed over steps (``floor_seconds``). Bandwidth and matmul
+rate are measured in the same run (the best of several device copies, and a bf16 8192^3 matmul), beside the
+H200's 4.8 TB/s HBM peak. Prints a table last and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import slora_jax as sj
+from slora_jax.bench.floors import HBM_PEAK, copy_bandwidth, floor_seconds, matmul_rate, step_breakdown
+from slora_jax.bench.setup import SyntheticAdapters
+from slora_jax.model.init import named_config, random_params
+from slora_jax.model.random_checkpoint import tiny_llama_config
+
+
+def profile_steps(engine, prompts, adapters, sp, log_dir: str, top: int = 30) -> dict:
+    """Device time per kernel over a short decode-heavy run, from a jax.profiler trace."""
+    import glob
+    engine.generate(prompts[:8], sampling=sp)
+    trace = engine.record_steps(True)
+    jax.profiler.start_trace(log_dir)
+    try:
+        engine.generate(prompts, adapters=adapters, sampling=sp)
+    finally:
+        jax.profiler.stop_trace()
+        engine.record_steps(False)
+    files = glob.glob(f"{log_dir}/**/*.xplane.pb", recursive=True)
+    if not files:
+        return {}
+    data = jax.profiler.ProfileData.from_file(files[-1])
+    per: dict = {}
+    for plane in data.planes:
+        if not plane.name.startswith("/device:GPU"):
+            continue
+        for line in plane.lines:
+            for ev in line.events:
+                per[ev.name] = per.get(ev.name, 0.0) + ev.duration_ns / 1e9
+    total = sum(per.values())
+    ranked = sorted(per.items(), key=lambda kv: -kv[1])[:top]
+    steps = {m: sum(1 for t in trace if t["mode"] == m) for m in ("decode", "mixed")}
+    return dict(total_s=total, steps=steps,
+                top=[dict(name=k[:120], s=v, share=v / total if total else 0.0) for k, v in ranked])
+
+
+def run_case(engine, prompts, adapters, sp, cfg, itemsize, adapter_bytes, bw, mm, host_profile: bool = False) -> dict:
+    trace = engine.record_steps(True)
+    s0 = engine.stats()
+    prof = None
+    if host_profile:
+        import cProfile
+        prof = cProfile.Profile()
+        prof.enable()
+    t0 = time.perf_counter()
+    outs = engine.generate(prompts, adapters=adapters, sampling=sp)
+    wall = time.perf_counter() - t0
+    host_top = []
+    if prof is not None:
+        import pstats
+        prof.disable()
+        st = pstats.Stats(prof)
+        rows = sorted(st.stats.items(), key=lambda kv: -kv[1][2])[:25]  # by own time
+        host_top = [dict(fn=f"{k[0].split('/')[-1]}:{k[1]}:{k[2]}", calls=v[1], own_s=v[2], cum_s=v[3])
+                    for k, v in rows]
+    s1 = engine.stats()
+    engine.record_steps(False)
+    out_tokens = sum(len(o.token_ids) for o in outs)
+    assert all(o.finish_reason == "length" for o in outs), "a request did not run to its length"
+    fl = floor_seconds(trace, cfg, itemsize, adapter_bytes, bw, mm)
+    d = {k: s1[k] - s0[k] for k in ("steps", "mixed_steps", "decode_steps", "preemptions", "host_time_s",
+                                    "step_time_s", "exposed_host_s", "prefill_tokens")}
+    parts = {k: s1["host_breakdown_s"][k] - s0["host_breakdown_s"][k] for k in s1["host_breakdown_s"]}
+    parts.update({f"dispatch.{k}": s1["dispatch_breakdown_s"][k] - s0["dispatch_breakdown_s"][k]
+                  for k in s1["dispatch_breakdown_s"]})
+    return dict(breakdown=step_breakdown(trace, cfg, itemsize, adapter_bytes, bw, mm), host_profile=host_top,
+                wall_s=wall, output_tokens=out_tokens, output_tok_s=out_tokens / wall,
+                total_tok_s=(out_tokens + sum(map(len, prompts))) / wall, floor=fl,
+                pct_of_floor=100 * fl["floor_s"] / wall,
+                host_overhead_share=d["exposed_host_s"] / d["step_time_s"] if d["step_time_s"] else 0.0,
+                host_busy_share=d["host_time_s"] / d["step_time_s"] if d["step_time_s"] else 0.0,
+                counters=d, host_parts_s=parts,
+                mean_distinct_adapters=float(np.mean([len(s["adapters"]) for s in trace])) if trace else 0.0)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="slora-jax bench --mode offline", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="llama-3-8b", help="named shape or 'tiny'")
+    ap.add_argument("--num-requests", type=int, default=1000)
+    ap.add_argument("--input-len", type=int, default=256)
+    ap.add_argument("--output-len", type=int, default=256)
+    ap.add_argument("--adapters", default="0,100,1000", help="comma list of adapter counts (0 = base)")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--max-batch-size", type=int, default=256)
+    ap.add_argument("--max-prefill-tokens", type=int, default=2048, help="tokens per step")
+    ap.add_argument("--memory-fraction", type=float, default=0.85)
+    ap.add_argument("--num-pages", type=int, default=None)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--kernel-backend", default="auto")
+    ap.add_argument("--no-precompile", action="store_true")
+    ap.add_argument("--profile-dir", default=None,
+                    help="also trace 256 requests of 64 tokens (base) and report device time per kernel")
+    ap.add_argument("--host-profile", action="store_true",
+                    help="profile the host (cProfile) in the last repeat of every case: own time per function")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    cfg = tiny_llama_config() if args.model == "tiny" else named_config(args.model)
+    tiny = args.model == "tiny"
+    bw = copy_bandwidth(64 << 20 if tiny else 2 << 30)
+    mm = matmul_rate(512 if tiny else 8192)
+    dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[args.dtype]
+    itemsize = jnp.dtype(dtype).itemsize
+    params = random_params(cfg, dtype, seed=0)
+    counts = [int(x) for x in args.adapters.split(",")]
+    econf = sj.EngineConfig(dtype=args.dtype, kernel_backend=args.kernel_backend, max_batch_size=args.max_batch_size,
+                            max_model_len=args.input_len + args.output_len + 16, num_pages=args.num_pages,
+                            memory_fraction=args.memory_fraction, max_prefill_tokens=args.max_prefill_tokens,
+                            max_adapters_on_device=min(max(counts + [1]), 1024), host_cache_bytes=200 << 30)
+    engine = sj.Engine(cfg, params, econf)
+    del params
+    synth = SyntheticAdapters(cfg, (8, 16, 32, 64), weight_sets=2)
+    names = synth.register(engine, max(counts)) if max(counts) else []
+    # Bytes each adapter's A and B take in the pool's dtype: what a step using it must read at least once.
+    adapter_bytes = {n: synth.nbytes(i, itemsize) for i, n in enumerate(names)}
+    t0 = time.perf_counter()
+    compiled = [] if args.no_precompile else engine.precompile(sampling=False)
+    precompile_s = time.perf_counter() - t0
+    rng = np.random.default_rng(0)
+    V = cfg.vocab_size
+    prompts = [rng.integers(3, V - 1, args.input_len).tolist() for _ in range(args.num_requests)]
+    sp = sj.SamplingParams(max_tokens=args.output_len, ignore_eos=True)
+    engine.generate(prompts[:8], sampling=sj.SamplingParams(max_tokens=8, ignore_eos=True))  # warm-up
+    results = []
+    for rep in range(args.repeats):
+        for n in counts:
+            picks = None if n == 0 else [names[i] for i in rng.integers(0, n, args.num_requests)]
+            res = run_case(engine, prompts, picks, sp, cfg, itemsize, adapter_bytes, bw["bytes_per_s"], mm,
+                           host_profile=args.host_profile and rep == args.repeats - 1)
+            res.update(case="base" if n == 0 else f"{n} adapters", adapters=n, repeat=rep)
+            results.append(res)
+            if args.out:  # after every case: a run cut short still leaves what it measured
+                with open(args.out, "w") as f:
+                    json.dump(dict(partial=True, command="python " + " ".join(sys.argv), results=results), f,
+                              indent=1, default=float)
+            print(f"[{res['case']} #{rep}] {res['output_tok_s']:.0f} out tok/s, {res['pct_of_floor']:.0f}% of floor, "
+                  f"host share {res['host_overhead_share']:.3f}, steps {res['counters']['steps']}", flush=True)
+    profile = {}
+    if args.profile_dir:
+        psp = sj.SamplingParams(max_tokens=64, ignore_eos=True)
+        for n in counts:
+            some = prompts[:256]
+            picks = None if n == 0 else [names[i] for i in rng.integers(0, n, len(some))]
+            profile[str(n)] = profile_steps(engine, some, picks, psp, f"{args.profile_dir}/{n}")
+    base = {r["repeat"]: r["output_tok_s"] for r in results if r["adapters"] == 0}
+    for r in results:
+        if r["repeat"] in base:
+            r["vs_base"] = r["output_tok_s"] / base[r["repeat"]]
+    record = dict(
+        device=str(jax.devices()[0].device_kind), jax_version=jax.__version__,
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        command="python " + " ".join(sys.argv), model=args.model, copy_bandwidth=bw,
+        hbm_peak_bytes_per_s=HBM_PEAK, matmul_flops_per_s=mm, precompile_s=precompile_s,
+        programs_compiled=len(compiled), results=results, profile=profile)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(record, f, indent=1, default=float)
+    print(f"\ncopy bandwidth {bw['bytes_per_s'] / 1e12:.2f} TB/s ({bw.get('method')}; HBM peak 4.8), "
+          f"matmul {mm / 1e12:.0f} TFLOP/s, precompile {precompile_s:.0f} s for {len(compiled)} programs")
+    print(f"{'case':<16}{'rep':>4}{'out tok/s':>11}{'vs base':>9}{'% floor':>9}{'host':>7}{'busy':>7}{'steps':>7}"
+          f"{'mixed':>7}{'preempt':>8}{'adapters/step':>14}")
+    for r in results:
+        print(f"  {r['case']} #{r['repeat']}: " + ", ".join(
+            f"{k}: {v['steps']} steps {v['mean_step_ms']:.2f} ms ({v['pct_of_floor']:.0f}% of floor)"
+            for k, v in sorted(r["breakdown"].items())))
+    for r in results:
+        if r["host_profile"]:
+            print(f"  host, {r['case']}: " + "; ".join(f"{h['fn']} {h['own_s']:.2f}s" for h in r["host_profile"][:8]))
+    for n, prof in profile.items():
+        print(f"  profile, {n} adapters: {prof.get('total_s', 0):.3f} s of device time, steps {prof.get('steps')}")
+        for p in (prof.get("top") or [])[:18]:
+            print(f"    {p['share'] * 100:5.1f}% {p['s'] * 1e3:8.1f} ms  {p['name']}")
+    for r in results:
+        c = r["counters"]
+        print(f"{r['case']:<16}{r['repeat']:>4}{r['output_tok_s']:>11.0f}{r.get('vs_base', float('nan')):>9.3f}"
+              f"{r['pct_of_floor']:>9.1f}{r['host_overhead_share']:>7.3f}{r['host_busy_share']:>7.3f}{c['steps']:>7}"
+              f"{c['mixed_steps']:>7}{c['preemptions']:>8}{r['mean_distinct_adapters']:>14.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""The offline benchmark (``slora-jax bench --mode offline``) and the floor it sets each run against."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from slora_jax.bench.floors import floor_seconds
+from slora_jax.model.random_checkpoint import tiny_llama_config
+
+
+def test_floor_takes_each_phase_at_its_own_roofline():
+    cfg = tiny_llama_config()  # L=2, H=64, I=128, q=64, kv=32, V=256, untied
+    L, H, I, q, kv, V = 2, 64, 128, 64, 32, 256
+    params = L * (H * (q + 2 * kv) + q * H + 3 * H * I)
+    weights = (params + 2 * V * H) * 2
+    step = dict(decode_tokens=4, prompt_tokens=12, kv_read=40, attended=90, sampled=5, adapters=["a", "b"])
+    bw, mm = 1e9, 1e12
+    out = floor_seconds([step, dict(step, adapters=[])], cfg, 2, {"a": 1000, "b": 3000}, bw, mm)
+    proj_b = [(weights + 4000) / bw, weights / bw]
+    proj_f = (2 * params * 16 + 2 * H * V * 5) / mm
+    attn_b = 2 * L * kv * 2 * (40 + 16) / bw
+    attn_f = 4 * L * q * 90 / mm
+    assert out["floor_s"] == pytest.approx(sum(max(b, proj_f) + max(attn_b, attn_f) for b in proj_b))
+    assert out["overlap_floor_s"] == pytest.approx(sum(max(b + attn_b, proj_f + attn_f) for b in proj_b))
+    assert out["steps"] == 2
+
+
+def test_offline_mode_runs_base_and_adapters_and_reports_floors(tmp_path):
+    out = tmp_path / "offline.json"
+    cmd = [sys.executable, "-m", "slora_jax", "bench", "--mode", "offline", "--model", "tiny", "--num-requests", "10",
+           "--input-len", "20", "--output-len", "5", "--adapters", "0,3", "--repeats", "1", "--max-batch-size", "4",
+           "--max-prefill-tokens", "16", "--dtype", "float32", "--no-precompile", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rec = json.loads(out.read_text())
+    assert rec["device"] and rec["jax_version"] and rec["command"].startswith("python")
+    runs = {r["case"]: r for r in rec["results"]}
+    assert set(runs) == {"base", "3 adapters"}
+    for r in runs.values():
+        assert r["output_tokens"] == 10 * 5
+        assert r["floor"]["floor_s"] > 0 and 0 < r["pct_of_floor"]
+        assert r["counters"]["mixed_steps"] > 0 and r["counters"]["prefill_tokens"] == 10 * 20
+    assert runs["3 adapters"]["mean_distinct_adapters"] > 0 and runs["base"]["mean_distinct_adapters"] == 0
+    assert runs["3 adapters"]["vs_base"] == pytest.approx(runs["3 adapters"]["output_tok_s"] / runs["base"]["output_tok_s"])
+    bad = subprocess.run([sys.executable, "-m", "slora_jax", "bench", "--mode", "nope"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--mode must be" in bad.stderr
