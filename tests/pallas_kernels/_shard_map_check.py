@@ -154,6 +154,12 @@ def lower_for_gpu():
         lambda q, pool, kp, n: pk.paged_decode_attention(q, pool, 2, kp, kp, n, sm_scale=0.1, implementation="pallas"),
         sd((2, 32, 128), bf), pool, sd((2, 256), i32), sd((2,), i32),
     )
+    export_cuda(  # a mixed step's prompt chunks over the same pool: 300 tokens of 3 requests, sliding window
+        "paged_prefill_attention",
+        lambda q, pool, row, pos, kp: pk.paged_prefill_attention(q, pool, 1, row, pos, kp, kp, sm_scale=0.1,
+                                                                 sliding_window=100, implementation="pallas"),
+        sd((300, 32, 128), bf), pool, sd((300,), i32), sd((300,), i32), sd((4, 40), i32),
+    )
     for op, t in ((pk.lora_decode, 16), (pk.lora_prefill, 512)):
         def mlp(y, x, pool, a, b, r, s, slot, op=op):
             return op(y, x, pool, 3, a, b, r, s, slot, out_sizes=(11008, 11008), implementation="pallas")

@@ -23,9 +23,9 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels import _backend
 from pallas_kernels._checks import as_index_vector, cdiv, is_pow2, matmul_precision, next_pow2
+from pallas_kernels.ops._paged import NEG, pool_rows, softmax_block
 from pallas_kernels.ops.paged_decode_attention.layout import PagedAttentionDims
 
-_NEG = -1e30  # finite "minus infinity": exp(_NEG - m) underflows to 0 without inf - inf = NaN
 
 
 def unsupported_reason(dims: PagedAttentionDims) -> str | None:
@@ -51,28 +51,17 @@ def _attend(layer, b, h, lo, hi, q_ref, k_pages_ref, v_pages_ref, pool_ref, *, d
     prec = matmul_precision(q.dtype)
     blk0 = lo // bt
 
-    def rows(pages_ref, tok):
-        page = jnp.clip(pages_ref[b, jnp.minimum(tok // R, dims.num_blocks - 1)], 0, dims.num_pages - 1)
-        return (page * R + tok % R)[:, None]
+    rows = functools.partial(pool_rows, row=b, page_rows=R, num_blocks=dims.num_blocks, num_pages=dims.num_pages)
 
     def body(i, carry):
-        o, m, l = carry
         tok = (blk0 + i) * bt + jnp.arange(bt)
         ok = (tok >= lo) & (tok < hi)
-        k = _backend.load(pool_ref.at[layer, rows(k_pages_ref, tok), cols], mask=ok[:, None], other=0)
-        s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=prec, preferred_element_type=jnp.float32)
-        s = jnp.where(ok[None, :], s * dims.sm_scale, _NEG)
-        m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        alpha = jnp.exp(m - m_new)
-        p = jnp.where(ok[None, :], jnp.exp(s - m_new[:, None]), 0.0)
-        v = _backend.load(pool_ref.at[layer, rows(v_pages_ref, tok), cols], mask=ok[:, None], other=0)
-        pv = lax.dot_general(
-            p.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=prec, preferred_element_type=jnp.float32
-        )
-        return alpha[:, None] * o + pv, m_new, alpha * l + jnp.sum(p, axis=1)
+        return softmax_block(carry, q, pool_ref.at[layer, rows(k_pages_ref, tok=tok), cols],
+                             pool_ref.at[layer, rows(v_pages_ref, tok=tok), cols], ok[None, :], ok,
+                             sm_scale=dims.sm_scale, precision=prec)
 
     trips = jnp.maximum(cdiv(hi, bt) - blk0, 0)
-    init = (jnp.zeros((bh, D), jnp.float32), jnp.full((bh,), _NEG, jnp.float32), jnp.zeros((bh,), jnp.float32))
+    init = (jnp.zeros((bh, D), jnp.float32), jnp.full((bh,), NEG, jnp.float32), jnp.zeros((bh,), jnp.float32))
     return lax.fori_loop(0, jnp.where(hi > lo, trips, 0), body, init)
 
 

@@ -21,9 +21,9 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels import _backend
 from pallas_kernels._checks import as_index_vector, cdiv, is_pow2, matmul_precision
+from pallas_kernels.ops._paged import NEG, pool_rows, softmax_block
 from pallas_kernels.ops.paged_prefill_attention.layout import PagedPrefillDims
 
-_NEG = -1e30
 _BIG = 2**30
 
 
@@ -47,31 +47,21 @@ def _attend(row, q_ok, q, pos_q, layer, k_pages_ref, v_pages_ref, pool_ref, *, h
     prec = matmul_precision(q.dtype)
     blk0 = lo // bt
 
-    def rows(pages_ref, tok):
-        page = jnp.clip(pages_ref[safe_row, jnp.minimum(tok // R, dims.num_blocks - 1)], 0, dims.num_pages - 1)
-        return (page * R + tok % R)[:, None]
+    rows = functools.partial(pool_rows, row=safe_row, page_rows=R, num_blocks=dims.num_blocks,
+                             num_pages=dims.num_pages)
 
     def body(j, carry):
-        o, m, l = carry
         tok = (blk0 + j) * bt + jnp.arange(bt)
         k_ok = (tok >= lo) & (tok < hi)
         ok = k_ok[None, :] & (tok[None, :] <= pos_q[:, None]) & q_ok[:, None]
         if dims.sliding_window is not None:
             ok &= tok[None, :] > pos_q[:, None] - dims.sliding_window
-        k = _backend.load(pool_ref.at[layer, rows(k_pages_ref, tok), cols], mask=k_ok[:, None], other=0)
-        s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=prec, preferred_element_type=jnp.float32)
-        s = jnp.where(ok, s * dims.sm_scale, _NEG)
-        m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        alpha = jnp.exp(m - m_new)
-        p = jnp.where(ok, jnp.exp(s - m_new[:, None]), 0.0)
-        v = _backend.load(pool_ref.at[layer, rows(v_pages_ref, tok), cols], mask=k_ok[:, None], other=0)
-        pv = lax.dot_general(
-            p.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=prec, preferred_element_type=jnp.float32
-        )
-        return alpha[:, None] * o + pv, m_new, alpha * l + jnp.sum(p, axis=1)
+        return softmax_block(carry, q, pool_ref.at[layer, rows(k_pages_ref, tok=tok), cols],
+                             pool_ref.at[layer, rows(v_pages_ref, tok=tok), cols], ok, k_ok,
+                             sm_scale=dims.sm_scale, precision=prec)
 
     trips = jnp.where(hi > lo, cdiv(hi, bt) - blk0, 0)
-    init = (jnp.zeros((bq, D), jnp.float32), jnp.full((bq,), _NEG, jnp.float32), jnp.zeros((bq,), jnp.float32))
+    init = (jnp.zeros((bq, D), jnp.float32), jnp.full((bq,), NEG, jnp.float32), jnp.zeros((bq,), jnp.float32))
     o, _, l = lax.fori_loop(0, trips, body, init)
     return jnp.where(l[:, None] > 0, o / jnp.where(l > 0, l, 1.0)[:, None], 0.0)
 
