@@ -72,3 +72,26 @@ def cdiv(a: int, b: int) -> int:
 def matmul_precision(dtype):
     """float32 products at full precision (IEEE on the GPU, not TF32); narrower types as they are."""
     return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else jax.lax.Precision.DEFAULT
+
+
+def check_paged_query(op: str, q, pool, layer, sm_scale, sliding_window) -> tuple:
+    """Checks shared by the attention ops that read K/V from the pool: q [N, Nq, D] and pool [L, P, R, W] of one
+    float dtype, W = Nkv * D with Nq a multiple of Nkv, the layer, the softmax scale and the window.
+    Returns (N, Nq, D, Nkv, L, P, R)."""
+    check_array(op, "q", q, ndim=3, kind="float")
+    N, Nq, D = q.shape
+    check_array(op, "pool", pool, ndim=4, kind="float")
+    L, P, R, W = pool.shape
+    if W % D:
+        raise KernelInputError(f"{op}: pool width W = {W} must be num_kv_heads * head_dim, not a multiple of D = {D}")
+    Nkv = W // D
+    if Nq % Nkv:
+        raise KernelInputError(f"{op}: {Nq} query heads are not a multiple of the pool's {Nkv} KV heads (W // D)")
+    check_layer(op, layer, L)
+    if not isinstance(sm_scale, (int, float)) or not sm_scale > 0:
+        raise KernelInputError(f"{op}: sm_scale must be a positive Python float, got {sm_scale!r}")
+    if sliding_window is not None and (not isinstance(sliding_window, int) or sliding_window < 1):
+        raise KernelInputError(f"{op}: sliding_window must be None or a positive int, got {sliding_window!r}")
+    if q.dtype != pool.dtype:
+        raise KernelInputError(f"{op}: q dtype {q.dtype} must match the pool dtype {pool.dtype}")
+    return N, Nq, D, Nkv, L, P, R
