@@ -183,13 +183,13 @@ def test_hot_load_while_a_background_thread_serves_other_adapters(engine, saved,
         if name not in engine.adapters:
             engine.load_adapter(name, llama_adapters[name])
     # A slow disk: the adapter read takes 0.5 s, long enough to see whether serving stops meanwhile.
-    real_read = adapter_store.load_peft_adapter
+    real_read = adapter_store.read_paged_adapter
 
     def slow_read(*a, **k):
         time.sleep(0.5)
         return real_read(*a, **k)
 
-    monkeypatch.setattr(adapter_store, "load_peft_adapter", slow_read)
+    monkeypatch.setattr(adapter_store, "read_paged_adapter", slow_read)
 
     stop, failures = threading.Event(), []
 
