@@ -27,6 +27,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from slora_jax.errors import AdapterError, ModelError, UnknownAdapterError
+from slora_jax.server import logprobs as lpfmt
 from slora_jax.server.engine_loop import EngineFailed, EngineLoop
 from slora_jax.server.errors import (APIError, bad_request, from_engine_error, model_not_found, over_capacity,
                                      unavailable)
@@ -37,7 +38,8 @@ from slora_jax.server.paths import adapter_root as resolve_root
 from slora_jax.server.paths import resolve_adapter_path
 from slora_jax.server.protocol import (ChatCompletionRequest, CompletionRequest, ErrorResponse, LoadLoraRequest,
                                        UnloadLoraRequest, _Sampling)
-from slora_jax.server.text import decode_token, encode_prompt, server_tokenizer
+from slora_jax.server.text import encode_prompt, server_tokenizer
+from slora_jax.server.tokenize import add_tokenize_routes
 from slora_jax.types import SamplingParams
 
 log = logging.getLogger("slora_jax.server")
@@ -106,6 +108,7 @@ def create_app(engine, *, served_model_name: Optional[str] = None, api_key: Opti
     app.state.server = state
     _install_error_handlers(app, metrics)
     _add_routes(app, state)
+    add_tokenize_routes(app, state, ERROR_RESPONSES)
     _document_errors(app)
     app.add_middleware(RequestGuard, api_key=api_key, max_body_bytes=max_body_bytes,
                        on_error=lambda status: metrics.http_errors.labels(str(status)).inc())
@@ -212,15 +215,13 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         adapter = _adapter_for(state, body.model)
         prompts = _completion_prompts(state, body.prompt)
         _refuse_unsupported(body)
-        if body.echo:
-            raise bad_request("echo is not supported", "echo")
+        if body.stream and (body.echo or body.logprobs):
+            raise bad_request("echo and logprobs > 0 are served without stream only (logprobs=0 streams)",
+                              "echo" if body.echo else "logprobs")
         if body.suffix:
             raise bad_request("suffix is not supported", "suffix")
         if body.best_of is not None and body.best_of != (body.n or 1):
             raise bad_request("best_of must equal n (candidates are not ranked)", "best_of")
-        if body.logprobs is not None and body.logprobs > 0:
-            raise bad_request("logprobs > 0 is not supported: logprobs=0 reports the log-probability of each "
-                              "sampled token, without alternatives", "logprobs")
         specs = _choice_specs(state, body, prompts, body.max_tokens, want_logprobs=body.logprobs is not None)
         return await _respond(state, adapter, specs, body, request, prompts, chat=False)
 
@@ -232,9 +233,11 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
             raise bad_request("tools are not supported", "tools")
         if body.response_format is not None and body.response_format.type != "text":
             raise bad_request("only response_format {'type': 'text'} is supported", "response_format")
-        if body.top_logprobs:
-            raise bad_request("top_logprobs > 0 is not supported: logprobs=true reports the log-probability "
-                              "of each sampled token, without alternatives", "top_logprobs")
+        if body.top_logprobs and not body.logprobs:
+            raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
+        if body.top_logprobs and body.stream:
+            raise bad_request("top_logprobs > 0 is served without stream only (logprobs: true streams)",
+                              "top_logprobs")
         if body.max_tokens is not None and body.max_completion_tokens is not None \
                 and body.max_tokens != body.max_completion_tokens:
             raise bad_request("max_tokens and max_completion_tokens disagree", "max_completion_tokens")
@@ -423,7 +426,22 @@ async def _respond(state: ServerState, adapter, specs, body, request: Request, p
     results = await _collect(gen, request)
     if results is None:
         return Response(status_code=499)
-    return (_chat_body if chat else _completion_body)(meta, results, state, prompts)
+    scores = await _scores(state, adapter, meta, results, prompts)
+    return (_chat_body if chat else _completion_body)(meta, results, state, prompts, scores)
+
+
+async def _scores(state: ServerState, adapter, meta: "_Meta", results: list[ChoiceResult], prompts):
+    """Scores of prompt + output of every choice, when the answer needs more than the sampled tokens'
+    log-probabilities (echo, top alternatives); else None."""
+    k = (meta.body.top_logprobs or 0) if meta.chat else (meta.body.logprobs or 0)
+    if not (k or (not meta.chat and meta.body.echo and meta.body.logprobs is not None)):
+        return None
+    n = meta.body.n or 1
+    sequences = [prompts[r.index // n] + r.token_ids for r in results]
+    try:
+        return await lpfmt.score(state.loop, state.engine, adapter, sequences, k)
+    except EngineFailed as e:
+        raise unavailable(str(e))
 
 
 async def _collect(gen: Generation, request: Request) -> Optional[list[ChoiceResult]]:
@@ -458,6 +476,7 @@ class _Meta:
     def __init__(self, rid: str, created: int, model: str, body: _Sampling, chat: bool):
         self.id, self.created, self.model, self.body, self.chat = rid, created, model, body, chat
         self.token_ids = bool(body.return_token_ids)
+        self.as_ids = bool(body.return_tokens_as_token_ids)
         self.include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
 
@@ -466,29 +485,27 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def _completion_logprobs(state: ServerState, token_ids: list[int], logprobs: list[float], offset: int) -> dict:
-    tokens = [decode_token(state.tokenizer, t) for t in token_ids]
-    offsets, pos = [], offset
-    for t in tokens:
-        offsets.append(pos)
-        pos += len(t)
-    return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": None, "text_offset": offsets}
-
-
-def _chat_logprobs(state: ServerState, token_ids: list[int], logprobs: list[float]) -> dict:
-    content = []
-    for t, lp in zip(token_ids, logprobs):
-        s = decode_token(state.tokenizer, t)
-        content.append({"token": s, "logprob": lp, "bytes": list(s.encode("utf-8")), "top_logprobs": []})
-    return {"content": content}
-
-
-def _completion_body(meta: _Meta, results: list[ChoiceResult], state: ServerState, prompts) -> dict:
+def _completion_body(meta: _Meta, results: list[ChoiceResult], state: ServerState, prompts, scores=None) -> dict:
     want_lp = meta.body.logprobs is not None
+    n = meta.body.n or 1
     choices = []
-    for r in results:
-        c = {"index": r.index, "text": r.text, "finish_reason": r.finish_reason,
-             "logprobs": _completion_logprobs(state, r.token_ids, r.logprobs, 0) if want_lp else None}
+    for j, r in enumerate(results):
+        prompt = prompts[r.index // n]
+        text, logprobs = r.text, None
+        if meta.body.echo:  # the prompt's text and, with logprobs, its tokens come first
+            text = _prompt_text(state, meta.body.prompt, r.index // n, prompt) + r.text
+        if want_lp and scores is None:
+            logprobs = lpfmt.completion_logprobs(state.tokenizer, r.token_ids, r.logprobs,
+                                                 [None] * len(r.token_ids), as_ids=meta.as_ids)
+        elif want_lp:
+            # Every log-probability from the one scoring pass, so a token's value and its alternatives'
+            # agree; the first prompt token has no context and no score.
+            sc, first = scores[j], 1 if meta.body.echo else len(prompt)
+            ids = (prompt + r.token_ids)[first - 1 if meta.body.echo else first:]
+            lps = ([None] if meta.body.echo else []) + sc.logprobs[first - 1:].tolist()
+            tops = ([None] if meta.body.echo else []) + lpfmt.tops_of(sc, first, len(prompt) + len(r.token_ids))
+            logprobs = lpfmt.completion_logprobs(state.tokenizer, ids, lps, tops, as_ids=meta.as_ids)
+        c = {"index": r.index, "text": text, "finish_reason": r.finish_reason, "logprobs": logprobs}
         if meta.token_ids:
             c["token_ids"] = r.token_ids
             c["prompt_token_ids"] = prompts[r.index // (meta.body.n or 1)]
@@ -498,12 +515,18 @@ def _completion_body(meta: _Meta, results: list[ChoiceResult], state: ServerStat
                                                 sum(len(r.token_ids) for r in results))}
 
 
-def _chat_body(meta: _Meta, results: list[ChoiceResult], state: ServerState, prompts) -> dict:
+def _chat_body(meta: _Meta, results: list[ChoiceResult], state: ServerState, prompts, scores=None) -> dict:
     want_lp = bool(meta.body.logprobs)
     choices = []
-    for r in results:
-        c = {"index": r.index, "message": {"role": "assistant", "content": r.text},
-             "logprobs": _chat_logprobs(state, r.token_ids, r.logprobs) if want_lp else None,
+    for j, r in enumerate(results):
+        logprobs = None
+        if want_lp and scores is None:
+            logprobs = lpfmt.chat_logprobs(state.tokenizer, r.token_ids, r.logprobs, None, meta.as_ids)
+        elif want_lp:
+            start = len(prompts[0])
+            logprobs = lpfmt.chat_logprobs(state.tokenizer, r.token_ids, scores[j].logprobs[start - 1:].tolist(),
+                                           lpfmt.tops_of(scores[j], start, start + len(r.token_ids)), meta.as_ids)
+        c = {"index": r.index, "message": {"role": "assistant", "content": r.text}, "logprobs": logprobs,
              "finish_reason": r.finish_reason}
         if meta.token_ids:
             c["token_ids"] = r.token_ids
@@ -573,16 +596,27 @@ def _sse(gen: Generation, meta: _Meta, state: ServerState) -> StreamingResponse:
 def _delta_choice(state: ServerState, meta: _Meta, d: Delta, want_lp: bool, text_pos: dict) -> dict:
     if meta.chat:
         c = {"index": d.index, "delta": {"content": d.text} if d.text else {},
-             "logprobs": _chat_logprobs(state, d.token_ids, d.logprobs) if want_lp else None,
+             "logprobs": lpfmt.chat_logprobs(state.tokenizer, d.token_ids, d.logprobs, None, meta.as_ids)
+             if want_lp else None,
              "finish_reason": d.finish_reason}
     else:
         pos = text_pos.get(d.index, 0)
         c = {"index": d.index, "text": d.text, "finish_reason": d.finish_reason,
-             "logprobs": _completion_logprobs(state, d.token_ids, d.logprobs, pos) if want_lp else None}
+             "logprobs": lpfmt.completion_logprobs(state.tokenizer, d.token_ids, d.logprobs,
+                                                   [None] * len(d.token_ids), pos, meta.as_ids) if want_lp else None}
         text_pos[d.index] = pos + len(d.text)
     if meta.token_ids:
         c["token_ids"] = d.token_ids
     return c
+
+
+def _prompt_text(state: ServerState, prompt, i: int, ids: list[int]) -> str:
+    """The text of prompt ``i`` as the request gave it, or decoded from its token ids."""
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list) and prompt and isinstance(prompt[i], str):
+        return prompt[i]
+    return state.tokenizer.decode(ids) if state.tokenizer is not None else ""
 
 
 # --------------------------------------------------------------------------------------------- process

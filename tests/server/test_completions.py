@@ -158,7 +158,9 @@ def test_logprobs(client, reference):
     r = client.completions.create(model="a1", prompt=prompt, max_tokens=6, temperature=0, logprobs=0,
                                   extra_body=GREEDY_EXTRA)
     lp = r.choices[0].logprobs
-    assert len(lp.tokens) == len(lp.token_logprobs) == 6 and lp.top_logprobs is None
+    assert len(lp.tokens) == len(lp.token_logprobs) == 6
+    # vLLM's shape for logprobs=0: each position's dict holds the sampled token alone.
+    assert [list(d.values()) for d in lp.top_logprobs] == [[x] for x in lp.token_logprobs]
     np.testing.assert_allclose(lp.token_logprobs, want.logprobs, rtol=1e-5, atol=1e-5)
     assert all(x <= 0 for x in lp.token_logprobs)
     assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
