@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from slora_jax.errors import AdapterError, ModelError, UnknownAdapterError
 from slora_jax.server import logprobs as lpfmt
+from slora_jax.server.autoload import AdapterAutoloader
 from slora_jax.server.engine_loop import EngineFailed, EngineLoop
 from slora_jax.server.errors import (APIError, bad_request, from_engine_error, model_not_found, over_capacity,
                                      unavailable)
@@ -81,7 +82,8 @@ class ServerState:
 
 def create_app(engine, *, served_model_name: Optional[str] = None, api_key: Optional[str] = None,
                adapter_root: Optional[str] = None, max_body_bytes: int = 4 << 20,
-               max_tokens_limit: Optional[int] = None, max_pending: int = 4096) -> Any:
+               max_tokens_limit: Optional[int] = None, max_pending: int = 4096, tokenizer=None,
+               load_on_request: bool = True) -> Any:
     """The ASGI app serving ``engine``. The engine thread starts and stops with the app's lifespan.
 
     served_model_name: the ``model`` value meaning "no adapter" (default: the checkpoint folder's name).
@@ -89,11 +91,17 @@ def create_app(engine, *, served_model_name: Optional[str] = None, api_key: Opti
     adapter_root: folder that /v1/load_lora_adapter may load from; None disables runtime loading.
     max_body_bytes: larger request bodies get 413. max_tokens_limit: largest ``max_tokens`` accepted
     (default: the engine's context length). max_pending: engine requests in flight before 429.
+    tokenizer: a ``slora_jax.model.checkpoint.Tokenizer`` (default: the checkpoint's).
+    load_on_request: with ``adapter_root``, a request naming a folder under it loads that adapter first.
     """
     name = served_model_name or _default_model_name(engine)
     metrics = ServerMetrics()
     state = ServerState(engine, name, resolve_root(adapter_root), max_tokens_limit or engine.max_model_len,
                         max_pending, metrics)
+    if tokenizer is not None:
+        state.tokenizer = tokenizer
+    state.autoload = AdapterAutoloader(engine, state.adapter_root, load_on_request,
+                                       lambda result: metrics.adapter_ops.labels("load", result).inc())
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -212,7 +220,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.post("/v1/completions", responses=ERROR_RESPONSES)
     async def completions(body: CompletionRequest, request: Request):
-        adapter = _adapter_for(state, body.model)
+        adapter = await _adapter_for(state, body.model)
         prompts = _completion_prompts(state, body.prompt)
         _refuse_unsupported(body)
         if body.stream and (body.echo or body.logprobs):
@@ -227,7 +235,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.post("/v1/chat/completions", responses=ERROR_RESPONSES)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        adapter = _adapter_for(state, body.model)
+        adapter = await _adapter_for(state, body.model)
         _refuse_unsupported(body)
         if body.tools:
             raise bad_request("tools are not supported", "tools")
@@ -296,11 +304,12 @@ def _adapter_json(info) -> dict:
 # --------------------------------------------------------------------------------------------- requests
 
 
-def _adapter_for(state: ServerState, model: str) -> Optional[str]:
-    """None for the base model's name, else the adapter name (checked now, so unknown names get 404)."""
+async def _adapter_for(state: ServerState, model: str) -> Optional[str]:
+    """None for the base model's name, else the adapter name (checked now, so unknown names get 404; a folder
+    under the adapter root is loaded first when loading on request is on)."""
     if model == state.model_name:
         return None
-    if model not in state.engine.adapters:
+    if model not in state.engine.adapters and not await state.autoload.load(model):
         raise model_not_found(f"the model {model!r} does not exist: use {state.model_name!r} (the base model) "
                               f"or a loaded adapter's name (GET /v1/models lists them)")
     return model
@@ -641,19 +650,18 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
-def _parse_adapter_flag(spec: str) -> tuple[str, str]:
-    name, sep, path = spec.partition("=")
-    if not sep or not name.strip() or not path.strip():
-        raise SystemExit(f"--adapter expects NAME=DIR, got {spec!r}")
-    return name.strip(), path.strip()
-
-
 def engine_config(args):
     """The EngineConfig of a ``serve`` namespace; options left unset (None or absent) keep the config's defaults."""
     import slora_jax as sj
 
-    optional = ("max_waiting", "max_model_len", "memory_fraction", "max_prefill_tokens")
+    optional = ("max_waiting", "max_model_len", "memory_fraction", "max_prefill_tokens", "seed")
     extra = {k: getattr(args, k) for k in optional if getattr(args, k, None) is not None}
+    if getattr(args, "max_loras", None) is not None:  # vLLM's name
+        extra["max_adapters_on_device"] = args.max_loras
+    if getattr(args, "max_cpu_loras", None) is not None:  # vLLM's counts adapters; the engine bounds bytes
+        from slora_jax.server.startup import host_cache_bytes
+        extra["host_cache_bytes"] = host_cache_bytes(args.max_cpu_loras, args.model, args.max_lora_rank,
+                                                     sj.EngineConfig.page_rows, args.dtype)
     return sj.EngineConfig(dtype=args.dtype, kernel_backend=args.kernel_backend,
                            tensor_parallel=args.tensor_parallel, num_pages=args.num_pages,
                            max_batch_size=args.max_batch_size, max_lora_rank=args.max_lora_rank, **extra)
@@ -668,8 +676,12 @@ def run_server(args) -> int:
     import slora_jax as sj
     from slora_jax.engine.engine import precompile_wanted
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    adapters = [_parse_adapter_flag(s) for s in args.adapter]
+    from slora_jax.server.startup import load_tokenizer, parse_adapter_specs, preflight
+
+    log_level = getattr(args, "log_level", None) or "info"
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    adapters = parse_adapter_specs(args.adapter, getattr(args, "lora_modules", None) or [])
+    sock = preflight(args, adapters)  # bad paths and a busy port fail here, before minutes of loading
     engine = sj.Engine.from_pretrained(args.model, config=engine_config(args))
     for name, path in adapters:
         engine.load_adapter(name, path)
@@ -681,19 +693,16 @@ def run_server(args) -> int:
     if not _is_loopback(args.host) and api_key is None:
         log.warning("serving on %s without --api-key: anyone who can reach it can use it", args.host)
     app = create_app(engine, served_model_name=args.served_model_name, api_key=api_key,
-                     adapter_root=args.adapter_root,
+                     adapter_root=args.adapter_root, tokenizer=load_tokenizer(args, engine),
+                     load_on_request=getattr(args, "load_adapters_on_request", True),
                      max_body_bytes=getattr(args, "max_body_bytes", None) or (4 << 20),
                      max_tokens_limit=getattr(args, "max_tokens_limit", None),
                      max_pending=getattr(args, "max_pending", None) or 4096)
-    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((args.host, args.port))
     host, port = sock.getsockname()[:2]
-    url_host = f"[{host}]" if family == socket.AF_INET6 else host
+    url_host = f"[{host}]" if sock.family == socket.AF_INET6 else host
     print(f"slora-jax: serving {app.state.server.model_name!r} and {len(adapters)} adapter(s) on "
           f"http://{url_host}:{port}", flush=True)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5))
+    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5))
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal: end with status 0.
     signal.signal(signal.SIGTERM, _interrupt)
     try:
