@@ -15,10 +15,13 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from slora_jax.server.errors import bad_request
 from slora_jax.server.text import decode_token
 
 # vLLM's floor for -inf (JSON has no infinities).
 MIN_LOGPROB = -9999.0
+# The scoring pass returns every position's logits to the host: bound them (1 GiB of float32) per request.
+MAX_SCORED_LOGITS = 1 << 28
 
 
 @dataclass
@@ -53,6 +56,11 @@ async def score(loop, engine, adapter: Optional[str], sequences: list[list[int]]
     The last token of a sequence needs no logits of its own, so each is scored without it: a sequence that
     fills the context still fits."""
     heads = [list(s[:-1]) for s in sequences]
+    vocab = engine.model_config.vocab_size
+    if sum(len(h) for h in heads) * vocab > MAX_SCORED_LOGITS:
+        raise bad_request(f"prompt log-probabilities and alternatives are served for up to "
+                          f"{MAX_SCORED_LOGITS // vocab} tokens per request (prompts + outputs, all choices)",
+                          "logprobs")
     logits = await loop.call(lambda: engine.logits(heads, [adapter] * len(heads)))
     return await asyncio.to_thread(lambda: [score_logits(x, s, k) for x, s in zip(logits, sequences)])
 

@@ -83,6 +83,7 @@ def test_vmap_over_independent_batches(implementation):
         assert relative_error(batched[i], pre(q[i])) < 1e-6
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["xla check_vma", "pallas nocheck", "lower"])
 def test_shard_map_on_two_simulated_devices(mode):
     if mode == "lower" and jax.default_backend() == "gpu":

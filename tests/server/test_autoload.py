@@ -30,6 +30,7 @@ def test_a_folder_under_the_root_loads_on_first_request(http, files, reference):
     assert models["auto1"]["rank"] == 8
 
 
+@pytest.mark.slow
 def test_concurrent_first_requests_share_one_load(http, files):
     write_random_adapter(files["adapter_root"] / "auto2", tiny_llama_config(), rank=4, seed=78, init_scale=0.3)
     body = {"model": "auto2", "prompt": [5, 6, 7], "max_tokens": 2}

@@ -45,6 +45,7 @@ def test_token_prompt_completions_match_engine_per_adapter(client, reference, to
     assert len(seen) >= 3  # adapters really change the answer, so equality above is not vacuous
 
 
+@pytest.mark.slow
 def test_text_prompts_n_and_seeds(client, reference, tok):
     texts = ["The quick brown fox", "héllo wörld"]
     r = client.completions.create(model="a1", prompt=texts, n=2, max_tokens=8, temperature=0.9, top_p=0.95,

@@ -102,6 +102,7 @@ def test_openai_client_error_types(client):
     assert "temperature" in e.value.message
 
 
+@pytest.mark.slow
 def test_bad_requests_do_not_disturb_a_running_stream(http, reference):
     """A long stream runs while every bad request above is sent; its answer is still exact."""
     prompt = token_prompts(1, seed=51)[0]

@@ -128,3 +128,19 @@ def test_tokenize_and_detokenize(http, tok):
     assert_error(http.post("/tokenize", json={"model": "no-such-model", "prompt": "x"}), 404, "model_not_found")
     assert_error(http.post("/detokenize", json={"tokens": [10**6]}), 400)
     assert_error(http.post("/tokenize", json={}), 400)
+
+
+
+def test_scoring_is_bounded_per_request(reference, monkeypatch):
+    """A scoring pass that would return more logits than the bound is refused (400) before it runs."""
+    import asyncio
+
+    from slora_jax.server import logprobs
+    from slora_jax.server.errors import APIError
+
+    vocab = reference.model_config.vocab_size
+    monkeypatch.setattr(logprobs, "MAX_SCORED_LOGITS", 10 * vocab)
+    # 11 tokens are scored (the last token of each sequence needs no logits): one over the bound.
+    with pytest.raises(APIError) as info:
+        asyncio.run(logprobs.score(None, reference, None, [[5] * 6, [7] * 7], 1))
+    assert info.value.status == 400 and "up to 10 tokens" in info.value.message
