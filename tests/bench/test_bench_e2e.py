@@ -117,6 +117,7 @@ def test_merged_weights_serve_what_the_adapter_serves(engine, lora):
     assert [o.token_ids for o in engine.generate(prompts, sampling=sp)] == base  # originals restored
 
 
+@pytest.mark.slow
 def test_peft_baseline_generates_what_the_engine_generates(engine, model_dir, lora):
     from slora_jax.bench.peft_baseline import PeftBaseline, build_hf_model
 

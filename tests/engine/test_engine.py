@@ -168,6 +168,7 @@ def test_preemption_small_pool_finishes_everything_correctly(tiny):
     small.pool.check_invariants()
 
 
+@pytest.mark.slow
 def test_compiled_shapes_bounded_over_long_run(engine):
     rng = np.random.default_rng(3)
     for _ in range(6):

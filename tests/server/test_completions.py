@@ -61,6 +61,7 @@ def test_text_prompts_n_and_seeds(client, reference, tok):
     assert r.usage.prompt_tokens == sum(len(t.encode()) for t in texts)
 
 
+@pytest.mark.slow
 def test_streaming_equals_non_streaming(client, http):
     body = dict(model="a0", prompt="stream me", max_tokens=12, temperature=0.7, seed=7, n=2,
                 ignore_eos=True, return_token_ids=True)
