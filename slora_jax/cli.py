@@ -18,36 +18,93 @@ def _demo_args(sub):
     return p
 
 
+class _DefaultsHelp(argparse.HelpFormatter):
+    """Appends each flag's default to its help, unless the help already says what the default is."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.required or action.default in (None, [], argparse.SUPPRESS):
+            return text
+        return text + " (default: %(default)s)"
+
+
 def _serve_args(sub):
-    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
-    p.add_argument("--model", required=True, help="Hugging Face checkpoint folder")
-    p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR", help="adapter to load at start")
-    p.add_argument("--adapter-root", default=None, help="runtime adapter loading only from under this folder")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=None)
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--tensor-parallel", type=int, default=1)
-    p.add_argument("--kernel-backend", default="auto", choices=["auto", "xla", "pallas"])
-    p.add_argument("--num-pages", type=int, default=None)
-    p.add_argument("--memory-fraction", type=float, default=None,
-                   help="share of the device memory free after the weights that the page pool takes, when "
-                        "--num-pages is not given (default: EngineConfig's)")
-    p.add_argument("--max-batch-size", type=int, default=64)
-    p.add_argument("--max-prefill-tokens", type=int, default=None,
-                   help="prompt tokens admitted in one prefill step (default: EngineConfig's)")
-    p.add_argument("--max-lora-rank", type=int, default=64)
-    p.add_argument("--served-model-name", default=None)
-    p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
-    p.add_argument("--precompile", action=argparse.BooleanOptionalAction, default=None,
-                   help="compile every step program before binding (default: on GPU, where compiling a step "
-                        "program on demand stalls the requests in flight for seconds)")
-    p.add_argument("--max-tokens-limit", type=int, default=None, help="largest max_tokens a request may ask for")
-    p.add_argument("--max-body-bytes", type=int, default=4 << 20, help="largest request body (413 beyond)")
-    p.add_argument("--max-pending", type=int, default=4096, help="requests in flight before 429")
-    p.add_argument("--max-waiting", type=int, default=100_000, help="engine queue bound (429 beyond)")
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server",
+                       description="OpenAI-compatible HTTP server over one base model and many LoRA adapters "
+                                   "(vLLM's adapter routes and flag names where they exist).",
+                       formatter_class=_DefaultsHelp)
+    model = p.add_argument_group("model")
+    model.add_argument("--model", required=True, metavar="DIR",
+                       help="Hugging Face checkpoint folder (config.json + *.safetensors [+ tokenizer.json])")
+    model.add_argument("--served-model-name", default=None, metavar="NAME",
+                       help="the `model` value that means the base model (default: the --model folder's name)")
+    model.add_argument("--tokenizer", default=None, metavar="DIR",
+                       help="folder with tokenizer.json [+ tokenizer_config.json] (default: the --model folder)")
+    model.add_argument("--chat-template", default=None, metavar="FILE",
+                       help="Jinja chat template file (default: the tokenizer's, from tokenizer_config.json "
+                            "or chat_template.jinja)")
+    model.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                       help="weights and activations (float32 is much faster on a CPU)")
+    model.add_argument("--max-model-len", type=int, default=None, metavar="N",
+                       help="context length (default: the model's)")
+    model.add_argument("--seed", type=int, default=0, metavar="N",
+                       help="seeds the engine's sampling of requests that give no seed")
+
+    adapters = p.add_argument_group("adapters")
+    adapters.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+                          help="PEFT adapter folder to load at start (repeatable)")
+    adapters.add_argument("--lora-modules", nargs="+", action="extend", default=[], metavar="NAME=DIR",
+                          help="vLLM's form of --adapter: NAME=DIR or JSON {\"name\": NAME, \"path\": DIR}")
+    adapters.add_argument("--adapter-root", default=None, metavar="DIR",
+                          help="folder that runtime loading (/v1/load_lora_adapter, and a request naming a "
+                               "folder in it) may read; unset: runtime loading is off")
+    adapters.add_argument("--load-adapters-on-request", action=argparse.BooleanOptionalAction, default=True,
+                          help="with --adapter-root, a request whose model is a folder under the root that is "
+                               "not loaded yet loads it first")
+    adapters.add_argument("--max-loras", type=int, default=None, metavar="N",
+                          help="adapters on the device at once (default: EngineConfig's max_adapters_on_device, "
+                               "64)")
+    adapters.add_argument("--max-cpu-loras", type=int, default=None, metavar="N",
+                          help="adapters kept in host memory, counted at the largest accepted shape; others "
+                               "are read from disk again when needed (default: bounded by EngineConfig's "
+                               "host_cache_bytes, 8 GiB)")
+    adapters.add_argument("--max-lora-rank", type=int, default=64, metavar="N",
+                          help="adapters of a higher rank are refused")
+
+    net = p.add_argument_group("HTTP")
+    net.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface)")
+    net.add_argument("--port", type=int, default=8000, help="port to bind (0: any free port)")
+    net.add_argument("--api-key", default=None, metavar="KEY",
+                     help="require `Authorization: Bearer KEY` on every route but /health and /metrics "
+                          "(default: $SLORA_JAX_API_KEY; neither set: no key needed)")
+    net.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error", "critical"],
+                     help="server and access log verbosity")
+    net.add_argument("--max-tokens-limit", type=int, default=None, metavar="N",
+                     help="largest max_tokens a request may ask for (default: the context length)")
+    net.add_argument("--max-body-bytes", type=int, default=4 << 20, metavar="N",
+                     help="largest request body (413 beyond)")
+    net.add_argument("--max-pending", type=int, default=4096, metavar="N", help="requests in flight before 429")
+    net.add_argument("--max-waiting", type=int, default=100_000, metavar="N",
+                     help="engine queue bound (429 beyond)")
+
+    eng = p.add_argument_group("engine")
+    eng.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                     help="devices the model is split over (heads, MLP, vocabulary)")
+    eng.add_argument("--kernel-backend", default="auto", choices=["auto", "xla", "pallas"],
+                     help="LoRA and attention kernels: auto = pallas on GPU, xla elsewhere")
+    eng.add_argument("--num-pages", type=int, default=None, metavar="N",
+                     help="pages of the unified KV + adapter pool (default: sized by --memory-fraction)")
+    eng.add_argument("--memory-fraction", type=float, default=None, metavar="F",
+                     help="share of the device memory free after the weights that the page pool takes, when "
+                          "--num-pages is not given (default: EngineConfig's, 0.85)")
+    eng.add_argument("--max-batch-size", type=int, default=64, metavar="N", help="requests decoded in one step")
+    eng.add_argument("--max-prefill-tokens", type=int, default=None, metavar="N",
+                     help="prompt tokens admitted in one prefill step (default: EngineConfig's, 2048)")
+    eng.add_argument("--precompile", action=argparse.BooleanOptionalAction, default=None,
+                     help="compile every step program before binding (default: on GPU, where compiling a step "
+                          "program on demand stalls the requests in flight for seconds)")
     from slora_jax.server.flags import add_serving_limits
-    add_serving_limits(p)
+    add_serving_limits(p.add_argument_group("serving limits and lifecycle"))
     return p
 
 

@@ -1,13 +1,15 @@
 """``slora-jax demo``: the whole path on an embedded default, in well under a minute on a laptop CPU.
 
-Writes a small random Llama-architecture checkpoint and a few PEFT adapters (different ranks and target
-modules) to a cache folder, loads them like any Hugging Face / PEFT folder, serves one mixed-adapter batch
-and prints each request's adapter, output and the throughput.
+Writes a small random Llama-architecture checkpoint (with a byte-level BPE tokenizer and a chat template,
+so the README's server examples run on it) and a few PEFT adapters (different ranks and target modules) to
+a cache folder, loads them like any Hugging Face / PEFT folder, serves one mixed-adapter batch and prints
+each request's adapter, output and the throughput.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 
@@ -28,6 +30,60 @@ def demo_model_config():
                              name="slora-demo-llama")
 
 
+# Text the demo tokenizer's merges are learned from: English prose, SQL and French, the languages of the
+# README's examples, so that their prompts take a few tokens each instead of one per byte.
+DEMO_CORPUS = """
+The quick brown fox jumps over the lazy dog. A language model predicts the next token from the ones before it.
+Serving many adapters over one base model keeps the base weights shared while each request adds its own
+low-rank update. List the tables in the database, then summarize what each one holds. Write a short answer.
+You are a helpful assistant. Answer the question in one sentence. What is the capital of France? Paris.
+Tell me a story about a robot who learns to paint. The robot painted the sea, the sky and the mountains.
+SELECT name, email FROM users WHERE created_at > '2024-01-01' ORDER BY name LIMIT 10;
+SELECT COUNT(*) FROM orders GROUP BY customer_id HAVING COUNT(*) > 5;
+INSERT INTO tables (id, name) VALUES (1, 'users'); UPDATE users SET name = 'Ada' WHERE id = 1;
+CREATE TABLE orders (id INTEGER PRIMARY KEY, customer_id INTEGER, total REAL, created_at TEXT);
+Un poème sur la mer, le vent et la lumière du soir. Les vagues chantent sous la lune et les étoiles.
+Je suis un poète qui écrit des vers pour le printemps, pour les fleurs et pour les oiseaux du matin.
+Il était une fois une princesse qui vivait dans un château au bord de la mer. Elle aimait les poèmes.
+The support team answers questions about accounts, orders, refunds and shipping within one business day.
+Thank you for contacting support. Your order has shipped and will arrive in three to five days.
+"""
+DEMO_SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+# Llama-2-chat-like turns with the demo tokenizer's role tokens; the server renders it with jinja2.
+DEMO_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
+def write_demo_tokenizer(model_dir, vocab_size: int, bos_id: int = 1, eos_id: int = 2) -> Path:
+    """Train a byte-level BPE tokenizer (every byte encodes, so any text works) of at most ``vocab_size``
+    ids on DEMO_CORPUS and write tokenizer.json + tokenizer_config.json (chat template included) into
+    ``model_dir``, as a Hugging Face checkpoint ships them. ``<s>``/``</s>`` get ``bos_id``/``eos_id``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    if DEMO_SPECIAL_TOKENS.index("<s>") != bos_id or DEMO_SPECIAL_TOKENS.index("</s>") != eos_id:
+        raise ValueError(f"the demo tokenizer puts <s>, </s> at ids 1, 2; the model says {bos_id}, {eos_id}")
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(DEMO_SPECIAL_TOKENS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([line for line in DEMO_CORPUS.splitlines() if line], trainer)
+    if tok.get_vocab_size() > vocab_size:
+        raise ValueError(f"the demo tokenizer has {tok.get_vocab_size()} ids; the model has {vocab_size}")
+    # Prompts start with <s>, as Llama's tokenizer makes them (add_special_tokens=True).
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", bos_id)])
+    out = Path(model_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+              "unk_token": "<unk>", "model_max_length": demo_model_config().max_position_embeddings,
+              "add_bos_token": True, "chat_template": DEMO_CHAT_TEMPLATE}
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    return out
+
+
 def prepare(cache_dir) -> tuple[Path, dict[str, Path]]:
     """Write (once) the demo checkpoint and adapters; returns their folders."""
     from slora_jax.model.random_checkpoint import write_random_adapter, write_random_checkpoint
@@ -38,6 +94,8 @@ def prepare(cache_dir) -> tuple[Path, dict[str, Path]]:
     if not (model_dir / "config.json").exists():
         # std 0.1 keeps the random model's distributions peaked enough that adapters visibly change text
         write_random_checkpoint(model_dir, cfg, seed=0, std=0.1)
+    if not (model_dir / "tokenizer.json").exists():  # also upgrades a demo folder written without one
+        write_demo_tokenizer(model_dir, cfg.vocab_size, cfg.bos_token_id, cfg.eos_token_ids[0])
     adapters = {}
     for i, (name, (rank, alpha, targets, rs)) in enumerate(DEMO_ADAPTERS.items()):
         d = root / "adapters" / name

@@ -158,6 +158,23 @@ class Bench:
         return tr.synthetic_trace(n, a.alpha, a.req_rate, a.cv, a.duration, a.input_range, a.output_range,
                                   seed=a.seed)
 
+    def check_context(self) -> None:
+        """Refuse, before any run, a workload whose requests do not fit the model's context: the engine would
+        refuse or cut each of them, and the results would count them as aborted."""
+        a = self.args
+        context = a.max_model_len or self.source.config.max_position_embeddings
+        for n in a.num_adapters:
+            trace = self.trace_for(n)
+            over = [r.input_len + r.output_len for r in trace if r.input_len + r.output_len > context]
+            if over:
+                fix = "shorten the trace's requests" if self.base_trace is not None else \
+                    (f"lower --input-range {a.input_range[0]} {a.input_range[1]} and --output-range "
+                     f"{a.output_range[0]} {a.output_range[1]} so that their largest values add up to at most "
+                     f"{context}")
+                raise ConfigError(f"{len(over)} of {len(trace)} requests are longer than the model's context of "
+                                  f"{context} tokens (up to {max(over)} tokens, input + output): {fix}, or use a "
+                                  f"model with a longer context")
+
     def adapter_count(self, trace, n: int) -> int:
         refs = [r.adapter for r in trace if r.adapter is not None]
         if self.base_trace is None:
@@ -371,6 +388,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         jax.config.update("jax_compilation_cache_dir", args.compile_cache)
     try:
         bench = Bench(args, argv)
+        bench.check_context()
         if args.save_trace:
             tr.write_trace(args.save_trace, bench.trace_for(args.num_adapters[0]))
         t0 = time.perf_counter()

@@ -26,7 +26,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from slora_jax.server import logprobs as lpfmt
 from slora_jax.server.adapter_admin import AdapterAdmin, StateFile, shown_path
+from slora_jax.server.autoload import AdapterAutoloader
 from slora_jax.server.engine_loop import EngineFailed, EngineLoop
 from slora_jax.server.errors import APIError, bad_request, from_engine_error, over_capacity, unavailable
 from slora_jax.server.generation import ChoiceResult, ChoiceRun, ChoiceSpec, Delta, Generation
@@ -36,8 +38,9 @@ from slora_jax.server.metrics import CONTENT_TYPE, ServerMetrics
 from slora_jax.server.paths import adapter_root as resolve_root
 from slora_jax.server.protocol import (ChatCompletionRequest, CompletionRequest, ErrorResponse, LoadLoraRequest,
                                        UnloadLoraRequest, _Sampling)
-from slora_jax.server.text import (decode_token, encode_prompt, prompt_char_limit, refuse_long_text,
+from slora_jax.server.text import (encode_prompt, prompt_char_limit, refuse_long_text,
                                    server_tokenizer)
+from slora_jax.server.tokenize import add_tokenize_routes
 from slora_jax.types import SamplingParams
 
 log = logging.getLogger("slora_jax.server")
@@ -77,7 +80,8 @@ def create_app(engine, *, served_model_name: Optional[str] = None, api_key: Opti
                adapter_root: Optional[str] = None, max_body_bytes: int = 4 << 20,
                max_tokens_limit: Optional[int] = None, max_pending: int = 4096, state_file=None,
                runtime_adapters: Optional[dict] = None, lifecycle: Optional[Lifecycle] = None,
-               body_timeout_s: Optional[float] = None) -> Any:
+               body_timeout_s: Optional[float] = None, tokenizer=None,
+               load_on_request: bool = True) -> Any:
     """The ASGI app serving ``engine``. The engine thread starts and stops with the app's lifespan.
 
     served_model_name: the ``model`` value meaning "no adapter" (default: the checkpoint folder's name).
@@ -88,6 +92,8 @@ def create_app(engine, *, served_model_name: Optional[str] = None, api_key: Opti
     state_file: path (or StateFile) where runtime loads and unloads are recorded; runtime_adapters: the
     adapters already replayed from it (name -> path). lifecycle: phase, probes, request deadline and stall
     timeout (default: a Lifecycle that is ready once the app starts). body_timeout_s: 408 for a body slower.
+    tokenizer: a ``slora_jax.model.checkpoint.Tokenizer`` (default: the checkpoint's).
+    load_on_request: with ``adapter_root``, a request naming a folder under it loads that adapter first.
     """
     name = served_model_name or _default_model_name(engine)
     metrics = ServerMetrics()
@@ -96,6 +102,11 @@ def create_app(engine, *, served_model_name: Optional[str] = None, api_key: Opti
         state_file = StateFile(state_file)
     state = ServerState(engine, name, resolve_root(adapter_root), max_tokens_limit or engine.max_model_len,
                         max_pending, metrics, lifecycle, state_file, runtime_adapters)
+    if tokenizer is not None:
+        state.tokenizer = tokenizer
+        state.max_prompt_chars = prompt_char_limit(tokenizer, engine.max_model_len)
+    state.autoload = AdapterAutoloader(state.admin, load_on_request,
+                                       lambda result: metrics.adapter_ops.labels("load", result).inc())
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -114,6 +125,7 @@ def create_app(engine, *, served_model_name: Optional[str] = None, api_key: Opti
     app.state.server = state
     _install_error_handlers(app, metrics)
     _add_routes(app, state)
+    add_tokenize_routes(app, state, ERROR_RESPONSES)
     _document_errors(app)
     app.add_middleware(RequestGuard, api_key=api_key, max_body_bytes=max_body_bytes, body_timeout_s=body_timeout_s,
                        on_error=lambda status: metrics.http_errors.labels(str(status)).inc())
@@ -237,32 +249,32 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.post("/v1/completions", responses=ERROR_RESPONSES)
     async def completions(body: CompletionRequest, request: Request):
-        adapter = _adapter_for(state, body.model)
+        adapter = await _adapter_for(state, body.model)
         prompts = await asyncio.to_thread(_completion_prompts, state, body.prompt)  # tokenizing is slow
         _refuse_unsupported(body)
-        if body.echo:
-            raise bad_request("echo is not supported", "echo")
+        if body.stream and (body.echo or body.logprobs):
+            raise bad_request("echo and logprobs > 0 are served without stream only (logprobs=0 streams)",
+                              "echo" if body.echo else "logprobs")
         if body.suffix:
             raise bad_request("suffix is not supported", "suffix")
         if body.best_of is not None and body.best_of != (body.n or 1):
             raise bad_request("best_of must equal n (candidates are not ranked)", "best_of")
-        if body.logprobs is not None and body.logprobs > 0:
-            raise bad_request("logprobs > 0 is not supported: logprobs=0 reports the log-probability of each "
-                              "sampled token, without alternatives", "logprobs")
         specs = _choice_specs(state, body, prompts, body.max_tokens, want_logprobs=body.logprobs is not None)
         return await _respond(state, adapter, specs, body, request, prompts, chat=False)
 
     @app.post("/v1/chat/completions", responses=ERROR_RESPONSES)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        adapter = _adapter_for(state, body.model)
+        adapter = await _adapter_for(state, body.model)
         _refuse_unsupported(body)
         if body.tools:
             raise bad_request("tools are not supported", "tools")
         if body.response_format is not None and body.response_format.type != "text":
             raise bad_request("only response_format {'type': 'text'} is supported", "response_format")
-        if body.top_logprobs:
-            raise bad_request("top_logprobs > 0 is not supported: logprobs=true reports the log-probability "
-                              "of each sampled token, without alternatives", "top_logprobs")
+        if body.top_logprobs and not body.logprobs:
+            raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
+        if body.top_logprobs and body.stream:
+            raise bad_request("top_logprobs > 0 is served without stream only (logprobs: true streams)",
+                              "top_logprobs")
         if body.max_tokens is not None and body.max_completion_tokens is not None \
                 and body.max_tokens != body.max_completion_tokens:
             raise bad_request("max_tokens and max_completion_tokens disagree", "max_completion_tokens")
@@ -306,9 +318,14 @@ def _adapter_json(info, root: Optional[Path]) -> dict:
 # --------------------------------------------------------------------------------------------- requests
 
 
-def _adapter_for(state: ServerState, model: str) -> Optional[str]:
+async def _adapter_for(state: ServerState, model: str) -> Optional[str]:
     """None for the base model's name, else the adapter name (checked now, so unknown names and adapters
-    being unloaded get 404)."""
+    being unloaded get 404; a folder under the adapter root is loaded first when loading on request is on)."""
+    try:
+        return state.admin.adapter_for(model)
+    except APIError as e:
+        if e.status != 404 or not await state.autoload.load(model):
+            raise
     return state.admin.adapter_for(model)
 
 
@@ -446,7 +463,22 @@ async def _respond(state: ServerState, adapter, specs, body, request: Request, p
     results = await _collect(gen, request)
     if results is None:
         return Response(status_code=499)
-    return (_chat_body if chat else _completion_body)(meta, results, state, prompts)
+    scores = await _scores(state, adapter, meta, results, prompts)
+    return (_chat_body if chat else _completion_body)(meta, results, state, prompts, scores)
+
+
+async def _scores(state: ServerState, adapter, meta: "_Meta", results: list[ChoiceResult], prompts):
+    """Scores of prompt + output of every choice, when the answer needs more than the sampled tokens'
+    log-probabilities (echo, top alternatives); else None."""
+    k = (meta.body.top_logprobs or 0) if meta.chat else (meta.body.logprobs or 0)
+    if not (k or (not meta.chat and meta.body.echo and meta.body.logprobs is not None)):
+        return None
+    n = meta.body.n or 1
+    sequences = [prompts[r.index // n] + r.token_ids for r in results]
+    try:
+        return await lpfmt.score(state.loop, state.engine, adapter, sequences, k)
+    except EngineFailed as e:
+        raise unavailable(str(e))
 
 
 async def _collect(gen: Generation, request: Request) -> Optional[list[ChoiceResult]]:
@@ -481,6 +513,7 @@ class _Meta:
     def __init__(self, rid: str, created: int, model: str, body: _Sampling, chat: bool):
         self.id, self.created, self.model, self.body, self.chat = rid, created, model, body, chat
         self.token_ids = bool(body.return_token_ids)
+        self.as_ids = bool(body.return_tokens_as_token_ids)
         self.include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
 
@@ -489,29 +522,27 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def _completion_logprobs(state: ServerState, token_ids: list[int], logprobs: list[float], offset: int) -> dict:
-    tokens = [decode_token(state.tokenizer, t) for t in token_ids]
-    offsets, pos = [], offset
-    for t in tokens:
-        offsets.append(pos)
-        pos += len(t)
-    return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": None, "text_offset": offsets}
-
-
-def _chat_logprobs(state: ServerState, token_ids: list[int], logprobs: list[float]) -> dict:
-    content = []
-    for t, lp in zip(token_ids, logprobs):
-        s = decode_token(state.tokenizer, t)
-        content.append({"token": s, "logprob": lp, "bytes": list(s.encode("utf-8")), "top_logprobs": []})
-    return {"content": content}
-
-
-def _completion_body(meta: _Meta, results: list[ChoiceResult], state: ServerState, prompts) -> dict:
+def _completion_body(meta: _Meta, results: list[ChoiceResult], state: ServerState, prompts, scores=None) -> dict:
     want_lp = meta.body.logprobs is not None
+    n = meta.body.n or 1
     choices = []
-    for r in results:
-        c = {"index": r.index, "text": r.text, "finish_reason": r.finish_reason,
-             "logprobs": _completion_logprobs(state, r.token_ids, r.logprobs, 0) if want_lp else None}
+    for j, r in enumerate(results):
+        prompt = prompts[r.index // n]
+        text, logprobs = r.text, None
+        if meta.body.echo:  # the prompt's text and, with logprobs, its tokens come first
+            text = _prompt_text(state, meta.body.prompt, r.index // n, prompt) + r.text
+        if want_lp and scores is None:
+            logprobs = lpfmt.completion_logprobs(state.tokenizer, r.token_ids, r.logprobs,
+                                                 [None] * len(r.token_ids), as_ids=meta.as_ids)
+        elif want_lp:
+            # Every log-probability from the one scoring pass, so a token's value and its alternatives'
+            # agree; the first prompt token has no context and no score.
+            sc, first = scores[j], 1 if meta.body.echo else len(prompt)
+            ids = (prompt + r.token_ids)[first - 1 if meta.body.echo else first:]
+            lps = ([None] if meta.body.echo else []) + sc.logprobs[first - 1:].tolist()
+            tops = ([None] if meta.body.echo else []) + lpfmt.tops_of(sc, first, len(prompt) + len(r.token_ids))
+            logprobs = lpfmt.completion_logprobs(state.tokenizer, ids, lps, tops, as_ids=meta.as_ids)
+        c = {"index": r.index, "text": text, "finish_reason": r.finish_reason, "logprobs": logprobs}
         if meta.token_ids:
             c["token_ids"] = r.token_ids
             c["prompt_token_ids"] = prompts[r.index // (meta.body.n or 1)]
@@ -521,12 +552,18 @@ def _completion_body(meta: _Meta, results: list[ChoiceResult], state: ServerStat
                                                 sum(len(r.token_ids) for r in results))}
 
 
-def _chat_body(meta: _Meta, results: list[ChoiceResult], state: ServerState, prompts) -> dict:
+def _chat_body(meta: _Meta, results: list[ChoiceResult], state: ServerState, prompts, scores=None) -> dict:
     want_lp = bool(meta.body.logprobs)
     choices = []
-    for r in results:
-        c = {"index": r.index, "message": {"role": "assistant", "content": r.text},
-             "logprobs": _chat_logprobs(state, r.token_ids, r.logprobs) if want_lp else None,
+    for j, r in enumerate(results):
+        logprobs = None
+        if want_lp and scores is None:
+            logprobs = lpfmt.chat_logprobs(state.tokenizer, r.token_ids, r.logprobs, None, meta.as_ids)
+        elif want_lp:
+            start = len(prompts[0])
+            logprobs = lpfmt.chat_logprobs(state.tokenizer, r.token_ids, scores[j].logprobs[start - 1:].tolist(),
+                                           lpfmt.tops_of(scores[j], start, start + len(r.token_ids)), meta.as_ids)
+        c = {"index": r.index, "message": {"role": "assistant", "content": r.text}, "logprobs": logprobs,
              "finish_reason": r.finish_reason}
         if meta.token_ids:
             c["token_ids"] = r.token_ids
@@ -596,16 +633,27 @@ def _sse(gen: Generation, meta: _Meta, state: ServerState) -> StreamingResponse:
 def _delta_choice(state: ServerState, meta: _Meta, d: Delta, want_lp: bool, text_pos: dict) -> dict:
     if meta.chat:
         c = {"index": d.index, "delta": {"content": d.text} if d.text else {},
-             "logprobs": _chat_logprobs(state, d.token_ids, d.logprobs) if want_lp else None,
+             "logprobs": lpfmt.chat_logprobs(state.tokenizer, d.token_ids, d.logprobs, None, meta.as_ids)
+             if want_lp else None,
              "finish_reason": d.finish_reason}
     else:
         pos = text_pos.get(d.index, 0)
         c = {"index": d.index, "text": d.text, "finish_reason": d.finish_reason,
-             "logprobs": _completion_logprobs(state, d.token_ids, d.logprobs, pos) if want_lp else None}
+             "logprobs": lpfmt.completion_logprobs(state.tokenizer, d.token_ids, d.logprobs,
+                                                   [None] * len(d.token_ids), pos, meta.as_ids) if want_lp else None}
         text_pos[d.index] = pos + len(d.text)
     if meta.token_ids:
         c["token_ids"] = d.token_ids
     return c
+
+
+def _prompt_text(state: ServerState, prompt, i: int, ids: list[int]) -> str:
+    """The text of prompt ``i`` as the request gave it, or decoded from its token ids."""
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list) and prompt and isinstance(prompt[i], str):
+        return prompt[i]
+    return state.tokenizer.decode(ids) if state.tokenizer is not None else ""
 
 
 # --------------------------------------------------------------------------------------------- process
@@ -630,19 +678,18 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
-def _parse_adapter_flag(spec: str) -> tuple[str, str]:
-    name, sep, path = spec.partition("=")
-    if not sep or not name.strip() or not path.strip():
-        raise SystemExit(f"--adapter expects NAME=DIR, got {spec!r}")
-    return name.strip(), path.strip()
-
-
 def engine_config(args):
     """The EngineConfig of a ``serve`` namespace; options left unset (None or absent) keep the config's defaults."""
     import slora_jax as sj
 
-    optional = ("max_waiting", "max_model_len", "memory_fraction", "max_prefill_tokens")
+    optional = ("max_waiting", "max_model_len", "memory_fraction", "max_prefill_tokens", "seed")
     extra = {k: getattr(args, k) for k in optional if getattr(args, k, None) is not None}
+    if getattr(args, "max_loras", None) is not None:  # vLLM's name
+        extra["max_adapters_on_device"] = args.max_loras
+    if getattr(args, "max_cpu_loras", None) is not None:  # vLLM's counts adapters; the engine bounds bytes
+        from slora_jax.server.startup import host_cache_bytes
+        extra["host_cache_bytes"] = host_cache_bytes(args.max_cpu_loras, args.model, args.max_lora_rank,
+                                                     sj.EngineConfig.page_rows, args.dtype)
     return sj.EngineConfig(dtype=args.dtype, kernel_backend=args.kernel_backend,
                            tensor_parallel=args.tensor_parallel, num_pages=args.num_pages,
                            max_batch_size=args.max_batch_size, max_lora_rank=args.max_lora_rank, **extra)
@@ -659,9 +706,12 @@ def run_server(args) -> int:
     from slora_jax.server.adapter_admin import check_adapter_name, replay_state
     from slora_jax.server.lifecycle import Progress, say, serve
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from slora_jax.server.startup import load_tokenizer, parse_adapter_specs, preflight
+
+    log_level = getattr(args, "log_level", None) or "info"
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     opt = flags.serving_limits(args)
-    adapters = [_parse_adapter_flag(s) for s in args.adapter]
+    adapters = parse_adapter_specs(args.adapter, getattr(args, "lora_modules", None) or [])
     for name, _ in adapters:
         try:
             check_adapter_name(name)
@@ -679,10 +729,8 @@ def run_server(args) -> int:
     api_key = args.api_key or os.environ.get("SLORA_JAX_API_KEY") or None
     if not _is_loopback(args.host) and api_key is None:
         log.warning("serving on %s without --api-key: anyone who can reach it can use it", args.host)
-    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((args.host, args.port))
+    sock = preflight(args, adapters)  # bad paths and a busy port fail here, before minutes of loading
+    family = sock.family
     sock.listen(2048)  # connections queue from now on: probes may come as soon as the address is printed
     host, port = sock.getsockname()[:2]
     url_host = f"[{host}]" if family == socket.AF_INET6 else host
@@ -711,7 +759,8 @@ def run_server(args) -> int:
             done = engine.precompile(on_compiled=progress.compiling(total))
             progress.step(f"compiled {len(done)} step programs in {time.perf_counter() - t0:.0f} s")
         return create_app(engine, served_model_name=args.served_model_name, api_key=api_key,
-                          adapter_root=args.adapter_root,
+                          adapter_root=args.adapter_root, tokenizer=load_tokenizer(args, engine),
+                          load_on_request=getattr(args, "load_adapters_on_request", True),
                           max_body_bytes=getattr(args, "max_body_bytes", None) or (4 << 20),
                           max_tokens_limit=getattr(args, "max_tokens_limit", None),
                           max_pending=getattr(args, "max_pending", None) or 4096, state_file=state_file,
@@ -720,7 +769,7 @@ def run_server(args) -> int:
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal: end with status 0.
     signal.signal(signal.SIGTERM, _interrupt)
     return serve(build, sock, lifecycle, drain_s=opt.drain_timeout, header_timeout_s=opt.header_timeout,
-                 max_connections=opt.max_connections, keep_alive_s=opt.keep_alive_timeout)
+                 max_connections=opt.max_connections, keep_alive_s=opt.keep_alive_timeout, log_level=log_level)
 
 
 def _interrupt(signum, frame):

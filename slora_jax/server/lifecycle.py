@@ -217,7 +217,7 @@ class Progress:
 
 
 def serve(build, sock, lifecycle: Lifecycle, *, drain_s: float, header_timeout_s: Optional[float],
-          max_connections: Optional[int], keep_alive_s: float) -> int:
+          max_connections: Optional[int], keep_alive_s: float, log_level: str = "info") -> int:
     """Serve on ``sock`` at once, while ``build()`` (run on a thread of its own) loads the engine and returns
     the app; until then probes answer 503 ``starting`` and other routes 503. Returns the exit code: 0 after
     a signal, 1 when ``build`` failed (its error printed as one line)."""
@@ -252,7 +252,7 @@ def serve(build, sock, lifecycle: Lifecycle, *, drain_s: float, header_timeout_s
     gate = StartingGate(lifecycle, on_startup=start_loading)
     from slora_jax.server.connections import guarded_protocol
 
-    config = uvicorn.Config(gate, log_level="info", http=guarded_protocol(header_timeout_s, max_connections),
+    config = uvicorn.Config(gate, log_level=log_level, http=guarded_protocol(header_timeout_s, max_connections),
                             timeout_keep_alive=keep_alive_s, timeout_graceful_shutdown=drain_s + 5)
     server = draining_server(config, lifecycle, drain_s)
     try:

@@ -2,8 +2,8 @@
 
 Values are checked strictly (a string is not an int); unknown fields are ignored as the OpenAI API does.
 Fields the engine cannot honour are accepted only at their neutral value, and refused otherwise with a
-message naming them. ``top_k``, ``stop_token_ids``, ``ignore_eos`` and ``return_token_ids`` are vLLM's
-extensions of the same names.
+message naming them. ``top_k``, ``stop_token_ids``, ``ignore_eos``, ``return_token_ids`` and
+``return_tokens_as_token_ids`` are vLLM's extensions of the same names.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ class _Sampling(_Body):
     frequency_penalty: Optional[float] = None
     logit_bias: Optional[dict[str, float]] = None
     return_token_ids: Optional[bool] = False
+    return_tokens_as_token_ids: Optional[bool] = False  # logprobs name tokens "token_id:N" (exact keys)
     user: Optional[str] = None
 
 

@@ -31,6 +31,7 @@ def adapter_tree(root, n, ranks=(4, 8)):
     return out
 
 
+@pytest.mark.slow
 def test_registering_2000_adapter_folders_lazily_takes_seconds(tmp_path):
     folders = adapter_tree(tmp_path, 2000)
     engine = sj.Engine(TINY, random_params(TINY, jnp.float32), sj.EngineConfig(dtype="float32", num_pages=256))

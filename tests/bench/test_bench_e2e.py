@@ -24,6 +24,7 @@ def model_dir(tmp_path_factory):
     return write_random_checkpoint(tmp_path_factory.mktemp("tiny") / "model", CFG, seed=3, std=0.08)
 
 
+@pytest.mark.slow
 def test_bench_produces_every_metric_for_every_system(model_dir, tmp_path):
     out = tmp_path / "bench.json"
     argv = ["--model", str(model_dir), "--num-adapters", "4", "--alpha", "1", "--req-rate", "4", "--cv", "1",
@@ -89,6 +90,7 @@ def lora():
     return random_lora(CFG, 8, ("q_proj", "k_proj", "v_proj", "o_proj", "down_proj"), seed=5, std=0.3)
 
 
+@pytest.mark.slow
 def test_merged_weights_serve_what_the_adapter_serves(engine, lora):
     fused = engine.runner.params
     merged = merge_lora(fused, CFG, lora)
@@ -115,6 +117,7 @@ def test_merged_weights_serve_what_the_adapter_serves(engine, lora):
     assert [o.token_ids for o in engine.generate(prompts, sampling=sp)] == base  # originals restored
 
 
+@pytest.mark.slow
 def test_peft_baseline_generates_what_the_engine_generates(engine, model_dir, lora):
     from slora_jax.bench.peft_baseline import PeftBaseline, build_hf_model
 

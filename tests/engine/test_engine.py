@@ -43,6 +43,7 @@ def engine(tiny):
     return make_engine(tiny)
 
 
+@pytest.mark.slow
 def test_batch_invariance_alone_vs_crowd(engine):
     ps = prompts(7, seed=1)
     names = [None, "a0", "a1", "a2", "a3", "a4", "a5"]
@@ -68,6 +69,7 @@ def test_logits_match_generate(engine):
     assert np.argmax(lg[len(p) - 1:], axis=-1).tolist() == out.token_ids
 
 
+@pytest.mark.slow
 def test_sampling_seeded_reproducible_and_batch_independent(engine):
     sp = sj.SamplingParams(max_tokens=10, temperature=1.0, top_p=0.9, top_k=50, seed=123, ignore_eos=True)
     p = prompts(1, seed=5)[0]
@@ -136,6 +138,7 @@ def test_unknown_adapter(engine):
     assert engine.stats()["waiting"] == 0
 
 
+@pytest.mark.slow
 def test_eviction_under_pressure_more_adapters_than_fit(tiny):
     ref = make_engine(tiny)
     ps = prompts(12, seed=11)
@@ -150,6 +153,7 @@ def test_eviction_under_pressure_more_adapters_than_fit(tiny):
     small.pool.check_invariants()
 
 
+@pytest.mark.slow
 def test_preemption_small_pool_finishes_everything_correctly(tiny):
     ref = make_engine(tiny)
     ps = prompts(8, seed=12)
@@ -164,6 +168,7 @@ def test_preemption_small_pool_finishes_everything_correctly(tiny):
     small.pool.check_invariants()
 
 
+@pytest.mark.slow
 def test_compiled_shapes_bounded_over_long_run(engine):
     rng = np.random.default_rng(3)
     for _ in range(6):
@@ -175,6 +180,7 @@ def test_compiled_shapes_bounded_over_long_run(engine):
     assert engine.stats()["compiled_shapes"] <= 30
 
 
+@pytest.mark.slow
 def test_precompile_covers_every_step_and_changes_no_output(tiny):
     """After ``precompile`` a mixed workload (adapters, sampling, preemption) compiles nothing, and its tokens
     equal an engine that compiled on demand."""
@@ -228,6 +234,7 @@ def test_pool_updated_in_place(engine):
     assert modes == {"mixed", "decode"}
 
 
+@pytest.mark.slow
 def test_request_that_can_never_fit_is_refused(tiny):
     eng = make_engine(tiny, num_pages=64, page_rows=4)  # adapter a1 (rank 16, all modules) needs 128 pages
     with pytest.raises(sj.RequestError, match="a1"):
@@ -250,6 +257,7 @@ def test_unload_adapter(tiny):
     assert eng.stats()["adapter_pages"] == sum(a.device_pages for a in eng.list_adapters())
 
 
+@pytest.mark.slow
 def test_randomised_stress_adds_aborts_preemption_eviction(tiny):
     """Random arrivals and aborts against a pool too small for the load: every request that is not
     aborted ends with exactly its reference tokens, aborted ones with a prefix of them, and the pool's
@@ -294,6 +302,7 @@ def test_randomised_stress_adds_aborts_preemption_eviction(tiny):
     eng.pool.check_invariants()
 
 
+@pytest.mark.slow
 def test_text_prompts_with_a_tokenizer(tmp_path):
     """With a tokenizer.json, string prompts encode like the tokenizer does and outputs carry text."""
     import tokenizers

@@ -61,10 +61,12 @@ def _check_model(engine, model_dir, adapters, seed):
     assert len(distinct) > 1
 
 
+@pytest.mark.slow
 def test_llama_gqa_parity_base_and_every_adapter(llama_engine, llama_gqa_dir, llama_adapters):
     _check_model(llama_engine, llama_gqa_dir, llama_adapters, seed=0)
 
 
+@pytest.mark.slow
 def test_qwen2_bias_tied_parity(qwen_engine, qwen2_dir, qwen2_adapters):
     _check_model(qwen_engine, qwen2_dir, qwen2_adapters, seed=1)
 
@@ -79,6 +81,7 @@ def test_mixed_batch_with_repeats_equals_per_request_references(llama_engine, ll
         assert out.token_ids == hf_greedy(llama_gqa_dir, llama_adapters.get(name), p, 6), name
 
 
+@pytest.mark.slow
 def test_pallas_backend_equals_references(llama_gqa_dir, llama_adapters):
     """The Pallas kernels (interpret mode on CPU) give the same logits and tokens as transformers+peft."""
     some = dict(list(llama_adapters.items())[:3])
@@ -104,6 +107,7 @@ def _save_random(model, out_dir, seed):
     return out_dir
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["mistral-sliding-window", "llama-linear-rope"])
 def test_mistral_sliding_window_and_linear_rope_parity(tmp_path, arch):
     """Prompts longer than the window (Mistral) and positions scaled by a linear rope factor (Llama)."""

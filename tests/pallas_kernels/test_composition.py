@@ -16,6 +16,7 @@ from pallas_kernels.testing import kv_page_tables, make_lora_case, relative_erro
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_scan_over_layers_with_traced_layer(implementation):
     """The engine's pattern: one jitted scan over layers writing K/V, attending and adding LoRA."""
     rng = np.random.default_rng(1)
@@ -54,6 +55,7 @@ def test_scan_over_layers_with_traced_layer(implementation):
     assert relative_error(got_pool, want_pool) < 1e-6
 
 
+@pytest.mark.slow
 def test_vmap_over_independent_batches(implementation):
     rng = np.random.default_rng(2)
     outs = (32,)
@@ -83,6 +85,7 @@ def test_vmap_over_independent_batches(implementation):
         assert relative_error(batched[i], pre(q[i])) < 1e-6
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["xla check_vma", "pallas nocheck", "lower"])
 def test_shard_map_on_two_simulated_devices(mode):
     if mode == "lower" and jax.default_backend() == "gpu":

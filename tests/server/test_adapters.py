@@ -63,6 +63,7 @@ def test_bad_adapter_calls(http):
     assert_error(http.post("/v1/unload_lora_adapter", json={"lora_name": "never-loaded"}), 404)
 
 
+@pytest.mark.slow
 def test_load_and_unload_while_streaming(http, reference):
     """While streams on a1, a0 and the base model run: unloading a1 is refused (in use), loading another
     adapter succeeds; every stream's answer stays exact. a1 unloads once its streams are done."""

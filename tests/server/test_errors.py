@@ -36,10 +36,11 @@ BAD_COMPLETIONS = [
     ({"prompt": list(range(3, 253)) + [3] * 10}, 400, None),  # longer than the context
     ({"stop": ["x"] * 40}, 400, None),
     ({"stop_token_ids": [999]}, 400, None),
-    ({"logprobs": 3}, 400, None),
+    ({"logprobs": 21}, 400, None),  # vLLM's and OpenAI's limit is 20
+    ({"logprobs": 2, "stream": True}, 400, None),  # alternatives are served without stream only
     ({"presence_penalty": 0.5}, 400, None),
     ({"logit_bias": {"5": 1.0}}, 400, None),
-    ({"echo": True}, 400, None),
+    ({"echo": True, "stream": True}, 400, None),
     ({"best_of": 3}, 400, None),
     ({"stream": "yes"}, 400, None),
 ]
@@ -50,7 +51,9 @@ BAD_CHAT = [
     ({"messages": [{"role": "wizard", "content": "x"}]}, 400, None),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]}, 400, None),
     ({"messages": "hi"}, 400, None),
-    ({"top_logprobs": 2, "logprobs": True}, 400, None),
+    ({"top_logprobs": 2}, 400, None),  # needs logprobs: true
+    ({"top_logprobs": 21, "logprobs": True}, 400, None),
+    ({"top_logprobs": 2, "logprobs": True, "stream": True}, 400, None),
     ({"response_format": {"type": "json_object"}}, 400, None),
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, 400, None),
     ({"max_tokens": 3, "max_completion_tokens": 4}, 400, None),
@@ -99,6 +102,7 @@ def test_openai_client_error_types(client):
     assert "temperature" in e.value.message
 
 
+@pytest.mark.slow
 def test_bad_requests_do_not_disturb_a_running_stream(http, reference):
     """A long stream runs while every bad request above is sent; its answer is still exact."""
     prompt = token_prompts(1, seed=51)[0]

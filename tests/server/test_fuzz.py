@@ -163,6 +163,7 @@ FUZZ = settings(max_examples=MAX_EXAMPLES, deadline=None, derandomize=True, data
 
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions", "/v1/load_lora_adapter",
                                   "/v1/unload_lora_adapter"])
+@pytest.mark.slow
 def test_fuzz_request_schema(limited_server, openapi, path):
     strategy = body_strategy(_body_schema(openapi, path), openapi["components"]["schemas"])
     with httpx.Client(base_url=limited_server.url, timeout=60) as http:

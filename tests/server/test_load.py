@@ -8,6 +8,7 @@ import json
 import time
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import slora_jax as sj
@@ -73,6 +74,7 @@ async def _run_clients(url: str, jobs):
         return await asyncio.gather(*(_client(http, m, p, leave) for m, p, leave in jobs))
 
 
+@pytest.mark.slow
 def test_64_concurrent_streams_with_disconnects(server, reference):
     models = [MODEL, *START_ADAPTERS]
     prompts = token_prompts(CLIENTS, seed=81)

@@ -176,6 +176,7 @@ def test_save_round_trips_any_loaded_adapter(llama_gqa_dir, llama_adapters, cfg,
 # ------------------------------------------------------------------------------------------ hot load
 
 
+@pytest.mark.slow
 def test_hot_load_while_a_background_thread_serves_other_adapters(engine, saved, llama_gqa_dir, llama_adapters,
                                                                    monkeypatch):
     N = 56  # tokens per stream: prompt + output within 4 KV pages, one decode shape
