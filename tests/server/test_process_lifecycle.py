@@ -323,11 +323,19 @@ def test_compile_progress_and_sigterm_while_starting(files, server_env, tmp_path
 
 
 def test_a_model_that_cannot_load_is_one_line_and_exit_1(files, server_env, tmp_path):
-    p = Process(dict(files, model=tmp_path / "no-model-here"), server_env)
+    """A folder that passes the checks made before binding (its config.json reads) but whose weights are
+    damaged fails while loading: one line, exit 1."""
+    import shutil
+
+    broken = tmp_path / "broken-model"
+    shutil.copytree(files["model"], broken)
+    for weights in broken.glob("*.safetensors"):
+        weights.write_bytes(weights.read_bytes()[:100])  # cut short
+    p = Process(dict(files, model=broken), server_env)
     try:
         assert p.wait(120) == 1, p.log()
         errors = [line for line in p.lines if "error: cannot start" in line]
-        assert len(errors) == 1 and "no-model-here" in errors[0], p.log()
+        assert len(errors) == 1 and "broken-model" in errors[0], p.log()
     finally:
         p.kill()
 
