@@ -69,7 +69,8 @@ def hidden_states(params: dict, lora: LoraParams, scales: Mapping[str, jax.Array
                   valid: jax.Array, cfg: ModelConfig) -> jax.Array:
     """Final-norm hidden states [B, T, H] of right-padded token rows.
 
-    params: the fused weights pytree (module docstring), one dtype; lora / scales: see the module docstring;
+    params: the fused weights pytree (module docstring), one dtype, its layers stacked or a list of per-layer
+    dicts; lora / scales: see the module docstring;
     tokens [B, T] int32; valid [B, T] bool (False on padding, which no real token attends to).
     """
     B, T = tokens.shape
@@ -109,7 +110,15 @@ def hidden_states(params: dict, lora: LoraParams, scales: Mapping[str, jax.Array
         (d,) = _fused_proj(a, w["w_down"], lora_l, scales_l, ("down_proj",), (H,))
         return h + d, None
 
-    h, _ = jax.lax.scan(layer_fn, h, (params["layers"], dict(lora), dict(scales)))
+    layers = params["layers"]
+    if isinstance(layers, (list, tuple)):
+        # Unrolled (an engine built with scan_layers=False): each layer's weights are used where they lie.
+        for l, w in enumerate(layers):
+            lora_l = jax.tree.map(lambda a: a[l], dict(lora))
+            scales_l = jax.tree.map(lambda a: a[l], dict(scales))
+            h, _ = layer_fn(h, (w, lora_l, scales_l))
+    else:
+        h, _ = jax.lax.scan(layer_fn, h, (layers, dict(lora), dict(scales)))
     return rms_norm(h, params["final_norm"], cfg.rms_norm_eps)
 
 

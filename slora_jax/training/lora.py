@@ -123,15 +123,31 @@ def fused_param_shapes(cfg: ModelConfig) -> dict:
 
 
 def _shapes(tree: dict) -> dict:
+    """Shapes of a params pytree, its layers as stacked shapes [L, ...] whether they are stacked or unrolled
+    (a list of per-layer dicts, as engines built with ``scan_layers=False`` hold them)."""
     out = {k: tuple(v.shape) for k, v in tree.items() if k != "layers"}
-    out["layers"] = {k: tuple(v.shape) for k, v in tree["layers"].items()}
+    layers = tree["layers"]
+    if isinstance(layers, (list, tuple)):
+        per_layer = [{k: tuple(v.shape) for k, v in lay.items()} for lay in layers]
+        if not per_layer or any(p != per_layer[0] for p in per_layer):
+            out["layers"] = per_layer  # ragged or empty: never equal to the expected shapes
+        else:
+            out["layers"] = {k: (len(per_layer),) + s for k, s in per_layer[0].items()}
+    else:
+        out["layers"] = {k: tuple(v.shape) for k, v in layers.items()}
     return out
+
+
+def _is_fused(layers) -> bool:
+    first = layers[0] if isinstance(layers, (list, tuple)) and layers else layers
+    return isinstance(first, dict) and "wqkv" in first
 
 
 def base_params(source, model_config: Optional[ModelConfig] = None, dtype: Optional[str] = None
                 ) -> tuple[dict, ModelConfig]:
     """The frozen base weights for training: jax arrays in the fused layout the engine serves from
-    (``llama.fuse_params``: wqkv [L, H, q+2kv], w_gate_up [L, H, 2I], the rest as ``load_params``).
+    (``llama.fuse_params``: wqkv [L, H, q+2kv], w_gate_up [L, H, 2I], the rest as ``load_params``). The layers
+    stay as the source holds them: stacked on axis 0, or a list of per-layer dicts (an unrolled engine's).
 
     source: an ``Engine`` (its on-device weights, used as they are when ``dtype`` is None or the engine's;
     model_config may be None), a checkpoint folder (model_config may be None: read from config.json), or a
@@ -158,11 +174,14 @@ def base_params(source, model_config: Optional[ModelConfig] = None, dtype: Optio
         raise ModelError("model_config is required when the base model is given as a params pytree")
     if "layers" not in params or "embed" not in params:
         raise ModelError("params pytree must have 'embed' and 'layers' (the load_params layout)")
-    fused = "wqkv" in params["layers"]
+    fused = _is_fused(params["layers"])
     expected = fused_param_shapes(model_config) if fused else param_shapes(model_config)
     if _shapes(params) != expected:
         raise ModelError(f"params do not match the model config: expected shapes {expected}, got {_shapes(params)}")
-    if not fused:
+    if not fused and isinstance(params["layers"], (list, tuple)):
+        params = {**params, "layers": [fuse_params({"layers": lay}, model_config)["layers"]
+                                       for lay in params["layers"]]}
+    elif not fused:
         params = fuse_params(params, model_config)  # numpy stays on the host until the cast below
     target = _DTYPES[dtype or "float32"]
     return jax.tree.map(lambda a: jnp.asarray(a, target), params), model_config
