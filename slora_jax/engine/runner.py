@@ -24,7 +24,9 @@ from slora_jax.errors import ConfigError
 from slora_jax.engine.sampler import sample
 from slora_jax.memory.pool import PoolLayout
 from sharding import named_sharding, tree_shardings
-from slora_jax.model.llama import LORA_GROUPS, POOL_AXES, StepStatics, forward, fuse_params, lm_logits, param_axes
+from flax import nnx
+
+from slora_jax.model.llama import LORA_GROUPS, POOL_AXES, StepStatics, from_params
 
 ALL_GROUPS = tuple(LORA_GROUPS)
 
@@ -76,19 +78,20 @@ def unpack_inputs(buf: jax.Array, spec: tuple) -> tuple[dict, dict]:
     return out["inp"], out["samp"]
 
 
-def _prefill_impl(params, pool, tables_buf, buf, specs, *, cfg, st):
+def _prefill_impl(graphdef, state, pool, tables_buf, buf, specs, *, st):
     spec, tables_spec = specs
     inp, samp = unpack_inputs(buf, spec)
     tables = unpack_tables(tables_buf, tables_spec)
-    h, pool = forward(params, pool, tables, inp, cfg, st)
+    model = nnx.merge(graphdef, state)
+    h, pool = model(pool, tables, inp, st)
     if st.all_logits:
-        return pool, lm_logits(params, h)
-    logits = lm_logits(params, h[inp["last_index"]])
+        return pool, model.logits(h)
+    logits = model.logits(h[inp["last_index"]])
     tokens, logp = sample(logits, **samp, greedy_only=st.greedy_only)
     return pool, (tokens, logp)
 
 
-def _generate_impl(params, pool, tables_buf, buf, specs, prev_tokens, *, cfg, st):
+def _generate_impl(graphdef, state, pool, tables_buf, buf, specs, prev_tokens, *, st):
     """A decode or mixed step: the forward over the step's tokens, then one sample per row."""
     spec, tables_spec = specs
     inp, samp = unpack_inputs(buf, spec)
@@ -97,9 +100,10 @@ def _generate_impl(params, pool, tables_buf, buf, specs, prev_tokens, *, cfg, st
     # by its row there; this lets the host queue step n+1 before it has read step n.
     prev = inp.pop("prev_rows")
     inp["tokens"] = jnp.where(prev >= 0, prev_tokens[jnp.maximum(prev, 0)], inp["tokens"])
-    h, pool = forward(params, pool, tables, inp, cfg, st)
+    model = nnx.merge(graphdef, state)
+    h, pool = model(pool, tables, inp, st)
     last = inp.pop("last_index", None)
-    tokens, logp = sample(lm_logits(params, h if last is None else h[last]), **samp, greedy_only=st.greedy_only)
+    tokens, logp = sample(model.logits(h if last is None else h[last]), **samp, greedy_only=st.greedy_only)
     # Fixed-size token output, so the next step's program takes it whatever this step's bucket.
     return pool, (jnp.zeros(prev_tokens.shape, jnp.int32).at[:tokens.shape[0]].set(tokens), logp)
 
@@ -107,15 +111,14 @@ def _generate_impl(params, pool, tables_buf, buf, specs, prev_tokens, *, cfg, st
 _PROGRAMS: dict = {}
 
 
-def _step_program(cfg: ModelConfig, st: StepStatics):
-    """The jitted step for (model shape, statics), shared by every engine in the process so that two
-    engines of one model compile each shape once."""
-    key = (repr(cfg), st)
-    if key not in _PROGRAMS:
+def _step_program(st: StepStatics):
+    """The jitted step for these statics over (graphdef, state, ...), shared by every engine in the process:
+    the graphdef (the model's structure and config) is a static argument, so two engines of one model
+    compile each shape once. The pool is donated: its updates happen in place."""
+    if st not in _PROGRAMS:
         impl = _prefill_impl if st.mode == "prefill" else _generate_impl
-        _PROGRAMS[key] = jax.jit(functools.partial(impl, cfg=cfg, st=st), static_argnums=(4,),
-                                 donate_argnums=(1,))
-    return _PROGRAMS[key]
+        _PROGRAMS[st] = jax.jit(functools.partial(impl, st=st), static_argnums=(0, 5), donate_argnums=(2,))
+    return _PROGRAMS[st]
 
 
 def _write_pages_impl(pool, pages, tiles):
@@ -136,19 +139,14 @@ class ModelRunner:
         # Where small per-step arrays (index tables, adapter tiles) live: one device, or every device.
         self.replicated = (jax.sharding.SingleDeviceSharding(self.device) if mesh is None
                            else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-        fused = fuse_params(params, cfg)
-        if mesh is None:
-            place = jax.tree.map(lambda a: self.device, fused)
-        else:
-            place = tree_shardings(fused, param_axes, mesh)
-        self.params = jax.tree.map(lambda a, where: jax.device_put(jnp.asarray(a, dtype=self.dtype), where),
-                                   fused, place)
         scan = econf.scan_layers if econf.scan_layers is not None else jax.default_backend() != "gpu"
-        if not scan:
-            # One array per layer: the unrolled program reads each layer's weights where they lie.
-            stacked = self.params["layers"]
-            self.params["layers"] = [{k: v[l] for k, v in stacked.items()} for l in range(cfg.num_layers)]
-            del stacked
+
+        def place(a, axes):
+            where = self.device if mesh is None else named_sharding(mesh, axes, a.shape)
+            return jax.device_put(jnp.asarray(a, dtype=self.dtype), where)
+
+        # The model's structure (static in the step programs) apart from its weights (arguments).
+        self.graphdef, self.state = nnx.split(from_params(params, cfg, scan_layers=scan, place=place))
         self.pool = None
         self._tables_dev = None
         self._tables_version = -1
@@ -159,6 +157,22 @@ class ModelRunner:
         # step's inputs, uploading changed index tables, launching the program.
         self.dispatch_parts = dict.fromkeys(("pack", "tables", "launch"), 0.0)
         self._tables_upload_s = 0.0
+
+    @property
+    def model(self):
+        """The base model (an nnx Module over the runner's weights)."""
+        return nnx.merge(self.graphdef, self.state)
+
+    @property
+    def params(self) -> dict:
+        """The weights as the fused pytree (``Llama.params``): the runner's own arrays."""
+        return self.model.params()
+
+    @params.setter
+    def params(self, params: dict) -> None:
+        model = self.model
+        model.set_params(params)
+        self.state = nnx.state(model)
 
     def allocate_pool(self, layout: PoolLayout) -> None:
         """Allocate the unified pool once (directly in its final placement); every later update is in place."""
@@ -174,7 +188,7 @@ class ModelRunner:
     def _fn(self, mode: str, all_logits: bool = False, greedy_only: bool = False, lora_groups: tuple = ALL_GROUPS):
         st = StepStatics(mode=mode, backend=None if self.backend == "auto" else self.backend,
                          all_logits=all_logits, greedy_only=greedy_only, lora_groups=tuple(lora_groups))
-        return _step_program(self.cfg, st)
+        return _step_program(st)
 
     def _tables(self, tables) -> tuple:
         """(device buffer, static spec) of the index tables, uploaded again only when a slot changed."""
@@ -190,7 +204,7 @@ class ModelRunner:
         buf, spec = pack_inputs(inp, samp)
         tables_buf, tables_spec = self._tables(tables)
         spec = (spec, tables_spec)
-        args = [self.params, self.pool, tables_buf, buf, spec]
+        args = [self.graphdef, self.state, self.pool, tables_buf, buf, spec]
         if mode != "prefill":
             args.append(self._no_prev_tokens if prev_tokens is None else prev_tokens)
         return args, spec
@@ -216,7 +230,8 @@ class ModelRunner:
         t1 = time.perf_counter()
         with self._out_of_memory_explained(mode):
             if exe is not None:
-                self.pool, out = exe(*args[:4], *args[5:])  # compiled ahead (``precompile``): spec is baked in
+                # Compiled ahead (``precompile``): the graphdef and spec are baked in.
+                self.pool, out = exe(*args[1:5], *args[6:])
             else:
                 self.compiled_shapes.add(key)
                 self.pool, out = self._fn(mode, all_logits, greedy_only, lora_groups)(*args)
