@@ -198,6 +198,39 @@ def _replace(var: nnx.Variable, value) -> None:
     var.set_value(value)
 
 
+class LoRA(nnx.Module):
+    """A dense low-rank update of one projection, for training: delta = scale * (x a^T) b, as peft computes
+    it (a = lora_A.weight [r, d_in], b = lora_B.weight^T [r, d_out]). Serving reads adapters from the page
+    pool instead; this is the differentiable form. a and b are ``nnx.LoRAParam``s (what training updates);
+    the scale is not trained. Stacked layers hold a leading layer axis on all three."""
+
+    def __init__(self, a, b, scale):
+        self.a = nnx.LoRAParam(a)
+        self.b = nnx.LoRAParam(b)
+        self.scale = nnx.Variable(scale)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x [T, d_in] -> float32 delta [T, d_out]."""
+        prec = jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
+        xa = jnp.dot(x, self.a[...].T.astype(x.dtype), precision=prec, preferred_element_type=jnp.float32)
+        return self.scale[...] * jnp.dot(xa, self.b[...].astype(jnp.float32), precision=prec,
+                                         preferred_element_type=jnp.float32)
+
+
+def _dense_lora(y, x, loras, group, out_sizes):
+    """y plus the dense LoRA deltas of the group's projections that have one (their output columns)."""
+    if not loras:
+        return y
+    parts, off = [], 0
+    for m, n in zip(LORA_GROUPS[group], out_sizes):
+        part = y[:, off:off + n]
+        if m in loras:
+            part = (part.astype(jnp.float32) + loras[m](x)).astype(y.dtype)
+        parts.append(part)
+        off += n
+    return jnp.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
+
+
 class Attention(nnx.Module):
     """Fused q|k|v projection (+ bias for Qwen2), RoPE, paged attention, output projection."""
 
@@ -207,6 +240,7 @@ class Attention(nnx.Module):
         self.wqkv = _param((H, cfg.q_size + 2 * cfg.kv_size), dtype, "wqkv", stacked)
         self.bqkv = _param((cfg.q_size + 2 * cfg.kv_size,), dtype, "bqkv", stacked) if cfg.attention_bias else None
         self.wo = _param((cfg.q_size, H), dtype, "wo", stacked)
+        self.lora = nnx.data(None)  # {projection: LoRA} while training (attach_lora)
 
     def __call__(self, x, pool, l, tables, inp, st: StepStatics):
         """x [T, H] (normed) -> (attention output [T, H], pool with this layer's K/V written)."""
@@ -219,7 +253,8 @@ class Attention(nnx.Module):
         qkv = _linear(x, self.wqkv[...])
         if self.bqkv is not None:
             qkv = qkv + self.bqkv[...]
-        qkv = _lora(qkv, x, pool, l, tables, inp, "qkv", group_dims(cfg, "qkv")[1], st)
+        qkv_sizes = group_dims(cfg, "qkv")[1]
+        qkv = _dense_lora(_lora(qkv, x, pool, l, tables, inp, "qkv", qkv_sizes, st), x, self.lora, "qkv", qkv_sizes)
         q = qkv[:, :Nq * D].reshape(T, Nq, D)
         k = qkv[:, Nq * D:(Nq + Nkv) * D].reshape(T, Nkv, D)
         v = qkv[:, (Nq + Nkv) * D:].reshape(T, Nkv, D)
@@ -245,7 +280,8 @@ class Attention(nnx.Module):
             attn = jax.lax.dynamic_update_slice_in_dim(attn, attn[:n] + head, 0, axis=0)
         attn = attn.reshape(T, Nq * D)
         o = _linear(attn, self.wo[...])
-        return _lora(o, attn, pool, l, tables, inp, "o", group_dims(cfg, "o")[1], st), pool
+        o_sizes = group_dims(cfg, "o")[1]
+        return _dense_lora(_lora(o, attn, pool, l, tables, inp, "o", o_sizes, st), attn, self.lora, "o", o_sizes), pool
 
 
 class MLP(nnx.Module):
@@ -256,15 +292,18 @@ class MLP(nnx.Module):
         H, I = cfg.hidden_size, cfg.intermediate_size
         self.w_gate_up = _param((H, 2 * I), dtype, "w_gate_up", stacked)
         self.w_down = _param((I, H), dtype, "w_down", stacked)
+        self.lora = nnx.data(None)  # {projection: LoRA} while training (attach_lora)
 
     def __call__(self, x, pool, l, tables, inp, st: StepStatics):
         cfg = self.cfg
         gu = _linear(x, self.w_gate_up[...])
-        gu = _lora(gu, x, pool, l, tables, inp, "gate_up", group_dims(cfg, "gate_up")[1], st)
+        gu_sizes = group_dims(cfg, "gate_up")[1]
+        gu = _dense_lora(_lora(gu, x, pool, l, tables, inp, "gate_up", gu_sizes, st), x, self.lora, "gate_up", gu_sizes)
         I = cfg.intermediate_size
         a = (jax.nn.silu(gu[:, :I].astype(jnp.float32)) * gu[:, I:].astype(jnp.float32)).astype(x.dtype)
         d = _linear(a, self.w_down[...])
-        return _lora(d, a, pool, l, tables, inp, "down", group_dims(cfg, "down")[1], st)
+        d_sizes = group_dims(cfg, "down")[1]
+        return _dense_lora(_lora(d, a, pool, l, tables, inp, "down", d_sizes, st), a, self.lora, "down", d_sizes)
 
 
 class DecoderLayer(nnx.Module):
@@ -398,15 +437,20 @@ class Llama(nnx.Module):
 
 
 def from_params(params: dict, cfg: ModelConfig, *, scan_layers: bool = True, place=None) -> Llama:
-    """A Llama holding ``params`` (``load_params`` layout, fused or not, layers stacked): no weights are
-    initialised first. ``place(array, logical_axes)`` puts each weight where it goes (device, sharding,
+    """A Llama holding ``params`` (``load_params`` layout, fused or not, layers stacked or, for an unrolled
+    model, a list of per-layer dicts): no weights are initialised first. ``place(array, logical_axes)`` puts each weight where it goes (device, sharding,
     dtype); None keeps the arrays as they are."""
-    if "wq" in params["layers"]:
-        params = fuse_params(params, cfg)
+    lay = params["layers"]
+    if isinstance(lay, (list, tuple)):  # unrolled already (an unrolled model's ``params()``)
+        if "wq" in lay[0]:
+            lay = [fuse_params({"layers": d}, cfg)["layers"] for d in lay]
+        if scan_layers:
+            raise ModelError("from_params: per-layer weights make an unrolled model; pass scan_layers=False")
+    elif "wq" in lay:
+        lay = fuse_params(params, cfg)["layers"]
     dtype = params["embed"].dtype
     model = nnx.eval_shape(lambda: Llama(cfg, dtype, scan_layers=scan_layers))
-    lay = params["layers"]
-    if not scan_layers:
+    if not scan_layers and isinstance(lay, dict):
         lay = [{k: v[l] for k, v in lay.items()} for l in range(cfg.num_layers)]
     model.set_params({**params, "layers": lay})
     if place is not None:
@@ -415,3 +459,41 @@ def from_params(params: dict, cfg: ModelConfig, *, scan_layers: bool = True, pla
                              is_leaf=lambda x: isinstance(x, nnx.Variable))
         model = nnx.merge(graphdef, state)
     return model
+
+
+def attach_lora(model: Llama, lora: dict, scales: dict) -> Llama:
+    """Give ``model``'s projections dense, trainable LoRA weights (in place; returns the model).
+
+    lora: {projection: {"a": [L, r, d_in], "b": [L, r, d_out]}} (``slora_jax.adapters.ModuleLora``'s layout,
+    b = lora_B.weight^T); scales: {projection: [L]}. Projections absent from ``lora`` stay as they are.
+    Differentiate with respect to ``nnx.LoRAParam`` to train only these."""
+    def loras_for(layer, group_modules, pick):
+        found = {m: LoRA(pick(lora[m]["a"]), pick(lora[m]["b"]), pick(scales[m])) for m in group_modules
+                 if m in lora}
+        return nnx.Dict(found) if found else None
+
+    attn_mods = LORA_GROUPS["qkv"] + LORA_GROUPS["o"]
+    mlp_mods = LORA_GROUPS["gate_up"] + LORA_GROUPS["down"]
+    layers = [(model.layers, lambda a: a)] if model.scan_layers else [
+        (layer, lambda a, l=l: a[l]) for l, layer in enumerate(model.layers)]
+    for layer, pick in layers:
+        layer.attn.lora = loras_for(layer, attn_mods, pick)
+        layer.mlp.lora = loras_for(layer, mlp_mods, pick)
+    return model
+
+
+def lora_of(model: Llama) -> dict:
+    """The model's dense LoRA weights as {projection: {"a": [L, r, d_in], "b": [L, r, d_out]}} (what
+    :func:`attach_lora` takes), stacked over layers whether the model's layers are scanned or not."""
+    layers = [model.layers] if model.scan_layers else list(model.layers)
+    out: dict = {}
+    for block in ("attn", "mlp"):
+        loras = [getattr(layer, block).lora for layer in layers]
+        if loras[0] is None:
+            continue
+        for m in loras[0]:
+            a = [x[m].a[...] for x in loras]
+            b = [x[m].b[...] for x in loras]
+            out[m] = ({"a": a[0], "b": b[0]} if model.scan_layers
+                      else {"a": jnp.stack(a), "b": jnp.stack(b)})
+    return out

@@ -102,3 +102,46 @@ def test_every_weight_names_its_logical_axes(llama_gqa_dir):
                 assert spec[-2] == MODEL_AXIS and spec[-1] is None
         assert seen == {"embed", "final_norm", "lm_head", "attn_norm", "mlp_norm", "wqkv", "wo", "w_gate_up",
                         "w_down"}
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_lora_gradients_match_peft_autograd_and_leave_the_base_alone(llama_gqa_dir, llama_adapters, scan_layers):
+    import torch
+
+    from slora_jax.adapters import load_peft_adapter
+    from slora_jax.model.llama import attach_lora, lora_of
+    from slora_jax.training import lora_params
+
+    cfg = load_model_config(llama_gqa_dir)
+    adapter = llama_adapters["rslora_all_r16"]
+    model = from_params(load_params(llama_gqa_dir, cfg, "float32"), cfg, scan_layers=scan_layers)
+    attach_lora(model, *lora_params(load_peft_adapter(adapter, cfg, 64, "a")))
+    tokens, valid = padded_batch(cfg, [10, 10], seed=6)
+
+    def loss(model):
+        logp = jax.nn.log_softmax(model.causal_lm_logits(jnp.asarray(tokens), jnp.asarray(valid))[:, :-1])
+        return -jnp.mean(jnp.take_along_axis(logp, jnp.asarray(tokens)[:, 1:, None], axis=-1))
+
+    grads = nnx.grad(loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
+    leaves = jax.tree.leaves(grads, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    assert leaves and all(isinstance(v, nnx.LoRAParam) for v in leaves)  # only the LoRA weights
+    graphdef, _, _ = nnx.split(model, nnx.LoRAParam, ...)
+    got = lora_of(nnx.merge(graphdef, grads, nnx.state(model, nnx.Not(nnx.LoRAParam))))
+
+    ref = hf_model(llama_gqa_dir, adapter)
+    lora_weights = [p for n, p in ref.named_parameters() if "lora_" in n]
+    for p in lora_weights:  # peft loads adapters frozen; the cached model is put back below
+        p.requires_grad_(True)
+    ref.zero_grad()
+    ids = torch.tensor(tokens, dtype=torch.long)
+    ref(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    for l in range(cfg.num_layers):
+        layer = ref.base_model.model.model.layers[l]
+        for m, mod in (("q_proj", layer.self_attn.q_proj), ("down_proj", layer.mlp.down_proj)):
+            a_ref = mod.lora_A["default"].weight.grad.numpy()
+            b_ref = mod.lora_B["default"].weight.grad.numpy().T
+            assert rel_err(np.asarray(got[m]["a"][l]), a_ref) < 1e-4, (l, m)
+            assert rel_err(np.asarray(got[m]["b"][l]), b_ref) < 1e-4, (l, m)
+    ref.zero_grad()
+    for p in lora_weights:
+        p.requires_grad_(False)
