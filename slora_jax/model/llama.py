@@ -5,9 +5,12 @@ Every weight is an ``nnx.Param`` whose metadata names its logical axes (``out_sh
 ``sharding/`` maps them to mesh axes. Whether the layers are scanned (one DecoderLayer holding weights
 stacked on a leading "layers" axis) or unrolled (a list of DecoderLayers) is the ``scan_layers`` property of
 the model. The engine's step program takes the model's split state (``nnx.split``) and merges it inside
-the jit, as flax's gemma sampler does. The KV cache and the LoRA weights both live in the unified page pool ``[L, P, R, W]``; every projection
+the jit, as flax's gemma sampler does.
+
+The KV cache and the LoRA weights both live in the unified page pool ``[L, P, R, W]``; every projection
 adds its LoRA term through the gather-matmul ops of ``pallas_kernels`` reading that pool through index
 tables, so a batch mixes any adapters and ranks, and rows without an adapter get exactly the base output.
+For training, ``attach_lora`` gives the projections dense LoRA weights instead (the differentiable form).
 """
 
 from __future__ import annotations
@@ -438,8 +441,8 @@ class Llama(nnx.Module):
 
 def from_params(params: dict, cfg: ModelConfig, *, scan_layers: bool = True, place=None) -> Llama:
     """A Llama holding ``params`` (``load_params`` layout, fused or not, layers stacked or, for an unrolled
-    model, a list of per-layer dicts): no weights are initialised first. ``place(array, logical_axes)`` puts each weight where it goes (device, sharding,
-    dtype); None keeps the arrays as they are."""
+    model, a list of per-layer dicts): no weights are initialised first. ``place(array, logical_axes)`` puts
+    each weight where it goes (device, sharding, dtype); None keeps the arrays as they are."""
     lay = params["layers"]
     if isinstance(lay, (list, tuple)):  # unrolled already (an unrolled model's ``params()``)
         if "wq" in lay[0]:
