@@ -19,6 +19,10 @@ DEFAULT_RULES: Mapping[str, Optional[str]] = {
     "kv_width": MODEL_AXIS,  # last axis of the page pool (K/V heads)
     "mlp": MODEL_AXIS,  # gate/up output columns, down input rows
     "vocab": MODEL_AXIS,  # lm_head columns
+    # Replicated: the residual width, the embedding table's rows (gathered by token id), stacked layers.
+    "embed": None,
+    "vocab_rows": None,
+    "layers": None,
 }
 
 

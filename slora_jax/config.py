@@ -40,6 +40,11 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     name: str = "base"
 
+    def __hash__(self) -> int:
+        # The model's structure (nnx graphdef, a static argument of the step programs) holds this config;
+        # rope_scaling is a dict, which the generated hash would refuse.
+        return hash(repr(self))
+
     @property
     def q_size(self) -> int:
         return self.num_heads * self.head_dim

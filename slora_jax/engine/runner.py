@@ -23,8 +23,10 @@ from slora_jax.config import EngineConfig, ModelConfig
 from slora_jax.errors import ConfigError
 from slora_jax.engine.sampler import sample
 from slora_jax.memory.pool import PoolLayout
-from sharding import named_sharding, tree_shardings
-from slora_jax.model.llama import LORA_GROUPS, POOL_AXES, StepStatics, forward, fuse_params, lm_logits, param_axes
+from sharding import named_sharding
+from flax import nnx
+
+from slora_jax.model.llama import LORA_GROUPS, POOL_AXES, StepStatics, from_params
 
 ALL_GROUPS = tuple(LORA_GROUPS)
 
@@ -76,19 +78,41 @@ def unpack_inputs(buf: jax.Array, spec: tuple) -> tuple[dict, dict]:
     return out["inp"], out["samp"]
 
 
-def _prefill_impl(params, pool, tables_buf, buf, specs, *, cfg, st):
+class ModelStructure:
+    """The static half of the split model: its nnx graphdef and the treedef of its state's leaves. The step
+    programs take the weights as a flat list of arrays (jit flattens a list in C++; an nnx State of an
+    unrolled 32-layer model cost ~0.4 ms a call to flatten) and this as a static argument, hashed once
+    (hashing the graphdef itself cost ~1 ms a call)."""
+
+    def __init__(self, graphdef, treedef):
+        self.graphdef, self.treedef = graphdef, treedef
+        self._hash = hash((graphdef, treedef))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other) -> bool:
+        return self is other or (isinstance(other, ModelStructure) and self._hash == other._hash
+                                 and (self.graphdef, self.treedef) == (other.graphdef, other.treedef))
+
+    def merge(self, leaves):
+        return nnx.merge(self.graphdef, jax.tree.unflatten(self.treedef, leaves))
+
+
+def _prefill_impl(structure, weights, pool, tables_buf, buf, specs, *, st):
     spec, tables_spec = specs
     inp, samp = unpack_inputs(buf, spec)
     tables = unpack_tables(tables_buf, tables_spec)
-    h, pool = forward(params, pool, tables, inp, cfg, st)
+    model = structure.merge(weights)
+    h, pool = model(pool, tables, inp, st)
     if st.all_logits:
-        return pool, lm_logits(params, h)
-    logits = lm_logits(params, h[inp["last_index"]])
+        return pool, model.logits(h)
+    logits = model.logits(h[inp["last_index"]])
     tokens, logp = sample(logits, **samp, greedy_only=st.greedy_only)
     return pool, (tokens, logp)
 
 
-def _generate_impl(params, pool, tables_buf, buf, specs, prev_tokens, *, cfg, st):
+def _generate_impl(structure, weights, pool, tables_buf, buf, specs, prev_tokens, *, st):
     """A decode or mixed step: the forward over the step's tokens, then one sample per row."""
     spec, tables_spec = specs
     inp, samp = unpack_inputs(buf, spec)
@@ -97,9 +121,10 @@ def _generate_impl(params, pool, tables_buf, buf, specs, prev_tokens, *, cfg, st
     # by its row there; this lets the host queue step n+1 before it has read step n.
     prev = inp.pop("prev_rows")
     inp["tokens"] = jnp.where(prev >= 0, prev_tokens[jnp.maximum(prev, 0)], inp["tokens"])
-    h, pool = forward(params, pool, tables, inp, cfg, st)
+    model = structure.merge(weights)
+    h, pool = model(pool, tables, inp, st)
     last = inp.pop("last_index", None)
-    tokens, logp = sample(lm_logits(params, h if last is None else h[last]), **samp, greedy_only=st.greedy_only)
+    tokens, logp = sample(model.logits(h if last is None else h[last]), **samp, greedy_only=st.greedy_only)
     # Fixed-size token output, so the next step's program takes it whatever this step's bucket.
     return pool, (jnp.zeros(prev_tokens.shape, jnp.int32).at[:tokens.shape[0]].set(tokens), logp)
 
@@ -113,15 +138,15 @@ _PROGRAMS: dict = {}
 _STEP_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "rematerialization"}
 
 
-def _step_program(cfg: ModelConfig, st: StepStatics):
-    """The jitted step for (model shape, statics), shared by every engine in the process so that two
-    engines of one model compile each shape once."""
-    key = (repr(cfg), st)
-    if key not in _PROGRAMS:
+def _step_program(st: StepStatics):
+    """The jitted step for these statics over (structure, weights, ...), shared by every engine in the
+    process: the model's structure (ModelStructure) is a static argument, so two engines of one model
+    compile each shape once. The pool is donated: its updates happen in place."""
+    if st not in _PROGRAMS:
         impl = _prefill_impl if st.mode == "prefill" else _generate_impl
-        _PROGRAMS[key] = jax.jit(functools.partial(impl, cfg=cfg, st=st), static_argnums=(4,),
-                                 donate_argnums=(1,), compiler_options=_STEP_COMPILER_OPTIONS)
-    return _PROGRAMS[key]
+        _PROGRAMS[st] = jax.jit(functools.partial(impl, st=st), static_argnums=(0, 5), donate_argnums=(2,),
+                                compiler_options=_STEP_COMPILER_OPTIONS)
+    return _PROGRAMS[st]
 
 
 def _write_pages_impl(pool, pages, tiles):
@@ -142,20 +167,16 @@ class ModelRunner:
         # Where small per-step arrays (index tables, adapter tiles) live: one device, or every device.
         self.replicated = (jax.sharding.SingleDeviceSharding(self.device) if mesh is None
                            else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-        layers = params["layers"]
-        # Checkpoints load already fused and placed (model.device_load); other callers pass load_params' layout.
-        fused = params if isinstance(layers, (list, tuple)) or "wqkv" in layers else fuse_params(params, cfg)
-        if mesh is None:
-            place = jax.tree.map(lambda a: self.device, fused)
-        else:
-            place = tree_shardings(fused, param_axes, mesh)
-        self.params = jax.tree.map(lambda a, where: jax.device_put(jnp.asarray(a, dtype=self.dtype), where),
-                                   fused, place)
-        if not econf.resolved_scan_layers(jax.default_backend()) and not isinstance(self.params["layers"], list):
-            # One array per layer: the unrolled program reads each layer's weights where they lie.
-            stacked = self.params["layers"]
-            self.params["layers"] = [{k: v[l] for k, v in stacked.items()} for l in range(cfg.num_layers)]
-            del stacked
+        scan = econf.resolved_scan_layers(jax.default_backend())
+
+        def place(a, axes):
+            where = self.device if mesh is None else named_sharding(mesh, axes, a.shape)
+            return jax.device_put(jnp.asarray(a, dtype=self.dtype), where)
+
+        # The model's structure (static in the step programs) apart from its weights (arguments). Checkpoints
+        # arrive fused and placed (model.device_load): placing them again moves nothing.
+        self.graphdef, self.state = nnx.split(from_params(params, cfg, scan_layers=scan, place=place))
+        self._split_weights()
         self.pool = None
         self._tables_dev = None
         self._tables_version = -1
@@ -166,6 +187,28 @@ class ModelRunner:
         # step's inputs, uploading changed index tables, launching the program.
         self.dispatch_parts = dict.fromkeys(("pack", "tables", "launch"), 0.0)
         self._tables_upload_s = 0.0
+
+    @property
+    def model(self):
+        """The base model (an nnx Module over the runner's weights)."""
+        return nnx.merge(self.graphdef, self.state)
+
+    @property
+    def params(self) -> dict:
+        """The weights as the fused pytree (``Llama.params``): the runner's own arrays."""
+        return self.model.params()
+
+    @params.setter
+    def params(self, params: dict) -> None:
+        model = self.model
+        model.set_params(params)
+        self.state = nnx.state(model)
+        self._split_weights()
+
+    def _split_weights(self) -> None:
+        leaves, treedef = jax.tree.flatten(self.state)
+        self._weights = leaves
+        self._structure = ModelStructure(self.graphdef, treedef)
 
     def allocate_pool(self, layout: PoolLayout) -> None:
         """Allocate the unified pool once (directly in its final placement); every later update is in place."""
@@ -181,7 +224,7 @@ class ModelRunner:
     def _fn(self, mode: str, all_logits: bool = False, greedy_only: bool = False, lora_groups: tuple = ALL_GROUPS):
         st = StepStatics(mode=mode, backend=None if self.backend == "auto" else self.backend,
                          all_logits=all_logits, greedy_only=greedy_only, lora_groups=tuple(lora_groups))
-        return _step_program(self.cfg, st)
+        return _step_program(st)
 
     def _tables(self, tables) -> tuple:
         """(device buffer, static spec) of the index tables, uploaded again only when a slot changed."""
@@ -197,7 +240,7 @@ class ModelRunner:
         buf, spec = pack_inputs(inp, samp)
         tables_buf, tables_spec = self._tables(tables)
         spec = (spec, tables_spec)
-        args = [self.params, self.pool, tables_buf, buf, spec]
+        args = [self._structure, self._weights, self.pool, tables_buf, buf, spec]
         if mode != "prefill":
             args.append(self._no_prev_tokens if prev_tokens is None else prev_tokens)
         return args, spec
@@ -223,7 +266,8 @@ class ModelRunner:
         t1 = time.perf_counter()
         with self._out_of_memory_explained(mode):
             if exe is not None:
-                self.pool, out = exe(*args[:4], *args[5:])  # compiled ahead (``precompile``): spec is baked in
+                # Compiled ahead (``precompile``): the structure and spec are baked in.
+                self.pool, out = exe(*args[1:5], *args[6:])
             else:
                 self.compiled_shapes.add(key)
                 self.pool, out = self._fn(mode, all_logits, greedy_only, lora_groups)(*args)

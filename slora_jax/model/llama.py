@@ -1,9 +1,16 @@
-"""The Llama-family decoder (Llama 2/3, Mistral, Qwen2) as one jitted program over all layers.
+"""The Llama-family decoder (Llama 2/3, Mistral, Qwen2) as flax.nnx Modules: Llama > DecoderLayer >
+Attention, MLP.
 
-Weights are a plain pytree (see ``checkpoint.load_params``), layer tensors stacked on axis 0 and scanned.
+Every weight is an ``nnx.Param`` whose metadata names its logical axes (``out_sharding``); the rules table in
+``sharding/`` maps them to mesh axes. Whether the layers are scanned (one DecoderLayer holding weights
+stacked on a leading "layers" axis) or unrolled (a list of DecoderLayers) is the ``scan_layers`` property of
+the model. The engine's step program takes the model's split state (``nnx.split``) and merges it inside
+the jit, as flax's gemma sampler does.
+
 The KV cache and the LoRA weights both live in the unified page pool ``[L, P, R, W]``; every projection
 adds its LoRA term through the gather-matmul ops of ``pallas_kernels`` reading that pool through index
 tables, so a batch mixes any adapters and ranks, and rows without an adapter get exactly the base output.
+For training, ``attach_lora`` gives the projections dense LoRA weights instead (the differentiable form).
 """
 
 from __future__ import annotations
@@ -15,9 +22,11 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 import pallas_kernels as pk
 from slora_jax.config import MODULES, ModelConfig
+from slora_jax.errors import ModelError
 
 # Projections that share an input are handled by one fused LoRA call (x read once), in MODULES order.
 LORA_GROUPS: dict[str, tuple[str, ...]] = {
@@ -91,25 +100,6 @@ def fuse_params(params: dict, cfg: ModelConfig) -> dict:
     return out
 
 
-# Logical axes of the fused weights, per layer (a stacked layer axis, when present, comes first and is
-# never split); sharding/ maps them to mesh axes. The fused q|k|v and gate|up columns are split as one
-# axis, so under tensor parallelism XLA's partitioner inserts the collectives that re-split them.
-PARAM_AXES: dict[str, tuple] = {
-    "embed": (None, None), "final_norm": (None,), "lm_head": (None, "vocab"),
-    "attn_norm": (None,), "mlp_norm": (None,),
-    "wqkv": (None, "heads"), "bqkv": ("heads",), "wo": ("heads", None),
-    "w_gate_up": (None, "mlp"), "w_down": ("mlp", None),
-}
-POOL_AXES = (None, None, None, "kv_width")  # [L, P, R, W]: W holds the K/V heads
-
-
-def param_axes(path, leaf) -> tuple:
-    """Logical axes of one leaf of the fused params pytree (for sharding.tree_shardings)."""
-    name = next(k.key for k in reversed(path) if isinstance(k, jax.tree_util.DictKey))
-    axes = PARAM_AXES[name]
-    return (None,) + axes if leaf.ndim == len(axes) + 1 else axes
-
-
 # ------------------------------------------------------------------------------------ inputs
 @dataclass(frozen=True)
 class StepStatics:
@@ -142,7 +132,7 @@ def _dot(x: jax.Array, w: jax.Array) -> jax.Array:
 def _lora(y, x, pool, layer, tables, inp, group, out_sizes, st: StepStatics):
     """y + each token's LoRA delta of ``group``: MBGMV for decode tokens, MBGMM for prompt tokens (a mixed
     step's decode tokens are its first ``slot_decode.shape[0]`` tokens at most)."""
-    if group not in st.lora_groups:
+    if group not in st.lora_groups or tables is None:
         return y
     a_pages, b_pages, ranks, scales = tables[group]
     args = (pool, layer, a_pages, b_pages, ranks, scales)
@@ -158,49 +148,105 @@ def _lora(y, x, pool, layer, tables, inp, group, out_sizes, st: StepStatics):
                            slots_in_runs=True)
 
 
-def forward(params: dict, pool: jax.Array, tables: dict, inp: dict, cfg: ModelConfig, st: StepStatics):
-    """Run all layers over the step's tokens; returns (final hidden states [T, H], updated pool).
+# ------------------------------------------------------------------------------------ modules
+# Logical axes of each weight (without the leading "layers" axis of scanned layers); sharding/'s rules map
+# them to mesh axes. The fused q|k|v and gate|up columns are one axis each.
+PARAM_AXES: dict[str, tuple] = {
+    "embed": ("vocab_rows", "embed"), "final_norm": ("embed",), "lm_head": ("embed", "vocab"),
+    "attn_norm": ("embed",), "mlp_norm": ("embed",),
+    "wqkv": ("embed", "heads"), "bqkv": ("heads",), "wo": ("heads", "embed"),
+    "w_gate_up": ("embed", "mlp"), "w_down": ("mlp", "embed"),
+}
+LAYERS_AXIS = "layers"  # leading axis of stacked (scanned) layer weights
+POOL_AXES = (None, None, None, "kv_width")  # [L, P, R, W]: W holds the K/V heads
 
-    inp (all arrays, shapes bucketed by the engine):
-      tokens [T], positions [T], k_rows/v_rows [T] (flat pool rows page*R+i where this token's K/V go;
-      -1 = do not store);
-      decode (T = B, one token per request): token_slot [T] (-1 = base model), k_pages/v_pages [B, NB],
-        lengths [B] (tokens in cache after this step's write);
-      mixed (decode tokens first, then prompt chunks; N = min(T, rows) rows of page tables): k_pages/v_pages
-        [N, NB] (decode token i is row i), lengths [N] (decode attention; 0 = not a decode token),
-        token_row [T] (prompt tokens: their row; -1 otherwise), slot_decode [N] / slot_prefill [T] (adapter
-        slot of the decode / prompt tokens, -1 elsewhere);
-      prefill (scoring, nothing cached): token_slot [T], segment_ids [T] (-1 = padding).
-    """
-    D = cfg.head_dim
-    Nq, Nkv = cfg.num_heads, cfg.num_kv_heads
-    inv_freq = jnp.asarray(rope_inv_freq(cfg))
-    sm_scale = 1.0 / math.sqrt(D)
-    lay = params["layers"]
-    dtype = params["embed"].dtype
-    h = params["embed"][inp["tokens"]].astype(dtype)
-    T = h.shape[0]
-    pos = inp["positions"]
-    qkv_out = group_dims(cfg, "qkv")[1]
-    o_out = group_dims(cfg, "o")[1]
-    gu_out = group_dims(cfg, "gate_up")[1]
-    dn_out = group_dims(cfg, "down")[1]
 
-    def layer_fn(carry, xs):
-        h, pool = carry
-        w, l = xs
-        x = rms_norm(h, w["attn_norm"], cfg.rms_norm_eps)
-        qkv = _linear(x, w["wqkv"])
-        if cfg.attention_bias:
-            qkv = qkv + w["bqkv"]
-        qkv = _lora(qkv, x, pool, l, tables, inp, "qkv", qkv_out, st)
+def _param(shape, dtype, name: str, stacked: Optional[int]) -> nnx.Param:
+    """A weight of ``shape`` (zeros until a checkpoint fills it) named with its logical axes. Placement is
+    the caller's (sharding/ rules), so flax's eager sharding is off."""
+    axes = PARAM_AXES[name]
+    if stacked is not None:
+        shape, axes = (stacked,) + tuple(shape), (LAYERS_AXIS,) + axes
+    return nnx.Param(jnp.zeros(shape, dtype), out_sharding=axes, eager_sharding=False)
+
+
+def param_axes(var: nnx.Variable) -> tuple:
+    """The logical axes a model weight was created with (see PARAM_AXES)."""
+    return tuple(var.get_metadata()["out_sharding"])
+
+
+def _replace(var: nnx.Variable, value) -> None:
+    """Swap a weight's whole value (same shape), so a new placement or dtype is kept as given."""
+    if tuple(value.shape) != tuple(var.shape):
+        raise ModelError(f"weight of shape {tuple(value.shape)} given where the model has {tuple(var.shape)}")
+    var.set_value(value)
+
+
+class LoRA(nnx.Module):
+    """A dense low-rank update of one projection, for training: delta = scale * (x a^T) b, as peft computes
+    it (a = lora_A.weight [r, d_in], b = lora_B.weight^T [r, d_out]). Serving reads adapters from the page
+    pool instead; this is the differentiable form. a and b are ``nnx.LoRAParam``s (what training updates);
+    the scale is not trained. Stacked layers hold a leading layer axis on all three."""
+
+    def __init__(self, a, b, scale):
+        self.a = nnx.LoRAParam(a)
+        self.b = nnx.LoRAParam(b)
+        self.scale = nnx.Variable(scale)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x [T, d_in] -> float32 delta [T, d_out]."""
+        prec = jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
+        xa = jnp.dot(x, self.a[...].T.astype(x.dtype), precision=prec, preferred_element_type=jnp.float32)
+        return self.scale[...] * jnp.dot(xa, self.b[...].astype(jnp.float32), precision=prec,
+                                         preferred_element_type=jnp.float32)
+
+
+def _dense_lora(y, x, loras, group, out_sizes):
+    """y plus the dense LoRA deltas of the group's projections that have one (their output columns)."""
+    if not loras:
+        return y
+    parts, off = [], 0
+    for m, n in zip(LORA_GROUPS[group], out_sizes):
+        part = y[:, off:off + n]
+        if m in loras:
+            part = (part.astype(jnp.float32) + loras[m](x)).astype(y.dtype)
+        parts.append(part)
+        off += n
+    return jnp.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
+
+
+class Attention(nnx.Module):
+    """Fused q|k|v projection (+ bias for Qwen2), RoPE, paged attention, output projection."""
+
+    def __init__(self, cfg: ModelConfig, dtype, stacked: Optional[int] = None):
+        self.cfg = cfg
+        H = cfg.hidden_size
+        self.wqkv = _param((H, cfg.q_size + 2 * cfg.kv_size), dtype, "wqkv", stacked)
+        self.bqkv = _param((cfg.q_size + 2 * cfg.kv_size,), dtype, "bqkv", stacked) if cfg.attention_bias else None
+        self.wo = _param((cfg.q_size, H), dtype, "wo", stacked)
+        self.lora = nnx.data(None)  # {projection: LoRA} while training (attach_lora)
+
+    def __call__(self, x, pool, l, tables, inp, st: StepStatics):
+        """x [T, H] (normed) -> (attention output [T, H], pool with this layer's K/V written)."""
+        cfg = self.cfg
+        D, Nq, Nkv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
+        T = x.shape[0]
+        pos = inp["positions"]
+        inv_freq = jnp.asarray(rope_inv_freq(cfg))
+        sm_scale = 1.0 / math.sqrt(D)
+        qkv = _linear(x, self.wqkv[...])
+        if self.bqkv is not None:
+            qkv = qkv + self.bqkv[...]
+        qkv_sizes = group_dims(cfg, "qkv")[1]
+        qkv = _dense_lora(_lora(qkv, x, pool, l, tables, inp, "qkv", qkv_sizes, st), x, self.lora, "qkv", qkv_sizes)
         q = qkv[:, :Nq * D].reshape(T, Nq, D)
         k = qkv[:, Nq * D:(Nq + Nkv) * D].reshape(T, Nkv, D)
         v = qkv[:, (Nq + Nkv) * D:].reshape(T, Nkv, D)
         q = apply_rope(q, pos, inv_freq)
         k = apply_rope(k, pos, inv_freq)
-        pool = pk.write_kv(pool, l, k.reshape(T, Nkv * D), v.reshape(T, Nkv * D), inp["k_rows"], inp["v_rows"],
-                           implementation=st.backend)
+        if pool is not None:  # None: nothing is cached (scoring, training)
+            pool = pk.write_kv(pool, l, k.reshape(T, Nkv * D), v.reshape(T, Nkv * D), inp["k_rows"], inp["v_rows"],
+                               implementation=st.backend)
         window = cfg.sliding_window
         if st.mode == "prefill":
             attn = pk.prefill_attention(q, k, v, inp["segment_ids"], pos, sm_scale=sm_scale,
@@ -217,31 +263,221 @@ def forward(params: dict, pool: jax.Array, tables: dict, inp: dict, cfg: ModelCo
                                              sm_scale=sm_scale, sliding_window=window, implementation=st.backend)
             attn = jax.lax.dynamic_update_slice_in_dim(attn, attn[:n] + head, 0, axis=0)
         attn = attn.reshape(T, Nq * D)
-        o = _linear(attn, w["wo"])
-        o = _lora(o, attn, pool, l, tables, inp, "o", o_out, st)
-        h = h + o
-        x = rms_norm(h, w["mlp_norm"], cfg.rms_norm_eps)
-        gu = _linear(x, w["w_gate_up"])
-        gu = _lora(gu, x, pool, l, tables, inp, "gate_up", gu_out, st)
+        o = _linear(attn, self.wo[...])
+        o_sizes = group_dims(cfg, "o")[1]
+        return _dense_lora(_lora(o, attn, pool, l, tables, inp, "o", o_sizes, st), attn, self.lora, "o", o_sizes), pool
+
+
+class MLP(nnx.Module):
+    """SwiGLU: fused gate|up projection, silu(gate) * up, down projection."""
+
+    def __init__(self, cfg: ModelConfig, dtype, stacked: Optional[int] = None):
+        self.cfg = cfg
+        H, I = cfg.hidden_size, cfg.intermediate_size
+        self.w_gate_up = _param((H, 2 * I), dtype, "w_gate_up", stacked)
+        self.w_down = _param((I, H), dtype, "w_down", stacked)
+        self.lora = nnx.data(None)  # {projection: LoRA} while training (attach_lora)
+
+    def __call__(self, x, pool, l, tables, inp, st: StepStatics):
+        cfg = self.cfg
+        gu = _linear(x, self.w_gate_up[...])
+        gu_sizes = group_dims(cfg, "gate_up")[1]
+        gu = _dense_lora(_lora(gu, x, pool, l, tables, inp, "gate_up", gu_sizes, st), x, self.lora, "gate_up", gu_sizes)
         I = cfg.intermediate_size
-        a = (jax.nn.silu(gu[:, :I].astype(jnp.float32)) * gu[:, I:].astype(jnp.float32)).astype(dtype)
-        d = _linear(a, w["w_down"])
-        d = _lora(d, a, pool, l, tables, inp, "down", dn_out, st)
-        h = h + d
-        return (h, pool), None
-
-    if isinstance(lay, (list, tuple)):
-        # Unrolled: per-layer arrays, static layer index (no per-step slicing of stacked weights).
-        for l, w in enumerate(lay):
-            (h, pool), _ = layer_fn((h, pool), (w, jnp.int32(l)))
-    else:
-        layers_idx = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-        (h, pool), _ = jax.lax.scan(layer_fn, (h, pool), (lay, layers_idx))
-    h = rms_norm(h, params["final_norm"], cfg.rms_norm_eps)
-    return h, pool
+        a = (jax.nn.silu(gu[:, :I].astype(jnp.float32)) * gu[:, I:].astype(jnp.float32)).astype(x.dtype)
+        d = _linear(a, self.w_down[...])
+        d_sizes = group_dims(cfg, "down")[1]
+        return _dense_lora(_lora(d, a, pool, l, tables, inp, "down", d_sizes, st), a, self.lora, "down", d_sizes)
 
 
-def lm_logits(params: dict, h: jax.Array) -> jax.Array:
-    """h [N, H] -> float32 logits [N, V] (tied embeddings when there is no lm_head)."""
-    w = params.get("lm_head")
-    return _dot(h, params["embed"].T if w is None else w)
+class DecoderLayer(nnx.Module):
+    """Pre-norm residual block: h + attn(norm(h)), then h + mlp(norm(h)). ``stacked=L`` holds the weights
+    of all L layers on a leading axis (the scanned model's single layer)."""
+
+    def __init__(self, cfg: ModelConfig, dtype, stacked: Optional[int] = None):
+        self.cfg = cfg
+        self.attn_norm = _param((cfg.hidden_size,), dtype, "attn_norm", stacked)
+        self.mlp_norm = _param((cfg.hidden_size,), dtype, "mlp_norm", stacked)
+        self.attn = Attention(cfg, dtype, stacked)
+        self.mlp = MLP(cfg, dtype, stacked)
+
+    def __call__(self, h, pool, l, tables, inp, st: StepStatics):
+        """h [T, H] -> (h [T, H], pool); ``l`` is this layer's index in the pool (an int32 scalar)."""
+        eps = self.cfg.rms_norm_eps
+        o, pool = self.attn(rms_norm(h, self.attn_norm[...], eps), pool, l, tables, inp, st)
+        h = h + o
+        h = h + self.mlp(rms_norm(h, self.mlp_norm[...], eps), pool, l, tables, inp, st)
+        return h, pool
+
+
+class Llama(nnx.Module):
+    """The Llama-family decoder. ``Llama(cfg, dtype, scan_layers=...)`` makes one with zero weights; build
+    it under ``nnx.eval_shape`` and fill it with :func:`from_params` (what checkpoint loading does).
+
+    ``scan_layers=True``: ``layers`` is one DecoderLayer with weights stacked over layers, run by a scan (one
+    compiled layer body: fast compiles). False: ``layers`` is a list of DecoderLayers, unrolled in the
+    program (each layer's weights read where they lie: faster decode on GPUs)."""
+
+    def __init__(self, cfg: ModelConfig, dtype=jnp.float32, *, scan_layers: bool = True):
+        self.cfg = cfg
+        self.scan_layers = scan_layers
+        self.embed = _param((cfg.vocab_size, cfg.hidden_size), dtype, "embed", None)
+        self.final_norm = _param((cfg.hidden_size,), dtype, "final_norm", None)
+        self.lm_head = (None if cfg.tie_word_embeddings
+                        else _param((cfg.hidden_size, cfg.vocab_size), dtype, "lm_head", None))
+        if scan_layers:
+            self.layers = DecoderLayer(cfg, dtype, stacked=cfg.num_layers)
+        else:
+            self.layers = nnx.List([DecoderLayer(cfg, dtype) for _ in range(cfg.num_layers)])
+
+    def __call__(self, pool: jax.Array, tables: dict, inp: dict, st: StepStatics):
+        """Run all layers over the step's tokens; returns (final hidden states [T, H], updated pool).
+
+        pool: the unified page pool [L, P, R, W] (K/V and LoRA pages), or None (prefill mode only: nothing
+        cached, no LoRA); tables: {group: (a_pages, b_pages, ranks, scales)} adapter index tables, or None;
+        inp (all arrays, shapes bucketed by the engine):
+          tokens [T], positions [T], k_rows/v_rows [T] (flat pool rows page*R+i where this token's K/V go;
+          -1 = do not store);
+          decode (T = B, one token per request): token_slot [T] (-1 = base model), k_pages/v_pages [B, NB],
+            lengths [B] (tokens in cache after this step's write);
+          mixed (decode tokens first, then prompt chunks; N = min(T, rows) rows of page tables):
+            k_pages/v_pages [N, NB] (decode token i is row i), lengths [N] (decode attention; 0 = not a
+            decode token), token_row [T] (prompt tokens: their row; -1 otherwise), slot_decode [N] /
+            slot_prefill [T] (adapter slot of the decode / prompt tokens, -1 elsewhere);
+          prefill (scoring, nothing cached): token_slot [T], segment_ids [T] (-1 = padding).
+        """
+        embed = self.embed[...]
+        h = embed[inp["tokens"]].astype(embed.dtype)
+        if self.scan_layers:
+            graphdef, state = nnx.split(self.layers)
+
+            def body(carry, xs):
+                h, pool = carry
+                layer_state, l = xs
+                return nnx.merge(graphdef, layer_state)(h, pool, l, tables, inp, st), None
+
+            idx = jnp.arange(self.cfg.num_layers, dtype=jnp.int32)
+            (h, pool), _ = jax.lax.scan(body, (h, pool), (state, idx))
+        else:
+            for l, layer in enumerate(self.layers):
+                h, pool = layer(h, pool, jnp.int32(l), tables, inp, st)
+        return rms_norm(h, self.final_norm[...], self.cfg.rms_norm_eps), pool
+
+    def logits(self, h: jax.Array) -> jax.Array:
+        """h [N, H] -> float32 logits [N, V] (tied embeddings when there is no lm_head)."""
+        return _dot(h, self.embed[...].T if self.lm_head is None else self.lm_head[...])
+
+    def causal_lm_logits(self, tokens: jax.Array, valid: Optional[jax.Array] = None,
+                         backend: Optional[str] = "xla") -> jax.Array:
+        """Float32 logits [B, T, V] of right-padded rows tokens [B, T] (valid [B, T] bool, False on padding;
+        None = all real), each row causal on its own; no cache, no page pool. Differentiable with the
+        default "xla" kernels: the entry point for research code (``jax.grad`` through the model)."""
+        B, T = tokens.shape
+        valid = jnp.ones((B, T), bool) if valid is None else valid
+        rows = jnp.broadcast_to(jnp.arange(B, dtype=jnp.int32)[:, None], (B, T))
+        inp = {"tokens": tokens.reshape(-1), "positions": jnp.tile(jnp.arange(T, dtype=jnp.int32), B),
+               "segment_ids": jnp.where(valid, rows, -1).reshape(-1)}
+        h, _ = self(None, None, inp, StepStatics(mode="prefill", backend=backend, lora_groups=()))
+        return self.logits(h).reshape(B, T, -1)
+
+    # -- the fused-weights pytree view (checkpoint loading, merged-adapter benchmarks, adapter training)
+    def params(self) -> dict:
+        """The weights as the fused pytree (``fuse_params`` of ``load_params``; layers stacked when scanned, a
+        list of per-layer dicts when unrolled). The arrays are the model's own, not copies."""
+        def layer_dict(layer):
+            d = {"attn_norm": layer.attn_norm[...], "mlp_norm": layer.mlp_norm[...], "wqkv": layer.attn.wqkv[...],
+                 "wo": layer.attn.wo[...], "w_gate_up": layer.mlp.w_gate_up[...], "w_down": layer.mlp.w_down[...]}
+            if layer.attn.bqkv is not None:
+                d["bqkv"] = layer.attn.bqkv[...]
+            return d
+        out = {"embed": self.embed[...], "final_norm": self.final_norm[...]}
+        if self.lm_head is not None:
+            out["lm_head"] = self.lm_head[...]
+        out["layers"] = layer_dict(self.layers) if self.scan_layers else [layer_dict(x) for x in self.layers]
+        return out
+
+    def set_params(self, params: dict) -> None:
+        """Replace the weights with a fused pytree of the same layout (as :meth:`params` gives); arrays are
+        taken as they are (their dtype and placement are the caller's): whole values are replaced, never
+        written into the old arrays."""
+        def fill(layer, d):
+            _replace(layer.attn_norm, d["attn_norm"])
+            _replace(layer.mlp_norm, d["mlp_norm"])
+            _replace(layer.attn.wqkv, d["wqkv"])
+            _replace(layer.attn.wo, d["wo"])
+            if layer.attn.bqkv is not None:
+                _replace(layer.attn.bqkv, d["bqkv"])
+            _replace(layer.mlp.w_gate_up, d["w_gate_up"])
+            _replace(layer.mlp.w_down, d["w_down"])
+        _replace(self.embed, params["embed"])
+        _replace(self.final_norm, params["final_norm"])
+        if self.lm_head is not None:
+            _replace(self.lm_head, params["lm_head"])
+        if self.scan_layers:
+            fill(self.layers, params["layers"])
+        else:
+            for layer, d in zip(self.layers, params["layers"], strict=True):
+                fill(layer, d)
+
+
+def from_params(params: dict, cfg: ModelConfig, *, scan_layers: bool = True, place=None) -> Llama:
+    """A Llama holding ``params`` (``load_params`` layout, fused or not, layers stacked or, for an unrolled
+    model, a list of per-layer dicts): no weights are initialised first. ``place(array, logical_axes)`` puts
+    each weight where it goes (device, sharding, dtype); None keeps the arrays as they are."""
+    lay = params["layers"]
+    if isinstance(lay, (list, tuple)):  # unrolled already (an unrolled model's ``params()``)
+        if "wq" in lay[0]:
+            lay = [fuse_params({"layers": d}, cfg)["layers"] for d in lay]
+        if scan_layers:
+            raise ModelError("from_params: per-layer weights make an unrolled model; pass scan_layers=False")
+    elif "wq" in lay:
+        lay = fuse_params(params, cfg)["layers"]
+    dtype = params["embed"].dtype
+    model = nnx.eval_shape(lambda: Llama(cfg, dtype, scan_layers=scan_layers))
+    if not scan_layers and isinstance(lay, dict):
+        lay = [{k: v[l] for k, v in lay.items()} for l in range(cfg.num_layers)]
+    model.set_params({**params, "layers": lay})
+    if place is not None:
+        graphdef, state = nnx.split(model)
+        state = jax.tree.map(lambda v: v.replace(place(v[...], param_axes(v))), state,
+                             is_leaf=lambda x: isinstance(x, nnx.Variable))
+        model = nnx.merge(graphdef, state)
+    return model
+
+
+def attach_lora(model: Llama, lora: dict, scales: dict) -> Llama:
+    """Give ``model``'s projections dense, trainable LoRA weights (in place; returns the model).
+
+    lora: {projection: {"a": [L, r, d_in], "b": [L, r, d_out]}} (``slora_jax.adapters.ModuleLora``'s layout,
+    b = lora_B.weight^T); scales: {projection: [L]}. Projections absent from ``lora`` stay as they are.
+    Differentiate with respect to ``nnx.LoRAParam`` to train only these."""
+    def loras_for(layer, group_modules, pick):
+        found = {m: LoRA(pick(lora[m]["a"]), pick(lora[m]["b"]), pick(scales[m])) for m in group_modules
+                 if m in lora}
+        return nnx.Dict(found) if found else None
+
+    attn_mods = LORA_GROUPS["qkv"] + LORA_GROUPS["o"]
+    mlp_mods = LORA_GROUPS["gate_up"] + LORA_GROUPS["down"]
+    layers = [(model.layers, lambda a: a)] if model.scan_layers else [
+        (layer, lambda a, l=l: a[l]) for l, layer in enumerate(model.layers)]
+    for layer, pick in layers:
+        layer.attn.lora = loras_for(layer, attn_mods, pick)
+        layer.mlp.lora = loras_for(layer, mlp_mods, pick)
+    return model
+
+
+def lora_of(model: Llama) -> dict:
+    """The model's dense LoRA weights as {projection: {"a": [L, r, d_in], "b": [L, r, d_out]}} (what
+    :func:`attach_lora` takes), stacked over layers whether the model's layers are scanned or not."""
+    layers = [model.layers] if model.scan_layers else list(model.layers)
+    out: dict = {}
+    for block in ("attn", "mlp"):
+        loras = [getattr(layer, block).lora for layer in layers]
+        if loras[0] is None:
+            continue
+        for m in loras[0]:
+            a = [x[m].a[...] for x in loras]
+            b = [x[m].b[...] for x in loras]
+            out[m] = ({"a": a[0], "b": b[0]} if model.scan_layers
+                      else {"a": jnp.stack(a), "b": jnp.stack(b)})
+    return out

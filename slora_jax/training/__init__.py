@@ -6,12 +6,13 @@
     save_peft_adapter(lora, "adapters/mine", base_model_name="my-base")
 """
 
-from slora_jax.training.dense import causal_lm_logits, next_token_loss
-from slora_jax.training.lora import (TrainedLora, base_params, init_lora, lora_params, pack_sequences,
-                                     resolve_targets, train_lora)
+from slora_jax.training.lora import (TrainedLora, base_model, base_params, causal_lm_logits, init_lora,
+                                     lora_params, model_loss, next_token_loss, pack_sequences, resolve_targets,
+                                     train_lora)
 from slora_jax.training.peft_format import peft_lora_config, save_peft_adapter
 
 __all__ = [
-    "TrainedLora", "base_params", "causal_lm_logits", "init_lora", "lora_params", "next_token_loss",
+    "TrainedLora", "base_model", "base_params", "causal_lm_logits", "init_lora", "lora_params", "model_loss",
+    "next_token_loss",
     "pack_sequences", "peft_lora_config", "resolve_targets", "save_peft_adapter", "train_lora",
 ]

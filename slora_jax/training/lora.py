@@ -5,6 +5,8 @@
     engine.load_adapter_weights("mine", lora)          # serve it now, next to the others
     save_peft_adapter(lora, "out/mine", "my-base")     # or share it: peft and the engine both load it
 
+Training runs on the served model itself (``slora_jax.model.Llama``, its layers scanned or unrolled as the
+source holds them) with dense LoRA weights attached (``attach_lora``); only the ``nnx.LoRAParam``s train.
 The base model comes from an ``Engine`` (its on-device weights are used in place, no copy), a checkpoint
 folder (read with ``load_params``) or a ``load_params`` pytree (fused or not). Base weights are frozen (in
 the engine's dtype, or ``dtype``); LoRA weights train in float32 with AdamW (peft's init: A uniform, B 0).
@@ -27,8 +29,9 @@ from slora_jax.adapters.peft import LoraWeights, ModuleLora
 from slora_jax.config import MODULES, ModelConfig
 from slora_jax.errors import AdapterError, ConfigError, ModelError, RequestError
 from slora_jax.model.checkpoint import param_shapes
-from slora_jax.model.llama import fuse_params
-from slora_jax.training.dense import next_token_loss
+from flax import nnx
+
+from slora_jax.model.llama import Llama, attach_lora, from_params, fuse_params, lora_of
 from slora_jax.training.peft_format import peft_lora_config
 
 _DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32}
@@ -123,15 +126,31 @@ def fused_param_shapes(cfg: ModelConfig) -> dict:
 
 
 def _shapes(tree: dict) -> dict:
+    """Shapes of a params pytree, its layers as stacked shapes [L, ...] whether they are stacked or unrolled
+    (a list of per-layer dicts, as engines built with ``scan_layers=False`` hold them)."""
     out = {k: tuple(v.shape) for k, v in tree.items() if k != "layers"}
-    out["layers"] = {k: tuple(v.shape) for k, v in tree["layers"].items()}
+    layers = tree["layers"]
+    if isinstance(layers, (list, tuple)):
+        per_layer = [{k: tuple(v.shape) for k, v in lay.items()} for lay in layers]
+        if not per_layer or any(p != per_layer[0] for p in per_layer):
+            out["layers"] = per_layer  # ragged or empty: never equal to the expected shapes
+        else:
+            out["layers"] = {k: (len(per_layer),) + s for k, s in per_layer[0].items()}
+    else:
+        out["layers"] = {k: tuple(v.shape) for k, v in layers.items()}
     return out
+
+
+def _is_fused(layers) -> bool:
+    first = layers[0] if isinstance(layers, (list, tuple)) and layers else layers
+    return isinstance(first, dict) and "wqkv" in first
 
 
 def base_params(source, model_config: Optional[ModelConfig] = None, dtype: Optional[str] = None
                 ) -> tuple[dict, ModelConfig]:
     """The frozen base weights for training: jax arrays in the fused layout the engine serves from
-    (``llama.fuse_params``: wqkv [L, H, q+2kv], w_gate_up [L, H, 2I], the rest as ``load_params``).
+    (``llama.fuse_params``: wqkv [L, H, q+2kv], w_gate_up [L, H, 2I], the rest as ``load_params``). The layers
+    stay as the source holds them: stacked on axis 0, or a list of per-layer dicts (an unrolled engine's).
 
     source: an ``Engine`` (its on-device weights, used as they are when ``dtype`` is None or the engine's;
     model_config may be None), a checkpoint folder (model_config may be None: read from config.json), or a
@@ -158,11 +177,14 @@ def base_params(source, model_config: Optional[ModelConfig] = None, dtype: Optio
         raise ModelError("model_config is required when the base model is given as a params pytree")
     if "layers" not in params or "embed" not in params:
         raise ModelError("params pytree must have 'embed' and 'layers' (the load_params layout)")
-    fused = "wqkv" in params["layers"]
+    fused = _is_fused(params["layers"])
     expected = fused_param_shapes(model_config) if fused else param_shapes(model_config)
     if _shapes(params) != expected:
         raise ModelError(f"params do not match the model config: expected shapes {expected}, got {_shapes(params)}")
-    if not fused:
+    if not fused and isinstance(params["layers"], (list, tuple)):
+        params = {**params, "layers": [fuse_params({"layers": lay}, model_config)["layers"]
+                                       for lay in params["layers"]]}
+    elif not fused:
         params = fuse_params(params, model_config)  # numpy stays on the host until the cast below
     target = _DTYPES[dtype or "float32"]
     return jax.tree.map(lambda a: jnp.asarray(a, target), params), model_config
@@ -211,10 +233,47 @@ def _batches(n: int, batch_size: int, rng: np.random.Generator):
 # --------------------------------------------------------------------------------------------- training
 
 
-def _train_step(lora, opt_state, base, scales, tokens, valid, *, cfg, tx):
-    loss, grads = jax.value_and_grad(next_token_loss, argnums=1)(base, lora, scales, tokens, valid, cfg)
-    updates, opt_state = tx.update(grads, opt_state, lora)
-    return optax.apply_updates(lora, updates), opt_state, loss
+def base_model(params: dict, cfg: ModelConfig) -> Llama:
+    """The nnx Llama over a fused params pytree (as :func:`base_params` gives: its arrays, not copies); its
+    layers are unrolled when the pytree's are a list (an unrolled engine's)."""
+    return from_params(params, cfg, scan_layers=not isinstance(params["layers"], (list, tuple)))
+
+
+def model_loss(model: Llama, tokens: jax.Array, valid: jax.Array) -> jax.Array:
+    """Mean cross-entropy (nats) of predicting tokens[:, 1:] from their prefixes, over real tokens only."""
+    logits = model.causal_lm_logits(tokens, valid)[:, :-1]
+    weight = (valid[:, 1:] & valid[:, :-1]).astype(jnp.float32)
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
+    return jnp.sum(nll * weight) / jnp.maximum(jnp.sum(weight), 1.0)
+
+
+def causal_lm_logits(params: dict, lora: dict, scales: dict, tokens: jax.Array, valid: jax.Array,
+                     cfg: ModelConfig) -> jax.Array:
+    """Float32 logits [B, T, V] of right-padded rows (tokens [B, T], valid [B, T] bool) through the model with
+    ``lora`` ({projection: {"a", "b"}}, :func:`lora_params`) and its ``scales`` attached; {} = the base."""
+    model = base_model(params, cfg)
+    if lora:
+        attach_lora(model, lora, scales)
+    return model.causal_lm_logits(tokens, valid)
+
+
+def next_token_loss(params: dict, lora: dict, scales: dict, tokens: jax.Array, valid: jax.Array,
+                    cfg: ModelConfig) -> jax.Array:
+    """:func:`model_loss` of the model with ``lora`` attached (arguments as :func:`causal_lm_logits`)."""
+    model = base_model(params, cfg)
+    if lora:
+        attach_lora(model, lora, scales)
+    return model_loss(model, tokens, valid)
+
+
+def _train_step(trainable, opt_state, frozen, tokens, valid, *, graphdef, tx):
+    """One AdamW step on the LoRA weights (``trainable``: the model's LoRAParams; ``frozen``: the rest)."""
+    def loss_fn(trainable):
+        return model_loss(nnx.merge(graphdef, trainable, frozen), tokens, valid)
+
+    loss, grads = jax.value_and_grad(loss_fn)(trainable)
+    updates, opt_state = tx.update(grads, opt_state, trainable)
+    return optax.apply_updates(trainable, updates), opt_state, loss
 
 
 def _positive_int(name: str, value) -> None:
@@ -262,16 +321,17 @@ def train_lora(engine_or_params, model_config: Optional[ModelConfig], sequences:
     tx = optax.adamw(learning_rate, weight_decay=weight_decay)
     if max_grad_norm is not None:
         tx = optax.chain(optax.clip_by_global_norm(max_grad_norm), tx)
-    params, scales = lora_params(lora)
+    model = attach_lora(base_model(base, cfg), *lora_params(lora))
+    graphdef, params, frozen = nnx.split(model, nnx.LoRAParam, ...)
     opt_state = tx.init(params)
-    step_fn = jax.jit(functools.partial(_train_step, cfg=cfg, tx=tx), donate_argnums=(0, 1))
+    step_fn = jax.jit(functools.partial(_train_step, graphdef=graphdef, tx=tx), donate_argnums=(0, 1))
 
     batches = _batches(len(tokens), batch_size, np.random.default_rng(seed))
     bar = _progress(steps) if progress else None
     device_losses = []
     for i in range(steps):
         idx = next(batches)
-        params, opt_state, loss = step_fn(params, opt_state, base, scales, tokens[idx], valid[idx])
+        params, opt_state, loss = step_fn(params, opt_state, frozen, tokens[idx], valid[idx])
         device_losses.append(loss)
         if bar is not None:
             bar.update(1)
@@ -282,7 +342,7 @@ def train_lora(engine_or_params, model_config: Optional[ModelConfig], sequences:
     losses = [float(x) for x in jax.device_get(device_losses)]
     if not all(math.isfinite(x) for x in losses):
         raise ConfigError(f"training diverged (loss {losses[-1]}); lower learning_rate={learning_rate}")
-    return _with_params(lora, params, name, losses)
+    return _with_params(lora, lora_of(nnx.merge(graphdef, params, frozen)), name, losses)
 
 
 def _progress(total: int):

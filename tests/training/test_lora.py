@@ -2,6 +2,7 @@
 folder it saves read by peft and by the engine with equal logits, and a hot load into an engine that keeps
 serving other adapters' streams from a background thread."""
 
+import dataclasses
 import functools
 import json
 import threading
@@ -60,12 +61,25 @@ def engine(llama_gqa_dir):
     return sj.Engine.from_pretrained(llama_gqa_dir, config=F32)
 
 
+@pytest.fixture(scope="module")
+def unrolled_engine(llama_gqa_dir):
+    """Layers unrolled, as GPU engines hold them by default: a list of per-layer weight dicts."""
+    return sj.Engine.from_pretrained(llama_gqa_dir, config=dataclasses.replace(F32, scan_layers=False))
+
+
+def unstack(layers):
+    return [jax.tree.map(lambda a: a[l], layers) for l in range(len(next(iter(layers.values()))))]
+
+
 # ------------------------------------------------------------------------------------------ forward
 
 
+@pytest.mark.parametrize("layout", ["stacked", "unrolled"])
 @pytest.mark.parametrize("adapter", [None, "rslora_all_r16", "patterns"])
-def test_dense_forward_matches_transformers_peft(llama_gqa_dir, llama_adapters, cfg, adapter):
+def test_dense_forward_matches_transformers_peft(llama_gqa_dir, llama_adapters, cfg, adapter, layout):
     base, _ = base_params(str(llama_gqa_dir), cfg)
+    if layout == "unrolled":
+        base = {**base, "layers": unstack(base["layers"])}
     if adapter is None:
         lora, scales = {}, {}
     else:
@@ -110,7 +124,45 @@ def test_base_weights_from_engine_folder_or_pytree_agree(engine, llama_gqa_dir, 
     assert all(a.dtype == jax.numpy.bfloat16 for a in jax.tree.leaves(half))
 
 
+def test_base_weights_of_an_unrolled_engine_are_its_own_and_equal_the_checkpoint(unrolled_engine, llama_gqa_dir,
+                                                                                  cfg):
+    got, got_cfg = base_params(unrolled_engine)
+    assert got_cfg == cfg and isinstance(got["layers"], list) and len(got["layers"]) == cfg.num_layers
+    stacked, _ = base_params(str(llama_gqa_dir), cfg)
+    for l, lay in enumerate(got["layers"]):
+        for k, v in lay.items():
+            np.testing.assert_array_equal(np.asarray(v), np.asarray(stacked["layers"][k][l]))
+            # Used in place, not copied.
+            assert v.unsafe_buffer_pointer() == unrolled_engine.runner.params["layers"][l][k].unsafe_buffer_pointer()
+    # An unfused pytree with unrolled layers is fused layer by layer.
+    raw = load_params(llama_gqa_dir, cfg, "float32")
+    fused, _ = base_params({**raw, "layers": unstack(raw["layers"])}, cfg)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), fused, got)
+    with pytest.raises(ModelError, match="do not match"):
+        base_params({**raw, "layers": unstack(raw["layers"])[:1]}, cfg)
+
+
 # ------------------------------------------------------------------------------------------ training
+
+
+def test_training_on_an_unrolled_engine_equals_training_on_the_checkpoint(unrolled_engine, llama_gqa_dir, tmp_path):
+    kw = dict(rank=4, alpha=8, target_modules=ALL, steps=6, learning_rate=1e-2, batch_size=4, seed=1,
+              progress=False)
+    seqs = pattern_sequences(16, seed=2)
+    got = train_lora(unrolled_engine, None, seqs, name="unrolled", **kw)
+    ref = train_lora(str(llama_gqa_dir), None, seqs, name="stacked", **kw)
+    np.testing.assert_allclose(got.loss_history, ref.loss_history, rtol=1e-5)
+    assert got.loss_history[-1] < got.loss_history[0]  # it trained
+    for m, ml in ref.modules.items():
+        assert np.abs(ml.b).max() > 0  # B moved off its zero init: the comparison below is not vacuous
+        np.testing.assert_allclose(got.modules[m].a, ml.a, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(got.modules[m].b, ml.b, rtol=1e-4, atol=1e-6)
+    # The unrolled engine serves what it trained.
+    unrolled_engine.load_adapter_weights("unrolled", got)
+    prompt = cycle_from(3, 7)
+    logits = unrolled_engine.logits([prompt], adapters=["unrolled"])[0]
+    saved = save_peft_adapter(got, tmp_path / "unrolled", base_model_name="llama-gqa")
+    assert rel_err(logits, hf_logits(llama_gqa_dir, saved, prompt)) < 1e-4
 
 
 def test_training_learns_the_pattern(trained, engine):
