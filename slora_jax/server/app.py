@@ -706,7 +706,7 @@ def run_server(args) -> int:
     from slora_jax.server.adapter_admin import check_adapter_name, replay_state
     from slora_jax.server.lifecycle import Progress, say, serve
 
-    from slora_jax.server.startup import load_tokenizer, parse_adapter_specs, preflight
+    from slora_jax.server.startup import StartupError, load_tokenizer, parse_adapter_specs, preflight
 
     log_level = getattr(args, "log_level", None) or "info"
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -716,16 +716,19 @@ def run_server(args) -> int:
         try:
             check_adapter_name(name)
         except APIError as e:
-            raise SystemExit(f"--adapter: {e.message}")
-    root = resolve_root(args.adapter_root)
+            raise StartupError(f"--adapter: {e.message}")
+    try:
+        root = resolve_root(args.adapter_root)
+    except ValueError as e:
+        raise StartupError(str(e))
     state_file = StateFile(opt.state_file) if opt.state_file else None
     if state_file is not None and root is None:
-        raise SystemExit("--state-file records adapters loaded at runtime, which needs --adapter-root")
+        raise StartupError("--state-file records adapters loaded at runtime, which needs --adapter-root")
     if state_file is not None:
         try:
             state_file.read()  # unusable: say so now, not after minutes of loading
         except ValueError as e:
-            raise SystemExit(str(e))
+            raise StartupError(str(e))
     api_key = args.api_key or os.environ.get("SLORA_JAX_API_KEY") or None
     if not _is_loopback(args.host) and api_key is None:
         log.warning("serving on %s without --api-key: anyone who can reach it can use it", args.host)
