@@ -203,12 +203,21 @@ class Scheduler:
         out = SchedulerOutput(finished=list(late))
         budget = self.token_budget
         for req in self._prepare_running():
+            if req.status is not Status.RUNNING:
+                continue  # preempted for an older request's chunk below
             if req.in_prompt:
                 if budget <= 0:
                     continue
                 n = min(req.context_len - req.computed, budget)
-                if not self.ensure_kv(req, req.computed + n):
-                    continue  # its next chunk waits for pages; the decode tokens still run
+                # As for decode tokens: the newest request gives its pages back (and is recomputed later),
+                # or prompts stuck half-way could wait on each other's pages for ever.
+                while not self.ensure_kv(req, req.computed + n):
+                    victim = self.running[-1]
+                    self.preempt(victim)
+                    if victim is req:
+                        break
+                if req.status is not Status.RUNNING:
+                    continue
                 out.chunks.append(Chunk(req, req.computed, n, req.computed + n == req.context_len))
                 req.computed += n
                 budget -= n

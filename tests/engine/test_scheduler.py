@@ -48,3 +48,16 @@ def test_watermark_cuts_preemptions_and_every_request_still_finishes():
     for sim, reqs in ((without, reqs0), (with_wm, reqs1)):
         assert all(r.finish_reason == "length" and len(r.output) == r.sampling.max_tokens for r in reqs)
         sim.pool.check_invariants()
+
+
+def test_chunked_prompts_under_page_pressure_preempt_and_all_finish():
+    """Five requests chunked 16 tokens a step through a pool of 15 usable pages: prompts and decode tokens run
+    out of pages, the newest requests give theirs back and are recomputed, and every request finishes with
+    every page returned."""
+    rng = np.random.default_rng(1)
+    sim = Sim(num_pages=16, max_batch_size=3, max_prefill_tokens=16, kv_watermark=0.0)
+    reqs = [sim.add(int(rng.integers(20, 90)), int(rng.integers(2, 30))) for _ in range(5)]
+    sim.run(max_steps=2000)
+    assert all(r.finish_reason == "length" and len(r.output) == r.sampling.max_tokens for r in reqs)
+    assert sim.sched.num_preemptions > 0
+    assert sim.pool.stats()["kv_pages"] == 0
