@@ -10,6 +10,20 @@ from pallas_kernels import _backend
 NEG = -1e30  # finite "minus infinity": exp(NEG - m) underflows to 0 without inf - inf = NaN
 
 
+class PagedHeads:
+    """What the paged attention ops derive from their sizes (mixed into their frozen dims dataclasses)."""
+
+    @property
+    def group(self) -> int:
+        """Query heads per KV head (GQA)."""
+        return self.num_q_heads // self.num_kv_heads
+
+    @property
+    def capacity(self) -> int:
+        """Tokens a request's page table can hold."""
+        return self.num_blocks * self.page_rows
+
+
 def pool_rows(pages_ref, row, tok, *, page_rows: int, num_blocks: int, num_pages: int):
     """[BT, 1] flat pool rows (page * R + i) of tokens ``tok`` [BT] of the request in row ``row`` of a page
     table; ids are clipped into range (tokens past the table read its last entry and are masked by callers)."""

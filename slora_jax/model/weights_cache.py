@@ -137,19 +137,25 @@ def _tree_shapes(tree: dict) -> dict:
     return out
 
 
+def _write_params(tmp: Path, params, manifest: dict) -> None:
+    """Save ``params`` (orbax) and ``manifest`` into the new folder ``tmp``, which callers then rename into place:
+    a reader never sees an entry half written."""
+    tmp.mkdir(parents=True)
+    ckpt = _checkpointer()
+    try:
+        ckpt.save((tmp / _PARAMS).absolute(), params)
+        ckpt.wait_until_finished()
+    finally:
+        ckpt.close()
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+
+
 def _save(params: dict, entry: Path, key: str, model_dir, model_config: ModelConfig, dtype: str) -> None:
     tmp = entry.with_name(f"{entry.name}.partial-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir(parents=True)
     try:
-        ckpt = _checkpointer()
-        try:
-            ckpt.save((tmp / _PARAMS).absolute(), params)
-            ckpt.wait_until_finished()
-        finally:
-            ckpt.close()
-        manifest = {"format": CACHE_FORMAT, "key": key, "dtype": dtype, "model_dir": str(Path(model_dir).resolve()),
-                    "shapes": _shapes_manifest(model_config)}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        _write_params(tmp, params, {"format": CACHE_FORMAT, "key": key, "dtype": dtype,
+                                    "model_dir": str(Path(model_dir).resolve()),
+                                    "shapes": _shapes_manifest(model_config)})
         if entry.exists():
             if _valid(entry, key, model_config, dtype):
                 return  # another process saved the same entry meanwhile
@@ -258,15 +264,8 @@ def load_fused_params_cached(model_dir, model_config: ModelConfig, dtype: str, c
         return params
     tmp = entry.with_name(f"{entry.name}.partial-{uuid.uuid4().hex[:8]}")
     try:
-        tmp.mkdir(parents=True)
-        ckpt = _checkpointer()
-        try:
-            ckpt.save((tmp / _PARAMS).absolute(), params)
-            ckpt.wait_until_finished()
-        finally:
-            ckpt.close()
-        (tmp / MANIFEST).write_text(json.dumps({"format": CACHE_FORMAT, "key": key, "dtype": tag,
-                                                "model_dir": str(Path(model_dir).resolve()), "shapes": shapes}))
+        _write_params(tmp, params, {"format": CACHE_FORMAT, "key": key, "dtype": tag,
+                                    "model_dir": str(Path(model_dir).resolve()), "shapes": shapes})
         if entry.exists():
             shutil.rmtree(entry, ignore_errors=True)
         os.replace(tmp, entry)

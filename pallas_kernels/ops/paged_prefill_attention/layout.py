@@ -6,10 +6,11 @@ import dataclasses
 from typing import Optional
 
 from pallas_kernels._checks import check_array, check_paged_query
+from pallas_kernels.ops._paged import PagedHeads
 
 
 @dataclasses.dataclass(frozen=True)
-class PagedPrefillDims:
+class PagedPrefillDims(PagedHeads):
     num_tokens: int  # T
     num_q_heads: int  # Nq
     head_dim: int  # D
@@ -21,14 +22,6 @@ class PagedPrefillDims:
     num_blocks: int  # NB, page-table entries per request
     sm_scale: float
     sliding_window: Optional[int]
-
-    @property
-    def group(self) -> int:
-        return self.num_q_heads // self.num_kv_heads
-
-    @property
-    def capacity(self) -> int:
-        return self.num_blocks * self.page_rows
 
 
 def validate(op, q, pool, layer, token_row, positions, k_pages, v_pages, sm_scale, sliding_window) -> PagedPrefillDims:
