@@ -211,12 +211,7 @@ class Scheduler:
                 n = min(req.context_len - req.computed, budget)
                 # As for decode tokens: the newest request gives its pages back (and is recomputed later),
                 # or prompts stuck half-way could wait on each other's pages for ever.
-                while not self.ensure_kv(req, req.computed + n):
-                    victim = self.running[-1]
-                    self.preempt(victim)
-                    if victim is req:
-                        break
-                if req.status is not Status.RUNNING:
+                if not self._kv_or_preempt(req, req.computed + n):
                     continue
                 out.chunks.append(Chunk(req, req.computed, n, req.computed + n == req.context_len))
                 req.computed += n
@@ -352,6 +347,16 @@ class Scheduler:
         avail = self.pool.free_pages + self.store.evictable_pages(exclude=keep)
         return need + adapter_need + reserved <= avail
 
+    def _kv_or_preempt(self, req: Request, num_tokens: int) -> bool:
+        """Pages for ``num_tokens`` of ``req``, preempting the newest running requests (``req`` itself last) until
+        they fit. False when ``req`` was preempted."""
+        while not self.ensure_kv(req, num_tokens):
+            victim = self.running[-1]  # the newest
+            self.preempt(victim)
+            if victim is req:
+                return False
+        return True
+
     def _prepare_running(self) -> list[Request]:
         """The running requests that get work this step, oldest first. A decode token needs a page for its
         K/V: when none is left the newest request is preempted (recomputed later), oldest ones first served."""
@@ -364,12 +369,7 @@ class Scheduler:
                 continue
             if req.ends_with_pending:
                 continue
-            while not self.ensure_kv(req, req.computed + 1):
-                victim = self.running[-1]  # the newest
-                self.preempt(victim)
-                if victim is req:
-                    break
-            if req.status is Status.RUNNING:
+            if self._kv_or_preempt(req, req.computed + 1):
                 work.append(req)
         return work
 
