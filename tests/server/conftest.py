@@ -6,11 +6,9 @@ from __future__ import annotations
 import collections
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -19,7 +17,7 @@ import pytest
 
 import slora_jax as sj
 from slora_jax.model.random_checkpoint import tiny_llama_config, write_random_adapter, write_random_checkpoint
-from tests.server.support import (API_KEY, ENGINE_CONFIG, LATE_ADAPTER, LIMITED, MODEL, START_ADAPTERS,
+from tests.server.support import (API_KEY, follow_output, ENGINE_CONFIG, LATE_ADAPTER, LIMITED, MODEL, START_ADAPTERS,
                                   STARTUP_TIMEOUT_S, write_byte_tokenizer)
 
 
@@ -65,17 +63,7 @@ class ServerProcess:
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      env=env, cwd=str(Path(__file__).resolve().parents[2]))
         self.url = None
-        found = threading.Event()
-
-        def drain():
-            for line in self.proc.stdout:
-                self.lines.append(line.rstrip())
-                m = re.search(r"serving .* on (http://\S+)", line)
-                if m and self.url is None:
-                    self.url = m.group(1)
-                    found.set()
-
-        threading.Thread(target=drain, daemon=True).start()
+        found = follow_output(self)
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while not found.wait(0.2):
             if self.proc.poll() is not None or time.monotonic() > deadline:

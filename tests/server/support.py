@@ -4,6 +4,8 @@ the reference engine's answers and response checks."""
 from __future__ import annotations
 
 import json
+import re
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -91,3 +93,20 @@ def sse_events(lines) -> list:
             break
         out.append(json.loads(data))
     return out
+
+
+def follow_output(server) -> threading.Event:
+    """Drain ``server.proc``'s output into ``server.lines`` on a thread (so the pipe never fills) and set
+    ``server.url`` from the address it prints once it has bound; the returned event is set then."""
+    bound = threading.Event()
+
+    def drain():
+        for line in server.proc.stdout:
+            server.lines.append(line.rstrip())
+            m = re.search(r"serving .* on (http://\S+)", line)
+            if m and server.url is None:
+                server.url = m.group(1)
+                bound.set()
+
+    threading.Thread(target=drain, daemon=True).start()
+    return bound

@@ -18,7 +18,7 @@ from urllib.parse import urlparse
 import httpx
 import pytest
 
-from tests.server.support import STARTUP_TIMEOUT_S, assert_error, expected, token_prompts
+from tests.server.support import STARTUP_TIMEOUT_S, assert_error, expected, follow_output, token_prompts
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -34,17 +34,7 @@ class Process:
                                      cwd=str(REPO))
         self.lines: list[str] = []
         self.url = None
-        bound = threading.Event()
-
-        def drain():
-            for line in self.proc.stdout:
-                self.lines.append(line.rstrip())
-                m = re.search(r"serving .* on (http://\S+)", line)
-                if m and self.url is None:
-                    self.url = m.group(1)
-                    bound.set()
-
-        threading.Thread(target=drain, daemon=True).start()
+        bound = follow_output(self)
         if not bound.wait(STARTUP_TIMEOUT_S):
             self.kill()
             raise RuntimeError("server did not bind:\n" + self.log())
