@@ -106,7 +106,10 @@ class StepInputs:
         """(mode, inputs, sampling arrays, rows) of a scheduled step. ``prev_row``: id(request) -> its row in
         the step still on the device, for requests whose input token is that step's output. ``rows``:
         (request, samples) per sampling row, in row order."""
-        chunks = sorted(sched.chunks, key=lambda c: int(self.slot_of([c.req.adapter])[0]))
+        # Chunks sorted by adapter slot (stable): each adapter's prompt tokens one run, as MBGMM wants them.
+        chunk_slots = self.slot_of([c.req.adapter for c in sched.chunks])
+        order = np.argsort(chunk_slots, kind="stable")
+        chunks, slots = [sched.chunks[i] for i in order], chunk_slots[order]
         decode = sched.decode
         reqs = decode + [c.req for c in chunks]
         width = self.table_width(max(len(r.k_pages) for r in reqs))
@@ -123,7 +126,6 @@ class StepInputs:
         off = len(decode)
         last = inp["last_index"]
         last[:len(decode)] = np.arange(len(decode))
-        slots = self.slot_of([c.req.adapter for c in chunks])
         for j, c in enumerate(chunks):
             row = len(decode) + j
             r = c.req
