@@ -15,6 +15,7 @@ import numpy as np
 from slora_jax.config import ModelConfig
 from slora_jax.memory.pool import PoolLayout
 from slora_jax.model.llama import LORA_GROUPS, group_dims
+from sharding import TensorParallelLayout
 
 
 @dataclass
@@ -83,6 +84,23 @@ def _tile(w: np.ndarray, R: int, W: int, rb: int, ch: int) -> np.ndarray:
     return t.reshape(L, ch * rb, R, W)
 
 
+def shard_slices(cfg: ModelConfig, layout: PoolLayout, module: str) -> list[tuple[slice, slice]]:
+    """For each device the pool's width is split over: (columns of A^T, columns of B) of a LoRA on
+    ``module`` that it holds (``sharding.tensor_parallel``); one device holds all of both."""
+    if layout.shards == 1:
+        return [(slice(None), slice(None))]
+    tpl = TensorParallelLayout(cfg, layout.shards)
+    return [tpl.lora_slices(module, i) for i in range(layout.shards)]
+
+
+def _tile_shards(w: np.ndarray, R: int, layout: PoolLayout, rb: int, ch: int, cols: list) -> np.ndarray:
+    """w [L, r, d] -> tiles [L, ch*rb, R, W]: each device's columns ``cols[i]`` of w tiled at the tile
+    width, side by side in the page's columns that device holds."""
+    Wt = layout.tile_width
+    parts = [_tile(w[..., c], R, Wt, rb, ch) for c in cols]
+    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-1)
+
+
 def page_adapter(lora, cfg: ModelConfig, layout: PoolLayout, max_rank: int, dtype) -> PagedAdapter:
     """LoraWeights (host float32) -> PagedAdapter in ``dtype``."""
     R, W = layout.page_rows, layout.page_width
@@ -91,7 +109,7 @@ def page_adapter(lora, cfg: ModelConfig, layout: PoolLayout, max_rank: int, dtyp
     n = 0
     groups = {}
     for g, mods in LORA_GROUPS.items():
-        d_in, outs = group_dims(cfg, g)
+        d_in, outs = group_dims(cfg, g, layout.shards)
         ch_in = layout.chunks(d_in)
         ch_out_max = max(layout.chunks(o) for o in outs)
         a_idx = np.full((len(mods), ch_in, rb_max), -1, np.int32)
@@ -105,10 +123,11 @@ def page_adapter(lora, cfg: ModelConfig, layout: PoolLayout, max_rank: int, dtyp
             r = max(int(ml.ranks.max()), 1)  # modules of one adapter may have lower ranks than its max
             rb = layout.rank_blocks(r)
             ch_out = layout.chunks(outs[i])
-            tiles.append(_tile(ml.a[:, :r], R, W, rb, ch_in))
+            a_cols, b_cols = zip(*shard_slices(cfg, layout, m))
+            tiles.append(_tile_shards(ml.a[:, :r], R, layout, rb, ch_in, a_cols))
             a_idx[i, :, :rb] = n + np.arange(ch_in * rb).reshape(ch_in, rb)
             n += ch_in * rb
-            tiles.append(_tile(ml.b[:, :r], R, W, rb, ch_out))
+            tiles.append(_tile_shards(ml.b[:, :r], R, layout, rb, ch_out, b_cols))
             b_idx[i, :ch_out, :rb] = n + np.arange(ch_out * rb).reshape(ch_out, rb)
             n += ch_out * rb
             ranks[:, i] = ml.ranks
@@ -127,7 +146,7 @@ class AdapterTables:
         rb = layout.rank_blocks(max_rank)
         self.arrays: dict[str, tuple[np.ndarray, ...]] = {}
         for g, mods in LORA_GROUPS.items():
-            d_in, outs = group_dims(cfg, g)
+            d_in, outs = group_dims(cfg, g, layout.shards)
             M = len(mods)
             self.arrays[g] = (
                 np.zeros((num_slots, M, layout.chunks(d_in), rb), np.int32),

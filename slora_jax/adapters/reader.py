@@ -25,7 +25,7 @@ from typing import Optional
 
 import numpy as np
 
-from slora_jax.adapters.paging import GroupTiles, PagedAdapter
+from slora_jax.adapters.paging import GroupTiles, PagedAdapter, shard_slices
 from slora_jax.adapters.peft import (WEIGHTS_FILE, config_ranks, match_tensors, module_scale,
                                      validated_config)
 from slora_jax.config import MODULES, ModelConfig
@@ -84,7 +84,7 @@ def plan_adapter(adapter_dir, model_config: ModelConfig, layout: PoolLayout, max
     rb_max = layout.rank_blocks(max_rank)
     groups, places, n = {}, {}, 0
     for g, mods in LORA_GROUPS.items():
-        d_in, outs = group_dims(model_config, g)
+        d_in, outs = group_dims(model_config, g, layout.shards)
         ch_in = layout.chunks(d_in)
         ch_out_max = max(layout.chunks(o) for o in outs)
         a_idx = np.full((len(mods), ch_in, rb_max), -1, np.int32)
@@ -263,15 +263,21 @@ def read_paged_adapter(plan: AdapterPlan, model_config: ModelConfig, layout: Poo
             first, ch = (place.b0, place.ch_out) if is_b else (place.a0, place.ch_in)
             dest = tiles[:, first:first + ch * place.rb]
             dest = dest.reshape(L, ch, place.rb, W, R) if is_b else dest.reshape(L, ch, place.rb * R, W)
-            tile = functools.partial(_tile_layers_b, W=W, R=R) if is_b else functools.partial(_tile_layers, W=W)
+            Wt = layout.tile_width
+            tile = functools.partial(_tile_layers_b, W=Wt, R=R) if is_b else functools.partial(_tile_layers, W=Wt)
             layers = np.fromiter((layer for layer, _ in items), np.intp, len(items))
             if (np.diff(layers) == 1).all():
                 layers = slice(int(layers[0]), int(layers[-1]) + 1)  # consecutive layers: a plain strided copy
-            if src.dtype == dtype:
-                # Same format: copy bits (a plain integer copy releases the GIL and needs no cast loop).
-                tile(dest.view(same_bits), layers, src.view(same_bits))
-            else:
-                tile(dest, layers, src)
+            same = src.dtype == dtype  # same format: copy bits (an integer copy releases the GIL, no cast loop)
+            # Each device's columns of the matrix go to its columns of the pages (one device: all of both).
+            for shard, (a_cols, b_cols) in enumerate(shard_slices(model_config, layout, module)):
+                cols = slice(shard * Wt, (shard + 1) * Wt)
+                part = dest[..., cols, :] if is_b else dest[..., cols]
+                part_src = src[:, b_cols] if is_b else src[..., a_cols]  # B is stored [d_out, r]
+                if same:
+                    tile(part.view(same_bits), layers, part_src.view(same_bits))
+                else:
+                    tile(part, layers, part_src)
     return PagedAdapter(tiles, plan.groups, plan.num_pages, plan.b_pages), nbytes
 
 

@@ -22,7 +22,7 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 import jax
 import numpy as np
 
-from sharding import make_mesh
+from sharding import TensorParallelError, TensorParallelLayout, make_mesh
 from slora_jax.adapters.paging import AdapterTables
 from slora_jax.adapters.store import AdapterStore
 from slora_jax.config import EngineConfig, ModelConfig
@@ -79,12 +79,10 @@ class Engine:
         tp = econf.tensor_parallel
         if tp > len(jax.devices()):
             raise ConfigError(f"tensor_parallel={tp} but only {len(jax.devices())} device(s) are visible")
-        if tp > 1 and econf.kernel_backend == "pallas":
-            # XLA cannot partition a Pallas call by itself; the kernels compose with shard_map, which the
-            # engine's step does not use yet.
-            raise ConfigError("kernel_backend='pallas' runs on one device; use 'xla' or 'auto' with tensor_parallel > 1")
-        if tp > 1 and model_config.num_kv_heads % tp:
-            raise ConfigError(f"tensor_parallel={tp} must divide num_kv_heads={model_config.num_kv_heads}")
+        try:  # heads, KV heads (split or replicated) and MLP columns must split evenly
+            tp_layout = TensorParallelLayout(model_config, tp)
+        except TensorParallelError as e:
+            raise ConfigError(str(e)) from None
         mesh = make_mesh(tp) if tp > 1 else None
         self.model_config = model_config
         self.config = econf
@@ -94,14 +92,15 @@ class Engine:
         device = jax.devices()[0]
         backend = econf.kernel_backend
         if backend == "auto":
-            backend = "pallas" if _on_gpu() and mesh is None else "xla"
+            backend = "pallas" if _on_gpu() else "xla"
         self.kernel_backend = backend
         # Weights go on the device first so that the pool is sized from the memory really left.
         self.runner = ModelRunner(model_config, econf, params, self._op_backend(model_config, econf, backend),
                                   device, mesh)
-        unit = PoolLayout(model_config.num_layers, 1, econf.page_rows, model_config.kv_size)
+        # The pool's width is the K/V width (of every device's KV heads, when they are replicated).
+        unit = PoolLayout(model_config.num_layers, 1, econf.page_rows, tp_layout.pool_width, shards=tp)
         pages = _pool_pages(model_config, econf, unit, device, shards=tp)
-        self.layout = PoolLayout(model_config.num_layers, pages, econf.page_rows, model_config.kv_size)
+        self.layout = dataclasses.replace(unit, num_pages=pages)
         self.runner.allocate_pool(self.layout)
         self.pool = UnifiedPagePool(self.layout)
         self._max_pages = -(-self.max_model_len // econf.page_rows)  # KV pages of the longest request
@@ -129,7 +128,8 @@ class Engine:
             return backend
         import pallas_kernels as pk
         bad = pk.unsupported_ops(head_dim=cfg.head_dim, num_q_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
-                                 page_rows=econf.page_rows, tensor_parallel=econf.tensor_parallel)
+                                 page_rows=econf.page_rows, tensor_parallel=econf.tensor_parallel,
+                                 page_width=TensorParallelLayout(cfg, econf.tensor_parallel).pool_width)
         if not bad:
             return backend
         why = "; ".join(f"{op}: {reason}" for op, reason in bad.items())
@@ -349,6 +349,21 @@ class Engine:
         """LoRA groups of the step programs: none, and those the registered adapters target together."""
         union = self._core.registered_groups()
         return [()] + ([union] if union else [])
+
+    def lower_step(self, mode: str, size: int, width: Optional[int] = None, lora_groups: Optional[tuple] = None):
+        """The step program of one of ``step_shapes`` (mode "decode": ``size`` rows; "mixed": ``size``
+        tokens), lowered for inspection: ``.as_text()``, or ``.compile()`` for the HLO after XLA's passes
+        (its collectives, its memory). ``width``: page-table width (default the widest); ``lora_groups``:
+        default those of the registered adapters."""
+        shapes = [s for s in self.step_shapes() if s[0] == mode and s[1] == size]
+        if not shapes:
+            raise RequestError(f"no {mode} step of size {size}; the step shapes are {self.step_shapes()}")
+        width = max(s[2] for s in shapes) if width is None else width
+        inp = self._inputs.decode_arrays(size, width) if mode == "decode" else self._inputs.mixed_arrays(size, width)
+        samp = self._inputs.sampling([], inp["lengths"].shape[0])
+        groups = self.lora_variants()[-1] if lora_groups is None else tuple(lora_groups)
+        with self._step_lock:
+            return self.runner.lower(mode, self.tables, inp, samp, lora_groups=groups)
 
     def precompile(self, sampling: bool = True, max_workers: Optional[int] = None,
                    on_compiled: Optional[Callable[[dict], None]] = None) -> list[dict]:

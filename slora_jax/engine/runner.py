@@ -23,10 +23,11 @@ from slora_jax.config import EngineConfig, ModelConfig
 from slora_jax.errors import ConfigError
 from slora_jax.engine.sampler import sample
 from slora_jax.memory.pool import PoolLayout
-from sharding import named_sharding
+from jax.sharding import PartitionSpec
+from sharding import MODEL_AXIS, TensorParallelLayout, logical_spec, named_sharding, shard_decoder
 from flax import nnx
 
-from slora_jax.model.llama import LORA_GROUPS, POOL_AXES, StepStatics, from_params
+from slora_jax.model.llama import LORA_GROUPS, POOL_AXES, StepStatics, from_params, param_axes
 
 ALL_GROUPS = tuple(LORA_GROUPS)
 
@@ -82,29 +83,46 @@ class ModelStructure:
     """The static half of the split model: its nnx graphdef and the treedef of its state's leaves. The step
     programs take the weights as a flat list of arrays (jit flattens a list in C++; an nnx State of an
     unrolled 32-layer model cost ~0.4 ms a call to flatten) and this as a static argument, hashed once
-    (hashing the graphdef itself cost ~1 ms a call)."""
+    (hashing the graphdef itself cost ~1 ms a call). With tensor parallelism it also holds the mesh and
+    each weight's PartitionSpec, which the decoder's shard_map takes."""
 
-    def __init__(self, graphdef, treedef):
+    def __init__(self, graphdef, treedef, mesh=None, specs: Optional[tuple] = None):
         self.graphdef, self.treedef = graphdef, treedef
-        self._hash = hash((graphdef, treedef))
+        self.mesh, self.specs = mesh, specs
+        self._key = (graphdef, treedef, mesh, specs)
+        self._hash = hash(self._key)
 
     def __hash__(self) -> int:
         return self._hash
 
     def __eq__(self, other) -> bool:
         return self is other or (isinstance(other, ModelStructure) and self._hash == other._hash
-                                 and (self.graphdef, self.treedef) == (other.graphdef, other.treedef))
+                                 and self._key == other._key)
 
     def merge(self, leaves):
         return nnx.merge(self.graphdef, jax.tree.unflatten(self.treedef, leaves))
+
+    def decoder(self, weights, pool, tables, inp, st: StepStatics):
+        """The model's layers over the step's tokens: (final hidden states, pool). With tensor parallelism
+        they run under shard_map, each device on its own heads, MLP columns and pool columns."""
+        if self.mesh is None:
+            return self.merge(weights)(pool, tables, inp, st)
+        pool_spec = PartitionSpec(*POOL_AXES[:-1], MODEL_AXIS)
+
+        def local(weights, pool, tables, inp):
+            return self.merge(weights)(pool, tables, inp, st)
+
+        run = shard_decoder(local, self.mesh, in_specs=(list(self.specs), pool_spec, PartitionSpec(), PartitionSpec()),
+                            out_specs=(PartitionSpec(), pool_spec))
+        return run(weights, pool, tables, inp)
 
 
 def _prefill_impl(structure, weights, pool, tables_buf, buf, specs, *, st):
     spec, tables_spec = specs
     inp, samp = unpack_inputs(buf, spec)
     tables = unpack_tables(tables_buf, tables_spec)
+    h, pool = structure.decoder(weights, pool, tables, inp, st)
     model = structure.merge(weights)
-    h, pool = model(pool, tables, inp, st)
     if st.all_logits:
         return pool, model.logits(h)
     logits = model.logits(h[inp["last_index"]])
@@ -121,8 +139,8 @@ def _generate_impl(structure, weights, pool, tables_buf, buf, specs, prev_tokens
     # by its row there; this lets the host queue step n+1 before it has read step n.
     prev = inp.pop("prev_rows")
     inp["tokens"] = jnp.where(prev >= 0, prev_tokens[jnp.maximum(prev, 0)], inp["tokens"])
+    h, pool = structure.decoder(weights, pool, tables, inp, st)
     model = structure.merge(weights)
-    h, pool = model(pool, tables, inp, st)
     last = inp.pop("last_index", None)
     tokens, logp = sample(model.logits(h if last is None else h[last]), **samp, greedy_only=st.greedy_only)
     # Fixed-size token output, so the next step's program takes it whatever this step's bucket.
@@ -168,10 +186,13 @@ class ModelRunner:
         self.replicated = (jax.sharding.SingleDeviceSharding(self.device) if mesh is None
                            else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
         scan = econf.resolved_scan_layers(jax.default_backend())
+        self.tp = 1 if mesh is None else int(mesh.shape[MODEL_AXIS])
+        self.tp_layout = TensorParallelLayout(cfg, self.tp)
 
         def place(a, axes):
-            where = self.device if mesh is None else named_sharding(mesh, axes, a.shape)
-            return jax.device_put(jnp.asarray(a, dtype=self.dtype), where)
+            if mesh is None:
+                return jax.device_put(jnp.asarray(a, dtype=self.dtype), self.device)
+            return self._to_shard_major(jnp.asarray(a, dtype=self.dtype), axes)
 
         # The model's structure (static in the step programs) apart from its weights (arguments). Checkpoints
         # arrive fused and placed (model.device_load): placing them again moves nothing.
@@ -195,20 +216,58 @@ class ModelRunner:
 
     @property
     def params(self) -> dict:
-        """The weights as the fused pytree (``Llama.params``): the runner's own arrays."""
-        return self.model.params()
+        """The weights as the fused pytree (``Llama.params``): the runner's own arrays on one device; with
+        tensor parallelism, the fused weights back in the model's column order (copies)."""
+        if self.mesh is None:
+            return self.model.params()
+        graphdef, state = nnx.split(self.model)
+        state = jax.tree.map(lambda v: v.replace(self._to_shard_major(v[...], param_axes(v), inverse=True)), state,
+                             is_leaf=lambda x: isinstance(x, nnx.Variable))
+        return nnx.merge(graphdef, state).params()
 
     @params.setter
     def params(self, params: dict) -> None:
+        if self.mesh is not None:
+            scan = isinstance(params["layers"], dict)
+            model = from_params(params, self.cfg, scan_layers=scan, place=self._to_shard_major)
+            self.graphdef, self.state = nnx.split(model)
+            self._split_weights()
+            return
         model = self.model
         model.set_params(params)
         self.state = nnx.state(model)
         self._split_weights()
 
+    # Fused weights whose columns hold several projections' outputs, by their last logical axis.
+    _FUSED = {"heads": ("q_proj", "k_proj", "v_proj"), "mlp": ("gate_proj", "up_proj")}
+
+    def _to_shard_major(self, a, axes: tuple, inverse: bool = False):
+        """A weight placed on the mesh: fused q|k|v (and its bias) and gate|up columns reordered shard-major
+        (``sharding.tensor_parallel``), so that a contiguous split hands each device its own q, k, v; then
+        split by the partition rules. ``inverse``: back to the model's order, replicated."""
+        modules = self._FUSED.get(axes[-1])  # wo and w_down split their rows, already in head order
+        if modules is None:
+            cols = None
+        elif inverse:
+            cols = self.tp_layout.unfused_columns(modules)
+        else:
+            cols = self.tp_layout.fused_columns(modules)
+        shape = a.shape if cols is None else a.shape[:-1] + (len(cols),)
+        where = (jax.sharding.NamedSharding(self.mesh, PartitionSpec()) if inverse
+                 else named_sharding(self.mesh, axes, shape))
+        if cols is None:
+            return jax.device_put(a, where)
+        return jax.jit(lambda x: jnp.take(x, jnp.asarray(cols), axis=-1), out_shardings=where)(a)
+
     def _split_weights(self) -> None:
         leaves, treedef = jax.tree.flatten(self.state)
         self._weights = leaves
-        self._structure = ModelStructure(self.graphdef, treedef)
+        specs = None
+        if self.mesh is not None:
+            variables = jax.tree.leaves(self.state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+            specs = tuple(logical_spec(param_axes(v), v.shape, self.mesh) for v in variables)
+            assert len(specs) == len(leaves)
+        self._structure = ModelStructure(self.graphdef, treedef, self.mesh, specs)
 
     def allocate_pool(self, layout: PoolLayout) -> None:
         """Allocate the unified pool once (directly in its final placement); every later update is in place."""
@@ -223,7 +282,7 @@ class ModelRunner:
     # ------------------------------------------------------------------ programs
     def _fn(self, mode: str, all_logits: bool = False, greedy_only: bool = False, lora_groups: tuple = ALL_GROUPS):
         st = StepStatics(mode=mode, backend=None if self.backend == "auto" else self.backend,
-                         all_logits=all_logits, greedy_only=greedy_only, lora_groups=tuple(lora_groups))
+                         all_logits=all_logits, greedy_only=greedy_only, lora_groups=tuple(lora_groups), tp=self.tp)
         return _step_program(st)
 
     def _tables(self, tables) -> tuple:

@@ -58,16 +58,24 @@ class PoolLayout:
     num_pages: int
     page_rows: int
     page_width: int
+    # Devices the width is split over (tensor parallelism): each holds page_width/shards columns of every
+    # page, and LoRA tiles are cut to that width (sharding.tensor_parallel says which slice each holds).
+    shards: int = 1
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
         return (self.num_layers, self.num_pages, self.page_rows, self.page_width)
 
+    @property
+    def tile_width(self) -> int:
+        """Columns of one LoRA tile: the width of a page on one device."""
+        return self.page_width // self.shards
+
     def bytes_per_page(self, itemsize: int) -> int:
         return self.num_layers * self.page_rows * self.page_width * itemsize
 
     def chunks(self, width: int) -> int:
-        return math.ceil(width / self.page_width)
+        return math.ceil(width / self.tile_width)
 
     def rank_blocks(self, rank: int) -> int:
         return math.ceil(rank / self.page_rows)

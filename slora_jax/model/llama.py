@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 import pallas_kernels as pk
+from sharding import TensorParallelLayout, all_reduce
 from slora_jax.config import MODULES, ModelConfig
 from slora_jax.errors import ModelError
 
@@ -39,10 +40,19 @@ MODULE_GROUP = {m: (g, i) for g, ms in LORA_GROUPS.items() for i, m in enumerate
 assert set(MODULE_GROUP) == set(MODULES)
 
 
-def group_dims(cfg: ModelConfig, group: str) -> tuple[int, tuple[int, ...]]:
-    """(d_in, out_sizes) of a LoRA group."""
+def group_dims(cfg: ModelConfig, group: str, tp: int = 1) -> tuple[int, tuple[int, ...]]:
+    """(d_in, out_sizes) of a LoRA group; on one of ``tp`` tensor-parallel devices, its local sizes."""
     mods = LORA_GROUPS[group]
-    return cfg.module_dims(mods[0])[0], tuple(cfg.module_dims(m)[1] for m in mods)
+    dims = cfg.module_dims if tp == 1 else TensorParallelLayout(cfg, tp).local_dims
+    return dims(mods[0])[0], tuple(dims(m)[1] for m in mods)
+
+
+def _local_heads(cfg: ModelConfig, tp: int) -> tuple[int, int, int]:
+    """(q heads, KV heads, intermediate size) of one of ``tp`` tensor-parallel devices."""
+    if tp == 1:
+        return cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size
+    lay = TensorParallelLayout(cfg, tp)
+    return lay.q_heads, lay.kv_heads, lay.intermediate
 
 
 # ------------------------------------------------------------------------------------------ rope
@@ -111,6 +121,9 @@ class StepStatics:
     greedy_only: bool = False  # every row of the batch is greedy: no vocabulary sort
     # LoRA groups whose kernels the program runs (an adapter of the batch targets them); () = none.
     lora_groups: tuple = tuple(LORA_GROUPS)
+    # Devices the decoder is split over (sharding.tensor_parallel): the layers run inside shard_decoder on
+    # each device's heads and MLP columns, and all-reduce after the o and down projections.
+    tp: int = 1
 
 
 def _linear(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -229,7 +242,8 @@ class Attention(nnx.Module):
     def __call__(self, x, pool, l, tables, inp, st: StepStatics):
         """x [T, H] (normed) -> (attention output [T, H], pool with this layer's K/V written)."""
         cfg = self.cfg
-        D, Nq, Nkv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
+        D = cfg.head_dim
+        Nq, Nkv, _ = _local_heads(cfg, st.tp)
         T = x.shape[0]
         pos = inp["positions"]
         inv_freq = jnp.asarray(rope_inv_freq(cfg))
@@ -237,7 +251,7 @@ class Attention(nnx.Module):
         qkv = _linear(x, self.wqkv[...])
         if self.bqkv is not None:
             qkv = qkv + self.bqkv[...]
-        qkv_sizes = group_dims(cfg, "qkv")[1]
+        qkv_sizes = group_dims(cfg, "qkv", st.tp)[1]
         qkv = _dense_lora(_lora(qkv, x, pool, l, tables, inp, "qkv", qkv_sizes, st), x, self.lora, "qkv", qkv_sizes)
         q = qkv[:, :Nq * D].reshape(T, Nq, D)
         k = qkv[:, Nq * D:(Nq + Nkv) * D].reshape(T, Nkv, D)
@@ -264,8 +278,10 @@ class Attention(nnx.Module):
             attn = jax.lax.dynamic_update_slice_in_dim(attn, attn[:n] + head, 0, axis=0)
         attn = attn.reshape(T, Nq * D)
         o = _linear(attn, self.wo[...])
-        o_sizes = group_dims(cfg, "o")[1]
-        return _dense_lora(_lora(o, attn, pool, l, tables, inp, "o", o_sizes, st), attn, self.lora, "o", o_sizes), pool
+        o_sizes = group_dims(cfg, "o", st.tp)[1]
+        o = _dense_lora(_lora(o, attn, pool, l, tables, inp, "o", o_sizes, st), attn, self.lora, "o", o_sizes)
+        # Each device's heads give a partial sum of o (its LoRA delta too): one all-reduce completes both.
+        return all_reduce(o, st.tp), pool
 
 
 class MLP(nnx.Module):
@@ -281,13 +297,14 @@ class MLP(nnx.Module):
     def __call__(self, x, pool, l, tables, inp, st: StepStatics):
         cfg = self.cfg
         gu = _linear(x, self.w_gate_up[...])
-        gu_sizes = group_dims(cfg, "gate_up")[1]
+        gu_sizes = group_dims(cfg, "gate_up", st.tp)[1]
         gu = _dense_lora(_lora(gu, x, pool, l, tables, inp, "gate_up", gu_sizes, st), x, self.lora, "gate_up", gu_sizes)
-        I = cfg.intermediate_size
+        I = _local_heads(cfg, st.tp)[2]
         a = (jax.nn.silu(gu[:, :I].astype(jnp.float32)) * gu[:, I:].astype(jnp.float32)).astype(x.dtype)
         d = _linear(a, self.w_down[...])
-        d_sizes = group_dims(cfg, "down")[1]
-        return _dense_lora(_lora(d, a, pool, l, tables, inp, "down", d_sizes, st), a, self.lora, "down", d_sizes)
+        d_sizes = group_dims(cfg, "down", st.tp)[1]
+        d = _dense_lora(_lora(d, a, pool, l, tables, inp, "down", d_sizes, st), a, self.lora, "down", d_sizes)
+        return all_reduce(d, st.tp)
 
 
 class DecoderLayer(nnx.Module):
