@@ -563,6 +563,16 @@ class AdapterStore:
             raise AdapterError(f"adapter {name!r} could not be read: {reason} (unload it and load it again "
                                "once its files are fixed)")
 
+    def close(self) -> None:
+        """Stop the reader threads (reads not started are dropped) and drop the host copies."""
+        with self._lock:
+            reader, self._reader = self._reader, None
+            self._reading.clear()
+            for name in list(self._host):
+                self._host_drop(name)
+        if reader is not None:
+            reader.shutdown(wait=False, cancel_futures=True)
+
     def wait_reads(self, timeout: Optional[float] = None) -> None:
         """Block until the background disk reads under way now are done (they join the host tier at the
         next step)."""

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import sys
 import time
@@ -125,6 +126,10 @@ def main(argv=None) -> int:
                     help="also trace 256 requests of 64 tokens (base) and report device time per kernel")
     ap.add_argument("--host-profile", action="store_true",
                     help="profile the host (cProfile) in the last repeat of every case: own time per function")
+    ap.add_argument("--tensor-parallel", default="1",
+                    help="comma list of TP sizes, each its own engine over the same weights (e.g. 1,2): ratios "
+                         "between them are taken in one run. The floor of a TP run takes TP devices' bandwidth "
+                         "and matmul rate, and no collective time")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     cfg = tiny_llama_config() if args.model == "tiny" else named_config(args.model)
@@ -135,64 +140,73 @@ def main(argv=None) -> int:
     itemsize = jnp.dtype(dtype).itemsize
     params = random_params(cfg, dtype, seed=0)
     counts = [int(x) for x in args.adapters.split(",")]
-    econf = sj.EngineConfig(dtype=args.dtype, kernel_backend=args.kernel_backend, max_batch_size=args.max_batch_size,
-                            max_model_len=args.input_len + args.output_len + 16, num_pages=args.num_pages,
-                            memory_fraction=args.memory_fraction, max_prefill_tokens=args.max_prefill_tokens,
-                            max_adapters_on_device=min(max(counts + [1]), 1024), host_cache_bytes=200 << 30)
-    engine = sj.Engine(cfg, params, econf)
-    del params
-    synth = SyntheticAdapters(cfg, (8, 16, 32, 64), weight_sets=2)
-    names = synth.register(engine, max(counts)) if max(counts) else []
-    # Bytes each adapter's A and B take in the pool's dtype: what a step using it must read at least once.
-    adapter_bytes = {n: synth.nbytes(i, itemsize) for i, n in enumerate(names)}
-    t0 = time.perf_counter()
-    compiled = [] if args.no_precompile else engine.precompile(sampling=False)
-    precompile_s = time.perf_counter() - t0
+    tps = [int(x) for x in args.tensor_parallel.split(",")]
     rng = np.random.default_rng(0)
     V = cfg.vocab_size
     prompts = [rng.integers(3, V - 1, args.input_len).tolist() for _ in range(args.num_requests)]
+    # The same adapter of every request in every run, so that TP sizes and repeats see the same work.
+    picks_of = {n: [int(i) for i in rng.integers(0, n, args.num_requests)] for n in counts if n}
     sp = sj.SamplingParams(max_tokens=args.output_len, ignore_eos=True)
-    engine.generate(prompts[:8], sampling=sj.SamplingParams(max_tokens=8, ignore_eos=True))  # warm-up
-    results = []
-    for rep in range(args.repeats):
-        for n in counts:
-            picks = None if n == 0 else [names[i] for i in rng.integers(0, n, args.num_requests)]
-            res = run_case(engine, prompts, picks, sp, cfg, itemsize, adapter_bytes, bw["bytes_per_s"], mm,
-                           host_profile=args.host_profile and rep == args.repeats - 1)
-            res.update(case="base" if n == 0 else f"{n} adapters", adapters=n, repeat=rep)
-            results.append(res)
-            if args.out:  # after every case: a run cut short still leaves what it measured
-                with open(args.out, "w") as f:
-                    json.dump(dict(partial=True, command="python " + " ".join(sys.argv), results=results), f,
-                              indent=1, default=float)
-            print(f"[{res['case']} #{rep}] {res['output_tok_s']:.0f} out tok/s, {res['pct_of_floor']:.0f}% of floor, "
-                  f"host share {res['host_overhead_share']:.3f}, steps {res['counters']['steps']}", flush=True)
-    profile = {}
-    if args.profile_dir:
-        psp = sj.SamplingParams(max_tokens=64, ignore_eos=True)
-        for n in counts:
-            some = prompts[:256]
-            picks = None if n == 0 else [names[i] for i in rng.integers(0, n, len(some))]
-            profile[str(n)] = profile_steps(engine, some, picks, psp, f"{args.profile_dir}/{n}")
-    base = {r["repeat"]: r["output_tok_s"] for r in results if r["adapters"] == 0}
+    results, precompile_s, compiled, profile = [], {}, {}, {}
+    for tp in tps:
+        econf = sj.EngineConfig(dtype=args.dtype, kernel_backend=args.kernel_backend,
+                                max_batch_size=args.max_batch_size, tensor_parallel=tp,
+                                max_model_len=args.input_len + args.output_len + 16, num_pages=args.num_pages,
+                                memory_fraction=args.memory_fraction, max_prefill_tokens=args.max_prefill_tokens,
+                                max_adapters_on_device=min(max(counts + [1]), 1024), host_cache_bytes=200 << 30)
+        engine = sj.Engine(cfg, params, econf)
+        synth = SyntheticAdapters(cfg, (8, 16, 32, 64), weight_sets=2)
+        names = synth.register(engine, max(counts)) if max(counts) else []
+        # Bytes each adapter's A and B take in the pool's dtype: what a step using it must read at least once.
+        adapter_bytes = {n: synth.nbytes(i, itemsize) for i, n in enumerate(names)}
+        t0 = time.perf_counter()
+        compiled[tp] = [] if args.no_precompile else engine.precompile(sampling=False)
+        precompile_s[tp] = time.perf_counter() - t0
+        print(f"[tp={tp}] {len(compiled[tp])} programs compiled in {precompile_s[tp]:.0f} s", flush=True)
+        engine.generate(prompts[:8], sampling=sj.SamplingParams(max_tokens=8, ignore_eos=True))  # warm-up
+        for rep in range(args.repeats):
+            for n in counts:
+                picks = None if n == 0 else [names[i] for i in picks_of[n]]
+                res = run_case(engine, prompts, picks, sp, cfg, itemsize, adapter_bytes, tp * bw["bytes_per_s"],
+                               tp * mm, host_profile=args.host_profile and rep == args.repeats - 1)
+                res.update(case="base" if n == 0 else f"{n} adapters", adapters=n, repeat=rep, tensor_parallel=tp)
+                results.append(res)
+                if args.out:  # after every case: a run cut short still leaves what it measured
+                    with open(args.out, "w") as f:
+                        json.dump(dict(partial=True, command="python " + " ".join(sys.argv), results=results), f,
+                                  indent=1, default=float)
+                print(f"[tp={tp} {res['case']} #{rep}] {res['output_tok_s']:.0f} out tok/s, "
+                      f"{res['pct_of_floor']:.0f}% of floor, host share {res['host_overhead_share']:.3f}, "
+                      f"steps {res['counters']['steps']}", flush=True)
+        if args.profile_dir:
+            psp = sj.SamplingParams(max_tokens=64, ignore_eos=True)
+            for n in counts:
+                some = prompts[:256]
+                picks = None if n == 0 else [names[i] for i in picks_of[n][:len(some)]]
+                profile[f"tp{tp}/{n}"] = profile_steps(engine, some, picks, psp, f"{args.profile_dir}/tp{tp}/{n}")
+        engine.close()  # its pool and weights go before the next TP size sizes its pool from what is free
+        del engine, synth
+        gc.collect()
+    base = {(r["tensor_parallel"], r["repeat"]): r["output_tok_s"] for r in results if r["adapters"] == 0}
+    first = {(r["adapters"], r["repeat"]): r["output_tok_s"] for r in results if r["tensor_parallel"] == tps[0]}
     for r in results:
-        if r["repeat"] in base:
-            r["vs_base"] = r["output_tok_s"] / base[r["repeat"]]
+        if (r["tensor_parallel"], r["repeat"]) in base:
+            r["vs_base"] = r["output_tok_s"] / base[(r["tensor_parallel"], r["repeat"])]
+        r[f"vs_tp{tps[0]}"] = r["output_tok_s"] / first[(r["adapters"], r["repeat"])]
     record = dict(
         device=str(jax.devices()[0].device_kind), jax_version=jax.__version__,
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         command="python " + " ".join(sys.argv), model=args.model, copy_bandwidth=bw,
         hbm_peak_bytes_per_s=HBM_PEAK, matmul_flops_per_s=mm, precompile_s=precompile_s,
-        programs_compiled=len(compiled), results=results, profile=profile)
+        programs_compiled={tp: len(c) for tp, c in compiled.items()}, results=results, profile=profile)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(record, f, indent=1, default=float)
     print(f"\ncopy bandwidth {bw['bytes_per_s'] / 1e12:.2f} TB/s ({bw.get('method')}; HBM peak 4.8), "
-          f"matmul {mm / 1e12:.0f} TFLOP/s, precompile {precompile_s:.0f} s for {len(compiled)} programs")
-    print(f"{'case':<16}{'rep':>4}{'out tok/s':>11}{'vs base':>9}{'% floor':>9}{'host':>7}{'busy':>7}{'steps':>7}"
-          f"{'mixed':>7}{'preempt':>8}{'adapters/step':>14}")
+          f"matmul {mm / 1e12:.0f} TFLOP/s, " + ", ".join(
+              f"tp={tp}: precompile {precompile_s[tp]:.0f} s for {len(compiled[tp])} programs" for tp in tps))
     for r in results:
-        print(f"  {r['case']} #{r['repeat']}: " + ", ".join(
+        print(f"  tp={r['tensor_parallel']} {r['case']} #{r['repeat']}: " + ", ".join(
             f"{k}: {v['steps']} steps {v['mean_step_ms']:.2f} ms ({v['pct_of_floor']:.0f}% of floor)"
             for k, v in sorted(r["breakdown"].items())))
     for r in results:
@@ -202,9 +216,12 @@ def main(argv=None) -> int:
         print(f"  profile, {n} adapters: {prof.get('total_s', 0):.3f} s of device time, steps {prof.get('steps')}")
         for p in (prof.get("top") or [])[:18]:
             print(f"    {p['share'] * 100:5.1f}% {p['s'] * 1e3:8.1f} ms  {p['name']}")
+    print(f"{'tp':>3} {'case':<16}{'rep':>4}{'out tok/s':>11}{'vs base':>9}{'vs tp' + str(tps[0]):>9}{'% floor':>9}"
+          f"{'host':>7}{'busy':>7}{'steps':>7}{'mixed':>7}{'preempt':>8}{'adapters/step':>14}")
     for r in results:
         c = r["counters"]
-        print(f"{r['case']:<16}{r['repeat']:>4}{r['output_tok_s']:>11.0f}{r.get('vs_base', float('nan')):>9.3f}"
+        print(f"{r['tensor_parallel']:>3} {r['case']:<16}{r['repeat']:>4}{r['output_tok_s']:>11.0f}"
+              f"{r.get('vs_base', float('nan')):>9.3f}{r['vs_tp' + str(tps[0])]:>9.3f}"
               f"{r['pct_of_floor']:>9.1f}{r['host_overhead_share']:>7.3f}{r['host_busy_share']:>7.3f}{c['steps']:>7}"
               f"{c['mixed_steps']:>7}{c['preemptions']:>8}{r['mean_distinct_adapters']:>14.1f}")
     return 0

@@ -117,6 +117,7 @@ class Engine:
                                 self._outputs, econf.async_scheduling)
         self._step_lock = threading.RLock()
         self._ids = itertools.count()
+        self._closed = False
         self._rng = np.random.default_rng(econf.seed)
 
     @staticmethod
@@ -242,6 +243,7 @@ class Engine:
                     sampling: Optional[SamplingParams] = None, request_id: Optional[str] = None,
                     listener: Optional[Callable[[RequestOutput], None]] = None) -> str:
         """Validate and queue one request; returns its id. Thread-safe. Raises RequestError & co."""
+        self._check_open()
         req = self._make_request(prompt, adapter, sampling, request_id)
         if listener is not None:
             self._outputs.listen(req.request_id, listener, stream=True)
@@ -315,7 +317,30 @@ class Engine:
         """Run one iteration: queue the next step on the device, then read the one before it. Returns the
         outputs of every request that changed."""
         with self._step_lock:
+            self._check_open()
             return self._core.step()
+
+    def close(self) -> None:
+        """Give the device memory back (weights, page pool, compiled programs) and stop the adapter reader
+        threads, so another engine can be built in this process. Requests still running are aborted;
+        the engine takes no more. Idempotent."""
+        with self._step_lock:
+            if self._closed:
+                return
+            changed: list[Request] = []
+            self._core.drain_inbox(changed)
+            self._core.drain(changed)
+            for rid in [r.request_id for r in self._core.requests.values() if not r.finished]:
+                self._core.inbox.put(("abort", rid))
+            self._core.drain_inbox(changed)
+            self._outputs.emit(changed)
+            self._closed = True
+            self.adapters.close()
+            self.runner.release()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RequestError("this engine is closed (Engine.close): build a new one")
 
     def _slots(self, names) -> np.ndarray:
         """Device slot of each adapter name (-1: base), one store lookup per distinct adapter."""

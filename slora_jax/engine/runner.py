@@ -418,6 +418,15 @@ class ModelRunner:
                 (tiles.shape[0], nb - n) + tuple(tiles.shape[2:]), tiles.dtype)], axis=1)
         self.pool = _write_pages(self.pool, jnp.asarray(pages, jnp.int32), jax.device_put(tiles, self.replicated))
 
+    def release(self) -> None:
+        """Drop every device buffer this runner holds (weights, pool, tables, compiled programs)."""
+        self.pool = None
+        self.state, self._weights = None, []
+        self._tables_dev, self._tables_version = None, -1
+        self._no_prev_tokens = None
+        self._executables.clear()
+        self.compiled_shapes.clear()
+
     def pool_pointer(self) -> int:
         """Device address of the pool buffer (unchanged across steps when updates are in place)."""
         return self.pool.unsafe_buffer_pointer()

@@ -31,13 +31,19 @@ def test_offline_mode_runs_base_and_adapters_and_reports_floors(tmp_path):
     out = tmp_path / "offline.json"
     cmd = [sys.executable, "-m", "slora_jax", "bench", "--mode", "offline", "--model", "tiny", "--num-requests", "10",
            "--input-len", "20", "--output-len", "5", "--adapters", "0,3", "--repeats", "1", "--max-batch-size", "4",
-           "--max-prefill-tokens", "16", "--dtype", "float32", "--no-precompile", "--out", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+           "--max-prefill-tokens", "16", "--dtype", "float32", "--no-precompile", "--tensor-parallel", "1,2",
+           "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)  # 4 simulated devices (conftest)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rec = json.loads(out.read_text())
     assert rec["device"] and rec["jax_version"] and rec["command"].startswith("python")
-    runs = {r["case"]: r for r in rec["results"]}
-    assert set(runs) == {"base", "3 adapters"}
+    assert {(r["tensor_parallel"], r["case"]) for r in rec["results"]} == {
+        (tp, c) for tp in (1, 2) for c in ("base", "3 adapters")}
+    tp2 = {r["case"]: r for r in rec["results"] if r["tensor_parallel"] == 2}
+    runs = {r["case"]: r for r in rec["results"] if r["tensor_parallel"] == 1}
+    for c, r in tp2.items():
+        assert r["vs_tp1"] == pytest.approx(r["output_tok_s"] / runs[c]["output_tok_s"])
+        assert runs[c]["vs_tp1"] == 1.0 and r["output_tokens"] == 10 * 5
     for r in runs.values():
         assert r["output_tokens"] == 10 * 5
         assert r["floor"]["floor_s"] > 0 and 0 < r["pct_of_floor"]

@@ -358,3 +358,34 @@ def test_shapes_a_pallas_kernel_cannot_take_are_caught_when_the_engine_is_built(
     assert eng.kernel_backend == "pallas"
     assert any("XLA path" in r.message and "paged_prefill_attention" in r.message for r in caplog.records)
     assert [o.token_ids for o in eng.generate(ps, sampling=sp)] == [o.token_ids for o in want]
+
+
+def test_close_gives_the_device_memory_back(tiny):
+    """After close() the engine's weights, pool and tables are gone from the device (another engine can take
+    the memory), running requests end as aborted, and the engine refuses further work."""
+    import gc
+
+    import jax
+
+    model, adapters = tiny
+    gc.collect()
+    before = {id(a) for a in jax.live_arrays()}
+    eng = sj.Engine.from_pretrained(model, config=sj.EngineConfig(dtype="float32", num_pages=64, max_model_len=64))
+    eng.load_adapter("a1", adapters["a1"], lazy=True)
+    seen = []
+    eng.add_request([1, 2, 3], adapter="a1", sampling=sj.SamplingParams(max_tokens=50, ignore_eos=True),
+                    listener=seen.append)
+    eng.step()
+    eng.step()
+    assert seen and not seen[-1].finished
+    held = [a for a in jax.live_arrays() if id(a) not in before]
+    assert sum(a.nbytes for a in held) > 0
+    eng.close()
+    assert seen[-1].finished and seen[-1].finish_reason == "abort"
+    eng.close()  # idempotent
+    del held
+    gc.collect()
+    left = [a for a in jax.live_arrays() if id(a) not in before]
+    assert sum(a.nbytes for a in left) < 1024, [(a.shape, a.dtype) for a in left]
+    with pytest.raises(sj.RequestError, match="closed"):
+        eng.step()
