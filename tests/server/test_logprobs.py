@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
-from tests.server.support import MODEL, assert_error, expected, token_prompts
+from tests.server.support import ENGINE_CONFIG, MODEL, assert_error, expected, serving, token_prompts
 
 GREEDY = {"ignore_eos": True, "return_token_ids": True}
 
@@ -238,3 +238,25 @@ def test_scoring_is_bounded_per_request(reference, monkeypatch):
     with pytest.raises(APIError) as info:
         asyncio.run(logprobs.score(None, reference, None, [[5] * 6, [7] * 7], 1))
     assert info.value.status == 400 and "up to 10 tokens" in info.value.message
+
+
+def test_a_stream_that_would_score_past_the_bound_is_refused_before_it_starts(files, monkeypatch):
+    """A stream scores each chunk with everything before it, up to prompt + max_tokens - 1 tokens in one pass:
+    past the bound it is a 400 answered before any token is generated, not an error in the middle of a stream."""
+    import httpx
+
+    import slora_jax as sj
+    from slora_jax.server import logprobs
+    from slora_jax.server.app import create_app
+
+    engine = sj.Engine.from_pretrained(files["model"], config=sj.EngineConfig(**ENGINE_CONFIG))
+    monkeypatch.setattr(logprobs, "MAX_SCORED_LOGITS", 10 * engine.model_config.vocab_size)
+    body = {"model": MODEL, "prompt": [5, 6, 7, 8, 9, 10], "logprobs": 2, "stream": True, "ignore_eos": True,
+            "temperature": 0}
+    with serving(create_app(engine, served_model_name=MODEL)) as url:
+        err = assert_error(httpx.post(url + "/v1/completions", json={**body, "max_tokens": 6}, timeout=60), 400)
+        assert "up to 10 tokens" in err["message"] and err["param"] == "logprobs", err
+        assert engine.stats()["steps"] == 0  # refused before anything ran
+        r = httpx.post(url + "/v1/completions", json={**body, "max_tokens": 5}, timeout=120)  # 10 tokens: fits
+        assert r.status_code == 200 and r.text.rstrip().endswith("data: [DONE]"), r.text
+        assert '"error"' not in r.text and r.text.count('"token_logprobs"') >= 5
