@@ -616,9 +616,11 @@ def _sse(gen: Generation, meta: _Meta, state: ServerState, lps: lpfmt.StreamLogp
             if not meta.chat and meta.body.echo:  # each choice's prompt first, as the non-streamed text has it
                 for r in sorted(gen.runs, key=lambda r: r.spec.index):
                     i = r.spec.index
-                    yield _sse_event(chunk([{
-                        "index": i, "text": _prompt_text(state, meta.body.prompt, i // n, prompts[i]),
-                        "finish_reason": None, "logprobs": await lps.prompt(i, prompts[i]) if want_lp else None}]))
+                    c = {"index": i, "text": _prompt_text(state, meta.body.prompt, i // n, prompts[i]),
+                         "finish_reason": None, "logprobs": await lps.prompt(i, prompts[i]) if want_lp else None}
+                    if meta.token_ids:
+                        c.update(token_ids=[], prompt_token_ids=prompts[i])
+                    yield _sse_event(chunk([c]))
             async for d in gen.deltas():
                 completion_tokens += len(d.token_ids)
                 if meta.chat and d.index not in started:

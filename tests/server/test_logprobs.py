@@ -164,7 +164,7 @@ def test_streamed_echo_sends_the_prompt_and_its_logprobs_first(client, tok):
     """lm-evaluation-harness's loglikelihood request, streamed; two prompts, each choice echoes its own."""
     prompts = token_prompts(2, seed=54, low=5, high=9)
     kw = dict(model="a0", prompt=prompts, max_tokens=3, temperature=0, logprobs=2, echo=True,
-              extra_body={"ignore_eos": True})
+              extra_body={"ignore_eos": True, "return_token_ids": True})
     whole = client.completions.create(**kw)
     chunks = list(client.completions.create(stream=True, **kw))
     first = {}
@@ -176,6 +176,7 @@ def test_streamed_echo_sends_the_prompt_and_its_logprobs_first(client, tok):
         assert first[i].text == tok.decode(prompt) and first[i].finish_reason is None
         assert first[i].logprobs.tokens == [tok.decode([t]) for t in prompt]
         assert first[i].logprobs.token_logprobs[0] is None and first[i].logprobs.text_offset[0] == 0
+        assert first[i].model_extra["prompt_token_ids"] == prompt and first[i].model_extra["token_ids"] == []
     streamed = _completion_streamed(client, **kw)
     for c in whole.choices:
         assert streamed[c.index]["text"] == c.text
