@@ -43,8 +43,9 @@ def _serve_args(sub):
     model.add_argument("--chat-template", default=None, metavar="FILE",
                        help="Jinja chat template file (default: the tokenizer's, from tokenizer_config.json "
                             "or chat_template.jinja)")
-    model.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
-                       help="weights and activations (float32 is much faster on a CPU)")
+    model.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                       help="weights and activations; auto (the default) is float32 on a CPU, where bfloat16 "
+                            "costs time in proportion to --num-pages, and bfloat16 on a GPU")
     model.add_argument("--max-model-len", type=int, default=None, metavar="N",
                        help="context length (default: the model's)")
     model.add_argument("--seed", type=int, default=0, metavar="N",

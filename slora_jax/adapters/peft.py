@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import ml_dtypes
 import numpy as np
 
 from slora_jax.adapters import patterns
@@ -48,6 +49,13 @@ _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 # update of s * B(Ax) with |B(Ax)| of order one overflows that square to inf (and the next layer's
 # output to NaN) once s passes sqrt(float32 max), about 1.8e19: in float32 and bfloat16 alike.
 MAX_LORA_SCALE = float(np.finfo(np.float32).max) ** 0.5
+
+
+def max_lora_scale(dtype="float32") -> float:
+    """The largest |alpha/r| accepted for an engine computing in ``dtype``: MAX_LORA_SCALE, or lower where the
+    update s * B(Ax), which is added to the projection's output in ``dtype``, overflows first (float16's
+    largest value is 65504)."""
+    return min(MAX_LORA_SCALE, float(ml_dtypes.finfo(np.dtype(dtype)).max))
 _TENSOR = re.compile(r"^(?P<key>(?P<prefix>.*?)layers\.(?P<layer>\d+)\.(?P<block>[^.]+)\.(?P<module>[^.]+))"
                      r"\.lora_(?P<ab>[AB])\.weight$")
 
@@ -144,15 +152,17 @@ def _scale(cfg: dict, rank: int, alpha: float) -> float:
     return alpha / math.sqrt(rank) if cfg.get("use_rslora", False) else alpha / rank
 
 
-def _check_scale(cfg: dict, key: str, rank: int, alpha: float) -> float:
-    """The module's scale, refused when it is not finite or so large that the adapter's output overflows."""
+def _check_scale(cfg: dict, key: str, rank: int, alpha: float, dtype) -> float:
+    """The module's scale, refused when it is not finite or so large that the adapter's output overflows
+    ``dtype``."""
     scale = _scale(cfg, rank, alpha)
     how = f"lora_alpha {alpha!r} / {'sqrt(r)' if cfg.get('use_rslora', False) else 'r'} (r={rank})"
     if not math.isfinite(scale):
         raise AdapterError(f"the scale of {key} is {scale!r} ({how}): it must be a finite number")
-    if abs(scale) > MAX_LORA_SCALE:
-        raise AdapterError(f"the scale of {key} is {scale:.3g} ({how}), above the largest this engine accepts "
-                           f"({MAX_LORA_SCALE:.3g}): the adapter's output would overflow and every token it "
+    limit = max_lora_scale(dtype)
+    if abs(scale) > limit:
+        raise AdapterError(f"the scale of {key} is {scale:.3g} ({how}), above the largest this {np.dtype(dtype)} "
+                           f"engine accepts ({limit:.3g}): the adapter's output would overflow and every token it "
                            "generates would be garbage")
     return scale
 
@@ -251,13 +261,14 @@ def _config_targets(cfg: dict, model_config: ModelConfig, prefix: str = "model."
             if _targets(cfg, module_key(i, m, prefix))}
 
 
-def read_adapter_config(adapter_dir, model_config: ModelConfig, max_rank: int) -> dict:
-    """Validate a PEFT LoRA folder's adapter_config.json against the base model and the rank limit without
-    reading the weights. Returns the config dict as saved; raises AdapterError saying what is wrong."""
-    return _validated_config(adapter_dir, model_config, max_rank)[0]
+def read_adapter_config(adapter_dir, model_config: ModelConfig, max_rank: int, dtype="float32") -> dict:
+    """Validate a PEFT LoRA folder's adapter_config.json against the base model, the rank limit and the scale
+    limit of an engine computing in ``dtype``, without reading the weights. Returns the config dict as saved;
+    raises AdapterError saying what is wrong."""
+    return _validated_config(adapter_dir, model_config, max_rank, dtype)[0]
 
 
-def _validated_config(adapter_dir, model_config: ModelConfig, max_rank: int) -> tuple[dict, dict]:
+def _validated_config(adapter_dir, model_config: ModelConfig, max_rank: int, dtype="float32") -> tuple[dict, dict]:
     """(config as saved, config with peft's defaults filled in)."""
     path = _check_folder(adapter_dir)
     try:
@@ -276,7 +287,7 @@ def _validated_config(adapter_dir, model_config: ModelConfig, max_rank: int) -> 
     for key in targets.values():
         rank, alpha = _rank_alpha(cfg, key)
         _check_rank(rank, f"rank of {key}", max_rank)
-        _check_scale(cfg, key, rank, _check_alpha(alpha, f"alpha of {key}"))
+        _check_scale(cfg, key, rank, _check_alpha(alpha, f"alpha of {key}"), dtype)
     return raw, cfg
 
 
@@ -384,15 +395,16 @@ def module_scale(cfg: dict, rank: int, alpha: float) -> float:
     return _scale(cfg, rank, alpha)
 
 
-def load_peft_adapter(adapter_dir, model_config: ModelConfig, max_rank: int, name: str) -> LoraWeights:
+def load_peft_adapter(adapter_dir, model_config: ModelConfig, max_rank: int, name: str,
+                      dtype="float32") -> LoraWeights:
     """Load and validate a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors) into host float32.
 
     Raises AdapterError for anything that is not plain LoRA on the 7 projections, that disagrees with the base
-    model (shapes, layer count) or with its own config, a rank above ``max_rank``, non-finite weights, or a
-    truncated/corrupt file."""
+    model (shapes, layer count) or with its own config, a rank above ``max_rank``, a scale whose output
+    overflows ``dtype`` (the engine's), non-finite weights, or a truncated/corrupt file."""
     if not isinstance(name, str) or not name:
         raise AdapterError(f"adapter name must be a non-empty string, got {name!r}")
-    raw, cfg = _validated_config(adapter_dir, model_config, max_rank)
+    raw, cfg = _validated_config(adapter_dir, model_config, max_rank, dtype)
     path = Path(adapter_dir)
     weights_path = path / WEIGHTS_FILE
 
@@ -423,10 +435,10 @@ def load_peft_adapter(adapter_dir, model_config: ModelConfig, max_rank: int, nam
                        target_modules=targets, config=raw)
 
 
-def validated_config(adapter_dir, model_config: ModelConfig, max_rank: int) -> tuple[dict, dict]:
+def validated_config(adapter_dir, model_config: ModelConfig, max_rank: int, dtype="float32") -> tuple[dict, dict]:
     """(adapter_config.json as saved, the same with peft's defaults filled in), validated against the base
-    model and the rank limit; AdapterError says what is wrong."""
-    return _validated_config(adapter_dir, model_config, max_rank)
+    model, the rank limit and the scale limit of ``dtype``; AdapterError says what is wrong."""
+    return _validated_config(adapter_dir, model_config, max_rank, dtype)
 
 
 def config_ranks(cfg: dict, model_config: ModelConfig) -> dict[tuple[int, str], tuple[str, int, float]]:

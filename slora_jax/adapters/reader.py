@@ -73,9 +73,11 @@ class AdapterPlan:
         return Path(self.adapter_dir) / WEIGHTS_FILE
 
 
-def plan_adapter(adapter_dir, model_config: ModelConfig, layout: PoolLayout, max_rank: int) -> AdapterPlan:
-    """Validate adapter_config.json (AdapterError otherwise) and lay the adapter out in pages."""
-    raw, cfg = validated_config(adapter_dir, model_config, max_rank)
+def plan_adapter(adapter_dir, model_config: ModelConfig, layout: PoolLayout, max_rank: int,
+                 dtype="float32") -> AdapterPlan:
+    """Validate adapter_config.json for an engine computing in ``dtype`` (AdapterError otherwise) and lay the
+    adapter out in pages."""
+    raw, cfg = validated_config(adapter_dir, model_config, max_rank, dtype)
     per_layer = config_ranks(cfg, model_config)  # (layer, module) -> (rank, alpha)
     L = model_config.num_layers
     mod_rank: dict[str, int] = {}

@@ -183,7 +183,7 @@ class AdapterStore:
         with self._lock:
             self._check_name(name)
         path = str(Path(path).expanduser())
-        plan = plan_adapter(path, self.cfg, self.layout, self.econf.max_lora_rank)
+        plan = plan_adapter(path, self.cfg, self.layout, self.econf.max_lora_rank, self._dtype)
         rec = _Record(name=name, path=path, config=plan.config, plan=plan, rank=plan.rank, ranks=dict(plan.ranks),
                       targets=plan.targets, num_pages=plan.num_pages)
         if not lazy:

@@ -252,9 +252,6 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         adapter = await _adapter_for(state, body.model)
         prompts = await asyncio.to_thread(_completion_prompts, state, body.prompt)  # tokenizing is slow
         _refuse_unsupported(body)
-        if body.stream and (body.echo or body.logprobs):
-            raise bad_request("echo and logprobs > 0 are served without stream only (logprobs=0 streams)",
-                              "echo" if body.echo else "logprobs")
         if body.suffix:
             raise bad_request("suffix is not supported", "suffix")
         if body.best_of is not None and body.best_of != (body.n or 1):
@@ -272,9 +269,6 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
             raise bad_request("only response_format {'type': 'text'} is supported", "response_format")
         if body.top_logprobs and not body.logprobs:
             raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
-        if body.top_logprobs and body.stream:
-            raise bad_request("top_logprobs > 0 is served without stream only (logprobs: true streams)",
-                              "top_logprobs")
         if body.max_tokens is not None and body.max_completion_tokens is not None \
                 and body.max_tokens != body.max_completion_tokens:
             raise bad_request("max_tokens and max_completion_tokens disagree", "max_completion_tokens")
@@ -456,10 +450,14 @@ def _start(state: ServerState, adapter: Optional[str], specs: list[ChoiceSpec]) 
 
 async def _respond(state: ServerState, adapter, specs, body, request: Request, prompts, *, chat: bool):
     """Start the choices; stream them (SSE) or wait for all and answer in one body (499 if the client left)."""
-    gen = _start(state, adapter, specs)
     meta = _Meta(("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex, int(time.time()), body.model, body, chat=chat)
+    k, scored = _scoring(meta)
+    if body.stream and scored:  # each delta is scored with everything before it: refuse now, not mid-stream
+        lpfmt.refuse_over_bound(state.engine, max(len(s.prompt_ids) + s.sampling.max_tokens - 1 for s in specs))
+    gen = _start(state, adapter, specs)
     if body.stream:
-        return _sse(gen, meta, state)
+        return _sse(gen, meta, state, lpfmt.StreamLogprobs(state.tokenizer, state.loop, state.engine, adapter,
+                                                           chat=chat, k=k, scored=scored, as_ids=meta.as_ids))
     results = await _collect(gen, request)
     if results is None:
         return Response(status_code=499)
@@ -470,8 +468,8 @@ async def _respond(state: ServerState, adapter, specs, body, request: Request, p
 async def _scores(state: ServerState, adapter, meta: "_Meta", results: list[ChoiceResult], prompts):
     """Scores of prompt + output of every choice, when the answer needs more than the sampled tokens'
     log-probabilities (echo, top alternatives); else None."""
-    k = (meta.body.top_logprobs or 0) if meta.chat else (meta.body.logprobs or 0)
-    if not (k or (not meta.chat and meta.body.echo and meta.body.logprobs is not None)):
+    k, scored = _scoring(meta)
+    if not scored:
         return None
     n = meta.body.n or 1
     sequences = [prompts[r.index // n] + r.token_ids for r in results]
@@ -479,6 +477,13 @@ async def _scores(state: ServerState, adapter, meta: "_Meta", results: list[Choi
         return await lpfmt.score(state.loop, state.engine, adapter, sequences, k)
     except EngineFailed as e:
         raise unavailable(str(e))
+
+
+def _scoring(meta: "_Meta") -> tuple[int, bool]:
+    """(top alternatives asked for, whether the answer needs the scoring pass: alternatives, or the prompt's
+    log-probabilities with echo)."""
+    k = (meta.body.top_logprobs or 0) if meta.chat else (meta.body.logprobs or 0)
+    return k, bool(k or (not meta.chat and meta.body.echo and meta.body.logprobs is not None))
 
 
 async def _collect(gen: Generation, request: Request) -> Optional[list[ChoiceResult]]:
@@ -591,7 +596,7 @@ class _ClosingStreamingResponse(StreamingResponse):
             self._on_close()
 
 
-def _sse(gen: Generation, meta: _Meta, state: ServerState) -> StreamingResponse:
+def _sse(gen: Generation, meta: _Meta, state: ServerState, lps: lpfmt.StreamLogprobs) -> StreamingResponse:
     obj = "chat.completion.chunk" if meta.chat else "text_completion"
     n = meta.body.n or 1
     want_lp = bool(meta.body.logprobs) if meta.chat else meta.body.logprobs is not None
@@ -604,10 +609,18 @@ def _sse(gen: Generation, meta: _Meta, state: ServerState) -> StreamingResponse:
 
     async def events():
         started: set[int] = set()
-        text_pos: dict[int, int] = {}
         prompt_tokens = sum(len(r.spec.prompt_ids) for r in gen.runs if r.spec.index % n == 0)
         completion_tokens = 0
+        prompts = {r.spec.index: r.spec.prompt_ids for r in gen.runs}
         try:
+            if not meta.chat and meta.body.echo:  # each choice's prompt first, as the non-streamed text has it
+                for r in sorted(gen.runs, key=lambda r: r.spec.index):
+                    i = r.spec.index
+                    c = {"index": i, "text": _prompt_text(state, meta.body.prompt, i // n, prompts[i]),
+                         "finish_reason": None, "logprobs": await lps.prompt(i, prompts[i]) if want_lp else None}
+                    if meta.token_ids:
+                        c.update(token_ids=[], prompt_token_ids=prompts[i])
+                    yield _sse_event(chunk([c]))
             async for d in gen.deltas():
                 completion_tokens += len(d.token_ids)
                 if meta.chat and d.index not in started:
@@ -616,7 +629,8 @@ def _sse(gen: Generation, meta: _Meta, state: ServerState) -> StreamingResponse:
                                              "logprobs": None, "finish_reason": None}]))
                 if not (d.text or d.finish_reason or (d.token_ids and (meta.token_ids or want_lp))):
                     continue
-                yield _sse_event(chunk([_delta_choice(state, meta, d, want_lp, text_pos)]))
+                logprobs = await lps.delta(d.index, prompts[d.index], d.token_ids, d.logprobs) if want_lp else None
+                yield _sse_event(chunk([_delta_choice(meta, d, logprobs)]))
             if meta.include_usage:
                 yield _sse_event(chunk([], _usage(prompt_tokens, completion_tokens)))
         except APIError as e:
@@ -630,18 +644,12 @@ def _sse(gen: Generation, meta: _Meta, state: ServerState) -> StreamingResponse:
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-def _delta_choice(state: ServerState, meta: _Meta, d: Delta, want_lp: bool, text_pos: dict) -> dict:
+def _delta_choice(meta: _Meta, d: Delta, logprobs: Optional[dict]) -> dict:
     if meta.chat:
-        c = {"index": d.index, "delta": {"content": d.text} if d.text else {},
-             "logprobs": lpfmt.chat_logprobs(state.tokenizer, d.token_ids, d.logprobs, None, meta.as_ids)
-             if want_lp else None,
+        c = {"index": d.index, "delta": {"content": d.text} if d.text else {}, "logprobs": logprobs,
              "finish_reason": d.finish_reason}
     else:
-        pos = text_pos.get(d.index, 0)
-        c = {"index": d.index, "text": d.text, "finish_reason": d.finish_reason,
-             "logprobs": lpfmt.completion_logprobs(state.tokenizer, d.token_ids, d.logprobs,
-                                                   [None] * len(d.token_ids), pos, meta.as_ids) if want_lp else None}
-        text_pos[d.index] = pos + len(d.text)
+        c = {"index": d.index, "text": d.text, "finish_reason": d.finish_reason, "logprobs": logprobs}
     if meta.token_ids:
         c["token_ids"] = d.token_ids
     return c

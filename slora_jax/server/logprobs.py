@@ -56,13 +56,27 @@ async def score(loop, engine, adapter: Optional[str], sequences: list[list[int]]
     The last token of a sequence needs no logits of its own, so each is scored without it: a sequence that
     fills the context still fits."""
     heads = [list(s[:-1]) for s in sequences]
+    refuse_over_bound(engine, sum(len(h) for h in heads))
+    logits = await loop.call(lambda: engine.logits(heads, [adapter] * len(heads)))
+    return await asyncio.to_thread(lambda: [score_logits(x, s, k) for x, s in zip(logits, sequences)])
+
+
+def refuse_over_bound(engine, tokens: int) -> None:
+    """400 when one scoring pass over ``tokens`` tokens would return more logits than MAX_SCORED_LOGITS."""
     vocab = engine.model_config.vocab_size
-    if sum(len(h) for h in heads) * vocab > MAX_SCORED_LOGITS:
+    if tokens * vocab > MAX_SCORED_LOGITS:
         raise bad_request(f"prompt log-probabilities and alternatives are served for up to "
                           f"{MAX_SCORED_LOGITS // vocab} tokens per request (prompts + outputs, all choices)",
                           "logprobs")
-    logits = await loop.call(lambda: engine.logits(heads, [adapter] * len(heads)))
-    return await asyncio.to_thread(lambda: [score_logits(x, s, k) for x, s in zip(logits, sequences)])
+
+
+async def score_tail(loop, engine, adapter: Optional[str], sequence: Sequence[int], count: int, k: int) -> Scored:
+    """Scores of the last ``count`` tokens of ``sequence``: the same pass as ``score`` (everything before the
+    last token), of which only the last ``count`` rows leave the engine thread."""
+    seq = list(sequence)
+    refuse_over_bound(engine, len(seq) - 1)
+    logits = await loop.call(lambda: np.array(engine.logits([seq[:-1]], [adapter])[0][-count:]))
+    return await asyncio.to_thread(score_logits, logits, seq[-count - 1:], k)
 
 
 def _name(tokenizer, token: int, as_ids: bool) -> str:
@@ -119,3 +133,46 @@ def tops_of(scored: Scored, start: int, stop: int) -> list[list[tuple[int, float
     """Top alternatives of tokens ``start..stop-1`` (token indices of the scored sequence, start >= 1)."""
     return [list(zip(scored.top_ids[i - 1].tolist(), scored.top_logprobs[i - 1].tolist()))
             for i in range(start, stop)]
+
+
+class StreamLogprobs:
+    """The ``logprobs`` of each streamed chunk, equal to what the same request answers without ``stream``.
+
+    ``scored`` (top alternatives, or ``echo`` with logprobs): each delta's new tokens are scored as they
+    arrive, by a scoring pass over the prompt and the tokens so far, as the non-streamed answer scores them all
+    at the end; else the sampler's log-probabilities are used, as there. Completions' ``text_offset`` runs on
+    over the token strings (prompt first with ``echo``), as the non-streamed answer counts them."""
+
+    def __init__(self, tokenizer, loop, engine, adapter: Optional[str], *, chat: bool, k: int, scored: bool,
+                 as_ids: bool):
+        self.tokenizer, self.loop, self.engine, self.adapter = tokenizer, loop, engine, adapter
+        self.chat, self.k, self.scored, self.as_ids = chat, k, scored, as_ids
+        self._outputs: dict[int, list[int]] = {}  # choice index -> tokens generated so far
+        self._offsets: dict[int, int] = {}  # choice index -> text offset of its next token
+
+    async def prompt(self, index: int, prompt: Sequence[int]) -> dict:
+        """Completions' ``logprobs`` of the echoed prompt of choice ``index``; its first token has no score."""
+        lps: list = [None]
+        tops: list = [None]
+        if len(prompt) > 1:
+            sc = (await score(self.loop, self.engine, self.adapter, [list(prompt)], self.k))[0]
+            lps += sc.logprobs.tolist()
+            tops += tops_of(sc, 1, len(prompt))
+        return self._completion(index, list(prompt), lps, tops)
+
+    async def delta(self, index: int, prompt: Sequence[int], token_ids: list[int], sampled: list[float]) -> dict:
+        """``logprobs`` of the new tokens ``token_ids`` of choice ``index`` (``sampled``: the sampler's values)."""
+        out = self._outputs.setdefault(index, [])
+        out += token_ids
+        tops = None
+        if self.scored and token_ids:
+            sc = await score_tail(self.loop, self.engine, self.adapter, list(prompt) + out, len(token_ids), self.k)
+            sampled, tops = sc.logprobs.tolist(), tops_of(sc, 1, len(token_ids) + 1)
+        if self.chat:
+            return chat_logprobs(self.tokenizer, token_ids, sampled, tops, self.as_ids)
+        return self._completion(index, token_ids, sampled, tops or [None] * len(token_ids))
+
+    def _completion(self, index: int, ids: list[int], lps: list, tops: list) -> dict:
+        lp = completion_logprobs(self.tokenizer, ids, lps, tops, self._offsets.get(index, 0), self.as_ids)
+        self._offsets[index] = self._offsets.get(index, 0) + sum(len(t) for t in lp["tokens"])
+        return lp

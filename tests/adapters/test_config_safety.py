@@ -191,3 +191,19 @@ def test_large_but_usable_scale_loads(adapter):
     lw = load_peft_adapter(adapter, CFG, 64, "x")
     assert math.isclose(float(lw.modules["q_proj"].scales[0]), 1e6 / 4, rel_tol=1e-6)
     assert MAX_LORA_SCALE > 1e18  # sqrt(float32 max): the bound is about overflow, not taste
+
+
+@pytest.mark.parametrize("dtype, refused", [("float16", True), ("bfloat16", False), ("float32", False)])
+def test_the_scale_bound_follows_the_engine_dtype(adapter, dtype, refused):
+    """alpha 4e5 / r 4 = 1e5 overflows float16 (largest 65504); bfloat16 has float32's range."""
+    edit_config(adapter, lora_alpha=4e5)
+    calls = (lambda: read_adapter_config(adapter, CFG, 64, dtype), lambda: load_peft_adapter(adapter, CFG, 64, "x",
+                                                                                             dtype))
+    for call in calls:
+        if not refused:
+            call()
+            continue
+        with pytest.raises(AdapterError) as e:
+            call()
+        message = str(e.value)
+        assert "1e+05" in message and "400000.0" in message and "float16" in message and "overflow" in message

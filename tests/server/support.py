@@ -3,12 +3,15 @@ the reference engine's answers and response checks."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
+import uvicorn
 
 import slora_jax as sj
 
@@ -110,3 +113,21 @@ def follow_output(server) -> threading.Event:
 
     threading.Thread(target=drain, daemon=True).start()
     return bound
+
+
+@contextlib.contextmanager
+def serving(app):
+    """``app`` on 127.0.0.1 (a free port) in a uvicorn thread; yields its URL."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)

@@ -11,8 +11,10 @@ import time
 import httpx
 import pytest
 
+import slora_jax as sj
 from slora_jax.model.random_checkpoint import tiny_llama_config, write_random_adapter
-from tests.server.support import MODEL, assert_error, expected, token_prompts
+from slora_jax.server.app import create_app
+from tests.server.support import ENGINE_CONFIG, MODEL, assert_error, expected, serving, token_prompts
 
 
 def _adapter(files, name: str, **config) -> str:
@@ -94,6 +96,22 @@ def test_overflowing_scale_is_a_400_naming_the_value(http, files, config, shown)
     err = assert_error(http.post("/v1/load_lora_adapter", json={"lora_name": "bigscale", "lora_path": path}), 400)
     assert shown in err["message"] and "scale" in err["message"], err
     assert "bigscale" not in _models(http)
+
+
+def test_a_scale_that_overflows_float16_is_a_400_on_a_float16_engine(http, files):
+    """alpha 4e5 / r 4 = 1e5: past float16's largest value (65504), well inside float32's bound."""
+    path = _adapter(files, "f16scale", lora_alpha=4e5)
+    ok = http.post("/v1/load_lora_adapter", json={"lora_name": "f16scale", "lora_path": path})
+    assert ok.status_code == 200, ok.text  # the main server runs in float32
+    assert http.post("/v1/unload_lora_adapter", json={"lora_name": "f16scale"}).status_code == 200
+    engine = sj.Engine.from_pretrained(files["model"], config=sj.EngineConfig(**{**ENGINE_CONFIG, "dtype": "float16"}))
+    with serving(create_app(engine, served_model_name=MODEL, adapter_root=str(files["adapter_root"]))) as url:
+        r = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "f16scale", "lora_path": path}, timeout=60)
+        err = assert_error(r, 400)
+        assert "1e+05" in err["message"] and "400000.0" in err["message"], err
+        assert "float16" in err["message"] and "6.55e+04" in err["message"], err
+        names = [m["id"] for m in httpx.get(url + "/v1/models", timeout=30).json()["data"]]
+        assert "f16scale" not in names
 
 
 def test_over_long_text_is_refused_before_tokenizing(http):

@@ -5,36 +5,16 @@ tokenizer down at will, which a server process gives no handle on."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import threading
 import time
 
 import httpx
 import pytest
-import uvicorn
 
 import slora_jax as sj
 from slora_jax.server.app import create_app
 from slora_jax.server.lifecycle import Lifecycle
-from tests.server.support import ENGINE_CONFIG
-
-
-@contextlib.contextmanager
-def serving(app):
-    """``app`` on 127.0.0.1 (a free port) in a uvicorn thread; yields its URL."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
+from tests.server.support import ENGINE_CONFIG, serving
 
 
 def hold_engine_thread(app, seconds: float) -> threading.Thread:

@@ -24,6 +24,9 @@ def test_memory_and_prefill_flags_reach_the_engine_config(monkeypatch):
 def test_flags_left_out_keep_the_defaults(monkeypatch):
     cfg, default = engine_config(serve_args(monkeypatch)), sj.EngineConfig()
     assert (cfg.memory_fraction, cfg.max_prefill_tokens) == (default.memory_fraction, default.max_prefill_tokens)
+    # float32 on a CPU, bfloat16 on a GPU, as the engine's own default.
+    assert cfg.dtype == default.dtype == "auto"
+    assert cfg.resolved_dtype("cpu") == "float32" and cfg.resolved_dtype("gpu") == "bfloat16"
 
 
 def test_a_bad_memory_fraction_is_refused_by_name(monkeypatch):
