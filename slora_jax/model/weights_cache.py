@@ -7,6 +7,10 @@ safetensors file and config.json, its name, size, modification time, safetensors
 dtypes, shapes, offsets) and first and last 64 KiB of data, so rewriting any checkpoint file gives a new
 key without reading whole files; a stale entry is never read and is deleted when its replacement is saved.
 
+``load_fused_params_cached`` does the same for the fused weights the engine runs, on the device: its entries
+hold the nnx state of the ``Llama`` module (``nnx.state(model)``, by module path), restored straight into
+the module's placement.
+
 Entry layout: ``cache_dir/<model name>-<dtype>-<key[:16]>/`` holding ``params/`` (orbax) and
 ``slora_cache.json`` (the full key and the tree's shapes), written last so that an interrupted save is
 never taken for a valid entry.
@@ -212,7 +216,9 @@ def load_params_cached(model_dir, model_config: ModelConfig, dtype: str, cache_d
 
 # --------------------------------------------------------------------------------------------- fused, on device
 
-FUSED_FORMAT = 1  # bump when device_load's fused layout changes
+# Bump when device_load's fused layout or the stored state changes. 2: entries hold the nnx state of the
+# Llama module (by module path), not the fused pytree.
+FUSED_FORMAT = 2
 
 
 def _fused_key(model_dir, model_config: ModelConfig, dtype: str, scan_layers: bool) -> tuple[str, str]:
@@ -220,6 +226,41 @@ def _fused_key(model_dir, model_config: ModelConfig, dtype: str, scan_layers: bo
     tag = f"{dtype}-fused{FUSED_FORMAT}-{'stacked' if scan_layers else 'unrolled'}"
     key = hashlib.sha256((checkpoint_fingerprint(model_dir, model_config, dtype) + tag).encode()).hexdigest()
     return key, tag
+
+
+def _params_to_state(params: dict, model_config: ModelConfig, scan_layers: bool) -> dict:
+    """The fused pytree (arrays, or ShapeDtypeStructs for a restore target) as the nnx state of the
+    ``Llama`` holding it, a nested dict by module path (``layers/attn/wqkv``): what the cache stores."""
+    from flax import nnx
+
+    from slora_jax.model.llama import from_params
+
+    return _string_keys(nnx.state(from_params(params, model_config, scan_layers=scan_layers)).to_pure_dict())
+
+
+def _state_to_params(state: dict, abstract: dict, model_config: ModelConfig, scan_layers: bool) -> dict:
+    """A restored nnx state back into the model, and the model's fused pytree (its own arrays)."""
+    from flax import nnx
+
+    from slora_jax.model.llama import from_params
+
+    model = from_params(abstract, model_config, scan_layers=scan_layers)
+    graphdef, target = nnx.split(model)
+    nnx.replace_by_pure_dict(target, _int_keys(state))
+    return nnx.merge(graphdef, target).params()
+
+
+def _string_keys(tree):
+    """Orbax names entries by path: the unrolled model's layer indices become strings."""
+    if isinstance(tree, dict):
+        return {str(k): _string_keys(v) for k, v in tree.items()}
+    return tree
+
+
+def _int_keys(tree):
+    if isinstance(tree, dict):
+        return {(int(k) if isinstance(k, str) and k.isdigit() else k): _int_keys(v) for k, v in tree.items()}
+    return tree
 
 
 def _abstract_manifest(abstract) -> dict:
@@ -249,7 +290,9 @@ def load_fused_params_cached(model_dir, model_config: ModelConfig, dtype: str, c
             and (entry / _PARAMS).is_dir()):
         ckpt = _checkpointer()
         try:
-            return ckpt.restore((entry / _PARAMS).absolute(), abstract)
+            return _state_to_params(ckpt.restore((entry / _PARAMS).absolute(), _params_to_state(abstract, model_config,
+                                                                                                scan_layers)),
+                                    abstract, model_config, scan_layers)
         except Exception as e:  # orbax/tensorstore raise many types on damaged files; load again
             log.warning("weights cache %s is unreadable (%s: %s); loading the checkpoint again",
                         entry, type(e).__name__, e)
@@ -264,7 +307,8 @@ def load_fused_params_cached(model_dir, model_config: ModelConfig, dtype: str, c
         return params
     tmp = entry.with_name(f"{entry.name}.partial-{uuid.uuid4().hex[:8]}")
     try:
-        _write_params(tmp, params, {"format": CACHE_FORMAT, "key": key, "dtype": tag,
+        _write_params(tmp, _params_to_state(params, model_config, scan_layers), {
+                                    "format": CACHE_FORMAT, "key": key, "dtype": tag,
                                     "model_dir": str(Path(model_dir).resolve()), "shapes": shapes})
         if entry.exists():
             shutil.rmtree(entry, ignore_errors=True)

@@ -1,6 +1,7 @@
 """Loading a checkpoint straight into the fused device layout: bit for bit what the numpy loader and
 fuse_params give, layers placed from several threads, and the orbax cache of the result."""
 
+import json
 import threading
 
 import jax
@@ -105,6 +106,10 @@ def test_cache_restores_the_fused_layout_without_reading_the_checkpoint(tmp_path
     assert_fused_equal(other, d, CFG, "bfloat16", not scan_layers)
     assert len([p for p in cache.iterdir() if p.is_dir()]) == 2
     entry = next(p for p in cache.iterdir() if ("stacked" if scan_layers else "unrolled") in p.name)
+    # The entry is the nnx state of the Llama module, by module path.
+    stored = json.loads((entry / "params" / "_METADATA").read_text())["tree_metadata"]
+    layer = "'layers', " if scan_layers else "'layers', '0', "
+    assert f"({layer}'attn', 'wqkv')" in stored and f"({layer}'mlp', 'w_gate_up')" in stored, list(stored)
     for p in (entry / "params").rglob("*"):
         if p.is_file() and p.stat().st_size > 0 and "manifest" not in p.name:
             p.write_bytes(b"\0" * 3)
