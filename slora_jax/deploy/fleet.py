@@ -8,10 +8,12 @@ Nothing here imports Ray: the catalog is a plain class that the Ray deployment r
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from typing import Optional
 
+from slora_jax.deploy.asgi import HttpCall
 from slora_jax.server.adapter_admin import StateFile
 
 # Replicas check in with the catalog at least this often, and one not heard from for LIVE_S is taken for
@@ -19,6 +21,10 @@ from slora_jax.server.adapter_admin import StateFile
 WATCH_S = 1.0
 LIVE_S = 5.0
 _FORGET_S = 60.0
+# Routes whose body names the model (the adapter) that routing goes by, and the field that names it.
+_MODEL_FIELD = {"/v1/completions": "model", "/v1/chat/completions": "model", "/tokenize": "model",
+                "/detokenize": "model", "/v1/load_lora_adapter": "lora_name", "/v1/unload_lora_adapter": "lora_name"}
+_MAX_ROUTED_BODY = 8 << 20  # larger bodies are not parsed for routing; the replica answers them 413
 
 
 class AdapterCatalog:
@@ -93,6 +99,19 @@ class AdapterCatalog:
     async def reports(self) -> dict[str, dict]:
         """The last report of every live replica: {"models": GET /v1/models' body, "metrics": text, ...}."""
         return {rid: rec["report"] for rid, rec in self.live().items() if rec["report"] is not None}
+
+
+def routing_model(call: HttpCall, base_model: str) -> str:
+    """The multiplexed model id of ``call``: the adapter its body names; "" for the base model, for routes
+    that name none and for bodies that cannot be read (the replica answers those with the usual error)."""
+    key = _MODEL_FIELD.get(call.path)
+    if key is None or call.method != "POST" or len(call.body) > _MAX_ROUTED_BODY:
+        return ""
+    try:
+        value = json.loads(call.body).get(key)
+    except (ValueError, AttributeError, RecursionError):
+        return ""
+    return value if isinstance(value, str) and value != base_model else ""
 
 
 def union_models(lists: dict[str, dict]) -> dict:

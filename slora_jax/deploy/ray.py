@@ -44,21 +44,18 @@ except ImportError as e:  # the CLI turns this into one line that names the extr
     raise ImportError(f"slora_jax.deploy.ray needs Ray Serve: {RAY_EXTRA}") from e
 
 from slora_jax.deploy.asgi import HttpCall, Lifespan, ResponseStart, call_app
-from slora_jax.deploy.fleet import WATCH_S, AdapterCatalog, merge_metrics, union_models
+from slora_jax.deploy.fleet import WATCH_S, AdapterCatalog, merge_metrics, routing_model, union_models
 from slora_jax.server.errors import APIError, error_body
 
 log = logging.getLogger("slora_jax.deploy")
 
 REPLICA_HEADER = b"x-slora-replica"
+RETRIED_HEADER = b"x-slora-retried"  # how many replicas died under this request before one answered it
 CATALOG = "adapter_catalog"
 APP_NAME = "slora-jax"
 # A replica that died or cannot be reached; anything else a replica raises is a bug, not a reason to retry.
 REPLICA_GONE = (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError)
-# Routes whose body names the model (the adapter) that routing goes by, and the field that names it.
-_MODEL_FIELD = {"/v1/completions": "model", "/v1/chat/completions": "model", "/tokenize": "model",
-                "/detokenize": "model", "/v1/load_lora_adapter": "lora_name", "/v1/unload_lora_adapter": "lora_name"}
 _ADAPTER_CALLS = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")
-_MAX_ROUTED_BODY = 8 << 20  # larger bodies are not parsed here; the replica answers them 413
 
 
 @dataclass(frozen=True)
@@ -107,19 +104,6 @@ def autoscaling_config(min_replicas: int, max_replicas: int, target_ongoing_requ
     return {"min_replicas": min_replicas, "max_replicas": max_replicas,
             "initial_replicas": max(min_replicas, 1), "target_ongoing_requests": target_ongoing_requests,
             **more}
-
-
-def routing_model(call: HttpCall, base_model: str) -> str:
-    """The multiplexed model id of ``call``: the adapter its body names; "" for the base model, for routes
-    that name none and for bodies that cannot be read (the replica answers those with the usual error)."""
-    key = _MODEL_FIELD.get(call.path)
-    if key is None or call.method != "POST" or len(call.body) > _MAX_ROUTED_BODY:
-        return ""
-    try:
-        value = json.loads(call.body).get(key)
-    except (ValueError, AttributeError, RecursionError):
-        return ""
-    return value if isinstance(value, str) and value != base_model else ""
 
 
 async def _hold_adapter(model_id: str) -> str:
@@ -301,8 +285,7 @@ class OpenAIIngress:
                 if not start.is_stream:
                     body = start.body if start.body is not None else b"".join([c async for c in answer])
                     response = Response(body, status_code=start.status)
-                    response.raw_headers.extend(start.headers)
-                    return response
+                    return _with_headers(response, start, attempt)
                 # Wait for the first event too: a replica that dies before it is retried like any other.
                 first = await answer.__anext__()
             except StopAsyncIteration:
@@ -313,15 +296,20 @@ class OpenAIIngress:
                             type(e).__name__, attempt + 1, self.retries)
                 await asyncio.sleep(0.2 * (attempt + 1))
                 continue
-            response = StreamingResponse(_relay(first, answer), status_code=start.status)
-            response.raw_headers.extend(start.headers)
-            return response
+            return _with_headers(StreamingResponse(_relay(first, answer), status_code=start.status), start, attempt)
         from starlette.responses import JSONResponse
 
         return JSONResponse(error_body(f"the replicas that took this request stopped before answering "
                                        f"({self.retries} attempts; last: {type(failure).__name__}); retry it",
                                        "service_unavailable", "replica_failed"), status_code=503,
                             headers={"Retry-After": "1"})
+
+
+def _with_headers(response, start: ResponseStart, retries: int):
+    response.raw_headers.extend(start.headers)
+    if retries:  # the request outlived a replica: say so, for clients and for the fault tests
+        response.raw_headers.append((RETRIED_HEADER, str(retries).encode()))
+    return response
 
 
 async def _relay(first: bytes, answer):
@@ -339,6 +327,12 @@ def build_app(make_setup: Callable, options: ReplicaOptions = ReplicaOptions()):
     """The Serve application: ``serve.run(build_app(...), route_prefix="/")``. ``make_setup()`` must work
     both here and on every replica (a picklable callable: ``functools.partial(ServeSetup, args)``)."""
     setup = make_setup()  # checks the flags here, before any replica starts
+    engine, ingress = deployments(setup, options)
+    return ingress.bind(engine.bind(make_setup, options), setup.model_name, options.retries)
+
+
+def deployments(setup, options: ReplicaOptions):
+    """The engine deployment (with the adapter catalog as its deployment actor) and the ingress, unbound."""
     state_file = str(setup.state_file.path) if setup.state_file is not None else None
     catalog = DeploymentActorConfig(name=CATALOG, actor_class=ray.remote(AdapterCatalog),
                                     init_kwargs={"adapters": list(setup.adapters), "state_file": state_file},
@@ -349,11 +343,11 @@ def build_app(make_setup: Callable, options: ReplicaOptions = ReplicaOptions()):
         EngineReplica, name="SloraEngine", max_ongoing_requests=options.max_ongoing_requests,
         ray_actor_options={"num_gpus": options.num_gpus, "num_cpus": options.num_cpus},
         health_check_period_s=options.health_check_period_s, graceful_shutdown_timeout_s=options.drain_s,
-        deployment_actors=[catalog], **scale, **options.extra).bind(make_setup, options)
+        deployment_actors=[catalog], **scale, **options.extra)
     # The ingress only parses a field and relays bytes; it takes many requests at once.
     ingress = serve.deployment(OpenAIIngress, name="SloraIngress", max_ongoing_requests=100_000,
                                ray_actor_options={"num_cpus": 0})
-    return ingress.bind(engine, setup.model_name, options.retries)
+    return engine, ingress
 
 
 def options_from_args(args) -> ReplicaOptions:

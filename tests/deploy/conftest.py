@@ -11,12 +11,9 @@ from pathlib import Path
 
 import pytest
 
-ray = pytest.importorskip("ray", reason="the ray extra is not installed")
-serve = pytest.importorskip("ray.serve")
-
-import slora_jax as sj  # noqa: E402
-from slora_jax.model.random_checkpoint import tiny_llama_config, write_random_adapter, write_random_checkpoint  # noqa: E402
-from tests.server.support import ENGINE_CONFIG, write_byte_tokenizer  # noqa: E402
+import slora_jax as sj
+from slora_jax.model.random_checkpoint import tiny_llama_config, write_random_adapter, write_random_checkpoint
+from tests.server.support import ENGINE_CONFIG, write_byte_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "tiny"
@@ -68,6 +65,9 @@ def ray_reference(ray_files):
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory):
     """A local Ray instance whose workers import this checkout and run JAX on the CPU."""
+    ray = pytest.importorskip("ray", reason="the ray extra is not installed")
+    from ray import serve
+
     cache = tmp_path_factory.mktemp("jax_cache")
     env = {"PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
            "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(cache),
@@ -84,13 +84,16 @@ def ray_cluster(tmp_path_factory):
 @pytest.fixture(scope="session")
 def ray_app(ray_cluster, ray_files):
     """The app on two replicas (fixed count) behind the proxy; yields its URL."""
+    from ray import serve
+
     from slora_jax.deploy.ray import APP_NAME, ReplicaOptions, build_app, wait_ready
     from slora_jax.server.app import ServeSetup
 
     port = free_port()
     argv = ["--model", str(ray_files["model"]), "--served-model-name", MODEL, "--dtype", "float32",
             "--num-pages", "512", "--kernel-backend", "xla", "--api-key", API_KEY,
-            "--adapter-root", str(ray_files["adapter_root"])]
+            "--adapter-root", str(ray_files["adapter_root"]),
+            "--no-load-adapters-on-request"]  # an unloaded adapter stays unloaded until loaded again
     for name, d in ray_files["adapters"].items():
         argv += ["--adapter", f"{name}={d}"]
     args = serve_args(argv)
