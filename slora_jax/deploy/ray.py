@@ -369,6 +369,7 @@ def run(args) -> int:
     """``slora-jax serve --replicas N``: start (or join, ``--ray-address``) a Ray cluster, run the app on it,
     serve until SIGTERM/SIGINT, then take the app down."""
     import functools
+    import os
 
     from slora_jax.server.app import ServeSetup, configure_logging
     from slora_jax.server.lifecycle import say
@@ -376,24 +377,27 @@ def run(args) -> int:
 
     configure_logging(args)
     setup = ServeSetup(args)
+    args.api_key = setup.api_key  # resolved here (flag or environment), so every replica checks the same key
     sock = preflight(args, setup.adapters)  # files, folders and a free port, before anything starts
     port = sock.getsockname()[1]
     sock.close()  # Serve's proxy binds it
-    ray.init(address=args.ray_address, log_to_driver=True)
+    # Replicas run in Ray's worker processes: they get this command's JAX/XLA settings and import path.
+    env = {k: v for k, v in os.environ.items() if k.startswith(("JAX_", "XLA_")) or k == "PYTHONPATH"}
+    ray.init(address=args.ray_address, runtime_env={"env_vars": env} if env else None)
     try:
         options = options_from_args(args)
     except ValueError as e:
         raise StartupError(str(e))
+    scale = (f"{options.autoscaling['min_replicas']}-{options.autoscaling['max_replicas']} autoscaled"
+             if options.autoscaling else str(options.replicas))
     serve.start(http_options={"host": args.host, "port": port})
-    say(f"starting {setup.model_name!r} on {options.autoscaling or options.replicas} replica(s) behind "
-        f"http://{args.host}:{port} (Ray Serve; the address answers once the replicas are up)")
+    say(f"starting {setup.model_name!r} on {scale} replica(s) behind {args.host}:{port} (Ray Serve)")
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        serve.run(build_app(functools.partial(ServeSetup, args), options), name=APP_NAME, route_prefix="/",
-                  blocking=False)
-        say(f"serving on http://{args.host}:{port}")
+        serve.run(build_app(functools.partial(ServeSetup, args), options), name=APP_NAME, route_prefix="/")
+        say(f"serving {setup.model_name!r} on http://{args.host}:{port} ({scale} replica(s))")
         while not stop.wait(1.0):
             pass
     finally:

@@ -3,16 +3,14 @@ proxy on 127.0.0.1; and an in-process engine over the same files, the reference 
 
 from __future__ import annotations
 
-import argparse
-import functools
-import os
-import socket
+import sys
 from pathlib import Path
 
 import pytest
 
 import slora_jax as sj
 from slora_jax.model.random_checkpoint import tiny_llama_config, write_random_adapter, write_random_checkpoint
+from tests.server.conftest import ServerProcess, server_env  # noqa: F401 (a fixture)
 from tests.server.support import ENGINE_CONFIG, write_byte_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -21,21 +19,6 @@ API_KEY = "ray-key"
 ADAPTERS = {"a0": 4, "a1": 8, "a2": 4, "a3": 8}  # name -> rank, all on q/v/gate: loaded at start
 LATE = "late"  # under the adapter root, loaded at runtime by the tests
 REPLICAS = 2
-
-
-def serve_args(argv: list[str]) -> argparse.Namespace:
-    """The namespace `slora-jax serve ARGV` parses to."""
-    from slora_jax.cli import _serve_args
-
-    parser = argparse.ArgumentParser()
-    _serve_args(parser.add_subparsers())
-    return parser.parse_args(["serve", *argv])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -63,17 +46,12 @@ def ray_reference(ray_files):
 
 
 @pytest.fixture(scope="session")
-def ray_cluster(tmp_path_factory):
-    """A local Ray instance whose workers import this checkout and run JAX on the CPU."""
+def ray_cluster():
+    """A local Ray instance; the app joins it (--ray-address) and the tests inspect it from here."""
     ray = pytest.importorskip("ray", reason="the ray extra is not installed")
     from ray import serve
 
-    cache = tmp_path_factory.mktemp("jax_cache")
-    env = {"PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
-           "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(cache),
-           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
-    ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False,
-             configure_logging=False)
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         yield
     finally:
@@ -82,25 +60,20 @@ def ray_cluster(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def ray_app(ray_cluster, ray_files):
-    """The app on two replicas (fixed count) behind the proxy; yields its URL."""
-    from ray import serve
+def ray_app(ray_cluster, ray_files, server_env):
+    """``slora-jax serve --replicas 2`` joined to the test's Ray instance, on a free port; yields its URL.
+    This process keeps its own connection to the instance, to look at replicas and kill them."""
+    import ray
 
-    from slora_jax.deploy.ray import APP_NAME, ReplicaOptions, build_app, wait_ready
-    from slora_jax.server.app import ServeSetup
-
-    port = free_port()
-    argv = ["--model", str(ray_files["model"]), "--served-model-name", MODEL, "--dtype", "float32",
+    argv = [sys.executable, "-m", "slora_jax", "serve", "--replicas", str(REPLICAS),
+            "--ray-address", ray.get_runtime_context().gcs_address, "--replica-cpus", "0.5",
+            "--max-ongoing-requests", "64", "--host", "127.0.0.1", "--port", "0",
+            "--model", str(ray_files["model"]), "--served-model-name", MODEL, "--dtype", "float32",
             "--num-pages", "512", "--kernel-backend", "xla", "--api-key", API_KEY,
             "--adapter-root", str(ray_files["adapter_root"]),
             "--no-load-adapters-on-request"]  # an unloaded adapter stays unloaded until loaded again
     for name, d in ray_files["adapters"].items():
         argv += ["--adapter", f"{name}={d}"]
-    args = serve_args(argv)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    options = ReplicaOptions(replicas=REPLICAS, num_cpus=0.5, max_ongoing_requests=64, health_check_period_s=1.0)
-    serve.run(build_app(functools.partial(ServeSetup, args), options), name=APP_NAME, route_prefix="/")
-    url = f"http://127.0.0.1:{port}"
-    wait_ready(url, timeout_s=240)
-    yield url
-    serve.delete(APP_NAME)
+    proc = ServerProcess(argv, {**server_env, "PYTHONPATH": str(ROOT)})
+    yield proc.url
+    assert proc.stop() == 0, proc.log()
