@@ -101,17 +101,19 @@ class AdapterCatalog:
         return {rid: rec["report"] for rid, rec in self.live().items() if rec["report"] is not None}
 
 
-def routing_model(call: HttpCall, base_model: str) -> str:
-    """The multiplexed model id of ``call``: the adapter its body names; "" for the base model, for routes
-    that name none and for bodies that cannot be read (the replica answers those with the usual error)."""
+def routing(call: HttpCall, base_model: str) -> tuple[str, bool]:
+    """(multiplexed model id, whether the answer streams) of ``call``. The id is the adapter its body names;
+    "" for the base model, for routes that name none and for bodies that cannot be read (the replica
+    answers those with the usual error)."""
     key = _MODEL_FIELD.get(call.path)
     if key is None or call.method != "POST" or len(call.body) > _MAX_ROUTED_BODY:
-        return ""
+        return "", False
     try:
-        value = json.loads(call.body).get(key)
+        body = json.loads(call.body)
+        value, stream = body.get(key), body.get("stream") is True
     except (ValueError, AttributeError, RecursionError):
-        return ""
-    return value if isinstance(value, str) and value != base_model else ""
+        return "", False
+    return (value if isinstance(value, str) and value != base_model else ""), stream
 
 
 def union_models(lists: dict[str, dict]) -> dict:

@@ -44,7 +44,7 @@ except ImportError as e:  # the CLI turns this into one line that names the extr
     raise ImportError(f"slora_jax.deploy.ray needs Ray Serve: {RAY_EXTRA}") from e
 
 from slora_jax.deploy.asgi import HttpCall, Lifespan, ResponseStart, call_app
-from slora_jax.deploy.fleet import WATCH_S, AdapterCatalog, merge_metrics, routing_model, union_models
+from slora_jax.deploy.fleet import WATCH_S, AdapterCatalog, merge_metrics, routing, union_models
 from slora_jax.server.errors import APIError, error_body
 
 log = logging.getLogger("slora_jax.deploy")
@@ -157,6 +157,18 @@ class EngineReplica:
             return
         async for part in call_app(self.app, call):
             yield self._stamp(part) if isinstance(part, ResponseStart) else part
+
+    async def answer(self, call: HttpCall) -> ResponseStart:
+        """``handle`` in one reply, the body with the start: one message back instead of a stream of them."""
+        chunks = []
+        async for part in self.handle(call):
+            if isinstance(part, ResponseStart):
+                start = part
+            else:
+                chunks.append(part)
+        if start.body is None:
+            start.body = b"".join(chunks)
+        return start
 
     def _stamp(self, start: ResponseStart) -> ResponseStart:
         start.headers.append((REPLICA_HEADER, self.id.encode()))
@@ -272,33 +284,38 @@ class OpenAIIngress:
         self.engine, self.base_model, self.retries = engine, base_model, retries
 
     async def __call__(self, request):
-        from starlette.responses import Response, StreamingResponse
+        from starlette.responses import JSONResponse, Response, StreamingResponse
 
         call = HttpCall(request.method, request.url.path, request.url.query.encode(), list(request.headers.raw),
                         await request.body())
-        handle = self.engine.options(multiplexed_model_id=routing_model(call, self.base_model), stream=True)
+        model, stream = routing(call, self.base_model)
+        handle = self.engine.options(multiplexed_model_id=model, stream=stream)
         failure = None
         for attempt in range(self.retries):
-            answer = handle.handle.remote(call)
+            start = None
             try:
+                if not stream:  # one reply: the whole answer, retried whole if its replica died
+                    start = await handle.answer.remote(call)
+                    return _with_headers(Response(start.body, status_code=start.status), start, attempt)
+                answer = handle.handle.remote(call)
                 start = await answer.__anext__()
-                if not start.is_stream:
-                    body = start.body if start.body is not None else b"".join([c async for c in answer])
-                    response = Response(body, status_code=start.status)
-                    return _with_headers(response, start, attempt)
                 # Wait for the first event too: a replica that dies before it is retried like any other.
-                first = await answer.__anext__()
-            except StopAsyncIteration:
-                return Response(b"", status_code=502)
+                first = b"" if start.body is not None else await answer.__anext__()
+            except StopAsyncIteration:  # a stream that ended before its first chunk: an empty body
+                if start is None:
+                    return JSONResponse(error_body("the replica gave no answer", "server_error", "internal_error"),
+                                        status_code=500)
+                first = b""
             except REPLICA_GONE as e:
                 failure = e
                 log.warning("request %s %s: replica gone (%s); attempt %d of %d", call.method, call.path,
                             type(e).__name__, attempt + 1, self.retries)
                 await asyncio.sleep(0.2 * (attempt + 1))
                 continue
+            if start.body is not None or not start.is_stream:
+                body = start.body if start.body is not None else first + b"".join([c async for c in answer])
+                return _with_headers(Response(body, status_code=start.status), start, attempt)
             return _with_headers(StreamingResponse(_relay(first, answer), status_code=start.status), start, attempt)
-        from starlette.responses import JSONResponse
-
         return JSONResponse(error_body(f"the replicas that took this request stopped before answering "
                                        f"({self.retries} attempts; last: {type(failure).__name__}); retry it",
                                        "service_unavailable", "replica_failed"), status_code=503,

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from slora_jax.deploy.asgi import HttpCall, ResponseStart, call_app
-from slora_jax.deploy.fleet import AdapterCatalog, merge_metrics, routing_model, union_models
+from slora_jax.deploy.fleet import AdapterCatalog, merge_metrics, routing, union_models
 from tests.deploy.conftest import ROOT
 
 
@@ -58,17 +58,17 @@ def test_catalog_waits_for_every_live_replica_and_persists_runtime_adapters(tmp_
     assert cat.entries == {"late": {"path": "late", "runtime": True}} and reached == {"r1": None}
 
 
-def test_routing_model_reads_only_the_model_field():
+def test_routing_reads_only_the_model_and_stream_fields():
     def call(path, body, method="POST"):
         return HttpCall(method, path, body=body if isinstance(body, bytes) else json.dumps(body).encode())
 
-    assert routing_model(call("/v1/completions", {"model": "a1", "prompt": "x"}), "base") == "a1"
-    assert routing_model(call("/v1/chat/completions", {"model": "base"}), "base") == ""  # no stickiness
-    assert routing_model(call("/v1/load_lora_adapter", {"lora_name": "late"}), "base") == "late"
-    assert routing_model(call("/v1/completions", b"{broken"), "base") == ""
-    assert routing_model(call("/v1/completions", [1, 2]), "base") == ""
-    assert routing_model(call("/v1/completions", {"model": 7}), "base") == ""
-    assert routing_model(call("/v1/models", {"model": "a1"}, "GET"), "base") == ""
+    assert routing(call("/v1/completions", {"model": "a1", "prompt": "x"}), "base") == ("a1", False)
+    assert routing(call("/v1/chat/completions", {"model": "base", "stream": True}), "base") == ("", True)
+    assert routing(call("/v1/load_lora_adapter", {"lora_name": "late"}), "base") == ("late", False)
+    assert routing(call("/v1/completions", b"{broken"), "base") == ("", False)
+    assert routing(call("/v1/completions", [1, 2]), "base") == ("", False)
+    assert routing(call("/v1/completions", {"model": 7, "stream": "yes"}), "base") == ("", False)
+    assert routing(call("/v1/models", {"model": "a1"}, "GET"), "base") == ("", False)
 
 
 def test_union_lists_every_model_once_with_its_replicas():
