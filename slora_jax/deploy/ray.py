@@ -160,14 +160,9 @@ class EngineReplica:
 
     async def answer(self, call: HttpCall) -> ResponseStart:
         """``handle`` in one reply, the body with the start: one message back instead of a stream of them."""
-        chunks = []
-        async for part in self.handle(call):
-            if isinstance(part, ResponseStart):
-                start = part
-            else:
-                chunks.append(part)
+        start, body = await _gather(self.handle(call))
         if start.body is None:
-            start.body = b"".join(chunks)
+            start.body = body
         return start
 
     def _stamp(self, start: ResponseStart) -> ResponseStart:
@@ -175,13 +170,7 @@ class EngineReplica:
         return start
 
     async def _collect(self, call: HttpCall) -> tuple[ResponseStart, bytes]:
-        start, chunks = None, []
-        async for part in call_app(self.app, call):
-            if isinstance(part, ResponseStart):
-                start = part
-            else:
-                chunks.append(part)
-        return start, b"".join(chunks)
+        return await _gather(call_app(self.app, call))
 
     async def _adapter_call(self, call: HttpCall) -> ResponseStart:
         """Load or unload here (the app checks the name, the path and the key), then on every replica."""
@@ -268,6 +257,17 @@ class EngineReplica:
     async def __del__(self):
         self.watcher.cancel()
         await self.lifespan.stop()
+
+
+async def _gather(parts) -> tuple[ResponseStart, bytes]:
+    """A response's start and its whole body, from the parts ``call_app`` or ``handle`` yield."""
+    start, chunks = None, []
+    async for part in parts:
+        if isinstance(part, ResponseStart):
+            start = part
+        else:
+            chunks.append(part)
+    return start, b"".join(chunks)
 
 
 def _outcome(report: Optional[dict], name: str) -> str:
