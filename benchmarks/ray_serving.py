@@ -25,9 +25,11 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 ``--phases direct --out /tmp/rs.json`` then ``--phases ray --out /tmp/rs.json`` (the file and the compile
 cache in /tmp stay on a warm machine; copy /tmp/rs.json to $OUT at the end).
 
-Measured on a 2-core CPU with --tiny (Python 3.12, the bundle alone): the script runs end to end in a minute;
-there the one-at-a-time p50 was 9 ms direct and 32 ms through Ray, where Ray Serve's own floor (an echo app
-through the proxy and one more handle call) was 11.5 ms on the same machine.)
+Measured on a 2-core CPU with --tiny (Python 3.12, the bundle alone): the script runs end to end in a minute.
+There the one-at-a-time p50 was 9 ms direct and 22-32 ms through Ray. Timed inside: the replica's own answer
+took 12.5 ms (the same engine, sharing two cores with Ray's processes), the ingress-to-replica call 1 ms more
+(routing, hold and metrics 0.1 ms); the rest is Serve's proxy and ingress, whose floor for an echo app was
+7.5 ms on that machine (11.5 ms with the extra handle call).)
 """
 
 from __future__ import annotations
