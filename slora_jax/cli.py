@@ -106,6 +106,8 @@ def _serve_args(sub):
                           "program on demand stalls the requests in flight for seconds)")
     from slora_jax.server.flags import add_serving_limits
     add_serving_limits(p.add_argument_group("serving limits and lifecycle"))
+    from slora_jax.deploy import add_replica_args
+    add_replica_args(p.add_argument_group("replicas (Ray Serve; needs the ray extra)"))
     return p
 
 
@@ -137,6 +139,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from slora_jax.demo import run_demo
         return run_demo(args)
     if args.command == "serve":
+        from slora_jax.deploy import wants_ray
+        if wants_ray(args):
+            from slora_jax.deploy import run_replicas
+            return run_replicas(args)
         from slora_jax.server.app import run_server
         return run_server(args)
     parser.error(f"unknown command {args.command}")

@@ -131,3 +131,23 @@ def test_readme_python_example(readme_server):
     # The adapter it named by folder was loaded on that request.
     models = httpx.get(f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": f"Bearer {env['KEY']}"})
     assert "summarizer" in {m["id"] for m in models.json()["data"]}
+
+
+def test_ray_section_commands_parse():
+    """Every `slora-jax serve` line of the Ray Serve section is a command the CLI accepts."""
+    import argparse
+
+    from slora_jax.cli import _serve_args
+
+    text = (REPO / "README.md").read_text()
+    start = text.index("## Many replicas on Ray Serve")
+    section = text[start:text.index("\n## ", start + 3)]
+    commands = [c for lang, code in re.findall(r"```(bash)\n(.*?)```", section, re.S) for c in shell_commands(code)
+                if c.startswith("slora-jax serve")]
+    assert len(commands) == 2, commands
+    parser = argparse.ArgumentParser()
+    _serve_args(parser.add_subparsers())
+    for command in commands:
+        words = shlex.split(command.split("  #")[0].replace("$D", "/d").replace('"$KEY"', "k"))
+        args = parser.parse_args(words[1:])
+        assert args.replicas >= 2, command

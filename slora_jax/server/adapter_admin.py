@@ -199,6 +199,20 @@ class AdapterAdmin:
         self.loop.refresh_snapshot()
         return info
 
+    async def adopt(self, name: str, path: str):
+        """Register an adapter the operator named at start (``--adapter``): its folder may lie outside the
+        adapter root, and it is not a runtime change, so the state file does not record it."""
+        check_adapter_name(name)
+
+        def work():
+            info = self.engine.load_adapter(name, str(path))
+            self.names.add(name)
+            return info
+
+        info = await self._run(work)
+        self.loop.refresh_snapshot()
+        return info
+
     async def unload(self, name: str, drain: bool = False, timeout_s: Optional[float] = None) -> None:
         """Unregister ``name``. Without ``drain``, refused (400) while requests use it. With ``drain``,
         new requests for it get 404 at once, the ones in flight finish, then it goes; if they have not

@@ -237,15 +237,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.get("/v1/models", responses=ERROR_RESPONSES)
     async def models():
-        adapters = await asyncio.to_thread(state.engine.list_adapters)
-        base_root = Path(state.model_dir).name if state.model_dir else state.model_name
-        data = [_model_card(state.model_name, state.created, root=base_root, parent=None, location="device")]
-        for info in adapters:
-            card = _model_card(info.name, state.created, root=shown_path(info.path, state.adapter_root),
-                               parent=state.model_name, location=info.location)
-            card.update(rank=info.rank, target_modules=list(info.target_modules))
-            data.append(card)
-        return {"object": "list", "data": data}
+        return model_list(state, await asyncio.to_thread(state.engine.list_adapters))
 
     @app.post("/v1/completions", responses=ERROR_RESPONSES)
     async def completions(body: CompletionRequest, request: Request):
@@ -297,6 +289,18 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
             raise
         state.metrics.adapter_ops.labels("unload", "ok").inc()
         return {"status": "ok", "message": f"Success: LoRA adapter '{body.lora_name}' removed successfully."}
+
+
+def model_list(state: ServerState, adapters) -> dict:
+    """The body of GET /v1/models: the base model, then every adapter of ``adapters`` (AdapterInfo)."""
+    base_root = Path(state.model_dir).name if state.model_dir else state.model_name
+    data = [_model_card(state.model_name, state.created, root=base_root, parent=None, location="device")]
+    for info in adapters:
+        card = _model_card(info.name, state.created, root=shown_path(info.path, state.adapter_root),
+                           parent=state.model_name, location=info.location)
+        card.update(rank=info.rank, target_modules=list(info.target_modules))
+        data.append(card)
+    return {"object": "list", "data": data}
 
 
 def _model_card(model_id: str, created: int, root: str, parent: Optional[str], location: str) -> dict:
@@ -703,79 +707,120 @@ def engine_config(args):
                            max_batch_size=args.max_batch_size, max_lora_rank=args.max_lora_rank, **extra)
 
 
-def run_server(args) -> int:
-    """``slora-jax serve``: bind, then load the model and adapters while /health answers 503 ``starting``,
-    serve until SIGTERM/SIGINT, drain. Returns the exit code.
+class ServeSetup:
+    """What ``slora-jax serve`` checked in its flags before loading anything: the adapters named at start,
+    the adapter root, the state file and the API key. Raises StartupError naming the first problem."""
 
-    Reads the ``serve`` namespace of slora_jax.cli; the API key may also come from SLORA_JAX_API_KEY."""
-    import slora_jax as sj
-    from slora_jax.engine.engine import precompile_wanted
-    from slora_jax.server import flags
-    from slora_jax.server.adapter_admin import check_adapter_name, replay_state
-    from slora_jax.server.lifecycle import Progress, say, serve
+    def __init__(self, args):
+        from slora_jax.server.adapter_admin import check_adapter_name
+        from slora_jax.server.startup import StartupError, parse_adapter_specs
 
-    from slora_jax.server.startup import StartupError, load_tokenizer, parse_adapter_specs, preflight
-
-    log_level = getattr(args, "log_level", None) or "info"
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    opt = flags.serving_limits(args)
-    adapters = parse_adapter_specs(args.adapter, getattr(args, "lora_modules", None) or [])
-    for name, _ in adapters:
+        self.args = args
+        self.adapters = parse_adapter_specs(args.adapter, getattr(args, "lora_modules", None) or [])
+        for name, _ in self.adapters:
+            try:
+                check_adapter_name(name)
+            except APIError as e:
+                raise StartupError(f"--adapter: {e.message}")
         try:
-            check_adapter_name(name)
-        except APIError as e:
-            raise StartupError(f"--adapter: {e.message}")
-    try:
-        root = resolve_root(args.adapter_root)
-    except ValueError as e:
-        raise StartupError(str(e))
-    state_file = StateFile(opt.state_file) if opt.state_file else None
-    if state_file is not None and root is None:
-        raise StartupError("--state-file records adapters loaded at runtime, which needs --adapter-root")
-    if state_file is not None:
-        try:
-            state_file.read()  # unusable: say so now, not after minutes of loading
+            self.root = resolve_root(args.adapter_root)
         except ValueError as e:
             raise StartupError(str(e))
-    api_key = args.api_key or os.environ.get("SLORA_JAX_API_KEY") or None
-    if not _is_loopback(args.host) and api_key is None:
-        log.warning("serving on %s without --api-key: anyone who can reach it can use it", args.host)
-    sock = preflight(args, adapters)  # bad paths and a busy port fail here, before minutes of loading
-    family = sock.family
-    sock.listen(2048)  # connections queue from now on: probes may come as soon as the address is printed
-    host, port = sock.getsockname()[:2]
-    url_host = f"[{host}]" if family == socket.AF_INET6 else host
-    model_name = args.served_model_name or Path(args.model).expanduser().name
-    lifecycle = Lifecycle(stall_timeout_s=opt.stall_timeout, request_timeout_s=opt.request_timeout)
-    progress = Progress(lifecycle)
-    say(f"serving {model_name!r} and {len(adapters)} adapter(s) on http://{url_host}:{port} "
-        "(/health answers 503 until the model is loaded)")
+        opt = self.limits = _flags().serving_limits(args)
+        self.state_file = StateFile(opt.state_file) if opt.state_file else None
+        if self.state_file is not None and self.root is None:
+            raise StartupError("--state-file records adapters loaded at runtime, which needs --adapter-root")
+        if self.state_file is not None:
+            try:
+                self.state_file.read()  # unusable: say so now, not after minutes of loading
+            except ValueError as e:
+                raise StartupError(str(e))
+        self.api_key = args.api_key or os.environ.get("SLORA_JAX_API_KEY") or None
+        if not _is_loopback(args.host) and self.api_key is None:
+            log.warning("serving on %s without --api-key: anyone who can reach it can use it", args.host)
+        self.model_name = args.served_model_name or Path(args.model).expanduser().name
 
-    def build():
+    def lifecycle(self) -> Lifecycle:
+        return Lifecycle(stall_timeout_s=self.limits.stall_timeout, request_timeout_s=self.limits.request_timeout)
+
+    def load_engine(self, adapters, progress=None):
+        """The Engine of ``--model`` with ``adapters`` ([(name, dir)]) loaded and, when wanted, every step
+        program compiled. ``progress``: a lifecycle.Progress that the probes report from."""
+        import slora_jax as sj
+        from slora_jax.engine.engine import precompile_wanted
+
+        step = progress.step if progress is not None else (lambda *a: None)
+        args = self.args
         t0 = time.perf_counter()
-        progress.step("loading the model", f"from {args.model}")
+        step("loading the model", f"from {args.model}")
         engine = sj.Engine.from_pretrained(args.model, config=engine_config(args))
-        progress.step(f"model loaded in {time.perf_counter() - t0:.1f} s")
+        step(f"model loaded in {time.perf_counter() - t0:.1f} s")
         for i, (name, path) in enumerate(adapters):
-            progress.step(f"loading adapter {i + 1}/{len(adapters)} {name!r}")
+            step(f"loading adapter {i + 1}/{len(adapters)} {name!r}")
             engine.load_adapter(name, path)
-        runtime = None
-        if state_file is not None:
-            progress.step("loading the adapters recorded in the state file", str(state_file.path))
-            runtime = replay_state(engine, state_file, root, {n for n, _ in adapters})
         if precompile_wanted(getattr(args, "precompile", None)):
             t0 = time.perf_counter()
             total = 2 * len(engine.step_shapes())  # greedy and sampling programs of each shape
-            progress.step(f"compiling up to {total} step programs")
-            done = engine.precompile(on_compiled=progress.compiling(total))
-            progress.step(f"compiled {len(done)} step programs in {time.perf_counter() - t0:.0f} s")
-        return create_app(engine, served_model_name=args.served_model_name, api_key=api_key,
+            step(f"compiling up to {total} step programs")
+            done = engine.precompile(on_compiled=progress.compiling(total) if progress is not None else None)
+            step(f"compiled {len(done)} step programs in {time.perf_counter() - t0:.0f} s")
+        return engine
+
+    def create_app(self, engine, lifecycle: Lifecycle, state_file=None, runtime_adapters=None):
+        """The HTTP app over ``engine`` with every option of the flags."""
+        from slora_jax.server.startup import load_tokenizer
+
+        args = self.args
+        return create_app(engine, served_model_name=args.served_model_name, api_key=self.api_key,
                           adapter_root=args.adapter_root, tokenizer=load_tokenizer(args, engine),
                           load_on_request=getattr(args, "load_adapters_on_request", True),
                           max_body_bytes=getattr(args, "max_body_bytes", None) or (4 << 20),
                           max_tokens_limit=getattr(args, "max_tokens_limit", None),
                           max_pending=getattr(args, "max_pending", None) or 4096, state_file=state_file,
-                          runtime_adapters=runtime, lifecycle=lifecycle, body_timeout_s=opt.body_timeout)
+                          runtime_adapters=runtime_adapters, lifecycle=lifecycle,
+                          body_timeout_s=self.limits.body_timeout)
+
+
+def _flags():
+    from slora_jax.server import flags
+    return flags
+
+
+def configure_logging(args) -> str:
+    log_level = getattr(args, "log_level", None) or "info"
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return log_level
+
+
+def run_server(args) -> int:
+    """``slora-jax serve``: bind, then load the model and adapters while /health answers 503 ``starting``,
+    serve until SIGTERM/SIGINT, drain. Returns the exit code.
+
+    Reads the ``serve`` namespace of slora_jax.cli; the API key may also come from SLORA_JAX_API_KEY."""
+    from slora_jax.server.adapter_admin import replay_state
+    from slora_jax.server.lifecycle import Progress, say, serve
+    from slora_jax.server.startup import preflight
+
+    log_level = configure_logging(args)
+    setup = ServeSetup(args)
+    opt, adapters, state_file = setup.limits, setup.adapters, setup.state_file
+    sock = preflight(args, adapters)  # bad paths and a busy port fail here, before minutes of loading
+    family = sock.family
+    sock.listen(2048)  # connections queue from now on: probes may come as soon as the address is printed
+    host, port = sock.getsockname()[:2]
+    url_host = f"[{host}]" if family == socket.AF_INET6 else host
+    lifecycle = setup.lifecycle()
+    progress = Progress(lifecycle)
+    say(f"serving {setup.model_name!r} and {len(adapters)} adapter(s) on http://{url_host}:{port} "
+        "(/health answers 503 until the model is loaded)")
+
+    def build():
+        engine = setup.load_engine(adapters, progress)
+        runtime = None
+        if state_file is not None:
+            progress.step("loading the adapters recorded in the state file", str(state_file.path))
+            runtime = replay_state(engine, state_file, setup.root, {n for n, _ in adapters})
+        return setup.create_app(engine, lifecycle, state_file, runtime)
 
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal: end with status 0.
     signal.signal(signal.SIGTERM, _interrupt)

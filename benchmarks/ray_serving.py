@@ -1,0 +1,393 @@
+"""Two engine replicas behind Ray Serve against one engine, on the same offline trace sent over HTTP (issue 17).
+
+    python benchmarks/ray_serving.py --out ray_serving.json            # 2 x H200, llama-3-8b shape
+    python benchmarks/ray_serving.py --tiny --out /tmp/ray_tiny.json   # CPU dry run, a tiny model (minutes)
+
+Phases (each prints as it goes; --phases picks some, and a run adds its phases to an existing --out file):
+  direct   one engine (GPU 0) behind ``slora-jax serve``'s own HTTP server, in a subprocess: the offline trace
+           (every request sent at once, --concurrency at a time), then --latency-requests one at a time.
+  ray      ``slora-jax serve --replicas 2``'s app (slora_jax.deploy.ray) on a local Ray instance, one GPU per
+           replica: the same trace, then the same one-at-a-time requests.
+Targets read from the JSON: ``ratios.throughput`` (two replicas over one engine, requests/s) >= 1.8, and
+``ratios.added_latency_p50_ms`` (p50 of the one-at-a-time requests through Ray minus direct) <= 2.
+
+Both use random bf16 weights of the --model shape made on the device, and --num-adapters random PEFT adapters
+(q/k/v/o, rank --rank) written to a temporary folder; every request carries ``ignore_eos`` so its output
+length is the trace's. Step programs are compiled by a warm-up pass of the trace (JAX's persistent cache in
+--compile-cache is shared by the phases and by later calls).
+
+On the GPU machine (Python 3.12, no network), Ray Serve and its web stack come from a carry bundle of wheels
+made on the CPU machine in /work/main/.raywhl (carry ".raywhl"; see .raywhl/MANIFEST). The command line:
+
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .raywhl/*.whl && export PYTHONPATH=/tmp/site:.:benchmarks && python3 benchmarks/ray_serving.py --out $OUT/ray_serving.json --compile-cache /tmp/jaxcache 2>&1 | tail -60
+
+(kind nvidia-h200-x2, carry [".raywhl"], 45 MiB. If one call's 10 minutes do not hold both phases, split them:
+``--phases direct --out /tmp/rs.json`` then ``--phases ray --out /tmp/rs.json`` (the file and the compile
+cache in /tmp stay on a warm machine; copy /tmp/rs.json to $OUT at the end).
+
+Measured on a 2-core CPU with --tiny (Python 3.12, the bundle alone): the script runs end to end in a minute.
+There the one-at-a-time p50 was 9 ms direct and 22-32 ms through Ray. Timed inside: the replica's own answer
+took 12.5 ms (the same engine, sharing two cores with Ray's processes), the ingress-to-replica call 1 ms more
+(routing, hold and metrics 0.1 ms); the rest is Serve's proxy and ingress, whose floor for an echo app was
+7.5 ms on that machine (11.5 ms with the extra handle call).)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="JSON results (phases already in it are kept)")
+    p.add_argument("--tiny", action="store_true", help="CPU dry run: the tiny model, float32, a short trace")
+    p.add_argument("--model", default="llama-3-8b", help="named shape with random weights")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--phases", default="direct,ray")
+    p.add_argument("--replicas", type=int, default=2)
+    p.add_argument("--num-adapters", type=int, default=16)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--alpha", type=float, default=1.0, help="adapter popularity ~ rank^-alpha (Zipf)")
+    p.add_argument("--num-requests", type=int, default=1000)
+    p.add_argument("--input-range", type=int, nargs=2, default=[8, 512])
+    p.add_argument("--output-range", type=int, nargs=2, default=[8, 256])
+    p.add_argument("--concurrency", type=int, default=512, help="requests in flight from the client at once")
+    p.add_argument("--warmup-requests", type=int, default=256, help="trace requests sent first, not counted")
+    p.add_argument("--latency-requests", type=int, default=100, help="one-at-a-time requests (1 token each)")
+    p.add_argument("--max-batch-size", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compile-cache", default=None, help="JAX persistent compilation cache folder")
+    p.add_argument("--serve-direct", type=int, default=None, help=argparse.SUPPRESS)  # the direct subprocess
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.model, args.dtype = "tiny", "float32"
+        for name, value in (("num_requests", 24), ("num_adapters", 4), ("rank", 8), ("input_range", [4, 24]),
+                            ("output_range", [2, 12]), ("concurrency", 16), ("warmup_requests", 8),
+                            ("latency_requests", 20), ("max_batch_size", 16)):
+            if getattr(args, name) == p.get_default(name):
+                setattr(args, name, value)
+    for flag in ("replicas", "num_adapters", "num_requests", "concurrency", "max_batch_size"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be at least 1")
+    unknown = set(args.phases.split(",")) - {"direct", "ray"}
+    if unknown:
+        p.error(f"--phases takes direct and/or ray, got {sorted(unknown)}")
+    return args
+
+
+# --------------------------------------------------------------------------------------------- what is served
+
+
+def serve_namespace(args, adapter_dir: Path):
+    """The ``slora-jax serve`` flags both phases run with (one table, so the phases differ only in Ray)."""
+    from slora_jax.cli import _serve_args
+
+    parser = argparse.ArgumentParser()
+    _serve_args(parser.add_subparsers())
+    argv = ["serve", "--model", args.model, "--served-model-name", "base", "--dtype", args.dtype,
+            "--kernel-backend", "auto", "--max-batch-size", str(args.max_batch_size), "--no-precompile",
+            "--max-loras", str(args.num_adapters), "--max-pending", str(1 << 20), "--log-level", "warning"]
+    for name in adapter_names(args):
+        argv += ["--adapter", f"{name}={adapter_dir / name}"]
+    ns = parser.parse_args(argv)
+    ns.seed_weights = args.seed
+    return ns
+
+
+def adapter_names(args) -> list[str]:
+    return [f"lora{i}" for i in range(args.num_adapters)]
+
+
+def write_adapters(args, out: Path) -> None:
+    from slora_jax.bench.setup import resolve_model
+    from slora_jax.model.random_checkpoint import write_random_adapter
+
+    cfg, _ = resolve_model(args.model)
+    dtype = "float32" if args.dtype == "float32" else "bfloat16"
+    for i, name in enumerate(adapter_names(args)):
+        write_random_adapter(out / name, cfg, rank=args.rank, alpha=2 * args.rank, target_modules=TARGETS,
+                             seed=100 + i, dtype=dtype)
+
+
+def random_weights_setup():
+    """ServeSetup whose engine has random weights of a named shape (no checkpoint folder to read)."""
+    from slora_jax.server.app import ServeSetup, engine_config
+
+    class RandomWeightsSetup(ServeSetup):
+        def load_engine(self, adapters, progress=None):
+            from slora_jax.bench.setup import ModelSource
+
+            engine = ModelSource(self.args.model, self.args.dtype, seed=self.args.seed_weights).engine(
+                engine_config(self.args))
+            for name, path in adapters:
+                engine.load_adapter(name, path)
+            return engine
+
+    return RandomWeightsSetup
+
+
+def make_trace(args) -> list[dict]:
+    """The offline trace: completions bodies (token-id prompts), adapters by Zipf popularity."""
+    rng = np.random.default_rng(args.seed)
+    names = adapter_names(args)
+    weights = 1.0 / np.arange(1, len(names) + 1) ** args.alpha
+    picks = rng.choice(len(names), size=args.num_requests, p=weights / weights.sum())
+    trace = []
+    for i in range(args.num_requests):
+        n_in = int(rng.integers(args.input_range[0], args.input_range[1] + 1))
+        n_out = int(rng.integers(args.output_range[0], args.output_range[1] + 1))
+        trace.append({"model": names[picks[i]], "prompt": rng.integers(3, 250, size=n_in).tolist(),
+                      "max_tokens": n_out, "temperature": 0, "ignore_eos": True})
+    return trace
+
+
+# --------------------------------------------------------------------------------------------- client
+
+
+async def _send(client, body) -> tuple[float, int, int]:
+    t0 = time.perf_counter()
+    r = await client.post("/v1/completions", json=body)
+    if r.status_code != 200:
+        raise RuntimeError(f"{r.status_code}: {r.text[:300]}")
+    return time.perf_counter() - t0, r.json()["usage"]["completion_tokens"], len(body["prompt"])
+
+
+async def run_trace(url: str, trace: list[dict], concurrency: int) -> dict:
+    """Every request of ``trace`` at once (``concurrency`` in flight); throughput and latencies."""
+    import httpx
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=1800, limits=limits) as client:
+        gate = asyncio.Semaphore(concurrency)
+
+        async def one(body):
+            async with gate:
+                return await _send(client, body)
+
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*(one(b) for b in trace))
+        wall = time.perf_counter() - t0
+    lat = np.array([r[0] for r in results])
+    out_tokens = sum(r[1] for r in results)
+    return {"requests": len(trace), "seconds": wall, "requests_per_s": len(trace) / wall,
+            "output_tokens_per_s": out_tokens / wall, "output_tokens": out_tokens,
+            "latency_p50_s": float(np.percentile(lat, 50)), "latency_p90_s": float(np.percentile(lat, 90))}
+
+
+async def one_at_a_time(url: str, trace: list[dict], n: int) -> dict:
+    """``n`` requests in turn, one output token each: per-request latency with an idle server."""
+    import httpx
+
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+        lat = []
+        for i in range(n + 5):
+            body = dict(trace[i % len(trace)], max_tokens=1, prompt=trace[i % len(trace)]["prompt"][:16])
+            seconds, _, _ = await _send(client, body)
+            if i >= 5:  # the first few compile the one-token shapes
+                lat.append(seconds)
+    lat = np.array(lat) * 1e3
+    return {"requests": n, "p50_ms": float(np.percentile(lat, 50)), "p90_ms": float(np.percentile(lat, 90)),
+            "mean_ms": float(lat.mean())}
+
+
+def measure(url: str, args, trace: list[dict]) -> dict:
+    t0 = time.perf_counter()
+    asyncio.run(run_trace(url, trace[:args.warmup_requests], args.concurrency))  # compiles the shapes
+    warm = time.perf_counter() - t0
+    result = asyncio.run(run_trace(url, trace, args.concurrency))
+    result["warmup_s"] = warm
+    result["one_at_a_time"] = asyncio.run(one_at_a_time(url, trace, args.latency_requests))
+    return result
+
+
+# --------------------------------------------------------------------------------------------- phases
+
+
+def wait_healthy(url: str, proc=None, timeout_s: float = 600) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the server exited with status {proc.returncode}")
+        try:
+            if httpx.get(url + "/health", timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} not healthy after {timeout_s:g} s")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_direct(args, adapter_dir: Path) -> int:
+    """The direct phase's server (a subprocess): one engine behind ``slora-jax serve``'s HTTP server."""
+    from slora_jax.server.lifecycle import serve
+    from slora_jax.server.startup import bind
+
+    setup = random_weights_setup()(serve_namespace(args, adapter_dir))
+    lifecycle = setup.lifecycle()
+    sock = bind("127.0.0.1", args.serve_direct)
+    sock.listen(4096)
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    return serve(lambda: setup.create_app(setup.load_engine(setup.adapters), lifecycle), sock, lifecycle,
+                 drain_s=5, header_timeout_s=None, max_connections=None, keep_alive_s=60, log_level="warning")
+
+
+def phase_direct(args, adapter_dir: Path, trace: list[dict]) -> dict:
+    port = free_port()
+    env = dict(os.environ)
+    if not args.tiny:
+        env["CUDA_VISIBLE_DEVICES"] = "0"  # one GPU, as one replica has
+    argv = [sys.executable, __file__, *sys.argv[1:], "--serve-direct", str(port), "--adapter-dir", str(adapter_dir)]
+    proc = subprocess.Popen(argv, env=env)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        t0 = time.perf_counter()
+        wait_healthy(url, proc)
+        result = {"startup_s": time.perf_counter() - t0, **measure(url, args, trace)}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return result
+
+
+def phase_ray(args, adapter_dir: Path, trace: list[dict]) -> dict:
+    import functools
+
+    import ray
+    from ray import serve
+
+    from slora_jax.deploy.ray import APP_NAME, ReplicaOptions, build_app
+
+    # Ray's workers start in a folder of their own: the import path they need, made absolute.
+    path = os.pathsep.join(str(Path(p).resolve()) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p)
+    env = {k: v for k, v in os.environ.items() if k.startswith(("JAX_", "XLA_"))}
+    env["PYTHONPATH"] = os.pathsep.join(x for x in (path, str(REPO), str(REPO / "benchmarks")) if x)
+    ray.init(include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=True)
+    port = free_port()
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        ns = serve_namespace(args, adapter_dir)
+        options = ReplicaOptions(replicas=args.replicas, num_gpus=0 if args.tiny else 1,
+                                 num_cpus=0.5 if args.tiny else 4, max_ongoing_requests=4 * args.max_batch_size,
+                                 max_adapters_per_replica=args.num_adapters)
+        t0 = time.perf_counter()
+        serve.run(build_app(functools.partial(random_weights_setup(), ns), options), name=APP_NAME,
+                  route_prefix="/")
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url)
+        result = {"startup_s": time.perf_counter() - t0, **measure(url, args, trace)}
+        import httpx
+
+        result["replicas"] = {card["id"]: card.get("replicas") for card in
+                              httpx.get(url + "/v1/models", timeout=60).json()["data"]}
+        result["served_by"] = _served_by(url, trace)
+        return result
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _served_by(url: str, trace: list[dict]) -> dict:
+    """Which replica answers each adapter now (one 1-token request per adapter): where routing sent them."""
+    import httpx
+
+    seen = {}
+    for body in trace:
+        if body["model"] not in seen:
+            r = httpx.post(url + "/v1/completions", json=dict(body, max_tokens=1), timeout=120)
+            seen[body["model"]] = r.headers.get("x-slora-replica")
+    return seen
+
+
+def device_name(tiny: bool) -> str:
+    if tiny:
+        return "cpu"
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=30).stdout.strip().splitlines()
+        return f"{len(out)} x {out[0]}" if out else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def main(argv=None) -> int:
+    raw = list(sys.argv[1:] if argv is None else argv)
+    adapter_dir = None
+    if "--adapter-dir" in raw:  # the direct phase's subprocess is handed the parent's adapters
+        i = raw.index("--adapter-dir")
+        adapter_dir = Path(raw[i + 1])
+        raw = raw[:i] + raw[i + 2:]
+    args = parse_args(raw)
+    if args.tiny:
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    if args.compile_cache:
+        os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path(args.compile_cache).resolve()))
+        os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
+    if args.serve_direct is not None:
+        return serve_direct(args, adapter_dir)
+
+    out = Path(args.out)
+    results = json.loads(out.read_text()) if out.exists() else {}
+    import jax
+
+    results.update({"device": device_name(args.tiny), "jax_version": jax.__version__,
+                    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                    "command": " ".join([Path(sys.executable).name, *sys.argv]),
+                    "config": {k: v for k, v in vars(args).items() if k not in ("out", "serve_direct")}})
+    try:
+        import ray
+        results["ray_version"] = ray.__version__
+    except ImportError:
+        pass
+    trace = make_trace(args)
+    with tempfile.TemporaryDirectory(prefix="ray_serving_") as tmp:
+        adapters = Path(tmp) / "adapters"
+        write_adapters(args, adapters)
+        for phase in args.phases.split(","):
+            print(f"== {phase}", flush=True)
+            t0 = time.perf_counter()
+            results[phase] = (phase_direct if phase == "direct" else phase_ray)(args, adapters, trace)
+            results[phase]["phase_s"] = time.perf_counter() - t0
+            print(json.dumps(results[phase], indent=1), flush=True)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(results, indent=1))
+    if "direct" in results and "ray" in results:
+        d, r = results["direct"], results["ray"]
+        results["ratios"] = {
+            "throughput": r["requests_per_s"] / d["requests_per_s"],
+            "added_latency_p50_ms": r["one_at_a_time"]["p50_ms"] - d["one_at_a_time"]["p50_ms"],
+            "targets": {"throughput_at_least": 1.8, "added_latency_p50_ms_at_most": 2.0}}
+        print("ratios:", json.dumps(results["ratios"]), flush=True)
+    out.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
