@@ -18,9 +18,9 @@ def rel_err(a, b):
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-def _engine(model_dir, adapters, backend="xla"):
+def _engine(model_dir, adapters, backend="xla", tensor_parallel=1):
     eng = sj.Engine.from_pretrained(model_dir, config=sj.EngineConfig(
-        dtype="float32", kernel_backend=backend, num_pages=256, max_lora_rank=64))
+        dtype="float32", kernel_backend=backend, num_pages=256, max_lora_rank=64, tensor_parallel=tensor_parallel))
     for name, d in adapters.items():
         eng.load_adapter(name, d)
     return eng
@@ -108,9 +108,11 @@ def _save_random(model, out_dir, seed):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["mistral-sliding-window", "llama-linear-rope"])
-def test_mistral_sliding_window_and_linear_rope_parity(tmp_path, arch):
-    """Prompts longer than the window (Mistral) and positions scaled by a linear rope factor (Llama)."""
+@pytest.mark.parametrize("arch,tp", [("mistral-sliding-window", 1), ("llama-linear-rope", 1),
+                                     ("mistral-sliding-window", 2)])
+def test_mistral_sliding_window_and_linear_rope_parity(tmp_path, arch, tp):
+    """Prompts longer than the window (Mistral) and positions scaled by a linear rope factor (Llama); the
+    window also under tensor parallelism (tests/sharding covers the other families at TP=2 and 4)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
@@ -125,7 +127,7 @@ def test_mistral_sliding_window_and_linear_rope_parity(tmp_path, arch):
         model = LlamaForCausalLM(LlamaConfig(rope_scaling={"rope_type": "linear", "factor": 2.5}, **common))
     model_dir = _save_random(model, tmp_path / "model", seed=3)
     adapter = build_adapter(model_dir, tmp_path / "lora", seed=4, r=8, lora_alpha=16, target_modules="all-linear")
-    eng = _engine(model_dir, {"lora": adapter})
+    eng = _engine(model_dir, {"lora": adapter}, tensor_parallel=tp)
     if arch.startswith("mistral"):
         assert eng.model_config.sliding_window == 5
     else:
