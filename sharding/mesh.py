@@ -1,4 +1,4 @@
-"""The device mesh: one "model" axis (tensor parallelism) over the local devices."""
+"""The device mesh: one "model" axis (tensor parallelism) over the devices of every process in the job."""
 
 from __future__ import annotations
 

@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from sharding.distributed import check_distributed_args
 from slora_jax.errors import ConfigError
 
 # The seven linear projections of a Llama-family block, in the order every index table uses.
@@ -120,6 +121,12 @@ class EngineConfig:
     # JAX's persistent compilation cache: a second start with the same configuration compiles nothing.
     # None leaves it off.
     compile_cache_dir: Optional[str] = "~/.cache/slora-jax/xla"
+    # A job of several processes (one per host or per GPU; ``jax.distributed``): process 0's address
+    # (host:port, where it runs the coordinator), how many processes, and this one's index. All three or
+    # none; the mesh then spans every process's devices, so tensor_parallel is their total.
+    distributed_coordinator: Optional[str] = None
+    num_processes: Optional[int] = None
+    process_id: Optional[int] = None
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -147,6 +154,10 @@ class EngineConfig:
             raise ConfigError(f"memory_fraction must be in (0, 1], got {self.memory_fraction!r}")
         if self.slo_first_token_s is not None and not self.slo_first_token_s > 0:
             raise ConfigError(f"slo_first_token_s must be positive, got {self.slo_first_token_s!r}")
+        try:
+            check_distributed_args(self.distributed_coordinator, self.num_processes, self.process_id)
+        except ValueError as e:
+            raise ConfigError(str(e).replace("coordinator_address", "distributed_coordinator")) from None
         if self.scheduler == "slo" and self.slo_first_token_s is None:
             raise ConfigError("scheduler='slo' needs slo_first_token_s (e.g. 6.0)")
 
@@ -161,6 +172,11 @@ class EngineConfig:
         """Scan the layers (one compiled layer body) unless told otherwise; unrolled on a GPU, where reading
         each layer's own arrays made decode steps 1.7x faster."""
         return self.scan_layers if self.scan_layers is not None else backend != "gpu"
+
+    @property
+    def multiprocess(self) -> bool:
+        """Whether this engine is one process of a job of several (``num_processes`` > 1)."""
+        return (self.num_processes or 1) > 1
 
     @property
     def max_rank_blocks(self) -> int:

@@ -29,3 +29,7 @@ class CapacityError(SloraError, RuntimeError):
 
 class ConfigError(SloraError, ValueError):
     """An EngineConfig value that cannot work on this model or machine."""
+
+
+class ProcessMismatchError(SloraError, RuntimeError):
+    """The processes of a multi-process engine made different calls or submitted different requests."""

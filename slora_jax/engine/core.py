@@ -18,6 +18,7 @@ from slora_jax.engine.inputs import StepInputs
 from slora_jax.engine.outputs import OutputProcessor
 from slora_jax.engine.request import Request, Status
 from slora_jax.engine.scheduler import Scheduler
+from slora_jax.errors import ProcessMismatchError
 from slora_jax.model.llama import LORA_GROUPS, MODULE_GROUP
 from slora_jax.types import RequestOutput
 
@@ -31,7 +32,7 @@ class _InFlight:
 
 class EngineCore:
     def __init__(self, runner, scheduler: Scheduler, adapters, tables, inputs: StepInputs,
-                 outputs: OutputProcessor, async_scheduling: bool = True):
+                 outputs: OutputProcessor, async_scheduling: bool = True, shared=None):
         self.runner = runner
         self.scheduler = scheduler
         self.adapters = adapters
@@ -40,6 +41,11 @@ class EngineCore:
         self.outputs = outputs
         self.async_scheduling = async_scheduling
         self.inbox: "queue.SimpleQueue" = queue.SimpleQueue()
+        # Several processes: process 0's inbox and clock, on every process (multihost.SharedInbox).
+        self.shared = shared
+        self.now: Optional[float] = None  # the clock of this step's decisions (None: this process's own)
+        self.stopped = False  # process 0 ended Engine.follow()
+        self.following = False  # this process is in Engine.follow()
         self.requests: dict[str, Request] = {}
         self._inflight: Optional[_InFlight] = None
         self._registered: Optional[tuple] = None  # LoRA groups the registered adapters target (cached)
@@ -79,8 +85,13 @@ class EngineCore:
         changed: list[Request] = []
         with self.timed("inbox"):
             self.drain_inbox(changed)
+        if self.stopped:
+            if not self.following:
+                raise ProcessMismatchError("process 0 called Engine.stop_followers() while this process was not in "
+                                           "Engine.follow(): every process makes the same Engine calls, or follows")
+            return []
         with self.timed("schedule"):
-            sched = self.scheduler.schedule()
+            sched = self.scheduler.schedule(self.now)
         changed.extend(sched.finished)
         prev, self._inflight = self._inflight, None
         queued_at = None
@@ -151,13 +162,22 @@ class EngineCore:
             tokens, logp = self.runner.collect(cur.out)
             self.outputs.append(cur.rows, tokens, logp, changed)
 
-    def drain_inbox(self, changed: list) -> None:
+    def drain_inbox(self, changed: list, kind: str = "step") -> None:
+        """Apply the queued requests and aborts (process 0's, with several processes: ``kind`` names the call
+        that drains, which must be the same on every process)."""
+        ops = []
         while True:
             try:
-                op, arg = self.inbox.get_nowait()
+                ops.append(self.inbox.get_nowait())
             except queue.Empty:
-                return
-            if op == "add":
+                break
+        unmatched = None
+        if self.shared is not None:
+            ops, self.now, unmatched = self.shared.exchange(kind, ops)
+        for op, arg in ops:
+            if op == "stop":
+                self.stopped = True
+            elif op == "add":
                 if arg.adapter is not None and arg.adapter not in self.adapters:
                     # Unloaded between add_request and now: fail this request only.
                     self.requests[arg.request_id] = arg
@@ -173,6 +193,8 @@ class EngineCore:
                 req = self.scheduler.abort(arg)
                 if req is not None:
                     changed.append(req)
+        if unmatched is not None:  # after process 0's ops: this process stays in step with the others
+            raise ProcessMismatchError(unmatched)
 
     @contextlib.contextmanager
     def timed(self, part: str):

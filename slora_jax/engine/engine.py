@@ -4,7 +4,8 @@ The loop is vLLM v1's, split along its seams: ``core.EngineCore`` (schedule -> r
 one step ahead of the device), ``inputs.StepInputs`` (device inputs from a schedule) and
 ``outputs.OutputProcessor`` (append, finish, emit). This module is the public API. ``add_request`` and
 ``abort`` are thread-safe (they go through an inbox drained at the start of a step), so a server thread
-can feed the engine while another thread drives ``step()``.
+can feed the engine while another thread drives ``step()``. One engine may span the devices of several
+processes (``EngineConfig.distributed_coordinator``): ``multihost`` says how they agree on every step.
 """
 
 from __future__ import annotations
@@ -22,22 +23,36 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 import jax
 import numpy as np
 
-from sharding import TensorParallelError, TensorParallelLayout, make_mesh
+from sharding import TensorParallelError, TensorParallelLayout, initialize, is_multiprocess, make_mesh, put
 from slora_jax.adapters.paging import AdapterTables
 from slora_jax.adapters.store import AdapterStore
 from slora_jax.config import EngineConfig, ModelConfig
 from slora_jax.engine.core import EngineCore
 from slora_jax.engine.inputs import StepInputs, bucket
+from slora_jax.engine.multihost import SharedInbox
 from slora_jax.engine.outputs import OutputProcessor
 from slora_jax.engine.request import Request
 from slora_jax.engine.runner import DTYPES, ModelRunner
 from slora_jax.engine.scheduler import Scheduler
-from slora_jax.errors import AdapterError, CapacityError, ConfigError, RequestError
+from slora_jax.errors import AdapterError, CapacityError, ConfigError, ProcessMismatchError, RequestError
 from slora_jax.memory.pool import PoolLayout, UnifiedPagePool
 from slora_jax.types import AdapterInfo, RequestMetrics, RequestOutput, SamplingParams
 
 Prompt = Union[str, Sequence[int]]
 _log = logging.getLogger("slora_jax.engine")
+
+
+_ENGINES = itertools.count()  # engines built in this process: names each one's channel, the same on every process
+
+
+def join_job(econf: EngineConfig) -> None:
+    """Join the job of several processes that ``econf`` names, if any (before anything touches a device)."""
+    if econf.distributed_coordinator is None:
+        return
+    try:
+        initialize(econf.distributed_coordinator, econf.num_processes, econf.process_id)
+    except ValueError as e:
+        raise ConfigError(str(e).replace("coordinator_address", "distributed_coordinator")) from None
 
 
 def _on_gpu() -> bool:
@@ -72,24 +87,34 @@ class Engine:
     def __init__(self, model_config: ModelConfig, params: dict, config: Optional[EngineConfig] = None,
                  tokenizer=None, model_dir: Optional[str] = None):
         econf = config or EngineConfig()
+        join_job(econf)
         econf = dataclasses.replace(econf, dtype=econf.resolved_dtype(jax.default_backend()))
         if econf.compile_cache_dir is not None:
             from slora_jax.compile_cache import enable_compilation_cache
             enable_compilation_cache(econf.compile_cache_dir)  # before anything compiles
         tp = econf.tensor_parallel
+        multi = is_multiprocess()
         if tp > len(jax.devices()):
             raise ConfigError(f"tensor_parallel={tp} but only {len(jax.devices())} device(s) are visible")
         try:  # heads, KV heads (split or replicated) and MLP columns must split evenly
             tp_layout = TensorParallelLayout(model_config, tp)
         except TensorParallelError as e:
             raise ConfigError(str(e)) from None
+        if multi and tp != jax.device_count():
+            # A mesh of fewer devices would leave some processes without a shard to compute.
+            raise ConfigError(f"with {jax.process_count()} processes the mesh spans every process's devices: "
+                              f"tensor_parallel must be {jax.device_count()} (their total), got {tp}")
+        if multi and econf.prefetch:
+            # Prefetch decides by when a read or a copy finishes, which differs between processes (multihost.py).
+            _log.info("adapter prefetch is off: with several processes adapters load when their request is admitted")
+            econf = dataclasses.replace(econf, prefetch=False)
         mesh = make_mesh(tp) if tp > 1 else None
         self.model_config = model_config
         self.config = econf
         self.tokenizer = tokenizer
         self.model_dir = model_dir
         self.max_model_len = econf.max_model_len or model_config.max_position_embeddings
-        device = jax.devices()[0]
+        device = jax.local_devices()[0]  # this process's first device (jax.devices() lists every process's)
         backend = econf.kernel_backend
         if backend == "auto":
             backend = "pallas" if _on_gpu() else "xla"
@@ -105,16 +130,18 @@ class Engine:
         self.pool = UnifiedPagePool(self.layout)
         self._max_pages = -(-self.max_model_len // econf.page_rows)  # KV pages of the longest request
         self.tables = AdapterTables(model_config, self.layout, econf.max_adapters_on_device, econf.max_lora_rank)
-        to_host = _pinned_host(device) if _on_gpu() else (lambda x: x)
-        stage = None if mesh is None else (lambda tiles: jax.device_put(tiles, self.runner.replicated))
+        # Several processes build tiles spanning every process's devices from host numpy (sharding.put).
+        to_host = _pinned_host(device) if _on_gpu() and not multi else (lambda x: x)
+        stage = None if mesh is None else (lambda tiles: put(tiles, self.runner.replicated))
         self.adapters = AdapterStore(model_config, econf, self.layout, self.pool, self.tables,
                                      self.runner.write_pages, DTYPES[econf.dtype], to_host, stage)
         self.scheduler = Scheduler(econf, self.pool, self.adapters)
         self._inputs = StepInputs(econf.page_rows, econf.max_batch_size, self.scheduler.token_budget,
                                   self._table_width, self._slots)
         self._outputs = OutputProcessor(tokenizer, model_config.eos_token_ids, self.scheduler.finish)
+        self._shared = SharedInbox(f"engine{next(_ENGINES)}") if multi else None
         self._core = EngineCore(self.runner, self.scheduler, self.adapters, self.tables, self._inputs,
-                                self._outputs, econf.async_scheduling)
+                                self._outputs, econf.async_scheduling, self._shared)
         self._step_lock = threading.RLock()
         self._ids = itertools.count()
         self._closed = False
@@ -154,6 +181,7 @@ class Engine:
         from slora_jax.model.hf_config import load_model_config
 
         econf = config or EngineConfig()
+        join_job(econf)  # before jax.default_backend() touches a device
         backend = jax.default_backend()
         econf = dataclasses.replace(econf, dtype=econf.resolved_dtype(backend))
         if econf.compile_cache_dir is not None:
@@ -188,7 +216,7 @@ class Engine:
         """Forget an adapter (its device pages and host copy are freed). Refused while requests use it."""
         with self._step_lock:
             changed: list[Request] = []
-            self._core.drain_inbox(changed)  # requests queued before the unload count as users
+            self._core.drain_inbox(changed, "unload")  # requests queued before the unload count as users
             self._core.drain(changed)  # the step on the device may still read its pages
             self._outputs.emit(changed)  # aborts drained here still reach their callers
             users = [r.request_id for r in self._core.requests.values() if r.adapter == name and not r.finished]
@@ -283,7 +311,9 @@ class Engine:
                                + f"; the pool has {self.pool.total_pages}: lower max_tokens or enlarge the pool")
         if len(self.scheduler.waiting) >= self.config.max_waiting:
             raise CapacityError(f"{len(self.scheduler.waiting)} requests are waiting (max_waiting); retry later")
-        rid = request_id if request_id is not None else f"req-{next(self._ids)}-{uuid.uuid4().hex[:6]}"
+        # Several processes: the same ids on every process (multihost.SharedInbox).
+        suffix = uuid.uuid4().hex[:6] if self._shared is None else self._shared.id_suffix
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}-{suffix}"
         seed = sampling.seed if sampling.seed is not None else int(self._rng.integers(0, 2**31 - 1))
         return Request(request_id=str(rid), prompt=tokens, adapter=adapter, sampling=sampling,
                        seed=seed & 0xFFFFFFFF, max_len=self.max_model_len,
@@ -341,6 +371,34 @@ class Engine:
     def _check_open(self) -> None:
         if self._closed:
             raise RequestError("this engine is closed (Engine.close): build a new one")
+
+    def follow(self) -> None:
+        """Processes other than 0 of a multi-process engine that serves (only process 0 takes requests): run
+        process 0's steps until it calls ``stop_followers``. Process 0 makes no other Engine call meanwhile
+        but ``step``, ``add_request`` and ``abort`` (what a server does)."""
+        if self._shared is None or self._shared.is_source:
+            raise ProcessMismatchError("Engine.follow() is for processes other than 0 of a multi-process engine")
+        self._core.following = True
+        try:
+            while not self._core.stopped:
+                self.step()
+            with self._step_lock:
+                self._core.drain([])  # process 0 read its last step before it stopped us: so do we
+        finally:
+            self._core.following = False
+
+    def stop_followers(self) -> None:
+        """Process 0 of a multi-process engine: end the other processes' ``follow()`` (at shutdown). Does
+        nothing in a single-process engine."""
+        if self._shared is None:
+            return
+        if not self._shared.is_source:
+            raise ProcessMismatchError("Engine.stop_followers() is for process 0; the others run Engine.follow()")
+        with self._step_lock:
+            changed: list[Request] = []
+            self._core.drain(changed)
+            self._outputs.emit(changed)
+            self._shared.stop()
 
     def _slots(self, names) -> np.ndarray:
         """Device slot of each adapter name (-1: base), one store lookup per distinct adapter."""
@@ -415,7 +473,10 @@ class Engine:
     # ------------------------------------------------------------------ convenience
     def generate(self, prompts: Sequence[Prompt], adapters=None, sampling=None,
                  use_tqdm: bool = False) -> list[RequestOutput]:
-        """Run every prompt to completion; outputs in prompt order."""
+        """Run every prompt to completion; outputs in prompt order.
+
+        Several processes: call it on every process with the same arguments (each returns the same outputs),
+        or on process 0 only while the others run ``follow()``."""
         if isinstance(prompts, str) or (len(prompts) and isinstance(prompts[0], (int, np.integer))):
             raise RequestError("prompts must be a list of prompts (each a string or a list of token ids)")
         n = len(prompts)

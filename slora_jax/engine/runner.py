@@ -24,7 +24,7 @@ from slora_jax.errors import ConfigError
 from slora_jax.engine.sampler import sample
 from slora_jax.memory.pool import PoolLayout
 from jax.sharding import PartitionSpec
-from sharding import MODEL_AXIS, TensorParallelLayout, logical_spec, named_sharding, shard_decoder
+from sharding import MODEL_AXIS, TensorParallelLayout, fetch, logical_spec, named_sharding, put, shard_decoder
 from flax import nnx
 
 from slora_jax.model.llama import LORA_GROUPS, POOL_AXES, StepStatics, from_params, param_axes
@@ -256,7 +256,7 @@ class ModelRunner:
         where = (jax.sharding.NamedSharding(self.mesh, PartitionSpec()) if inverse
                  else named_sharding(self.mesh, axes, shape))
         if cols is None:
-            return jax.device_put(a, where)
+            return put(a, where)
         return jax.jit(lambda x: jnp.take(x, jnp.asarray(cols), axis=-1), out_shardings=where)(a)
 
     def _split_weights(self) -> None:
@@ -273,8 +273,7 @@ class ModelRunner:
         """Allocate the unified pool once (directly in its final placement); every later update is in place."""
         self.layout = layout
         # Decode steps read their input tokens from here when the host supplies them itself.
-        self._no_prev_tokens = jax.device_put(np.zeros(bucket(self.econf.max_batch_size, 2), np.int32),
-                                              self.replicated)
+        self._no_prev_tokens = put(np.zeros(bucket(self.econf.max_batch_size, 2), np.int32), self.replicated)
         where = (jax.sharding.SingleDeviceSharding(self.device) if self.mesh is None
                  else named_sharding(self.mesh, POOL_AXES, layout.shape))
         self.pool = jax.jit(lambda: jnp.zeros(layout.shape, self.dtype), out_shardings=where)()
@@ -290,7 +289,7 @@ class ModelRunner:
         if tables.version != self._tables_version:
             t0 = time.perf_counter()
             buf, spec = pack_tables(tables.arrays)
-            self._tables_dev = (jax.device_put(buf, self.replicated), spec)
+            self._tables_dev = (put(buf, self.replicated), spec)
             self._tables_version = tables.version
             self._tables_upload_s += time.perf_counter() - t0
         return self._tables_dev
@@ -398,7 +397,7 @@ class ModelRunner:
         """Wait for a dispatched step and return its outputs as numpy."""
         t0 = time.perf_counter()
         with self._out_of_memory_explained("queued"):  # an asynchronous failure of the step surfaces here
-            out = jax.tree.map(np.asarray, out)
+            out = jax.tree.map(fetch, out)  # with several processes, each reads its own copy
         self.device_wait_s += time.perf_counter() - t0
         return out
 
@@ -416,7 +415,8 @@ class ModelRunner:
             pages = np.concatenate([pages, np.zeros(nb - n, np.int32)])  # page 0 is reserved scratch
             tiles = jnp.concatenate([jnp.asarray(tiles), jnp.zeros(
                 (tiles.shape[0], nb - n) + tuple(tiles.shape[2:]), tiles.dtype)], axis=1)
-        self.pool = _write_pages(self.pool, jnp.asarray(pages, jnp.int32), jax.device_put(tiles, self.replicated))
+        self.pool = _write_pages(self.pool, put(np.asarray(pages, np.int32), self.replicated),
+                                 put(tiles, self.replicated))
 
     def release(self) -> None:
         """Drop every device buffer this runner holds (weights, pool, tables, compiled programs)."""

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sharding import put as place_on
 from slora_jax.config import ModelConfig
 from slora_jax.model.checkpoint import (SAFETENSORS_NUMPY, check_tensors, checkpoint_files, numpy_dtype,
                                         tensor_slots, tensor_spans)
@@ -143,7 +144,7 @@ def load_fused_params(model_dir, config: ModelConfig, dtype: str, scan_layers: b
     def put(x: np.ndarray) -> jax.Array:
         if pinned is not None:
             x = jax.device_put(x, pinned)
-        return jax.device_put(x, raw_place)
+        return place_on(x, raw_place)  # several processes: each places its own devices' copies
 
     def stored(name: str) -> np.ndarray:
         path, span = where[name]
