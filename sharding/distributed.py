@@ -58,6 +58,12 @@ def initialize(coordinator_address: str, num_processes: int, process_id: int) ->
         # client reads this, so it is harmless on GPU hosts.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
+        # The preemption service (checkpoint-on-preemption sync points, which serving does not use) would
+        # catch SIGTERM, the signal a server is stopped with.
+        jax.config.update("jax_enable_preemption_service", False)
+    except AttributeError:  # a JAX without the option has no such service either
+        pass
+    try:
         jax.distributed.initialize(coordinator_address, num_processes=num_processes, process_id=process_id)
     except RuntimeError as e:
         if "before" in str(e):

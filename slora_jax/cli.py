@@ -104,6 +104,13 @@ def _serve_args(sub):
     eng.add_argument("--precompile", action=argparse.BooleanOptionalAction, default=None,
                      help="compile every step program before binding (default: on GPU, where compiling a step "
                           "program on demand stalls the requests in flight for seconds)")
+    dist = p.add_argument_group("several processes", "one engine over the devices of several processes (one per host "
+                                "or GPU, jax.distributed): start the same command on each, with its own "
+                                "--process-id; process 0 serves HTTP, the others run its steps on their devices")
+    dist.add_argument("--coordinator-address", default=None, metavar="HOST:PORT",
+                      help="process 0's address and a free port for the coordinator it runs")
+    dist.add_argument("--num-processes", type=int, default=None, metavar="N", help="processes in the job")
+    dist.add_argument("--process-id", type=int, default=None, metavar="I", help="this process's index, 0 to N-1")
     from slora_jax.server.flags import add_serving_limits
     add_serving_limits(p.add_argument_group("serving limits and lifecycle"))
     from slora_jax.deploy import add_replica_args

@@ -44,8 +44,6 @@ class EngineCore:
         # Several processes: process 0's inbox and clock, on every process (multihost.SharedInbox).
         self.shared = shared
         self.now: Optional[float] = None  # the clock of this step's decisions (None: this process's own)
-        self.stopped = False  # process 0 ended Engine.follow()
-        self.following = False  # this process is in Engine.follow()
         self.requests: dict[str, Request] = {}
         self._inflight: Optional[_InFlight] = None
         self._registered: Optional[tuple] = None  # LoRA groups the registered adapters target (cached)
@@ -85,11 +83,6 @@ class EngineCore:
         changed: list[Request] = []
         with self.timed("inbox"):
             self.drain_inbox(changed)
-        if self.stopped:
-            if not self.following:
-                raise ProcessMismatchError("process 0 called Engine.stop_followers() while this process was not in "
-                                           "Engine.follow(): every process makes the same Engine calls, or follows")
-            return []
         with self.timed("schedule"):
             sched = self.scheduler.schedule(self.now)
         changed.extend(sched.finished)
@@ -162,9 +155,9 @@ class EngineCore:
             tokens, logp = self.runner.collect(cur.out)
             self.outputs.append(cur.rows, tokens, logp, changed)
 
-    def drain_inbox(self, changed: list, kind: str = "step") -> None:
-        """Apply the queued requests and aborts (process 0's, with several processes: ``kind`` names the call
-        that drains, which must be the same on every process)."""
+    def drain_inbox(self, changed: list, kind: str = "step", args=None):
+        """Apply the queued requests and aborts. With several processes, process 0's: ``kind`` and ``args``
+        name the Engine call that drains (the same on every process); returns process 0's ``args``."""
         ops = []
         while True:
             try:
@@ -173,11 +166,9 @@ class EngineCore:
                 break
         unmatched = None
         if self.shared is not None:
-            ops, self.now, unmatched = self.shared.exchange(kind, ops)
+            ops, self.now, args, unmatched = self.shared.exchange(kind, ops, args)
         for op, arg in ops:
-            if op == "stop":
-                self.stopped = True
-            elif op == "add":
+            if op == "add":
                 if arg.adapter is not None and arg.adapter not in self.adapters:
                     # Unloaded between add_request and now: fail this request only.
                     self.requests[arg.request_id] = arg
@@ -195,6 +186,14 @@ class EngineCore:
                     changed.append(req)
         if unmatched is not None:  # after process 0's ops: this process stays in step with the others
             raise ProcessMismatchError(unmatched)
+        return args
+
+    def agree(self, kind: str, args=None):
+        """With several processes, process 0's ``args`` of an Engine call that every process makes (``kind``)
+        without draining the inbox; ``args`` as they are in one process."""
+        if self.shared is None:
+            return args
+        return self.shared.exchange(kind, [], args)[2]
 
     @contextlib.contextmanager
     def timed(self, part: str):

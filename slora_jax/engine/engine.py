@@ -10,6 +10,7 @@ processes (``EngineConfig.distributed_coordinator``): ``multihost`` says how the
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -201,22 +202,29 @@ class Engine:
 
     # ------------------------------------------------------------------ adapters
     def load_adapter(self, name: str, adapter_dir, lazy: bool = False) -> AdapterInfo:
-        """Register a PEFT LoRA folder under ``name``. Validated now (weights too unless ``lazy``)."""
-        info = self.adapters.register(name, adapter_dir, lazy=lazy)
-        self._core.adapters_changed()
+        """Register a PEFT LoRA folder under ``name``. Validated now (weights too unless ``lazy``).
+
+        Several processes: every process reads the folder at ``adapter_dir`` (the same files on each host)."""
+        # With several processes, between two steps: the adapters registered choose the step programs.
+        with self._step_lock if self._shared is not None else contextlib.nullcontext():
+            info = self.adapters.register(name, adapter_dir, lazy=lazy)
+            self._core.agree("load", (name, str(adapter_dir), bool(lazy)))
+            self._core.adapters_changed()
         return info
 
     def load_adapter_weights(self, name: str, lora) -> AdapterInfo:
         """Register an adapter already in memory (``slora_jax.adapters.LoraWeights``, e.g. just trained)."""
-        info = self.adapters.register_weights(name, lora)
-        self._core.adapters_changed()
+        with self._step_lock if self._shared is not None else contextlib.nullcontext():
+            info = self.adapters.register_weights(name, lora)
+            self._core.agree("load_weights", name)  # not replayed by follow(): the weights are this process's
+            self._core.adapters_changed()
         return info
 
     def unload_adapter(self, name: str) -> None:
         """Forget an adapter (its device pages and host copy are freed). Refused while requests use it."""
         with self._step_lock:
             changed: list[Request] = []
-            self._core.drain_inbox(changed, "unload")  # requests queued before the unload count as users
+            name = self._core.drain_inbox(changed, "unload", name)  # requests queued before count as users
             self._core.drain(changed)  # the step on the device may still read its pages
             self._outputs.emit(changed)  # aborts drained here still reach their callers
             users = [r.request_id for r in self._core.requests.values() if r.adapter == name and not r.finished]
@@ -238,6 +246,7 @@ class Engine:
     def evict_adapters(self) -> None:
         """Drop every adapter from the device (host copies stay): the next use of each loads it again."""
         with self._step_lock:
+            self._core.agree("evict")
             self.adapters.evict_all()
 
     def adapter_load_count(self) -> int:
@@ -252,6 +261,7 @@ class Engine:
         """Use another scheduling policy (fcfs | cluster | slo | fair) from now on; only while nothing runs."""
         from slora_jax.engine.policies import make_policy
         with self._step_lock:
+            name, options = self._core.agree("policy", (name, options))
             self.scheduler.set_policy(make_policy(dataclasses.replace(self.config, scheduler=name, **options)))
 
     def base_params(self):
@@ -261,6 +271,7 @@ class Engine:
     def replace_base_params(self, params) -> None:
         """Serve with other base weights of the same layout (e.g. an adapter merged in); nothing in flight."""
         with self._step_lock:
+            self._core.agree("params")  # not replayed by follow(): the weights are this process's
             changed: list[Request] = []
             self._core.drain(changed)
             self._outputs.emit(changed)
@@ -373,19 +384,30 @@ class Engine:
             raise RequestError("this engine is closed (Engine.close): build a new one")
 
     def follow(self) -> None:
-        """Processes other than 0 of a multi-process engine that serves (only process 0 takes requests): run
-        process 0's steps until it calls ``stop_followers``. Process 0 makes no other Engine call meanwhile
-        but ``step``, ``add_request`` and ``abort`` (what a server does)."""
+        """Processes other than 0 of a multi-process engine that serves (only process 0 takes requests): make
+        process 0's Engine calls (steps, adapter loads and unloads, scoring) as it makes them, until it calls
+        ``stop_followers``. Every process must see the same adapter files at the same paths."""
         if self._shared is None or self._shared.is_source:
             raise ProcessMismatchError("Engine.follow() is for processes other than 0 of a multi-process engine")
-        self._core.following = True
-        try:
-            while not self._core.stopped:
-                self.step()
-            with self._step_lock:
-                self._core.drain([])  # process 0 read its last step before it stopped us: so do we
-        finally:
-            self._core.following = False
+        replay = {"step": lambda args: self.step(), "load": lambda args: self.load_adapter(*args),
+                  "unload": self.unload_adapter, "evict": lambda args: self.evict_adapters(),
+                  "policy": lambda args: self.set_scheduler(args[0], **args[1]),
+                  "logits": lambda args: self.logits(*args)}
+        while True:
+            kind, args = self._shared.peek()
+            if kind == "stop":
+                self._shared.skip()
+                break
+            if kind not in replay:
+                raise ProcessMismatchError(f"process 0 made a {kind!r} call, which a following process cannot make "
+                                           "with process 0's arguments; make that call on every process instead")
+            try:
+                replay[kind](args)
+            except (AdapterError, RequestError, CapacityError) as e:
+                # Process 0's call failed the same way on the same state: it goes on serving, and so do we.
+                _log.info("process 0's %s call failed here too: %s", kind, e)
+        with self._step_lock:
+            self._core.drain([])  # process 0 read its last step before it stopped us: so do we
 
     def stop_followers(self) -> None:
         """Process 0 of a multi-process engine: end the other processes' ``follow()`` (at shutdown). Does
@@ -530,6 +552,7 @@ class Engine:
         adapters = _per_prompt(adapters, n, "adapters")
         with self._step_lock:
             reqs = [self._make_request(p, a, None, None) for p, a in zip(prompts, adapters)]
+            self._core.agree("logits", ([r.prompt for r in reqs], adapters))  # a program over every process
             changed: list[Request] = []
             self._core.drain(changed)  # the pool is donated to this program: nothing may be in flight
             self._outputs.emit(changed)

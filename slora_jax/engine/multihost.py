@@ -32,10 +32,12 @@ def _same(a, b) -> bool:
 
 
 class SharedInbox:
-    """Process 0's inbox and clock, on every process. ``exchange`` is called at the same points everywhere."""
+    """Process 0's inbox, clock and calls, on every process. ``exchange`` is called at the same points
+    everywhere: each step, and each Engine call that changes what the scheduler sees or runs a program."""
 
     def __init__(self, name: str):
         self.channel = HostBroadcast(name)
+        self._held: Optional[tuple] = None  # a message ``peek`` received and no ``exchange`` took yet
         # Request ids are the same on every process (a counter and this suffix, process 0's), so a request
         # that another process submits too is matched to process 0's by its id.
         if self.channel.is_source:
@@ -48,27 +50,42 @@ class SharedInbox:
     def is_source(self) -> bool:
         return self.channel.is_source
 
-    def exchange(self, kind: str, ops: list) -> tuple[list, float, Optional[str]]:
-        """(process 0's ops, process 0's clock, what this process asked for that process 0 did not: None
-        when nothing). ``kind`` names the call (``"step"``, ``"unload"``); calls in different orders raise.
+    def exchange(self, kind: str, ops: list, args=None) -> tuple[list, float, object, Optional[str]]:
+        """(process 0's ops, process 0's clock, process 0's ``args``, what this process submitted that process
+        0 did not: None when nothing). ``kind`` names the call (``"step"``, ``"unload"``, ...), ``args`` its
+        arguments; a call that differs from process 0's raises ProcessMismatchError.
 
         Pickled: the messages come from process 0 of the same job, through its coordinator."""
         if self.is_source:
             now = time.monotonic()
-            self.channel.send(pickle.dumps((kind, ops, now)))
-            return ops, now, None
-        their_kind, theirs, now = pickle.loads(self.channel.receive())
-        if their_kind == "stop":
-            return [("stop", None)], now, None
-        if their_kind != kind:
+            self.channel.send(pickle.dumps((kind, ops, args, now)))
+            return ops, now, args, None
+        their_kind, theirs, their_args, now = self._take()
+        if their_kind != kind or their_args != args:
+            what = f"a {their_kind!r} call" + ("" if their_kind == kind else f" where this process made a {kind!r} call")
             raise ProcessMismatchError(
-                f"process 0 made a {their_kind!r} call where this process made a {kind!r} call: every process of a "
-                "multi-process engine makes the same Engine calls in the same order (or runs Engine.follow())")
-        return theirs, now, self._unmatched(ops, theirs)
+                f"process 0 made {what}" + (f" with other arguments ({their_args!r:.200})" if their_kind == kind else "")
+                + ": every process of a multi-process engine makes the same Engine calls in the same order, or "
+                "runs Engine.follow()")
+        return theirs, now, their_args, self._unmatched(ops, theirs)
+
+    def peek(self) -> tuple[str, object]:
+        """Not process 0: (kind, args) of process 0's next call, left for the ``exchange`` that replays it."""
+        if self._held is None:
+            self._held = pickle.loads(self.channel.receive())
+        return self._held[0], self._held[2]
+
+    def _take(self) -> tuple:
+        held, self._held = self._held, None
+        return held if held is not None else pickle.loads(self.channel.receive())
 
     def stop(self) -> None:
         """Process 0: end the other processes' ``Engine.follow()``."""
-        self.channel.send(pickle.dumps(("stop", [], time.monotonic())))
+        self.channel.send(pickle.dumps(("stop", [], None, time.monotonic())))
+
+    def skip(self) -> None:
+        """Not process 0: drop the message ``peek`` returned (``stop``)."""
+        self._take()
 
     @staticmethod
     def _unmatched(mine: list, theirs: list) -> Optional[str]:

@@ -702,6 +702,10 @@ def engine_config(args):
         from slora_jax.server.startup import host_cache_bytes
         extra["host_cache_bytes"] = host_cache_bytes(args.max_cpu_loras, args.model, args.max_lora_rank,
                                                      sj.EngineConfig.page_rows, args.dtype)
+    for flag, field in (("coordinator_address", "distributed_coordinator"), ("num_processes", "num_processes"),
+                        ("process_id", "process_id")):
+        if getattr(args, flag, None) is not None:
+            extra[field] = getattr(args, flag)
     return sj.EngineConfig(dtype=args.dtype, kernel_backend=args.kernel_backend,
                            tensor_parallel=args.tensor_parallel, num_pages=args.num_pages,
                            max_batch_size=args.max_batch_size, max_lora_rank=args.max_lora_rank, **extra)
@@ -804,6 +808,8 @@ def run_server(args) -> int:
     log_level = configure_logging(args)
     setup = ServeSetup(args)
     opt, adapters, state_file = setup.limits, setup.adapters, setup.state_file
+    if _check_processes(args, setup.root, state_file):
+        return _follow(setup)
     sock = preflight(args, adapters)  # bad paths and a busy port fail here, before minutes of loading
     family = sock.family
     sock.listen(2048)  # connections queue from now on: probes may come as soon as the address is printed
@@ -814,8 +820,11 @@ def run_server(args) -> int:
     say(f"serving {setup.model_name!r} and {len(adapters)} adapter(s) on http://{url_host}:{port} "
         "(/health answers 503 until the model is loaded)")
 
+    built: list = []  # the engine, once loaded
+
     def build():
         engine = setup.load_engine(adapters, progress)
+        built.append(engine)
         runtime = None
         if state_file is not None:
             progress.step("loading the adapters recorded in the state file", str(state_file.path))
@@ -824,8 +833,45 @@ def run_server(args) -> int:
 
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal: end with status 0.
     signal.signal(signal.SIGTERM, _interrupt)
-    return serve(build, sock, lifecycle, drain_s=opt.drain_timeout, header_timeout_s=opt.header_timeout,
+    code = serve(build, sock, lifecycle, drain_s=opt.drain_timeout, header_timeout_s=opt.header_timeout,
                  max_connections=opt.max_connections, keep_alive_s=opt.keep_alive_timeout, log_level=log_level)
+    if built:
+        built[0].stop_followers()  # the other processes of the job end with this one
+    return code
+
+
+def _check_processes(args, root, state_file) -> bool:
+    """Check the several-processes flags; True when this process is not process 0 (it follows, no HTTP)."""
+    from sharding.distributed import check_distributed_args
+    from slora_jax.server.startup import StartupError
+
+    try:
+        check_distributed_args(getattr(args, "coordinator_address", None), getattr(args, "num_processes", None),
+                               getattr(args, "process_id", None))
+    except ValueError as e:
+        raise StartupError(str(e).replace("coordinator_address", "--coordinator-address")
+                           .replace("num_processes", "--num-processes").replace("process_id", "--process-id"))
+    if (getattr(args, "num_processes", None) or 1) == 1:
+        return False
+    if root is not None or state_file is not None:
+        # Runtime loads reach process 0 only; the others would serve without the adapter.
+        raise StartupError("--adapter-root and --state-file load adapters at runtime, which a job of several "
+                           "processes does not do: give every adapter at start (--adapter, --lora-modules)")
+    return args.process_id != 0
+
+
+def _follow(setup) -> int:
+    """A process other than 0: load the model and the adapters as process 0 does, then run its steps on this
+    process's devices until it stops."""
+    from slora_jax.server.lifecycle import say
+
+    args = setup.args
+    say(f"process {args.process_id} of {args.num_processes}: loading {args.model}")
+    engine = setup.load_engine(setup.adapters)
+    say(f"process {args.process_id}: following process 0")
+    engine.follow()
+    say(f"process {args.process_id}: process 0 stopped")
+    return 0
 
 
 def _interrupt(signum, frame):

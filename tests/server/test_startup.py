@@ -59,6 +59,18 @@ def test_bad_paths_are_named(files, broken_model, tmp_path):
                                     "--lora-modules", f"x={files['adapters']['a1']}")
 
 
+def test_several_processes_flags_are_checked(broken_model, tmp_path):
+    m = str(broken_model)
+    job = ("--coordinator-address", "127.0.0.1:1234", "--num-processes", "2", "--process-id", "0")
+    assert "--num-processes, --process-id missing" in startup_error("--model", m, *job[:2])
+    assert "--coordinator-address must be host:port" in startup_error("--model", m, "--coordinator-address", "h",
+                                                                      *job[2:])
+    assert "--process-id must be an integer in [0, 2)" in startup_error("--model", m, *job[:4], "--process-id", "2")
+    # Runtime adapter loads would reach process 0 only.
+    msg = startup_error("--model", m, *job, "--adapter-root", str(tmp_path))
+    assert "--adapter-root" in msg and "at start" in msg
+
+
 def test_a_busy_port_fails_before_the_model_loads(broken_model, busy_port):
     # The weights are corrupt: had it loaded them first, the error would be about them.
     msg = startup_error("--model", str(broken_model), "--port", str(busy_port))

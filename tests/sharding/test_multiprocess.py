@@ -1,0 +1,149 @@
+"""One engine over two processes (jax.distributed on CPU, one device each): tensor_parallel=2 across them
+serves the tokens a single-process engine serves, whether both processes submit the requests or process 0
+does and the other follows."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import slora_jax as sj
+from slora_jax.engine.multihost import SharedInbox
+from slora_jax.engine.request import Request
+from slora_jax.model.random_checkpoint import tiny_llama_config, write_random_adapter, write_random_checkpoint
+from slora_jax.types import RequestMetrics, SamplingParams
+
+ROOT = Path(__file__).resolve().parents[2]
+PROMPTS = [[1, 5, 9, 13], [2, 4, 6, 8, 10, 12], [7, 7, 7]]
+ADAPTERS = ["a", None, "a"]
+MAX_TOKENS = 4
+SMALL = dict(dtype="float32", kernel_backend="xla", num_pages=64, max_batch_size=4, max_prefill_tokens=16,
+             max_model_len=48, compile_cache_dir=None)
+
+SCRIPT = textwrap.dedent('''
+    import json, sys, time
+    T0 = time.time()
+
+    def mark(what):  # on stderr, shown when the test fails: where a slow or stuck run was
+        print(f"process {sys.argv[1]} at {time.time() - T0:.1f} s: {what}", file=sys.stderr, flush=True)
+
+    import jax
+    import slora_jax as sj
+    pid, port, root = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    prompts, adapters, max_tokens, small = json.loads(sys.argv[4])
+    config = sj.EngineConfig(tensor_parallel=2, distributed_coordinator="127.0.0.1:" + port, num_processes=2,
+                             process_id=pid, **small)
+    eng = sj.Engine.from_pretrained(root + "/model", config=config)
+    # One mesh over both processes, one device of it here; the pool is split over both.
+    assert (jax.process_count(), len(jax.devices()), len(jax.local_devices())) == (2, 2, 1)
+    assert eng.runner.pool.sharding.mesh.devices.size == 2 and not eng.runner.pool.is_fully_addressable
+    eng.load_adapter("a", root + "/adapter")
+    mark("engine built")
+    sampling = sj.SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    res = {}
+    # Both processes submit the same requests: each gets every output, under process 0's request ids.
+    outs = eng.generate(prompts, adapters=adapters, sampling=sampling)
+    res["both"] = [o.token_ids for o in outs]
+    res["ids"] = [o.request_id for o in outs]
+    mark("generated")
+    res["logits"] = [l.tolist() for l in eng.logits(prompts[:1], adapters=adapters[:1])]
+    # Process 0 alone submits (as a server does); process 1 runs its calls until it is stopped.
+    if pid == 0:
+        outs = eng.generate(prompts[::-1], adapters=adapters[::-1], sampling=sampling)
+        res["led"] = [o.token_ids for o in outs][::-1]
+        eng.unload_adapter("a")
+        eng.stop_followers()
+    else:
+        eng.follow()
+    res["adapters"] = eng.adapter_names()
+    mark("done")
+    print("RESULT " + json.dumps(res), flush=True)
+''')
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("multiprocess")
+    cfg = tiny_llama_config()
+    write_random_checkpoint(root / "model", cfg, seed=3, std=0.08)
+    write_random_adapter(root / "adapter", cfg, rank=8, target_modules=("q_proj", "v_proj", "down_proj"), seed=1,
+                         init_scale=0.3)
+    return root
+
+
+def test_two_processes_serve_the_single_process_tokens(files):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    env.pop("XLA_FLAGS", None)  # one CPU device per process
+    port = str(_free_port())
+    spec = json.dumps([PROMPTS, ADAPTERS, MAX_TOKENS, SMALL])
+    t0 = time.monotonic()
+    procs = [subprocess.Popen([sys.executable, "-c", SCRIPT, str(pid), port, str(files), spec], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for pid in (0, 1)]
+    outputs = []
+    try:
+        for p in procs:  # a hang (a process waiting on the other) fails here instead of stalling the suite
+            outputs.append(p.communicate(timeout=max(1.0, 150 - (time.monotonic() - t0))))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    results = []
+    for p, (out, err) in zip(procs, outputs):
+        assert p.returncode == 0, out + err[-4000:]
+        results.append(json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:]))
+
+    eng = sj.Engine.from_pretrained(files / "model", config=sj.EngineConfig(**SMALL))
+    eng.load_adapter("a", files / "adapter")
+    want = [o.token_ids for o in eng.generate(PROMPTS, adapters=ADAPTERS,
+                                              sampling=sj.SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True))]
+    want_logits = eng.logits(PROMPTS[:1], adapters=ADAPTERS[:1])[0]
+    assert len(want) == 3 and all(len(t) == MAX_TOKENS for t in want)
+    for res in results:
+        assert res["both"] == want
+        got = np.asarray(res["logits"][0], np.float32)
+        assert float(np.abs(got - want_logits).max() / np.abs(want_logits).max()) < 1e-5
+    assert results[0]["ids"] == results[1]["ids"]
+    assert results[0]["led"] == want
+    # process 1 replayed process 0's unload
+    assert results[0]["adapters"] == results[1]["adapters"] == []
+
+
+def _req(rid: str, prompt: list, adapter=None) -> Request:
+    return Request(request_id=rid, prompt=prompt, adapter=adapter, sampling=SamplingParams(max_tokens=3), seed=0,
+                   max_len=64, metrics=RequestMetrics(arrival_time=0.0))
+
+
+def test_a_request_process_0_did_not_submit_is_named():
+    mine = [("add", _req("req-0-x", [1, 2])), ("add", _req("req-1-x", [3]))]
+    theirs = [("add", _req("req-0-x", [1, 2])), ("add", _req("req-1-x", [4]))]
+    assert SharedInbox._unmatched(mine, mine) is None
+    assert SharedInbox._unmatched([], theirs) is None  # a following process submits nothing
+    msg = SharedInbox._unmatched(mine, theirs)
+    assert "1 request(s)" in msg and "req-1-x" in msg
+
+
+@pytest.mark.parametrize("kw, words", [
+    (dict(distributed_coordinator="127.0.0.1:1234"), "num_processes, process_id missing"),
+    (dict(distributed_coordinator="nohost", num_processes=2, process_id=0), "host:port"),
+    (dict(distributed_coordinator="h:99999", num_processes=2, process_id=0), "host:port"),
+    (dict(distributed_coordinator="h:1234", num_processes=0, process_id=0), "num_processes"),
+    (dict(distributed_coordinator="h:1234", num_processes=2, process_id=2), "process_id must be an integer in [0, 2)"),
+])
+def test_bad_distributed_settings_are_refused(kw, words):
+    with pytest.raises(sj.ConfigError) as e:
+        sj.EngineConfig(**kw)
+    assert words in str(e.value)
