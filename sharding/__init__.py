@@ -6,7 +6,7 @@ placed by hand, so that Pallas kernels run on each device's heads (``tensor_para
 joins several processes into one mesh.
 """
 
-from sharding.distributed import HostBroadcast, fetch, initialize, is_multiprocess, put
+from sharding.distributed import HostBroadcast, fetch, initialize, is_multiprocess, put, smallest
 from sharding.mesh import MODEL_AXIS, make_mesh
 from sharding.rules import DEFAULT_RULES, logical_spec, named_sharding, tree_shardings
 from sharding.tensor_parallel import (COLUMN_PARALLEL, ROW_PARALLEL, TensorParallelError, TensorParallelLayout,
@@ -14,4 +14,4 @@ from sharding.tensor_parallel import (COLUMN_PARALLEL, ROW_PARALLEL, TensorParal
 
 __all__ = ["COLUMN_PARALLEL", "DEFAULT_RULES", "HostBroadcast", "MODEL_AXIS", "ROW_PARALLEL", "TensorParallelError",
            "TensorParallelLayout", "all_reduce", "fetch", "initialize", "is_multiprocess", "logical_spec",
-           "make_mesh", "named_sharding", "put", "shard_decoder", "tree_shardings"]
+           "make_mesh", "named_sharding", "put", "shard_decoder", "smallest", "tree_shardings"]

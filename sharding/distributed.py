@@ -98,6 +98,12 @@ def fetch(x: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
+def smallest(value: int) -> int:
+    """The smallest of every process's ``value``: a collective, so every process calls it at the same point."""
+    from jax.experimental import multihost_utils
+    return int(np.min(multihost_utils.process_allgather(np.asarray(value, np.int32))))
+
+
 class HostBroadcast:
     """Messages (bytes) from process 0 to every other process, received in the order sent.
 

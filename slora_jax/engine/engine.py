@@ -24,7 +24,7 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 import jax
 import numpy as np
 
-from sharding import TensorParallelError, TensorParallelLayout, initialize, is_multiprocess, make_mesh, put
+from sharding import TensorParallelError, TensorParallelLayout, initialize, is_multiprocess, make_mesh, put, smallest
 from slora_jax.adapters.paging import AdapterTables
 from slora_jax.adapters.store import AdapterStore
 from slora_jax.config import EngineConfig, ModelConfig
@@ -35,7 +35,8 @@ from slora_jax.engine.outputs import OutputProcessor
 from slora_jax.engine.request import Request
 from slora_jax.engine.runner import DTYPES, ModelRunner
 from slora_jax.engine.scheduler import Scheduler
-from slora_jax.errors import AdapterError, CapacityError, ConfigError, ProcessMismatchError, RequestError
+from slora_jax.errors import (AdapterError, CapacityError, ConfigError, ProcessMismatchError, RequestError,
+                              SloraError)
 from slora_jax.memory.pool import PoolLayout, UnifiedPagePool
 from slora_jax.types import AdapterInfo, RequestMetrics, RequestOutput, SamplingParams
 
@@ -126,6 +127,8 @@ class Engine:
         # The pool's width is the K/V width (of every device's KV heads, when they are replicated).
         unit = PoolLayout(model_config.num_layers, 1, econf.page_rows, tp_layout.pool_width, shards=tp)
         pages = _pool_pages(model_config, econf, unit, device, shards=tp)
+        if multi:  # one pool over every process: the page count that fits in each one's free memory
+            pages = smallest(pages)
         self.layout = dataclasses.replace(unit, num_pages=pages)
         self.runner.allocate_pool(self.layout)
         self.pool = UnifiedPagePool(self.layout)
@@ -403,8 +406,17 @@ class Engine:
                                            "with process 0's arguments; make that call on every process instead")
             try:
                 replay[kind](args)
-            except (AdapterError, RequestError, CapacityError) as e:
-                # Process 0's call failed the same way on the same state: it goes on serving, and so do we.
+            except ProcessMismatchError:
+                raise
+            except Exception as e:  # noqa: BLE001 - sorted below
+                # Process 0 sends a call before the part of it that can fail on the user's input (a load once it
+                # succeeded there): such an error here is the one process 0 answered, and it serves on.
+                user_error = isinstance(e, SloraError) or (kind == "policy" and isinstance(e, RuntimeError))
+                if kind == "load" and user_error:
+                    raise ProcessMismatchError(f"process 0 loaded adapter {args[0]!r} from {args[1]}, which failed "
+                                               f"here: {e}") from e
+                if kind == "step" or not user_error:
+                    raise  # a failed step ends process 0's serving too
                 _log.info("process 0's %s call failed here too: %s", kind, e)
         with self._step_lock:
             self._core.drain([])  # process 0 read its last step before it stopped us: so do we

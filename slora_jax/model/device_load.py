@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sharding import put as place_on
+from sharding import is_multiprocess, put as place_on
 from slora_jax.config import ModelConfig
 from slora_jax.model.checkpoint import (SAFETENSORS_NUMPY, check_tensors, checkpoint_files, numpy_dtype,
                                         tensor_slots, tensor_spans)
@@ -177,6 +177,10 @@ def load_fused_params(model_dir, config: ModelConfig, dtype: str, scan_layers: b
                           out_shardings={k: a.sharding for k, a in abstract.items()})()
     per_layer: list = [None] * L
     workers = workers or max(1, min(8, os.cpu_count() or 1))
+    if is_multiprocess():
+        # A program over several processes' devices must start in the same order on each (XLA pairs their
+        # collectives by order): one thread places the layers in layer order.
+        workers = 1
     with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="checkpoint-read") as pool:
         # A window of layers in flight bounds the device memory held by layers not yet inserted.
         pending: dict = {}
