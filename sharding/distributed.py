@@ -53,20 +53,18 @@ def initialize(coordinator_address: str, num_processes: int, process_id: int) ->
                              + (f" at {joined[0]}" if joined[0] else "") + f"; it cannot join {wanted}")
         _JOINED = wanted
         return
-    if not jax.config.jax_cpu_collectives_implementation:
-        # CPU devices of different processes talk through gloo (older JAX had no default): only the CPU
-        # client reads this, so it is harmless on GPU hosts.
+    # CPU devices of different processes talk through gloo (JAX's default since 0.4.3x, None before); only
+    # the CPU client reads it, so it is harmless on GPU hosts.
+    if getattr(jax.config, "jax_cpu_collectives_implementation", "gloo") is None:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    try:
-        # The preemption service (checkpoint-on-preemption sync points, which serving does not use) would
-        # catch SIGTERM, the signal a server is stopped with.
+    # The preemption service (checkpoint-on-preemption sync points, which serving does not use) would catch
+    # SIGTERM, the signal a server is stopped with.
+    if hasattr(jax.config, "jax_enable_preemption_service"):
         jax.config.update("jax_enable_preemption_service", False)
-    except AttributeError:  # a JAX without the option has no such service either
-        pass
     try:
         jax.distributed.initialize(coordinator_address, num_processes=num_processes, process_id=process_id)
     except RuntimeError as e:
-        if "before" in str(e):
+        if "before" in str(e):  # JAX's devices are in use already
             raise ValueError("jax.distributed must be initialised before anything touches a device: build the "
                              "engine (or call sharding.distributed.initialize) before any other JAX call in this "
                              f"process ({e})") from e
@@ -118,7 +116,7 @@ class HostBroadcast:
     def __init__(self, name: str):
         from jax._src import distributed  # the coordinator's client; there is no public handle to it
 
-        self._client = distributed.global_state.client
+        self._client = getattr(getattr(distributed, "global_state", None), "client", None)
         if self._client is None:
             raise ValueError("HostBroadcast needs jax.distributed to be initialised (sharding.distributed.initialize)")
         self._prefix = f"slora_jax/{name}/"

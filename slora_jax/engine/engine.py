@@ -53,8 +53,8 @@ def join_job(econf: EngineConfig) -> None:
         return
     try:
         initialize(econf.distributed_coordinator, econf.num_processes, econf.process_id)
-    except ValueError as e:
-        raise ConfigError(str(e).replace("coordinator_address", "distributed_coordinator")) from None
+    except ValueError as e:  # the values were checked by EngineConfig: the process cannot join now
+        raise ConfigError(str(e)) from None
 
 
 def _on_gpu() -> bool:

@@ -147,3 +147,13 @@ def test_bad_distributed_settings_are_refused(kw, words):
     with pytest.raises(sj.ConfigError) as e:
         sj.EngineConfig(**kw)
     assert words in str(e.value)
+
+
+def test_joining_a_job_after_jax_started_is_refused():
+    import jax
+
+    jax.devices()  # this process's devices are in use: too late to join a job
+    config = sj.EngineConfig(distributed_coordinator=f"127.0.0.1:{_free_port()}", num_processes=2, process_id=0,
+                             **SMALL)
+    with pytest.raises(sj.ConfigError, match="before anything touches a device"):
+        sj.Engine(tiny_llama_config(), {}, config)
