@@ -24,7 +24,8 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 import jax
 import numpy as np
 
-from sharding import TensorParallelError, TensorParallelLayout, initialize, is_multiprocess, make_mesh, put, smallest
+from sharding import (TensorParallelError, TensorParallelLayout, initialize, is_multiprocess, make_mesh, put,
+                      smallest)
 from slora_jax.adapters.paging import AdapterTables
 from slora_jax.adapters.store import AdapterStore
 from slora_jax.config import EngineConfig, ModelConfig
