@@ -1,9 +1,10 @@
 """One engine over two processes (jax.distributed on CPU, one device each): tensor_parallel=2 across them
 serves the tokens a single-process engine serves, whether both processes submit the requests or process 0
-does and the other follows."""
+does and the other follows; `slora-jax serve` over two processes does too (slow)."""
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -120,6 +121,58 @@ def test_two_processes_serve_the_single_process_tokens(files):
     assert results[0]["led"] == want
     # process 1 replayed process 0's unload
     assert results[0]["adapters"] == results[1]["adapters"] == []
+
+
+@pytest.mark.slow
+def test_serve_over_two_processes(files):
+    """`slora-jax serve` on two processes: process 0 answers HTTP with the single-process tokens (a scoring
+    pass too), process 1 follows, and both end when process 0 is stopped."""
+    import httpx
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    env.pop("XLA_FLAGS", None)
+    port, job = _free_port(), str(_free_port())
+    common = [sys.executable, "-m", "slora_jax", "serve", "--model", str(files / "model"),
+              "--adapter", f"a={files / 'adapter'}", "--dtype", "float32", "--kernel-backend", "xla",
+              "--tensor-parallel", "2", "--num-pages", "64", "--max-batch-size", "4", "--no-precompile",
+              "--coordinator-address", f"127.0.0.1:{job}", "--num-processes", "2"]
+    leader, follower = (subprocess.Popen(common + extra, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                         text=True)
+                        for extra in (["--process-id", "0", "--port", str(port)], ["--process-id", "1"]))
+    procs = [leader, follower]
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 150
+        while True:
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "the job did not start"
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        got = []
+        for prompt, adapter in zip(PROMPTS, ADAPTERS):
+            body = {"model": adapter or "model", "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0,
+                    "ignore_eos": True, "logprobs": 1, "echo": True}
+            resp = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
+            assert resp.status_code == 200, resp.text
+            tokens = resp.json()["choices"][0]["logprobs"]["tokens"][len(prompt):]
+            got.append([int(t.split(":")[1]) for t in tokens])
+        leader.send_signal(signal.SIGTERM)  # a server's stop: the follower ends with it
+        outs = [p.communicate(timeout=60)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert "process 1: process 0 stopped" in outs[1]
+    eng = sj.Engine.from_pretrained(files / "model", config=sj.EngineConfig(**SMALL))
+    eng.load_adapter("a", files / "adapter")
+    want = [o.token_ids for o in eng.generate(PROMPTS, adapters=ADAPTERS,
+                                              sampling=sj.SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True))]
+    assert got == want
 
 
 def _req(rid: str, prompt: list, adapter=None) -> Request:
