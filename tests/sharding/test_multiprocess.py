@@ -37,6 +37,8 @@ SCRIPT = textwrap.dedent('''
 
     import jax
     import slora_jax as sj
+    from sharding import HostBroadcast
+    HostBroadcast.ACK_EVERY = 4  # read messages are deleted within this run's few dozen
     pid, port, root = int(sys.argv[1]), sys.argv[2], sys.argv[3]
     prompts, adapters, max_tokens, small = json.loads(sys.argv[4])
     config = sj.EngineConfig(tensor_parallel=2, distributed_coordinator="127.0.0.1:" + port, num_processes=2,
@@ -61,6 +63,15 @@ SCRIPT = textwrap.dedent('''
         res["led"] = [o.token_ids for o in outs][::-1]
         eng.unload_adapter("a")
         eng.stop_followers()
+        from jax._src import distributed
+        store = distributed.global_state.client
+        res["kept"] = []
+        for seq in (0, eng._shared.channel._seq - 1):  # the first message read by all, the last one
+            try:
+                store.key_value_try_get_bytes(f"slora_jax/engine0/{seq}")
+                res["kept"].append(seq)
+            except Exception:
+                pass
     else:
         eng.follow()
     res["adapters"] = eng.adapter_names()
@@ -119,6 +130,7 @@ def test_two_processes_serve_the_single_process_tokens(files):
         assert float(np.abs(got - want_logits).max() / np.abs(want_logits).max()) < 1e-5
     assert results[0]["ids"] == results[1]["ids"]
     assert results[0]["led"] == want
+    assert len(results[0]["kept"]) == 1 and results[0]["kept"][0] > 0  # the first message is gone, not the last
     # process 1 replayed process 0's unload
     assert results[0]["adapters"] == results[1]["adapters"] == []
 
