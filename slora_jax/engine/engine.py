@@ -373,11 +373,11 @@ class Engine:
             if self._closed:
                 return
             changed: list[Request] = []
-            self._core.drain_inbox(changed)
+            self._core.drain_inbox(changed, "close")
             self._core.drain(changed)
             for rid in [r.request_id for r in self._core.requests.values() if not r.finished]:
                 self._core.inbox.put(("abort", rid))
-            self._core.drain_inbox(changed)
+            self._core.drain_inbox(changed, "close")
             self._outputs.emit(changed)
             self._closed = True
             self.adapters.close()
@@ -396,7 +396,7 @@ class Engine:
         replay = {"step": lambda args: self.step(), "load": lambda args: self.load_adapter(*args),
                   "unload": self.unload_adapter, "evict": lambda args: self.evict_adapters(),
                   "policy": lambda args: self.set_scheduler(args[0], **args[1]),
-                  "logits": lambda args: self.logits(*args)}
+                  "logits": lambda args: self.logits(*args), "close": lambda args: self.close()}
         while True:
             kind, args = self._shared.peek()
             if kind == "stop":
