@@ -148,6 +148,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command == "serve":
         from slora_jax.deploy import wants_ray
         if wants_ray(args):
+            if (args.num_processes or 1) > 1:  # each replica would try to join the one job
+                parser.error("--replicas (separate engines on Ray Serve) and --num-processes (one engine over "
+                             "several processes) cannot be combined: pick one")
             from slora_jax.deploy import run_replicas
             return run_replicas(args)
         from slora_jax.server.app import run_server

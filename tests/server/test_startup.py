@@ -69,6 +69,9 @@ def test_several_processes_flags_are_checked(broken_model, tmp_path):
     # Runtime adapter loads would reach process 0 only.
     msg = startup_error("--model", m, *job, "--adapter-root", str(tmp_path))
     assert "--adapter-root" in msg and "at start" in msg
+    with pytest.raises(SystemExit) as info:  # Ray's replicas are separate engines
+        cli_main(["serve", "--model", m, *job, "--replicas", "2"])
+    assert info.value.code == 2
 
 
 def test_a_busy_port_fails_before_the_model_loads(broken_model, busy_port):
