@@ -154,3 +154,19 @@ class _SelfHealingCache:
 
 
 __all__ = ["DEFAULT_CACHE_DIR", "disable_compilation_cache", "enable_compilation_cache"]
+
+
+def without_persistent_cache():
+    """A context in which programs are neither read from nor written to the persistent cache (this
+    thread only). Used for step programs over several CPU devices: once, loading one back from a cache
+    that other processes were writing at the same time crashed the test process with a segmentation fault
+    inside JAX's CPU executable deserialization (jax 0.10.2; not reproduced in isolation). On CPU these
+    programs compile in about a second, so the cache saves little there."""
+    import contextlib
+
+    try:
+        from jax._src import config as jax_config
+
+        return jax_config.enable_compilation_cache(False)
+    except (ImportError, AttributeError, TypeError):  # a JAX without the per-thread switch
+        return contextlib.nullcontext()

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from slora_jax.compile_cache import without_persistent_cache
 from slora_jax.config import EngineConfig, ModelConfig
 from slora_jax.errors import ConfigError
 from slora_jax.engine.sampler import sample
@@ -187,6 +188,9 @@ class ModelRunner:
                            else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
         scan = econf.resolved_scan_layers(jax.default_backend())
         self.tp = 1 if mesh is None else int(mesh.shape[MODEL_AXIS])
+        # Multi-device CPU programs stay out of the persistent compilation cache (compile_cache says why).
+        self._cache_guard = (without_persistent_cache if mesh is not None and jax.default_backend() == "cpu"
+                             else contextlib.nullcontext)
         self.tp_layout = TensorParallelLayout(cfg, self.tp)
 
         def place(a, axes):
@@ -322,7 +326,7 @@ class ModelRunner:
         key = (mode, all_logits, greedy_only, tuple(lora_groups), spec)
         exe = self._executables.get(key)
         t1 = time.perf_counter()
-        with self._out_of_memory_explained(mode):
+        with self._out_of_memory_explained(mode), self._cache_guard():
             if exe is not None:
                 # Compiled ahead (``precompile``): the structure and spec are baked in.
                 self.pool, out = exe(*args[1:5], *args[6:])
@@ -345,7 +349,8 @@ class ModelRunner:
 
         def compile_one(key, lowered, info, lower_s):
             t0 = time.perf_counter()
-            exe = lowered.compile()
+            with self._cache_guard():
+                exe = lowered.compile()
             rec = dict(info, lower_s=lower_s, compile_s=time.perf_counter() - t0)
             return key, exe, rec
 
