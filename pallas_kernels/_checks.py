@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels import pool_storage
 from pallas_kernels._errors import KernelInputError
 
 
@@ -27,6 +28,16 @@ def check_array(op: str, name: str, a, *, ndim: int, kind: str, shape: Sequence 
         if len(want) != len(got) or any(w is not None and w != g for w, g in zip(want, got)):
             shown = tuple("*" if w is None else w for w in want)
             raise KernelInputError(f"{op}: {name} must have shape {shown}, got {got}")
+
+
+def check_pool(op: str, pool) -> jnp.dtype:
+    """A 4-d page pool of float elements, stored as floats or as bfloat16 bits (uint16, its CPU storage).
+    Returns the elements' dtype, the one the op's float inputs must have."""
+    if hasattr(pool, "dtype") and pool_storage.is_bits(pool):
+        check_array(op, "pool", pool, ndim=4, kind="int")
+    else:
+        check_array(op, "pool", pool, ndim=4, kind="float")
+    return pool_storage.element_dtype(pool)
 
 
 def check_scalar_int(op: str, name: str, a):
@@ -76,11 +87,11 @@ def matmul_precision(dtype):
 
 def check_paged_query(op: str, q, pool, layer, sm_scale, sliding_window) -> tuple:
     """Checks shared by the attention ops that read K/V from the pool: q [N, Nq, D] and pool [L, P, R, W] of one
-    float dtype, W = Nkv * D with Nq a multiple of Nkv, the layer, the softmax scale and the window.
-    Returns (N, Nq, D, Nkv, L, P, R)."""
+    float dtype (the pool's elements', see `check_pool`), W = Nkv * D with Nq a multiple of Nkv, the layer, the
+    softmax scale and the window. Returns (N, Nq, D, Nkv, L, P, R)."""
     check_array(op, "q", q, ndim=3, kind="float")
     N, Nq, D = q.shape
-    check_array(op, "pool", pool, ndim=4, kind="float")
+    pool_dtype = check_pool(op, pool)
     L, P, R, W = pool.shape
     if W % D:
         raise KernelInputError(f"{op}: pool width W = {W} must be num_kv_heads * head_dim, not a multiple of D = {D}")
@@ -92,6 +103,6 @@ def check_paged_query(op: str, q, pool, layer, sm_scale, sliding_window) -> tupl
         raise KernelInputError(f"{op}: sm_scale must be a positive Python float, got {sm_scale!r}")
     if sliding_window is not None and (not isinstance(sliding_window, int) or sliding_window < 1):
         raise KernelInputError(f"{op}: sliding_window must be None or a positive int, got {sliding_window!r}")
-    if q.dtype != pool.dtype:
-        raise KernelInputError(f"{op}: q dtype {q.dtype} must match the pool dtype {pool.dtype}")
+    if q.dtype != pool_dtype:
+        raise KernelInputError(f"{op}: q dtype {q.dtype} must match the pool dtype {pool_dtype}")
     return N, Nq, D, Nkv, L, P, R

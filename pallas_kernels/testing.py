@@ -8,6 +8,7 @@ so a kernel that reads there produces NaN instead of a plausible wrong number.
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Optional, Sequence
 
 import ml_dtypes
@@ -133,3 +134,29 @@ def relative_error(out, ref, base=None) -> float:
 
 
 TOLERANCE = {"float32": 1e-5, "bfloat16": 1.5e-2}
+
+
+_HLO_ARRAY = re.compile(r"=\s*(\w+)\[([\d,]*)\](?:\{[^}]*\})?\s+([\w-]+)\(")
+_HLO_DTYPES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16", "u16": "uint16", "s32": "int32"}
+
+
+def pool_sized_passes(hlo_text: str, pool_shape, pool_dtype) -> list[str]:
+    """Instructions of a compiled HLO module (``.compile().as_text()``) that make a pass over a whole pool of
+    ``pool_shape``: any result of the pool's element count (in any shape: a reshape keeps it) in another dtype
+    than the pool's own (a widened copy, e.g. XLA:CPU's bf16 -> f32 normalisation), and any copy or conversion
+    of that size. The pool's own parameter, in-place updates and bitcasts (reshapes) of it are not passes and
+    are not listed. Pick a page count that no other array of the program shares (not a power of two)."""
+    size = int(np.prod(pool_shape))
+    want = np.dtype(np_dtype(pool_dtype)).name
+    found = []
+    for line in hlo_text.splitlines():
+        m = _HLO_ARRAY.search(line)
+        if not m:
+            continue
+        dtype, dims, op = m.groups()
+        n = int(np.prod([int(d) for d in dims.split(",") if d])) if dims else 1
+        if n != size:
+            continue
+        if _HLO_DTYPES.get(dtype, dtype) != want or op in ("copy", "convert", "bitcast-convert"):
+            found.append(line.strip()[:200])
+    return found

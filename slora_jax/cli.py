@@ -45,7 +45,7 @@ def _serve_args(sub):
                             "or chat_template.jinja)")
     model.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                        help="weights and activations; auto (the default) is float32 on a CPU, where bfloat16 "
-                            "costs time in proportion to --num-pages, and bfloat16 on a GPU")
+                            "arithmetic is emulated, and bfloat16 on a GPU")
     model.add_argument("--max-model-len", type=int, default=None, metavar="N",
                        help="context length (default: the model's)")
     model.add_argument("--seed", type=int, default=0, metavar="N",

@@ -12,7 +12,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from pallas_kernels._checks import cdiv, check_array, check_layer
+from pallas_kernels._checks import cdiv, check_array, check_layer, check_pool
 from pallas_kernels._errors import KernelInputError
 
 
@@ -60,7 +60,7 @@ def validate_lora_args(op, y, x, pool, layer, a_pages, b_pages, ranks, scales, t
     ):
         raise KernelInputError(f"{op}: out_sizes must be a non-empty tuple of positive ints, got {out_sizes!r}")
     out_sizes = tuple(int(n) for n in out_sizes)
-    check_array(op, "pool", pool, ndim=4, kind="float")
+    pool_dtype = check_pool(op, pool)
     L, P, R, W = pool.shape
     check_array(op, "x", x, ndim=2, kind="float")
     T, d_in = x.shape
@@ -84,8 +84,8 @@ def validate_lora_args(op, y, x, pool, layer, a_pages, b_pages, ranks, scales, t
     check_array(op, "ranks", ranks, ndim=3, kind="int", shape=(S, L, M))
     check_array(op, "scales", scales, ndim=3, kind="float", shape=(S, L, M))
     check_layer(op, layer, L)
-    if x.dtype != pool.dtype:
-        raise KernelInputError(f"{op}: x dtype {x.dtype} must match the pool dtype {pool.dtype}")
+    if x.dtype != pool_dtype:
+        raise KernelInputError(f"{op}: x dtype {x.dtype} must match the pool dtype {pool_dtype}")
     return LoraDims(
         num_tokens=T, d_in=d_in, out_sizes=out_sizes, num_layers=L, num_pages=P, page_rows=R, width=W,
         num_slots=S, in_chunks=CHin, out_chunks_max=b_pages.shape[2], rank_blocks=RB,

@@ -24,6 +24,7 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 import jax
 import numpy as np
 
+import pallas_kernels as pk
 from sharding import (TensorParallelError, TensorParallelLayout, initialize, is_multiprocess, make_mesh, put,
                       smallest)
 from slora_jax.adapters.paging import AdapterTables
@@ -121,6 +122,11 @@ class Engine:
         backend = econf.kernel_backend
         if backend == "auto":
             backend = "pallas" if _on_gpu() else "xla"
+        if backend == "pallas" and pk.pool_storage.storage_dtype(DTYPES[econf.dtype]) == pk.pool_storage.BITS:
+            _log.warning("kernel_backend='pallas' with a %s pool on %s: the pool is stored as uint16 bits there, "
+                         "which the Pallas kernels do not read; every op runs on the XLA path",
+                         econf.dtype, jax.default_backend())
+            backend = "xla"
         self.kernel_backend = backend
         # Weights go on the device first so that the pool is sized from the memory really left.
         self.runner = ModelRunner(model_config, econf, params, self._op_backend(model_config, econf, backend),
@@ -159,7 +165,6 @@ class Engine:
         An explicit "pallas" that cannot run every op is refused here, not in the first step."""
         if backend != "pallas":
             return backend
-        import pallas_kernels as pk
         bad = pk.unsupported_ops(head_dim=cfg.head_dim, num_q_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
                                  page_rows=econf.page_rows, tensor_parallel=econf.tensor_parallel,
                                  page_width=TensorParallelLayout(cfg, econf.tensor_parallel).pool_width)

@@ -25,6 +25,7 @@ from slora_jax.errors import ConfigError
 from slora_jax.engine.sampler import sample
 from slora_jax.memory.pool import PoolLayout
 from jax.sharding import PartitionSpec
+from pallas_kernels import pool_storage
 from sharding import MODEL_AXIS, TensorParallelLayout, fetch, logical_spec, named_sharding, put, shard_decoder
 from flax import nnx
 
@@ -169,7 +170,8 @@ def _step_program(st: StepStatics):
 
 
 def _write_pages_impl(pool, pages, tiles):
-    return pool.at[:, pages].set(tiles.astype(pool.dtype))
+    # In the pool's storage dtype: a bf16 scatter on a CPU would convert the whole pool (pool_storage).
+    return pool.at[:, pages].set(pool_storage.to_storage(tiles, pool))
 
 
 _write_pages = jax.jit(_write_pages_impl, donate_argnums=(0,))
@@ -280,7 +282,9 @@ class ModelRunner:
         self._no_prev_tokens = put(np.zeros(bucket(self.econf.max_batch_size, 2), np.int32), self.replicated)
         where = (jax.sharding.SingleDeviceSharding(self.device) if self.mesh is None
                  else named_sharding(self.mesh, POOL_AXES, layout.shape))
-        self.pool = jax.jit(lambda: jnp.zeros(layout.shape, self.dtype), out_shardings=where)()
+        # A bfloat16 pool on a CPU holds its bits as uint16 (pallas_kernels.pool_storage); the ops read either.
+        storage = pool_storage.storage_dtype(self.dtype)
+        self.pool = jax.jit(lambda: jnp.zeros(layout.shape, storage), out_shardings=where)()
 
     # ------------------------------------------------------------------ programs
     def _fn(self, mode: str, all_logits: bool = False, greedy_only: bool = False, lora_groups: tuple = ALL_GROUPS):

@@ -168,3 +168,37 @@ def test_more_tensor_parallel_than_devices_is_refused():
     cfg = tiny_llama_config()
     with pytest.raises(sj.ConfigError, match="device"):
         sj.Engine(cfg, random_params(cfg), sj.EngineConfig(tensor_parallel=len(jax.devices()) + 1))
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the uint16 pool storage is the CPU's")
+@pytest.mark.skipif(len(jax.devices()) < 2, reason="needs 2 (simulated) devices")
+def test_bfloat16_pool_stored_as_bits_splits_its_columns(monkeypatch):
+    """A bf16 engine on a CPU at TP=2 keeps its pool as uint16 bits split on the K/V width, makes no pass over
+    its local pool in a step, and gives the tokens of the same engine with the pool stored as bf16."""
+    from pallas_kernels import pool_storage
+    from pallas_kernels.testing import pool_sized_passes
+
+    cfg = tiny_llama_config()
+    params = random_params(cfg, seed=6)
+    prompts = [[1, 5, 9, 13], [2, 4, 6, 8, 10, 12]]
+    sp = sj.SamplingParams(max_tokens=6, ignore_eos=True)
+    out = {}
+    for stored in ("bits", "bf16"):
+        if stored == "bf16":
+            monkeypatch.setattr(pool_storage, "storage_dtype", lambda dtype, backend=None: jax.numpy.dtype(dtype))
+        eng = sj.Engine(cfg, params, sj.EngineConfig(dtype="bfloat16", tensor_parallel=2, num_pages=50,
+                                                       max_model_len=64, kernel_backend="xla", max_batch_size=16,
+                                                       max_prefill_tokens=128))
+        eng.load_adapter_weights("all", random_lora(cfg, 8, targets=MODULES, std=0.3))
+        pool = eng.runner.pool
+        assert pool.dtype == (np.uint16 if stored == "bits" else jax.numpy.bfloat16)
+        assert pool.sharding.spec[-1] == "model"
+        local = pool.addressable_shards[0].data.shape
+        assert local[-1] == pool.shape[-1] // 2
+        if stored == "bits":
+            for mode, size in (("decode", 16), ("mixed", 128)):
+                hlo = eng.lower_step(mode, size).compile().as_text()
+                assert pool_sized_passes(hlo, local, pool.dtype) == [], mode
+        out[stored] = [o.token_ids for o in eng.generate(prompts, adapters=["all", None], sampling=sp)]
+        eng.close()
+    assert out["bits"] == out["bf16"]

@@ -6,7 +6,7 @@ from typing import Optional, Sequence
 
 import jax
 
-from pallas_kernels import _backend
+from pallas_kernels import _backend, pool_storage
 from pallas_kernels._errors import KernelInputError
 from pallas_kernels.ops.lora_decode import pallas_triton
 from pallas_kernels.ops.lora_decode.reference import lora_decode_reference
@@ -70,7 +70,8 @@ def lora_decode(
                                f"got {grouping!r}")
     if grouping is None and (fused or k_splits != 1):
         grouping = "none"  # both are knobs of the per-token kernels
-    impl = _backend.resolve(implementation, "lora_decode", pallas_triton.unsupported_reason(dims))
+    impl = _backend.resolve(implementation, "lora_decode",
+                             pool_storage.pallas_unsupported(pool) or pallas_triton.unsupported_reason(dims))
     if dims.num_tokens == 0:
         return y
     token_slot = sanitize_slots(token_slot, dims)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import pool_storage
 from pallas_kernels._checks import matmul_precision
 from pallas_kernels.ops.lora_layout import LoraDims, token_ranks
 
@@ -24,7 +25,7 @@ def gather_weights(pool, layer, pages, rank, cols: int, dims: LoraDims):
     """
     n, c, rb = pages.shape
     R, W = dims.page_rows, dims.width
-    t = pool[layer, jnp.clip(pages, 0, dims.num_pages - 1)]  # [N, C, RB, R, W]
+    t = pool_storage.to_elements(pool[layer, jnp.clip(pages, 0, dims.num_pages - 1)])  # [N, C, RB, R, W]
     t = t.transpose(0, 2, 3, 1, 4).reshape(n, rb * R, c * W)[:, :, :cols]
     row = jnp.arange(rb * R)
     return jnp.where(row[None, :, None] < rank[:, None, None], t, jnp.zeros((), t.dtype))
@@ -36,7 +37,7 @@ def lora_decode_reference(y, x, pool, layer, a_pages, b_pages, ranks, scales, to
     layer = jnp.clip(jnp.asarray(layer, jnp.int32).reshape(()), 0, dims.num_layers - 1)
     rank, scale = token_ranks(ranks, scales, token_slot, layer, dims)  # [T, M]
     s = jnp.clip(token_slot, 0, dims.num_slots - 1)
-    prec = matmul_precision(pool.dtype)
+    prec = matmul_precision(pool_storage.element_dtype(pool))
     deltas = []
     for m, d_out in enumerate(dims.out_sizes):
         a = gather_weights(pool, layer, a_pages[s, m], rank[:, m], dims.d_in, dims)  # [T, r, d_in]

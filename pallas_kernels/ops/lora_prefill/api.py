@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels import _backend
+from pallas_kernels import _backend, pool_storage
 from pallas_kernels._errors import KernelInputError
 from pallas_kernels.ops.lora_layout import sanitize_slots, validate_lora_args
 from pallas_kernels.ops.lora_prefill import pallas_triton, tiles
@@ -51,7 +51,8 @@ def lora_prefill(
     dims = validate_lora_args("lora_prefill", y, x, pool, layer, a_pages, b_pages, ranks, scales, token_slot, out_sizes)
     if block_tokens < 16 or block_tokens & (block_tokens - 1):
         raise KernelInputError(f"lora_prefill: block_tokens must be a power of two >= 16, got {block_tokens}")
-    impl = _backend.resolve(implementation, "lora_prefill", pallas_triton.unsupported_reason(dims))
+    impl = _backend.resolve(implementation, "lora_prefill",
+                             pool_storage.pallas_unsupported(pool) or pallas_triton.unsupported_reason(dims))
     if dims.num_tokens == 0:
         return y
     args = (y, x, pool, layer, a_pages, b_pages, ranks, scales, sanitize_slots(token_slot, dims))

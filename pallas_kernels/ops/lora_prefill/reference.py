@@ -15,6 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import pool_storage
 from pallas_kernels._checks import matmul_precision
 from pallas_kernels.ops.lora_decode.reference import gather_weights, lora_decode_reference
 from pallas_kernels.ops.lora_layout import LoraDims, token_ranks
@@ -25,7 +26,7 @@ def _ragged(y, x, pool, layer, a_pages, b_pages, ranks, scales, token_slot, dims
     RK = dims.max_rank
     layer = jnp.clip(jnp.asarray(layer, jnp.int32).reshape(()), 0, dims.num_layers - 1)
     slot_rank = jnp.clip(ranks[:, layer].astype(jnp.int32), 0, RK)  # [S, M]
-    prec = matmul_precision(pool.dtype)
+    prec = matmul_precision(pool_storage.element_dtype(pool))
     # Group S is "no adapter": zero weights, so those tokens get a zero delta.
     key = jnp.where(token_slot >= 0, jnp.clip(token_slot, 0, S - 1), S)
     order = jnp.argsort(key, stable=True)

@@ -6,7 +6,7 @@ from typing import Optional
 
 import jax
 
-from pallas_kernels import _backend
+from pallas_kernels import _backend, pool_storage
 from pallas_kernels.ops.paged_decode_attention import layout, pallas_triton
 from pallas_kernels.ops.paged_decode_attention.reference import paged_decode_attention_reference
 
@@ -46,7 +46,8 @@ def paged_decode_attention(
     dims = layout.validate(
         "paged_decode_attention", q, pool, layer, k_pages, v_pages, lengths, sm_scale, sliding_window
     )
-    impl = _backend.resolve(implementation, "paged_decode_attention", pallas_triton.unsupported_reason(dims))
+    impl = _backend.resolve(implementation, "paged_decode_attention",
+                             pool_storage.pallas_unsupported(pool) or pallas_triton.unsupported_reason(dims))
     if dims.batch == 0 or dims.num_blocks == 0:
         return jax.numpy.zeros_like(q)
     if impl == "xla":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from pallas_kernels import pool_storage
 from pallas_kernels._checks import matmul_precision
 from pallas_kernels.ops.paged_decode_attention.layout import PagedAttentionDims
 
@@ -28,7 +29,8 @@ def paged_decode_attention_reference(q, pool, layer, k_pages, v_pages, lengths, 
     layer = jnp.clip(jnp.asarray(layer, jnp.int32).reshape(()), 0, dims.num_layers - 1)
 
     def gather(pages):  # one gather indexed by (layer, page): no copy of the layer's slice of the pool
-        return pool[layer, jnp.clip(pages, 0, dims.num_pages - 1)].reshape(B, dims.capacity, Nkv, D)
+        rows = pool_storage.to_elements(pool[layer, jnp.clip(pages, 0, dims.num_pages - 1)])
+        return rows.reshape(B, dims.capacity, Nkv, D)
 
     prec = matmul_precision(q.dtype)
     qg = q.reshape(B, Nkv, G, D)

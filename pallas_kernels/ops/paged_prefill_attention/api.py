@@ -6,7 +6,7 @@ from typing import Optional
 
 import jax
 
-from pallas_kernels import _backend
+from pallas_kernels import _backend, pool_storage
 from pallas_kernels.ops.paged_prefill_attention import layout, pallas_triton
 from pallas_kernels.ops.paged_prefill_attention.reference import paged_prefill_attention_reference
 
@@ -54,7 +54,8 @@ def paged_prefill_attention(
     """
     dims = layout.validate("paged_prefill_attention", q, pool, layer, token_row, positions, k_pages, v_pages,
                            sm_scale, sliding_window)
-    impl = _backend.resolve(implementation, "paged_prefill_attention", pallas_triton.unsupported_reason(dims))
+    impl = _backend.resolve(implementation, "paged_prefill_attention",
+                             pool_storage.pallas_unsupported(pool) or pallas_triton.unsupported_reason(dims))
     if dims.num_tokens == 0 or dims.num_rows == 0 or dims.num_blocks == 0:
         return jax.numpy.zeros_like(q)
     if impl == "xla":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from pallas_kernels import pool_storage
 from pallas_kernels._checks import matmul_precision
 from pallas_kernels.ops.paged_prefill_attention.layout import PagedPrefillDims
 
@@ -21,7 +22,7 @@ def paged_prefill_attention_reference(q, pool, layer, token_row, positions, k_pa
 
     def gather(pages):  # [T, capacity, Nkv, D]: each token's request's keys (or values)
         table = jnp.clip(pages[row], 0, dims.num_pages - 1)
-        return pool[layer, table].reshape(T, dims.capacity, Nkv, D)
+        return pool_storage.to_elements(pool[layer, table]).reshape(T, dims.capacity, Nkv, D)
 
     kpos = jnp.arange(dims.capacity)[None, :]
     pos = positions[:, None]

@@ -6,8 +6,8 @@ from typing import Optional
 
 import jax
 
-from pallas_kernels import _backend
-from pallas_kernels._checks import check_array, check_layer
+from pallas_kernels import _backend, pool_storage
+from pallas_kernels._checks import check_array, check_layer, check_pool
 from pallas_kernels.ops.write_kv import pallas_triton
 from pallas_kernels.ops.write_kv.reference import write_kv_reference
 
@@ -26,9 +26,9 @@ def write_kv(
     """Write new tokens' K and V rows of one layer into the page pool.
 
     Args:
-      pool: [L, P, R, W] page pool.
+      pool: [L, P, R, W] page pool (float, or bfloat16 stored as uint16 bits: `pool_storage`).
       layer: int32 scalar (may be traced).
-      k, v: [T, W] rows to write (cast to the pool dtype).
+      k, v: [T, W] rows to write (cast to the pool's element dtype).
       k_rows, v_rows: [T] int32 flat row index page * R + i of each token's K / V; negative = skip.
       implementation: None (Pallas on GPU, XLA elsewhere), "xla" or "pallas".
 
@@ -37,7 +37,7 @@ def write_kv(
       `pool`, e.g. `jax.jit(step, donate_argnums=...)`; otherwise XLA copies it first.
     """
     op = "write_kv"
-    check_array(op, "pool", pool, ndim=4, kind="float")
+    check_pool(op, pool)
     L, P, R, W = pool.shape
     check_array(op, "k", k, ndim=2, kind="float", shape=(None, W))
     T = k.shape[0]
@@ -45,7 +45,7 @@ def write_kv(
     check_array(op, "k_rows", k_rows, ndim=1, kind="int", shape=(T,))
     check_array(op, "v_rows", v_rows, ndim=1, kind="int", shape=(T,))
     check_layer(op, layer, L)
-    impl = _backend.resolve(implementation, op)
+    impl = _backend.resolve(implementation, op, pool_storage.pallas_unsupported(pool))
     if T == 0:
         return pool
     if impl == "xla":
