@@ -5,6 +5,7 @@ import pytest
 
 import slora_jax as sj
 from slora_jax.model.random_checkpoint import tiny_llama_config, write_random_adapter, write_random_checkpoint
+from tests.engine.steps import compiled_steps
 
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -210,24 +211,16 @@ def test_precompile_covers_every_step_and_changes_no_output(tiny):
 def test_pool_updated_in_place(engine):
     """Same buffer after steps, and no compiled step program contains a copy of a pool-shaped buffer."""
     before = engine.runner.pool_pointer()
-    captured = []
-    dispatch = engine.runner.dispatch
 
-    def spy(mode, tables, inp, samp, all_logits=False, prev_tokens=None, lora_groups=()):
-        captured.append((mode, tables, inp, samp, lora_groups))
-        return dispatch(mode, tables, inp, samp, all_logits, prev_tokens, lora_groups)
-
-    engine.runner.dispatch = spy
-    try:
+    def run():
         engine.generate([prompts(1, seed=21)[0]], adapters=["a0"], sampling=GREEDY)  # batch of one
         engine.generate(prompts(3, seed=22), adapters=["a0", "a3", None], sampling=GREEDY)
-    finally:
-        engine.runner.dispatch = dispatch
+
+    steps = compiled_steps(engine, run)
     assert engine.runner.pool_pointer() == before
     pool_shape = ",".join(map(str, engine.runner.pool.shape))
     modes = set()
-    for mode, tables_obj, inp, samp, groups in captured:
-        hlo = engine.runner.lower(mode, tables_obj, inp, samp, lora_groups=groups).compile().as_text()
+    for mode, hlo in steps:
         copies = [ln for ln in hlo.splitlines() if f"[{pool_shape}]" in ln and " copy(" in ln]
         assert not copies, (mode, copies[:2])
         modes.add(mode)

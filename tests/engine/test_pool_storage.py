@@ -13,6 +13,7 @@ from pallas_kernels import pool_storage
 from pallas_kernels.testing import pool_sized_passes
 from slora_jax.engine import runner as runner_mod
 from slora_jax.model.random_checkpoint import tiny_llama_config, write_random_adapter, write_random_checkpoint
+from tests.engine.steps import compiled_steps
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="the uint16 storage is the CPU's")
 
@@ -50,22 +51,10 @@ def bf16_stored(monkeypatch):
 def step_passes(eng) -> dict:
     """{mode: pool-sized passes in its compiled step} over the steps of one generate, and the adapter page
     write's program under "write_pages"."""
-    captured = []
-    dispatch = eng.runner.dispatch
-
-    def spy(mode, tables, inp, samp, all_logits=False, prev_tokens=None, lora_groups=()):
-        captured.append((mode, tables, inp, samp, lora_groups))
-        return dispatch(mode, tables, inp, samp, all_logits, prev_tokens, lora_groups)
-
-    eng.runner.dispatch = spy
-    try:
-        eng.generate(PROMPTS, adapters=ADAPTERS, sampling=SAMPLING)
-    finally:
-        eng.runner.dispatch = dispatch
+    steps = compiled_steps(eng, lambda: eng.generate(PROMPTS, adapters=ADAPTERS, sampling=SAMPLING))
     pool = eng.runner.pool
     found = {}
-    for mode, tables, inp, samp, groups in captured:
-        hlo = eng.runner.lower(mode, tables, inp, samp, lora_groups=groups).compile().as_text()
+    for mode, hlo in steps:
         found.setdefault(mode, []).extend(pool_sized_passes(hlo, pool.shape, pool.dtype))
     L, _, R, W = pool.shape
     tiles = jax.numpy.zeros((L, 4, R, W), jax.numpy.bfloat16)
