@@ -177,6 +177,13 @@ def _write_pages_impl(pool, pages, tiles):
 _write_pages = jax.jit(_write_pages_impl, donate_argnums=(0,))
 
 
+@functools.lru_cache(maxsize=None)
+def _take_columns(where):
+    """x[..., cols] placed by ``where``; one program per placement and shape (the 32 layers of an unrolled
+    model share theirs), the columns an argument."""
+    return jax.jit(lambda x, cols: jnp.take(x, cols, axis=-1), out_shardings=where)
+
+
 class ModelRunner:
     def __init__(self, cfg: ModelConfig, econf: EngineConfig, params: dict, backend: str, device=None,
                  mesh=None):
@@ -263,7 +270,7 @@ class ModelRunner:
                  else named_sharding(self.mesh, axes, shape))
         if cols is None:
             return put(a, where)
-        return jax.jit(lambda x: jnp.take(x, jnp.asarray(cols), axis=-1), out_shardings=where)(a)
+        return _take_columns(where)(a, np.asarray(cols))
 
     def _split_weights(self) -> None:
         leaves, treedef = jax.tree.flatten(self.state)
