@@ -57,6 +57,11 @@ def enable_compilation_cache(cache_dir: Optional[Union[str, Path]] = DEFAULT_CAC
     import jax
 
     path = Path(cache_dir).expanduser().absolute()
+    if jax.process_count() > 1:
+        # A program's cache key names its devices by id but not how many processes hold them: a job of two
+        # one-device processes and one process with two devices compile to the same keys, and loading the
+        # other kind's executable can crash the process. Jobs keep their own folder per process count.
+        path = path / f"job-of-{jax.process_count()}-processes"
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
