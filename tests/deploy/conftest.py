@@ -35,17 +35,20 @@ def ray_files(tmp_path_factory):
     return dict(model=model, adapter_root=adapter_root, adapters=adapters, late=late, root=root)
 
 
-@pytest.fixture(scope="session")
+# Ray, its app and the reference engine live for one test module, not the session: Ray's processes and this
+# process's Ray threads would otherwise stay busy through every later test of the suite.
+@pytest.fixture(scope="module")
 def ray_reference(ray_files):
     """One engine over the same checkpoint and adapters, in this process."""
     eng = sj.Engine.from_pretrained(ray_files["model"], config=sj.EngineConfig(**ENGINE_CONFIG))
     for name, d in ray_files["adapters"].items():
         eng.load_adapter(name, d)
     eng.load_adapter(LATE, ray_files["late"])
-    return eng
+    yield eng
+    eng.close()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_cluster():
     """A local Ray instance; the app joins it (--ray-address) and the tests inspect it from here."""
     ray = pytest.importorskip("ray", reason="the ray extra is not installed")
@@ -59,7 +62,7 @@ def ray_cluster():
         ray.shutdown()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_app(ray_cluster, ray_files, server_env):
     """``slora-jax serve --replicas 2`` joined to the test's Ray instance, on a free port; yields its URL.
     This process keeps its own connection to the instance, to look at replicas and kill them."""
