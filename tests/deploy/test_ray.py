@@ -19,7 +19,9 @@ from tests.server.support import assert_error, expected, token_prompts
 
 HEADERS = {"Authorization": f"Bearer {API_KEY}"}
 BURST_TOKENS = 48  # long enough that the kill finds requests in flight
-pytestmark = pytest.mark.timeout(300) if hasattr(pytest.mark, "timeout") else []
+# A Ray instance and two engine replicas take ~20 s to start on two cores: the whole module is in the full
+# suite, not the quick subset (test_fleet.py keeps a Ray start there).
+pytestmark = [pytest.mark.slow] + ([pytest.mark.timeout(300)] if hasattr(pytest.mark, "timeout") else [])
 
 
 def complete(url, model, prompt, max_tokens=6, timeout=120, **extra):
