@@ -8,6 +8,9 @@ needs.
 """
 
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -20,43 +23,23 @@ from slora_jax.adapters.synthetic import random_lora
 from slora_jax.config import MODULES
 from slora_jax.model.init import random_params
 from slora_jax.model.random_checkpoint import tiny_llama_config
-from tests.hf_reference import hf_greedy, hf_logits
 
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
 needs4 = pytest.mark.skipif(len(jax.devices()) < 4, reason="needs 4 (simulated) devices: run under tests/conftest.py")
-
-
-def rel_err(a, b):
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
-def _engine(model_dir, adapters, tp, backend, **kw):
-    eng = sj.Engine.from_pretrained(model_dir, config=sj.EngineConfig(
-        dtype="float32", kernel_backend=backend, num_pages=256, max_lora_rank=64, tensor_parallel=tp, **kw))
-    for name, d in adapters.items():
-        eng.load_adapter(name, d)
-    return eng
 
 
 @needs4
 @pytest.mark.slow
-@pytest.mark.parametrize("tp", [2, 4])
-@pytest.mark.parametrize("backend", ["xla", "pallas"])
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_tensor_parallel_equals_references(request, family, backend, tp):
-    model_dir = request.getfixturevalue("llama_gqa_dir" if family == "llama" else "qwen2_dir")
-    adapters = request.getfixturevalue("llama_adapters" if family == "llama" else "qwen2_adapters")
-    # max_prefill_tokens=8 splits the longer prompts into chunks that continue over mixed steps.
-    eng = _engine(model_dir, adapters, tp, backend, max_batch_size=8, max_prefill_tokens=8)
-    assert eng.runner.tp == tp
-    names = [None] + list(adapters)
-    rng = np.random.default_rng(tp)
-    prompts = [rng.integers(0, 128, size=int(rng.integers(3, 14))).tolist() for _ in names]
-    for p, name, lg in zip(prompts, names, eng.logits(prompts, adapters=names)):
-        assert rel_err(lg, hf_logits(model_dir, adapters.get(name), p)) < 1e-4, name
-    outs = eng.generate(prompts, adapters=names, sampling=sj.SamplingParams(max_tokens=5, ignore_eos=True))
-    for p, name, out in zip(prompts, names, outs):
-        assert out.token_ids == hf_greedy(model_dir, adapters.get(name), p, 5), name
-    assert eng.stats()["kv_pages"] == 0
+def test_tensor_parallel_equals_references():
+    """tp_parity.py's 8 cases (llama and qwen2, xla and pallas, TP=2 and 4) in a fresh pytest process. In
+    the full suite's process, after ~670 other tests, one of them crashed with a segmentation fault inside
+    JAX (twice; not reproduced with this module alone, nor after the multi-process tests): the parity check
+    should not depend on what that process ran before."""
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(HERE / "tp_parity.py")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
+    assert "8 passed" in proc.stdout, proc.stdout[-2000:]
 
 
 def _collectives(hlo_text: str) -> list[tuple[str, str, int]]:
