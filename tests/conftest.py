@@ -16,11 +16,6 @@ import pytest
 # Lets test modules `import hf_reference` whatever pytest's import mode.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-# Four simulated CPU devices, so that tensor-parallel engines (tests/sharding) run in this process beside the
-# single-device ones (which use the first device). Set before anything imports jax.
-if "jax" not in sys.modules and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
-
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 WEIGHT_STD = 0.15  # of linear and embedding weights
 NORM_STD = 0.1  # norms are 1 + N(0, NORM_STD): exercises the norm weights

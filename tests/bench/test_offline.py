@@ -1,6 +1,7 @@
 """The offline benchmark (``slora-jax bench --mode offline``) and the floor it sets each run against."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -33,7 +34,8 @@ def test_offline_mode_runs_base_and_adapters_and_reports_floors(tmp_path):
            "--input-len", "20", "--output-len", "5", "--adapters", "0,3", "--repeats", "1", "--max-batch-size", "4",
            "--max-prefill-tokens", "16", "--dtype", "float32", "--no-precompile", "--tensor-parallel", "1,2",
            "--out", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)  # 4 simulated devices (conftest)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")  # TP=2 on simulated devices
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rec = json.loads(out.read_text())
     assert rec["device"] and rec["jax_version"] and rec["command"].startswith("python")

@@ -1,4 +1,4 @@
-"""Tensor parallelism on simulated CPU devices (tests/conftest.py makes four).
+"""Tensor parallelism on simulated CPU devices (tests/test_multi_device.py runs this module with four).
 
 Parity: a TP=2 and a TP=4 engine (KV heads replicated at TP=4: the fixtures have 2) give transformers+peft's
 logits and greedy tokens, on both kernel backends, for every model family and adapter the suite covers.
@@ -26,7 +26,8 @@ from slora_jax.model.random_checkpoint import tiny_llama_config
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-needs4 = pytest.mark.skipif(len(jax.devices()) < 4, reason="needs 4 (simulated) devices: run under tests/conftest.py")
+# tests/test_multi_device.py runs this module in a process with 4 simulated CPU devices.
+needs4 = pytest.mark.skipif(len(jax.devices()) < 4, reason="needs 4 devices (tests/test_multi_device.py runs it so)")
 
 
 @needs4
@@ -154,7 +155,7 @@ def test_more_tensor_parallel_than_devices_is_refused():
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the uint16 pool storage is the CPU's")
-@pytest.mark.skipif(len(jax.devices()) < 2, reason="needs 2 (simulated) devices")
+@pytest.mark.skipif(len(jax.devices()) < 2, reason="needs 2 devices (tests/test_multi_device.py runs it so)")
 def test_bfloat16_pool_stored_as_bits_splits_its_columns(monkeypatch):
     """A bf16 engine on a CPU at TP=2 keeps its pool as uint16 bits split on the K/V width, makes no pass over
     its local pool in a step, and gives the tokens of the same engine with the pool stored as bf16."""
