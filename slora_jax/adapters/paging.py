@@ -84,6 +84,17 @@ def _tile(w: np.ndarray, R: int, W: int, rb: int, ch: int) -> np.ndarray:
     return t.reshape(L, ch * rb, R, W)
 
 
+def empty_group(cfg: ModelConfig, layout: PoolLayout, group: str, rb_max: int) -> tuple[GroupTiles, int, tuple]:
+    """A group's tiles with no module placed yet (every index -1, ranks and scales 0), its input chunks and
+    its projections' output sizes on one device: what both adapter planners fill in."""
+    d_in, outs = group_dims(cfg, group, layout.shards)
+    M, ch_in = len(LORA_GROUPS[group]), layout.chunks(d_in)
+    tiles = GroupTiles(np.full((M, ch_in, rb_max), -1, np.int32),
+                       np.full((M, max(layout.chunks(o) for o in outs), rb_max), -1, np.int32),
+                       np.zeros((cfg.num_layers, M), np.int32), np.zeros((cfg.num_layers, M), np.float32))
+    return tiles, ch_in, outs
+
+
 def shard_slices(cfg: ModelConfig, layout: PoolLayout, module: str) -> list[tuple[slice, slice]]:
     """For each device the pool's width is split over: (columns of A^T, columns of B) of a LoRA on
     ``module`` that it holds (``sharding.tensor_parallel``); one device holds all of both."""
@@ -109,13 +120,8 @@ def page_adapter(lora, cfg: ModelConfig, layout: PoolLayout, max_rank: int, dtyp
     n = 0
     groups = {}
     for g, mods in LORA_GROUPS.items():
-        d_in, outs = group_dims(cfg, g, layout.shards)
-        ch_in = layout.chunks(d_in)
-        ch_out_max = max(layout.chunks(o) for o in outs)
-        a_idx = np.full((len(mods), ch_in, rb_max), -1, np.int32)
-        b_idx = np.full((len(mods), ch_out_max, rb_max), -1, np.int32)
-        ranks = np.zeros((cfg.num_layers, len(mods)), np.int32)
-        scales = np.zeros((cfg.num_layers, len(mods)), np.float32)
+        gt, ch_in, outs = empty_group(cfg, layout, g, rb_max)
+        a_idx, b_idx, ranks, scales = gt.a_idx, gt.b_idx, gt.ranks, gt.scales
         for i, m in enumerate(mods):
             ml = lora.modules.get(m)
             if ml is None:
@@ -132,7 +138,7 @@ def page_adapter(lora, cfg: ModelConfig, layout: PoolLayout, max_rank: int, dtyp
             n += ch_out * rb
             ranks[:, i] = ml.ranks
             scales[:, i] = ml.scales
-        groups[g] = GroupTiles(a_idx, b_idx, ranks, scales)
+        groups[g] = gt
     all_tiles = np.concatenate(tiles, axis=1).astype(dtype) if tiles else np.zeros(
         (cfg.num_layers, 0, R, W), dtype)
     return PagedAdapter(all_tiles, groups, n)

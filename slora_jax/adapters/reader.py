@@ -25,14 +25,14 @@ from typing import Optional
 
 import numpy as np
 
-from slora_jax.adapters.paging import GroupTiles, PagedAdapter, shard_slices
+from slora_jax.adapters.paging import GroupTiles, PagedAdapter, empty_group, shard_slices
 from slora_jax.adapters.peft import (WEIGHTS_FILE, config_ranks, match_tensors, module_scale,
                                      validated_config)
 from slora_jax.config import MODULES, ModelConfig
 from slora_jax.errors import AdapterError
 from slora_jax.memory.pool import PoolLayout
 from slora_jax.model.checkpoint import SAFETENSORS_NUMPY, pread_into, read_safetensors_header
-from slora_jax.model.llama import LORA_GROUPS, group_dims
+from slora_jax.model.llama import LORA_GROUPS
 
 # (same-size unsigned type, all-ones exponent) of each float format: with the sign bit cleared, a value is
 # NaN or Inf exactly when its bits, read as an unsigned integer, are >= the all-ones exponent.
@@ -86,13 +86,8 @@ def plan_adapter(adapter_dir, model_config: ModelConfig, layout: PoolLayout, max
     rb_max = layout.rank_blocks(max_rank)
     groups, places, n = {}, {}, 0
     for g, mods in LORA_GROUPS.items():
-        d_in, outs = group_dims(model_config, g, layout.shards)
-        ch_in = layout.chunks(d_in)
-        ch_out_max = max(layout.chunks(o) for o in outs)
-        a_idx = np.full((len(mods), ch_in, rb_max), -1, np.int32)
-        b_idx = np.full((len(mods), ch_out_max, rb_max), -1, np.int32)
-        ranks = np.zeros((L, len(mods)), np.int32)
-        scales = np.zeros((L, len(mods)), np.float32)
+        gt, ch_in, outs = empty_group(model_config, layout, g, rb_max)
+        a_idx, b_idx, ranks, scales = gt.a_idx, gt.b_idx, gt.ranks, gt.scales
         for i, m in enumerate(mods):
             if m not in mod_rank:
                 continue
@@ -107,7 +102,7 @@ def plan_adapter(adapter_dir, model_config: ModelConfig, layout: PoolLayout, max
                     _, r, alpha = per_layer[(layer, m)]
                     ranks[layer, i] = r
                     scales[layer, i] = module_scale(cfg, r, alpha)
-        groups[g] = GroupTiles(a_idx, b_idx, ranks, scales)
+        groups[g] = gt
     targets = tuple(m for m in MODULES if m in mod_rank)
     b_pages = np.zeros(n, bool)
     for place in places.values():
