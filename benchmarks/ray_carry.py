@@ -26,7 +26,7 @@ DEPS = ["fastapi==0.165.0", "starlette==1.10.0", "uvicorn==0.54.0", "pydantic==2
         "jsonschema-specifications==2025.9.1", "referencing==0.37.0", "rpds-py==2026.9.1",
         "google-re2==1.1.20251105", "colorful==0.5.8", "aiohttp-cors==0.8.1", "smart-open==9.0.2",
         "watchfiles==1.3.0", "opentelemetry-api==1.45.2", "typing-extensions==4.16.0",
-        "grpcio-reflection==1.85.1"]
+        "grpcio-reflection==1.84.0"]  # the GPU image has grpcio 1.84.0; reflection must not be newer
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
              "any"]
 # Parts of Ray's wheel that Serve never loads.

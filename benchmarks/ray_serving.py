@@ -4,12 +4,15 @@
     python benchmarks/ray_serving.py --tiny --out /tmp/ray_tiny.json   # CPU dry run, a tiny model (minutes)
 
 Phases (each prints as it goes; --phases picks some, and a run adds its phases to an existing --out file):
+  engine   one engine (GPU 0), no server: the trace through Engine.generate, the ceiling for ``direct``.
   direct   one engine (GPU 0) behind ``slora-jax serve``'s own HTTP server, in a subprocess: the offline trace
            (every request sent at once, --concurrency at a time), then --latency-requests one at a time.
   ray      ``slora-jax serve --replicas 2``'s app (slora_jax.deploy.ray) on a local Ray instance, one GPU per
-           replica: the same trace, then the same one-at-a-time requests.
-Targets read from the JSON: ``ratios.throughput`` (two replicas over one engine, requests/s) >= 1.8, and
-``ratios.added_latency_p50_ms`` (p50 of the one-at-a-time requests through Ray minus direct) <= 2.
+           replica: the same trace, then the same one-at-a-time requests. Each request's ``x-slora-replica``
+           header is counted: ``per_replica`` shows how routing spread the trace.
+  ray-lean the same with Serve's user code and router on each replica's own event loop and no access log.
+Targets read from the JSON: ``ratios.ray.throughput`` (two replicas over one engine, requests/s) >= 1.8, and
+``ratios.ray.added_latency_p50_ms`` (p50 of the one-at-a-time requests through Ray minus direct) <= 2.
 
 Both use random bf16 weights of the --model shape made on the device, and --num-adapters random PEFT adapters
 (q/k/v/o, rank --rank) written to a temporary folder; every request carries ``ignore_eos`` so its output
@@ -52,6 +55,9 @@ REPO = Path(__file__).resolve().parents[1]
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
+PHASE_NAMES = ("engine", "direct", "ray", "ray-lean")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="JSON results (phases already in it are kept)")
@@ -68,11 +74,13 @@ def parse_args(argv=None):
     p.add_argument("--output-range", type=int, nargs=2, default=[8, 256])
     p.add_argument("--concurrency", type=int, default=512, help="requests in flight from the client at once")
     p.add_argument("--warmup-requests", type=int, default=256, help="trace requests sent first, not counted")
+    p.add_argument("--repeats", type=int, default=1, help="trace passes per phase (requests_per_s: their median)")
     p.add_argument("--latency-requests", type=int, default=100, help="one-at-a-time requests (1 token each)")
     p.add_argument("--max-batch-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compile-cache", default=None, help="JAX persistent compilation cache folder")
     p.add_argument("--serve-direct", type=int, default=None, help=argparse.SUPPRESS)  # the direct subprocess
+    p.add_argument("--engine-only", action="store_true", help=argparse.SUPPRESS)  # the engine subprocess
     args = p.parse_args(argv)
     if args.tiny:
         args.model, args.dtype = "tiny", "float32"
@@ -81,12 +89,12 @@ def parse_args(argv=None):
                             ("latency_requests", 20), ("max_batch_size", 16)):
             if getattr(args, name) == p.get_default(name):
                 setattr(args, name, value)
-    for flag in ("replicas", "num_adapters", "num_requests", "concurrency", "max_batch_size"):
+    for flag in ("replicas", "repeats", "num_adapters", "num_requests", "concurrency", "max_batch_size"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be at least 1")
-    unknown = set(args.phases.split(",")) - {"direct", "ray"}
+    unknown = set(args.phases.split(",")) - set(PHASE_NAMES)
     if unknown:
-        p.error(f"--phases takes direct and/or ray, got {sorted(unknown)}")
+        p.error(f"--phases takes some of {', '.join(PHASE_NAMES)}, got {sorted(unknown)}")
     return args
 
 
@@ -100,10 +108,12 @@ def serve_namespace(args, adapter_dir: Path):
     parser = argparse.ArgumentParser()
     _serve_args(parser.add_subparsers())
     argv = ["serve", "--model", args.model, "--served-model-name", "base", "--dtype", args.dtype,
-            "--kernel-backend", "auto", "--max-batch-size", str(args.max_batch_size), "--no-precompile",
+            "--kernel-backend", "auto", "--max-batch-size", str(args.max_batch_size),
             "--max-loras", str(args.num_adapters), "--max-pending", str(1 << 20), "--log-level", "warning"]
     for name in adapter_names(args):
         argv += ["--adapter", f"{name}={adapter_dir / name}"]
+    if args.tiny:
+        argv.append("--no-precompile")  # the tiny model's few shapes compile in the warm-up pass
     ns = parser.parse_args(argv)
     ns.seed_weights = args.seed
     return ns
@@ -136,6 +146,10 @@ def random_weights_setup():
                 engine_config(self.args))
             for name, path in adapters:
                 engine.load_adapter(name, path)
+            if self.args.precompile is not False:
+                # Every step program before the first request, as `serve` does by default: a shape compiled
+                # mid-trace stalls the engine for seconds and the throughput measures compilation.
+                engine.precompile()
             return engine
 
     return RandomWeightsSetup
@@ -159,20 +173,56 @@ def make_trace(args) -> list[dict]:
 # --------------------------------------------------------------------------------------------- client
 
 
-async def _send(client, body) -> tuple[float, int, int]:
+class _Client:
+    """The load generator's HTTP client: aiohttp where it is installed, else httpx.
+
+    On a 2-core machine against a server that answers every request after 0.5 s, 512 at a time, httpx's
+    AsyncClient completed 80 requests/s and aiohttp 730 (the ceiling is 1024): with httpx the client, not the
+    server, set the throughput of any run near that rate."""
+
+    def __init__(self, url: str, concurrency: int, timeout_s: float):
+        self.url, self.concurrency, self.timeout_s = url, concurrency, timeout_s
+
+    async def __aenter__(self):
+        try:
+            import aiohttp
+        except ImportError:
+            import httpx
+
+            limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
+            self._httpx = httpx.AsyncClient(base_url=self.url, timeout=self.timeout_s, limits=limits)
+            self._aiohttp = None
+            self.name = "httpx"
+        else:
+            self._aiohttp = aiohttp.ClientSession(
+                self.url, connector=aiohttp.TCPConnector(limit=self.concurrency),
+                timeout=aiohttp.ClientTimeout(total=self.timeout_s))
+            self.name = "aiohttp"
+        return self
+
+    async def __aexit__(self, *exc):
+        await (self._aiohttp.close() if self._aiohttp is not None else self._httpx.aclose())
+
+    async def post(self, path: str, body: dict) -> tuple[int, str, dict]:
+        if self._aiohttp is not None:
+            async with self._aiohttp.post(path, json=body) as r:
+                return r.status, await r.text(), dict(r.headers)
+        r = await self._httpx.post(path, json=body)
+        return r.status_code, r.text, dict(r.headers)
+
+
+async def _send(client: _Client, body) -> tuple[float, int, int, str]:
     t0 = time.perf_counter()
-    r = await client.post("/v1/completions", json=body)
-    if r.status_code != 200:
-        raise RuntimeError(f"{r.status_code}: {r.text[:300]}")
-    return time.perf_counter() - t0, r.json()["usage"]["completion_tokens"], len(body["prompt"])
+    status, text, headers = await client.post("/v1/completions", body)
+    if status != 200:
+        raise RuntimeError(f"{status}: {text[:300]}")
+    return (time.perf_counter() - t0, json.loads(text)["usage"]["completion_tokens"], len(body["prompt"]),
+            headers.get("x-slora-replica", "-"))
 
 
 async def run_trace(url: str, trace: list[dict], concurrency: int) -> dict:
     """Every request of ``trace`` at once (``concurrency`` in flight); throughput and latencies."""
-    import httpx
-
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=1800, limits=limits) as client:
+    async with _Client(url, concurrency, 1800) as client:
         gate = asyncio.Semaphore(concurrency)
 
         async def one(body):
@@ -184,20 +234,25 @@ async def run_trace(url: str, trace: list[dict], concurrency: int) -> dict:
         wall = time.perf_counter() - t0
     lat = np.array([r[0] for r in results])
     out_tokens = sum(r[1] for r in results)
+    per_replica: dict[str, dict] = {}  # how routing spread the trace: requests and tokens per replica
+    for _, n_out, n_in, replica in results:
+        row = per_replica.setdefault(replica, {"requests": 0, "output_tokens": 0, "prompt_tokens": 0})
+        row["requests"] += 1
+        row["output_tokens"] += n_out
+        row["prompt_tokens"] += n_in
     return {"requests": len(trace), "seconds": wall, "requests_per_s": len(trace) / wall,
             "output_tokens_per_s": out_tokens / wall, "output_tokens": out_tokens,
-            "latency_p50_s": float(np.percentile(lat, 50)), "latency_p90_s": float(np.percentile(lat, 90))}
+            "latency_p50_s": float(np.percentile(lat, 50)), "latency_p90_s": float(np.percentile(lat, 90)),
+            "per_replica": per_replica, "client": client.name}
 
 
 async def one_at_a_time(url: str, trace: list[dict], n: int) -> dict:
     """``n`` requests in turn, one output token each: per-request latency with an idle server."""
-    import httpx
-
-    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+    async with _Client(url, 1, 600) as client:
         lat = []
         for i in range(n + 5):
             body = dict(trace[i % len(trace)], max_tokens=1, prompt=trace[i % len(trace)]["prompt"][:16])
-            seconds, _, _ = await _send(client, body)
+            seconds = (await _send(client, body))[0]
             if i >= 5:  # the first few compile the one-token shapes
                 lat.append(seconds)
     lat = np.array(lat) * 1e3
@@ -207,9 +262,13 @@ async def one_at_a_time(url: str, trace: list[dict], n: int) -> dict:
 
 def measure(url: str, args, trace: list[dict]) -> dict:
     t0 = time.perf_counter()
-    asyncio.run(run_trace(url, trace[:args.warmup_requests], args.concurrency))  # compiles the shapes
+    asyncio.run(run_trace(url, trace[:args.warmup_requests], args.concurrency))
     warm = time.perf_counter() - t0
-    result = asyncio.run(run_trace(url, trace, args.concurrency))
+    runs = [asyncio.run(run_trace(url, trace, args.concurrency)) for _ in range(args.repeats)]
+    result = dict(runs[-1])  # the last repeat's full record; each repeat's rate beside it
+    rates = [r["requests_per_s"] for r in runs]
+    result.update(requests_per_s=float(np.median(rates)), repeats_requests_per_s=rates,
+                  repeats_output_tokens_per_s=[r["output_tokens_per_s"] for r in runs])
     result["warmup_s"] = warm
     result["one_at_a_time"] = asyncio.run(one_at_a_time(url, trace, args.latency_requests))
     return result
@@ -256,6 +315,46 @@ def serve_direct(args, adapter_dir: Path) -> int:
                  drain_s=5, header_timeout_s=None, max_connections=None, keep_alive_s=60, log_level="warning")
 
 
+def run_engine(args, adapter_dir: Path) -> int:
+    """The engine phase's subprocess: the trace through ``Engine.generate`` in-process, no HTTP; one JSON line."""
+    from slora_jax.types import SamplingParams
+
+    trace = make_trace(args)
+    setup = random_weights_setup()(serve_namespace(args, adapter_dir))
+    engine = setup.load_engine(setup.adapters)
+
+    def run(bodies):
+        t0 = time.perf_counter()
+        outs = engine.generate([b["prompt"] for b in bodies], adapters=[b["model"] for b in bodies],
+                               sampling=[SamplingParams(max_tokens=b["max_tokens"], ignore_eos=True) for b in bodies])
+        return time.perf_counter() - t0, sum(len(o.token_ids) for o in outs)
+
+    warm, _ = run(trace[:args.warmup_requests])
+    runs = [run(trace) for _ in range(args.repeats)]
+    rates = [len(trace) / wall for wall, _ in runs]
+    wall, out_tokens = runs[-1]
+    print("ENGINE " + json.dumps({"requests": len(trace), "seconds": wall, "requests_per_s": float(np.median(rates)),
+                                  "repeats_requests_per_s": rates,
+                                  "repeats_output_tokens_per_s": [t / w for w, t in runs],
+                                  "output_tokens_per_s": out_tokens / wall, "output_tokens": out_tokens,
+                                  "warmup_s": warm}), flush=True)
+    engine.close()
+    return 0
+
+
+def phase_engine(args, adapter_dir: Path, trace: list[dict]) -> dict:
+    """One engine (GPU 0) with no server: what the trace costs the engine alone, the ceiling for ``direct``."""
+    env = dict(os.environ)
+    if not args.tiny:
+        env["CUDA_VISIBLE_DEVICES"] = "0"
+    argv = [sys.executable, __file__, *sys.argv[1:], "--engine-only", "--adapter-dir", str(adapter_dir)]
+    out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900)
+    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("ENGINE ")), None)
+    if out.returncode != 0 or line is None:
+        raise RuntimeError(f"engine phase failed ({out.returncode}): {out.stderr[-2000:]}")
+    return json.loads(line[len("ENGINE "):])
+
+
 def phase_direct(args, adapter_dir: Path, trace: list[dict]) -> dict:
     port = free_port()
     env = dict(os.environ)
@@ -277,7 +376,16 @@ def phase_direct(args, adapter_dir: Path, trace: list[dict]) -> dict:
     return result
 
 
-def phase_ray(args, adapter_dir: Path, trace: list[dict]) -> dict:
+# Ray Serve settings that take hops off each request: user code and the router on the replica's own event
+# loop (not a second thread's), and no per-request access log lines (each is written and shipped to the driver).
+LEAN_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
+
+
+def phase_ray_lean(args, adapter_dir: Path, trace: list[dict]) -> dict:
+    return phase_ray(args, adapter_dir, trace, lean=True)
+
+
+def phase_ray(args, adapter_dir: Path, trace: list[dict], lean: bool = False) -> dict:
     import functools
 
     import ray
@@ -289,7 +397,11 @@ def phase_ray(args, adapter_dir: Path, trace: list[dict]) -> dict:
     path = os.pathsep.join(str(Path(p).resolve()) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p)
     env = {k: v for k, v in os.environ.items() if k.startswith(("JAX_", "XLA_"))}
     env["PYTHONPATH"] = os.pathsep.join(x for x in (path, str(REPO), str(REPO / "benchmarks")) if x)
-    ray.init(include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=True)
+    saved = {k: os.environ.get(k) for k in LEAN_ENV}
+    if lean:  # read when Serve's processes start: the raylet's children inherit the driver's environment
+        os.environ.update(LEAN_ENV)
+        env.update(LEAN_ENV)
+    ray.init(include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=not lean)
     port = free_port()
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -299,7 +411,7 @@ def phase_ray(args, adapter_dir: Path, trace: list[dict]) -> dict:
                                  max_adapters_per_replica=args.num_adapters)
         t0 = time.perf_counter()
         serve.run(build_app(functools.partial(random_weights_setup(), ns), options), name=APP_NAME,
-                  route_prefix="/")
+                  route_prefix="/", logging_config={"enable_access_log": False} if lean else None)
         url = f"http://127.0.0.1:{port}"
         wait_healthy(url)
         result = {"startup_s": time.perf_counter() - t0, **measure(url, args, trace)}
@@ -312,6 +424,11 @@ def phase_ray(args, adapter_dir: Path, trace: list[dict]) -> dict:
     finally:
         serve.shutdown()
         ray.shutdown()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _served_by(url: str, trace: list[dict]) -> dict:
@@ -337,6 +454,9 @@ def device_name(tiny: bool) -> str:
         return "unknown"
 
 
+PHASES = dict(zip(PHASE_NAMES, (phase_engine, phase_direct, phase_ray, phase_ray_lean)))
+
+
 def main(argv=None) -> int:
     raw = list(sys.argv[1:] if argv is None else argv)
     adapter_dir = None
@@ -352,6 +472,8 @@ def main(argv=None) -> int:
         os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
     if args.serve_direct is not None:
         return serve_direct(args, adapter_dir)
+    if args.engine_only:
+        return run_engine(args, adapter_dir)
 
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.exists() else {}
@@ -373,18 +495,22 @@ def main(argv=None) -> int:
         for phase in args.phases.split(","):
             print(f"== {phase}", flush=True)
             t0 = time.perf_counter()
-            results[phase] = (phase_direct if phase == "direct" else phase_ray)(args, adapters, trace)
+            results[phase] = PHASES[phase](args, adapters, trace)
             results[phase]["phase_s"] = time.perf_counter() - t0
             print(json.dumps(results[phase], indent=1), flush=True)
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(results, indent=1))
-    if "direct" in results and "ray" in results:
-        d, r = results["direct"], results["ray"]
-        results["ratios"] = {
-            "throughput": r["requests_per_s"] / d["requests_per_s"],
-            "added_latency_p50_ms": r["one_at_a_time"]["p50_ms"] - d["one_at_a_time"]["p50_ms"],
-            "targets": {"throughput_at_least": 1.8, "added_latency_p50_ms_at_most": 2.0}}
-        print("ratios:", json.dumps(results["ratios"]), flush=True)
+    results["ratios"] = {}
+    for name in ("ray", "ray-lean"):
+        if "direct" in results and name in results:
+            d, r = results["direct"], results[name]
+            results["ratios"][name] = {
+                "throughput": r["requests_per_s"] / d["requests_per_s"],
+                "added_latency_p50_ms": r["one_at_a_time"]["p50_ms"] - d["one_at_a_time"]["p50_ms"],
+                "targets": {"throughput_at_least": 1.8, "added_latency_p50_ms_at_most": 2.0}}
+    if "engine" in results and "direct" in results:
+        results["ratios"]["direct_over_engine"] = results["direct"]["requests_per_s"] / results["engine"]["requests_per_s"]
+    print("ratios:", json.dumps(results["ratios"]), flush=True)
     out.write_text(json.dumps(results, indent=1))
     return 0
 
