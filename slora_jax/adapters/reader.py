@@ -39,6 +39,7 @@ from slora_jax.model.llama import LORA_GROUPS
 _EXPONENT = {"BF16": (np.uint16, 0x7F80), "F16": (np.uint16, 0x7C00), "F32": (np.uint32, 0x7F800000),
              "F64": (np.uint64, 0x7FF0000000000000)}
 _UINT = {2: np.uint16, 4: np.uint32, 8: np.uint64}
+_INT = {2: np.int16, 4: np.int32, 8: np.int64}
 
 
 @dataclass(frozen=True)
@@ -115,7 +116,8 @@ _staging = threading.local()
 # Bytes a reader thread reads at once (a batch of layers of one module) and checks for NaN/Inf at once: the
 # per-thread buffers stay this small, whatever the adapter.
 _BATCH_BYTES = 16 << 20
-_CHECK_BYTES = 1 << 20
+# Bytes checked for NaN/Inf at once (both of the check's reductions read a chunk while it is in L1/L2).
+_CHECK_BYTES = 256 << 10
 
 
 def _staging_buffer(nbytes: int) -> np.ndarray:
@@ -127,29 +129,21 @@ def _staging_buffer(nbytes: int) -> np.ndarray:
     return buf
 
 
-def _scratch(nbytes: int) -> np.ndarray:
-    """A second per-thread byte buffer (for the finite check), reused across reads."""
-    buf = getattr(_staging, "scratch", None)
-    if buf is None or buf.nbytes < nbytes:
-        buf = np.empty(max(nbytes, 1 << 20), np.uint8)
-        _staging.scratch = buf
-    return buf
-
-
 def _finite_error(raw: np.ndarray, dtype_tag: str) -> bool:
-    """True when some value in ``raw`` (the bytes of ``dtype_tag`` floats) is NaN or Inf."""
+    """True when some value in ``raw`` (the bytes of ``dtype_tag`` floats) is NaN or Inf.
+
+    Two integer max-reductions per chunk and no temporary: read as unsigned, a negative NaN/Inf is
+    >= sign | exponent (no finite value is); read as signed, a positive NaN/Inf is >= exponent (negatives
+    are < 0). numpy's reductions over integers are vectorised and release the GIL; a float isfinite on
+    ml_dtypes' bfloat16 is a scalar loop, and masking the sign off first writes a temporary."""
     utype, exponent = _EXPONENT[dtype_tag]
     u = raw.view(utype)
-    if not u.size:
-        return False
-    magnitude = utype((1 << (8 * u.itemsize - 1)) - 1)  # every bit but the sign
+    signed = _INT[u.itemsize]
+    negative = utype(exponent | (1 << (8 * u.itemsize - 1)))
     step = max(_CHECK_BYTES // u.itemsize, 1)
-    tmp = _scratch(min(u.size, step) * u.itemsize).view(utype)
     for i in range(0, u.size, step):
         part = u[i:i + step]
-        out = tmp[:part.size]
-        np.bitwise_and(part, magnitude, out=out)
-        if out.max() >= exponent:
+        if part.max() >= negative or part.view(signed).max() >= exponent:
             return True
     return False
 

@@ -136,6 +136,37 @@ def test_truncated_file_is_refused_before_reading(tmp_path):
         read_paged_adapter(plan, cfg, layout, 64, np.float32)
 
 
+@pytest.mark.parametrize("tag", ["BF16", "F16"])
+def test_finite_check_on_every_16_bit_pattern(tag):
+    """The integer check agrees with np.isfinite on each of the 65536 values, alone and among finite ones."""
+    bits = np.arange(1 << 16, dtype=np.uint16)
+    floats = bits.view(reader_mod.SAFETENSORS_NUMPY[tag]).astype(np.float32)
+    finite = np.isfinite(floats)
+    got = np.array([reader_mod._finite_error(bits[i:i + 1].view(np.uint8), tag) for i in range(bits.size)])
+    np.testing.assert_array_equal(got, ~finite)
+    block = np.zeros(4096, np.uint16)  # zeros, with one value put at the end
+    for b in (0x7F80, 0xFF80, 0x7FC1, 0xFFFF, 0x7C00, 0xFC00, 0x7F7F, 0xFF7F, 0x7BFF, 0xFBFF, 0x8000):
+        block[-1] = b
+        assert reader_mod._finite_error(block.view(np.uint8), tag) == (not finite[b]), hex(b)
+    assert not reader_mod._finite_error(np.zeros(0, np.uint8), tag)
+
+
+@pytest.mark.parametrize("tag,dtype", [("F32", np.float32), ("F64", np.float64)])
+def test_finite_check_on_wide_floats(tag, dtype, monkeypatch):
+    monkeypatch.setattr(reader_mod, "_CHECK_BYTES", 64)  # across chunk boundaries too
+    info = np.finfo(dtype)
+    finite = np.array([0.0, -0.0, info.max, -info.max, info.tiny, -info.tiny, info.smallest_subnormal,
+                       -info.smallest_subnormal, 1.5, -2.5], dtype)
+    assert not reader_mod._finite_error(np.tile(finite, 7).view(np.uint8), tag)
+    ubits = np.dtype(f"u{np.dtype(dtype).itemsize}")
+    quiet_negative_nan = np.array([-np.nan], dtype).view(ubits) | 1  # a NaN with its sign bit and a payload
+    for bad in (np.array([np.inf, -np.inf, np.nan], dtype), quiet_negative_nan.view(dtype)):
+        for v in bad:
+            values = np.tile(finite, 7)
+            values[-3] = v
+            assert reader_mod._finite_error(values.view(np.uint8), tag), v
+
+
 # ------------------------------------------------------------------------------------------ the store
 
 
