@@ -167,6 +167,49 @@ def test_finite_check_on_wide_floats(tag, dtype, monkeypatch):
             assert reader_mod._finite_error(values.view(np.uint8), tag), v
 
 
+def test_a_reused_buffer_holds_only_the_adapter(tmp_path):
+    """Tiles built in a reused buffer full of another adapter's bytes: the padding (ranks below a page's
+    rows, widths below a page's, layers left out) is zeroed, whatever fills it completely is not."""
+    cfg = tiny_llama_config(hidden_size=80, intermediate_size=136, num_layers=3)
+    layout = PoolLayout(cfg.num_layers, 64, 16, cfg.kv_size)
+    odd = write_random_adapter(tmp_path / "odd", cfg, rank=20, seed=3, dtype="bfloat16", layers_to_transform=[0, 2],
+                               target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                               "down_proj"))
+    even = write_random_adapter(tmp_path / "even", cfg, rank=32, seed=5, dtype="bfloat16",
+                                target_modules=("k_proj", "v_proj"))  # k/v: 32 wide, one page wide
+    every_layer = write_random_adapter(tmp_path / "every", cfg, rank=20, seed=7, dtype="bfloat16",
+                                       target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                       "up_proj", "down_proj"))
+    out = np.full(1 << 20, 0xFF, np.uint8)  # NaN bits everywhere
+    for d in (odd, even, every_layer, odd, every_layer, even):
+        got, _ = read_paged_adapter(plan_adapter(d, cfg, layout, 64), cfg, layout, 64, BF16, out)
+        assert np.shares_memory(got.tiles, out)
+        assert_same_paged(got, reference(d, cfg, layout, BF16))
+    # Widths that are whole pages (64 and 32 wide pages of 32) and ranks of whole page rows: nothing to zero.
+    cfg = tiny_llama_config(num_layers=3)
+    layout = PoolLayout(cfg.num_layers, 64, 16, cfg.kv_size)
+    full = write_random_adapter(tmp_path / "full", cfg, rank=32, seed=6, dtype="bfloat16",
+                                target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                "down_proj"))
+    out.fill(0xFF)
+    got, _ = read_paged_adapter(plan_adapter(full, cfg, layout, 64), cfg, layout, 64, BF16, out)
+    assert np.shares_memory(got.tiles, out)
+    assert_same_paged(got, reference(full, cfg, layout, BF16))
+
+
+def test_tensor_parallel_tiles_read_like_page_adapter(tmp_path):
+    """Each device's columns of A^T and B in its columns of the pages, as page_adapter cuts them."""
+    cfg = tiny_llama_config(num_layers=3)
+    layout = PoolLayout(cfg.num_layers, 64, 16, cfg.kv_size, shards=2)
+    for rank, file_dtype in ((16, "bfloat16"), (20, "float32")):
+        d = write_random_adapter(tmp_path / f"r{rank}", cfg, rank=rank, seed=rank, dtype=file_dtype,
+                                 target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                 "down_proj"))
+        for out in (None, np.full(1 << 20, 0xFF, np.uint8)):
+            got, _ = read_paged_adapter(plan_adapter(d, cfg, layout, 64), cfg, layout, 64, BF16, out)
+            assert_same_paged(got, reference(d, cfg, layout, BF16))
+
+
 # ------------------------------------------------------------------------------------------ the store
 
 
