@@ -149,15 +149,30 @@ def _finite_error(raw: np.ndarray, dtype_tag: str) -> bool:
     return False
 
 
+_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux >= 5.14; Python 3.11 lacks the name
+
+
 def _new_zeros(shape: tuple, dtype: np.dtype) -> np.ndarray:
-    """A zeroed array in memory new to the process, its pages mapped in one call (MAP_POPULATE): touching
-    fresh pages one 4 KiB fault at a time made writing the tiles cost twice what the read did."""
+    """A zeroed array in memory new to the process, its pages mapped in one call: touching fresh pages one
+    4 KiB fault at a time made writing the tiles cost twice what the read did. Transparent huge pages where
+    the kernel gives them on request (THP "madvise", the common default): the kernel then maps and zeroes
+    2 MiB at a time, which took this half the time of MAP_POPULATE's 4 KiB pages (numpy's own large
+    allocations ask for huge pages too, so np.fromfile has them)."""
     size = math.prod(shape) * dtype.itemsize
     flags = getattr(mmap, "MAP_POPULATE", None)
     if flags is None or size < (1 << 20):
         return np.zeros(shape, dtype)
     try:
-        mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | flags)
+        mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        try:
+            mm.madvise(mmap.MADV_HUGEPAGE)
+        except (AttributeError, OSError):
+            pass  # no THP: the populate below maps 4 KiB pages, as MAP_POPULATE does
+        try:
+            mm.madvise(_MADV_POPULATE_WRITE)
+        except OSError:  # an older kernel: map it populated from the start (no huge pages then)
+            mm.close()
+            mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | flags)
     except (OSError, ValueError):
         return np.zeros(shape, dtype)
     return np.frombuffer(mm, dtype).reshape(shape)  # anonymous memory is zero; freed with the array
