@@ -39,6 +39,7 @@ from slora_jax.model.llama import LORA_GROUPS
 _EXPONENT = {"BF16": (np.uint16, 0x7F80), "F16": (np.uint16, 0x7C00), "F32": (np.uint32, 0x7F800000),
              "F64": (np.uint64, 0x7FF0000000000000)}
 _UINT = {2: np.uint16, 4: np.uint32, 8: np.uint64}
+_INT = {2: np.int16, 4: np.int32, 8: np.int64}
 
 
 @dataclass(frozen=True)
@@ -112,10 +113,12 @@ def plan_adapter(adapter_dir, model_config: ModelConfig, layout: PoolLayout, max
 
 
 _staging = threading.local()
-# Bytes a reader thread reads at once (a batch of layers of one module) and checks for NaN/Inf at once: the
-# per-thread buffers stay this small, whatever the adapter.
-_BATCH_BYTES = 16 << 20
-_CHECK_BYTES = 1 << 20
+# Bytes a reader thread reads at once (a batch of layers of one module): small enough that the batch is still
+# in the core's cache when it is checked for NaN/Inf and copied into the tiles, so the file's bytes cross
+# memory about as often as in a plain read (once out of the page cache, once into the tiles).
+_BATCH_BYTES = 1 << 20
+# Bytes checked for NaN/Inf at once (both of the check's reductions read a chunk while it is in L1/L2).
+_CHECK_BYTES = 256 << 10
 
 
 def _staging_buffer(nbytes: int) -> np.ndarray:
@@ -127,42 +130,49 @@ def _staging_buffer(nbytes: int) -> np.ndarray:
     return buf
 
 
-def _scratch(nbytes: int) -> np.ndarray:
-    """A second per-thread byte buffer (for the finite check), reused across reads."""
-    buf = getattr(_staging, "scratch", None)
-    if buf is None or buf.nbytes < nbytes:
-        buf = np.empty(max(nbytes, 1 << 20), np.uint8)
-        _staging.scratch = buf
-    return buf
-
-
 def _finite_error(raw: np.ndarray, dtype_tag: str) -> bool:
-    """True when some value in ``raw`` (the bytes of ``dtype_tag`` floats) is NaN or Inf."""
+    """True when some value in ``raw`` (the bytes of ``dtype_tag`` floats) is NaN or Inf.
+
+    Two integer max-reductions per chunk and no temporary: read as unsigned, a negative NaN/Inf is
+    >= sign | exponent (no finite value is); read as signed, a positive NaN/Inf is >= exponent (negatives
+    are < 0). numpy's reductions over integers are vectorised and release the GIL; a float isfinite on
+    ml_dtypes' bfloat16 is a scalar loop, and masking the sign off first writes a temporary."""
     utype, exponent = _EXPONENT[dtype_tag]
     u = raw.view(utype)
-    if not u.size:
-        return False
-    magnitude = utype((1 << (8 * u.itemsize - 1)) - 1)  # every bit but the sign
+    signed = _INT[u.itemsize]
+    negative = utype(exponent | (1 << (8 * u.itemsize - 1)))
     step = max(_CHECK_BYTES // u.itemsize, 1)
-    tmp = _scratch(min(u.size, step) * u.itemsize).view(utype)
     for i in range(0, u.size, step):
         part = u[i:i + step]
-        out = tmp[:part.size]
-        np.bitwise_and(part, magnitude, out=out)
-        if out.max() >= exponent:
+        if part.max() >= negative or part.view(signed).max() >= exponent:
             return True
     return False
 
 
+_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux >= 5.14; Python 3.11 lacks the name
+
+
 def _new_zeros(shape: tuple, dtype: np.dtype) -> np.ndarray:
-    """A zeroed array in memory new to the process, its pages mapped in one call (MAP_POPULATE): touching
-    fresh pages one 4 KiB fault at a time made writing the tiles cost twice what the read did."""
+    """A zeroed array in memory new to the process, its pages mapped in one call: touching fresh pages one
+    4 KiB fault at a time made writing the tiles cost twice what the read did. Transparent huge pages where
+    the kernel gives them on request (THP "madvise", the common default): the kernel then maps and zeroes
+    2 MiB at a time, which took this half the time of MAP_POPULATE's 4 KiB pages (numpy's own large
+    allocations ask for huge pages too, so np.fromfile has them)."""
     size = math.prod(shape) * dtype.itemsize
     flags = getattr(mmap, "MAP_POPULATE", None)
     if flags is None or size < (1 << 20):
         return np.zeros(shape, dtype)
     try:
-        mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | flags)
+        mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        try:
+            mm.madvise(mmap.MADV_HUGEPAGE)
+        except (AttributeError, OSError):
+            pass  # no THP: the populate below maps 4 KiB pages, as MAP_POPULATE does
+        try:
+            mm.madvise(_MADV_POPULATE_WRITE)
+        except OSError:  # an older kernel: map it populated from the start (no huge pages then)
+            mm.close()
+            mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | flags)
     except (OSError, ValueError):
         return np.zeros(shape, dtype)
     return np.frombuffer(mm, dtype).reshape(shape)  # anonymous memory is zero; freed with the array
@@ -171,7 +181,7 @@ def _new_zeros(shape: tuple, dtype: np.dtype) -> np.ndarray:
 def _tile_layers(dest: np.ndarray, layers, m: np.ndarray, W: int) -> None:
     """Write m [n, r, d] (one module's A in n layers) into dest [L, ch, rb*R, W] (that module's
     tiles in every layer) at ``layers``: tile (c, j) of a layer holds rows jR.. and columns cW.. of its
-    matrix, as ``paging._tile`` lays them out. Padding stays as it was (zero)."""
+    matrix, as ``paging._tile`` lays them out. Padding is left as it is."""
     n, r, d = m.shape
     full = d // W
     if full:
@@ -183,10 +193,25 @@ def _tile_layers(dest: np.ndarray, layers, m: np.ndarray, W: int) -> None:
 def _tile_layers_b(dest: np.ndarray, layers, m: np.ndarray, W: int, R: int) -> None:
     """Write B as stored, m [n, d_out, r] (n layers), into dest [L, ch, rb, W, R] (that module's B pages in
     every layer, each held as [W, R], see PagedAdapter.transposed): page (c, j) holds rows cW.. and
-    columns jR.. of B, i.e. the transpose of B^T's tile (c, j). Runs of R values are copied."""
+    columns jR.. of B, i.e. the transpose of B^T's tile (c, j). Runs of R values are copied. Padding is
+    left as it is."""
     n, d, r = m.shape
     full = d // W
-    for j in range(dest.shape[2]):
+    first = 0
+    blocks = r // R
+    if blocks and m.dtype == dest.dtype:
+        # Each run of R values as one opaque item: one copy for all full rank blocks, whose inner loop
+        # goes over W items instead of over R values W*blocks times (numpy's loop overhead per run of R
+        # values was most of this copy's cost).
+        run = np.dtype((np.void, R * m.itemsize))
+        dv = dest[:, :, :blocks].view(run)[..., 0]  # [L, ch, blocks, W]
+        mv = m[..., :blocks * R].view(run)  # [n, d, blocks]
+        if full:
+            dv[layers, :full] = mv[:, :full * W].reshape(n, full, W, blocks).transpose(0, 1, 3, 2)
+        if d > full * W:
+            dv[layers, full, :, :d - full * W] = mv[:, full * W:].transpose(0, 2, 1)
+        first = blocks
+    for j in range(first, dest.shape[2]):
         lo, hi = j * R, min((j + 1) * R, r)
         if hi <= lo:
             break
@@ -196,6 +221,78 @@ def _tile_layers_b(dest: np.ndarray, layers, m: np.ndarray, W: int, R: int) -> N
             dest[layers, full, j, :d - full * W, :hi - lo] = m[:, full * W:, lo:hi]
 
 
+@dataclass
+class _Region:
+    """One module's A or B tiles in every layer, as the batches of its tensors are copied into them."""
+
+    is_b: bool
+    parts: list  # per device: (tile columns of dest, the matrix's columns/rows that device holds)
+    tile: object  # _tile_layers or _tile_layers_b, bound to the tile width
+    layers: set  # layers whose tensor is in the file
+    shapes: set  # shapes of those tensors
+    covered: bool = True  # every value of the region is written by some tensor (no padding to zero)
+
+    def zero_padding(self, num_layers: int, R: int) -> None:
+        """Zero what the tensors will not write (a reused buffer holds another adapter's bytes there)."""
+        if self.covered:
+            return
+        if len(self.layers) != num_layers or len(self.shapes) != 1:
+            for part, _ in self.parts:  # layers left out, or ranks that differ by layer: all of it
+                part.view(_UINT[part.itemsize])[...] = 0
+            return
+        (shape,) = self.shapes
+        width, rank = shape if self.is_b else shape[::-1]
+        for part, cols in self.parts:
+            part = part.view(_UINT[part.itemsize])
+            ch, W = part.shape[1], part.shape[-2 if self.is_b else -1]
+            d = len(range(width)[cols])
+            last = d - (ch - 1) * W  # columns (A) or rows (B) of the last chunk that the matrix fills
+            if self.is_b:  # [L, ch, rb, W, R]
+                j = rank // R
+                if rank % R:
+                    part[:, :, j, :, rank - j * R:] = 0
+                    j += 1
+                part[:, :, j:] = 0
+                if last < W:
+                    part[:, ch - 1, :, last:, :] = 0
+            else:  # [L, ch, rb*R, W]
+                part[:, :, rank:, :] = 0
+                if last < W:
+                    part[:, ch - 1, :, last:] = 0
+
+
+def _regions(plan: AdapterPlan, batches: dict, spans: dict, model_config: ModelConfig, layout: PoolLayout,
+             tiles: np.ndarray) -> dict[tuple[str, bool], _Region]:
+    """(module, is B) -> its _Region: where in ``tiles`` its tensors go, and whether they fill it."""
+    R, W, L = layout.page_rows, layout.page_width, model_config.num_layers
+    Wt = layout.tile_width
+    regions: dict[tuple[str, bool], _Region] = {}
+    for (module, is_b, _, shape), groups in batches.items():
+        region = regions.get((module, is_b))
+        place = plan.places[module]
+        first, ch = (place.b0, place.ch_out) if is_b else (place.a0, place.ch_in)
+        if region is None:
+            dest = tiles[:, first:first + ch * place.rb]
+            dest = dest.reshape(L, ch, place.rb, W, R) if is_b else dest.reshape(L, ch, place.rb * R, W)
+            parts = []
+            for shard, (a_cols, b_cols) in enumerate(shard_slices(model_config, layout, module)):
+                cols = slice(shard * Wt, (shard + 1) * Wt)
+                parts.append((dest[..., cols, :], b_cols) if is_b else (dest[..., cols], a_cols))
+            tile = (functools.partial(_tile_layers_b, W=Wt, R=R) if is_b
+                    else functools.partial(_tile_layers, W=Wt))
+            region = regions[(module, is_b)] = _Region(is_b, parts, tile, set(), set())
+        region.shapes.add(shape)
+        width, rank = shape if is_b else shape[::-1]
+        if rank != place.rb * R or any(len(range(width)[c]) != ch * Wt for _, c in region.parts):
+            region.covered = False
+        for items in groups:
+            region.layers.update(layer for layer, _ in items)
+    for region in regions.values():
+        if len(region.layers) != L:
+            region.covered = False
+    return regions
+
+
 def read_paged_adapter(plan: AdapterPlan, model_config: ModelConfig, layout: PoolLayout, max_rank: int,
                        dtype, out: Optional[np.ndarray] = None) -> tuple[PagedAdapter, int]:
     """Read the adapter's weights file into a PagedAdapter in ``dtype`` (numpy; B's pages transposed, as
@@ -203,8 +300,10 @@ def read_paged_adapter(plan: AdapterPlan, model_config: ModelConfig, layout: Poo
     tiles in (reused by a caller that copies them elsewhere: new memory costs a page fault per 4 KiB). Raises AdapterError for a missing, truncated or corrupt file, weights that disagree
     with the config or the base model, and non-finite values.
 
-    The tensors of one module (A or B) of equal rank in every layer are read into one buffer and tiled with
-    one strided copy, so the Python work per adapter does not grow with the number of layers."""
+    The tensors of one module (A or B) of equal rank in consecutive layers are read into one small buffer,
+    checked and tiled with one strided copy each while the buffer is in the cache. Only the padding of a
+    reused ``out`` is zeroed (fresh memory is zero already): with the file's dtype equal to ``dtype`` the
+    bytes are read once by the kernel, and read once and written once by numpy, all outside the GIL."""
     path = plan.weights_path
     dtype = np.dtype(dtype)
     R, W, L = layout.page_rows, layout.page_width, model_config.num_layers
@@ -218,7 +317,7 @@ def read_paged_adapter(plan: AdapterPlan, model_config: ModelConfig, layout: Poo
     with f:
         spans = read_safetensors_header(f, path, AdapterError)
         pairs = match_tensors(spans, plan.cfg, model_config, max_rank, path, plan.layer_ranks)
-        batches: dict[tuple, list] = {}  # (module, is B, dtype tag, shape) -> [(layer, tensor name)]
+        batches: dict[tuple, list] = {}  # (module, is B, dtype tag, shape) -> [[(layer, tensor name)]]
         for p in pairs:
             for name, is_b in ((p.a, False), (p.b, True)):
                 span = spans[name]
@@ -226,24 +325,25 @@ def read_paged_adapter(plan: AdapterPlan, model_config: ModelConfig, layout: Poo
                     raise AdapterError(f"tensor {name!r} in {path.name} has unsupported dtype {span.dtype} "
                                        f"(supported: {', '.join(sorted(SAFETENSORS_NUMPY))})")
                 key = (p.module, is_b, span.dtype, span.shape)
-                batches.setdefault(key, [[]])
-                if len(batches[key][-1]) * (span.end - span.start) >= _BATCH_BYTES:
-                    batches[key].append([])  # a new batch of layers: the staging buffer stays bounded
-                batches[key][-1].append((p.layer, name))
+                groups = batches.setdefault(key, [[]])
+                if len(groups[-1]) * (span.end - span.start) >= _BATCH_BYTES:
+                    groups.append([])  # a new batch of layers: the staging buffer stays small
+                groups[-1].append((p.layer, name))
         shape = (L, plan.num_pages, R, W)
         size = math.prod(shape) * dtype.itemsize
-        if out is not None and out.nbytes >= size:
-            tiles = out[:size].view(dtype).reshape(shape)
-            tiles.view(np.uint8).fill(0)  # padding is zero
-        else:
-            tiles = _new_zeros(shape, dtype)
+        reused = out is not None and out.nbytes >= size
+        tiles = out[:size].view(dtype).reshape(shape) if reused else _new_zeros(shape, dtype)
+        regions = _regions(plan, batches, spans, model_config, layout, tiles)
+        if reused:  # padding is zero; what the tensors fill is written below
+            for region in regions.values():
+                region.zero_padding(L, R)
         same_bits = _UINT[dtype.itemsize]
         fd = f.fileno()
         nbytes = 0
         flat = [(key, items) for key, groups in batches.items() for items in groups]
         # In file order of each batch's first tensor: the reads go mostly forward through the file.
-        for (module, is_b, tag, shape), items in sorted(flat, key=lambda kv: spans[kv[1][0][1]].start):
-            place = plan.places[module]  # match_tensors checked the file against plan.cfg
+        for (module, is_b, tag, tshape), items in sorted(flat, key=lambda kv: spans[kv[1][0][1]].start):
+            region = regions[(module, is_b)]
             per = spans[items[0][1]].end - spans[items[0][1]].start
             stage = _staging_buffer(per * len(items))[:per * len(items)]
             view = memoryview(stage)
@@ -254,27 +354,22 @@ def read_paged_adapter(plan: AdapterPlan, model_config: ModelConfig, layout: Poo
                 bad = next(name for i, (_, name) in enumerate(items)
                            if _finite_error(stage[i * per:(i + 1) * per], tag))
                 raise AdapterError(f"tensor {bad!r} has non-finite values (NaN or Inf)")
-            src = stage.view(SAFETENSORS_NUMPY[tag]).reshape((len(items),) + shape)
+            src = stage.view(SAFETENSORS_NUMPY[tag]).reshape((len(items),) + tshape)
             if src.dtype == np.float64:
                 src = src.astype(np.float32)  # through float32, as the float32 loader rounds it
-            first, ch = (place.b0, place.ch_out) if is_b else (place.a0, place.ch_in)
-            dest = tiles[:, first:first + ch * place.rb]
-            dest = dest.reshape(L, ch, place.rb, W, R) if is_b else dest.reshape(L, ch, place.rb * R, W)
-            Wt = layout.tile_width
-            tile = functools.partial(_tile_layers_b, W=Wt, R=R) if is_b else functools.partial(_tile_layers, W=Wt)
-            layers = np.fromiter((layer for layer, _ in items), np.intp, len(items))
-            if (np.diff(layers) == 1).all():
-                layers = slice(int(layers[0]), int(layers[-1]) + 1)  # consecutive layers: a plain strided copy
+            lo, hi = items[0][0], items[-1][0]
+            if hi - lo == len(items) - 1:  # consecutive layers (items go up by layer): a plain strided copy
+                layers = slice(lo, hi + 1)
+            else:
+                layers = np.array([layer for layer, _ in items], np.intp)
             same = src.dtype == dtype  # same format: copy bits (an integer copy releases the GIL, no cast loop)
             # Each device's columns of the matrix go to its columns of the pages (one device: all of both).
-            for shard, (a_cols, b_cols) in enumerate(shard_slices(model_config, layout, module)):
-                cols = slice(shard * Wt, (shard + 1) * Wt)
-                part = dest[..., cols, :] if is_b else dest[..., cols]
-                part_src = src[:, b_cols] if is_b else src[..., a_cols]  # B is stored [d_out, r]
+            for part, cols in region.parts:
+                part_src = src[:, cols] if is_b else src[..., cols]  # B is stored [d_out, r]
                 if same:
-                    tile(part.view(same_bits), layers, part_src.view(same_bits))
+                    region.tile(part.view(same_bits), layers, part_src.view(same_bits))
                 else:
-                    tile(part, layers, part_src)
+                    region.tile(part, layers, part_src)
     return PagedAdapter(tiles, plan.groups, plan.num_pages, plan.b_pages), nbytes
 
 

@@ -136,6 +136,80 @@ def test_truncated_file_is_refused_before_reading(tmp_path):
         read_paged_adapter(plan, cfg, layout, 64, np.float32)
 
 
+@pytest.mark.parametrize("tag", ["BF16", "F16"])
+def test_finite_check_on_every_16_bit_pattern(tag):
+    """The integer check agrees with np.isfinite on each of the 65536 values, alone and among finite ones."""
+    bits = np.arange(1 << 16, dtype=np.uint16)
+    floats = bits.view(reader_mod.SAFETENSORS_NUMPY[tag]).astype(np.float32)
+    finite = np.isfinite(floats)
+    got = np.array([reader_mod._finite_error(bits[i:i + 1].view(np.uint8), tag) for i in range(bits.size)])
+    np.testing.assert_array_equal(got, ~finite)
+    block = np.zeros(4096, np.uint16)  # zeros, with one value put at the end
+    for b in (0x7F80, 0xFF80, 0x7FC1, 0xFFFF, 0x7C00, 0xFC00, 0x7F7F, 0xFF7F, 0x7BFF, 0xFBFF, 0x8000):
+        block[-1] = b
+        assert reader_mod._finite_error(block.view(np.uint8), tag) == (not finite[b]), hex(b)
+    assert not reader_mod._finite_error(np.zeros(0, np.uint8), tag)
+
+
+@pytest.mark.parametrize("tag,dtype", [("F32", np.float32), ("F64", np.float64)])
+def test_finite_check_on_wide_floats(tag, dtype, monkeypatch):
+    monkeypatch.setattr(reader_mod, "_CHECK_BYTES", 64)  # across chunk boundaries too
+    info = np.finfo(dtype)
+    finite = np.array([0.0, -0.0, info.max, -info.max, info.tiny, -info.tiny, info.smallest_subnormal,
+                       -info.smallest_subnormal, 1.5, -2.5], dtype)
+    assert not reader_mod._finite_error(np.tile(finite, 7).view(np.uint8), tag)
+    ubits = np.dtype(f"u{np.dtype(dtype).itemsize}")
+    quiet_negative_nan = np.array([-np.nan], dtype).view(ubits) | 1  # a NaN with its sign bit and a payload
+    for bad in (np.array([np.inf, -np.inf, np.nan], dtype), quiet_negative_nan.view(dtype)):
+        for v in bad:
+            values = np.tile(finite, 7)
+            values[-3] = v
+            assert reader_mod._finite_error(values.view(np.uint8), tag), v
+
+
+def test_a_reused_buffer_holds_only_the_adapter(tmp_path):
+    """Tiles built in a reused buffer full of another adapter's bytes: the padding (ranks below a page's
+    rows, widths below a page's, layers left out) is zeroed, whatever fills it completely is not."""
+    cfg = tiny_llama_config(hidden_size=80, intermediate_size=136, num_layers=3)
+    layout = PoolLayout(cfg.num_layers, 64, 16, cfg.kv_size)
+    odd = write_random_adapter(tmp_path / "odd", cfg, rank=20, seed=3, dtype="bfloat16", layers_to_transform=[0, 2],
+                               target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                               "down_proj"))
+    even = write_random_adapter(tmp_path / "even", cfg, rank=32, seed=5, dtype="bfloat16",
+                                target_modules=("k_proj", "v_proj"))  # k/v: 32 wide, one page wide
+    every_layer = write_random_adapter(tmp_path / "every", cfg, rank=20, seed=7, dtype="bfloat16",
+                                       target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                       "up_proj", "down_proj"))
+    out = np.full(1 << 20, 0xFF, np.uint8)  # NaN bits everywhere
+    for d in (odd, even, every_layer, odd, every_layer, even):
+        got, _ = read_paged_adapter(plan_adapter(d, cfg, layout, 64), cfg, layout, 64, BF16, out)
+        assert np.shares_memory(got.tiles, out)
+        assert_same_paged(got, reference(d, cfg, layout, BF16))
+    # Widths that are whole pages (64 and 32 wide pages of 32) and ranks of whole page rows: nothing to zero.
+    cfg = tiny_llama_config(num_layers=3)
+    layout = PoolLayout(cfg.num_layers, 64, 16, cfg.kv_size)
+    full = write_random_adapter(tmp_path / "full", cfg, rank=32, seed=6, dtype="bfloat16",
+                                target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                "down_proj"))
+    out.fill(0xFF)
+    got, _ = read_paged_adapter(plan_adapter(full, cfg, layout, 64), cfg, layout, 64, BF16, out)
+    assert np.shares_memory(got.tiles, out)
+    assert_same_paged(got, reference(full, cfg, layout, BF16))
+
+
+def test_tensor_parallel_tiles_read_like_page_adapter(tmp_path):
+    """Each device's columns of A^T and B in its columns of the pages, as page_adapter cuts them."""
+    cfg = tiny_llama_config(num_layers=3)
+    layout = PoolLayout(cfg.num_layers, 64, 16, cfg.kv_size, shards=2)
+    for rank, file_dtype in ((16, "bfloat16"), (20, "float32")):
+        d = write_random_adapter(tmp_path / f"r{rank}", cfg, rank=rank, seed=rank, dtype=file_dtype,
+                                 target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                 "down_proj"))
+        for out in (None, np.full(1 << 20, 0xFF, np.uint8)):
+            got, _ = read_paged_adapter(plan_adapter(d, cfg, layout, 64), cfg, layout, 64, BF16, out)
+            assert_same_paged(got, reference(d, cfg, layout, BF16))
+
+
 # ------------------------------------------------------------------------------------------ the store
 
 
