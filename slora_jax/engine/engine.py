@@ -619,7 +619,7 @@ class Engine:
         parts = dict(self._core.host_parts, dispatch=self.runner.dispatch_s)
         parts["other"] = max(s["host_time_s"] - sum(parts.values()), 0.0)
         s["host_breakdown_s"] = parts
-        s["dispatch_breakdown_s"] = dict(self.runner.dispatch_parts)  # pack + upload + tables + launch = dispatch
+        s["dispatch_breakdown_s"] = dict(self.runner.dispatch_parts)  # pack + tables + launch = dispatch
         return s
 
 

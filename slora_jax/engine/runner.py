@@ -218,10 +218,9 @@ class ModelRunner:
         self._executables: dict = {}  # programs compiled ahead of use, by (mode, all_logits, greedy, spec)
         self.device_wait_s = 0.0
         # Host time spent queuing step programs (compilation on demand included), in parts: packing the
-        # step's inputs, uploading them, uploading changed index tables, launching the program.
-        self.dispatch_parts = dict.fromkeys(("pack", "upload", "tables", "launch"), 0.0)
+        # step's inputs, uploading changed index tables, launching the program.
+        self.dispatch_parts = dict.fromkeys(("pack", "tables", "launch"), 0.0)
         self._tables_upload_s = 0.0
-        self._inputs_upload_s = 0.0
 
     @property
     def model(self):
@@ -312,12 +311,6 @@ class ModelRunner:
 
     def _args(self, mode, tables, inp, samp, prev_tokens):
         buf, spec = pack_inputs(inp, samp)
-        # Uploaded here, to exactly the sharding the program takes it with (every device's copy, in one
-        # batched transfer), rather than handed to the program as numpy: the step call then receives only
-        # committed device arrays on its compiled shardings, and its time is the launch alone.
-        t0 = time.perf_counter()
-        buf = put(buf, self.replicated)
-        self._inputs_upload_s += time.perf_counter() - t0
         tables_buf, tables_spec = self._tables(tables)
         spec = (spec, tables_spec)
         args = [self._structure, self._weights, self.pool, tables_buf, buf, spec]
@@ -338,7 +331,7 @@ class ModelRunner:
         decode and mixed: ``inp["prev_rows"]`` [T] picks each token from ``prev_tokens`` (the previous step's
         device output) where >= 0. ``lora_groups``: the LoRA groups the program runs kernels for."""
         t0 = time.perf_counter()
-        upload0, inputs0 = self._tables_upload_s, self._inputs_upload_s
+        upload0 = self._tables_upload_s
         greedy_only = not bool(np.any(samp["temperature"] > 0))
         args, spec = self._args(mode, tables, inp, samp, prev_tokens)
         key = (mode, all_logits, greedy_only, tuple(lora_groups), spec)
@@ -352,10 +345,9 @@ class ModelRunner:
                 self.compiled_shapes.add(key)
                 self.pool, out = self._fn(mode, all_logits, greedy_only, lora_groups)(*args)
         t2 = time.perf_counter()
-        upload, inputs = self._tables_upload_s - upload0, self._inputs_upload_s - inputs0
+        upload = self._tables_upload_s - upload0
         self.dispatch_parts["tables"] += upload
-        self.dispatch_parts["upload"] += inputs
-        self.dispatch_parts["pack"] += (t1 - t0) - upload - inputs
+        self.dispatch_parts["pack"] += (t1 - t0) - upload
         self.dispatch_parts["launch"] += t2 - t1
         return out
 

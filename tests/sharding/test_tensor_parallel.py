@@ -186,28 +186,3 @@ def test_bfloat16_pool_stored_as_bits_splits_its_columns(monkeypatch):
         out[stored] = [o.token_ids for o in eng.generate(prompts, adapters=["all", None], sampling=sp)]
         eng.close()
     assert out["bits"] == out["bf16"]
-
-
-@pytest.mark.skipif(len(jax.devices()) < 2, reason="needs 2 devices (tests/test_multi_device.py runs it so)")
-def test_step_inputs_arrive_on_the_compiled_shardings():
-    """Every argument of a TP=2 step call is a committed device array already placed as the compiled program
-    takes it (the per-step input buffer included, not numpy): launching a step then moves no data and
-    reshards nothing."""
-    cfg = tiny_llama_config(num_layers=2)
-    eng = sj.Engine(cfg, random_params(cfg), sj.EngineConfig(
-        dtype="float32", tensor_parallel=2, num_pages=64, scan_layers=False, max_batch_size=16,
-        max_prefill_tokens=128, max_model_len=64))
-    eng.load_adapter_weights("a", random_lora(cfg, 4, targets=("q_proj", "o_proj")))
-    runner = eng.runner
-    inp = eng._inputs.decode_arrays(16, max(s[2] for s in eng.step_shapes() if s[:2] == ("decode", 16)))
-    samp = eng._inputs.sampling([], inp["lengths"].shape[0])
-    args, _ = runner._args("decode", eng.tables, inp, samp, None)
-    compiled = runner.lower("decode", eng.tables, inp, samp, lora_groups=eng.lora_variants()[-1]).compile()
-    wanted, _ = compiled.input_shardings
-    weights, *rest = wanted
-    given = list(zip(args[1], weights)) + list(zip(args[2:5] + args[6:], rest))
-    assert len(given) == len(args[1]) + 4
-    for arg, sharding in given:
-        assert isinstance(arg, jax.Array) and arg.committed, type(arg)
-        if sharding is not None:  # None: an argument the program does not read
-            assert arg.sharding.is_equivalent_to(sharding, arg.ndim), (arg.shape, arg.sharding, sharding)
