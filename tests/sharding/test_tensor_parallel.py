@@ -186,3 +186,23 @@ def test_bfloat16_pool_stored_as_bits_splits_its_columns(monkeypatch):
         out[stored] = [o.token_ids for o in eng.generate(prompts, adapters=["all", None], sampling=sp)]
         eng.close()
     assert out["bits"] == out["bf16"]
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_norm_vectors_reach_the_step_as_one_argument(tp):
+    """The step programs take the norm weights (every device holds them whole) as one packed array: a launch
+    costs host time per argument and device. Unpacked, they are the model's own arrays."""
+    if tp > len(jax.devices()):
+        pytest.skip("needs 2 devices (tests/test_multi_device.py runs it so)")
+    cfg = tiny_llama_config(num_layers=3)
+    eng = sj.Engine(cfg, random_params(cfg), sj.EngineConfig(
+        dtype="float32", tensor_parallel=tp, num_pages=32, scan_layers=False, max_model_len=64))
+    runner = eng.runner
+    leaves = jax.tree.leaves(runner.state)
+    assert len(leaves) == 6 * cfg.num_layers + 3  # per layer 2 norms, 4 matrices; embedding, final norm, lm_head
+    assert len(runner._weights) == len(leaves) - (2 * cfg.num_layers + 1) + 1
+    packed = runner._weights[-1]
+    assert packed.ndim == 1 and packed.sharding.is_fully_replicated
+    assert packed.sharding.device_set == leaves[0].sharding.device_set
+    for a, b in zip(leaves, runner._structure.unpack(runner._weights)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
