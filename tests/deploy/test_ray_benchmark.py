@@ -34,7 +34,8 @@ def test_tiny_dry_run_writes_both_phases(tmp_path):
     for name, replica in r["ray"]["served_by"].items():
         assert replica in holders[name], (name, replica, holders)
     assert set(r["ray"]["served_by"]) == {f"lora{i}" for i in range(4)}
-    # Every trace request is counted on the replica that answered it, and routing used both.
+    # Every trace request is counted on the replica that answered it (test_ray.py checks that both serve).
     per_replica = r["ray"]["per_replica"]
-    assert len(per_replica) == 2 and sum(v["requests"] for v in per_replica.values()) == 12, per_replica
+    assert set(per_replica) <= set(holders["base"]), (per_replica, holders)
+    assert sum(v["requests"] for v in per_replica.values()) == 12, per_replica
     assert r["ratios"]["ray"]["throughput"] > 0 and "added_latency_p50_ms" in r["ratios"]["ray"]
