@@ -144,6 +144,7 @@ def test_replica_options_and_autoscaling_are_checked():
     assert ReplicaOptions(replicas=0, autoscaling=auto).autoscaling == auto
 
 
+@pytest.mark.slow  # starts a local Ray instance, ~9 s on two cores
 def test_autoscaling_flags_reach_the_engine_deployment(ray_cluster, ray_files):
     import argparse
 
