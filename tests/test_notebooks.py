@@ -133,6 +133,7 @@ def test_committed_results_are_plotted(tmp_path, monkeypatch, name, files, figur
     assert "No committed" not in text_of(nb)
 
 
+@pytest.mark.slow  # a notebook kernel each, ~3 s; the plotting tests above run the same cells quick
 @pytest.mark.parametrize("name", ["02_kernels.ipynb", "04_slora_workload.ipynb"])
 def test_missing_results_give_a_note(tmp_path, monkeypatch, name):
     monkeypatch.setenv("SLORA_BENCH_RESULTS", str(tmp_path / "none"))
