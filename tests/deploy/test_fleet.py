@@ -119,6 +119,7 @@ def test_call_app_relays_status_headers_chunks_and_disconnects():
     assert closed == [True]
 
 
+@pytest.mark.slow  # a CLI process, ~3 s on two cores
 def test_replicas_without_ray_name_the_extra(tmp_path, ray_files):
     shadow = tmp_path / "no_ray"
     shadow.mkdir()

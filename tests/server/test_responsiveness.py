@@ -36,6 +36,7 @@ def timed_get(url: str) -> tuple[httpx.Response, float]:
     return r, time.perf_counter() - t0
 
 
+@pytest.mark.slow  # holds the engine thread 3 s
 def test_metrics_never_wait_for_the_engine_thread(engine):
     app = create_app(engine, served_model_name="tiny")
     with serving(app) as url:
