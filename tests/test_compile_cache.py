@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 # One engine start: a tiny model, its step programs compiled ahead; prints what the cache saw, counted by
 # JAX's own monitoring events (a hit is a program loaded instead of compiled).
 START = r"""
@@ -48,6 +50,7 @@ def entries(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.name.endswith("-cache"))
 
 
+@pytest.mark.slow  # four engine processes, ~15 s on two cores
 def test_second_start_compiles_nothing_and_damaged_entries_are_rebuilt(tmp_path):
     folder = tmp_path / ".cache" / "slora-jax" / "xla"  # the default, under this HOME
     first = start(tmp_path)

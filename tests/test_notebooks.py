@@ -121,7 +121,7 @@ def _results_only(name: str) -> nbformat.NotebookNode:
 
 @pytest.mark.parametrize("name, files, figures", [
     ("02_kernels.ipynb", {"kernels.json": _kernel_results, "decode.json": _engine_decode_results}, 2),
-    ("04_slora_workload.ipynb", {"bench.json": _workload_results}, 1),
+    pytest.param("04_slora_workload.ipynb", {"bench.json": _workload_results}, 1, marks=pytest.mark.slow),
 ])
 def test_committed_results_are_plotted(tmp_path, monkeypatch, name, files, figures):
     for fname, make in files.items():
@@ -133,6 +133,7 @@ def test_committed_results_are_plotted(tmp_path, monkeypatch, name, files, figur
     assert "No committed" not in text_of(nb)
 
 
+@pytest.mark.slow  # a notebook kernel each, ~3 s; the first plotting test above runs in the quick subset
 @pytest.mark.parametrize("name", ["02_kernels.ipynb", "04_slora_workload.ipynb"])
 def test_missing_results_give_a_note(tmp_path, monkeypatch, name):
     monkeypatch.setenv("SLORA_BENCH_RESULTS", str(tmp_path / "none"))

@@ -410,6 +410,7 @@ def test_eviction_while_a_read_is_in_flight(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------------------ speed
 
 
+@pytest.mark.slow  # timing over 150 reads of 50 adapters (>300 MB), ~7 s
 def test_eager_registration_reads_near_numpy_speed(tmp_path):
     """50 rank-64 adapters of a 1024-hidden, 8-layer model (bf16 files, bf16 engine): registering them
     eagerly takes at most 3x what numpy takes to read the same files into arrays it keeps (as registering
@@ -445,6 +446,7 @@ def test_eager_registration_reads_near_numpy_speed(tmp_path):
                           f"(passes: {register_s.sum(axis=1)}, {numpy_s.sum(axis=1)})")
 
 
+@pytest.mark.slow  # compiles an engine, ~6 s
 def test_engine_stats_count_background_reads(tmp_path):
     import jax.numpy as jnp
 

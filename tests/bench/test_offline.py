@@ -28,6 +28,7 @@ def test_floor_takes_each_phase_at_its_own_roofline():
     assert out["steps"] == 2
 
 
+@pytest.mark.slow  # a benchmark process at TP 1 and 2, ~15 s on two cores
 def test_offline_mode_runs_base_and_adapters_and_reports_floors(tmp_path):
     out = tmp_path / "offline.json"
     cmd = [sys.executable, "-m", "slora_jax", "bench", "--mode", "offline", "--model", "tiny", "--num-requests", "10",

@@ -119,6 +119,7 @@ def test_call_app_relays_status_headers_chunks_and_disconnects():
     assert closed == [True]
 
 
+@pytest.mark.slow  # a CLI process, ~3 s on two cores
 def test_replicas_without_ray_name_the_extra(tmp_path, ray_files):
     shadow = tmp_path / "no_ray"
     shadow.mkdir()
@@ -144,6 +145,7 @@ def test_replica_options_and_autoscaling_are_checked():
     assert ReplicaOptions(replicas=0, autoscaling=auto).autoscaling == auto
 
 
+@pytest.mark.slow  # starts a local Ray instance, ~9 s on two cores
 def test_autoscaling_flags_reach_the_engine_deployment(ray_cluster, ray_files):
     import argparse
 

@@ -209,6 +209,7 @@ def test_connections_beyond_the_cap_get_503(limits_server):
 
 # ------------------------------------------------------------------------------------------------- life
 
+@pytest.mark.slow  # two server runs, ~15 s on two cores
 def test_start_state_file_and_sigterm_drain(files, server_env, tmp_path, reference):
     """Run 1 starts (503 'starting' first), loads an adapter at runtime (recorded in --state-file), and on
     SIGTERM lets a running stream finish. Run 2 has it back from the file; an unload is recorded; SIGTERM
@@ -288,6 +289,7 @@ def test_start_state_file_and_sigterm_drain(files, server_env, tmp_path, referen
 
 
 
+@pytest.mark.slow
 def test_compile_progress_and_sigterm_while_starting(files, server_env, tmp_path):
     """--precompile shows its progress on the terminal and in the probes; SIGTERM before it is done ends
     the process at once rather than after the remaining compilations."""
@@ -312,6 +314,7 @@ def test_compile_progress_and_sigterm_while_starting(files, server_env, tmp_path
         p.kill()
 
 
+@pytest.mark.slow
 def test_a_model_that_cannot_load_is_one_line_and_exit_1(files, server_env, tmp_path):
     """A folder that passes the checks made before binding (its config.json reads) but whose weights are
     damaged fails while loading: one line, exit 1."""
@@ -330,6 +333,7 @@ def test_a_model_that_cannot_load_is_one_line_and_exit_1(files, server_env, tmp_
         p.kill()
 
 
+@pytest.mark.slow
 def test_state_file_entries_that_no_longer_load_are_dropped(files, server_env, tmp_path):
     state = tmp_path / "adapters.json"
     state.write_text(json.dumps({"version": 1, "adapters": [

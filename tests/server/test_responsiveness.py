@@ -36,6 +36,7 @@ def timed_get(url: str) -> tuple[httpx.Response, float]:
     return r, time.perf_counter() - t0
 
 
+@pytest.mark.slow  # holds the engine thread 3 s
 def test_metrics_never_wait_for_the_engine_thread(engine):
     app = create_app(engine, served_model_name="tiny")
     with serving(app) as url:
@@ -49,6 +50,7 @@ def test_metrics_never_wait_for_the_engine_thread(engine):
         held.join()
 
 
+@pytest.mark.slow  # holds the engine thread 4 s
 def test_liveness_follows_engine_progress(engine):
     """/live and /health turn 503 'stalled' while the engine thread is stuck past --stall-timeout, and
     come back when it moves again."""
@@ -105,6 +107,7 @@ def test_tokenizing_does_not_block_other_connections(engine):
         assert result["r"].status_code == 400 and "max_tokens" in result["r"].text
 
 
+@pytest.mark.slow  # holds the engine thread 4 s
 def test_adapter_load_and_unload_do_not_run_on_the_engine_thread(engine, files):
     """Reading and validating an adapter happens on a worker thread: with the engine thread held (a long
     step), a load and an unload still complete at once."""

@@ -96,6 +96,7 @@ def files(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.slow  # a two-process job, then a reference engine: ~18 s on two cores
 def test_two_processes_serve_the_single_process_tokens(files):
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     env.pop("XLA_FLAGS", None)  # one CPU device per process
