@@ -51,6 +51,10 @@ log = logging.getLogger("slora_jax.deploy")
 
 REPLICA_HEADER = b"x-slora-replica"
 RETRIED_HEADER = b"x-slora-retried"  # how many replicas died under this request before one answered it
+# Where a non-streaming answer's time went, as the standard Server-Timing header: "replica" (the engine
+# replica's handling, engine included) and "ingress" (from the ingress receiving the body to its reply, the
+# replica's time included). The client's own total minus "ingress" is Serve's HTTP proxy and the network.
+TIMING_HEADER = b"server-timing"
 CATALOG = "adapter_catalog"
 APP_NAME = "slora-jax"
 # A replica that died or cannot be reached; anything else a replica raises is a bug, not a reason to retry.
@@ -160,9 +164,11 @@ class EngineReplica:
 
     async def answer(self, call: HttpCall) -> ResponseStart:
         """``handle`` in one reply, the body with the start: one message back instead of a stream of them."""
+        t0 = time.perf_counter()
         start, body = await _gather(self.handle(call))
         if start.body is None:
             start.body = body
+        start.headers.append((TIMING_HEADER, _timing("replica", t0)))
         return start
 
     def _stamp(self, start: ResponseStart) -> ResponseStart:
@@ -288,6 +294,7 @@ class OpenAIIngress:
 
         call = HttpCall(request.method, request.url.path, request.url.query.encode(), list(request.headers.raw),
                         await request.body())
+        t0 = time.perf_counter()
         model, stream = routing(call, self.base_model)
         handle = self.engine.options(multiplexed_model_id=model, stream=stream)
         failure = None
@@ -296,6 +303,7 @@ class OpenAIIngress:
             try:
                 if not stream:  # one reply: the whole answer, retried whole if its replica died
                     start = await handle.answer.remote(call)
+                    start.headers.append((TIMING_HEADER, _timing("ingress", t0)))
                     return _with_headers(Response(start.body, status_code=start.status), start, attempt)
                 answer = handle.handle.remote(call)
                 start = await answer.__anext__()
@@ -320,6 +328,10 @@ class OpenAIIngress:
                                        f"({self.retries} attempts; last: {type(failure).__name__}); retry it",
                                        "service_unavailable", "replica_failed"), status_code=503,
                             headers={"Retry-After": "1"})
+
+
+def _timing(name: str, t0: float) -> bytes:
+    return f"{name};dur={(time.perf_counter() - t0) * 1e3:.3f}".encode()
 
 
 def _with_headers(response, start: ResponseStart, retries: int):

@@ -38,4 +38,7 @@ def test_tiny_dry_run_writes_both_phases(tmp_path):
     per_replica = r["ray"]["per_replica"]
     assert set(per_replica) <= set(holders["base"]), (per_replica, holders)
     assert sum(v["requests"] for v in per_replica.values()) == 12, per_replica
+    # Each answer through Ray carried Server-Timing from the ingress and the replica: the parts are times.
+    parts = r["ray"]["one_at_a_time"]["parts_p50_ms"]
+    assert 0 < parts["replica"] < r["ray"]["one_at_a_time"]["p90_ms"] and parts["ingress_without_replica"] >= 0
     assert r["ratios"]["ray"]["throughput"] > 0 and "added_latency_p50_ms" in r["ratios"]["ray"]
