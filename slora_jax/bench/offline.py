@@ -36,8 +36,9 @@ The names of a repeat are unloaded after it (a later repeat reads fresh names). 
 one throw-away adapter of each rank runs 2 requests (the device upload compiles per page count: outside the
 timing).
 
-GPU (one H200; about 6 minutes: 100 folders written in ~1 min, engine and precompile 1-2 min, three passes
-of 1000 x 256/256 tokens):
+GPU (one H200; about 4-5 minutes: 100 folders (5.1 GB) written in under a minute, engine and precompile
+1-2 min, three passes of 1000 x 256/256 tokens of ~20-40 s each; benchmarks/cold_start.py's docstring runs
+it with the second-start measurement in one device call):
 
     python benchmarks/offline.py --model llama-3-8b --num-requests 1000 --input-len 256 --output-len 256 \
         --adapters 0,1000 --adapter-source disk --distinct-folders 100 --host-cache-gib 80 --repeats 1 \
