@@ -55,3 +55,27 @@ def test_offline_mode_runs_base_and_adapters_and_reports_floors(tmp_path):
     assert runs["3 adapters"]["vs_base"] == pytest.approx(runs["3 adapters"]["output_tok_s"] / runs["base"]["output_tok_s"])
     bad = subprocess.run([sys.executable, "-m", "slora_jax", "bench", "--mode", "nope"], capture_output=True, text=True)
     assert bad.returncode == 2 and "--mode must be" in bad.stderr
+
+
+def test_offline_disk_adapters_run_a_cold_then_a_warm_pass_with_read_counters(tmp_path):
+    out = tmp_path / "offline.json"
+    cmd = [sys.executable, "-m", "slora_jax", "bench", "--mode", "offline", "--model", "tiny", "--num-requests", "8",
+           "--input-len", "12", "--output-len", "4", "--adapters", "0,8", "--repeats", "1", "--max-batch-size", "4",
+           "--max-prefill-tokens", "16", "--dtype", "float32", "--no-precompile", "--adapter-source", "disk",
+           "--distinct-folders", "3", "--workdir", str(tmp_path / "work"), "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rec = json.loads(out.read_text())
+    assert rec["adapter_source"] == "disk" and rec["disk_adapters"]["distinct_folders"] == 3
+    runs = {r["case"]: r for r in rec["results"]}
+    assert set(runs) == {"base", "8 adapters cold", "8 adapters warm"}
+    cold, warm = runs["8 adapters cold"]["adapter_io"], runs["8 adapters warm"]["adapter_io"]
+    # Every name is its own adapter: each read once in the cold pass, none in the warm pass.
+    assert cold["adapter_reads"] == 8 and cold["adapter_read_bytes"] > 0 and cold["read_gbps"] > 0
+    assert warm["adapter_reads"] == 0 and warm["adapter_host_evictions"] == 0 and warm["adapter_loads"] == 8
+    links = sorted((tmp_path / "work" / "names").iterdir())
+    assert len(links) == 8 + 3 and all(p.is_symlink() for p in links)  # 3 warm-up adapters, one per rank
+    (summary,) = rec["cold"]
+    assert summary["cold_vs_warm"] == pytest.approx(runs["8 adapters cold"]["output_tok_s"]
+                                                     / runs["8 adapters warm"]["output_tok_s"])
+    assert summary["cold_vs_base"] == pytest.approx(runs["8 adapters cold"]["vs_base"])
