@@ -57,6 +57,7 @@ def test_offline_mode_runs_base_and_adapters_and_reports_floors(tmp_path):
     assert bad.returncode == 2 and "--mode must be" in bad.stderr
 
 
+@pytest.mark.slow  # an engine and three passes, ~6 s on two cores
 def test_offline_disk_adapters_run_a_cold_then_a_warm_pass_with_read_counters(tmp_path):
     out = tmp_path / "offline.json"
     cmd = [sys.executable, "-m", "slora_jax", "bench", "--mode", "offline", "--model", "tiny", "--num-requests", "8",
