@@ -48,7 +48,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tp", type=int, default=2)
     ap.add_argument("--tiny", action="store_true", help="tiny float32 model (CPU with simulated devices)")
-    ap.add_argument("--layers", type=int, default=4, help="layers of the 8B shape checked for correctness")
+    ap.add_argument("--model", default="llama-3-8b", help="named shape (e.g. llama-3-70b), its first --layers")
+    ap.add_argument("--layers", type=int, default=4, help="layers of the shape checked for correctness")
     ap.add_argument("--kernel-backend", default="auto")
     ap.add_argument("--batch", type=int, default=256, help="rows of the decode step whose collectives are listed")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
@@ -58,7 +59,7 @@ def main(argv=None) -> int:
     if args.tiny:
         cfg, dtype, dt = tiny_llama_config(), "float32", jnp.float32
     else:
-        cfg = dataclasses.replace(named_config("llama-3-8b"), num_layers=args.layers)
+        cfg = dataclasses.replace(named_config(args.model), num_layers=args.layers)
         dtype = args.dtype
         dt = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[dtype]
     params = random_params(cfg, dt, seed=1)
@@ -87,7 +88,7 @@ def main(argv=None) -> int:
     record = dict(device=str(jax.devices()[0].device_kind), num_devices=len(jax.devices()),
                   jax_version=jax.__version__,
                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                  command="python " + " ".join(sys.argv), model=dict(layers=cfg.num_layers, hidden=H, dtype=dtype),
+                  command="python " + " ".join(sys.argv), model=dict(name=cfg.name, layers=cfg.num_layers, hidden=H, dtype=dtype),
                   tp=args.tp, kernel_backend=res[args.tp]["backend"], logits_rel_err=errs, greedy_agreement=agree,
                   decode_batch=args.batch, collectives=found, residual_all_reduces=len(residual),
                   residual_all_reduce_bytes=sum(c["bytes"] for c in residual),

@@ -13,7 +13,10 @@ DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")  # the paper's adapte
 
 
 def resolve_model(spec: str) -> tuple[ModelConfig, Optional[str]]:
-    """``spec``: a checkpoint folder, a named shape (``llama-2-7b`` ...) or ``tiny``. -> (config, folder or None)."""
+    """``spec``: a checkpoint folder, a named shape (``llama-2-7b`` ...) or ``tiny``. -> (config, folder or None).
+
+    A named shape may keep only its first layers, ``llama-3-70b:layers=2``: a slice of a model too large for
+    the devices at hand, with every layer's real shape (per-layer time and collectives)."""
     from slora_jax.model.init import NAMED_SHAPES, named_config
     from slora_jax.model.random_checkpoint import tiny_llama_config
 
@@ -23,10 +26,16 @@ def resolve_model(spec: str) -> tuple[ModelConfig, Optional[str]]:
         return load_model_config(path), str(path)
     if spec == "tiny":
         return tiny_llama_config(), None
-    if spec in NAMED_SHAPES:
-        return named_config(spec), None
+    name, sep, layers = spec.partition(":layers=")
+    if name in NAMED_SHAPES:
+        if not sep:
+            return named_config(name), None
+        full = NAMED_SHAPES[name]["num_layers"]
+        if not layers.isdigit() or not 1 <= int(layers) <= full:
+            raise ConfigError(f"--model {spec!r}: layers must be an integer from 1 to {full}, got {layers!r}")
+        return named_config(name, num_layers=int(layers)), None
     raise ConfigError(f"--model {spec!r} is neither a checkpoint folder nor a named shape "
-                      f"(tiny, {', '.join(NAMED_SHAPES)})")
+                      f"(tiny, {', '.join(NAMED_SHAPES)}; a shape's first N layers: NAME:layers=N)")
 
 
 class ModelSource:

@@ -20,6 +20,10 @@ NAMED_SHAPES = {
                        num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5,
                        rope_theta=500000.0, max_position_embeddings=8192, bos_token_id=128000,
                        eos_token_ids=(128001,), name="llama-3-8b"),
+    "llama-3-70b": dict(architecture="llama", vocab_size=128256, hidden_size=8192, intermediate_size=28672,
+                        num_layers=80, num_heads=64, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5,
+                        rope_theta=500000.0, max_position_embeddings=8192, bos_token_id=128000,
+                        eos_token_ids=(128001,), name="llama-3-70b"),
 }
 
 

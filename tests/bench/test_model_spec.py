@@ -1,0 +1,26 @@
+"""Named model shapes for the benchmarks, whole or as their first layers."""
+
+import pytest
+
+from slora_jax.bench.setup import resolve_model
+from slora_jax.errors import ConfigError
+
+
+def test_a_named_shape_keeps_its_first_layers():
+    whole, _ = resolve_model("llama-3-70b")
+    part, folder = resolve_model("llama-3-70b:layers=2")
+    assert folder is None and whole.num_layers == 80 and part.num_layers == 2
+    assert (part.hidden_size, part.intermediate_size, part.num_heads, part.num_kv_heads, part.vocab_size) == \
+        (whole.hidden_size, whole.intermediate_size, whole.num_heads, whole.num_kv_heads, whole.vocab_size) == \
+        (8192, 28672, 64, 8, 128256)
+
+
+@pytest.mark.parametrize("spec", ["llama-3-70b:layers=0", "llama-3-70b:layers=81", "llama-3-8b:layers=x"])
+def test_a_layer_count_outside_the_shape_is_refused(spec):
+    with pytest.raises(ConfigError, match="layers must be an integer from 1 to"):
+        resolve_model(spec)
+
+
+def test_an_unknown_name_lists_the_known_ones():
+    with pytest.raises(ConfigError, match="llama-3-70b"):
+        resolve_model("llama-4-1t")
