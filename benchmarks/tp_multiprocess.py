@@ -22,15 +22,19 @@ the other processes' own launch times are in it too), updated after every varian
 GPU, 2 x H200 (nvidia-h200-x2), one call of under ~9 minutes (each 8B variant builds and precompiles in
 ~1-2 min):
 
-    python benchmarks/tp_multiprocess.py --tp 2 --variants mp,sp,tp1 --num-requests 512 --input-len 256 \\
-        --output-len 256 --adapters 0,100 --repeats 2 --deadline-s 540 --out $OUT/tp_multiprocess.json
+    python3 benchmarks/tp_multiprocess.py --platform gpu --tp 2 --variants mp,sp,tp1 --num-requests 512 \\
+        --input-len 256 --output-len 256 --adapters 0,100 --repeats 2 --deadline-s 540 \\
+        --out $OUT/tp_multiprocess.json
+
+(the variants run in that order, so a cut-short call loses TP=1, which earlier calls measured; each
+variant writes after every case, and one stuck for --variant-timeout-s, 300 s, is killed.)
 
 CPU dry run (tiny float32 model, 2 simulated devices for ``sp``, 2 CPU processes for ``mp``): the check
 tokens of every variant must equal TP=1's (asserted in float32):
 
     JAX_PLATFORMS=cpu python benchmarks/tp_multiprocess.py --platform cpu --model tiny --dtype float32 \\
         --num-requests 8 --input-len 12 --output-len 8 --adapters 0,3 --repeats 1 --max-batch-size 8 \\
-        --pool-gb 0.02 --out /tmp/tp_mp.json
+        --pool-gb 0.02 --weight-std 0.08 --check-requests 8 --check-tokens 8 --out /tmp/tp_mp.json
 
 ``--isolate jax``: the ``mp`` processes see every GPU and JAX keeps to its own (JAX_LOCAL_DEVICE_IDS)
 instead of CUDA_VISIBLE_DEVICES=i; ``--isolate auto`` (default) tries that if the first way fails.
@@ -358,11 +362,17 @@ def launcher(args) -> int:
     return 0 if ok else 1
 
 
+def _default_platform() -> str:
+    import shutil
+    return "gpu" if Path("/dev/nvidiactl").exists() or shutil.which("nvidia-smi") else "cpu"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tp", type=int, default=2, help="TP size of the sp and mp variants (devices used)")
     ap.add_argument("--variants", default="mp,sp,tp1", help="comma list, run in this order: mp, sp, tp1")
-    ap.add_argument("--platform", default="gpu" if Path("/dev/nvidiactl").exists() else "cpu", choices=["gpu", "cpu"])
+    ap.add_argument("--platform", default=_default_platform(), choices=["gpu", "cpu"],
+                    help="default: gpu where NVIDIA's driver is (the launcher itself never touches a device)")
     ap.add_argument("--isolate", default="auto", choices=["auto", "cuda", "jax"],
                     help="mp on GPUs: CUDA_VISIBLE_DEVICES=i per process (cuda), or every GPU visible and "
                          "JAX_LOCAL_DEVICE_IDS=i (jax); auto: cuda, then jax if that run fails")
