@@ -37,20 +37,34 @@ def named_config(name: str, **overrides) -> ModelConfig:
 
 
 def random_params(cfg: ModelConfig, dtype=jnp.bfloat16, seed: int = 0, std: float = 0.02, device=None) -> dict:
-    """The load_params pytree filled on the device: matrices ~ N(0, std), norms = 1."""
-    device = device or jax.devices()[0]
+    """The load_params pytree filled on the device: matrices ~ N(0, std), norms = 1.
+
+    ``device``: a Device (default this process's first), or a Sharding, e.g. replicated over a mesh that
+    spans several processes: each process then makes the same call and holds its devices' copies (the
+    values do not depend on where they are made)."""
     shapes = param_shapes(cfg)
-    key = jax.random.PRNGKey(seed)
     flat = [(k, s) for k, s in shapes.items() if k != "layers"] + [(("layers", k), s)
                                                                    for k, s in shapes["layers"].items()]
+    if isinstance(device, jax.sharding.Sharding):
+        sharding = device
+
+        def make(fn):  # no arguments: nothing to place on other processes' devices first
+            return jax.jit(fn, out_shardings=sharding)()
+    else:
+        device = device or jax.local_devices()[0]
+
+        def make(fn):
+            with jax.default_device(device):
+                return fn()
     out: dict = {"layers": {}}
     for i, (k, shape) in enumerate(flat):
         name = k[1] if isinstance(k, tuple) else k
-        with jax.default_device(device):
-            if "norm" in name:
-                arr = jnp.ones(shape, dtype)
-            else:
-                arr = (jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32) * std).astype(dtype)
+        if "norm" in name:
+            arr = make(lambda: jnp.ones(shape, dtype))
+        else:
+            # The key is made inside: an array made outside would be an argument placed on one device.
+            arr = make(lambda: (jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(seed), i), shape,
+                                                  jnp.float32) * std).astype(dtype))
         if isinstance(k, tuple):
             out["layers"][name] = arr
         else:

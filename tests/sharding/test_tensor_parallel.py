@@ -206,3 +206,14 @@ def test_norm_vectors_reach_the_step_as_one_argument(tp):
     assert packed.sharding.device_set == leaves[0].sharding.device_set
     for a, b in zip(leaves, runner._structure.unpack(runner._weights)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_random_params_on_a_mesh_are_those_made_on_one_device():
+    """random_params over a replicated sharding (how every process of a job makes the same benchmark weights
+    on the global mesh) holds the values made on one device, placed as asked."""
+    cfg = tiny_llama_config()
+    where = jax.sharding.NamedSharding(make_mesh(len(jax.devices())), P())
+    on_mesh, on_one = random_params(cfg, seed=4, device=where), random_params(cfg, seed=4)
+    for a, b in zip(jax.tree.leaves(on_mesh), jax.tree.leaves(on_one)):
+        assert a.sharding == where
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
