@@ -62,8 +62,16 @@ def test_lora_decode_matches_dense_loop(implementation, dtype, case, lora_numpy_
     _run_case(implementation, dtype, *case, seed=hash((case[0], dtype)) % 2**31, reference=lora_numpy_reference)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def _quick_first(cases):
+    """The cases as params: the first in the quick subset, the others in the full suite (each variant's
+    interpret-mode compile is a second or more on two cores, and the first case already runs every code path
+    of that variant)."""
+    return [pytest.param(c, id=c[0], marks=() if i == 0 else pytest.mark.slow) for i, c in enumerate(cases)]
+
+
+# The fused variant, the split shrink and the knobs: every case in the full suite, the first in the quick subset.
+@pytest.mark.parametrize("dtype", ["float32", pytest.param("bfloat16", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("case", _quick_first(CASES))
 def test_lora_decode_fused_kernel_matches_dense_loop(dtype, case, lora_numpy_reference):
     """The one-launch variant (all rank rows of a token's adapter gathered per tile) on the same cases."""
     _run_case("pallas", dtype, *case, seed=hash((case[0], dtype, "fused")) % 2**31, reference=lora_numpy_reference,
@@ -71,7 +79,7 @@ def test_lora_decode_fused_kernel_matches_dense_loop(dtype, case, lora_numpy_ref
 
 
 @pytest.mark.parametrize("k_splits", [2, 4])
-@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("case", _quick_first(CASES))
 def test_lora_decode_k_splits_match_dense_loop(k_splits, case, lora_numpy_reference):
     """The shrink's pass over d_in split over 2 or 4 programs (d_in not a multiple of the split included)."""
     _run_case("pallas", "float32", *case, seed=hash((case[0], k_splits)) % 2**31, reference=lora_numpy_reference,
@@ -83,7 +91,7 @@ def test_lora_decode_k_splits_match_dense_loop(k_splits, case, lora_numpy_refere
                                    dict(expand_per_chunk=False, expand_warps=2, block_n=8, grouping="none"),
                                    dict(column_masks=True, grouping="none")],
                          ids=["expand_per_block", "expand_w8_bn8", "expand_per_block_w2_bn8", "column_masks"])
-@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("case", _quick_first(CASES))
 def test_lora_decode_kernel_knobs_match_dense_loop(knobs, case, lora_numpy_reference):
     """The kernel's knobs: one expand program per block instead of per page chunk, other warps and blocks
     (several blocks per chunk), per-column masks everywhere."""
