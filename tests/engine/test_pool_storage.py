@@ -63,6 +63,7 @@ def step_passes(eng) -> dict:
     return found
 
 
+@pytest.mark.slow  # compiles bfloat16 step programs, ~20 s cold on two cores
 def test_no_step_or_adapter_write_makes_a_pass_over_the_pool(tiny, monkeypatch):
     eng = make_engine(tiny, num_pages=1000)
     assert eng.runner.pool.dtype == np.uint16
@@ -79,6 +80,7 @@ def test_no_step_or_adapter_write_makes_a_pass_over_the_pool(tiny, monkeypatch):
     eng.close()
 
 
+@pytest.mark.slow  # compiles bfloat16 step programs, ~20 s cold on two cores
 def test_tokens_and_logprobs_equal_those_of_a_bf16_stored_pool(tiny, monkeypatch):
     eng = make_engine(tiny, num_pages=256)
     got = eng.generate(PROMPTS, adapters=ADAPTERS, sampling=SAMPLING)
