@@ -213,6 +213,7 @@ def test_unload_with_drain_under_traffic(http, reference, files):
         assert ids == expected(reference, prompt, "late", 200, ignore_eos=True).token_ids
 
 
+@pytest.mark.slow  # a 240-token stream, ~10 s cold on two cores
 def test_unload_drain_timeout_keeps_the_adapter(http):
     r = http.post("/v1/load_lora_adapter", json={"lora_name": "slowdrain", "lora_path": "nested/late"})
     assert r.status_code == 200, r.text
