@@ -93,6 +93,7 @@ def test_tokens_and_logprobs_equal_those_of_a_bf16_stored_pool(tiny, monkeypatch
     np.testing.assert_allclose([o.logprobs for o in got], [o.logprobs for o in want], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow  # compiles bfloat16 step programs, ~7 s cold on two cores
 def test_pallas_asked_for_runs_xla_and_says_so(tiny, caplog):
     with caplog.at_level("WARNING", logger="slora_jax.engine"):
         eng = make_engine(tiny, num_pages=256, kernel_backend="pallas")
