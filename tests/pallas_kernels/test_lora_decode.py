@@ -87,9 +87,12 @@ def test_lora_decode_k_splits_match_dense_loop(k_splits, case, lora_numpy_refere
               k_splits=k_splits)
 
 
+# The quick subset runs two of the knobs (per-block expand, column masks); the full suite, all four.
 @pytest.mark.parametrize("knobs", [dict(expand_per_chunk=False, grouping="none"),
-                                   dict(expand_warps=8, block_n=8, grouping="none"),
-                                   dict(expand_per_chunk=False, expand_warps=2, block_n=8, grouping="none"),
+                                   pytest.param(dict(expand_warps=8, block_n=8, grouping="none"),
+                                                marks=pytest.mark.slow),
+                                   pytest.param(dict(expand_per_chunk=False, expand_warps=2, block_n=8,
+                                                     grouping="none"), marks=pytest.mark.slow),
                                    dict(column_masks=True, grouping="none")],
                          ids=["expand_per_block", "expand_w8_bn8", "expand_per_block_w2_bn8", "column_masks"])
 @pytest.mark.parametrize("case", _quick_first(CASES))

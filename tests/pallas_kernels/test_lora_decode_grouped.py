@@ -102,19 +102,19 @@ def test_grouped_kernels_match_dense_loop(case, grouping, lora_numpy_reference):
 
 
 @pytest.mark.parametrize("case", [pytest.param(CASES[1], id=CASES[1][0], marks=pytest.mark.slow),
-                                  pytest.param(CASES[4], id=CASES[4][0])])
+                                  pytest.param(CASES[4], id=CASES[4][0], marks=pytest.mark.slow)])
 def test_grouped_kernels_match_dense_loop_bf16(case, lora_numpy_reference):
     """bf16: the group path rounds v to the pool dtype before its tl.dot (as MBGMM does)."""
     _check(case, "bfloat16", "kernel", lora_numpy_reference)
 
 
 @pytest.mark.parametrize("knobs", [
-    pytest.param(dict(group_splits=1, single_splits=1), id="splits1"),
+    pytest.param(dict(group_splits=1, single_splits=1), id="splits1", marks=pytest.mark.slow),
     pytest.param(dict(group_splits=16, single_splits=4), id="gs16_ss4"),
     pytest.param(dict(group_splits=2, single_splits=2, block_k=16, block_n=16), id="gs2_ss2_blocks16",
                  marks=pytest.mark.slow),
     pytest.param(dict(column_masks=True, num_stages=3), id="column_masks_stages3", marks=pytest.mark.slow)])
-# The first case runs the split knobs in the quick subset; every knob and case runs in the full suite.
+# The first case runs one split knob in the quick subset; every knob and case runs in the full suite.
 @pytest.mark.parametrize("case", [pytest.param(c, id=c[0], marks=() if i == 0 else pytest.mark.slow)
                                   for i, c in enumerate(KNOB_CASES)])
 def test_grouped_kernel_knobs_match_dense_loop(case, knobs, lora_numpy_reference):
