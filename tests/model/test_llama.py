@@ -105,8 +105,10 @@ def test_every_weight_names_its_logical_axes(llama_gqa_dir):
                         "w_down"}
 
 
-# Each layout compiles a backward pass (~10 s cold on two cores): the scanned one runs in the quick subset.
-@pytest.mark.parametrize("scan_layers", [True, pytest.param(False, marks=pytest.mark.slow)])
+# Each layout compiles a backward pass (~10 s on two cores with an empty compilation cache): the full suite
+# runs them; the quick subset's training tests (tests/training) take gradients of the scanned model.
+@pytest.mark.slow
+@pytest.mark.parametrize("scan_layers", [True, False])
 def test_lora_gradients_match_peft_autograd_and_leave_the_base_alone(llama_gqa_dir, llama_adapters, scan_layers):
     import torch
 
