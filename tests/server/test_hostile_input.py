@@ -162,6 +162,7 @@ def test_paths_shown_to_clients_are_relative_to_the_root(http, files):
     assert http.post("/v1/unload_lora_adapter", json={"lora_name": "shown"}).status_code == 200
 
 
+@pytest.mark.slow  # three 200-token streams, ~6 s on two cores with an empty compilation cache
 def test_unload_with_drain_under_traffic(http, reference, files):
     """Streams on an adapter run; unload with drain: new requests get 404 at once, the streams finish
     exactly, then the adapter is gone. Without drain the same unload is refused."""
