@@ -56,18 +56,18 @@ def _run_case(implementation, dtype, name, T, d_in, out_sizes, W, S, rank_choice
     np.testing.assert_array_equal(np.asarray(out)[skip], y[skip])
 
 
-# bfloat16 runs in the full suite (the quick subset reads bf16 in test_pool_storage.py).
+def _quick_first(cases):
+    """The cases as params: the first in the quick subset, the others in the full suite (each is an
+    interpret-mode compile of a second or more on two cores with an empty compilation cache)."""
+    return [pytest.param(c, id=c[0], marks=() if i == 0 else pytest.mark.slow) for i, c in enumerate(cases)]
+
+
+# bfloat16 runs in the full suite (the quick subset reads bf16 in test_pool_storage.py), and so do the cases
+# after the first.
 @pytest.mark.parametrize("dtype", ["float32", pytest.param("bfloat16", marks=pytest.mark.slow)])
-@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("case", _quick_first(CASES))
 def test_lora_decode_matches_dense_loop(implementation, dtype, case, lora_numpy_reference):
     _run_case(implementation, dtype, *case, seed=hash((case[0], dtype)) % 2**31, reference=lora_numpy_reference)
-
-
-def _quick_first(cases):
-    """The cases as params: the first in the quick subset, the others in the full suite (each variant's
-    interpret-mode compile is a second or more on two cores, and the first case already runs every code path
-    of that variant)."""
-    return [pytest.param(c, id=c[0], marks=() if i == 0 else pytest.mark.slow) for i, c in enumerate(cases)]
 
 
 # The fused variant, the split shrink and the knobs: every case in the full suite, the first in the quick subset.

@@ -56,8 +56,8 @@ def _make(dtype, name, T, d_in, out_sizes, W, S, rank_choices, slots):
 @pytest.mark.parametrize(
     "dtype,case",
     # bfloat16 runs in the full suite (the quick subset reads bf16 in test_pool_storage.py).
-    # and so do the one-segment and unsorted float32 cases.
-    [("float32", c) if c[0] in ("segments", "one_token") else pytest.param("float32", c, marks=pytest.mark.slow)
+    # and so do the float32 cases other than segments.
+    [("float32", c) if c[0] == "segments" else pytest.param("float32", c, marks=pytest.mark.slow)
      for c in CASES] + [pytest.param("bfloat16", CASES[0], marks=pytest.mark.slow),
                                        pytest.param("bfloat16", CASES[2], marks=pytest.mark.slow)],
     ids=[f"f32-{c[0]}" for c in CASES] + ["bf16-segments", "bf16-one_segment"],
@@ -134,11 +134,11 @@ def test_pallas_path_has_no_xla_grouped_matmul_branch():
 PARTIAL_CHUNK = ("partial_chunk", 20, 32, (48, 16), 32, 2, (4, 16), lambda r, T, S: _sorted_slots(r, T, S, [0, 1]))
 
 
-# The quick subset runs two of the knobs; the full suite, all four.
+# The quick subset runs one of the knobs; the full suite, all four.
 @pytest.mark.parametrize("case,knobs", [
     (CASES[0], dict(shrink_per_module=False, expand_per_chunk=False)),
     pytest.param(CASES[0], dict(block_k=16, block_n=16, num_warps=8), marks=pytest.mark.slow),
-    (CASES[0], dict(column_masks=True)),
+    pytest.param(CASES[0], dict(column_masks=True), marks=pytest.mark.slow),
     pytest.param(PARTIAL_CHUNK, dict(block_n=16), marks=pytest.mark.slow),
 ], ids=["per_tile_per_block", "small_blocks", "column_masks", "partial_chunk"])
 def test_lora_prefill_kernel_knobs_match_dense_loop(case, knobs, lora_numpy_reference):
