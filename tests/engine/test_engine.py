@@ -332,6 +332,7 @@ def test_step_out_of_device_memory_says_which_settings_to_lower(tiny, monkeypatc
         eng.step()
 
 
+@pytest.mark.slow  # compiles two engines of a model of its own, ~8 s cold on two cores
 def test_shapes_a_pallas_kernel_cannot_take_are_caught_when_the_engine_is_built(tmp_path, monkeypatch, caplog):
     """head_dim 8: 'pallas' is refused at construction naming the ops and their limit; 'auto' where Pallas would
     be chosen runs those ops on XLA (said once in the log) and gives the XLA engine's tokens."""
@@ -363,7 +364,8 @@ def test_close_gives_the_device_memory_back(tiny):
     model, adapters = tiny
     gc.collect()
     before = {id(a) for a in jax.live_arrays()}
-    eng = sj.Engine.from_pretrained(model, config=sj.EngineConfig(dtype="float32", num_pages=64, max_model_len=64))
+    # make_engine's configuration: its step programs are compiled already (the pool's size is not what is checked).
+    eng = sj.Engine.from_pretrained(model, config=sj.EngineConfig(dtype="float32", num_pages=512))
     eng.load_adapter("a1", adapters["a1"], lazy=True)
     seen = []
     eng.add_request([1, 2, 3], adapter="a1", sampling=sj.SamplingParams(max_tokens=50, ignore_eos=True),

@@ -63,6 +63,7 @@ def step_passes(eng) -> dict:
     return found
 
 
+@pytest.mark.slow  # compiles bfloat16 step programs, ~20 s cold on two cores
 def test_no_step_or_adapter_write_makes_a_pass_over_the_pool(tiny, monkeypatch):
     eng = make_engine(tiny, num_pages=1000)
     assert eng.runner.pool.dtype == np.uint16
@@ -79,6 +80,7 @@ def test_no_step_or_adapter_write_makes_a_pass_over_the_pool(tiny, monkeypatch):
     eng.close()
 
 
+@pytest.mark.slow  # compiles bfloat16 step programs, ~20 s cold on two cores
 def test_tokens_and_logprobs_equal_those_of_a_bf16_stored_pool(tiny, monkeypatch):
     eng = make_engine(tiny, num_pages=256)
     got = eng.generate(PROMPTS, adapters=ADAPTERS, sampling=SAMPLING)
@@ -91,6 +93,7 @@ def test_tokens_and_logprobs_equal_those_of_a_bf16_stored_pool(tiny, monkeypatch
     np.testing.assert_allclose([o.logprobs for o in got], [o.logprobs for o in want], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow  # compiles bfloat16 step programs, ~7 s cold on two cores
 def test_pallas_asked_for_runs_xla_and_says_so(tiny, caplog):
     with caplog.at_level("WARNING", logger="slora_jax.engine"):
         eng = make_engine(tiny, num_pages=256, kernel_backend="pallas")

@@ -50,6 +50,7 @@ def test_module_logits_match_transformers(model_dir, scan_layers):
         assert rel_err(got[i, :n], hf_logits(model_dir, None, tokens[i, :n].tolist())) < 1e-5
 
 
+@pytest.mark.slow  # compiles a backward pass of the unrolled model, ~10 s cold on two cores
 def test_gradients_through_the_module_match_torch_autograd(llama_gqa_dir):
     import torch
 
@@ -104,6 +105,9 @@ def test_every_weight_names_its_logical_axes(llama_gqa_dir):
                         "w_down"}
 
 
+# Each layout compiles a backward pass (~10 s on two cores with an empty compilation cache): the full suite
+# runs them; the quick subset's training tests (tests/training) take gradients of the scanned model.
+@pytest.mark.slow
 @pytest.mark.parametrize("scan_layers", [True, False])
 def test_lora_gradients_match_peft_autograd_and_leave_the_base_alone(llama_gqa_dir, llama_adapters, scan_layers):
     import torch

@@ -56,14 +56,23 @@ def _run_case(implementation, dtype, name, T, d_in, out_sizes, W, S, rank_choice
     np.testing.assert_array_equal(np.asarray(out)[skip], y[skip])
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def _quick_first(cases):
+    """The cases as params: the first in the quick subset, the others in the full suite (each is an
+    interpret-mode compile of a second or more on two cores with an empty compilation cache)."""
+    return [pytest.param(c, id=c[0], marks=() if i == 0 else pytest.mark.slow) for i, c in enumerate(cases)]
+
+
+# bfloat16 runs in the full suite (the quick subset reads bf16 in test_pool_storage.py), and so do the cases
+# after the first.
+@pytest.mark.parametrize("dtype", ["float32", pytest.param("bfloat16", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("case", _quick_first(CASES))
 def test_lora_decode_matches_dense_loop(implementation, dtype, case, lora_numpy_reference):
     _run_case(implementation, dtype, *case, seed=hash((case[0], dtype)) % 2**31, reference=lora_numpy_reference)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+# The fused variant, the split shrink and the knobs: every case in the full suite, the first in the quick subset.
+@pytest.mark.parametrize("dtype", ["float32", pytest.param("bfloat16", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("case", _quick_first(CASES))
 def test_lora_decode_fused_kernel_matches_dense_loop(dtype, case, lora_numpy_reference):
     """The one-launch variant (all rank rows of a token's adapter gathered per tile) on the same cases."""
     _run_case("pallas", dtype, *case, seed=hash((case[0], dtype, "fused")) % 2**31, reference=lora_numpy_reference,
@@ -71,19 +80,22 @@ def test_lora_decode_fused_kernel_matches_dense_loop(dtype, case, lora_numpy_ref
 
 
 @pytest.mark.parametrize("k_splits", [2, 4])
-@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("case", _quick_first(CASES))
 def test_lora_decode_k_splits_match_dense_loop(k_splits, case, lora_numpy_reference):
     """The shrink's pass over d_in split over 2 or 4 programs (d_in not a multiple of the split included)."""
     _run_case("pallas", "float32", *case, seed=hash((case[0], k_splits)) % 2**31, reference=lora_numpy_reference,
               k_splits=k_splits)
 
 
+# The quick subset runs two of the knobs (per-block expand, column masks); the full suite, all four.
 @pytest.mark.parametrize("knobs", [dict(expand_per_chunk=False, grouping="none"),
-                                   dict(expand_warps=8, block_n=8, grouping="none"),
-                                   dict(expand_per_chunk=False, expand_warps=2, block_n=8, grouping="none"),
+                                   pytest.param(dict(expand_warps=8, block_n=8, grouping="none"),
+                                                marks=pytest.mark.slow),
+                                   pytest.param(dict(expand_per_chunk=False, expand_warps=2, block_n=8,
+                                                     grouping="none"), marks=pytest.mark.slow),
                                    dict(column_masks=True, grouping="none")],
                          ids=["expand_per_block", "expand_w8_bn8", "expand_per_block_w2_bn8", "column_masks"])
-@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("case", _quick_first(CASES))
 def test_lora_decode_kernel_knobs_match_dense_loop(knobs, case, lora_numpy_reference):
     """The kernel's knobs: one expand program per block instead of per page chunk, other warps and blocks
     (several blocks per chunk), per-column masks everywhere."""

@@ -85,31 +85,36 @@ def _check(case, dtype, grouping, reference, **knobs):
     np.testing.assert_array_equal(np.asarray(out)[skip], y[skip], err_msg=f"seed {seed}")
 
 
-# Every case runs the kernel's own grouping in the quick subset; the sorted and run-length plans run there on
-# two cases (unsorted runs straddling tiles; groups mixed with lone and no-adapter tokens), and on every case
-# in the full suite.
-PLAN_CASES_QUICK = ("straddling_40", "mixed_33")
+# The quick subset runs the kernel's own grouping and the run-length plan on one case (groups mixed with lone
+# and no-adapter tokens; the sorted plan runs there through test_kernel_grouping_hands_large_batches_to_the_
+# sorted_plan); the full suite runs every case with every plan.
+KERNEL_CASES_QUICK = ("mixed_33",)
+PLAN_CASES_QUICK = {"sort": (), "runs": ("mixed_33",)}
 
 
 @pytest.mark.parametrize("case, grouping", [
     pytest.param(c, g, id=f"{c[0]}-{g}",
-                 marks=() if g == "kernel" or c[0] in PLAN_CASES_QUICK else pytest.mark.slow)
+                 marks=() if c[0] in (KERNEL_CASES_QUICK if g == "kernel" else PLAN_CASES_QUICK[g])
+                 else pytest.mark.slow)
     for c in CASES for g in ("kernel", "sort", "runs")])
 def test_grouped_kernels_match_dense_loop(case, grouping, lora_numpy_reference):
     _check(case, "float32", grouping, lora_numpy_reference)
 
 
-@pytest.mark.parametrize("case", [CASES[1], CASES[4]], ids=[CASES[1][0], CASES[4][0]])
+@pytest.mark.parametrize("case", [pytest.param(CASES[1], id=CASES[1][0], marks=pytest.mark.slow),
+                                  pytest.param(CASES[4], id=CASES[4][0], marks=pytest.mark.slow)])
 def test_grouped_kernels_match_dense_loop_bf16(case, lora_numpy_reference):
     """bf16: the group path rounds v to the pool dtype before its tl.dot (as MBGMM does)."""
     _check(case, "bfloat16", "kernel", lora_numpy_reference)
 
 
-@pytest.mark.parametrize("knobs", [dict(group_splits=1, single_splits=1), dict(group_splits=16, single_splits=4),
-                                   dict(group_splits=2, single_splits=2, block_k=16, block_n=16),
-                                   dict(column_masks=True, num_stages=3)],
-                         ids=["splits1", "gs16_ss4", "gs2_ss2_blocks16", "column_masks_stages3"])
-# The first case runs every knob in the quick subset; the others, in the full suite.
+@pytest.mark.parametrize("knobs", [
+    pytest.param(dict(group_splits=1, single_splits=1), id="splits1", marks=pytest.mark.slow),
+    pytest.param(dict(group_splits=16, single_splits=4), id="gs16_ss4", marks=pytest.mark.slow),
+    pytest.param(dict(group_splits=2, single_splits=2, block_k=16, block_n=16), id="gs2_ss2_blocks16",
+                 marks=pytest.mark.slow),
+    pytest.param(dict(column_masks=True, num_stages=3), id="column_masks_stages3", marks=pytest.mark.slow)])
+# Every knob and case runs in the full suite (each an interpret-mode compile of 2-7 s on two cores).
 @pytest.mark.parametrize("case", [pytest.param(c, id=c[0], marks=() if i == 0 else pytest.mark.slow)
                                   for i, c in enumerate(KNOB_CASES)])
 def test_grouped_kernel_knobs_match_dense_loop(case, knobs, lora_numpy_reference):

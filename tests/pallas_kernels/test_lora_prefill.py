@@ -55,7 +55,11 @@ def _make(dtype, name, T, d_in, out_sizes, W, S, rank_choices, slots):
 
 @pytest.mark.parametrize(
     "dtype,case",
-    [("float32", c) for c in CASES] + [("bfloat16", CASES[0]), ("bfloat16", CASES[2])],
+    # bfloat16 runs in the full suite (the quick subset reads bf16 in test_pool_storage.py).
+    # and so do the float32 cases other than segments.
+    [("float32", c) if c[0] == "segments" else pytest.param("float32", c, marks=pytest.mark.slow)
+     for c in CASES] + [pytest.param("bfloat16", CASES[0], marks=pytest.mark.slow),
+                                       pytest.param("bfloat16", CASES[2], marks=pytest.mark.slow)],
     ids=[f"f32-{c[0]}" for c in CASES] + ["bf16-segments", "bf16-one_segment"],
 )
 def test_lora_prefill_matches_dense_loop(implementation, dtype, case, lora_numpy_reference):
@@ -130,11 +134,12 @@ def test_pallas_path_has_no_xla_grouped_matmul_branch():
 PARTIAL_CHUNK = ("partial_chunk", 20, 32, (48, 16), 32, 2, (4, 16), lambda r, T, S: _sorted_slots(r, T, S, [0, 1]))
 
 
+# The quick subset runs one of the knobs; the full suite, all four.
 @pytest.mark.parametrize("case,knobs", [
     (CASES[0], dict(shrink_per_module=False, expand_per_chunk=False)),
-    (CASES[0], dict(block_k=16, block_n=16, num_warps=8)),
-    (CASES[0], dict(column_masks=True)),
-    (PARTIAL_CHUNK, dict(block_n=16)),
+    pytest.param(CASES[0], dict(block_k=16, block_n=16, num_warps=8), marks=pytest.mark.slow),
+    pytest.param(CASES[0], dict(column_masks=True), marks=pytest.mark.slow),
+    pytest.param(PARTIAL_CHUNK, dict(block_n=16), marks=pytest.mark.slow),
 ], ids=["per_tile_per_block", "small_blocks", "column_masks", "partial_chunk"])
 def test_lora_prefill_kernel_knobs_match_dense_loop(case, knobs, lora_numpy_reference):
     """The kernel's knobs: one shrink program per tile and one expand program per block (instead of per

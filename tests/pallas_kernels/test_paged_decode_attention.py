@@ -60,8 +60,11 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+# bfloat16 runs in the full suite (the quick subset reads bf16 in test_pool_storage.py).
+@pytest.mark.parametrize("dtype", ["float32", pytest.param("bfloat16", marks=pytest.mark.slow)])
+# The quick subset runs two cases (MHA, GQA with a window); the full suite, all.
+@pytest.mark.parametrize("case", [pytest.param(c, id=c[0], marks=() if c[0] in ('mha', 'gqa2_window') else pytest.mark.slow)
+                                  for c in CASES])
 def test_paged_decode_attention_matches_dense_loops(implementation, dtype, case):
     name, lengths, nb, nq, nkv, d, window = case
     q, pool, layer, kp, vp, lens, k, v = _make(dtype, zlib.crc32(f"{name}/{dtype}".encode()), lengths, nb, nq, nkv, d)

@@ -100,7 +100,8 @@ def _lora_case(T):
     return case, x, y, slots
 
 
-@pytest.mark.parametrize("op,T", [("lora_decode", 5), ("lora_prefill", 3), ("lora_prefill", 40)],
+@pytest.mark.parametrize("op,T", [("lora_decode", 5), pytest.param("lora_prefill", 3, marks=pytest.mark.slow),
+                                 ("lora_prefill", 40)],
                          ids=["decode", "prefill_gather", "prefill_ragged"])
 def test_lora_reads_bits_as_bf16(op, T, lora_numpy_reference):
     case, x, y, slots = _lora_case(T)

@@ -162,6 +162,7 @@ def test_paths_shown_to_clients_are_relative_to_the_root(http, files):
     assert http.post("/v1/unload_lora_adapter", json={"lora_name": "shown"}).status_code == 200
 
 
+@pytest.mark.slow  # three 200-token streams, ~6 s on two cores with an empty compilation cache
 def test_unload_with_drain_under_traffic(http, reference, files):
     """Streams on an adapter run; unload with drain: new requests get 404 at once, the streams finish
     exactly, then the adapter is gone. Without drain the same unload is refused."""
@@ -213,6 +214,7 @@ def test_unload_with_drain_under_traffic(http, reference, files):
         assert ids == expected(reference, prompt, "late", 200, ignore_eos=True).token_ids
 
 
+@pytest.mark.slow  # a 240-token stream, ~10 s cold on two cores
 def test_unload_drain_timeout_keeps_the_adapter(http):
     r = http.post("/v1/load_lora_adapter", json={"lora_name": "slowdrain", "lora_path": "nested/late"})
     assert r.status_code == 200, r.text

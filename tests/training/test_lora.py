@@ -145,6 +145,7 @@ def test_base_weights_of_an_unrolled_engine_are_its_own_and_equal_the_checkpoint
 # ------------------------------------------------------------------------------------------ training
 
 
+@pytest.mark.slow  # two trainings and the unrolled model's step programs, ~13 s cold on two cores
 def test_training_on_an_unrolled_engine_equals_training_on_the_checkpoint(unrolled_engine, llama_gqa_dir, tmp_path):
     kw = dict(rank=4, alpha=8, target_modules=ALL, steps=6, learning_rate=1e-2, batch_size=4, seed=1,
               progress=False)
