@@ -412,14 +412,21 @@ def load_peft_adapter(adapter_dir, model_config: ModelConfig, max_rank: int, nam
         pairs = match_tensors(f.tensors, cfg, model_config, max_rank, weights_path)
         max_r = max(p.rank for p in pairs)
         L = model_config.num_layers
+        limit = float(ml_dtypes.finfo(np.dtype(dtype)).max)
         modules: dict[str, ModuleLora] = {}
         for p in pairs:
             d_in, d_out = model_config.module_dims(p.module)
-            a = np.asarray(f.get(p.a), dtype=np.float32)
-            b = np.asarray(f.get(p.b), dtype=np.float32)
-            for tname, t in ((p.a, a), (p.b, b)):
+            stored = {p.a: f.get(p.a), p.b: f.get(p.b)}
+            for tname, t in stored.items():
+                # Checked before the cast to float32, which would turn a float64 past its range into Inf.
+                t = np.asarray(t, dtype=np.float64 if t.dtype == np.float64 else np.float32)
                 if not np.isfinite(t).all():
                     raise AdapterError(f"tensor {tname!r} has non-finite values (NaN or Inf)")
+                if t.size and float(np.abs(t).max()) > limit:  # Inf once stored in the engine's dtype
+                    raise AdapterError(f"tensor {tname!r} has values outside {np.dtype(dtype).name}'s range (the "
+                                       f"engine's dtype): they would be Inf in the pool")
+            a = np.asarray(stored[p.a], dtype=np.float32)
+            b = np.asarray(stored[p.b], dtype=np.float32)
             if p.module not in modules:
                 modules[p.module] = ModuleLora(a=np.zeros((L, max_r, d_in), np.float32),
                                                b=np.zeros((L, max_r, d_out), np.float32),

@@ -38,6 +38,7 @@ from slora_jax.model.llama import LORA_GROUPS
 # NaN or Inf exactly when its bits, read as an unsigned integer, are >= the all-ones exponent.
 _EXPONENT = {"BF16": (np.uint16, 0x7F80), "F16": (np.uint16, 0x7C00), "F32": (np.uint32, 0x7F800000),
              "F64": (np.uint64, 0x7FF0000000000000)}
+_TAG = {v: k for k, v in SAFETENSORS_NUMPY.items()}  # a float format's safetensors tag, for _finite_error
 _UINT = {2: np.uint16, 4: np.uint32, 8: np.uint64}
 _INT = {2: np.int16, 4: np.int32, 8: np.int64}
 
@@ -355,8 +356,17 @@ def read_paged_adapter(plan: AdapterPlan, model_config: ModelConfig, layout: Poo
                            if _finite_error(stage[i * per:(i + 1) * per], tag))
                 raise AdapterError(f"tensor {bad!r} has non-finite values (NaN or Inf)")
             src = stage.view(SAFETENSORS_NUMPY[tag]).reshape((len(items),) + tshape)
-            if src.dtype == np.float64:
-                src = src.astype(np.float32)  # through float32, as the float32 loader rounds it
+            if src.dtype != dtype:
+                # Into the pool's format here, float64 through float32 as the float32 loader rounds it. A
+                # finite value past the narrower format's range (1e300 to float32, 1e5 to float16) becomes
+                # Inf in the cast, so what the pool will hold is checked again.
+                if src.dtype == np.float64:
+                    src = src.astype(np.float32)
+                src = src.astype(dtype)
+                for i, (_, name) in enumerate(items):
+                    if _finite_error(src[i].reshape(-1).view(np.uint8), _TAG[dtype]):
+                        raise AdapterError(f"tensor {name!r} has values outside {dtype.name}'s range (the "
+                                           f"engine's dtype): they would be Inf in the pool")
             lo, hi = items[0][0], items[-1][0]
             if hi - lo == len(items) - 1:  # consecutive layers (items go up by layer): a plain strided copy
                 layers = slice(lo, hi + 1)

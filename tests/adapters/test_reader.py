@@ -125,6 +125,32 @@ def test_non_finite_values_are_named(tmp_path, value):
         read_paged_adapter(plan_adapter(d, cfg, layout, 64), cfg, layout, 64, np.float32)
 
 
+@pytest.mark.parametrize("file_dtype,value,engine_dtype", [("float64", 1e300, np.float32),
+                                                         ("float32", 1e5, np.float16),
+                                                         ("bfloat16", -7e4, np.float16)])
+def test_values_past_the_engine_dtypes_range_are_named(tmp_path, file_dtype, value, engine_dtype):
+    """A finite value that the cast to the pool's format would turn into Inf: both loaders refuse it by name."""
+    from safetensors.numpy import load_file, save_file
+
+    cfg = tiny_llama_config()
+    layout = PoolLayout(cfg.num_layers, 64, 16, cfg.kv_size)
+    d = write_random_adapter(tmp_path / "a", cfg, rank=8, dtype="float32")
+    f = d / "adapter_model.safetensors"
+    file_type = {"float64": np.float64, "float32": np.float32, "bfloat16": BF16}[file_dtype]
+    tensors = {k: v.astype(file_type) for k, v in load_file(str(f)).items()}
+    bad = "base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"
+    tensors[bad][2, 3] = value
+    save_file(tensors, str(f))
+    name = np.dtype(engine_dtype).name
+    with pytest.raises(AdapterError, match=f"{bad}.*outside {name}'s range"):
+        read_paged_adapter(plan_adapter(d, cfg, layout, 64), cfg, layout, 64, engine_dtype)
+    with pytest.raises(AdapterError, match=f"{bad}.*outside {name}'s range"):
+        load_peft_adapter(d, cfg, 64, "x", dtype=name)
+    # In range for a wider engine dtype: read as usual.
+    if engine_dtype == np.float16:
+        read_paged_adapter(plan_adapter(d, cfg, layout, 64), cfg, layout, 64, np.float32)
+
+
 def test_truncated_file_is_refused_before_reading(tmp_path):
     cfg = tiny_llama_config()
     layout = PoolLayout(cfg.num_layers, 64, 16, cfg.kv_size)
