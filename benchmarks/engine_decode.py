@@ -30,8 +30,8 @@ import numpy as np
 
 import slora_jax as sj
 from slora_jax.adapters.synthetic import random_lora
-from slora_jax.model.init import named_config, random_params
-from slora_jax.model.random_checkpoint import tiny_llama_config
+from slora_jax.bench.setup import resolve_model
+from slora_jax.model.init import random_params
 
 # The scripts here import their shared helpers as siblings (they are run as `python benchmarks/<name>.py`).
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -94,7 +94,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     dev = jax.devices()[0]
-    cfg = tiny_llama_config() if args.model == "tiny" else named_config(args.model)
+    cfg = resolve_model(args.model)[0]
     batches = [int(b) for b in args.batches.split(",")]
     rng = np.random.default_rng(42)
     bandwidth = measure_copy_bandwidth(64 << 20 if args.model == "tiny" else 2 << 30)

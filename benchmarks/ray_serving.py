@@ -299,9 +299,11 @@ def measure(url: str, args, trace: list[dict]) -> dict:
     asyncio.run(run_trace(url, trace[:args.warmup_requests], args.concurrency))
     warm = time.perf_counter() - t0
     runs = [asyncio.run(run_trace(url, trace, args.concurrency)) for _ in range(args.repeats)]
-    result = dict(runs[-1])  # the last repeat's full record; each repeat's rate beside it
-    rates = [r["requests_per_s"] for r in runs]
-    result.update(requests_per_s=float(np.median(rates)), repeats_requests_per_s=rates,
+    # Rates and seconds: the median over the repeats; latencies and per_replica: each repeat's, in "repeats".
+    result = {k: float(np.median([r[k] for r in runs])) for k in ("requests_per_s", "output_tokens_per_s", "seconds")}
+    result.update(requests=len(trace), output_tokens=runs[-1]["output_tokens"], client=runs[-1]["client"],
+                  per_replica=runs[-1]["per_replica"], repeats=runs,
+                  repeats_requests_per_s=[r["requests_per_s"] for r in runs],
                   repeats_output_tokens_per_s=[r["output_tokens_per_s"] for r in runs])
     result["warmup_s"] = warm
     result["one_at_a_time"] = asyncio.run(one_at_a_time(url, trace, args.latency_requests))
@@ -366,11 +368,11 @@ def run_engine(args, adapter_dir: Path) -> int:
     warm, _ = run(trace[:args.warmup_requests])
     runs = [run(trace) for _ in range(args.repeats)]
     rates = [len(trace) / wall for wall, _ in runs]
-    wall, out_tokens = runs[-1]
-    print("ENGINE " + json.dumps({"requests": len(trace), "seconds": wall, "requests_per_s": float(np.median(rates)),
-                                  "repeats_requests_per_s": rates,
-                                  "repeats_output_tokens_per_s": [t / w for w, t in runs],
-                                  "output_tokens_per_s": out_tokens / wall, "output_tokens": out_tokens,
+    token_rates = [t / wall for wall, t in runs]
+    print("ENGINE " + json.dumps({"requests": len(trace), "seconds": float(np.median([w for w, _ in runs])),
+                                  "requests_per_s": float(np.median(rates)), "repeats_requests_per_s": rates,
+                                  "output_tokens_per_s": float(np.median(token_rates)),
+                                  "repeats_output_tokens_per_s": token_rates, "output_tokens": runs[-1][1],
                                   "warmup_s": warm}), flush=True)
     engine.close()
     return 0
@@ -443,14 +445,14 @@ def phase_ray(args, adapter_dir: Path, trace: list[dict], variant: str = "defaul
     port, ingress_port = free_port(), free_port()
     extra = {"default": {}, "lean": LEAN_ENV,
              "fast": dict(FAST_ENV, RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT=str(ingress_port),
-                          RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT=str(ingress_port + 100))}[variant]
+                          RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT=str(min(ingress_port + 100, 65535)))}[variant]
     saved = {k: os.environ.get(k) for k in extra}
-    # Read when Serve's processes start: the raylet's children inherit the driver's environment.
-    os.environ.update(extra)
-    env.update(extra)
-    lean = variant != "default"
-    ray.init(include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=not lean)
     try:
+        # Read when Serve's processes start: the raylet's children inherit the driver's environment.
+        os.environ.update(extra)
+        env.update(extra)
+        lean = variant != "default"
+        ray.init(include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=not lean)
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         ns = serve_namespace(args, adapter_dir)
         options = ReplicaOptions(replicas=args.replicas, num_gpus=0 if args.tiny else 1,
@@ -462,7 +464,7 @@ def phase_ray(args, adapter_dir: Path, trace: list[dict], variant: str = "defaul
         url = f"http://127.0.0.1:{port}"
         wait_healthy(url)
         if variant == "fast":  # the ingress replica's own port: the first free one from ingress_port
-            url = _direct_ingress_url(ingress_port)
+            url = _direct_ingress_url(ingress_port, skip=port)
         result = {"url": url, "startup_s": time.perf_counter() - t0, **measure(url, args, trace)}
         import httpx
 
@@ -480,10 +482,14 @@ def phase_ray(args, adapter_dir: Path, trace: list[dict], variant: str = "defaul
                 os.environ[k] = v
 
 
-def _direct_ingress_url(first_port: int) -> str:
+def _direct_ingress_url(first_port: int, skip: int) -> str:
+    """Where the ingress replica serves HTTP itself: the first port from ``first_port`` that answers, other
+    than ``skip`` (Serve's proxy, which answers too but is the hop this phase leaves out)."""
     import httpx
 
-    for p in range(first_port, first_port + 100):
+    for p in range(first_port, min(first_port + 100, 65536)):
+        if p == skip:
+            continue
         try:
             if httpx.get(f"http://127.0.0.1:{p}/health", timeout=5).status_code == 200:
                 return f"http://127.0.0.1:{p}"

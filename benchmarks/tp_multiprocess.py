@@ -75,8 +75,8 @@ def worker(args) -> int:
     from slora_jax.bench.offline import run_case
     from slora_jax.bench.setup import SyntheticAdapters
     from slora_jax.memory.pool import PoolLayout
-    from slora_jax.model.init import named_config, random_params
-    from slora_jax.model.random_checkpoint import tiny_llama_config
+    from slora_jax.bench.setup import resolve_model
+    from slora_jax.model.init import random_params
 
     tp = 1 if args.variant == "tp1" else n
     tag = f"[{args.variant} tp={tp} p{pid}]"
@@ -88,7 +88,7 @@ def worker(args) -> int:
     got = (len(jax.devices()), len(jax.local_devices()))
     assert got == want_devices, f"{tag} devices (global, local) {got}, expected {want_devices}"
     tiny = args.model == "tiny"
-    cfg = tiny_llama_config() if tiny else named_config(args.model)
+    cfg = resolve_model(args.model)[0]
     dt = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[args.dtype]
     itemsize = jnp.dtype(dt).itemsize
     bw = mm = None
@@ -376,7 +376,7 @@ def main(argv=None) -> int:
     ap.add_argument("--isolate", default="auto", choices=["auto", "cuda", "jax"],
                     help="mp on GPUs: CUDA_VISIBLE_DEVICES=i per process (cuda), or every GPU visible and "
                          "JAX_LOCAL_DEVICE_IDS=i (jax); auto: cuda, then jax if that run fails")
-    ap.add_argument("--model", default="llama-3-8b", help="named shape or 'tiny'")
+    ap.add_argument("--model", default="llama-3-8b", help="named shape (NAME:layers=N: its first N) or 'tiny'")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--kernel-backend", default="auto", help="auto: Pallas on GPU, XLA on CPU")
     ap.add_argument("--num-requests", type=int, default=512)

@@ -54,6 +54,7 @@ CPU dry run (tiny model, a few minutes):
 from __future__ import annotations
 
 import argparse
+import atexit
 import concurrent.futures
 import datetime
 import gc
@@ -71,9 +72,8 @@ import numpy as np
 
 import slora_jax as sj
 from slora_jax.bench.floors import HBM_PEAK, copy_bandwidth, floor_seconds, matmul_rate, step_breakdown
-from slora_jax.bench.setup import SyntheticAdapters
-from slora_jax.model.init import named_config, random_params
-from slora_jax.model.random_checkpoint import tiny_llama_config
+from slora_jax.bench.setup import SyntheticAdapters, resolve_model
+from slora_jax.model.init import random_params
 
 
 # Engine counters of the adapter reads and loads, as stats() names them (summed over a pass).
@@ -226,7 +226,7 @@ def run_case(engine, prompts, adapters, sp, cfg, itemsize, adapter_bytes, bw, mm
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="slora-jax bench --mode offline", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="llama-3-8b", help="named shape or 'tiny'")
+    ap.add_argument("--model", default="llama-3-8b", help="named shape (NAME:layers=N: its first N) or 'tiny'")
     ap.add_argument("--num-requests", type=int, default=1000)
     ap.add_argument("--input-len", type=int, default=256)
     ap.add_argument("--output-len", type=int, default=256)
@@ -262,7 +262,7 @@ def main(argv=None) -> int:
     if disk and args.distinct_folders < 1:
         ap.error("--distinct-folders must be at least 1")
     host_cache_gib = args.host_cache_gib if args.host_cache_gib is not None else (80 if disk else 200)
-    cfg = tiny_llama_config() if args.model == "tiny" else named_config(args.model)
+    cfg = resolve_model(args.model)[0]  # a named shape, NAME:layers=N, or tiny
     tiny = args.model == "tiny"
     bw = copy_bandwidth(64 << 20 if tiny else 2 << 30)
     mm = matmul_rate(512 if tiny else 8192)
@@ -280,6 +280,8 @@ def main(argv=None) -> int:
         perm = rng.permutation(args.num_requests)
         picks_of = {n: [int(i) % n for i in perm] for n in counts if n}
         work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="offline-adapters-"))
+        if not args.workdir:  # gigabytes at real shapes: gone at exit even when a case fails
+            atexit.register(shutil.rmtree, work, ignore_errors=True)
         files = DiskAdapters(cfg, work, args.distinct_folders)
         files.write(workers=min(8, os.cpu_count() or 1))
         print(f"{files.distinct} adapter folders ({files.file_bytes / 1e9:.2f} GB) written in {files.write_s:.0f} s, "
