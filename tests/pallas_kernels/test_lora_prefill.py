@@ -55,8 +55,8 @@ def _make(dtype, name, T, d_in, out_sizes, W, S, rank_choices, slots):
 
 @pytest.mark.parametrize(
     "dtype,case",
-    # bfloat16 runs in the full suite (the quick subset reads bf16 in test_pool_storage.py).
-    # and so do the float32 cases other than segments.
+    # The quick subset keeps the float32 "segments" case; bfloat16 (read quickly in test_pool_storage.py) and
+    # the other float32 cases run in the full suite.
     [("float32", c) if c[0] == "segments" else pytest.param("float32", c, marks=pytest.mark.slow)
      for c in CASES] + [pytest.param("bfloat16", CASES[0], marks=pytest.mark.slow),
                                        pytest.param("bfloat16", CASES[2], marks=pytest.mark.slow)],
