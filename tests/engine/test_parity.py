@@ -18,9 +18,10 @@ def rel_err(a, b):
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-def _engine(model_dir, adapters, backend="xla", tensor_parallel=1):
+def _engine(model_dir, adapters, backend="xla", tensor_parallel=1, scan_layers=None):
     eng = sj.Engine.from_pretrained(model_dir, config=sj.EngineConfig(
-        dtype="float32", kernel_backend=backend, num_pages=256, max_lora_rank=64, tensor_parallel=tensor_parallel))
+        dtype="float32", kernel_backend=backend, num_pages=256, max_lora_rank=64, tensor_parallel=tensor_parallel,
+        scan_layers=scan_layers))
     for name, d in adapters.items():
         eng.load_adapter(name, d)
     return eng
@@ -69,6 +70,20 @@ def test_llama_gqa_parity_base_and_every_adapter(llama_engine, llama_gqa_dir, ll
 @pytest.mark.slow
 def test_qwen2_bias_tied_parity(qwen_engine, qwen2_dir, qwen2_adapters):
     _check_model(qwen_engine, qwen2_dir, qwen2_adapters, seed=1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_unrolled_layers_parity(request, family):
+    """Layers unrolled, as GPU engines run them: the step programs then take the norm vectors (and Qwen2's
+    replicated biases) packed into one argument, which the scanned CPU default never does."""
+    model_dir = request.getfixturevalue("llama_gqa_dir" if family == "llama" else "qwen2_dir")
+    adapters = request.getfixturevalue("llama_adapters" if family == "llama" else "qwen2_adapters")
+    engine = _engine(model_dir, adapters, scan_layers=False)
+    try:
+        _check_model(engine, model_dir, adapters, seed=2)
+    finally:
+        engine.close()
 
 
 def test_mixed_batch_with_repeats_equals_per_request_references(llama_engine, llama_gqa_dir, llama_adapters):
