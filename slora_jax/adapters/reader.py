@@ -262,7 +262,7 @@ class _Region:
                     part[:, ch - 1, :, last:] = 0
 
 
-def _regions(plan: AdapterPlan, batches: dict, spans: dict, model_config: ModelConfig, layout: PoolLayout,
+def _regions(plan: AdapterPlan, batches: dict, model_config: ModelConfig, layout: PoolLayout,
              tiles: np.ndarray) -> dict[tuple[str, bool], _Region]:
     """(module, is B) -> its _Region: where in ``tiles`` its tensors go, and whether they fill it."""
     R, W, L = layout.page_rows, layout.page_width, model_config.num_layers
@@ -334,7 +334,7 @@ def read_paged_adapter(plan: AdapterPlan, model_config: ModelConfig, layout: Poo
         size = math.prod(shape) * dtype.itemsize
         reused = out is not None and out.nbytes >= size
         tiles = out[:size].view(dtype).reshape(shape) if reused else _new_zeros(shape, dtype)
-        regions = _regions(plan, batches, spans, model_config, layout, tiles)
+        regions = _regions(plan, batches, model_config, layout, tiles)
         if reused:  # padding is zero; what the tensors fill is written below
             for region in regions.values():
                 region.zero_padding(L, R)
@@ -372,14 +372,11 @@ def read_paged_adapter(plan: AdapterPlan, model_config: ModelConfig, layout: Poo
                 layers = slice(lo, hi + 1)
             else:
                 layers = np.array([layer for layer, _ in items], np.intp)
-            same = src.dtype == dtype  # same format: copy bits (an integer copy releases the GIL, no cast loop)
-            # Each device's columns of the matrix go to its columns of the pages (one device: all of both).
+            # Each device's columns of the matrix go to its columns of the pages (one device: all of both),
+            # as bits: src is in the pool's format by now, and an integer copy releases the GIL, no cast loop.
             for part, cols in region.parts:
                 part_src = src[:, cols] if is_b else src[..., cols]  # B is stored [d_out, r]
-                if same:
-                    region.tile(part.view(same_bits), layers, part_src.view(same_bits))
-                else:
-                    region.tile(part, layers, part_src)
+                region.tile(part.view(same_bits), layers, part_src.view(same_bits))
     return PagedAdapter(tiles, plan.groups, plan.num_pages, plan.b_pages), nbytes
 
 
