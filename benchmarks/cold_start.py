@@ -75,6 +75,7 @@ import ml_dtypes
 import numpy as np
 
 from slora_jax.adapters.reader import plan_adapter, read_paged_adapter
+from slora_jax.bench.setup import DEFAULT_TARGETS, page_cache
 from slora_jax.compile_cache import disable_compilation_cache, enable_compilation_cache
 from slora_jax.config import EngineConfig, ModelConfig
 from slora_jax.memory.pool import PoolLayout
@@ -84,7 +85,6 @@ from slora_jax.model.init import named_config, random_params
 from slora_jax.model.random_checkpoint import tiny_llama_config, write_random_adapter
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 def tiny_config() -> ModelConfig:
@@ -122,16 +122,6 @@ def write_checkpoint(out: Path, cfg: ModelConfig, seed: int = 0) -> Path:
                 pos = (pos + chunk) % len(pool)
                 left -= chunk
     return out
-
-
-def page_cache(paths) -> float:
-    """Read files once so that later reads come from the page cache; returns bytes read."""
-    total = 0
-    for p in paths:
-        with open(p, "rb") as f:
-            while chunk := f.read(64 << 20):
-                total += len(chunk)
-    return total
 
 
 # ------------------------------------------------------------------------------------------ adapters
@@ -500,7 +490,8 @@ def main(argv=None) -> int:
         if not args.skip_adapters:
             t0 = time.perf_counter()
             folders = [write_random_adapter(work / "adapters" / f"a{i:03d}", cfg, rank=30, alpha=60, seed=i,
-                                            target_modules=TARGETS, dtype="bfloat16") for i in range(n_adapters)]
+                                            target_modules=DEFAULT_TARGETS, dtype="bfloat16")
+                       for i in range(n_adapters)]
             page_cache(d / "adapter_model.safetensors" for d in folders)
             result["adapter_setup_s"] = time.perf_counter() - t0
             result["reads"] = bench_reads(cfg, folders, readers, pinned_put(device), args.repeats)

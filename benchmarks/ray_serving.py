@@ -57,7 +57,6 @@ from typing import Optional
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 PHASE_NAMES = ("engine", "direct", "ray", "ray-lean", "ray-fast")
@@ -129,14 +128,14 @@ def adapter_names(args) -> list[str]:
 
 
 def write_adapters(args, out: Path) -> None:
-    from slora_jax.bench.setup import resolve_model
+    from slora_jax.bench.setup import DEFAULT_TARGETS, resolve_model
     from slora_jax.model.random_checkpoint import write_random_adapter
 
     cfg, _ = resolve_model(args.model)
     dtype = "float32" if args.dtype == "float32" else "bfloat16"
     for i, name in enumerate(adapter_names(args)):
-        write_random_adapter(out / name, cfg, rank=args.rank, alpha=2 * args.rank, target_modules=TARGETS,
-                             seed=100 + i, dtype=dtype)
+        write_random_adapter(out / name, cfg, rank=args.rank, alpha=2 * args.rank,
+                             target_modules=DEFAULT_TARGETS, seed=100 + i, dtype=dtype)
 
 
 def random_weights_setup():
@@ -244,7 +243,8 @@ async def _send(client: _Client, body, timing: Optional[list] = None) -> tuple[f
     seconds = time.perf_counter() - t0
     if timing is not None:
         timing.append(dict(server_timing(headers.get("server-timing", "")), total=seconds * 1e3))
-    return seconds, json.loads(text)["usage"]["completion_tokens"], len(body["prompt"]), headers.get("x-slora-replica", "-")
+    tokens = json.loads(text)["usage"]["completion_tokens"]
+    return seconds, tokens, len(body["prompt"]), headers.get("x-slora-replica", "-")
 
 
 async def run_trace(url: str, trace: list[dict], concurrency: int) -> dict:
@@ -576,7 +576,8 @@ def main(argv=None) -> int:
                 "added_latency_p50_ms": r["one_at_a_time"]["p50_ms"] - d["one_at_a_time"]["p50_ms"],
                 "targets": {"throughput_at_least": 1.8, "added_latency_p50_ms_at_most": 2.0}}
     if "engine" in results and "direct" in results:
-        results["ratios"]["direct_over_engine"] = results["direct"]["requests_per_s"] / results["engine"]["requests_per_s"]
+        results["ratios"]["direct_over_engine"] = (results["direct"]["requests_per_s"]
+                                                   / results["engine"]["requests_per_s"])
     print("ratios:", json.dumps(results["ratios"]), flush=True)
     out.write_text(json.dumps(results, indent=1))
     return 0

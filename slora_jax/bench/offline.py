@@ -72,7 +72,7 @@ import numpy as np
 
 import slora_jax as sj
 from slora_jax.bench.floors import HBM_PEAK, copy_bandwidth, floor_seconds, matmul_rate, step_breakdown
-from slora_jax.bench.setup import SyntheticAdapters, resolve_model
+from slora_jax.bench.setup import DEFAULT_TARGETS, SyntheticAdapters, page_cache, resolve_model
 from slora_jax.model.init import random_params
 
 
@@ -88,8 +88,8 @@ class DiskAdapters:
     and, per name, a symbolic link to folder ``i % K`` (a distinct adapter to the engine, read on first use
     from files that are page-cached; only the bytes repeat)."""
 
-    def __init__(self, cfg, workdir: Path, distinct: int, ranks=(8, 16, 32, 64),
-                 targets=("q_proj", "k_proj", "v_proj", "o_proj"), dtype: str = "bfloat16"):
+    def __init__(self, cfg, workdir: Path, distinct: int, ranks=(8, 16, 32, 64), targets=DEFAULT_TARGETS,
+                 dtype: str = "bfloat16"):
         self.cfg, self.root, self.distinct, self.ranks, self.targets = cfg, Path(workdir), distinct, ranks, targets
         self.dtype, self.folders, self.write_s, self.cache_s, self.file_bytes = dtype, [], 0.0, 0.0, 0
 
@@ -110,10 +110,7 @@ class DiskAdapters:
             self.folders = list(pool.map(one, range(self.distinct)))  # numpy fills and casts without the GIL
         self.write_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        for d in self.folders:  # read once: later reads come from the page cache
-            with open(d / "adapter_model.safetensors", "rb") as f:
-                while chunk := f.read(64 << 20):
-                    self.file_bytes += len(chunk)
+        self.file_bytes = page_cache(d / "adapter_model.safetensors" for d in self.folders)
         self.cache_s = time.perf_counter() - t0
 
     def register(self, engine, n: int, prefix: str) -> list[str]:
