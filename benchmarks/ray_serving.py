@@ -294,18 +294,23 @@ async def one_at_a_time(url: str, trace: list[dict], n: int) -> dict:
     return out
 
 
+def summarize(runs: list[dict]) -> dict:
+    """Passes of one trace: rates and seconds as their median, each pass's rates beside them and each whole
+    record (latencies, per_replica) in "repeats"."""
+    out = {k: float(np.median([r[k] for r in runs])) for k in ("requests_per_s", "output_tokens_per_s", "seconds")}
+    out.update(requests=runs[-1]["requests"], output_tokens=runs[-1]["output_tokens"], repeats=runs,
+               repeats_requests_per_s=[r["requests_per_s"] for r in runs],
+               repeats_output_tokens_per_s=[r["output_tokens_per_s"] for r in runs])
+    return out
+
+
 def measure(url: str, args, trace: list[dict]) -> dict:
     t0 = time.perf_counter()
     asyncio.run(run_trace(url, trace[:args.warmup_requests], args.concurrency))
     warm = time.perf_counter() - t0
     runs = [asyncio.run(run_trace(url, trace, args.concurrency)) for _ in range(args.repeats)]
-    # Rates and seconds: the median over the repeats; latencies and per_replica: each repeat's, in "repeats".
-    result = {k: float(np.median([r[k] for r in runs])) for k in ("requests_per_s", "output_tokens_per_s", "seconds")}
-    result.update(requests=len(trace), output_tokens=runs[-1]["output_tokens"], client=runs[-1]["client"],
-                  per_replica=runs[-1]["per_replica"], repeats=runs,
-                  repeats_requests_per_s=[r["requests_per_s"] for r in runs],
-                  repeats_output_tokens_per_s=[r["output_tokens_per_s"] for r in runs])
-    result["warmup_s"] = warm
+    result = summarize(runs)
+    result.update(client=runs[-1]["client"], per_replica=runs[-1]["per_replica"], warmup_s=warm)
     result["one_at_a_time"] = asyncio.run(one_at_a_time(url, trace, args.latency_requests))
     return result
 
@@ -359,31 +364,32 @@ def run_engine(args, adapter_dir: Path) -> int:
     setup = random_weights_setup()(serve_namespace(args, adapter_dir))
     engine = setup.load_engine(setup.adapters)
 
-    def run(bodies):
+    def run(bodies) -> dict:
         t0 = time.perf_counter()
         outs = engine.generate([b["prompt"] for b in bodies], adapters=[b["model"] for b in bodies],
                                sampling=[SamplingParams(max_tokens=b["max_tokens"], ignore_eos=True) for b in bodies])
-        return time.perf_counter() - t0, sum(len(o.token_ids) for o in outs)
+        wall, tokens = time.perf_counter() - t0, sum(len(o.token_ids) for o in outs)
+        return {"requests": len(bodies), "seconds": wall, "requests_per_s": len(bodies) / wall,
+                "output_tokens_per_s": tokens / wall, "output_tokens": tokens}
 
-    warm, _ = run(trace[:args.warmup_requests])
-    runs = [run(trace) for _ in range(args.repeats)]
-    rates = [len(trace) / wall for wall, _ in runs]
-    token_rates = [t / wall for wall, t in runs]
-    print("ENGINE " + json.dumps({"requests": len(trace), "seconds": float(np.median([w for w, _ in runs])),
-                                  "requests_per_s": float(np.median(rates)), "repeats_requests_per_s": rates,
-                                  "output_tokens_per_s": float(np.median(token_rates)),
-                                  "repeats_output_tokens_per_s": token_rates, "output_tokens": runs[-1][1],
-                                  "warmup_s": warm}), flush=True)
+    warm = run(trace[:args.warmup_requests])["seconds"]
+    print("ENGINE " + json.dumps(dict(summarize([run(trace) for _ in range(args.repeats)]), warmup_s=warm)),
+          flush=True)
     engine.close()
     return 0
 
 
-def phase_engine(args, adapter_dir: Path, trace: list[dict]) -> dict:
-    """One engine (GPU 0) with no server: what the trace costs the engine alone, the ceiling for ``direct``."""
+def _one_engine_child(args, adapter_dir: Path, *flags: str) -> tuple[list[str], dict]:
+    """argv and environment of a subprocess of this script that runs one engine on GPU 0, as a replica has."""
     env = dict(os.environ)
     if not args.tiny:
         env["CUDA_VISIBLE_DEVICES"] = "0"
-    argv = [sys.executable, __file__, *sys.argv[1:], "--engine-only", "--adapter-dir", str(adapter_dir)]
+    return [sys.executable, __file__, *sys.argv[1:], *flags, "--adapter-dir", str(adapter_dir)], env
+
+
+def phase_engine(args, adapter_dir: Path, trace: list[dict]) -> dict:
+    """One engine (GPU 0) with no server: what the trace costs the engine alone, the ceiling for ``direct``."""
+    argv, env = _one_engine_child(args, adapter_dir, "--engine-only")
     out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900)
     line = next((ln for ln in out.stdout.splitlines() if ln.startswith("ENGINE ")), None)
     if out.returncode != 0 or line is None:
@@ -393,10 +399,7 @@ def phase_engine(args, adapter_dir: Path, trace: list[dict]) -> dict:
 
 def phase_direct(args, adapter_dir: Path, trace: list[dict]) -> dict:
     port = free_port()
-    env = dict(os.environ)
-    if not args.tiny:
-        env["CUDA_VISIBLE_DEVICES"] = "0"  # one GPU, as one replica has
-    argv = [sys.executable, __file__, *sys.argv[1:], "--serve-direct", str(port), "--adapter-dir", str(adapter_dir)]
+    argv, env = _one_engine_child(args, adapter_dir, "--serve-direct", str(port))
     proc = subprocess.Popen(argv, env=env)
     try:
         url = f"http://127.0.0.1:{port}"
