@@ -73,9 +73,8 @@ def worker(args) -> int:
     from sharding import TensorParallelLayout, make_mesh
     from slora_jax.bench.floors import copy_bandwidth, matmul_rate
     from slora_jax.bench.offline import run_case
-    from slora_jax.bench.setup import SyntheticAdapters
+    from slora_jax.bench.setup import SyntheticAdapters, resolve_model
     from slora_jax.memory.pool import PoolLayout
-    from slora_jax.bench.setup import resolve_model
     from slora_jax.model.init import random_params
 
     tp = 1 if args.variant == "tp1" else n
@@ -192,8 +191,8 @@ def _free_port() -> int:
 def _envs(variant: str, n: int, platform: str, isolate: str) -> list[dict]:
     """The environment of each process of ``variant``."""
     base = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    base.pop("XLA_FLAGS", None) if platform == "cpu" else None
-    if platform == "cpu":
+    if platform == "cpu":  # each process's own device count, whatever the caller's XLA_FLAGS said
+        base.pop("XLA_FLAGS", None)
         base["JAX_PLATFORMS"] = "cpu"
         count = {"tp1": 1, "sp": n, "mp": 1}[variant]
         return [dict(base, XLA_FLAGS=f"--xla_force_host_platform_device_count={count}")
