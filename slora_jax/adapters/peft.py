@@ -416,8 +416,9 @@ def load_peft_adapter(adapter_dir, model_config: ModelConfig, max_rank: int, nam
         modules: dict[str, ModuleLora] = {}
         for p in pairs:
             d_in, d_out = model_config.module_dims(p.module)
-            stored = {p.a: f.get(p.a), p.b: f.get(p.b)}
-            for tname, t in stored.items():
+            checked = {}
+            for tname in (p.a, p.b):
+                t = f.get(tname)
                 # Checked before the cast to float32, which would turn a float64 past its range into Inf.
                 t = np.asarray(t, dtype=np.float64 if t.dtype == np.float64 else np.float32)
                 if not np.isfinite(t).all():
@@ -425,8 +426,8 @@ def load_peft_adapter(adapter_dir, model_config: ModelConfig, max_rank: int, nam
                 if t.size and float(np.abs(t).max()) > limit:  # Inf once stored in the engine's dtype
                     raise AdapterError(f"tensor {tname!r} has values outside {np.dtype(dtype).name}'s range (the "
                                        f"engine's dtype): they would be Inf in the pool")
-            a = np.asarray(stored[p.a], dtype=np.float32)
-            b = np.asarray(stored[p.b], dtype=np.float32)
+                checked[tname] = t.astype(np.float32, copy=False)
+            a, b = checked[p.a], checked[p.b]
             if p.module not in modules:
                 modules[p.module] = ModuleLora(a=np.zeros((L, max_r, d_in), np.float32),
                                                b=np.zeros((L, max_r, d_out), np.float32),
