@@ -84,6 +84,7 @@ class _Record:
     in_memory: bool = False  # registered from weights, not a folder: its host copy is never dropped
     shared_id: Optional[int] = None  # id() of the LoraWeights whose host copy it shares
     staged: object = None  # device copy of the tiles not yet written into the pool
+    staged_bytes: int = 0
     pending: Optional[LoadEvent] = None  # the load whose first use is still to come
     plan: Optional[AdapterPlan] = None  # page layout from the config (registered from a folder)
 
@@ -115,6 +116,13 @@ def _default_stage(device=None) -> Callable:
     return stage
 
 
+# Device memory that prefetched copies may hold outside the pool before their first use writes them into it.
+# The pool takes most of the device (EngineConfig.memory_fraction), so the staged copies must stay a small,
+# bounded share of the rest: with a thousand adapters in host memory, prefetch would otherwise stage every
+# one that fits in the pool (measured on the H200: 104 MB a copy until the allocator ran out).
+STAGING_LIMIT_BYTES = 2 << 30
+
+
 def _aliases(x, buf: np.ndarray) -> bool:
     """Whether ``x`` (numpy, or a jax array that may wrap host memory zero-copy) lies in ``buf``."""
     if isinstance(x, np.ndarray):
@@ -140,12 +148,15 @@ def _wait(x) -> tuple[bool, float]:
 class AdapterStore:
     def __init__(self, cfg: ModelConfig, econf: EngineConfig, layout: PoolLayout, pool: UnifiedPagePool,
                  tables: AdapterTables, write_pages: Callable[[np.ndarray, object], None], dtype,
-                 to_host: Callable[[np.ndarray], object] = lambda x: x, stage: Optional[Callable] = None):
+                 to_host: Callable[[np.ndarray], object] = lambda x: x, stage: Optional[Callable] = None,
+                 staging_limit_bytes: int = STAGING_LIMIT_BYTES):
         self.cfg, self.econf, self.layout, self.pool, self.tables = cfg, econf, layout, pool, tables
         self._write_pages = write_pages
         self._to_host = to_host  # numpy -> the host tier's array (pinned host memory on GPU)
         self._stage = stage  # host tiles -> device array, asynchronously (default: jax.device_put)
         self._dtype = dtype
+        self._staging_limit = staging_limit_bytes
+        self._staged_bytes = 0  # staged copies not yet written into the pool
         self._records: dict[str, _Record] = {}
         self._resident: dict[str, _Record] = {}  # on the device; kept apart so eviction never scans thousands
         self._host: "OrderedDict[str, PagedAdapter]" = OrderedDict()
@@ -356,10 +367,17 @@ class AdapterStore:
             if paged is None:
                 self._read_async(rec)
                 return False
+            if self._staged_bytes and self._staged_bytes + paged.nbytes > self._staging_limit:
+                return False  # enough copies wait for their first use; one is written before this is retried
             need = paged.num_pages
             if not self._make_room(need + reserve, keep | {name}) or self.pool.free_pages - reserve < need:
                 return False
             return self._load(rec, evict=False, prefetched=True)
+
+    @property
+    def staged_bytes(self) -> int:
+        """Bytes of device copies waiting outside the pool for their adapter's first use."""
+        return self._staged_bytes
 
     def free_unreferenced(self, pages_wanted: int, keep: set = frozenset()) -> int:
         """Evict unreferenced adapters (LRU first) until ``pages_wanted`` pages are free; returns pages freed."""
@@ -413,6 +431,8 @@ class AdapterStore:
         self._stage = stage
         # Asynchronous host->device copy (B's pages turned round there); committed by the first acquire.
         rec.staged = canonical_tiles(stage(paged.tiles), paged.transposed)
+        rec.staged_bytes = paged.nbytes
+        self._staged_bytes += paged.nbytes
         self.tables.set_slot(slot, paged, pages)
         rec.slot, rec.pages = slot, pages
         self._resident[rec.name] = rec
@@ -434,7 +454,7 @@ class AdapterStore:
         """Write a staged copy into its pool pages; the step being scheduled is the one that needs it."""
         ready, wait_s = _wait(rec.staged)
         self._write_pages(rec.pages, rec.staged)
-        rec.staged = None
+        self._drop_staged(rec)
         ev, rec.pending = rec.pending, None
         if ev is not None:
             ev.needed_step, ev.ready_when_needed, ev.wait_s = self.step, ready, wait_s
@@ -451,8 +471,14 @@ class AdapterStore:
             rec.pending.evicted_unused = True
             if rec.pending.prefetched:
                 self.counters["prefetch_unused"] += 1
-        rec.slot, rec.pages, rec.staged, rec.pending = None, None, None, None
+        self._drop_staged(rec)
+        rec.slot, rec.pages, rec.pending = None, None, None
         self.counters["evictions"] += 1
+
+    def _drop_staged(self, rec: _Record) -> None:
+        if rec.staged is not None:
+            self._staged_bytes -= rec.staged_bytes
+        rec.staged, rec.staged_bytes = None, 0
 
     # ------------------------------------------------------------------ load accounting
     @property

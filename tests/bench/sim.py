@@ -14,7 +14,7 @@ from typing import Optional
 import numpy as np
 
 from slora_jax.adapters.paging import AdapterTables
-from slora_jax.adapters.store import AdapterStore
+from slora_jax.adapters.store import STAGING_LIMIT_BYTES, AdapterStore
 from slora_jax.adapters.synthetic import random_lora
 from slora_jax.config import EngineConfig
 from slora_jax.engine.request import Request
@@ -28,7 +28,8 @@ TARGETS = ("q_proj", "v_proj")
 
 
 class Sim:
-    def __init__(self, num_pages: int = 256, adapters: Optional[dict] = None, dt: float = 1.0, **econf):
+    def __init__(self, num_pages: int = 256, adapters: Optional[dict] = None, dt: float = 1.0,
+                 staging_limit_bytes: int = STAGING_LIMIT_BYTES, **econf):
         econf.setdefault("dtype", "float32")
         self.econf = EngineConfig(num_pages=num_pages, **econf)
         self.cfg = TINY
@@ -37,7 +38,7 @@ class Sim:
         self.tables = AdapterTables(TINY, self.layout, self.econf.max_adapters_on_device, self.econf.max_lora_rank)
         self.writes: list[tuple[int, np.ndarray, np.ndarray]] = []  # (step, pages, tiles) of every pool commit
         self.store = AdapterStore(TINY, self.econf, self.layout, self.pool, self.tables, self._write, np.float32,
-                                  stage=lambda tiles: tiles)
+                                  stage=lambda tiles: tiles, staging_limit_bytes=staging_limit_bytes)
         self.sched = Scheduler(self.econf, self.pool, self.store)
         self.now = 0.0
         self.dt = dt

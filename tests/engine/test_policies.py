@@ -309,6 +309,32 @@ def test_prefetch_depth_limits_the_lookahead_and_off_means_demand_loads():
     assert all(not e.prefetched and not e.hidden for e in sim.store.load_log)
 
 
+def test_prefetch_keeps_the_staged_copies_within_their_limit():
+    """Copies staged ahead of use sit outside the pool until then: their bytes stay bounded (on the H200,
+    a thousand host-cached adapters staged at once ran the device out of memory), and the ones held back
+    are staged once earlier ones are written into the pool."""
+    sim, _ = _prefetch_sim(prefetch=True, prefetch_depth=4)
+    sim.step()
+    each = sim.store.staged_bytes // 3  # c, d and e: rank 8 each, the same size
+    assert each > 0 and sim.store.staged_bytes == 3 * each
+    sim, waiting = _prefetch_sim(prefetch=True, prefetch_depth=4, staging_limit_bytes=2 * each)
+    n0 = len(sim.store.load_log)
+    sim.step()
+    assert [e.name for e in sim.store.load_log[n0:]] == ["c", "d"] and sim.store.staged_bytes == 2 * each
+    peak = 0
+    while sim.sched.has_work():
+        sim.step()
+        peak = max(peak, sim.store.staged_bytes)
+    assert peak <= 2 * each
+    assert all(r.finish_reason == "length" for r in waiting) and sim.store.staged_bytes == 0
+    assert "e" in {e.name for e in sim.store.load_log}
+    # One copy larger than the limit is still staged when nothing else is.
+    sim, _ = _prefetch_sim(prefetch=True, prefetch_depth=4, staging_limit_bytes=1)
+    n0 = len(sim.store.load_log)
+    sim.step()
+    assert [e.name for e in sim.store.load_log[n0:]] == ["c"]
+
+
 def test_prefetch_follows_the_policy_order():
     sim = Sim(adapters={a: 8 for a in "hxyz"}, scheduler="fair", max_batch_size=1, prefetch_depth=2)
     sim.add(4, 20, "h")
