@@ -220,6 +220,13 @@ def run_case(engine, prompts, adapters, sp, cfg, itemsize, adapter_bytes, bw, mm
                 mean_distinct_adapters=float(np.mean([len(s["adapters"]) for s in trace])) if trace else 0.0)
 
 
+def header() -> dict:
+    """What every results file starts with: device, jax version, date and command."""
+    return dict(device=str(jax.devices()[0].device_kind), jax_version=jax.__version__,
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                command="python " + " ".join(sys.argv))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="slora-jax bench --mode offline", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -316,8 +323,7 @@ def main(argv=None) -> int:
             results.append(res)
             if args.out:  # after every case: a run cut short still leaves what it measured
                 with open(args.out, "w") as f:
-                    json.dump(dict(partial=True, command="python " + " ".join(sys.argv), results=results), f,
-                              indent=1, default=float)
+                    json.dump(dict(partial=True, **header(), results=results), f, indent=1, default=float)
             io = res["adapter_io"]
             print(f"[tp={tp} {res['case']} #{res['repeat']}] {res['output_tok_s']:.0f} out tok/s, "
                   f"{res['pct_of_floor']:.0f}% of floor, host share {res['host_overhead_share']:.3f}, "
@@ -379,9 +385,7 @@ def main(argv=None) -> int:
                          targets=dict(cold_vs_base=0.60, cold_vs_warm=0.8))
                     for r in results if r.get("phase") == "cold"]
     record = dict(
-        device=str(jax.devices()[0].device_kind), jax_version=jax.__version__,
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        command="python " + " ".join(sys.argv), model=args.model, copy_bandwidth=bw,
+        **header(), model=args.model, copy_bandwidth=bw,
         hbm_peak_bytes_per_s=HBM_PEAK, matmul_flops_per_s=mm, precompile_s=precompile_s,
         programs_compiled={tp: len(c) for tp, c in compiled.items()}, adapter_source=args.adapter_source,
         host_cache_bytes=int(host_cache_gib * (1 << 30)), num_requests=args.num_requests,
