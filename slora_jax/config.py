@@ -109,6 +109,9 @@ class EngineConfig:
     # adapter_read_workers threads, default one per core up to 8; at most half the host cache in flight).
     read_ahead_depth: int = 256
     adapter_read_workers: Optional[int] = None
+    # Where those reads run: "threads", "processes" (out of the engine's GIL: a busy engine thread slows
+    # reader threads several-fold; benchmarks/NOTES.md) or "auto" (processes on GPU, threads elsewhere).
+    adapter_readers: str = "auto"
     host_cache_bytes: int = 8 << 30  # bound of adapter weights held in host memory
     # Scan over stacked layer weights (one compiled layer body: fast compiles) or unroll the layers
     # (per-layer arrays: no slicing of stacked weights inside the step; 1.7x faster decode on the
@@ -145,6 +148,8 @@ class EngineConfig:
                 raise ConfigError(f"{name} must be a positive integer, got {v!r}")
         if self.num_pages is not None and (not isinstance(self.num_pages, int) or self.num_pages < 2):
             raise ConfigError(f"num_pages must be an integer >= 2, got {self.num_pages!r}")
+        if self.adapter_readers not in ("auto", "threads", "processes"):
+            raise ConfigError(f"adapter_readers must be 'auto', 'threads' or 'processes', got {self.adapter_readers!r}")
         if self.adapter_read_workers is not None and (not isinstance(self.adapter_read_workers, int)
                                                       or self.adapter_read_workers < 1):
             raise ConfigError(f"adapter_read_workers must be None or a positive integer, got {self.adapter_read_workers!r}")
@@ -167,6 +172,14 @@ class EngineConfig:
         if self.dtype != "auto":
             return self.dtype
         return "float32" if backend == "cpu" else "bfloat16"
+
+    def resolved_readers(self, backend: str) -> str:
+        """Where background adapter reads run on ``backend``: "auto" is processes on a GPU, where the
+        engine thread's host work would otherwise hold reader threads back, and threads elsewhere (a CPU
+        engine is for development: no processes to start)."""
+        if self.adapter_readers != "auto":
+            return self.adapter_readers
+        return "processes" if backend == "gpu" else "threads"
 
     def resolved_scan_layers(self, backend: str) -> bool:
         """Scan the layers (one compiled layer body) unless told otherwise; unrolled on a GPU, where reading

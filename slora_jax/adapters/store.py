@@ -31,6 +31,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from slora_jax.adapters import read_processes
 from slora_jax.adapters.paging import AdapterTables, PagedAdapter, canonical_tiles, page_adapter
 from slora_jax.adapters.reader import AdapterPlan, plan_adapter, read_paged_adapter
 from slora_jax.config import EngineConfig, ModelConfig
@@ -166,6 +167,9 @@ class AdapterStore:
         self._free_slots = list(range(tables.num_slots - 1, -1, -1))
         self._lock = threading.RLock()  # registration may come from server threads
         self._reader: Optional[ThreadPoolExecutor] = None
+        self._procs = None  # read_processes.ProcessReaders, when adapter_readers is "processes"
+        self._procs_unavailable = False
+        self._procs_lock = threading.Lock()
         self._read_workers = int(econf.adapter_read_workers or default_read_workers())
         self._reading: dict[str, tuple[_Record, Future]] = {}
         self._read_failed: dict[str, str] = {}  # name -> why its read failed
@@ -521,16 +525,18 @@ class AdapterStore:
         t0 = self._read_begins()
         nbytes = 0
         try:
-            out = self._tile_buffer(rec) if self._host_copies else None
-            paged, nbytes = read_paged_adapter(rec.plan, self.cfg, self.layout, self.econf.max_lora_rank, self._dtype,
-                                               out)
-            host = self._to_host(paged.tiles)
-            if out is not None and _aliases(host, out):  # not copied after all: the buffer will be reused
-                host = self._to_host(np.array(paged.tiles))
-            paged.tiles = host
-            block = getattr(paged.tiles, "block_until_ready", None)
-            if block is not None:
-                block()  # the copy into pinned memory is part of the read, not of the engine's step
+            procs = self._process_readers(rec)
+            if procs is not None:
+                paged, nbytes = procs.read(rec.plan, self.cfg, self.layout, self.econf.max_lora_rank, self._dtype,
+                                           self._copy_out, self._plan_bytes(rec))
+            else:
+                out = self._tile_buffer(rec) if self._host_copies else None
+                paged, nbytes = read_paged_adapter(rec.plan, self.cfg, self.layout, self.econf.max_lora_rank,
+                                                   self._dtype, out)
+                if out is not None:
+                    paged.tiles = self._copy_out(paged.tiles)
+                else:
+                    paged.tiles = self._wait_host(self._to_host(paged.tiles))
         except AdapterError:
             self._read_ends(t0, nbytes, failed=True)
             raise
@@ -539,6 +545,30 @@ class AdapterStore:
             raise AdapterError(f"reading adapter {rec.name!r} from {rec.path} failed: {type(e).__name__}: {e}") from e
         self._read_ends(t0, nbytes, failed=False)
         return paged
+
+    def _copy_out(self, tiles: np.ndarray):
+        """The host tier's copy of ``tiles``, which lie in a buffer the next read reuses."""
+        host = self._to_host(tiles)
+        if _aliases(host, tiles):  # the host tier kept the array itself: copy it
+            host = self._to_host(np.array(tiles))
+        return self._wait_host(host)
+
+    @staticmethod
+    def _wait_host(host):
+        block = getattr(host, "block_until_ready", None)
+        if block is not None:
+            block()  # the copy into pinned memory is part of the read, not of the engine's step
+        return host
+
+    def _process_readers(self, rec: _Record):
+        """The reader processes, started on first use; None when reads run on threads."""
+        if self.econf.adapter_readers != "processes" or self._procs_unavailable:
+            return None
+        with self._procs_lock:
+            if self._procs is None:
+                self._procs = read_processes.start(self._read_workers, self._plan_bytes(rec))
+                self._procs_unavailable = self._procs is None
+            return self._procs
 
     def _tile_buffer(self, rec: _Record) -> np.ndarray:
         """This reader thread's reusable byte buffer, large enough for ``rec``'s tiles."""
@@ -598,6 +628,10 @@ class AdapterStore:
                 self._host_drop(name)
         if reader is not None:
             reader.shutdown(wait=False, cancel_futures=True)
+        with self._procs_lock:
+            procs, self._procs = self._procs, None
+        if procs is not None:
+            procs.close()
 
     def wait_reads(self, timeout: Optional[float] = None) -> None:
         """Block until the background disk reads under way now are done (they join the host tier at the

@@ -92,7 +92,8 @@ class Engine:
                  tokenizer=None, model_dir: Optional[str] = None):
         econf = config or EngineConfig()
         join_job(econf)
-        econf = dataclasses.replace(econf, dtype=econf.resolved_dtype(jax.default_backend()))
+        econf = dataclasses.replace(econf, dtype=econf.resolved_dtype(jax.default_backend()),
+                                    adapter_readers=econf.resolved_readers(jax.default_backend()))
         if econf.compile_cache_dir is not None:
             from slora_jax.compile_cache import enable_compilation_cache
             enable_compilation_cache(econf.compile_cache_dir)  # before anything compiles

@@ -1,0 +1,169 @@
+"""Adapter reads in reader processes (``EngineConfig(adapter_readers="processes")``): the same tiles as the
+float32 loader, reads in parallel, failures (a corrupt file, a deleted one, a reader killed mid-read) that fail
+only their adapter, shared memory too small, a user's script without a ``__main__`` guard, and clean-up."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from slora_jax.adapters import read_processes
+from slora_jax.config import EngineConfig
+from slora_jax.errors import AdapterError, ConfigError
+from tests.adapters.test_reader import assert_same_paged, folders, make_store, reference
+from tests.bench.sim import TINY, Sim
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def process_store(workers=2, **econf):
+    store, writes = make_store(workers=workers, adapter_readers="processes", **econf)
+    return store, writes
+
+
+def test_config_names_the_choices():
+    assert EngineConfig().resolved_readers("gpu") == "processes"
+    assert EngineConfig().resolved_readers("cpu") == "threads"
+    assert EngineConfig(adapter_readers="threads").resolved_readers("gpu") == "threads"
+    with pytest.raises(ConfigError, match="adapter_readers must be 'auto', 'threads' or 'processes', got 'proc'"):
+        EngineConfig(adapter_readers="proc")
+
+
+def test_process_reads_match_the_float32_loader_and_run_in_parallel(tmp_path):
+    dirs = folders(tmp_path, 4, rank=16)
+    dirs.append(dirs[0].parent / "big")
+    folders(tmp_path / "tmp", 1, rank=64)[0].rename(dirs[-1])  # larger than the first: grows a buffer
+    store, _ = process_store(workers=2)
+    try:
+        for d in dirs:
+            store.register(d.name, d, lazy=True)
+        assert store.read_ahead([d.name for d in dirs]) == 5
+        store.wait_reads(timeout=120)
+        store.begin_step(1)
+        procs = store._procs
+        assert procs is not None and procs.workers == 2
+        pids = {p.pid for p in procs._procs if p is not None}
+        assert len(pids) == 2 and os.getpid() not in pids  # both workers took reads, outside this process
+        c = store.counters
+        assert c["reads"] == 5 and c["read_failures"] == 0
+        for d in dirs:  # each host copy is its own memory, not a view of a reused shared buffer
+            paged = store._host[d.name]
+            assert all(not np.shares_memory(paged.tiles, b) for b in procs._buffers if b is not None)
+            assert_same_paged(paged, reference(d, TINY, store.layout, np.float32))
+    finally:
+        store.close()
+
+
+def test_a_corrupt_and_a_deleted_file_fail_their_adapter_only(tmp_path):
+    good, bad, gone = folders(tmp_path, 3, rank=16)
+    weights = bad / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-64:] = np.full(16, np.nan, np.float32).tobytes()  # NaN in the last tensor's values
+    weights.write_bytes(bytes(data))
+    sim = Sim(max_batch_size=4, adapter_readers="processes")
+    try:
+        for d in (good, bad, gone):
+            sim.store.register(d.name, d, lazy=True)
+        import shutil
+
+        shutil.rmtree(gone)
+        ok = sim.add(4, 6, good.name)
+        sim.step()
+        failing, lost = sim.add(4, 3, bad.name), sim.add(4, 3, gone.name)
+        for _ in range(3):
+            sim.step()
+            sim.store.wait_reads(timeout=120)
+        sim.run()
+        assert ok.finish_reason == "length" and len(ok.output) == 6
+        assert failing.finish_reason == "abort" and "non-finite" in failing.error and bad.name in failing.error
+        assert lost.finish_reason == "abort" and "no longer exists" in lost.error
+        assert sim.store.counters["read_failures"] == 2
+        sim.pool.check_invariants()
+    finally:
+        sim.store.close()
+
+
+def test_a_reader_killed_mid_read_fails_that_read_and_the_next_one_works(tmp_path):
+    first, second = folders(tmp_path, 2, rank=16)
+    store, _ = process_store(workers=1)
+    try:
+        store.register(first.name, first)  # eager: starts the worker
+        worker = store._procs._procs[0]
+        store.register(second.name, second, lazy=True)
+        # The worker stops while the next read waits for its answer: SIGSTOP holds it, SIGKILL ends it.
+        os.kill(worker.pid, signal.SIGSTOP)
+        store.read_ahead([second.name])
+        time.sleep(0.5)
+        os.kill(worker.pid, signal.SIGKILL)
+        store.wait_reads(timeout=60)
+        store.begin_step(1)
+        reason = store.failed(second.name)
+        assert reason and "reader process stopped during the read" in reason
+        with pytest.raises(AdapterError, match="could not be read"):
+            store.acquire(second.name)
+        # Unload and load again: a new worker reads it.
+        store.unregister(second.name)
+        store.register(second.name, second)
+        assert store._procs._procs[0].pid != worker.pid
+        assert_same_paged(store._host[second.name], reference(second, TINY, store.layout, np.float32))
+    finally:
+        store.close()
+
+
+def test_too_little_shared_memory_reads_on_threads(tmp_path, monkeypatch, caplog):
+    class Tiny:
+        f_bavail, f_frsize = 16, 4096
+
+    monkeypatch.setattr(read_processes.os, "statvfs", lambda path: Tiny())
+    (d,) = folders(tmp_path, 1)
+    store, _ = process_store()
+    with caplog.at_level("INFO", logger="slora_jax.adapters"):
+        store.register(d.name, d)
+    assert store._procs is None and "adapter reads run on threads" in caplog.text
+    assert_same_paged(store._host[d.name], reference(d, TINY, store.layout, np.float32))
+    store.close()
+
+
+def test_close_ends_the_workers_and_frees_the_shared_memory(tmp_path):
+    (d,) = folders(tmp_path, 1)
+    store, _ = process_store(workers=1)
+    store.register(d.name, d)
+    procs = store._procs
+    folder, worker = procs._dir, procs._procs[0]
+    assert os.path.isdir(folder) and worker.poll() is None
+    store.close()
+    assert worker.wait(10) == 0 and not os.path.exists(folder)
+
+
+@pytest.mark.slow  # starts an engine in a fresh interpreter, ~15 s
+def test_a_script_without_a_main_guard_runs_once(tmp_path):
+    """Reader processes must not import the user's main module again (multiprocessing's spawn would)."""
+    (d,) = folders(tmp_path, 1)
+    marker = tmp_path / "runs.txt"
+    script = tmp_path / "user_script.py"
+    script.write_text(textwrap.dedent(f"""
+        import slora_jax as sj
+        from slora_jax.model.init import random_params
+        from slora_jax.model.random_checkpoint import tiny_llama_config
+        with open({str(marker)!r}, "a") as f:
+            f.write("ran\\n")
+        cfg = tiny_llama_config()
+        eng = sj.Engine(cfg, random_params(cfg, seed=0),
+                        sj.EngineConfig(adapter_readers="processes", num_pages=256, compile_cache_dir=None))
+        eng.load_adapter("a", {str(d)!r}, lazy=True)
+        out = eng.generate([[1, 2, 3]], adapters=["a"], sampling=sj.SamplingParams(max_tokens=3))
+        print("tokens", len(out[0].token_ids))
+        eng.close()
+    """))
+    env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "tokens 3" in run.stdout
+    assert marker.read_text() == "ran\n"
