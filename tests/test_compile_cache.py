@@ -1,4 +1,5 @@
-"""The persistent compilation cache: a second start compiles nothing, a damaged entry is rebuilt, and the
+"""The persistent compilation cache and the step executables kept beside it: a second start compiles and
+traces no step program, a damaged entry is rebuilt, an entry is never used for another program, and the
 folder can be moved or switched off. Each start is its own Python process, as a restart is."""
 
 import json
@@ -29,6 +30,7 @@ engine = sj.Engine(cfg, params, conf)
 records = engine.precompile(sampling=False)
 out = engine.generate([[3, 4, 5]], sampling=sj.SamplingParams(max_tokens=3, ignore_eos=True))
 print(json.dumps({"programs": len(records), "tokens": out[0].token_ids,
+                  "sources": sorted(r["source"] for r in records),
                   "cache_dir": jax.config.jax_compilation_cache_dir,
                   "requests": counts.get("/jax/compilation_cache/compile_requests_use_cache", 0),
                   "hits": counts.get("/jax/compilation_cache/cache_hits", 0),
@@ -53,28 +55,36 @@ def entries(folder: Path) -> list[Path]:
 @pytest.mark.slow  # four engine processes, ~15 s on two cores
 def test_second_start_compiles_nothing_and_damaged_entries_are_rebuilt(tmp_path):
     folder = tmp_path / ".cache" / "slora-jax" / "xla"  # the default, under this HOME
+    executables = folder / "executables"
     first = start(tmp_path)
     assert first["cache_dir"] == str(folder)
     assert first["programs"] >= 2 and first["requests"] > first["programs"]  # step programs and small ones
+    assert first["sources"] == ["compiled"] * first["programs"]
     assert first["hits"] == 0 and first["misses"] == first["requests"]  # everything compiled and written
     written = entries(folder)
     assert len(written) == first["misses"]
+    stored = sorted(executables.iterdir())
+    assert len(stored) == first["programs"]
 
+    # The step programs load whole (nothing traced, lowered or looked up in JAX's cache); the few small
+    # programs around them come from JAX's cache.
     second = start(tmp_path)
-    assert second["misses"] == 0 and second["hits"] == second["requests"] == first["requests"]
-    assert second["programs"] == first["programs"]
+    assert second["sources"] == ["executable cache"] * first["programs"]
+    assert second["misses"] == 0 and second["hits"] == second["requests"] == first["requests"] - first["programs"]
     assert second["tokens"] == first["tokens"]
-    assert entries(folder) == written
+    assert entries(folder) == written and sorted(executables.iterdir()) == stored
 
-    # Damage every entry: some truncated, some overwritten with garbage of the same length.
-    for i, p in enumerate(written):
+    # Damage every entry of both: some truncated, some overwritten with garbage of the same length.
+    for i, p in enumerate(written + stored):
         data = p.read_bytes()
         p.write_bytes(data[:len(data) // 3] if i % 2 else os.urandom(len(data)))
     third = start(tmp_path)  # starts, compiles again, and writes good entries in place of the damaged ones
     assert third["tokens"] == first["tokens"]
+    assert third["sources"] == ["compiled"] * first["programs"]
     assert third["hits"] == 0 and third["misses"] == third["requests"]
     fourth = start(tmp_path)
-    assert fourth["misses"] == 0 and fourth["hits"] == fourth["requests"]
+    assert fourth["sources"] == ["executable cache"] * first["programs"] and fourth["misses"] == 0
+    assert fourth["tokens"] == first["tokens"]
 
 
 def test_folder_is_configurable_and_can_be_left_off(tmp_path):

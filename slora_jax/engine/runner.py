@@ -21,6 +21,7 @@ import numpy as np
 
 from slora_jax.compile_cache import without_persistent_cache
 from slora_jax.config import EngineConfig, ModelConfig
+from slora_jax.engine.executable_cache import ExecutableCache
 from slora_jax.errors import ConfigError
 from slora_jax.engine.sampler import sample
 from slora_jax.memory.pool import PoolLayout
@@ -115,6 +116,9 @@ class ModelStructure:
 
     def __hash__(self) -> int:
         return self._hash
+
+    def __repr__(self) -> str:  # stable across processes: the step executables' cache keys include it
+        return f"ModelStructure{self._key!r}"
 
     def __eq__(self, other) -> bool:
         return self is other or (isinstance(other, ModelStructure) and self._hash == other._hash
@@ -250,6 +254,10 @@ class ModelRunner:
         # Multi-device CPU programs stay out of the persistent compilation cache (compile_cache says why).
         self._cache_guard = (without_persistent_cache if mesh is not None and jax.default_backend() == "cpu"
                              else contextlib.nullcontext)
+        # Compiled step programs kept whole, so a restart skips tracing and lowering (not for the programs
+        # kept out of the persistent cache above).
+        self._exe_cache = (None if self._cache_guard is without_persistent_cache
+                           else ExecutableCache.open(econf.compile_cache_dir))
         self.tp_layout = TensorParallelLayout(cfg, self.tp)
 
         def place(a, axes):
@@ -410,25 +418,47 @@ class ModelRunner:
         handed to a pool of threads as soon as it exists. Returns ``info`` + seconds per program."""
         workers = max_workers or min(8, os.cpu_count() or 1)
         records = []
+        cache = self._exe_cache
 
-        def compile_one(key, lowered, info, lower_s):
+        def load_one(ekey, info):
+            t0 = time.perf_counter()
+            exe = cache.load(ekey)
+            return exe, dict(info, lower_s=0.0, compile_s=time.perf_counter() - t0, source="executable cache")
+
+        def compile_one(key, ekey, lowered, info, lower_s):
             t0 = time.perf_counter()
             with self._cache_guard():
                 exe = lowered.compile()
-            rec = dict(info, lower_s=lower_s, compile_s=time.perf_counter() - t0)
+            rec = dict(info, lower_s=lower_s, compile_s=time.perf_counter() - t0, source="compiled")
+            if cache is not None:
+                cache.store(ekey, exe)
             return key, exe, rec
 
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-            futures = []
+            todo = []
             for mode, inp, samp, groups, info in steps:
                 greedy_only = not bool(np.any(samp["temperature"] > 0))
                 args, spec = self._args(mode, tables, inp, samp, None)
                 key = (mode, False, greedy_only, tuple(groups), spec)
                 if key in self.compiled_shapes:  # compiled ahead or on demand already
                     continue
+                ekey = None if cache is None else cache.key(key, self._structure, args[1:5] + args[6:])
+                todo.append((key, ekey, mode, greedy_only, groups, args, info))
+            # Programs stored whole by an earlier start load in parallel, with nothing traced.
+            loads = [pool.submit(load_one, t[1], t[-1]) if t[1] is not None else None for t in todo]
+            futures = []
+            for (key, ekey, mode, greedy_only, groups, args, info), load in zip(todo, loads):
+                exe, rec = load.result() if load is not None else (None, None)
+                if exe is not None:
+                    self._executables[key] = exe
+                    self.compiled_shapes.add(key)
+                    records.append(rec)
+                    if on_compiled is not None:
+                        on_compiled(rec)
+                    continue
                 t0 = time.perf_counter()
                 lowered = self._fn(mode, False, greedy_only, groups).lower(*args)
-                futures.append(pool.submit(compile_one, key, lowered, info, time.perf_counter() - t0))
+                futures.append(pool.submit(compile_one, key, ekey, lowered, info, time.perf_counter() - t0))
             for fut in concurrent.futures.as_completed(futures):
                 key, exe, rec = fut.result()
                 self._executables[key] = exe

@@ -1,0 +1,166 @@
+"""Step programs kept on disk as serialized executables, so that a restart neither traces nor lowers them.
+
+JAX's persistent compilation cache is keyed by the lowered program: a restart must trace and lower every
+step program before it can look one up. On the H200 a second start of the 8B engine loaded all 24 programs
+from that cache and still took 16.9 s in ``precompile()``, 16.5 s of it tracing and lowering (they hold the
+GIL, so they run one by one; benchmarks/NOTES.md). Here each compiled program is also stored whole
+(``jax.experimental.serialize_executable``), keyed by what the engine knows before tracing: the program's own
+key (mode, sampling, LoRA groups, input layout), the model's static structure, every argument's shape, dtype
+and sharding, the devices, the JAX version and flags, and a hash of this package's source and of its
+modules' settings (upper-case module globals: kernel block sizes and defaults). Anything that could change
+the program changes the key, so a stale entry is never found; an entry that does not load is deleted and
+the program compiled as before.
+
+Entries are executables for this machine's devices: they are only read back by a process of the same kind
+(one process; the same device kind and ids). Loading one runs code from the cache folder, as JAX's own cache
+does: the folder must be as trusted as the code.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import pickle
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import jax
+
+log = logging.getLogger("slora_jax.compile_cache")
+
+_PACKAGES = ("slora_jax", "pallas_kernels", "sharding")
+_FORMAT = 1
+
+
+@functools.lru_cache(maxsize=1)
+def source_hash() -> str:
+    """A hash of every Python file of the packages the step programs are built from."""
+    h = hashlib.sha256()
+    for name in _PACKAGES:
+        mod = sys.modules.get(name)
+        if mod is None or not getattr(mod, "__file__", None):
+            continue
+        root = Path(mod.__file__).parent
+        for path in sorted(root.rglob("*.py")):
+            h.update(str(path.relative_to(root)).encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def settings_hash() -> str:
+    """A hash of the loaded modules' settings (upper-case globals of plain types): a kernel default changed
+    at run time (a benchmark's variant) makes other programs, which must not be read back as the old ones."""
+    h = hashlib.sha256()
+    for name in sorted(m for m in list(sys.modules) if m.split(".")[0] in _PACKAGES):
+        mod = sys.modules.get(name)
+        for key, value in sorted(vars(mod).items()) if mod is not None else ():
+            if key.isupper() and isinstance(value, (bool, int, float, str, tuple, frozenset, type(None))):
+                h.update(f"{name}.{key}={value!r};".encode())
+    return h.hexdigest()
+
+
+def _environment() -> str:
+    devices = jax.devices()
+    backend = devices[0].client
+    try:
+        import jaxlib
+
+        jaxlib_version = jaxlib.__version__
+    except (ImportError, AttributeError):
+        jaxlib_version = None
+    return repr((_FORMAT, jax.__version__, jaxlib_version, getattr(backend, "platform_version", None),
+                 jax.process_count(), tuple((d.id, d.device_kind) for d in devices),
+                 os.environ.get("XLA_FLAGS", ""), os.environ.get("LIBTPU_INIT_ARGS", ""),
+                 getattr(jax.config, "jax_enable_x64", None),
+                 str(getattr(jax.config, "jax_default_matmul_precision", None))))
+
+
+def _aval(x) -> tuple:
+    return (tuple(getattr(x, "shape", ())), str(getattr(x, "dtype", type(x).__name__)),
+            repr(getattr(x, "sharding", None)))
+
+
+class ExecutableCache:
+    """Serialized step executables in ``folder``, under keys that name everything the program depends on."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.loaded = self.stored = self.dropped = 0
+
+    @staticmethod
+    def open(compile_cache_dir: Optional[str]) -> Optional["ExecutableCache"]:
+        """The cache beside JAX's (``<compile_cache_dir>/executables``), or None when off: no cache folder,
+        or several processes (each would have to load the same programs in step)."""
+        if compile_cache_dir is None or str(compile_cache_dir) == "" or jax.process_count() > 1:
+            return None
+        folder = Path(compile_cache_dir).expanduser().absolute() / "executables"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            log.warning("cannot create %s (%s); step programs are traced at every start", folder, e)
+            return None
+        return ExecutableCache(folder)
+
+    def key(self, program_key, structure, args) -> Optional[str]:
+        """The entry name for one step program, or None where some part has no stable description (an
+        object shown by address would differ at every start: such a program is not stored)."""
+        parts = repr((_environment(), source_hash(), settings_hash(), program_key, structure,
+                      [_aval(a) for a in jax.tree.leaves(args)]))
+        if " at 0x" in parts:
+            return None
+        return hashlib.sha256(parts.encode()).hexdigest()
+
+    def _path(self, key: str) -> Path:
+        return self.folder / f"{key}.exe"
+
+    def load(self, key: Optional[str]):
+        """The executable stored under ``key``, or None (missing, or unreadable: then deleted)."""
+        if key is None:
+            return None
+        path = self._path(key)
+        try:
+            data = path.read_bytes()
+        except OSError:
+            return None
+        try:
+            from jax.experimental.serialize_executable import deserialize_and_load
+
+            fmt, payload, in_tree, out_tree = pickle.loads(data)
+            if fmt != _FORMAT:
+                raise ValueError(f"format {fmt}")
+            exe = deserialize_and_load(payload, in_tree, out_tree)
+        except Exception as e:  # noqa: BLE001 - a damaged or foreign entry: compile instead
+            log.warning("dropping unreadable step program %s (%s: %s); compiling it", path.name,
+                        type(e).__name__, str(e)[:200])
+            self.dropped += 1
+            path.unlink(missing_ok=True)
+            return None
+        self.loaded += 1
+        return exe
+
+    def store(self, key: Optional[str], compiled) -> None:
+        """Keep ``compiled`` under ``key`` (written to a temporary file, then renamed: a reader never sees
+        half an entry). Failures only cost the next start its speed-up."""
+        if key is None:
+            return
+        try:
+            from jax.experimental.serialize_executable import serialize
+
+            payload, in_tree, out_tree = serialize(compiled)
+            data = pickle.dumps((_FORMAT, payload, in_tree, out_tree), protocol=pickle.HIGHEST_PROTOCOL)
+            fd, tmp = tempfile.mkstemp(dir=self.folder, suffix=".tmp")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                os.replace(tmp, self._path(key))
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+            self.stored += 1
+        except Exception as e:  # noqa: BLE001
+            log.warning("could not store a step program in %s (%s: %s)", self.folder, type(e).__name__,
+                        str(e)[:200])

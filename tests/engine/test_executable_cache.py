@@ -1,0 +1,88 @@
+"""Step executables kept whole between starts (slora_jax.engine.executable_cache): an entry is found only by
+the same program, runs with the weights it is given, and is never used after a setting that shapes the
+program changed."""
+
+import jax
+import numpy as np
+import pytest
+
+import slora_jax as sj
+from slora_jax.engine import executable_cache
+from slora_jax.engine.executable_cache import ExecutableCache
+from slora_jax.model.checkpoint import param_shapes
+from slora_jax.model.random_checkpoint import tiny_llama_config
+
+CFG = tiny_llama_config()
+PROMPTS = [[3, 4, 5], [7, 8, 9, 10]]
+
+
+def weights(seed):
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda s: (rng.standard_normal(s) * 0.3).astype(np.float32), param_shapes(CFG),
+                        is_leaf=lambda x: isinstance(x, tuple))
+
+
+def engine(seed, cache_dir, **conf):
+    conf = dict(dtype="float32", num_pages=64, max_batch_size=2, max_prefill_tokens=16, max_model_len=32,
+                compile_cache_dir=None if cache_dir is None else str(cache_dir)) | conf
+    return sj.Engine(CFG, weights(seed), sj.EngineConfig(**conf))
+
+
+def tokens(eng):
+    return [o.token_ids for o in eng.generate(PROMPTS, sampling=sj.SamplingParams(max_tokens=5, ignore_eos=True))]
+
+
+@pytest.mark.slow  # three engines, ~10 s
+def test_an_entry_runs_with_the_weights_it_is_given(tmp_path):
+    first = engine(0, tmp_path)
+    assert {r["source"] for r in first.precompile(sampling=False)} == {"compiled"}
+    other = engine(1, tmp_path)  # same shapes, other weights: the same programs
+    records = other.precompile(sampling=False)
+    assert records and {r["source"] for r in records} == {"executable cache"}
+    reference = engine(1, None)  # no cache at all: compiled here from these weights
+    assert tokens(other) == tokens(reference)
+    assert tokens(other) != tokens(first)
+
+
+@pytest.mark.slow  # two engines, ~8 s
+def test_a_changed_setting_makes_other_programs(tmp_path, monkeypatch):
+    engine(0, tmp_path).precompile(sampling=False)
+    stored = len(list((tmp_path / "executables").iterdir()))
+    # A kernel default changed at run time, as a benchmark variant does: nothing stored may be read back.
+    from pallas_kernels.ops.lora_decode import pallas_triton
+
+    monkeypatch.setattr(pallas_triton, "DEFAULT_GROUPING", "sort")
+    changed = engine(0, tmp_path)
+    assert {r["source"] for r in changed.precompile(sampling=False)} == {"compiled"}
+    assert len(list((tmp_path / "executables").iterdir())) == 2 * stored
+
+
+def test_keys_name_every_part_and_refuse_unstable_ones(tmp_path):
+    cache = ExecutableCache(tmp_path)
+    args = [np.zeros((2, 3), np.float32)]
+    k = cache.key(("decode", 4), "structure", args)
+    assert k == cache.key(("decode", 4), "structure", [np.ones((2, 3), np.float32)])  # values are not part
+    assert k != cache.key(("decode", 8), "structure", args)
+    assert k != cache.key(("decode", 4), "other structure", args)
+    assert k != cache.key(("decode", 4), "structure", [np.zeros((2, 4), np.float32)])
+    assert k != cache.key(("decode", 4), "structure", [np.zeros((2, 3), np.int32)])
+    assert cache.key(("decode", 4), object(), args) is None  # shown by address: differs at every start
+    assert cache.load(None) is None and cache.load(k) is None
+    cache.store(None, object())  # nothing to name it by: not stored
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_off_without_a_folder_and_for_several_processes(tmp_path, monkeypatch):
+    assert ExecutableCache.open(None) is None and ExecutableCache.open("") is None
+    assert ExecutableCache.open(str(tmp_path)).folder == tmp_path / "executables"
+    monkeypatch.setattr(executable_cache.jax, "process_count", lambda: 2)
+    assert ExecutableCache.open(str(tmp_path)) is None
+
+
+def test_settings_and_source_hashes_follow_what_they_cover(monkeypatch):
+    before = executable_cache.settings_hash()
+    from pallas_kernels.ops.lora_decode import pallas_triton
+
+    monkeypatch.setattr(pallas_triton, "DEFAULT_GROUPING", "sort")
+    assert executable_cache.settings_hash() != before
+    assert len(executable_cache.source_hash()) == 64
