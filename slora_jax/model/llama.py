@@ -78,11 +78,19 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
     raise ValueError(f"unknown rope type {rs['type']!r}")  # config parsing refuses it earlier
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
-    """x [T, N, D] rotated by position (HF's rotate-half convention); math in float32."""
-    ang = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [T, D/2]
+def rope_tables(positions: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
+    """(cos, sin) [T, 1, D] of each token's position, in float32: made once per step and shared by every
+    layer's q and k (made per layer, they were a third of an unrolled step program's tracing time)."""
+    ang = positions.astype(jnp.float32)[:, None] * jnp.asarray(rope_inv_freq(cfg))[None, :]  # [T, D/2]
     cos = jnp.concatenate([jnp.cos(ang)] * 2, axis=-1)[:, None, :]
     sin = jnp.concatenate([jnp.sin(ang)] * 2, axis=-1)[:, None, :]
+    return cos, sin
+
+
+def apply_rope(x: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
+    """x [T, N, D] rotated by position (HF's rotate-half convention; ``rope`` from rope_tables); math in
+    float32."""
+    cos, sin = rope
     xf = x.astype(jnp.float32)
     half = x.shape[-1] // 2
     rot = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
@@ -246,7 +254,7 @@ class Attention(nnx.Module):
         Nq, Nkv, _ = _local_heads(cfg, st.tp)
         T = x.shape[0]
         pos = inp["positions"]
-        inv_freq = jnp.asarray(rope_inv_freq(cfg))
+        rope = inp["rope"] if "rope" in inp else rope_tables(pos, cfg)  # Llama.__call__ makes it once a step
         sm_scale = 1.0 / math.sqrt(D)
         qkv = _linear(x, self.wqkv[...])
         if self.bqkv is not None:
@@ -256,8 +264,8 @@ class Attention(nnx.Module):
         q = qkv[:, :Nq * D].reshape(T, Nq, D)
         k = qkv[:, Nq * D:(Nq + Nkv) * D].reshape(T, Nkv, D)
         v = qkv[:, (Nq + Nkv) * D:].reshape(T, Nkv, D)
-        q = apply_rope(q, pos, inv_freq)
-        k = apply_rope(k, pos, inv_freq)
+        q = apply_rope(q, rope)
+        k = apply_rope(k, rope)
         if pool is not None:  # None: nothing is cached (scoring, training)
             pool = pk.write_kv(pool, l, k.reshape(T, Nkv * D), v.reshape(T, Nkv * D), inp["k_rows"], inp["v_rows"],
                                implementation=st.backend)
@@ -365,6 +373,7 @@ class Llama(nnx.Module):
         """
         embed = self.embed[...]
         h = embed[inp["tokens"]].astype(embed.dtype)
+        inp = dict(inp, rope=rope_tables(inp["positions"], self.cfg))
         if self.scan_layers:
             graphdef, state = nnx.split(self.layers)
 
