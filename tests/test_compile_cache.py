@@ -55,7 +55,6 @@ def entries(folder: Path) -> list[Path]:
 @pytest.mark.slow  # four engine processes, ~15 s on two cores
 def test_second_start_compiles_nothing_and_damaged_entries_are_rebuilt(tmp_path):
     folder = tmp_path / ".cache" / "slora-jax" / "xla"  # the default, under this HOME
-    executables = folder / "executables"
     first = start(tmp_path)
     assert first["cache_dir"] == str(folder)
     assert first["programs"] >= 2 and first["requests"] > first["programs"]  # step programs and small ones
@@ -63,7 +62,7 @@ def test_second_start_compiles_nothing_and_damaged_entries_are_rebuilt(tmp_path)
     assert first["hits"] == 0 and first["misses"] == first["requests"]  # everything compiled and written
     written = entries(folder)
     assert len(written) == first["misses"]
-    stored = sorted(executables.iterdir())
+    stored = sorted((folder / "executables").rglob("*.exe"))
     assert len(stored) == first["programs"]
 
     # The step programs load whole (nothing traced, lowered or looked up in JAX's cache); the few small
@@ -72,7 +71,7 @@ def test_second_start_compiles_nothing_and_damaged_entries_are_rebuilt(tmp_path)
     assert second["sources"] == ["executable cache"] * first["programs"]
     assert second["misses"] == 0 and second["hits"] == second["requests"] == first["requests"] - first["programs"]
     assert second["tokens"] == first["tokens"]
-    assert entries(folder) == written and sorted(executables.iterdir()) == stored
+    assert entries(folder) == written and sorted((folder / "executables").rglob("*.exe")) == stored
 
     # Damage every entry of both: some truncated, some overwritten with garbage of the same length.
     for i, p in enumerate(written + stored):

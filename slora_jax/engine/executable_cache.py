@@ -5,11 +5,13 @@ step program before it can look one up. On the H200 a second start of the 8B eng
 from that cache and still took 16.9 s in ``precompile()``, 16.5 s of it tracing and lowering (they hold the
 GIL, so they run one by one; benchmarks/NOTES.md). Here each compiled program is also stored whole
 (``jax.experimental.serialize_executable``), keyed by what the engine knows before tracing: the program's own
-key (mode, sampling, LoRA groups, input layout), the model's static structure, every argument's shape, dtype
-and sharding, the devices, the JAX version and flags, and a hash of this package's source and of its
-modules' settings (upper-case module globals: kernel block sizes and defaults). Anything that could change
-the program changes the key, so a stale entry is never found; an entry that does not load is deleted and
-the program compiled as before.
+statics (mode, kernel backend, sampling, LoRA groups, tensor parallelism) and input layout, the model's static
+structure, every argument's shape, dtype and sharding, the devices, the JAX, jaxlib and flax versions and
+every JAX option that can change a program, and hashes of the source the programs are built from and of its
+modules' settings (upper-case module globals: kernel block sizes and defaults). What is not named there
+cannot change a program without a code change, and a code change is a new version (its own folder; the
+oldest versions are pruned). As a last guard, an entry that fails to load, or fails on its first run, is
+deleted and the program compiled as before.
 
 Entries are executables for this machine's devices: they are only read back by a process of the same kind
 (one process; the same device kind and ids). Loading one runs code from the cache folder, as JAX's own cache
@@ -33,7 +35,20 @@ import jax
 log = logging.getLogger("slora_jax.compile_cache")
 
 _PACKAGES = ("slora_jax", "pallas_kernels", "sharding")
-_FORMAT = 1
+# Parts of the package no step program is built from: their edits and imports leave the keys alone, so
+# `serve`, `bench` and scripts share entries.
+_OUTSIDE = ("slora_jax/server/", "slora_jax/bench/", "slora_jax/deploy/", "slora_jax/clients/", "slora_jax/cli.py",
+            "slora_jax/training/")
+_FORMAT = 2
+# JAX options that do not change a compiled program (where caches and logs go, what is printed).
+_IGNORED_OPTIONS = ("cache", "log", "dump", "explain", "report", "debug_log", "traceback", "persistent")
+# Stored programs of this many other versions of the code are kept besides the current one's.
+KEEP_OTHER_VERSIONS = 3
+
+
+def _outside(name: str) -> bool:
+    path = name.replace(".", "/")
+    return any(path == o.rstrip("/").removesuffix(".py") or path.startswith(o) for o in _OUTSIDE)
 
 
 @functools.lru_cache(maxsize=1)
@@ -46,8 +61,10 @@ def source_hash() -> str:
             continue
         root = Path(mod.__file__).parent
         for path in sorted(root.rglob("*.py")):
-            h.update(str(path.relative_to(root)).encode())
-            h.update(path.read_bytes())
+            rel = f"{name}/{path.relative_to(root).as_posix()}"
+            if not any(rel.startswith(o) for o in _OUTSIDE):
+                h.update(rel.encode())
+                h.update(path.read_bytes())
     return h.hexdigest()
 
 
@@ -55,7 +72,7 @@ def settings_hash() -> str:
     """A hash of the loaded modules' settings (upper-case globals of plain types): a kernel default changed
     at run time (a benchmark's variant) makes other programs, which must not be read back as the old ones."""
     h = hashlib.sha256()
-    for name in sorted(m for m in list(sys.modules) if m.split(".")[0] in _PACKAGES):
+    for name in sorted(m for m in list(sys.modules) if m.split(".")[0] in _PACKAGES and not _outside(m)):
         mod = sys.modules.get(name)
         for key, value in sorted(vars(mod).items()) if mod is not None else ():
             if key.isupper() and isinstance(value, (bool, int, float, str, tuple, frozenset, type(None))):
@@ -72,16 +89,43 @@ def _environment() -> str:
         jaxlib_version = jaxlib.__version__
     except (ImportError, AttributeError):
         jaxlib_version = None
-    return repr((_FORMAT, jax.__version__, jaxlib_version, getattr(backend, "platform_version", None),
-                 jax.process_count(), tuple((d.id, d.device_kind) for d in devices),
-                 os.environ.get("XLA_FLAGS", ""), os.environ.get("LIBTPU_INIT_ARGS", ""),
-                 getattr(jax.config, "jax_enable_x64", None),
-                 str(getattr(jax.config, "jax_default_matmul_precision", None))))
+    try:
+        import flax
+
+        flax_version = flax.__version__
+    except (ImportError, AttributeError):
+        flax_version = None
+    # Every JAX option that can change a program (the PRNG's bits, precision, partitioner, promotion...),
+    # not only those known to: JAX's own in-memory cache keys on its trace context for the same reason.
+    options = sorted((k, repr(v)) for k, v in getattr(jax.config, "values", {}).items()
+                     if not any(part in k for part in _IGNORED_OPTIONS))
+    return repr((_FORMAT, jax.__version__, jaxlib_version, flax_version,
+                 getattr(backend, "platform_version", None), jax.process_count(),
+                 tuple((d.id, d.device_kind) for d in devices), os.environ.get("XLA_FLAGS", ""),
+                 os.environ.get("LIBTPU_INIT_ARGS", ""), options))
 
 
 def _aval(x) -> tuple:
     return (tuple(getattr(x, "shape", ())), str(getattr(x, "dtype", type(x).__name__)),
             repr(getattr(x, "sharding", None)))
+
+
+def _prune(root: Path, current: Path) -> None:
+    """Drop all but the KEEP_OTHER_VERSIONS most recently used other versions' folders, and temporary files
+    an interrupted store left behind (an hour old: a store under way takes seconds)."""
+    import shutil
+    import time
+
+    others = sorted((p for p in root.iterdir() if p.is_dir() and p != current),
+                    key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in others[KEEP_OTHER_VERSIONS:]:
+        shutil.rmtree(old, ignore_errors=True)
+    for tmp in current.glob("*.tmp"):
+        try:
+            if time.time() - tmp.stat().st_mtime > 3600:
+                tmp.unlink()
+        except OSError:
+            pass
 
 
 class ExecutableCache:
@@ -97,11 +141,17 @@ class ExecutableCache:
         or several processes (each would have to load the same programs in step)."""
         if compile_cache_dir is None or str(compile_cache_dir) == "" or jax.process_count() > 1:
             return None
-        folder = Path(compile_cache_dir).expanduser().absolute() / "executables"
+        root = Path(compile_cache_dir).expanduser().absolute() / "executables"
+        # One folder per version of the code and environment: a new version's programs never mix with an old
+        # one's, and the old ones are pruned here rather than kept for ever.
+        version = hashlib.sha256((_environment() + source_hash()).encode()).hexdigest()[:20]
+        folder = root / version
         try:
             folder.mkdir(parents=True, exist_ok=True)
+            os.utime(folder)
+            _prune(root, folder)
         except OSError as e:
-            log.warning("cannot create %s (%s); step programs are traced at every start", folder, e)
+            log.warning("cannot use %s (%s); step programs are traced at every start", folder, e)
             return None
         return ExecutableCache(folder)
 
@@ -116,6 +166,12 @@ class ExecutableCache:
 
     def _path(self, key: str) -> Path:
         return self.folder / f"{key}.exe"
+
+    def drop(self, key: Optional[str]) -> None:
+        """Delete an entry found not to fit its program (a caller saw it fail on its first run)."""
+        if key is not None:
+            self._path(key).unlink(missing_ok=True)
+            self.dropped += 1
 
     def load(self, key: Optional[str]):
         """The executable stored under ``key``, or None (missing, or unreadable: then deleted)."""

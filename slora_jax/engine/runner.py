@@ -11,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import functools
+import logging
 import os
 import time
 from typing import Optional
@@ -35,6 +36,9 @@ from slora_jax.model.llama import LORA_GROUPS, POOL_AXES, StepStatics, from_para
 ALL_GROUPS = tuple(LORA_GROUPS)
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32}
+
+
+_log = logging.getLogger("slora_jax.engine")
 
 
 def bucket(n: int, minimum: int = 1) -> int:
@@ -118,7 +122,9 @@ class ModelStructure:
         return self._hash
 
     def __repr__(self) -> str:  # stable across processes: the step executables' cache keys include it
-        return f"ModelStructure{self._key!r}"
+        # A mesh's repr leaves out which devices it spans; their ids are part of what a program runs on.
+        ids = None if self.mesh is None else tuple(int(d.id) for d in self.mesh.devices.flat)
+        return f"ModelStructure{(self._key, ids)!r}"
 
     def __eq__(self, other) -> bool:
         return self is other or (isinstance(other, ModelStructure) and self._hash == other._hash
@@ -274,6 +280,7 @@ class ModelRunner:
         self._tables_version = -1
         self.compiled_shapes: set = set()
         self._executables: dict = {}  # programs compiled ahead of use, by (mode, all_logits, greedy, spec)
+        self._unproven: dict = {}  # those loaded from the executable cache and not yet run -> their entry key
         self.device_wait_s = 0.0
         # Host time spent queuing step programs (compilation on demand included), in parts: packing the
         # step's inputs, uploading changed index tables, launching the program.
@@ -355,10 +362,13 @@ class ModelRunner:
         self.pool = jax.jit(lambda: jnp.zeros(layout.shape, storage), out_shardings=where)()
 
     # ------------------------------------------------------------------ programs
+    def _statics(self, mode: str, all_logits: bool = False, greedy_only: bool = False,
+                 lora_groups: tuple = ALL_GROUPS) -> StepStatics:
+        return StepStatics(mode=mode, backend=None if self.backend == "auto" else self.backend,
+                           all_logits=all_logits, greedy_only=greedy_only, lora_groups=tuple(lora_groups), tp=self.tp)
+
     def _fn(self, mode: str, all_logits: bool = False, greedy_only: bool = False, lora_groups: tuple = ALL_GROUPS):
-        st = StepStatics(mode=mode, backend=None if self.backend == "auto" else self.backend,
-                         all_logits=all_logits, greedy_only=greedy_only, lora_groups=tuple(lora_groups), tp=self.tp)
-        return _step_program(st)
+        return _step_program(self._statics(mode, all_logits, greedy_only, lora_groups))
 
     def _tables(self, tables) -> tuple:
         """(device buffer, static spec) of the index tables, uploaded again only when a slot changed."""
@@ -399,7 +409,9 @@ class ModelRunner:
         exe = self._executables.get(key)
         t1 = time.perf_counter()
         with self._out_of_memory_explained(mode), self._cache_guard():
-            if exe is not None:
+            if exe is not None and key in self._unproven:
+                self.pool, out = self._first_run(key, exe, args, mode, all_logits, greedy_only, lora_groups)
+            elif exe is not None:
                 # Compiled ahead (``precompile``): the structure and spec are baked in.
                 self.pool, out = exe(*args[1:5], *args[6:])
             else:
@@ -442,7 +454,8 @@ class ModelRunner:
                 key = (mode, False, greedy_only, tuple(groups), spec)
                 if key in self.compiled_shapes:  # compiled ahead or on demand already
                     continue
-                ekey = None if cache is None else cache.key(key, self._structure, args[1:5] + args[6:])
+                st = self._statics(mode, False, greedy_only, groups)  # the backend and TP size too
+                ekey = None if cache is None else cache.key((st, spec), self._structure, args[1:5] + args[6:])
                 todo.append((key, ekey, mode, greedy_only, groups, args, info))
             # Programs stored whole by an earlier start load in parallel, with nothing traced.
             loads = [pool.submit(load_one, t[1], t[-1]) if t[1] is not None else None for t in todo]
@@ -451,6 +464,7 @@ class ModelRunner:
                 exe, rec = load.result() if load is not None else (None, None)
                 if exe is not None:
                     self._executables[key] = exe
+                    self._unproven[key] = ekey  # until its first run shows it fits
                     self.compiled_shapes.add(key)
                     records.append(rec)
                     if on_compiled is not None:
@@ -467,6 +481,20 @@ class ModelRunner:
                 if on_compiled is not None:
                     on_compiled(rec)
         return records
+
+    def _first_run(self, key, exe, args, mode, all_logits, greedy_only, lora_groups):
+        """The first run of a program loaded from the executable cache. Arguments it does not take (an entry
+        that does not fit its program after all) are refused before anything runs: the entry is deleted
+        and the program compiled here instead."""
+        ekey = self._unproven.pop(key)
+        try:
+            return exe(*args[1:5], *args[6:])
+        except (TypeError, ValueError) as e:
+            _log.warning("a stored step program did not take its arguments (%s: %s); compiling it",
+                         type(e).__name__, str(e)[:200])
+            self._exe_cache.drop(ekey)
+            del self._executables[key]
+            return self._fn(mode, all_logits, greedy_only, lora_groups)(*args)
 
     @property
     def dispatch_s(self) -> float:

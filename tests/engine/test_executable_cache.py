@@ -2,6 +2,10 @@
 the same program, runs with the weights it is given, and is never used after a setting that shapes the
 program changed."""
 
+import os
+import time
+from pathlib import Path
+
 import jax
 import numpy as np
 import pytest
@@ -28,6 +32,10 @@ def engine(seed, cache_dir, **conf):
     return sj.Engine(CFG, weights(seed), sj.EngineConfig(**conf))
 
 
+def stored(cache_dir) -> list:
+    return sorted((Path(cache_dir) / "executables").rglob("*.exe"))
+
+
 def tokens(eng):
     return [o.token_ids for o in eng.generate(PROMPTS, sampling=sj.SamplingParams(max_tokens=5, ignore_eos=True))]
 
@@ -47,14 +55,34 @@ def test_an_entry_runs_with_the_weights_it_is_given(tmp_path):
 @pytest.mark.slow  # two engines, ~8 s
 def test_a_changed_setting_makes_other_programs(tmp_path, monkeypatch):
     engine(0, tmp_path).precompile(sampling=False)
-    stored = len(list((tmp_path / "executables").iterdir()))
+    before = stored(tmp_path)
     # A kernel default changed at run time, as a benchmark variant does: nothing stored may be read back.
     from pallas_kernels.ops.lora_decode import pallas_triton
 
     monkeypatch.setattr(pallas_triton, "DEFAULT_GROUPING", "sort")
     changed = engine(0, tmp_path)
     assert {r["source"] for r in changed.precompile(sampling=False)} == {"compiled"}
-    assert len(list((tmp_path / "executables").iterdir())) == 2 * stored
+    assert len(stored(tmp_path)) == 2 * len(before)
+    # Another kernel backend is another program, whatever the shapes.
+    monkeypatch.undo()
+    other = engine(0, tmp_path, kernel_backend="pallas")
+    assert {r["source"] for r in other.precompile(sampling=False)} == {"compiled"}
+    assert len(stored(tmp_path)) == 3 * len(before)
+
+
+@pytest.mark.slow  # two engines, ~8 s
+def test_an_entry_that_does_not_fit_is_dropped_at_its_first_run(tmp_path, monkeypatch, caplog):
+    reference = tokens(engine(0, None))
+    engine(0, tmp_path).precompile(sampling=False)
+    before = len(stored(tmp_path))
+    wrong = jax.jit(lambda x: x + 1).lower(1.0).compile()  # loads fine, takes other arguments
+    monkeypatch.setattr(ExecutableCache, "load", lambda self, key: wrong)
+    eng = engine(0, tmp_path)
+    assert {r["source"] for r in eng.precompile(sampling=False)} == {"executable cache"}
+    with caplog.at_level("WARNING", logger="slora_jax.engine"):
+        assert tokens(eng) == reference
+    failed = caplog.text.count("did not take its arguments")
+    assert failed >= 1 and len(stored(tmp_path)) == before - failed  # each entry that failed was deleted
 
 
 def test_keys_name_every_part_and_refuse_unstable_ones(tmp_path):
@@ -74,7 +102,7 @@ def test_keys_name_every_part_and_refuse_unstable_ones(tmp_path):
 
 def test_off_without_a_folder_and_for_several_processes(tmp_path, monkeypatch):
     assert ExecutableCache.open(None) is None and ExecutableCache.open("") is None
-    assert ExecutableCache.open(str(tmp_path)).folder == tmp_path / "executables"
+    assert ExecutableCache.open(str(tmp_path)).folder.parent == tmp_path / "executables"
     monkeypatch.setattr(executable_cache.jax, "process_count", lambda: 2)
     assert ExecutableCache.open(str(tmp_path)) is None
 
@@ -86,3 +114,19 @@ def test_settings_and_source_hashes_follow_what_they_cover(monkeypatch):
     monkeypatch.setattr(pallas_triton, "DEFAULT_GROUPING", "sort")
     assert executable_cache.settings_hash() != before
     assert len(executable_cache.source_hash()) == 64
+
+
+def test_other_versions_are_pruned(tmp_path):
+    root = tmp_path / "executables"
+    for i in range(6):  # six older versions, the newest last
+        old = root / f"old{i}"
+        old.mkdir(parents=True)
+        (old / "x.exe").write_bytes(b"x")
+        os.utime(old, (time.time() - 100 + i, time.time() - 100 + i))
+    current = ExecutableCache.open(str(tmp_path)).folder
+    (current / "stale.tmp").write_bytes(b"")
+    os.utime(current / "stale.tmp", (time.time() - 7200, time.time() - 7200))
+    ExecutableCache.open(str(tmp_path))
+    kept = sorted(p.name for p in root.iterdir() if p != current)
+    assert kept == [f"old{i}" for i in (3, 4, 5)][:executable_cache.KEEP_OTHER_VERSIONS]
+    assert not (current / "stale.tmp").exists()
