@@ -86,6 +86,7 @@ class _Record:
     shared_id: Optional[int] = None  # id() of the LoraWeights whose host copy it shares
     staged: object = None  # device copy of the tiles not yet written into the pool
     staged_bytes: int = 0
+    stage_wait: tuple = (True, 0.0)  # (copy was ready, seconds waited for it) when written into the pool
     pending: Optional[LoadEvent] = None  # the load whose first use is still to come
     plan: Optional[AdapterPlan] = None  # page layout from the config (registered from a folder)
 
@@ -158,6 +159,7 @@ class AdapterStore:
         self._dtype = dtype
         self._staging_limit = staging_limit_bytes
         self._staged_bytes = 0  # staged copies not yet written into the pool
+        self._staged: "OrderedDict[str, _Record]" = OrderedDict()  # those copies' adapters, oldest first
         self._records: dict[str, _Record] = {}
         self._resident: dict[str, _Record] = {}  # on the device; kept apart so eviction never scans thousands
         self._host: "OrderedDict[str, PagedAdapter]" = OrderedDict()
@@ -345,7 +347,7 @@ class AdapterStore:
             rec = self._get(name)
             if rec.slot is None and not self._load(rec, evict=True, prefetched=False):
                 return False
-            if rec.staged is not None:
+            if rec.pending is not None:
                 self._commit(rec)
             rec.refcount += 1
             rec.last_used = time.monotonic()
@@ -371,8 +373,12 @@ class AdapterStore:
             if paged is None:
                 self._read_async(rec)
                 return False
-            if self._staged_bytes and self._staged_bytes + paged.nbytes > self._staging_limit:
-                return False  # enough copies wait for their first use; one is written before this is retried
+            # The oldest staged copies are written into their pages (already theirs) to make room: held
+            # back instead, copies staged for requests that then left would keep the room for good.
+            for old in list(self._staged.values()):
+                if self._staged_bytes + paged.nbytes <= self._staging_limit:
+                    break
+                self._write_staged(old)
             need = paged.num_pages
             if not self._make_room(need + reserve, keep | {name}) or self.pool.free_pages - reserve < need:
                 return False
@@ -437,6 +443,7 @@ class AdapterStore:
         rec.staged = canonical_tiles(stage(paged.tiles), paged.transposed)
         rec.staged_bytes = paged.nbytes
         self._staged_bytes += paged.nbytes
+        self._staged[rec.name] = rec
         self.tables.set_slot(slot, paged, pages)
         rec.slot, rec.pages = slot, pages
         self._resident[rec.name] = rec
@@ -454,11 +461,18 @@ class AdapterStore:
             self.counters["prefetch_loads"] += 1
         return True
 
-    def _commit(self, rec: _Record) -> None:
-        """Write a staged copy into its pool pages; the step being scheduled is the one that needs it."""
-        ready, wait_s = _wait(rec.staged)
+    def _write_staged(self, rec: _Record) -> None:
+        """Write a staged copy into its pool pages and free it."""
+        rec.stage_wait = _wait(rec.staged)
         self._write_pages(rec.pages, rec.staged)
         self._drop_staged(rec)
+
+    def _commit(self, rec: _Record) -> None:
+        """The first use of a loaded adapter, in the step being scheduled: its staged copy is written into its
+        pages now, unless the staging limit had it written earlier."""
+        if rec.staged is not None:
+            self._write_staged(rec)
+        ready, wait_s = rec.stage_wait
         ev, rec.pending = rec.pending, None
         if ev is not None:
             ev.needed_step, ev.ready_when_needed, ev.wait_s = self.step, ready, wait_s
@@ -482,6 +496,7 @@ class AdapterStore:
     def _drop_staged(self, rec: _Record) -> None:
         if rec.staged is not None:
             self._staged_bytes -= rec.staged_bytes
+            self._staged.pop(rec.name, None)
         rec.staged, rec.staged_bytes = None, 0
 
     # ------------------------------------------------------------------ load accounting

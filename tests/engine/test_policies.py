@@ -311,28 +311,51 @@ def test_prefetch_depth_limits_the_lookahead_and_off_means_demand_loads():
 
 def test_prefetch_keeps_the_staged_copies_within_their_limit():
     """Copies staged ahead of use sit outside the pool until then: their bytes stay bounded (on the H200,
-    a thousand host-cached adapters staged at once ran the device out of memory), and the ones held back
-    are staged once earlier ones are written into the pool."""
+    a thousand host-cached adapters staged at once ran the device out of memory). Past the limit the
+    oldest staged copies are written into their pages early, so copies staged for requests that then left
+    cannot keep the room from the next ones."""
     sim, _ = _prefetch_sim(prefetch=True, prefetch_depth=4)
     sim.step()
     each = sim.store.staged_bytes // 3  # c, d and e: rank 8 each, the same size
     assert each > 0 and sim.store.staged_bytes == 3 * each
     sim, waiting = _prefetch_sim(prefetch=True, prefetch_depth=4, staging_limit_bytes=2 * each)
-    n0 = len(sim.store.load_log)
+    n0, w0 = len(sim.store.load_log), len(sim.writes)
     sim.step()
-    assert [e.name for e in sim.store.load_log[n0:]] == ["c", "d"] and sim.store.staged_bytes == 2 * each
+    assert [e.name for e in sim.store.load_log[n0:]] == ["c", "d", "e"] and sim.store.staged_bytes == 2 * each
+    assert len(sim.writes) == w0 + 1  # c, the oldest, was written into its pages to make room for e
     peak = 0
     while sim.sched.has_work():
         sim.step()
         peak = max(peak, sim.store.staged_bytes)
     assert peak <= 2 * each
     assert all(r.finish_reason == "length" for r in waiting) and sim.store.staged_bytes == 0
-    assert "e" in {e.name for e in sim.store.load_log}
+    c = next(e for e in sim.store.load_log if e.name == "c")
+    assert c.needed_step is not None and c.hidden  # its first use still counts as a hidden load
     # One copy larger than the limit is still staged when nothing else is.
     sim, _ = _prefetch_sim(prefetch=True, prefetch_depth=4, staging_limit_bytes=1)
     n0 = len(sim.store.load_log)
     sim.step()
-    assert [e.name for e in sim.store.load_log[n0:]] == ["c"]
+    assert [e.name for e in sim.store.load_log[n0:]] == ["c", "d", "e"] and sim.store.staged_bytes == each
+
+
+def test_copies_staged_for_requests_that_left_do_not_hold_back_the_next_ones():
+    sim = Sim(adapters={a: 8 for a in "acdf"}, max_batch_size=4, prefetch_depth=4, staging_limit_bytes=1)
+    run = sim.add(4, 40, "a")
+    sim.step()
+    gone = [sim.add(4, 3, x) for x in "cd"]
+    sim.step()  # their adapters are staged while a runs
+    assert sim.store.staged_bytes > 0
+    for r in gone:
+        sim.sched.abort(r.request_id)
+    late = sim.add(4, 3, "f")
+    for _ in range(3):
+        sim.step()
+        if late.holds_adapter:
+            break
+    assert late.holds_adapter and run.status.name == "RUNNING"  # in within a step or two, beside a
+    sim.run()
+    assert late.finish_reason == "length" and run.finish_reason == "length"
+    sim.pool.check_invariants()
 
 
 def test_prefetch_follows_the_policy_order():
