@@ -12,8 +12,14 @@ memory on a GPU), one hand-over per adapter.
 Each worker is a plain ``python -m slora_jax.adapters.read_worker`` child fed requests through a pipe, not a
 multiprocessing worker: those import the caller's main module again (a user's script without a
 ``__main__`` guard would run once more in every reader). Each worker owns one buffer, a file in /dev/shm
-(memory, not disk) that both processes map once. Where /dev/shm lacks the room (a container's default is 64 MB), ``start`` returns None and the
-engine reads on threads as before.
+(memory, not disk, reserved when made) that both processes map once.
+
+Nothing here can stop reads: where the workers cannot start (no room in /dev/shm, whose default in a
+container is 64 MB; a Python that cannot import the package; no /dev/shm), ``start`` says why in a warning
+and returns None, and the engine reads on threads. A worker that dies during a read is replaced and the
+read tried once more. Workers run in a session of their own (Ctrl-C in a terminal or a notebook reaches
+the engine, not them) and end when the engine closes or exits; buffers of an engine that was killed are
+removed by the next one to start.
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ import logging
 import os
 import pickle
 import queue
+import re
+import select
 import shutil
 import struct
 import subprocess
@@ -38,23 +46,40 @@ from slora_jax.errors import AdapterError
 log = logging.getLogger("slora_jax.adapters")
 
 SHM_DIR = "/dev/shm"
+_PREFIX = "slora-jax-reads-"
+READY_TIMEOUT_S = 120.0  # a worker's start: the package's imports (~5 s on an idle machine)
 
 
 def start(workers: int, slot_bytes: int, shm_dir: str = SHM_DIR) -> Optional["ProcessReaders"]:
-    """``workers`` reader processes with a buffer of ``slot_bytes`` each, or None where shared memory lacks
-    the room (logged once: reads then run on threads)."""
+    """``workers`` reader processes, each with a buffer of ``slot_bytes`` to begin with (grown on demand),
+    started and answering; or None, with a warning saying why, where they cannot be (reads then run on
+    threads)."""
     try:
+        _sweep(shm_dir)
         st = os.statvfs(shm_dir)
         free = st.f_bavail * st.f_frsize
-    except OSError as e:
-        log.info("adapter reads run on threads: no shared memory folder %s (%s)", shm_dir, e)
+        need = workers * slot_bytes
+        if free < 2 * need:  # half of it at most, so the readers never fill what other programs use
+            raise OSError(f"{shm_dir} has {free / 1e9:.2f} GB free; the reader processes' buffers would take "
+                          f"{need / 1e9:.2f} GB")
+        return ProcessReaders(workers, slot_bytes, shm_dir)
+    except (OSError, EOFError, pickle.UnpicklingError, TimeoutError) as e:
+        log.warning("adapter reads run on threads: reader processes did not start (%s: %s)", type(e).__name__, e)
         return None
-    need = workers * slot_bytes
-    if free < 2 * need:  # half of it at most, so the readers never fill what other programs use
-        log.info("adapter reads run on threads: %s has %.1f GB free, reader processes would take %.1f GB",
-                 shm_dir, free / 1e9, need / 1e9)
-        return None
-    return ProcessReaders(workers, slot_bytes, shm_dir)
+
+
+def _sweep(shm_dir: str) -> None:
+    """Remove the buffers of engines that ended without closing (killed): each folder names its process."""
+    for name in os.listdir(shm_dir):
+        m = re.match(re.escape(_PREFIX) + r"(\d+)-", name)
+        if m is None:
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)
+        except ProcessLookupError:
+            shutil.rmtree(os.path.join(shm_dir, name), ignore_errors=True)
+        except OSError:  # alive, another user's
+            pass
 
 
 class ProcessReaders:
@@ -63,80 +88,125 @@ class ProcessReaders:
 
     def __init__(self, workers: int, slot_bytes: int, shm_dir: str = SHM_DIR):
         self.workers = workers
-        self._dir = tempfile.mkdtemp(prefix="slora-jax-reads-", dir=shm_dir)
+        self._dir = tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-", dir=shm_dir)
         self._procs: list[Optional[subprocess.Popen]] = [None] * workers
+        self._closed = threading.Event()
         # The buffers are memory and the workers hold some: both go with this object even without close().
         self._cleanup = weakref.finalize(self, _shut, self._procs, self._dir)
         self._idle: "queue.Queue[int]" = queue.Queue()
         self._buffers: list[Optional[np.memmap]] = [None] * workers
         self._sizes = [0] * workers
-        for i in range(workers):
-            self._ensure(i, slot_bytes)
-            self._idle.put(i)
+        try:
+            for i in range(workers):
+                self._ensure(i, slot_bytes)
+            for i in range(workers):  # all start at once, then each is waited for
+                self._procs[i] = self._spawn()
+            for i in range(workers):
+                self._ready(self._procs[i])
+                self._idle.put(i)
+        except BaseException:
+            self._cleanup()
+            raise
 
     def _path(self, i: int) -> str:
         return os.path.join(self._dir, f"buffer-{i}")
 
     def _ensure(self, i: int, size: int) -> None:
-        """Buffer ``i`` holds at least ``size`` bytes (grown for a larger adapter than any before)."""
+        """Buffer ``i`` holds at least ``size`` bytes (grown for a larger adapter than any before). The
+        memory is reserved here: a write past what /dev/shm can hold would kill the writer (SIGBUS)."""
         if self._sizes[i] >= size:
             return
         size = max(size, 2 * self._sizes[i])
         self._buffers[i] = None
-        with open(self._path(i), "wb") as f:
-            f.truncate(size)
+        fd = os.open(self._path(i), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, size)
+        finally:
+            os.close(fd)
         self._buffers[i] = np.memmap(self._path(i), np.uint8, "r+", shape=(size,))
         self._sizes[i] = size
 
+    @staticmethod
+    def _spawn() -> subprocess.Popen:
+        # The worker finds the package where this process did (a notebook may have put it on sys.path), and
+        # keeps JAX, imported with the package, off every accelerator.
+        env = dict(os.environ, JAX_PLATFORMS="cpu",
+                   PYTHONPATH=os.pathsep.join(p for p in sys.path if p and os.path.isdir(p)))
+        return subprocess.Popen([sys.executable, "-m", "slora_jax.adapters.read_worker"], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, env=env, start_new_session=True)
+
+    @staticmethod
+    def _ready(proc: subprocess.Popen) -> None:
+        """Wait for the worker's first message: it has imported what a read needs."""
+        if not select.select([proc.stdout], [], [], READY_TIMEOUT_S)[0]:
+            proc.kill()
+            raise TimeoutError(f"a reader process did not start within {READY_TIMEOUT_S:.0f} s")
+        try:
+            ok, _ = receive(proc.stdout)
+        except EOFError:
+            raise OSError(f"a reader process exited at start (exit code {proc.wait()}; its stderr says why)") \
+                from None
+        if ok != "ready":
+            raise OSError(f"a reader process answered {ok!r} at start")
+
     def _worker(self, i: int) -> subprocess.Popen:
         proc = self._procs[i]
-        if proc is None or proc.poll() is not None:
-            # JAX comes in with the package; the worker keeps it off every accelerator.
-            env = dict(os.environ, JAX_PLATFORMS="cpu")
-            proc = self._procs[i] = subprocess.Popen(
-                [sys.executable, "-m", "slora_jax.adapters.read_worker"], stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE, env=env)
+        if proc.poll() is not None:  # died since its last read: a new one
+            proc = self._procs[i] = self._spawn()
+            self._ready(proc)
         return proc
 
     def read(self, plan, model_config, layout, max_rank: int, dtype, copy_out: Callable[[np.ndarray], object],
              size: int):
         """Read ``plan``'s adapter in a worker process into tiles of ``size`` bytes; ``copy_out(view)`` must
         copy the tiles out of the shared buffer (it is reused as soon as this returns) and return the copy.
-        Returns (PagedAdapter over that copy, file bytes read). Raises AdapterError."""
+        Returns (PagedAdapter over that copy, file bytes read). Raises AdapterError; OSError where the buffer
+        cannot grow (the caller reads on a thread)."""
         from slora_jax.adapters.paging import PagedAdapter
 
         i = self._idle.get()
         try:
+            if self._closed.is_set():
+                raise AdapterError("the engine closed while the adapter was being read")
             self._ensure(i, size)
-            proc = self._worker(i)
-            request = (self._path(i), self._sizes[i], plan, model_config, layout, max_rank, np.dtype(dtype))
-            try:
-                send(proc.stdin, request)
-                ok, answer = receive(proc.stdout)
-            except (OSError, EOFError, pickle.UnpicklingError) as e:
-                proc.kill()
-                raise AdapterError("the adapter reader process stopped during the read (out of memory, or "
-                                   f"killed; exit code {proc.wait()}): {type(e).__name__}: {e}") from e
+            for attempt in (1, 2):  # a worker that dies mid-read is replaced once: the file may be fine
+                proc = self._worker(i)
+                request = (self._path(i), self._sizes[i], plan, model_config, layout, max_rank, np.dtype(dtype))
+                try:
+                    send(proc.stdin, request)
+                    ok, answer = receive(proc.stdout)
+                    break
+                except (OSError, ValueError, EOFError, pickle.UnpicklingError) as e:
+                    proc.kill()
+                    code = proc.wait()
+                    if attempt == 2 or self._closed.is_set():
+                        raise AdapterError("the adapter reader process stopped during the read twice (out of "
+                                           f"memory, or killed; exit code {code}): {type(e).__name__}: {e}") from e
+                    log.warning("an adapter reader process stopped during a read (exit code %s); reading again", code)
             if not ok:
                 raise answer
             shape, groups, num_pages, transposed, nbytes = answer
-            view = np.ndarray(shape, np.dtype(dtype), buffer=self._buffers[i])
+            buf = self._buffers[i]
+            if buf is None or self._closed.is_set():
+                raise AdapterError("the engine closed while the adapter was being read")
+            view = np.ndarray(shape, np.dtype(dtype), buffer=buf)
             return PagedAdapter(copy_out(view), groups, num_pages, transposed), nbytes
         finally:
             self._idle.put(i)
 
     def close(self) -> None:
-        self._buffers = [None] * self.workers
+        self._closed.set()
         self._cleanup()
+        self._buffers = [None] * self.workers
 
 
 def _shut(procs: list, folder: str) -> None:
     for proc in procs:
         if proc is not None and proc.poll() is None:
-            proc.stdin.close()  # the worker's loop ends at end of input
             try:
+                proc.stdin.close()  # the worker's loop ends at end of input
                 proc.wait(5)
-            except subprocess.TimeoutExpired:
+            except (OSError, ValueError, subprocess.TimeoutExpired):
                 proc.kill()
     shutil.rmtree(folder, ignore_errors=True)
 

@@ -5,6 +5,7 @@ and the PagedAdapter's small fields, or the AdapterError saying why the read fai
 from __future__ import annotations
 
 import os
+import pickle
 import sys
 from typing import BinaryIO
 
@@ -18,6 +19,7 @@ from slora_jax.errors import AdapterError
 def serve(requests: BinaryIO, answers: BinaryIO) -> None:
     """A request per read, an answer per request, until the parent closes the pipe."""
     mapped: dict[str, tuple[int, np.memmap]] = {}
+    send(answers, ("ready", os.getpid()))
     while True:
         try:
             path, size, plan, model_config, layout, max_rank, dtype = receive(requests)
@@ -37,7 +39,10 @@ def serve(requests: BinaryIO, answers: BinaryIO) -> None:
         except Exception as e:  # noqa: BLE001 - any failure is this adapter's, said in its error
             answer = (False, AdapterError(f"reading {getattr(plan, 'weights_path', '?')} failed: "
                                           f"{type(e).__name__}: {e}"))
-        send(answers, answer)
+        try:
+            send(answers, answer)
+        except (pickle.PicklingError, TypeError, AttributeError) as e:  # an error that does not pickle: its text
+            send(answers, (False, AdapterError(f"{answer[1]} ({type(e).__name__} sending it back)")))
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ scheduling step, the step that needed it, and how long that step waited for it.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -91,6 +92,7 @@ class _Record:
     plan: Optional[AdapterPlan] = None  # page layout from the config (registered from a folder)
 
 
+_log = logging.getLogger("slora_jax.adapters")
 _LOG_MAX = 100_000
 
 
@@ -170,7 +172,8 @@ class AdapterStore:
         self._lock = threading.RLock()  # registration may come from server threads
         self._reader: Optional[ThreadPoolExecutor] = None
         self._procs = None  # read_processes.ProcessReaders, when adapter_readers is "processes"
-        self._procs_unavailable = False
+        self._procs_state = "off"  # -> "starting" -> "ready" | "unavailable"; "closed"
+        self._procs_thread: Optional[threading.Thread] = None
         self._procs_lock = threading.Lock()
         self._read_workers = int(econf.adapter_read_workers or default_read_workers())
         self._reading: dict[str, tuple[_Record, Future]] = {}
@@ -203,6 +206,7 @@ class AdapterStore:
         plan = plan_adapter(path, self.cfg, self.layout, self.econf.max_lora_rank, self._dtype)
         rec = _Record(name=name, path=path, config=plan.config, plan=plan, rank=plan.rank, ranks=dict(plan.ranks),
                       targets=plan.targets, num_pages=plan.num_pages)
+        self._start_readers(self._plan_bytes(rec))
         if not lazy:
             paged = self._read(rec)  # on the caller's thread: it waits for the result anyway
         with self._lock:
@@ -540,11 +544,15 @@ class AdapterStore:
         t0 = self._read_begins()
         nbytes = 0
         try:
-            procs = self._process_readers(rec)
+            procs = self._procs if self._procs_state == "ready" else None
+            paged = None
             if procs is not None:
-                paged, nbytes = procs.read(rec.plan, self.cfg, self.layout, self.econf.max_lora_rank, self._dtype,
-                                           self._copy_out, self._plan_bytes(rec))
-            else:
+                try:
+                    paged, nbytes = procs.read(rec.plan, self.cfg, self.layout, self.econf.max_lora_rank,
+                                               self._dtype, self._copy_out, self._plan_bytes(rec))
+                except OSError as e:  # its buffer could not grow (shared memory full): this one on a thread
+                    _log.warning("adapter %r read on a thread: %s", rec.name, e)
+            if paged is None:
                 out = self._tile_buffer(rec) if self._host_copies else None
                 paged, nbytes = read_paged_adapter(rec.plan, self.cfg, self.layout, self.econf.max_lora_rank,
                                                    self._dtype, out)
@@ -575,15 +583,39 @@ class AdapterStore:
             block()  # the copy into pinned memory is part of the read, not of the engine's step
         return host
 
-    def _process_readers(self, rec: _Record):
-        """The reader processes, started on first use; None when reads run on threads."""
-        if self.econf.adapter_readers != "processes" or self._procs_unavailable:
-            return None
+    def _start_readers(self, slot_bytes: int) -> None:
+        """With adapter_readers="processes", start the reader processes in the background, once (at the first
+        registration): they take seconds to import the package, and reads run on threads meanwhile."""
         with self._procs_lock:
-            if self._procs is None:
-                self._procs = read_processes.start(self._read_workers, self._plan_bytes(rec))
-                self._procs_unavailable = self._procs is None
-            return self._procs
+            if self.econf.adapter_readers != "processes" or self._procs_state != "off":
+                return
+            self._procs_state = "starting"
+
+        def run():
+            procs = read_processes.start(self._read_workers, slot_bytes)
+            with self._procs_lock:
+                if self._procs_state == "closed":
+                    if procs is not None:
+                        procs.close()
+                    return
+                self._procs = procs
+                self._procs_state = "ready" if procs is not None else "unavailable"
+
+        self._procs_thread = threading.Thread(target=run, name="adapter-readers-start", daemon=True)
+        self._procs_thread.start()
+
+    def wait_for_readers(self, timeout: Optional[float] = None) -> str:
+        """Wait until the reader processes (if asked for) have started or failed to; returns ``reader_mode``."""
+        thread = self._procs_thread
+        if thread is not None:
+            thread.join(timeout)
+        return self.reader_mode
+
+    @property
+    def reader_mode(self) -> str:
+        """Where background reads run now: "processes", or "threads" (asked for, not yet started, or unable
+        to start: the warning says why)."""
+        return "processes" if self._procs_state == "ready" else "threads"
 
     def _tile_buffer(self, rec: _Record) -> np.ndarray:
         """This reader thread's reusable byte buffer, large enough for ``rec``'s tiles."""
@@ -645,6 +677,7 @@ class AdapterStore:
             reader.shutdown(wait=False, cancel_futures=True)
         with self._procs_lock:
             procs, self._procs = self._procs, None
+            self._procs_state = "closed"
         if procs is not None:
             procs.close()
 

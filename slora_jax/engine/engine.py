@@ -601,6 +601,7 @@ class Engine:
             adapters_registered=len(self.adapters.names()),
             adapters_on_device=len(self.adapters.resident_names()),
             adapter_host_bytes=self.adapters.host_bytes,
+            adapter_readers=self.adapters.reader_mode,
             running=len(self.scheduler.running),
             waiting=len(self.scheduler.waiting),
             compiled_shapes=len(self.runner.compiled_shapes),
