@@ -145,6 +145,43 @@ def test_replica_options_and_autoscaling_are_checked():
     assert ReplicaOptions(replicas=0, autoscaling=auto).autoscaling == auto
 
 
+def test_direct_ingress_only_on_a_ray_instance_serve_starts(monkeypatch, ray_files):
+    import argparse
+
+    from slora_jax.cli import _serve_args
+    from slora_jax.deploy import ingress_mode
+    from slora_jax.server.startup import StartupError
+
+    parser = argparse.ArgumentParser()
+    _serve_args(parser.add_subparsers())
+
+    def mode(*flags):
+        return ingress_mode(parser.parse_args(["serve", "--model", str(ray_files["model"]), "--replicas", "2",
+                                               *flags]))
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert mode() == "direct" and mode("--ray-ingress", "proxy") == "proxy"
+    assert mode("--ray-address", "auto") == "proxy"
+    with pytest.raises(StartupError, match="--ray-ingress direct"):
+        mode("--ray-address", "auto", "--ray-ingress", "direct")
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")  # what `ray job submit` gives its entrypoint
+    assert mode() == "proxy"
+
+
+def test_direct_ingress_settings_name_exactly_the_port(monkeypatch):
+    pytest.importorskip("ray")
+    from slora_jax.deploy.ray import direct_ingress_env
+
+    monkeypatch.delenv("RAY_SERVE_PORT_QUARANTINE_S", raising=False)
+    monkeypatch.setenv("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "7")
+    env = direct_ingress_env(8000)
+    assert env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
+    # Serve's port range leaves out its upper end: [8000, 8001) is the one port.
+    assert (env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"], env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"]) == \
+        ("8000", "8001")
+    assert env["RAY_SERVE_PORT_QUARANTINE_S"] == "0" and env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "7"
+
+
 @pytest.mark.slow  # starts a local Ray instance, ~9 s on two cores
 def test_autoscaling_flags_reach_the_engine_deployment(ray_cluster, ray_files):
     import argparse
