@@ -9,8 +9,11 @@ request routed by its adapter with Serve's model multiplexing.
   Ray instance: Serve runs throughput-optimized (``direct_ingress_env``) and the one ingress replica serves
   HTTP on ``--port`` itself, so requests skip Serve's HTTP proxy (on 2 x H200, +6.1 ms per request over one
   engine instead of +12.2; benchmarks/NOTES.md), and the replicas talk over gRPC. The proxy still runs, on
-  another free port. ``proxy``, always when joining a running cluster (whose processes' environment, which
-  sets the mode, is already fixed): Serve's HTTP proxy on ``--port``, one hop more.
+  another free port. Serve binds the ingress's port without SO_REUSEADDR and gives up a port it failed to
+  bind: an ingress replica that dies comes back on ``--port`` only if no connection closed there lingers
+  (TIME_WAIT), else ``--port`` stays closed until the command restarts (the proxy's port still answers).
+  ``proxy``, always when joining a running cluster (whose processes' environment, which sets the mode, is
+  already fixed): Serve's HTTP proxy on ``--port``, one hop more.
 - The ingress reads only the request's ``model`` (``lora_name`` for adapter calls) and hands the raw
   request to a replica; Serve sends it to a replica that already holds that adapter (each replica keeps
   its own LRU of adapter ids), so an adapter's requests stick to the replicas that hold it. The base
@@ -420,6 +423,34 @@ def direct_ingress_env(port: int) -> dict[str, str]:
     return env
 
 
+def hold_port_for_ingress(host: str, port: int, wait_s: float = 70.0):
+    """A socket bound to (host, port) the way Serve's ingress replica binds it, without SO_REUSEADDR; held
+    until Serve starts. Bound that way, a port stays busy for up to a minute after a server closed
+    connections on it (TIME_WAIT, e.g. this command stopped and started again): wait that out rather than
+    have Serve fail to bind it and give the port up. StartupError if it is still busy after ``wait_s``."""
+    import socket
+
+    from slora_jax.server.lifecycle import say
+    from slora_jax.server.startup import StartupError
+
+    deadline, told = time.monotonic() + wait_s, False
+    while True:
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.bind((host, port))
+            return sock
+        except OSError as e:
+            sock.close()
+            if time.monotonic() > deadline:
+                raise StartupError(f"cannot listen on {host}:{port}: {e.strerror or e} after {wait_s:g} s (closed "
+                                   "connections still hold it; choose another --port, or --ray-ingress proxy)")
+        if not told:
+            say(f"waiting for connections closed on port {port} to expire before Serve's ingress binds it "
+                "(up to a minute)")
+            told = True
+        time.sleep(0.5)
+
+
 def run(args) -> int:
     """``slora-jax serve --replicas N``: start (or join, ``--ray-address``) a Ray cluster, run the app on it,
     serve until SIGTERM/SIGINT, then take the app down."""
@@ -436,6 +467,9 @@ def run(args) -> int:
     args.api_key = setup.api_key  # resolved here (flag or environment), so every replica checks the same key
     sock = preflight(args, setup.adapters)  # files, folders and a free port, before anything starts
     port = sock.getsockname()[1]
+    if mode == "direct":
+        sock.close()
+        sock = hold_port_for_ingress(args.host, port)
     # Serve's proxy binds a port even when the ingress answers on its own: any free one then. Both stay held
     # here until just before Serve binds them, so that none of the processes Ray starts meanwhile takes one.
     proxy_sock = bind(args.host, 0) if mode == "direct" else sock

@@ -182,6 +182,30 @@ def test_direct_ingress_settings_name_exactly_the_port(monkeypatch):
     assert env["RAY_SERVE_PORT_QUARANTINE_S"] == "0" and env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "7"
 
 
+def test_the_ingress_port_waits_out_connections_a_server_closed():
+    pytest.importorskip("ray")
+    import socket
+
+    from slora_jax.deploy.ray import hold_port_for_ingress
+    from slora_jax.server.startup import StartupError, bind
+
+    server = bind("127.0.0.1", 0)  # as preflight binds: SO_REUSEADDR
+    port = server.getsockname()[1]
+    server.listen()
+    client = socket.create_connection(("127.0.0.1", port))
+    conn, _ = server.accept()
+    conn.close()  # the server closes first: the port keeps a TIME_WAIT entry for a minute
+    client.close()
+    server.close()
+    bind("127.0.0.1", port).close()  # what preflight checks still passes
+    with pytest.raises(StartupError, match=f"127.0.0.1:{port}.*--ray-ingress proxy"):
+        hold_port_for_ingress("127.0.0.1", port, wait_s=0.3)
+    free = bind("127.0.0.1", 0)
+    other = free.getsockname()[1]
+    free.close()
+    hold_port_for_ingress("127.0.0.1", other, wait_s=0).close()
+
+
 @pytest.mark.slow  # starts a local Ray instance, ~9 s on two cores
 def test_autoscaling_flags_reach_the_engine_deployment(ray_cluster, ray_files):
     import argparse
