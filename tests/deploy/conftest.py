@@ -4,7 +4,6 @@ same files, the reference every answer must equal."""
 
 from __future__ import annotations
 
-import os
 import re
 import sys
 from pathlib import Path
@@ -116,3 +115,12 @@ def printed(server: ServerProcess, pattern: str) -> str:
         if m:
             return m.group(1)
     raise AssertionError(f"no line matches {pattern!r}:\n" + server.log())
+
+
+def listener(port: int) -> str:
+    """The command line of the process listening on ``port`` here (Ray names its workers by what they run)."""
+    psutil = pytest.importorskip("psutil")
+    for conn in psutil.net_connections("tcp"):
+        if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port and conn.pid:
+            return " ".join(psutil.Process(conn.pid).cmdline())
+    raise AssertionError(f"nothing listens on port {port}")

@@ -16,7 +16,7 @@ import time
 import httpx
 import pytest
 
-from tests.deploy.conftest import ADAPTERS, API_KEY, LATE, MODEL, REPLICAS, printed
+from tests.deploy.conftest import ADAPTERS, API_KEY, LATE, MODEL, REPLICAS, listener, printed
 from tests.server.support import assert_error, expected, token_prompts
 
 HEADERS = {"Authorization": f"Bearer {API_KEY}"}
@@ -54,22 +54,13 @@ def test_greedy_answers_equal_one_engine(ray_app, ray_reference):
         assert r.json()["choices"][0]["token_ids"] == want.token_ids, (model, i)
 
 
-def _listener(port: int) -> str:
-    """The command line of the process listening on ``port`` here (Ray names its workers by what they run)."""
-    psutil = pytest.importorskip("psutil")
-    for conn in psutil.net_connections("tcp"):
-        if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port and conn.pid:
-            return " ".join(psutil.Process(conn.pid).cmdline())
-    raise AssertionError(f"nothing listens on port {port}")
-
-
 def test_the_port_is_the_ingress_replicas_own_and_serves_proxy_is_elsewhere(ray_serve):
     port = httpx.URL(ray_serve.url).port
     proxy = printed(ray_serve, r"Serve's HTTP proxy .* on (http://\S+)")
     assert httpx.URL(proxy).port != port
     # The answer on the port came straight from the ingress replica: no hop through Serve's proxy.
-    assert "SloraIngress" in _listener(port) and "ProxyActor" not in _listener(port), _listener(port)
-    assert "ProxyActor" in _listener(httpx.URL(proxy).port), _listener(httpx.URL(proxy).port)
+    assert "SloraIngress" in listener(port) and "ProxyActor" not in listener(port), listener(port)
+    assert "ProxyActor" in listener(httpx.URL(proxy).port), listener(httpx.URL(proxy).port)
     for url in (ray_serve.url, proxy):  # the proxy still routes to the same app: one hop more
         r = complete(url, "a0", [1, 2, 3], max_tokens=2)
         assert r.status_code == 200, r.text
@@ -255,3 +246,4 @@ def test_a_replica_killed_during_a_burst_leaves_no_request_unanswered(ray_app, r
         time.sleep(1.0)
     for name in ADAPTERS:
         assert complete(ray_app, name, [3, 4, 5], max_tokens=2).status_code == 200
+
