@@ -425,30 +425,45 @@ def direct_ingress_env(port: int) -> dict[str, str]:
 
 def hold_port_for_ingress(host: str, port: int, wait_s: float = 70.0):
     """A socket bound to (host, port) the way Serve's ingress replica binds it, without SO_REUSEADDR; held
-    until Serve starts. Bound that way, a port stays busy for up to a minute after a server closed
-    connections on it (TIME_WAIT, e.g. this command stopped and started again): wait that out rather than
-    have Serve fail to bind it and give the port up. StartupError if it is still busy after ``wait_s``."""
+    until Serve starts. Connections closed on a port keep it busy for up to a minute (TIME_WAIT), for any
+    bind when the server that closed them had no SO_REUSEADDR either (the ingress replica of a previous run
+    of this command): that is waited out, rather than have Serve fail to bind the port and give it up. A
+    port where something listens is a StartupError at once, as is one still busy after ``wait_s``."""
     import socket
 
     from slora_jax.server.lifecycle import say
     from slora_jax.server.startup import StartupError
 
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     deadline, told = time.monotonic() + wait_s, False
     while True:
-        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.bind((host, port))
             return sock
         except OSError as e:
             sock.close()
-            if time.monotonic() > deadline:
-                raise StartupError(f"cannot listen on {host}:{port}: {e.strerror or e} after {wait_s:g} s (closed "
-                                   "connections still hold it; choose another --port, or --ray-ingress proxy)")
+            error = e
+        if _listening(family, host, port):
+            raise StartupError(f"cannot listen on {host}:{port}: already in use (choose another --port)")
+        if time.monotonic() > deadline:
+            raise StartupError(f"cannot listen on {host}:{port}: {error.strerror or error} after {wait_s:g} s "
+                               "(connections closed there still hold it; choose another --port)")
         if not told:
-            say(f"waiting for connections closed on port {port} to expire before Serve's ingress binds it "
-                "(up to a minute)")
+            say(f"waiting for connections closed on port {port} to expire (up to a minute)")
             told = True
         time.sleep(0.5)
+
+
+def _listening(family, host: str, port: int) -> bool:
+    import socket
+
+    target = host if host not in ("", "0.0.0.0", "::") else ("::1" if family == socket.AF_INET6 else "127.0.0.1")
+    try:
+        socket.create_connection((target, port), timeout=2).close()
+        return True
+    except OSError:
+        return False
 
 
 def run(args) -> int:
@@ -465,6 +480,8 @@ def run(args) -> int:
     mode = ingress_mode(args)
     setup = ServeSetup(args)
     args.api_key = setup.api_key  # resolved here (flag or environment), so every replica checks the same key
+    if mode == "direct" and args.port:  # what a previous run left on the port fails preflight's bind too
+        hold_port_for_ingress(args.host, args.port).close()
     sock = preflight(args, setup.adapters)  # files, folders and a free port, before anything starts
     port = sock.getsockname()[1]
     if mode == "direct":

@@ -7,6 +7,7 @@ import asyncio
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -198,12 +199,19 @@ def test_the_ingress_port_waits_out_connections_a_server_closed():
     client.close()
     server.close()
     bind("127.0.0.1", port).close()  # what preflight checks still passes
-    with pytest.raises(StartupError, match=f"127.0.0.1:{port}.*--ray-ingress proxy"):
+    with pytest.raises(StartupError, match=f"127.0.0.1:{port}: .* after 0.3 s"):
         hold_port_for_ingress("127.0.0.1", port, wait_s=0.3)
     free = bind("127.0.0.1", 0)
     other = free.getsockname()[1]
     free.close()
     hold_port_for_ingress("127.0.0.1", other, wait_s=0).close()
+    taken = bind("127.0.0.1", other)
+    taken.listen()
+    t0 = time.monotonic()
+    with pytest.raises(StartupError, match="already in use"):  # a listener: no waiting
+        hold_port_for_ingress("127.0.0.1", other, wait_s=30)
+    assert time.monotonic() - t0 < 5
+    taken.close()
 
 
 @pytest.mark.slow  # starts a local Ray instance, ~9 s on two cores
