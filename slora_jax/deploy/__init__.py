@@ -20,7 +20,7 @@ def add_replica_args(group) -> None:
                             "(default: one engine in this process, no Ray)")
     group.add_argument("--ray-address", default=None, metavar="ADDR",
                        help="Ray cluster to join ('auto': the one `ray start --head` started here; host:port of "
-                            "a head node); default: start a local one")
+                            "a head node); default: $RAY_ADDRESS if set, else start a local one")
     group.add_argument("--ray-ingress", choices=INGRESS_MODES, default=None,
                        help="how requests reach the app: 'direct' runs Ray Serve throughput-optimized, the "
                             "ingress replica answering on --port itself (Serve's HTTP proxy moves to another free "
