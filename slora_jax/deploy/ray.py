@@ -521,7 +521,7 @@ def run(args) -> int:
             serve.run(build_app(functools.partial(ServeSetup, args), options), name=APP_NAME, route_prefix="/")
         except RuntimeError:
             if mode == "direct":  # the likely cause, said plainly: the port was taken since the check
-                bind(args.host, port).close()
+                hold_port_for_ingress(args.host, port, wait_s=0).close()
             raise
         say(f"serving {setup.model_name!r} on http://{args.host}:{port} ({scale} replica(s))")
         if mode == "direct":
