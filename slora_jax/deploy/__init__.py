@@ -22,12 +22,12 @@ def add_replica_args(group) -> None:
                        help="Ray cluster to join ('auto': the one `ray start --head` started here; host:port of "
                             "a head node); default: $RAY_ADDRESS if set, else start a local one")
     group.add_argument("--ray-ingress", choices=INGRESS_MODES, default=None,
-                       help="how requests reach the app: 'direct' runs Ray Serve throughput-optimized, the "
-                            "ingress replica answering on --port itself (Serve's HTTP proxy moves to another free "
-                            "port; one hop less, about 6 ms less per request on 2 x H200); 'proxy' puts Serve's "
-                            "HTTP proxy on --port. Default: direct when this command starts its own Ray instance; "
-                            "always proxy when joining a cluster (--ray-address or $RAY_ADDRESS), since the mode is "
-                            "set by the environment its processes started with")
+                       help="how requests reach the app: 'proxy' (default) puts Serve's HTTP proxy on --port; "
+                            "'direct' runs Ray Serve throughput-optimized, the ingress replica answering on --port "
+                            "itself (Serve's proxy moves to another free port): one hop less, about 6 ms less per "
+                            "request on 2 x H200, but an ingress replica that dies can leave --port closed until "
+                            "the command restarts. Only with a Ray instance this command starts: a cluster joined "
+                            "(--ray-address or $RAY_ADDRESS) keeps the mode its processes started with")
     group.add_argument("--min-replicas", type=int, default=None, metavar="N",
                        help="with --max-replicas: scale down to N replicas when idle (default: 1)")
     group.add_argument("--max-replicas", type=int, default=None, metavar="N",
@@ -59,7 +59,7 @@ def ingress_mode(args) -> str:
 
     choice = getattr(args, "ray_ingress", None)
     if not joins_cluster(args):
-        return choice or "direct"
+        return choice or "proxy"
     if choice == "direct":
         raise StartupError("--ray-ingress direct needs a Ray instance started by this command: a running cluster "
                            "(--ray-address or $RAY_ADDRESS) keeps the Serve settings it started with; leave "

@@ -5,15 +5,16 @@ request routed by its adapter with Serve's model multiplexing.
                                                                                                |  one Engine each
                                                              AdapterCatalog (deployment actor) <-- watch / report
 
-- How requests reach the ingress (``--ray-ingress``). ``direct``, the default when ``serve`` starts its own
-  Ray instance: Serve runs throughput-optimized (``direct_ingress_env``) and the one ingress replica serves
-  HTTP on ``--port`` itself, so requests skip Serve's HTTP proxy (on 2 x H200, +6.1 ms per request over one
-  engine instead of +12.2; benchmarks/NOTES.md), and the replicas talk over gRPC. The proxy still runs, on
-  another free port. Serve binds the ingress's port without SO_REUSEADDR and gives up a port it failed to
-  bind: an ingress replica that dies comes back on ``--port`` only if no connection closed there lingers
-  (TIME_WAIT), else ``--port`` stays closed until the command restarts (the proxy's port still answers).
-  ``proxy``, always when joining a running cluster (whose processes' environment, which sets the mode, is
-  already fixed): Serve's HTTP proxy on ``--port``, one hop more.
+- How requests reach the ingress (``--ray-ingress``). ``proxy``, the default: Serve's HTTP proxy on
+  ``--port``; an ingress replica that dies is replaced behind it. ``direct``, on request when ``serve``
+  starts its own Ray instance: Serve runs throughput-optimized (``direct_ingress_env``) and the one ingress
+  replica serves HTTP on ``--port`` itself, so requests skip the proxy (on 2 x H200, +6.1 ms per request
+  over one engine instead of +12.2; benchmarks/NOTES.md), and the replicas talk over gRPC. The proxy still
+  runs, on another free port. Not the default because Serve binds the ingress's port without SO_REUSEADDR
+  and gives up a port it failed to bind: an ingress replica that dies comes back on ``--port`` only if no
+  connection closed there lingers (TIME_WAIT), else ``--port`` stays closed until the command restarts (the
+  proxy's port still answers). A running cluster that ``serve`` joins keeps the mode its processes
+  started with: proxy.
 - The ingress reads only the request's ``model`` (``lora_name`` for adapter calls) and hands the raw
   request to a replica; Serve sends it to a replica that already holds that adapter (each replica keeps
   its own LRU of adapter ids), so an adapter's requests stick to the replicas that hold it. The base

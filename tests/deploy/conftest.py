@@ -67,7 +67,7 @@ def ray_cluster():
 @pytest.fixture(scope="module")
 def ray_serve(ray_files, server_env):
     """``slora-jax serve --replicas 2`` on a free port, starting its own Ray instance as a user's command does
-    (so in its default mode: the ingress replica answers on that port itself); yields the server process."""
+    (in the default mode: Serve's HTTP proxy on that port); yields the server process."""
     pytest.importorskip("ray", reason="the ray extra is not installed")
     argv = [sys.executable, "-m", "slora_jax", "serve", "--replicas", str(REPLICAS), "--replica-cpus", "0.5",
             "--max-ongoing-requests", "64", "--host", "127.0.0.1", "--port", "0",

@@ -161,7 +161,7 @@ def test_direct_ingress_only_on_a_ray_instance_serve_starts(monkeypatch, ray_fil
                                                *flags]))
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    assert mode() == "direct" and mode("--ray-ingress", "proxy") == "proxy"
+    assert mode() == "proxy" and mode("--ray-ingress", "direct") == "direct"
     assert mode("--ray-address", "auto") == "proxy"
     with pytest.raises(StartupError, match="--ray-ingress direct"):
         mode("--ray-address", "auto", "--ray-ingress", "direct")

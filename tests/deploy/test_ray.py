@@ -1,7 +1,6 @@
 """slora-jax on Ray Serve (slora_jax.deploy.ray): two replicas of a tiny model with four adapters, real clients
-(httpx, the openai package) against the port given to ``serve``, where Serve's ingress replica answers itself
-(direct ingress, the default with a Ray instance of its own); every answer checked against one in-process
-engine.
+(httpx, the openai package) against the port given to ``serve``, where Serve's HTTP proxy answers (the
+default; test_ray_direct.py covers direct ingress); every answer checked against one in-process engine.
 
 The tests share one app and run in file order; the replica-killing test comes last."""
 
@@ -16,7 +15,7 @@ import time
 import httpx
 import pytest
 
-from tests.deploy.conftest import ADAPTERS, API_KEY, LATE, MODEL, REPLICAS, listener, printed
+from tests.deploy.conftest import ADAPTERS, API_KEY, LATE, MODEL, REPLICAS, listener
 from tests.server.support import assert_error, expected, token_prompts
 
 HEADERS = {"Authorization": f"Bearer {API_KEY}"}
@@ -54,18 +53,14 @@ def test_greedy_answers_equal_one_engine(ray_app, ray_reference):
         assert r.json()["choices"][0]["token_ids"] == want.token_ids, (model, i)
 
 
-def test_the_port_is_the_ingress_replicas_own_and_serves_proxy_is_elsewhere(ray_serve):
+def test_the_port_is_serves_proxy(ray_serve):
     port = httpx.URL(ray_serve.url).port
-    proxy = printed(ray_serve, r"Serve's HTTP proxy .* on (http://\S+)")
-    assert httpx.URL(proxy).port != port
-    # The answer on the port came straight from the ingress replica: no hop through Serve's proxy.
-    assert "SloraIngress" in listener(port) and "ProxyActor" not in listener(port), listener(port)
-    assert "ProxyActor" in listener(httpx.URL(proxy).port), listener(httpx.URL(proxy).port)
-    for url in (ray_serve.url, proxy):  # the proxy still routes to the same app: one hop more
-        r = complete(url, "a0", [1, 2, 3], max_tokens=2)
-        assert r.status_code == 200, r.text
-        replica_of(r)
-        assert "replica;dur=" in r.headers["server-timing"], dict(r.headers)
+    assert "ProxyActor" in listener(port), listener(port)
+    assert not any("Serve's HTTP proxy" in line for line in ray_serve.lines), ray_serve.log()
+    r = complete(ray_serve.url, "a0", [1, 2, 3], max_tokens=2)
+    assert r.status_code == 200, r.text
+    replica_of(r)
+    assert "replica;dur=" in r.headers["server-timing"], dict(r.headers)
 
 
 def test_streams_through_the_openai_client_equal_one_engine(ray_app, ray_reference):
