@@ -1,10 +1,20 @@
 """``slora-jax serve --replicas N``: N engines behind one OpenAI-compatible endpoint on Ray Serve, each
 request routed by its adapter with Serve's model multiplexing.
 
-    ingress (OpenAIIngress)  --handle, multiplexed_model_id=<adapter>, stream=True-->  EngineReplica x N
-                                                                                        |  one Engine each
-                                                      AdapterCatalog (deployment actor) <-- watch / report
+    client --HTTP, --port--> ingress (OpenAIIngress) --handle, multiplexed_model_id=<adapter>--> EngineReplica x N
+                                                                                               |  one Engine each
+                                                             AdapterCatalog (deployment actor) <-- watch / report
 
+- How requests reach the ingress (``--ray-ingress``). ``proxy``, the default: Serve's HTTP proxy on
+  ``--port``; an ingress replica that dies is replaced behind it. ``direct``, on request when ``serve``
+  starts its own Ray instance: Serve runs throughput-optimized (``direct_ingress_env``) and the one ingress
+  replica serves HTTP on ``--port`` itself, so requests skip the proxy (on 2 x H200, +6.1 ms per request
+  over one engine instead of +12.2; benchmarks/NOTES.md), and the replicas talk over gRPC. The proxy still
+  runs, on another free port. Not the default because Serve binds the ingress's port without SO_REUSEADDR
+  and gives up a port it failed to bind: an ingress replica that dies comes back on ``--port`` only if no
+  connection closed there lingers (TIME_WAIT), else ``--port`` stays closed until the command restarts (the
+  proxy's port still answers). A running cluster that ``serve`` joins keeps the mode its processes
+  started with: proxy.
 - The ingress reads only the request's ``model`` (``lora_name`` for adapter calls) and hands the raw
   request to a replica; Serve sends it to a replica that already holds that adapter (each replica keeps
   its own LRU of adapter ids), so an adapter's requests stick to the replicas that hold it. The base
@@ -27,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
 import threading
 import time
@@ -373,8 +384,9 @@ def deployments(setup, options: ReplicaOptions):
         ray_actor_options={"num_gpus": options.num_gpus, "num_cpus": options.num_cpus},
         health_check_period_s=options.health_check_period_s, graceful_shutdown_timeout_s=options.drain_s,
         deployment_actors=[catalog], **scale, **options.extra)
-    # The ingress only parses a field and relays bytes; it takes many requests at once.
-    ingress = serve.deployment(OpenAIIngress, name="SloraIngress", max_ongoing_requests=100_000,
+    # The ingress only parses a field and relays bytes; it takes many requests at once. One replica: with
+    # direct ingress it owns the user's port, which a second replica on the same node could not bind.
+    ingress = serve.deployment(OpenAIIngress, name="SloraIngress", num_replicas=1, max_ongoing_requests=100_000,
                                ray_actor_options={"num_cpus": 0})
     return engine, ingress
 
@@ -394,39 +406,127 @@ def options_from_args(args) -> ReplicaOptions:
                           drain_s=getattr(args, "drain_timeout", 30.0) or 30.0)
 
 
+def direct_ingress_env(port: int) -> dict[str, str]:
+    """The environment that makes Ray Serve's ingress replica answer HTTP on ``port`` itself (Ray 2.60's
+    throughput-optimized mode: direct ingress, gRPC between replicas). Serve reads it when its processes
+    start, so it must be in place before ``ray.init`` starts the local instance."""
+    env = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+           # Serve's controller hands each ingress replica the lowest port of [MIN, MAX) that is not taken
+           # (MAX excluded): a range of exactly ``port``. A wider one would let the replica settle silently
+           # on the next port when ``port`` is busy, where no client looks.
+           "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port),
+           "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + 1)}
+    # Serve holds a released port back (150 s) and keeps a stopping ingress open (30 s) for load balancers
+    # in front of many replica ports; here clients come straight to the one port, so a replacement ingress
+    # takes it back at once and a stop waits only for the requests in flight. Left to the user if set.
+    for key in ("RAY_SERVE_PORT_QUARANTINE_S", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"):
+        env[key] = os.environ.get(key, "0")
+    return env
+
+
+def hold_port_for_ingress(host: str, port: int, wait_s: float = 70.0):
+    """A socket bound to (host, port) the way Serve's ingress replica binds it, without SO_REUSEADDR; held
+    until Serve starts. Connections closed on a port keep it busy for up to a minute (TIME_WAIT), for any
+    bind when the server that closed them had no SO_REUSEADDR either (the ingress replica of a previous run
+    of this command): that is waited out, rather than have Serve fail to bind the port and give it up. A
+    port where something listens is a StartupError at once, as is one still busy after ``wait_s``."""
+    import socket
+
+    from slora_jax.server.lifecycle import say
+    from slora_jax.server.startup import StartupError
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    deadline, told = time.monotonic() + wait_s, False
+    while True:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.bind((host, port))
+            return sock
+        except OSError as e:
+            sock.close()
+            error = e
+        if _listening(family, host, port):
+            raise StartupError(f"cannot listen on {host}:{port}: already in use (choose another --port)")
+        if time.monotonic() > deadline:
+            raise StartupError(f"cannot listen on {host}:{port}: {error.strerror or error} after {wait_s:g} s "
+                               "(connections closed there still hold it; choose another --port)")
+        if not told:
+            say(f"waiting for connections closed on port {port} to expire (up to a minute)")
+            told = True
+        time.sleep(0.5)
+
+
+def _listening(family, host: str, port: int) -> bool:
+    import socket
+
+    target = host if host not in ("", "0.0.0.0", "::") else ("::1" if family == socket.AF_INET6 else "127.0.0.1")
+    try:
+        socket.create_connection((target, port), timeout=2).close()
+        return True
+    except OSError:
+        return False
+
+
 def run(args) -> int:
     """``slora-jax serve --replicas N``: start (or join, ``--ray-address``) a Ray cluster, run the app on it,
     serve until SIGTERM/SIGINT, then take the app down."""
     import functools
-    import os
 
+    from slora_jax.deploy import ingress_mode, joins_cluster
     from slora_jax.server.app import ServeSetup, configure_logging
     from slora_jax.server.lifecycle import say
-    from slora_jax.server.startup import StartupError, preflight
+    from slora_jax.server.startup import StartupError, bind, preflight
 
     configure_logging(args)
+    mode = ingress_mode(args)
     setup = ServeSetup(args)
     args.api_key = setup.api_key  # resolved here (flag or environment), so every replica checks the same key
+    if mode == "direct" and args.port:  # what a previous run left on the port fails preflight's bind too
+        hold_port_for_ingress(args.host, args.port).close()
     sock = preflight(args, setup.adapters)  # files, folders and a free port, before anything starts
     port = sock.getsockname()[1]
-    sock.close()  # Serve's proxy binds it
+    if mode == "direct":
+        sock.close()
+        sock = hold_port_for_ingress(args.host, port)
+    # Serve's proxy binds a port even when the ingress answers on its own: any free one then. Both stay held
+    # here until just before Serve binds them, so that none of the processes Ray starts meanwhile takes one.
+    proxy_sock = bind(args.host, 0) if mode == "direct" else sock
+    proxy_port = proxy_sock.getsockname()[1]
     # Replicas run in Ray's worker processes: they get this command's JAX/XLA settings and import path.
     env = {k: v for k, v in os.environ.items() if k.startswith(("JAX_", "XLA_")) or k == "PYTHONPATH"}
-    ray.init(address=args.ray_address, runtime_env={"env_vars": env} if env else None)
+    if mode == "direct":
+        ingress_env = direct_ingress_env(port)
+        os.environ.update(ingress_env)  # the local instance's processes inherit it
+        env.update(ingress_env)
+    # Not Ray's default (a cluster `ray start` left on this machine): the instance whose settings are set here.
+    ray.init(address=args.ray_address if joins_cluster(args) else "local",
+             runtime_env={"env_vars": env} if env else None)
+    if not joins_cluster(args):
+        say(f"started a local Ray instance at {ray.get_runtime_context().gcs_address}")
     try:
         options = options_from_args(args)
     except ValueError as e:
         raise StartupError(str(e))
     scale = (f"{options.autoscaling['min_replicas']}-{options.autoscaling['max_replicas']} autoscaled"
              if options.autoscaling else str(options.replicas))
-    serve.start(http_options={"host": args.host, "port": port})
-    say(f"starting {setup.model_name!r} on {scale} replica(s) behind {args.host}:{port} (Ray Serve)")
+    proxy_sock.close()
+    serve.start(http_options={"host": args.host, "port": proxy_port})
+    say(f"starting {setup.model_name!r} on {scale} replica(s) behind {args.host}:{port} (Ray Serve, "
+        f"{'the ingress replica answering itself' if mode == 'direct' else 'its HTTP proxy'})")
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        serve.run(build_app(functools.partial(ServeSetup, args), options), name=APP_NAME, route_prefix="/")
+        sock.close()  # the ingress replica binds it (direct), or the proxy already has
+        try:
+            serve.run(build_app(functools.partial(ServeSetup, args), options), name=APP_NAME, route_prefix="/")
+        except RuntimeError:
+            if mode == "direct":  # the likely cause, said plainly: the port was taken since the check
+                hold_port_for_ingress(args.host, port, wait_s=0).close()
+            raise
         say(f"serving {setup.model_name!r} on http://{args.host}:{port} ({scale} replica(s))")
+        if mode == "direct":
+            say(f"Serve's HTTP proxy (one hop more) also answers, on http://{args.host}:{proxy_port}")
         while not stop.wait(1.0):
             pass
     finally:

@@ -1,8 +1,10 @@
-"""Two engine replicas of a tiny model with four adapters on a local Ray instance, behind Ray Serve's HTTP
-proxy on 127.0.0.1; and an in-process engine over the same files, the reference every answer must equal."""
+"""Two engine replicas of a tiny model with four adapters on a Ray instance that ``serve`` starts, answering on
+127.0.0.1; a local Ray instance of the test process's own (test_fleet.py); and an in-process engine over the
+same files, the reference every answer must equal."""
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -50,7 +52,7 @@ def ray_reference(ray_files):
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    """A local Ray instance; the app joins it (--ray-address) and the tests inspect it from here."""
+    """A local Ray instance of this process's own, where test_fleet.py builds deployments."""
     ray = pytest.importorskip("ray", reason="the ray extra is not installed")
     from ray import serve
 
@@ -63,13 +65,11 @@ def ray_cluster():
 
 
 @pytest.fixture(scope="module")
-def ray_app(ray_cluster, ray_files, server_env):
-    """``slora-jax serve --replicas 2`` joined to the test's Ray instance, on a free port; yields its URL.
-    This process keeps its own connection to the instance, to look at replicas and kill them."""
-    import ray
-
-    argv = [sys.executable, "-m", "slora_jax", "serve", "--replicas", str(REPLICAS),
-            "--ray-address", ray.get_runtime_context().gcs_address, "--replica-cpus", "0.5",
+def ray_serve(ray_files, server_env):
+    """``slora-jax serve --replicas 2`` on a free port, starting its own Ray instance as a user's command does
+    (in the default mode: Serve's HTTP proxy on that port); yields the server process."""
+    pytest.importorskip("ray", reason="the ray extra is not installed")
+    argv = [sys.executable, "-m", "slora_jax", "serve", "--replicas", str(REPLICAS), "--replica-cpus", "0.5",
             "--max-ongoing-requests", "64", "--host", "127.0.0.1", "--port", "0",
             "--model", str(ray_files["model"]), "--served-model-name", MODEL, "--dtype", "float32",
             "--num-pages", "512", "--kernel-backend", "xla", "--api-key", API_KEY,
@@ -77,6 +77,50 @@ def ray_app(ray_cluster, ray_files, server_env):
             "--no-load-adapters-on-request"]  # an unloaded adapter stays unloaded until loaded again
     for name, d in ray_files["adapters"].items():
         argv += ["--adapter", f"{name}={d}"]
-    proc = ServerProcess(argv, {**server_env, "PYTHONPATH": str(ROOT)})
-    yield proc.url
+    env = {k: v for k, v in server_env.items() if k != "RAY_ADDRESS"}  # its own instance, not a cluster's
+    proc = ServerProcess(argv, {**env, "PYTHONPATH": str(ROOT)})
+    yield proc
     assert proc.stop() == 0, proc.log()
+
+
+@pytest.fixture(scope="module")
+def ray_app(ray_serve):
+    """The app's URL: the port given to ``serve``."""
+    return ray_serve.url
+
+
+@pytest.fixture(scope="module")
+def ray_app_cluster(ray_serve):
+    """This process connected to the app's Ray instance, to look at replicas and kill them; disconnected
+    before the app stops (fixtures end in reverse order)."""
+    ray = pytest.importorskip("ray", reason="the ray extra is not installed")
+    address = printed(ray_serve, r"started a local Ray instance at (\S+)")
+    # A Ray instance that a command starts on this machine asks for the token in ~/.ray/auth_token. A driver
+    # sends it when it found the instance on its own (ray.init()), not when given the address, unless
+    # RAY_AUTH_MODE was set before Ray was imported: the switch ray.init() turns on for a found instance.
+    from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
+
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+    ray.init(address=address, log_to_driver=False, configure_logging=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def printed(server: ServerProcess, pattern: str) -> str:
+    """The first group of ``pattern`` in a line the server printed."""
+    for line in list(server.lines):
+        m = re.search(pattern, line)
+        if m:
+            return m.group(1)
+    raise AssertionError(f"no line matches {pattern!r}:\n" + server.log())
+
+
+def listener(port: int) -> str:
+    """The command line of the process listening on ``port`` here (Ray names its workers by what they run)."""
+    psutil = pytest.importorskip("psutil")
+    for conn in psutil.net_connections("tcp"):
+        if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port and conn.pid:
+            return " ".join(psutil.Process(conn.pid).cmdline())
+    raise AssertionError(f"nothing listens on port {port}")

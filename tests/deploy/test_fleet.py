@@ -7,6 +7,7 @@ import asyncio
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -143,6 +144,74 @@ def test_replica_options_and_autoscaling_are_checked():
     with pytest.raises(ValueError, match="replicas"):
         ReplicaOptions(replicas=0)
     assert ReplicaOptions(replicas=0, autoscaling=auto).autoscaling == auto
+
+
+def test_direct_ingress_only_on_a_ray_instance_serve_starts(monkeypatch, ray_files):
+    import argparse
+
+    from slora_jax.cli import _serve_args
+    from slora_jax.deploy import ingress_mode
+    from slora_jax.server.startup import StartupError
+
+    parser = argparse.ArgumentParser()
+    _serve_args(parser.add_subparsers())
+
+    def mode(*flags):
+        return ingress_mode(parser.parse_args(["serve", "--model", str(ray_files["model"]), "--replicas", "2",
+                                               *flags]))
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert mode() == "proxy" and mode("--ray-ingress", "direct") == "direct"
+    assert mode("--ray-address", "auto") == "proxy"
+    with pytest.raises(StartupError, match="--ray-ingress direct"):
+        mode("--ray-address", "auto", "--ray-ingress", "direct")
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")  # what `ray job submit` gives its entrypoint
+    assert mode() == "proxy"
+
+
+def test_direct_ingress_settings_name_exactly_the_port(monkeypatch):
+    pytest.importorskip("ray")
+    from slora_jax.deploy.ray import direct_ingress_env
+
+    monkeypatch.delenv("RAY_SERVE_PORT_QUARANTINE_S", raising=False)
+    monkeypatch.setenv("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "7")
+    env = direct_ingress_env(8000)
+    assert env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
+    # Serve's port range leaves out its upper end: [8000, 8001) is the one port.
+    assert (env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"], env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"]) == \
+        ("8000", "8001")
+    assert env["RAY_SERVE_PORT_QUARANTINE_S"] == "0" and env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "7"
+
+
+def test_the_ingress_port_waits_out_connections_a_server_closed():
+    pytest.importorskip("ray")
+    import socket
+
+    from slora_jax.deploy.ray import hold_port_for_ingress
+    from slora_jax.server.startup import StartupError, bind
+
+    server = bind("127.0.0.1", 0)  # as preflight binds: SO_REUSEADDR
+    port = server.getsockname()[1]
+    server.listen()
+    client = socket.create_connection(("127.0.0.1", port))
+    conn, _ = server.accept()
+    conn.close()  # the server closes first: the port keeps a TIME_WAIT entry for a minute
+    client.close()
+    server.close()
+    bind("127.0.0.1", port).close()  # what preflight checks still passes
+    with pytest.raises(StartupError, match=f"127.0.0.1:{port}: .* after 0.3 s"):
+        hold_port_for_ingress("127.0.0.1", port, wait_s=0.3)
+    free = bind("127.0.0.1", 0)
+    other = free.getsockname()[1]
+    free.close()
+    hold_port_for_ingress("127.0.0.1", other, wait_s=0).close()
+    taken = bind("127.0.0.1", other)
+    taken.listen()
+    t0 = time.monotonic()
+    with pytest.raises(StartupError, match="already in use"):  # a listener: no waiting
+        hold_port_for_ingress("127.0.0.1", other, wait_s=30)
+    assert time.monotonic() - t0 < 5
+    taken.close()
 
 
 @pytest.mark.slow  # starts a local Ray instance, ~9 s on two cores

@@ -1,5 +1,6 @@
 """slora-jax on Ray Serve (slora_jax.deploy.ray): two replicas of a tiny model with four adapters, real clients
-(httpx, the openai package) against the real HTTP proxy, every answer checked against one in-process engine.
+(httpx, the openai package) against the port given to ``serve``, where Serve's HTTP proxy answers (the
+default; test_ray_direct.py covers direct ingress); every answer checked against one in-process engine.
 
 The tests share one app and run in file order; the replica-killing test comes last."""
 
@@ -14,7 +15,7 @@ import time
 import httpx
 import pytest
 
-from tests.deploy.conftest import ADAPTERS, API_KEY, LATE, MODEL, REPLICAS
+from tests.deploy.conftest import ADAPTERS, API_KEY, LATE, MODEL, REPLICAS, listener
 from tests.server.support import assert_error, expected, token_prompts
 
 HEADERS = {"Authorization": f"Bearer {API_KEY}"}
@@ -50,6 +51,16 @@ def test_greedy_answers_equal_one_engine(ray_app, ray_reference):
         replica_of(r)
         want = expected(ray_reference, prompt, None if model == MODEL else model, 6, temperature=0.0)
         assert r.json()["choices"][0]["token_ids"] == want.token_ids, (model, i)
+
+
+def test_the_port_is_serves_proxy(ray_serve):
+    port = httpx.URL(ray_serve.url).port
+    assert "ProxyActor" in listener(port), listener(port)
+    assert not any("Serve's HTTP proxy" in line for line in ray_serve.lines), ray_serve.log()
+    r = complete(ray_serve.url, "a0", [1, 2, 3], max_tokens=2)
+    assert r.status_code == 200, r.text
+    replica_of(r)
+    assert "replica;dur=" in r.headers["server-timing"], dict(r.headers)
 
 
 def test_streams_through_the_openai_client_equal_one_engine(ray_app, ray_reference):
@@ -191,7 +202,7 @@ def _one(url, model, prompt, stream, started: queue.Queue):
 
 
 @pytest.mark.slow
-def test_a_replica_killed_during_a_burst_leaves_no_request_unanswered(ray_app, ray_reference):
+def test_a_replica_killed_during_a_burst_leaves_no_request_unanswered(ray_app, ray_app_cluster, ray_reference):
     import ray
     from ray import serve
 
@@ -230,3 +241,4 @@ def test_a_replica_killed_during_a_burst_leaves_no_request_unanswered(ray_app, r
         time.sleep(1.0)
     for name in ADAPTERS:
         assert complete(ray_app, name, [3, 4, 5], max_tokens=2).status_code == 200
+
