@@ -442,6 +442,9 @@ def phase_ray(args, adapter_dir: Path, trace: list[dict], variant: str = "defaul
 
     from slora_jax.deploy.ray import APP_NAME, ReplicaOptions, build_app
 
+    if _hung:
+        raise RuntimeError(f"skipped: {_hung[0]} of an earlier phase did not return")
+
     # Ray's workers start in a folder of their own: the import path they need, made absolute.
     path = os.pathsep.join(str(Path(p).resolve()) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p)
     env = {k: v for k, v in os.environ.items() if k.startswith(("JAX_", "XLA_"))}
@@ -489,6 +492,9 @@ def phase_ray(args, adapter_dir: Path, trace: list[dict], variant: str = "defaul
                 os.environ[k] = v
 
 
+_hung: list = []  # shutdowns that did not return: a late one could tear down the next phase's Ray session
+
+
 def _bounded(what: str, fn, timeout_s: float) -> None:
     """Run ``fn`` for at most ``timeout_s``: a hung shutdown is reported and left behind (a daemon thread), so
     the results measured before it are still written and the next phase still runs."""
@@ -498,7 +504,8 @@ def _bounded(what: str, fn, timeout_s: float) -> None:
     t.start()
     t.join(timeout_s)
     if t.is_alive():
-        print(f"warning: {what} did not return within {timeout_s:.0f} s; going on", flush=True)
+        print(f"warning: {what} did not return within {timeout_s:.0f} s; later Ray phases are skipped", flush=True)
+        _hung.append(what)
 
 
 def _direct_ingress_url(first_port: int, skip: int) -> str:
