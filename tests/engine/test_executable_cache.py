@@ -2,6 +2,7 @@
 the same program, runs with the weights it is given, and is never used after a setting that shapes the
 program changed."""
 
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -63,11 +64,25 @@ def test_a_changed_setting_makes_other_programs(tmp_path, monkeypatch):
     changed = engine(0, tmp_path)
     assert {r["source"] for r in changed.precompile(sampling=False)} == {"compiled"}
     assert len(stored(tmp_path)) == 2 * len(before)
-    # Another kernel backend is another program, whatever the shapes.
-    monkeypatch.undo()
-    other = engine(0, tmp_path, kernel_backend="pallas")
-    assert {r["source"] for r in other.precompile(sampling=False)} == {"compiled"}
-    assert len(stored(tmp_path)) == 3 * len(before)
+
+
+@pytest.mark.slow  # an engine of its own configuration, ~3 s
+def test_the_program_statics_are_in_every_key(tmp_path, monkeypatch):
+    """The kernel backend, TP size, sampling and LoRA groups shape a program without changing any shape: each
+    key names the program's StepStatics whole (two engines differing only in backend once got one key)."""
+    from slora_jax.model.llama import StepStatics
+
+    seen = []
+    real = ExecutableCache.key
+    monkeypatch.setattr(ExecutableCache, "key", lambda self, program, *a: seen.append(program) or real(self, program, *a))
+    engine(0, tmp_path).precompile(sampling=False)
+    assert seen and all(isinstance(program[0], StepStatics) and program[0].backend == "xla" for program in seen)
+    st, spec = seen[0]
+    cache = ExecutableCache(tmp_path)
+    variants = (st, dataclasses.replace(st, backend="pallas"), dataclasses.replace(st, tp=2),
+                dataclasses.replace(st, greedy_only=not st.greedy_only))
+    keys = {cache.key((s, spec), "structure", []) for s in variants}
+    assert len(keys) == 4
 
 
 @pytest.mark.slow  # two engines, ~8 s
