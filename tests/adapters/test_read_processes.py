@@ -42,6 +42,7 @@ def test_config_names_the_choices():
         EngineConfig(adapter_readers="proc")
 
 
+@pytest.mark.slow  # starts reader processes (each imports the package: seconds)
 def test_process_reads_match_the_float32_loader_and_run_in_parallel(tmp_path):
     dirs = folders(tmp_path, 4, rank=16)
     dirs.append(dirs[0].parent / "big")
@@ -68,6 +69,7 @@ def test_process_reads_match_the_float32_loader_and_run_in_parallel(tmp_path):
         store.close()
 
 
+@pytest.mark.slow  # starts reader processes (each imports the package: seconds)
 def test_a_corrupt_and_a_deleted_file_fail_their_adapter_only(tmp_path):
     good, bad, gone = folders(tmp_path, 3, rank=16)
     weights = bad / "adapter_model.safetensors"
@@ -98,6 +100,7 @@ def test_a_corrupt_and_a_deleted_file_fail_their_adapter_only(tmp_path):
         sim.store.close()
 
 
+@pytest.mark.slow  # starts reader processes, kills them
 @pytest.mark.parametrize("kills", [1, 2])
 def test_a_reader_killed_mid_read_is_replaced_and_the_read_tried_once_more(tmp_path, monkeypatch, kills, caplog):
     first, second = folders(tmp_path, 2, rank=16)
@@ -172,6 +175,7 @@ def test_too_little_shared_memory_reads_on_threads(tmp_path, monkeypatch, caplog
         store.close()
 
 
+@pytest.mark.slow  # starts reader processes (each imports the package: seconds)
 def test_close_ends_the_workers_and_frees_the_shared_memory(tmp_path):
     (d,) = folders(tmp_path, 1)
     store, _ = process_store(workers=1)
@@ -218,6 +222,7 @@ def test_a_script_without_a_main_guard_runs_once(tmp_path):
     assert marker.read_text() == "ran\n"
 
 
+@pytest.mark.slow  # starts reader processes (each imports the package: seconds)
 def test_buffers_of_a_killed_engine_are_removed_by_the_next(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
