@@ -117,10 +117,9 @@ class ProcessReaders:
         if self._sizes[i] >= size:
             return
         size = max(size, 2 * self._sizes[i])
-        self._buffers[i] = None
         fd = os.open(self._path(i), os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            os.posix_fallocate(fd, 0, size)
+            os.posix_fallocate(fd, 0, size)  # on failure the buffer stays as it was, still usable
         finally:
             os.close(fd)
         self._buffers[i] = np.memmap(self._path(i), np.uint8, "r+", shape=(size,))

@@ -237,3 +237,30 @@ def test_buffers_of_a_killed_engine_are_removed_by_the_next(tmp_path):
         assert not left.exists() and mine.exists()  # a live process's folder stays
     finally:
         readers.close()
+
+
+@pytest.mark.slow  # starts a reader process
+def test_a_buffer_that_cannot_grow_reads_that_adapter_on_a_thread(tmp_path, monkeypatch, caplog):
+    from slora_jax.model.random_checkpoint import write_random_adapter
+
+    small, big = folders(tmp_path, 1, rank=8)[0], write_random_adapter(tmp_path / "big", TINY, rank=64, seed=5)
+    store, _ = process_store(workers=1)
+    try:
+        started(store, small)
+        real = read_processes.os.posix_fallocate
+
+        def full(fd, offset, size):
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(read_processes.os, "posix_fallocate", full)
+        with caplog.at_level("WARNING", logger="slora_jax.adapters"):
+            store.register(big.name, big)  # larger than the buffer, which cannot grow
+        assert "read on a thread" in caplog.text and "No space left" in caplog.text
+        assert_same_paged(store._host[big.name], reference(big, TINY, store.layout, np.float32))
+        monkeypatch.setattr(read_processes.os, "posix_fallocate", real)
+        store.unregister(small.name)
+        store.register(small.name, small)  # the worker and its buffer still serve reads that fit
+        assert store.reader_mode == "processes"
+        assert_same_paged(store._host[small.name], reference(small, TINY, store.layout, np.float32))
+    finally:
+        store.close()
