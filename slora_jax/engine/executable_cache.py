@@ -25,8 +25,10 @@ import hashlib
 import logging
 import os
 import pickle
+import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -113,9 +115,6 @@ def _aval(x) -> tuple:
 def _prune(root: Path, current: Path) -> None:
     """Drop all but the KEEP_OTHER_VERSIONS most recently used other versions' folders, and temporary files
     an interrupted store left behind (an hour old: a store under way takes seconds)."""
-    import shutil
-    import time
-
     others = sorted((p for p in root.iterdir() if p.is_dir() and p != current),
                     key=lambda p: p.stat().st_mtime, reverse=True)
     for old in others[KEEP_OTHER_VERSIONS:]:
@@ -133,7 +132,6 @@ class ExecutableCache:
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
-        self.loaded = self.stored = self.dropped = 0
 
     @staticmethod
     def open(compile_cache_dir: Optional[str]) -> Optional["ExecutableCache"]:
@@ -155,11 +153,17 @@ class ExecutableCache:
             return None
         return ExecutableCache(folder)
 
-    def key(self, program_key, structure, args) -> Optional[str]:
+    @staticmethod
+    def context() -> str:
+        """What every key of this moment shares (environment, source, settings): made once for a batch of
+        keys, since settings_hash reads every loaded module."""
+        return repr((_environment(), source_hash(), settings_hash()))
+
+    def key(self, program_key, structure, args, context: Optional[str] = None) -> Optional[str]:
         """The entry name for one step program, or None where some part has no stable description (an
-        object shown by address would differ at every start: such a program is not stored)."""
-        parts = repr((_environment(), source_hash(), settings_hash(), program_key, structure,
-                      [_aval(a) for a in jax.tree.leaves(args)]))
+        object shown by address would differ at every start: such a program is not stored). ``context``:
+        ``context()``, when the caller made it already."""
+        parts = repr((context or self.context(), program_key, structure, [_aval(a) for a in jax.tree.leaves(args)]))
         if " at 0x" in parts:
             return None
         return hashlib.sha256(parts.encode()).hexdigest()
@@ -171,7 +175,6 @@ class ExecutableCache:
         """Delete an entry found not to fit its program (a caller saw it fail on its first run)."""
         if key is not None:
             self._path(key).unlink(missing_ok=True)
-            self.dropped += 1
 
     def load(self, key: Optional[str]):
         """The executable stored under ``key``, or None (missing, or unreadable: then deleted)."""
@@ -192,10 +195,8 @@ class ExecutableCache:
         except Exception as e:  # noqa: BLE001 - a damaged or foreign entry: compile instead
             log.warning("dropping unreadable step program %s (%s: %s); compiling it", path.name,
                         type(e).__name__, str(e)[:200])
-            self.dropped += 1
-            path.unlink(missing_ok=True)
+            self.drop(key)
             return None
-        self.loaded += 1
         return exe
 
     def store(self, key: Optional[str], compiled) -> None:
@@ -216,7 +217,6 @@ class ExecutableCache:
             finally:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
-            self.stored += 1
         except Exception as e:  # noqa: BLE001
             log.warning("could not store a step program in %s (%s: %s)", self.folder, type(e).__name__,
                         str(e)[:200])

@@ -446,6 +446,7 @@ class ModelRunner:
                 cache.store(ekey, exe)
             return key, exe, rec
 
+        context = None if cache is None else cache.context()
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
             todo = []
             for mode, inp, samp, groups, info in steps:
@@ -455,7 +456,8 @@ class ModelRunner:
                 if key in self.compiled_shapes:  # compiled ahead or on demand already
                     continue
                 st = self._statics(mode, False, greedy_only, groups)  # the backend and TP size too
-                ekey = None if cache is None else cache.key((st, spec), self._structure, args[1:5] + args[6:])
+                dynamic = args[1:5] + args[6:]
+                ekey = None if cache is None else cache.key((st, spec), self._structure, dynamic, context)
                 todo.append((key, ekey, mode, greedy_only, groups, args, info))
             # Programs stored whole by an earlier start load in parallel, with nothing traced.
             loads = [pool.submit(load_one, t[1], t[-1]) if t[1] is not None else None for t in todo]
