@@ -17,6 +17,7 @@ engine and every jitted function of the process.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -27,6 +28,7 @@ log = logging.getLogger("slora_jax.compile_cache")
 
 DEFAULT_CACHE_DIR = "~/.cache/slora-jax/xla"
 _lock = threading.Lock()
+_thread = threading.local()  # without_persistent_cache's switch, per thread
 
 
 def disable_compilation_cache() -> None:
@@ -101,7 +103,7 @@ class _SelfHealingCache:
 
     def __init__(self, base, cc):
         self._base, self._cc = base, cc
-        self.hits = self.misses = self.dropped = 0
+        self.hits = self.misses = self.dropped = self.bypassed = 0
 
     def __getattr__(self, name):  # the rest of the interface (path, clear, ...) is the base cache's
         return getattr(self._base, name)
@@ -123,6 +125,9 @@ class _SelfHealingCache:
                 log.warning("cannot remove damaged compilation cache entry %s: %s", f, e)
 
     def get(self, key: str):
+        if bypassed():
+            self.bypassed += 1
+            return None
         value = self._base.get(key)
         if value is None:
             self.misses += 1
@@ -140,6 +145,8 @@ class _SelfHealingCache:
         return value
 
     def put(self, key: str, value: bytes) -> None:
+        if bypassed():
+            return
         # JAX writes only after compiling, i.e. after ``get`` found nothing usable: an entry still there
         # failed to load (JAX warned), so it is replaced rather than kept, as the file cache would.
         f = self._file(key)
@@ -161,17 +168,33 @@ class _SelfHealingCache:
 __all__ = ["DEFAULT_CACHE_DIR", "disable_compilation_cache", "enable_compilation_cache"]
 
 
-def without_persistent_cache():
-    """A context in which programs are neither read from nor written to the persistent cache (this
-    thread only). Used for step programs over several CPU devices: once, loading one back from a cache
-    that other processes were writing at the same time crashed the test process with a segmentation fault
-    inside JAX's CPU executable deserialization (jax 0.10.2; not reproduced in isolation). On CPU these
-    programs compile in about a second, so the cache saves little there."""
-    import contextlib
+def bypassed() -> bool:
+    """Whether this thread is inside ``without_persistent_cache``."""
+    return getattr(_thread, "bypass", False)
 
+
+def bypass_works() -> bool:
+    """Whether ``without_persistent_cache`` keeps a program out of the persistent cache: JAX's cache is
+    wrapped here (enable_compilation_cache) or not in use at all."""
     try:
-        from jax._src import config as jax_config
+        from jax._src import compilation_cache as cc
+    except ImportError:  # pragma: no cover - a JAX without this module
+        return False
+    import jax
 
-        return jax_config.enable_compilation_cache(False)
-    except (ImportError, AttributeError, TypeError):  # a JAX without the per-thread switch
-        return contextlib.nullcontext()
+    return isinstance(getattr(cc, "_cache", None), _SelfHealingCache) or not jax.config.jax_compilation_cache_dir
+
+
+@contextlib.contextmanager
+def without_persistent_cache():
+    """A context in which programs are neither read from nor written to the persistent cache (this thread
+    only). JAX's own switch for this (``jax_enable_compilation_cache`` as a context) is read once per
+    process, at its first compilation, so here the wrapped cache answers "missing" and drops writes instead.
+    The executable cache compiles the programs it stores so: a program loaded from JAX's cache does not
+    serialize whole (engine/executable_cache.py)."""
+    before = bypassed()
+    _thread.bypass = True
+    try:
+        yield
+    finally:
+        _thread.bypass = before

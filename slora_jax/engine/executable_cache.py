@@ -13,6 +13,12 @@ cannot change a program without a code change, and a code change is a new versio
 oldest versions are pruned). As a last guard, an entry that fails to load, or fails on its first run, is
 deleted and the program compiled as before.
 
+What is stored is always a program compiled here, never one JAX's persistent cache supplied: on the CPU
+(jax 0.10.2) such a copy serializes without its machine code, and the copy read back fails at its first run
+with "Function ... not found" (benchmarks/serialize_roundtrip.py shows it on a backend). ``compile`` keeps the
+program out of that cache and out of JAX's in-memory one, which may hold a copy an earlier engine of the
+process loaded from it.
+
 Entries are executables for this machine's devices: they are only read back by a process of the same kind
 (one process; the same device kind and ids). Loading one runs code from the cache folder, as JAX's own cache
 does: the folder must be as trusted as the code.
@@ -34,6 +40,8 @@ from typing import Optional
 
 import jax
 
+from slora_jax.compile_cache import bypass_works, without_persistent_cache
+
 log = logging.getLogger("slora_jax.compile_cache")
 
 _PACKAGES = ("slora_jax", "pallas_kernels", "sharding")
@@ -41,9 +49,12 @@ _PACKAGES = ("slora_jax", "pallas_kernels", "sharding")
 # `serve`, `bench` and scripts share entries.
 _OUTSIDE = ("slora_jax/server/", "slora_jax/bench/", "slora_jax/deploy/", "slora_jax/clients/", "slora_jax/cli.py",
             "slora_jax/training/")
-_FORMAT = 2
+_FORMAT = 3  # 3: entries compiled outside JAX's persistent cache
 # JAX options that do not change a compiled program (where caches and logs go, what is printed).
 _IGNORED_OPTIONS = ("cache", "log", "dump", "explain", "report", "debug_log", "traceback", "persistent")
+# A compile option at its default value: a program compiled with it is a new entry of JAX's in-memory cache
+# (keyed by the options), so ``compile`` gets a program compiled now, not a copy loaded earlier.
+_FRESH_OPTIONS = {"xla_hlo_graph_addresses": False}
 # Stored programs of this many other versions of the code are kept besides the current one's.
 KEEP_OTHER_VERSIONS = 3
 
@@ -139,6 +150,10 @@ class ExecutableCache:
         or several processes (each would have to load the same programs in step)."""
         if compile_cache_dir is None or str(compile_cache_dir) == "" or jax.process_count() > 1:
             return None
+        if not bypass_works():
+            log.warning("JAX's compilation cache is not the one slora_jax set up; step programs are traced at "
+                        "every start")
+            return None
         root = Path(compile_cache_dir).expanduser().absolute() / "executables"
         # One folder per version of the code and environment: a new version's programs never mix with an old
         # one's, and the old ones are pruned here rather than kept for ever.
@@ -198,6 +213,17 @@ class ExecutableCache:
             self.drop(key)
             return None
         return exe
+
+    @staticmethod
+    def compile(lowered):
+        """(``lowered`` compiled now, outside JAX's caches, so that ``store`` keeps it whole; True). With an
+        XLA that does not take the option: (the program compiled as usual, False: not to be stored)."""
+        with without_persistent_cache():
+            try:
+                return lowered.compile(compiler_options=dict(_FRESH_OPTIONS)), True
+            except Exception as e:  # noqa: BLE001 - an XLA without the option: nothing to store
+                log.warning("step programs are not stored (%s: %s)", type(e).__name__, str(e)[:200])
+        return lowered.compile(), False
 
     def store(self, key: Optional[str], compiled) -> None:
         """Keep ``compiled`` under ``key`` (written to a temporary file, then renamed: a reader never sees

@@ -20,7 +20,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from slora_jax.compile_cache import without_persistent_cache
 from slora_jax.config import EngineConfig, ModelConfig
 from slora_jax.engine.executable_cache import ExecutableCache
 from slora_jax.errors import ConfigError
@@ -257,12 +256,11 @@ class ModelRunner:
                            else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
         scan = econf.resolved_scan_layers(jax.default_backend())
         self.tp = 1 if mesh is None else int(mesh.shape[MODEL_AXIS])
-        # Multi-device CPU programs stay out of the persistent compilation cache (compile_cache says why).
-        self._cache_guard = (without_persistent_cache if mesh is not None and jax.default_backend() == "cpu"
-                             else contextlib.nullcontext)
-        # Compiled step programs kept whole, so a restart skips tracing and lowering (not for the programs
-        # kept out of the persistent cache above).
-        self._exe_cache = (None if self._cache_guard is without_persistent_cache
+        # Compiled step programs kept whole, so a restart skips tracing and lowering. Not for programs over
+        # several CPU devices: once, loading one back from JAX's cache while other processes wrote to it
+        # crashed a test process inside JAX's CPU deserialization (jax 0.10.2; not reproduced since, with
+        # those programs read from JAX's cache in every later run), and on the CPU they compile in a second.
+        self._exe_cache = (None if mesh is not None and jax.default_backend() == "cpu"
                            else ExecutableCache.open(econf.compile_cache_dir))
         self.tp_layout = TensorParallelLayout(cfg, self.tp)
 
@@ -408,7 +406,7 @@ class ModelRunner:
         key = (mode, all_logits, greedy_only, tuple(lora_groups), spec)
         exe = self._executables.get(key)
         t1 = time.perf_counter()
-        with self._out_of_memory_explained(mode), self._cache_guard():
+        with self._out_of_memory_explained(mode):
             if exe is not None and key in self._unproven:
                 self.pool, out = self._first_run(key, exe, args, mode, all_logits, greedy_only, lora_groups)
             elif exe is not None:
@@ -439,10 +437,12 @@ class ModelRunner:
 
         def compile_one(key, ekey, lowered, info, lower_s):
             t0 = time.perf_counter()
-            with self._cache_guard():
+            if cache is None:
                 exe = lowered.compile()
+            else:
+                exe, storable = cache.compile(lowered)
             rec = dict(info, lower_s=lower_s, compile_s=time.perf_counter() - t0, source="compiled")
-            if cache is not None:
+            if cache is not None and storable:
                 cache.store(ekey, exe)
             return key, exe, rec
 
