@@ -71,9 +71,10 @@ import jax.numpy as jnp
 import numpy as np
 
 import slora_jax as sj
+from sharding import make_mesh
 from slora_jax.bench.floors import HBM_PEAK, copy_bandwidth, floor_seconds, matmul_rate, step_breakdown
 from slora_jax.bench.setup import DEFAULT_TARGETS, SyntheticAdapters, page_cache, resolve_model
-from slora_jax.model.init import random_params
+from slora_jax.model.init import random_fused_params
 
 
 # Engine counters of the adapter reads and loads, as stats() names them (summed over a pass).
@@ -260,6 +261,10 @@ def main(argv=None) -> int:
                                                     "removed at the end)")
     ap.add_argument("--host-cache-gib", type=float, default=None,
                     help="EngineConfig.host_cache_bytes in GiB (default 200 with memory adapters, 80 with disk)")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="check the run's plumbing off the GPU (e.g. a large shape's first layers at TP=8 on simulated "
+                         "CPU devices): the bandwidth and matmul references are measured small, so no figure means "
+                         "anything")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     disk = args.adapter_source == "disk"
@@ -267,12 +272,11 @@ def main(argv=None) -> int:
         ap.error("--distinct-folders must be at least 1")
     host_cache_gib = args.host_cache_gib if args.host_cache_gib is not None else (80 if disk else 200)
     cfg = resolve_model(args.model)[0]  # a named shape, NAME:layers=N, or tiny
-    tiny = args.model == "tiny"
-    bw = copy_bandwidth(64 << 20 if tiny else 2 << 30)
-    mm = matmul_rate(512 if tiny else 8192)
+    small = args.model == "tiny" or args.dry_run
+    bw = copy_bandwidth(64 << 20 if small else 2 << 30)
+    mm = matmul_rate(512 if small else 8192)
     dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[args.dtype]
     itemsize = jnp.dtype(dtype).itemsize
-    params = random_params(cfg, dtype, seed=0)
     counts = [int(x) for x in args.adapters.split(",")]
     tps = [int(x) for x in args.tensor_parallel.split(",")]
     rng = np.random.default_rng(0)
@@ -299,7 +303,14 @@ def main(argv=None) -> int:
                                 memory_fraction=args.memory_fraction, max_prefill_tokens=args.max_prefill_tokens,
                                 max_adapters_on_device=min(max(counts + [1]), 1024),
                                 host_cache_bytes=int(host_cache_gib * (1 << 30)))
+        # The weights of each TP size made where its engine keeps them (split over its devices): a model larger
+        # than one device (70B) never sits whole on one, and no copy of them outlives the engine. The same
+        # seed gives the same values on any split.
+        mesh = make_mesh(tp) if tp > 1 else None
+        params = random_fused_params(cfg, args.dtype, mesh=mesh, seed=0,
+                                     scan_layers=econf.resolved_scan_layers(jax.default_backend()))
         engine = sj.Engine(cfg, params, econf)
+        del params
         synth = SyntheticAdapters(cfg, (8, 16, 32, 64), weight_sets=2)
         names = synth.register(engine, max(counts)) if max(counts) and not disk else []
         # Bytes each adapter's A and B take in the pool's dtype: what a step using it must read at least once.

@@ -16,7 +16,9 @@ def resolve_model(spec: str) -> tuple[ModelConfig, Optional[str]]:
     """``spec``: a checkpoint folder, a named shape (``llama-2-7b`` ...) or ``tiny``. -> (config, folder or None).
 
     A named shape may keep only its first layers, ``llama-3-70b:layers=2``: a slice of a model too large for
-    the devices at hand, with every layer's real shape (per-layer time and collectives)."""
+    the devices at hand, with every layer's real shape (per-layer time and collectives). ``,vocab=N`` also
+    shrinks the vocabulary (``llama-3-70b:layers=2,vocab=32000``): for a dry run on simulated CPU devices,
+    where every device's copy of the replicated embedding table is host memory."""
     from slora_jax.model.init import NAMED_SHAPES, named_config
     from slora_jax.model.random_checkpoint import tiny_llama_config
 
@@ -26,16 +28,28 @@ def resolve_model(spec: str) -> tuple[ModelConfig, Optional[str]]:
         return load_model_config(path), str(path)
     if spec == "tiny":
         return tiny_llama_config(), None
-    name, sep, layers = spec.partition(":layers=")
-    if name in NAMED_SHAPES:
-        if not sep:
-            return named_config(name), None
-        full = NAMED_SHAPES[name]["num_layers"]
-        if not layers.isdigit() or not 1 <= int(layers) <= full:
-            raise ConfigError(f"--model {spec!r}: layers must be an integer from 1 to {full}, got {layers!r}")
-        return named_config(name, num_layers=int(layers)), None
-    raise ConfigError(f"--model {spec!r} is neither a checkpoint folder nor a named shape "
-                      f"(tiny, {', '.join(NAMED_SHAPES)}; a shape's first N layers: NAME:layers=N)")
+    name, sep, rest = spec.partition(":")
+    if name not in NAMED_SHAPES:
+        raise ConfigError(f"--model {spec!r} is neither a checkpoint folder nor a named shape "
+                          f"(tiny, {', '.join(NAMED_SHAPES)}; a shape's first N layers: NAME:layers=N)")
+    overrides = {}
+    limits = {"layers": ("num_layers", NAMED_SHAPES[name]["num_layers"]),
+              "vocab": ("vocab_size", NAMED_SHAPES[name]["vocab_size"])}
+    for item in filter(None, rest.split(",")) if sep else ():
+        key, _, value = item.partition("=")
+        if key not in limits:
+            raise ConfigError(f"--model {spec!r}: {key!r} cannot be set (NAME:layers=N[,vocab=V])")
+        field, full = limits[key]
+        if not value.isdigit() or not 1 <= int(value) <= full:
+            raise ConfigError(f"--model {spec!r}: {key} must be an integer from 1 to {full}, got {value!r}")
+        overrides[field] = int(value)
+    if "vocab_size" in overrides:
+        # Special tokens past a smaller vocabulary are dropped (random weights: no tokenizer reads them).
+        eos = tuple(t for t in NAMED_SHAPES[name]["eos_token_ids"] if t < overrides["vocab_size"])
+        bos = NAMED_SHAPES[name].get("bos_token_id")
+        overrides.update(eos_token_ids=eos, bos_token_id=bos if bos is not None and bos < overrides["vocab_size"]
+                         else None)
+    return named_config(name, **overrides), None
 
 
 class ModelSource:

@@ -3,8 +3,11 @@ without writing or reading gigabytes of safetensors."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from slora_jax.config import ModelConfig
 from slora_jax.model.checkpoint import param_shapes
@@ -70,3 +73,41 @@ def random_params(cfg: ModelConfig, dtype=jnp.bfloat16, seed: int = 0, std: floa
         else:
             out[name] = arr
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def _filler(shape: tuple, dtype, sharding, ones: bool, std: float, seed: int):
+    """A program making one weight where ``sharding`` puts it (each device only its part), from the weight's
+    index: one compilation per distinct shape, however many layers share it."""
+    def make(index):
+        if ones:
+            return jnp.ones(shape, dtype)
+        key = jax.random.fold_in(jax.random.PRNGKey(seed), index)
+        # Drawn in the weight's own dtype: a float32 draw of a 2 GB bfloat16 weight would need 8 GB on the way.
+        return jax.random.normal(key, shape, dtype) * jnp.asarray(std, dtype)
+
+    return jax.jit(make, out_shardings=sharding)
+
+
+def random_fused_params(cfg: ModelConfig, dtype: str = "bfloat16", *, scan_layers: bool = True, mesh=None,
+                        device=None, seed: int = 0, std: float = 0.02) -> dict:
+    """The fused pytree (what ``device_load.load_fused_params`` gives) filled with random values: each weight
+    made where the engine keeps it, split over ``mesh`` by the partition rules when given. A model larger than
+    one device (Llama-3-70B's 141 GB in bfloat16) is then never whole on one; an engine given these weights
+    with the same mesh places nothing again. Matrices ~ N(0, std), norms = 1."""
+    from slora_jax.model.device_load import fused_abstract
+
+    abstract = fused_abstract(cfg, dtype, scan_layers, device=device, mesh=mesh)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
+    made = []
+    for i, (path, leaf) in enumerate(leaves):
+        name = str(getattr(path[-1], "key", path[-1]))
+        ones, where = "norm" in name, leaf.sharding
+        if mesh is not None and not ones and where.is_fully_replicated and leaf.shape[0] % mesh.size == 0:
+            # A weight every device holds whole (the embedding table) is drawn a slice per device and then
+            # gathered: drawing it whole on each device needs several times its size per device on the way
+            # (the float32 steps of the normal draw), 21 GB for Llama-3-70B's table. Same values either way.
+            where = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(mesh.axis_names))
+        arr = _filler(tuple(leaf.shape), leaf.dtype, where, ones, float(std), int(seed))(np.uint32(i))
+        made.append(arr if where is leaf.sharding else jax.device_put(arr, leaf.sharding))
+    return jax.tree_util.tree_unflatten(treedef, made)

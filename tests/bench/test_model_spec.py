@@ -24,3 +24,15 @@ def test_a_layer_count_outside_the_shape_is_refused(spec):
 def test_an_unknown_name_lists_the_known_ones():
     with pytest.raises(ConfigError, match="llama-3-70b"):
         resolve_model("llama-4-1t")
+
+
+def test_a_dry_run_can_shrink_the_vocabulary():
+    cfg, _ = resolve_model("llama-3-70b:layers=2,vocab=32000")
+    assert (cfg.num_layers, cfg.vocab_size, cfg.hidden_size) == (2, 32000, 8192)
+    assert all(t < 32000 for t in cfg.eos_token_ids) and (cfg.bos_token_id is None or cfg.bos_token_id < 32000)
+
+
+@pytest.mark.parametrize("spec", ["llama-3-70b:vocab=0", "llama-3-70b:hidden=64", "llama-3-70b:layers=2,vocab=x"])
+def test_other_settings_are_refused(spec):
+    with pytest.raises(ConfigError, match="cannot be set|must be an integer"):
+        resolve_model(spec)

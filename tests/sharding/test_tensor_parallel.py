@@ -217,3 +217,35 @@ def test_random_params_on_a_mesh_are_those_made_on_one_device():
     for a, b in zip(jax.tree.leaves(on_mesh), jax.tree.leaves(on_one)):
         assert a.sharding == where
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.skipif(len(jax.devices()) < 2, reason="needs 2 devices (tests/test_multi_device.py runs it so)")
+def test_random_weights_made_split_hold_the_same_values_and_serve_the_same_tokens():
+    """Benchmark weights made split over the engine's mesh (a 70B model fits no single device): each device
+    holds only its part, the values are those made on one device, and a TP=2 engine over them answers as one
+    over the single-device copy."""
+    from slora_jax.model.device_load import fused_abstract
+    from slora_jax.model.init import random_fused_params
+
+    cfg = tiny_llama_config(num_layers=2)
+    mesh = make_mesh(2)
+    split = random_fused_params(cfg, "float32", scan_layers=False, mesh=mesh, seed=3)
+    whole = random_fused_params(cfg, "float32", scan_layers=False, seed=3)
+    expected = fused_abstract(cfg, "float32", False, mesh=mesh)
+    for a, b, want in zip(jax.tree.leaves(split), jax.tree.leaves(whole), jax.tree.leaves(expected)):
+        assert a.sharding == want.sharding
+        if not a.sharding.is_fully_replicated:
+            assert a.addressable_shards[0].data.size == a.size // 2  # each device its half only
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert not any(split["layers"][0][k].sharding.is_fully_replicated for k in ("wqkv", "wo", "w_gate_up", "w_down"))
+    assert float(np.std(np.asarray(whole["layers"][0]["wqkv"]))) == pytest.approx(0.02, rel=0.2)
+    assert np.all(np.asarray(whole["layers"][1]["attn_norm"]) == 1)
+    prompts = [[1, 5, 9, 13], [2, 4, 6, 8, 10, 12]]
+    sp = sj.SamplingParams(max_tokens=5, ignore_eos=True)
+    out = []
+    for params, tp in ((split, 2), (whole, 1)):
+        eng = sj.Engine(cfg, params, sj.EngineConfig(dtype="float32", tensor_parallel=tp, num_pages=40,
+                                                       max_model_len=64, scan_layers=False, kernel_backend="xla"))
+        out.append([o.token_ids for o in eng.generate(prompts, sampling=sp)])
+        eng.close()
+    assert out[0] == out[1]
