@@ -141,6 +141,8 @@ def _prune(root: Path, current: Path) -> None:
 class ExecutableCache:
     """Serialized step executables in ``folder``, under keys that name everything the program depends on."""
 
+    _warned = False  # compile()'s warning, once per process
+
     def __init__(self, folder: Path):
         self.folder = Path(folder)
 
@@ -222,7 +224,9 @@ class ExecutableCache:
             try:
                 return lowered.compile(compiler_options=dict(_FRESH_OPTIONS)), True
             except Exception as e:  # noqa: BLE001 - an XLA without the option: nothing to store
-                log.warning("step programs are not stored (%s: %s)", type(e).__name__, str(e)[:200])
+                if not ExecutableCache._warned:
+                    ExecutableCache._warned = True
+                    log.warning("step programs are not stored (%s: %s)", type(e).__name__, str(e)[:200])
         return lowered.compile(), False
 
     def store(self, key: Optional[str], compiled) -> None:

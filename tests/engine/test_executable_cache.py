@@ -100,6 +100,21 @@ def test_an_entry_that_does_not_fit_is_dropped_at_its_first_run(tmp_path, monkey
     assert failed >= 1 and len(stored(tmp_path)) == before - failed  # each entry that failed was deleted
 
 
+@pytest.mark.slow  # two engines, ~6 s
+def test_an_xla_without_the_fresh_compile_option_stores_nothing(tmp_path, monkeypatch, caplog):
+    """Where the option that keeps a stored program apart from JAX's caches is refused, programs compile as
+    usual and none is stored (a copy JAX's cache supplied would not run when read back)."""
+    reference = tokens(engine(0, None))
+    monkeypatch.setattr(executable_cache, "_FRESH_OPTIONS", {"xla_no_such_option_here": True})
+    monkeypatch.setattr(ExecutableCache, "_warned", False)
+    eng = engine(0, tmp_path)
+    with caplog.at_level("WARNING", logger="slora_jax.compile_cache"):
+        records = eng.precompile(sampling=False)
+    assert records and {r["source"] for r in records} == {"compiled"}
+    assert stored(tmp_path) == [] and caplog.text.count("step programs are not stored") == 1
+    assert tokens(eng) == reference
+
+
 def test_keys_name_every_part_and_refuse_unstable_ones(tmp_path):
     cache = ExecutableCache(tmp_path)
     args = [np.zeros((2, 3), np.float32)]
