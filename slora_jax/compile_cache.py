@@ -174,15 +174,38 @@ def bypassed() -> bool:
 
 
 def bypass_works() -> bool:
-    """Whether ``without_persistent_cache`` keeps a program out of the persistent cache: JAX's cache is
-    wrapped here (enable_compilation_cache) or not in use at all."""
+    """Whether ``without_persistent_cache`` keeps a program out of the persistent cache: JAX's cache is the
+    one wrapped here (enable_compilation_cache), or none is set up and no folder is set."""
     try:
         from jax._src import compilation_cache as cc
     except ImportError:  # pragma: no cover - a JAX without this module
         return False
     import jax
 
-    return isinstance(getattr(cc, "_cache", None), _SelfHealingCache) or not jax.config.jax_compilation_cache_dir
+    cache = getattr(cc, "_cache", None)
+    if cache is not None:
+        return isinstance(cache, _SelfHealingCache)
+    return not jax.config.jax_compilation_cache_dir
+
+
+_listening = False
+
+
+def persistent_cache_hits() -> int:
+    """Programs this thread has loaded from JAX's persistent cache so far (JAX's own monitoring event, which
+    it records on the compiling thread), counted from the first call."""
+    global _listening
+    with _lock:
+        if not _listening:
+            import jax
+
+            def on_event(event, *args, **kwargs):
+                if event == "/jax/compilation_cache/cache_hits":
+                    _thread.hits = getattr(_thread, "hits", 0) + 1
+
+            jax.monitoring.register_event_listener(on_event)
+            _listening = True
+    return getattr(_thread, "hits", 0)
 
 
 @contextlib.contextmanager

@@ -52,7 +52,7 @@ def entries(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.name.endswith("-cache"))
 
 
-@pytest.mark.slow  # four engine processes, ~15 s on two cores
+@pytest.mark.slow  # six engine processes, ~20 s on two cores
 def test_second_start_compiles_nothing_and_damaged_entries_are_rebuilt(tmp_path):
     folder = tmp_path / ".cache" / "slora-jax" / "xla"  # the default, under this HOME
     first = start(tmp_path)
@@ -86,9 +86,9 @@ def test_second_start_compiles_nothing_and_damaged_entries_are_rebuilt(tmp_path)
     assert fourth["sources"] == ["executable cache"] * first["programs"] and fourth["misses"] == 0
     assert fourth["tokens"] == first["tokens"]
 
-    # A new version of the code finds JAX's cache full and its own empty. A program loaded from JAX's cache
-    # does not serialize whole (on the CPU its stored copy failed at its first run: "Function ... not
-    # found"), so the step programs are compiled again, and what is stored runs at the next start.
+    # A new version of the code finds its own folder empty: the step programs are compiled and stored, and
+    # what is stored runs at the next start (stored_programs_run_after_jax_cache_loads covers a program
+    # that JAX's cache had supplied to the process).
     import shutil
 
     shutil.rmtree(folder / "executables")
@@ -156,3 +156,42 @@ def test_a_thread_can_keep_its_programs_out_of_the_cache(tmp_path):
             disable_compilation_cache()
         else:
             enable_compilation_cache(before)
+
+
+# One process's view of a program that JAX's persistent cache holds: compiled as the engine does on demand
+# (from JAX's cache once a first process wrote it there), then compiled for the executable cache, serialized,
+# loaded back and run.
+ROUND_TRIP = r"""
+import json, sys
+import numpy as np
+import jax, jax.numpy as jnp
+from jax.experimental.serialize_executable import deserialize_and_load, serialize
+from slora_jax.compile_cache import enable_compilation_cache, persistent_cache_hits
+from slora_jax.engine.executable_cache import ExecutableCache
+enable_compilation_cache(sys.argv[1])
+persistent_cache_hits()  # counting from here
+f = lambda x: jnp.cumsum(jnp.sin(x) * 3 + jnp.arange(x.shape[0], dtype=x.dtype))
+x = np.linspace(0, 1, 1000, dtype=np.float32)
+want = np.asarray(jax.jit(f)(x))  # on demand: from JAX's cache in the second process
+hits = persistent_cache_hits()
+exe, storable = ExecutableCache.compile(jax.jit(f).lower(x))
+payload, i, o = serialize(exe)
+got = np.asarray(deserialize_and_load(payload, i, o)(x))
+print(json.dumps({"hits": hits, "storable": storable, "equal": bool(np.array_equal(got, want))}))
+"""
+
+
+@pytest.mark.slow  # two processes, ~8 s
+def test_stored_programs_run_after_jax_cache_loads(tmp_path):
+    """On the CPU a program JAX's persistent cache supplied serializes without its machine code (its copy
+    fails at run time, "Function ... not found"), and JAX's in-memory cache hands that same copy back to a
+    later compile of the program. What the executable cache stores is compiled apart from both, and runs."""
+    root = Path(__file__).resolve().parents[1]
+    runs = []
+    for _ in range(2):
+        res = subprocess.run([sys.executable, "-c", ROUND_TRIP, str(tmp_path / "xla")], cwd=root, capture_output=True,
+                             text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+        assert res.returncode == 0, res.stderr[-3000:]
+        runs.append(json.loads(res.stdout.strip().splitlines()[-1]))
+    assert runs[0]["hits"] == 0 and runs[1]["hits"] >= 1  # the second process had it from JAX's cache
+    assert all(r["storable"] and r["equal"] for r in runs)

@@ -306,7 +306,7 @@ def main(argv=None) -> int:
         # The weights of each TP size made where its engine keeps them (split over its devices): a model larger
         # than one device (70B) never sits whole on one, and no copy of them outlives the engine. The same
         # seed gives the same values on any split.
-        mesh = make_mesh(tp) if tp > 1 else None
+        mesh = make_mesh(tp) if 1 < tp <= len(jax.devices()) else None  # too large: the Engine says so
         params = random_fused_params(cfg, args.dtype, mesh=mesh, seed=0,
                                      scan_layers=econf.resolved_scan_layers(jax.default_backend()))
         engine = sj.Engine(cfg, params, econf)

@@ -33,15 +33,19 @@ def resolve_model(spec: str) -> tuple[ModelConfig, Optional[str]]:
         raise ConfigError(f"--model {spec!r} is neither a checkpoint folder nor a named shape "
                           f"(tiny, {', '.join(NAMED_SHAPES)}; a shape's first N layers: NAME:layers=N)")
     overrides = {}
-    limits = {"layers": ("num_layers", NAMED_SHAPES[name]["num_layers"]),
-              "vocab": ("vocab_size", NAMED_SHAPES[name]["vocab_size"])}
-    for item in filter(None, rest.split(",")) if sep else ():
+    # (field, smallest, largest): a vocabulary of fewer than 256 tokens leaves the benchmarks' random prompts
+    # (token ids from 3) too few ids to draw from.
+    limits = {"layers": ("num_layers", 1, NAMED_SHAPES[name]["num_layers"]),
+              "vocab": ("vocab_size", 256, NAMED_SHAPES[name]["vocab_size"])}
+    for item in rest.split(",") if sep else ():
         key, _, value = item.partition("=")
         if key not in limits:
             raise ConfigError(f"--model {spec!r}: {key!r} cannot be set (NAME:layers=N[,vocab=V])")
-        field, full = limits[key]
-        if not value.isdigit() or not 1 <= int(value) <= full:
-            raise ConfigError(f"--model {spec!r}: {key} must be an integer from 1 to {full}, got {value!r}")
+        field, low, high = limits[key]
+        if field in overrides:
+            raise ConfigError(f"--model {spec!r}: {key} is given twice")
+        if not value.isdigit() or not low <= int(value) <= high:
+            raise ConfigError(f"--model {spec!r}: {key} must be an integer from {low} to {high}, got {value!r}")
         overrides[field] = int(value)
     if "vocab_size" in overrides:
         # Special tokens past a smaller vocabulary are dropped (random weights: no tokenizer reads them).

@@ -34,13 +34,14 @@ import pickle
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Optional
 
 import jax
 
-from slora_jax.compile_cache import bypass_works, without_persistent_cache
+from slora_jax.compile_cache import bypass_works, persistent_cache_hits, without_persistent_cache
 
 log = logging.getLogger("slora_jax.compile_cache")
 
@@ -55,6 +56,7 @@ _IGNORED_OPTIONS = ("cache", "log", "dump", "explain", "report", "debug_log", "t
 # A compile option at its default value: a program compiled with it is a new entry of JAX's in-memory cache
 # (keyed by the options), so ``compile`` gets a program compiled now, not a copy loaded earlier.
 _FRESH_OPTIONS = {"xla_hlo_graph_addresses": False}
+_refusal_lock = threading.Lock()
 # Stored programs of this many other versions of the code are kept besides the current one's.
 KEEP_OTHER_VERSIONS = 3
 
@@ -141,7 +143,7 @@ def _prune(root: Path, current: Path) -> None:
 class ExecutableCache:
     """Serialized step executables in ``folder``, under keys that name everything the program depends on."""
 
-    _warned = False  # compile()'s warning, once per process
+    _option_refused = False  # set when XLA refused _FRESH_OPTIONS: nothing is stored in this process
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
@@ -216,18 +218,26 @@ class ExecutableCache:
             return None
         return exe
 
-    @staticmethod
-    def compile(lowered):
-        """(``lowered`` compiled now, outside JAX's caches, so that ``store`` keeps it whole; True). With an
-        XLA that does not take the option: (the program compiled as usual, False: not to be stored)."""
+    @classmethod
+    def compile(cls, lowered):
+        """(``lowered`` compiled now, outside JAX's caches, so that ``store`` keeps it whole; True), or (the
+        program compiled as usual; False: not to be stored) where that cannot be made sure of: an XLA that
+        refuses the option, a persistent cache that is not the wrapped one, or a load from it seen anyway."""
+        if cls._option_refused or not bypass_works():
+            return lowered.compile(), False
+        hits = persistent_cache_hits()
         with without_persistent_cache():
             try:
-                return lowered.compile(compiler_options=dict(_FRESH_OPTIONS)), True
-            except Exception as e:  # noqa: BLE001 - an XLA without the option: nothing to store
-                if not ExecutableCache._warned:
-                    ExecutableCache._warned = True
+                exe = lowered.compile(compiler_options=dict(_FRESH_OPTIONS))
+            except Exception as e:  # noqa: BLE001 - only the refused option is handled here
+                if "compile option" not in str(e).lower():
+                    raise
+                with _refusal_lock:  # precompile's threads may all meet it: one warning
+                    first, cls._option_refused = not cls._option_refused, True
+                if first:
                     log.warning("step programs are not stored (%s: %s)", type(e).__name__, str(e)[:200])
-        return lowered.compile(), False
+                return lowered.compile(), False
+        return exe, persistent_cache_hits() == hits
 
     def store(self, key: Optional[str], compiled) -> None:
         """Keep ``compiled`` under ``key`` (written to a temporary file, then renamed: a reader never sees

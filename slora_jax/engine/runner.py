@@ -40,6 +40,11 @@ DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float
 _log = logging.getLogger("slora_jax.engine")
 
 
+def _wait(out) -> None:
+    """Block until ``out`` is computed (a seam for the tests)."""
+    jax.block_until_ready(out)
+
+
 def bucket(n: int, minimum: int = 1) -> int:
     """Smallest power of two >= max(n, minimum)."""
     n = max(int(n), minimum, 1)
@@ -257,9 +262,7 @@ class ModelRunner:
         scan = econf.resolved_scan_layers(jax.default_backend())
         self.tp = 1 if mesh is None else int(mesh.shape[MODEL_AXIS])
         # Compiled step programs kept whole, so a restart skips tracing and lowering. Not for programs over
-        # several CPU devices: once, loading one back from JAX's cache while other processes wrote to it
-        # crashed a test process inside JAX's CPU deserialization (jax 0.10.2; not reproduced since, with
-        # those programs read from JAX's cache in every later run), and on the CPU they compile in a second.
+        # several CPU devices: storing those is untried, and on the CPU they compile in about a second.
         self._exe_cache = (None if mesh is not None and jax.default_backend() == "cpu"
                            else ExecutableCache.open(econf.compile_cache_dir))
         self.tp_layout = TensorParallelLayout(cfg, self.tp)
@@ -437,12 +440,12 @@ class ModelRunner:
 
         def compile_one(key, ekey, lowered, info, lower_s):
             t0 = time.perf_counter()
-            if cache is None:
-                exe = lowered.compile()
+            if cache is None or ekey is None:  # nothing to store: JAX's cache may supply it
+                exe, storable = lowered.compile(), False
             else:
                 exe, storable = cache.compile(lowered)
             rec = dict(info, lower_s=lower_s, compile_s=time.perf_counter() - t0, source="compiled")
-            if cache is not None and storable:
+            if storable:
                 cache.store(ekey, exe)
             return key, exe, rec
 
@@ -487,16 +490,25 @@ class ModelRunner:
     def _first_run(self, key, exe, args, mode, all_logits, greedy_only, lora_groups):
         """The first run of a program loaded from the executable cache. Arguments it does not take (an entry
         that does not fit its program after all) are refused before anything runs: the entry is deleted
-        and the program compiled here instead."""
+        and the program compiled here instead. A run that fails on the device (an entry stored without its
+        machine code failed so, as "Function ... not found") is waited for here, once per program: its
+        entry is deleted before the error goes on, so the next start compiles the program."""
         ekey = self._unproven.pop(key)
         try:
-            return exe(*args[1:5], *args[6:])
+            out = exe(*args[1:5], *args[6:])
         except (TypeError, ValueError) as e:
             _log.warning("a stored step program did not take its arguments (%s: %s); compiling it",
                          type(e).__name__, str(e)[:200])
             self._exe_cache.drop(ekey)
             del self._executables[key]
             return self._fn(mode, all_logits, greedy_only, lora_groups)(*args)
+        try:
+            _wait(out)
+        except Exception:
+            _log.error("a stored step program failed at its first run; its entry is deleted")
+            self._exe_cache.drop(ekey)
+            raise
+        return out
 
     @property
     def dispatch_s(self) -> float:

@@ -83,10 +83,15 @@ def _filler(shape: tuple, dtype, sharding, ones: bool, std: float, seed: int):
         if ones:
             return jnp.ones(shape, dtype)
         key = jax.random.fold_in(jax.random.PRNGKey(seed), index)
-        # Drawn in the weight's own dtype: a float32 draw of a 2 GB bfloat16 weight would need 8 GB on the way.
-        return jax.random.normal(key, shape, dtype) * jnp.asarray(std, dtype)
+        return (jax.random.normal(key, shape, jnp.float32) * std).astype(dtype)
 
     return jax.jit(make, out_shardings=sharding)
+
+
+@functools.lru_cache(maxsize=None)
+def _gather(sharding):
+    """A program that lays an array out as ``sharding`` says, device to device (no copy through the host)."""
+    return jax.jit(lambda a: a, out_shardings=sharding)
 
 
 def random_fused_params(cfg: ModelConfig, dtype: str = "bfloat16", *, scan_layers: bool = True, mesh=None,
@@ -94,7 +99,8 @@ def random_fused_params(cfg: ModelConfig, dtype: str = "bfloat16", *, scan_layer
     """The fused pytree (what ``device_load.load_fused_params`` gives) filled with random values: each weight
     made where the engine keeps it, split over ``mesh`` by the partition rules when given. A model larger than
     one device (Llama-3-70B's 141 GB in bfloat16) is then never whole on one; an engine given these weights
-    with the same mesh places nothing again. Matrices ~ N(0, std), norms = 1."""
+    over the same mesh only reorders the fused q|k|v and gate|up columns (copies of those), as it does for a
+    checkpoint. Matrices ~ N(0, std), norms = 1."""
     from slora_jax.model.device_load import fused_abstract
 
     abstract = fused_abstract(cfg, dtype, scan_layers, device=device, mesh=mesh)
@@ -105,9 +111,10 @@ def random_fused_params(cfg: ModelConfig, dtype: str = "bfloat16", *, scan_layer
         ones, where = "norm" in name, leaf.sharding
         if mesh is not None and not ones and where.is_fully_replicated and leaf.shape[0] % mesh.size == 0:
             # A weight every device holds whole (the embedding table) is drawn a slice per device and then
-            # gathered: drawing it whole on each device needs several times its size per device on the way
-            # (the float32 steps of the normal draw), 21 GB for Llama-3-70B's table. Same values either way.
+            # gathered on the devices: drawing it whole on each device needs its float32 draw and the draw's
+            # intermediates per device on the way (~10x the bfloat16 table: 21 GB for Llama-3-70B's). Same
+            # values either way.
             where = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(mesh.axis_names))
         arr = _filler(tuple(leaf.shape), leaf.dtype, where, ones, float(std), int(seed))(np.uint32(i))
-        made.append(arr if where is leaf.sharding else jax.device_put(arr, leaf.sharding))
+        made.append(arr if where is leaf.sharding else _gather(leaf.sharding)(arr))
     return jax.tree_util.tree_unflatten(treedef, made)

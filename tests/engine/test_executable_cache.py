@@ -106,13 +106,33 @@ def test_an_xla_without_the_fresh_compile_option_stores_nothing(tmp_path, monkey
     usual and none is stored (a copy JAX's cache supplied would not run when read back)."""
     reference = tokens(engine(0, None))
     monkeypatch.setattr(executable_cache, "_FRESH_OPTIONS", {"xla_no_such_option_here": True})
-    monkeypatch.setattr(ExecutableCache, "_warned", False)
+    monkeypatch.setattr(ExecutableCache, "_option_refused", False)
     eng = engine(0, tmp_path)
     with caplog.at_level("WARNING", logger="slora_jax.compile_cache"):
         records = eng.precompile(sampling=False)
     assert records and {r["source"] for r in records} == {"compiled"}
     assert stored(tmp_path) == [] and caplog.text.count("step programs are not stored") == 1
     assert tokens(eng) == reference
+
+
+@pytest.mark.slow  # two engines, ~6 s
+def test_an_entry_that_fails_on_the_device_is_deleted(tmp_path, monkeypatch):
+    """A stored program whose first run fails on the device (as one stored without its machine code did:
+    "Function ... not found") raises, and its entry is gone, so the next start compiles it."""
+    from slora_jax.engine import runner as runner_module
+
+    engine(0, tmp_path).precompile(sampling=False)
+    before = len(stored(tmp_path))
+    eng = engine(0, tmp_path)
+    assert {r["source"] for r in eng.precompile(sampling=False)} == {"executable cache"}
+
+    def fail(out):
+        raise RuntimeError("NOT_FOUND: Function wrapped_iota not found")
+
+    monkeypatch.setattr(runner_module, "_wait", fail)
+    with pytest.raises(Exception, match="wrapped_iota"):
+        tokens(eng)
+    assert len(stored(tmp_path)) == before - 1
 
 
 def test_keys_name_every_part_and_refuse_unstable_ones(tmp_path):
