@@ -212,8 +212,8 @@ def persistent_cache_hits() -> int:
 def without_persistent_cache():
     """A context in which programs are neither read from nor written to the persistent cache (this thread
     only). JAX's own switch for this (``jax_enable_compilation_cache`` as a context) is read once per
-    process, at its first compilation, so here the wrapped cache answers "missing" and drops writes instead.
-    The executable cache compiles the programs it stores so: a program loaded from JAX's cache does not
+    process, at its first compilation, so here the wrapped cache answers "missing" and drops writes instead
+    (a cache not wrapped here is not kept out: ``bypass_works`` says which). The executable cache compiles the programs it stores so: a program loaded from JAX's cache does not
     serialize whole (engine/executable_cache.py)."""
     before = bypassed()
     _thread.bypass = True
