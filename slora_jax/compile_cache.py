@@ -103,7 +103,7 @@ class _SelfHealingCache:
 
     def __init__(self, base, cc):
         self._base, self._cc = base, cc
-        self.hits = self.misses = self.dropped = self.bypassed = 0
+        self.hits = self.misses = self.dropped = 0
 
     def __getattr__(self, name):  # the rest of the interface (path, clear, ...) is the base cache's
         return getattr(self._base, name)
@@ -126,7 +126,6 @@ class _SelfHealingCache:
 
     def get(self, key: str):
         if bypassed():
-            self.bypassed += 1
             return None
         value = self._base.get(key)
         if value is None:
@@ -213,8 +212,9 @@ def without_persistent_cache():
     """A context in which programs are neither read from nor written to the persistent cache (this thread
     only). JAX's own switch for this (``jax_enable_compilation_cache`` as a context) is read once per
     process, at its first compilation, so here the wrapped cache answers "missing" and drops writes instead
-    (a cache not wrapped here is not kept out: ``bypass_works`` says which). The executable cache compiles the programs it stores so: a program loaded from JAX's cache does not
-    serialize whole (engine/executable_cache.py)."""
+    (a cache not wrapped here is not kept out: ``bypass_works`` says which). The executable cache compiles
+    the programs it stores so: a program loaded from JAX's cache does not serialize whole
+    (engine/executable_cache.py)."""
     before = bypassed()
     _thread.bypass = True
     try:

@@ -39,6 +39,13 @@ def named_config(name: str, **overrides) -> ModelConfig:
     return ModelConfig(**{**NAMED_SHAPES[name], **overrides})
 
 
+def _normal(seed: int, index, shape: tuple, dtype, std: float) -> jax.Array:
+    """Weight ``index``'s values: N(0, std) drawn in float32 from the seed's key folded with the index (the
+    same values on any device or split), then cast."""
+    key = jax.random.fold_in(jax.random.PRNGKey(seed), index)
+    return (jax.random.normal(key, shape, jnp.float32) * std).astype(dtype)
+
+
 def random_params(cfg: ModelConfig, dtype=jnp.bfloat16, seed: int = 0, std: float = 0.02, device=None) -> dict:
     """The load_params pytree filled on the device: matrices ~ N(0, std), norms = 1.
 
@@ -66,8 +73,7 @@ def random_params(cfg: ModelConfig, dtype=jnp.bfloat16, seed: int = 0, std: floa
             arr = make(lambda: jnp.ones(shape, dtype))
         else:
             # The key is made inside: an array made outside would be an argument placed on one device.
-            arr = make(lambda: (jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(seed), i), shape,
-                                                  jnp.float32) * std).astype(dtype))
+            arr = make(lambda: _normal(seed, i, shape, dtype, std))
         if isinstance(k, tuple):
             out["layers"][name] = arr
         else:
@@ -80,10 +86,7 @@ def _filler(shape: tuple, dtype, sharding, ones: bool, std: float, seed: int):
     """A program making one weight where ``sharding`` puts it (each device only its part), from the weight's
     index: one compilation per distinct shape, however many layers share it."""
     def make(index):
-        if ones:
-            return jnp.ones(shape, dtype)
-        key = jax.random.fold_in(jax.random.PRNGKey(seed), index)
-        return (jax.random.normal(key, shape, jnp.float32) * std).astype(dtype)
+        return jnp.ones(shape, dtype) if ones else _normal(seed, index, shape, dtype, std)
 
     return jax.jit(make, out_shardings=sharding)
 
