@@ -39,6 +39,7 @@ from slora_jax.engine.runner import DTYPES, ModelRunner
 from slora_jax.engine.scheduler import Scheduler
 from slora_jax.errors import (AdapterError, CapacityError, ConfigError, ProcessMismatchError, RequestError,
                               SloraError)
+from slora_jax.memory import pinned as pinned_host
 from slora_jax.memory.pool import PoolLayout, UnifiedPagePool
 from slora_jax.types import AdapterInfo, RequestMetrics, RequestOutput, SamplingParams
 
@@ -143,7 +144,13 @@ class Engine:
         self._max_pages = -(-self.max_model_len // econf.page_rows)  # KV pages of the longest request
         self.tables = AdapterTables(model_config, self.layout, econf.max_adapters_on_device, econf.max_lora_rank)
         # Several processes build tiles spanning every process's devices from host numpy (sharding.put).
-        to_host = _pinned_host(device) if _on_gpu() and not multi else (lambda x: x)
+        pinned = pinned_host.to_pinned_host(device) if _on_gpu() and not multi else None
+        self._pinned_reserved = (0, 0.0)  # (bytes, seconds) of pinned host memory taken when built
+        if pinned is not None and econf.pin_host_cache:
+            self._pinned_reserved = pinned_host.reserve(pinned, pinned_host.reservation_bytes(econf.host_cache_bytes))
+            _log.info("pinned %.1f GiB of host memory for the adapter host tier in %.1f s",
+                      self._pinned_reserved[0] / (1 << 30), self._pinned_reserved[1])
+        to_host = _or_numpy(pinned) if pinned is not None else (lambda x: x)
         stage = None if mesh is None else (lambda tiles: put(tiles, self.runner.replicated))
         self.adapters = AdapterStore(model_config, econf, self.layout, self.pool, self.tables,
                                      self.runner.write_pages, DTYPES[econf.dtype], to_host, stage)
@@ -602,6 +609,8 @@ class Engine:
             adapters_on_device=len(self.adapters.resident_names()),
             adapter_host_bytes=self.adapters.host_bytes,
             adapter_readers=self.adapters.reader_mode,
+            pinned_host_reserved_bytes=self._pinned_reserved[0],
+            pinned_host_reserve_s=self._pinned_reserved[1],
             running=len(self.scheduler.running),
             waiting=len(self.scheduler.waiting),
             compiled_shapes=len(self.runner.compiled_shapes),
@@ -638,16 +647,12 @@ def _progress(n: int):
     return tqdm(total=n, desc="generate", unit="req")
 
 
-def _pinned_host(device):
-    """numpy -> pinned host memory (fast, asynchronous uploads); plain numpy where unsupported."""
-    try:
-        sharding = jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host")
-    except Exception:  # memory kinds unsupported on this backend
-        return lambda x: x
-
-    def put(x):
+def _or_numpy(put):
+    """``put``, or the numpy array itself where it fails (pinned memory exhausted): slower uploads, not a failed
+    adapter."""
+    def to_host(x):
         try:
-            return jax.device_put(x, sharding)
-        except Exception:
+            return put(x)
+        except Exception:  # noqa: BLE001
             return x
-    return put
+    return to_host
