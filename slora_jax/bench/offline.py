@@ -182,8 +182,25 @@ def profile_steps(engine, prompts, adapters, sp, log_dir: str, top: int = 30) ->
                 top=[dict(name=k[:120], s=v, share=v / total if total else 0.0) for k, v in ranked])
 
 
+_COMPILES = {"n": 0, "s": 0.0}  # XLA compilations in this process (any thread), and their seconds
+
+
+def _count_compiles() -> None:
+    if _COMPILES.get("listening"):
+        return
+    _COMPILES["listening"] = True
+
+    def on_event(event: str, secs: float, **_):
+        if event == "/jax/core/compile/backend_compile_duration":
+            _COMPILES["n"] += 1
+            _COMPILES["s"] += secs
+    jax.monitoring.register_event_duration_secs_listener(on_event)
+
+
 def run_case(engine, prompts, adapters, sp, cfg, itemsize, adapter_bytes, bw, mm, host_profile: bool = False) -> dict:
+    _count_compiles()
     trace = engine.record_steps(True)
+    c0 = dict(_COMPILES)
     s0 = engine.stats()
     prof = None
     if host_profile:
@@ -202,6 +219,7 @@ def run_case(engine, prompts, adapters, sp, cfg, itemsize, adapter_bytes, bw, mm
         host_top = [dict(fn=f"{k[0].split('/')[-1]}:{k[1]}:{k[2]}", calls=v[1], own_s=v[2], cum_s=v[3])
                     for k, v in rows]
     s1 = engine.stats()
+    compiles = dict(n=_COMPILES["n"] - c0["n"], s=_COMPILES["s"] - c0["s"])  # a step program's included
     engine.record_steps(False)
     out_tokens = sum(len(o.token_ids) for o in outs)
     assert all(o.finish_reason == "length" for o in outs), "a request did not run to its length"
@@ -217,7 +235,7 @@ def run_case(engine, prompts, adapters, sp, cfg, itemsize, adapter_bytes, bw, mm
                 pct_of_floor=100 * fl["floor_s"] / wall,
                 host_overhead_share=d["exposed_host_s"] / d["step_time_s"] if d["step_time_s"] else 0.0,
                 host_busy_share=d["host_time_s"] / d["step_time_s"] if d["step_time_s"] else 0.0,
-                counters=d, host_parts_s=parts, adapter_io=read_stats(s0, s1),
+                counters=d, host_parts_s=parts, adapter_io=read_stats(s0, s1), compiles=compiles,
                 mean_distinct_adapters=float(np.mean([len(s["adapters"]) for s in trace])) if trace else 0.0)
 
 
@@ -311,20 +329,28 @@ def main(argv=None) -> int:
                                      scan_layers=econf.resolved_scan_layers(jax.default_backend()))
         engine = sj.Engine(cfg, params, econf)
         del params
+        st = engine.stats()
+        if st["pinned_host_reserved_bytes"]:
+            print(f"[tp={tp}] {st['pinned_host_reserved_bytes'] / (1 << 30):.1f} GiB of pinned host memory reserved "
+                  f"in {st['pinned_host_reserve_s']:.1f} s", flush=True)
         synth = SyntheticAdapters(cfg, (8, 16, 32, 64), weight_sets=2)
         names = synth.register(engine, max(counts)) if max(counts) and not disk else []
         # Bytes each adapter's A and B take in the pool's dtype: what a step using it must read at least once.
         adapter_bytes = {n: synth.nbytes(i, itemsize) for i, n in enumerate(names)}
+        wnames = []
+        if disk and max(counts):
+            # Registered before precompile, so that it covers the programs with the adapters' LoRA groups (as a
+            # server that starts with its adapters does): else the first cold pass compiles them on demand,
+            # seconds each, and the warm pass finds them compiled. The device upload compiles per page count
+            # (one per rank): one throw-away adapter of each rank runs below, so no cold pass compiles.
+            wnames = files.register(engine, min(len(files.ranks), files.distinct), f"warmup-tp{tp}")
         t0 = time.perf_counter()
         compiled[tp] = [] if args.no_precompile else engine.precompile(sampling=False)
         precompile_s[tp] = time.perf_counter() - t0
         print(f"[tp={tp}] {len(compiled[tp])} programs compiled in {precompile_s[tp]:.0f} s", flush=True)
         warm8 = sj.SamplingParams(max_tokens=8, ignore_eos=True)
         engine.generate(prompts[:8], sampling=warm8)  # warm-up
-        if disk and max(counts):
-            # The device upload compiles per page count (one per rank): one throw-away adapter of each rank
-            # runs here, so no cold pass compiles. Both passes then find those programs compiled.
-            wnames = files.register(engine, min(len(files.ranks), files.distinct), f"warmup-tp{tp}")
+        if wnames:
             engine.generate(prompts[:2 * len(wnames)], adapters=[wnames[i % len(wnames)] for i in
                                                                 range(2 * len(wnames))], sampling=warm8)
             for nm in wnames:
@@ -339,7 +365,8 @@ def main(argv=None) -> int:
             print(f"[tp={tp} {res['case']} #{res['repeat']}] {res['output_tok_s']:.0f} out tok/s, "
                   f"{res['pct_of_floor']:.0f}% of floor, host share {res['host_overhead_share']:.3f}, "
                   f"steps {res['counters']['steps']}, adapter reads {io['adapter_reads']} "
-                  f"({io['adapter_read_bytes'] / 1e9:.2f} GB, {io['read_gbps']:.2f} GB/s)", flush=True)
+                  f"({io['adapter_read_bytes'] / 1e9:.2f} GB, {io['read_gbps']:.2f} GB/s), "
+                  f"{res['compiles']['n']} compiles ({res['compiles']['s']:.1f} s)", flush=True)
 
         for rep in range(args.repeats):
             for n in counts:

@@ -62,7 +62,7 @@ def test_offline_disk_adapters_run_a_cold_then_a_warm_pass_with_read_counters(tm
     out = tmp_path / "offline.json"
     cmd = [sys.executable, "-m", "slora_jax", "bench", "--mode", "offline", "--model", "tiny", "--num-requests", "8",
            "--input-len", "12", "--output-len", "4", "--adapters", "0,8", "--repeats", "1", "--max-batch-size", "4",
-           "--max-prefill-tokens", "16", "--dtype", "float32", "--no-precompile", "--adapter-source", "disk",
+           "--max-prefill-tokens", "16", "--dtype", "float32", "--adapter-source", "disk",
            "--distinct-folders", "3", "--workdir", str(tmp_path / "work"), "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -74,6 +74,9 @@ def test_offline_disk_adapters_run_a_cold_then_a_warm_pass_with_read_counters(tm
     # Every name is its own adapter: each read once in the cold pass, none in the warm pass.
     assert cold["adapter_reads"] == 8 and cold["adapter_read_bytes"] > 0 and cold["read_gbps"] > 0
     assert warm["adapter_reads"] == 0 and warm["adapter_host_evictions"] == 0 and warm["adapter_loads"] == 8
+    # Precompile ran with the adapters' LoRA groups known: no pass compiles a step program on demand (the cold
+    # pass once did, which the warm pass then found compiled, and cold/warm measured compilation).
+    assert all(r["compiles"]["n"] == 0 for r in runs.values()), {c: r["compiles"] for c, r in runs.items()}
     links = sorted((tmp_path / "work" / "names").iterdir())
     assert len(links) == 8 + 3 and all(p.is_symlink() for p in links)  # 3 warm-up adapters, one per rank
     (summary,) = rec["cold"]
