@@ -6,6 +6,7 @@ output with a plain-JAX reference. On the CPU (jax 0.10.2) the hit's copy fails 
 "Function ... not found"; this says whether the GPU does the same."""
 
 import argparse
+import datetime
 import json
 import sys
 import threading
@@ -46,7 +47,10 @@ def main():
     ref = np.asarray(jax.jit(program).lower(x, w).compile()(x, w))  # compiled once here; a hit or a miss
     hit = bool(hits)
     compiled = jax.jit(program).lower(x, w).compile()
-    res = dict(phase=a.phase, backend=jax.default_backend(), jax=jax.__version__, jax_cache_hit=hit)
+    res = dict(device=jax.devices()[0].device_kind, jax_version=jax.__version__,
+               date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               command="python " + " ".join(sys.argv), phase=a.phase, backend=jax.default_backend(),
+               jax_cache_hit=hit)
     try:
         payload, i, o = serialize(compiled)
         exe = deserialize_and_load(payload, i, o)
