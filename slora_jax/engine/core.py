@@ -46,7 +46,7 @@ class EngineCore:
         self.now: Optional[float] = None  # the clock of this step's decisions (None: this process's own)
         self.requests: dict[str, Request] = {}
         self._inflight: Optional[_InFlight] = None
-        self._compiled_variants: set = set()  # LoRA groups of the step programs compiled ahead (Engine.precompile)
+        self.compiled_variants: set = set()  # LoRA groups of the step programs compiled ahead (Engine.precompile)
         self._adapter_groups: dict[str, set] = {}  # adapter -> the groups it targets (cleared on any change)
         self._registered: Optional[tuple] = None  # LoRA groups the registered adapters target (cached)
         self.trace: Optional[list] = None  # per-step records while tracing (benchmark floors)
@@ -69,12 +69,12 @@ class EngineCore:
         if not adapters:
             return ()
         union = self.registered_groups()
-        if not self._compiled_variants or union in self._compiled_variants:
+        if not self.compiled_variants or union in self.compiled_variants:
             return union
         need = set()
         for name in set(adapters):
             need |= self._groups_of(name)
-        covering = [v for v in self._compiled_variants if need <= set(v)]
+        covering = [v for v in self.compiled_variants if need <= set(v)]
         return min(covering, key=lambda v: (len(v), v)) if covering else union  # same choice on every process
 
     def _groups_of(self, name: str) -> set:
@@ -91,10 +91,6 @@ class EngineCore:
                 wanted |= {MODULE_GROUP[m][0] for m in self.adapters.info(name).target_modules}
             self._registered = tuple(g for g in LORA_GROUPS if g in wanted)
         return self._registered
-
-    def variants_compiled(self, variants) -> None:
-        """``Engine.precompile`` compiled the step programs of these LoRA variants."""
-        self._compiled_variants.update(tuple(v) for v in variants)
 
     def adapters_changed(self) -> None:
         """An adapter was registered or removed: the groups the registered ones target may differ."""

@@ -519,7 +519,7 @@ class Engine:
                     steps.append((mode, inp, samp, groups, info))
         with self._step_lock:
             records = self.runner.precompile(self.tables, steps, max_workers, on_compiled)
-            self._core.variants_compiled(variants)
+            self._core.compiled_variants.update(variants)
             return records
 
     # ------------------------------------------------------------------ convenience
