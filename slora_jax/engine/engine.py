@@ -35,7 +35,7 @@ from slora_jax.engine.inputs import StepInputs, bucket
 from slora_jax.engine.multihost import SharedInbox
 from slora_jax.engine.outputs import OutputProcessor
 from slora_jax.engine.request import Request
-from slora_jax.engine.runner import ALL_GROUPS, DTYPES, ModelRunner
+from slora_jax.engine.runner import DTYPES, ModelRunner
 from slora_jax.engine.scheduler import Scheduler
 from slora_jax.errors import (AdapterError, CapacityError, ConfigError, ProcessMismatchError, RequestError,
                               SloraError)
@@ -477,10 +477,9 @@ class Engine:
         return self._inputs.shapes(self._max_pages)
 
     def lora_variants(self) -> list[tuple]:
-        """LoRA groups of the step programs: none, those the registered adapters target together, and every
-        group, which serves any adapter registered later whatever it targets (see ``EngineCore.lora_groups``)."""
+        """LoRA groups of the step programs: none, and those the registered adapters target together."""
         union = self._core.registered_groups()
-        return [()] + ([union] if union else []) + ([ALL_GROUPS] if union != ALL_GROUPS else [])
+        return [()] + ([union] if union else [])
 
     def lower_step(self, mode: str, size: int, width: Optional[int] = None, lora_groups: Optional[tuple] = None):
         """The step program of one of ``step_shapes`` (mode "decode": ``size`` rows; "mixed": ``size``
@@ -493,7 +492,7 @@ class Engine:
         width = max(s[2] for s in shapes) if width is None else width
         inp = self._inputs.decode_arrays(size, width) if mode == "decode" else self._inputs.mixed_arrays(size, width)
         samp = self._inputs.sampling([], inp["lengths"].shape[0])
-        groups = self._core.registered_groups() if lora_groups is None else tuple(lora_groups)
+        groups = self.lora_variants()[-1] if lora_groups is None else tuple(lora_groups)
         with self._step_lock:
             return self.runner.lower(mode, self.tables, inp, samp, lora_groups=groups)
 
@@ -504,8 +503,7 @@ class Engine:
         GPU). Programs compile in parallel threads. ``sampling``: also the programs for temperature > 0
         (greedy-only batches use their own). Returns one record per program compiled now."""
         steps = []
-        variants = self.lora_variants()
-        for groups in variants:
+        for groups in self.lora_variants():
             for temp in ((0.0, 1.0) if sampling else (0.0,)):
                 for mode, n, width in self.step_shapes():
                     if mode == "decode":
@@ -518,9 +516,7 @@ class Engine:
                     info = dict(mode=mode, size=n, width=width, greedy=temp == 0.0, lora_groups=list(groups))
                     steps.append((mode, inp, samp, groups, info))
         with self._step_lock:
-            records = self.runner.precompile(self.tables, steps, max_workers, on_compiled)
-            self._core.compiled_variants.update(variants)
-            return records
+            return self.runner.precompile(self.tables, steps, max_workers, on_compiled)
 
     # ------------------------------------------------------------------ convenience
     def generate(self, prompts: Sequence[Prompt], adapters=None, sampling=None,
