@@ -1,8 +1,8 @@
 """What the every-group LoRA variant costs a batch of q/k/v/o adapters.
 
 A step program runs LoRA kernels for the groups the registered adapters target together; once an adapter
-with MLP targets is registered (or, after ``precompile``, when the registered union was never compiled), q/k/v/o
-batches run the program with every group, whose MLP kernels find rank 0 for all of them. This times the same
+with MLP targets is registered, q/k/v/o batches run the program with every group, whose MLP kernels find rank 0
+for all of them. (It is also what a fallback to a precompiled every-group program would cost: NOTES.) This times the same
 requests (B requests, each on its own q/k/v/o adapter, ``--tokens`` output tokens each) three times in one
 engine: q/k/v/o adapters only ("union"), with one MLP adapter registered that no request uses ("every group"),
 and after unloading it ("union" again, for the spread). Each pass is run once untimed first, so that its
