@@ -69,6 +69,9 @@ def _serve_args(sub):
                           help="adapters kept in host memory, counted at the largest accepted shape; others "
                                "are read from disk again when needed (default: bounded by EngineConfig's "
                                "host_cache_bytes, 8 GiB)")
+    adapters.add_argument("--pin-host-cache", action=argparse.BooleanOptionalAction, default=None,
+                          help="on a GPU, pin the adapter host cache's memory at start (default: on; seconds per "
+                               "few GiB once, instead of stalls while serving when it grows)")
     adapters.add_argument("--max-lora-rank", type=int, default=64, metavar="N",
                           help="adapters of a higher rank are refused")
 

@@ -694,7 +694,7 @@ def engine_config(args):
     """The EngineConfig of a ``serve`` namespace; options left unset (None or absent) keep the config's defaults."""
     import slora_jax as sj
 
-    optional = ("max_waiting", "max_model_len", "memory_fraction", "max_prefill_tokens", "seed")
+    optional = ("max_waiting", "max_model_len", "memory_fraction", "max_prefill_tokens", "seed", "pin_host_cache")
     extra = {k: getattr(args, k) for k in optional if getattr(args, k, None) is not None}
     if getattr(args, "max_loras", None) is not None:  # vLLM's name
         extra["max_adapters_on_device"] = args.max_loras

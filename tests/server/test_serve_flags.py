@@ -39,6 +39,12 @@ def test_vllm_adapter_flags_and_seed_reach_the_engine_config(monkeypatch):
     assert (cfg.max_adapters_on_device, cfg.seed) == (3, 7)
 
 
+def test_pin_host_cache_flag_reaches_the_engine_config(monkeypatch):
+    assert engine_config(serve_args(monkeypatch, "--no-pin-host-cache")).pin_host_cache is False
+    assert engine_config(serve_args(monkeypatch, "--pin-host-cache")).pin_host_cache is True
+    assert engine_config(serve_args(monkeypatch)).pin_host_cache is sj.EngineConfig().pin_host_cache
+
+
 def test_max_cpu_loras_keeps_that_many_adapters_in_host_memory(monkeypatch, files, tmp_path):
     """Adapters of the largest accepted shape: two stay in host memory, a third evicts the oldest."""
     from slora_jax.model.hf_config import load_model_config
