@@ -78,6 +78,7 @@ from slora_jax.adapters.reader import plan_adapter, read_paged_adapter
 from slora_jax.bench.setup import DEFAULT_TARGETS, page_cache
 from slora_jax.compile_cache import disable_compilation_cache, enable_compilation_cache
 from slora_jax.config import EngineConfig, ModelConfig
+from slora_jax.memory.pinned import to_pinned_host
 from slora_jax.memory.pool import PoolLayout
 from slora_jax.model.checkpoint import tensor_slots
 from slora_jax.model.hf_config import to_hf_config
@@ -130,14 +131,16 @@ def write_checkpoint(out: Path, cfg: ModelConfig, seed: int = 0) -> Path:
 def pinned_put(device):
     """numpy -> pinned host memory (waited for), as the engine's host tier holds adapters on a GPU;
     None where the device has no pinned host memory (CPU: the tier is numpy)."""
+    to_pinned = to_pinned_host(device)
+    if to_pinned is None:  # no memory kinds on this backend
+        return None
     try:
-        where = jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host")
-        jax.device_put(np.zeros(4, np.float32), where).block_until_ready()
-    except Exception:  # noqa: BLE001 - no memory kinds on this backend
+        to_pinned(np.zeros(4, np.float32)).block_until_ready()
+    except Exception:  # noqa: BLE001 - named, but not transferable to here (the CPU backend)
         return None
 
     def put(x):
-        return jax.device_put(x, where).block_until_ready()
+        return to_pinned(x).block_until_ready()
     return put
 
 

@@ -183,12 +183,14 @@ def profile_steps(engine, prompts, adapters, sp, log_dir: str, top: int = 30) ->
 
 
 _COMPILES = {"n": 0, "s": 0.0}  # XLA compilations in this process (any thread), and their seconds
+_counting = False
 
 
 def _count_compiles() -> None:
-    if _COMPILES.get("listening"):
+    global _counting
+    if _counting:
         return
-    _COMPILES["listening"] = True
+    _counting = True
 
     def on_event(event: str, secs: float, **_):
         if event == "/jax/core/compile/backend_compile_duration":
