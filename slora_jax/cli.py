@@ -71,7 +71,7 @@ def _serve_args(sub):
                                "host_cache_bytes, 8 GiB)")
     adapters.add_argument("--pin-host-cache", action=argparse.BooleanOptionalAction, default=None,
                           help="on a GPU, pin the adapter host cache's memory at start (default: on; seconds per "
-                               "few GiB once, instead of stalls while serving when it grows)")
+                               "few GiB once, instead of stalls while serving; off: unpinned, slower uploads)")
     adapters.add_argument("--max-lora-rank", type=int, default=64, metavar="N",
                           help="adapters of a higher rank are refused")
 

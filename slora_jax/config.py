@@ -113,9 +113,10 @@ class EngineConfig:
     # reader threads several-fold; benchmarks/NOTES.md) or "auto" (processes on GPU, threads elsewhere).
     adapter_readers: str = "auto"
     host_cache_bytes: int = 8 << 30  # bound of adapter weights held in host memory
-    # On a GPU, pin that much host memory (at most half the machine's) when the engine is built: pinned memory
-    # grown while serving stalls the steps queued meanwhile, for up to seconds per growth (benchmarks/NOTES.md),
-    # while pinning up front costs the build ~0.5-0.9 s per GiB once. False: grow while serving.
+    # On a GPU, pin that much host memory (at most half the machine's: the host tier's arena, registered for
+    # DMA) when the engine is built: pinned memory grown while serving stalls the steps queued meanwhile, for up
+    # to seconds per growth (benchmarks/NOTES.md), while pinning up front costs the build ~0.3-0.6 s per GiB
+    # once. False: the arena stays unpinned (uploads from it are slower copies).
     pin_host_cache: bool = True
     # Scan over stacked layer weights (one compiled layer body: fast compiles) or unroll the layers
     # (per-layer arrays: no slicing of stacked weights inside the step; 1.7x faster decode on the

@@ -19,6 +19,7 @@ import functools
 import math
 import mmap
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -114,6 +115,17 @@ def plan_adapter(adapter_dir, model_config: ModelConfig, layout: PoolLayout, max
 
 
 _staging = threading.local()
+_threads: tuple = (0, None)  # (size, ThreadPoolExecutor) that reads parts of one adapter
+_threads_lock = threading.Lock()
+
+
+def _pool(n: int) -> ThreadPoolExecutor:
+    """Threads that read parts of one adapter (shared by all reads of the process; grown to ``n``)."""
+    global _threads
+    with _threads_lock:
+        if _threads[0] < n:
+            _threads = (n, ThreadPoolExecutor(max_workers=n, thread_name_prefix="adapter-read-part"))
+        return _threads[1]
 # Bytes a reader thread reads at once (a batch of layers of one module): small enough that the batch is still
 # in the core's cache when it is checked for NaN/Inf and copied into the tiles, so the file's bytes cross
 # memory about as often as in a plain read (once out of the page cache, once into the tiles).
@@ -295,7 +307,7 @@ def _regions(plan: AdapterPlan, batches: dict, model_config: ModelConfig, layout
 
 
 def read_paged_adapter(plan: AdapterPlan, model_config: ModelConfig, layout: PoolLayout, max_rank: int,
-                       dtype, out: Optional[np.ndarray] = None) -> tuple[PagedAdapter, int]:
+                       dtype, out: Optional[np.ndarray] = None, threads: int = 1) -> tuple[PagedAdapter, int]:
     """Read the adapter's weights file into a PagedAdapter in ``dtype`` (numpy; B's pages transposed, as
     ``transposed`` says); returns it and the bytes read from the file. ``out``: a byte buffer to build the
     tiles in (reused by a caller that copies them elsewhere: new memory costs a page fault per 4 KiB). Raises AdapterError for a missing, truncated or corrupt file, weights that disagree
@@ -304,7 +316,10 @@ def read_paged_adapter(plan: AdapterPlan, model_config: ModelConfig, layout: Poo
     The tensors of one module (A or B) of equal rank in consecutive layers are read into one small buffer,
     checked and tiled with one strided copy each while the buffer is in the cache. Only the padding of a
     reused ``out`` is zeroed (fresh memory is zero already): with the file's dtype equal to ``dtype`` the
-    bytes are read once by the kernel, and read once and written once by numpy, all outside the GIL."""
+    bytes are read once by the kernel, and read once and written once by numpy, all outside the GIL.
+
+    ``threads`` > 1 splits the batches (each a different part of the tiles) into that many runs of the file,
+    read at once: one reader reaches ~2.2 GB/s on the H200 host, so a 51 MB adapter takes ~23 ms alone."""
     path = plan.weights_path
     dtype = np.dtype(dtype)
     R, W, L = layout.page_rows, layout.page_width, model_config.num_layers
@@ -340,17 +355,16 @@ def read_paged_adapter(plan: AdapterPlan, model_config: ModelConfig, layout: Poo
                 region.zero_padding(L, R)
         same_bits = _UINT[dtype.itemsize]
         fd = f.fileno()
-        nbytes = 0
         flat = [(key, items) for key, groups in batches.items() for items in groups]
-        # In file order of each batch's first tensor: the reads go mostly forward through the file.
-        for (module, is_b, tag, tshape), items in sorted(flat, key=lambda kv: spans[kv[1][0][1]].start):
+
+        def batch(key, items) -> int:
+            module, is_b, tag, tshape = key
             region = regions[(module, is_b)]
             per = spans[items[0][1]].end - spans[items[0][1]].start
             stage = _staging_buffer(per * len(items))[:per * len(items)]
             view = memoryview(stage)
             for i, (_, name) in enumerate(items):
                 pread_into(fd, view[i * per:(i + 1) * per], spans[name].start, path, AdapterError)
-            nbytes += stage.nbytes
             if _finite_error(stage, tag):
                 bad = next(name for i, (_, name) in enumerate(items)
                            if _finite_error(stage[i * per:(i + 1) * per], tag))
@@ -377,6 +391,29 @@ def read_paged_adapter(plan: AdapterPlan, model_config: ModelConfig, layout: Poo
             for part, cols in region.parts:
                 part_src = src[:, cols] if is_b else src[..., cols]  # B is stored [d_out, r]
                 region.tile(part.view(same_bits), layers, part_src.view(same_bits))
+            return stage.nbytes
+
+        # In file order of each batch's first tensor: the reads go mostly forward through the file.
+        ordered = sorted(flat, key=lambda kv: spans[kv[1][0][1]].start)
+        threads = max(1, min(int(threads), len(ordered)))
+        if threads == 1:
+            nbytes = sum(batch(key, items) for key, items in ordered)
+        else:
+            cut = [len(ordered) * i // threads for i in range(threads + 1)]
+            runs = [ordered[cut[i]:cut[i + 1]] for i in range(threads)]
+            futures = [_pool(threads).submit(lambda run: sum(batch(k, it) for k, it in run), run) for run in runs[1:]]
+            nbytes, error = 0, None
+            try:
+                nbytes = sum(batch(key, items) for key, items in runs[0])  # the first run on this thread
+            except Exception as e:  # noqa: BLE001 - raised below, once no thread reads the file any more
+                error = e
+            for fut in futures:
+                try:
+                    nbytes += fut.result()
+                except Exception as e:  # noqa: BLE001
+                    error = error or e
+            if error is not None:
+                raise error
     return PagedAdapter(tiles, plan.groups, plan.num_pages, plan.b_pages), nbytes
 
 

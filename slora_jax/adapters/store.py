@@ -1,7 +1,7 @@
 """AdapterStore: every registered adapter, its host copy, and its place (if any) in the device pool.
 
-Tiers: disk (registered, validated config) -> host (page-form weights in a byte-bounded LRU cache; pinned
-host memory on GPU) -> device (pages of the unified pool + a slot in the index tables). Device residency
+Tiers: disk (registered, validated config) -> host (page-form weights in a byte-bounded LRU cache, in the
+blocks of one shared arena that reader processes write into, registered for DMA on GPU) -> device (pages of the unified pool + a slot in the index tables). Device residency
 is reference-counted by the requests that use an adapter; unreferenced adapters stay resident until their
 pages are needed, then the least recently used goes first (its host copy stays, as in S-LoRA).
 
@@ -9,8 +9,8 @@ Loads are split in two so that prefetch really overlaps compute: ``prefetch`` al
 and *stages* the weights (an asynchronous host->device copy into a buffer of their own), and the first
 ``acquire`` *commits* them (a device-side scatter into the pool). Had the copy gone straight into the pool,
 the step dispatched right after it would wait for the copy, since every step reads the pool. An adapter
-that is not in host memory is read from disk by a pool of reader threads (``adapters.reader``: straight
-into the page-tile layout), never on the engine's thread: a request whose adapter is being read waits while
+that is not in host memory is read from disk by a pool of reader processes or threads (``adapters.reader``:
+straight into the page-tile layout, in an arena block), never on the engine's thread: a request whose adapter is being read waits while
 the rest of the batch runs, and ``read_ahead`` starts the reads for requests further down the queue. A read
 that fails marks its adapter failed: its requests get an AdapterError naming the reason, the others go on.
 
@@ -37,6 +37,7 @@ from slora_jax.adapters.paging import AdapterTables, PagedAdapter, canonical_til
 from slora_jax.adapters.reader import AdapterPlan, plan_adapter, read_paged_adapter
 from slora_jax.config import EngineConfig, ModelConfig
 from slora_jax.errors import AdapterError, UnknownAdapterError
+from slora_jax.memory.host_arena import ArenaBlock, HostArena
 from slora_jax.memory.pool import ADAPTER, PoolLayout, UnifiedPagePool
 from slora_jax.types import AdapterInfo
 
@@ -125,6 +126,9 @@ def _default_stage(device=None) -> Callable:
 # bounded share of the rest: with a thousand adapters in host memory, prefetch would otherwise stage every
 # one that fits in the pool (measured on the H200: 104 MB a copy until the allocator ran out).
 STAGING_LIMIT_BYTES = 2 << 30
+# Threads one read may use when it is the only one under way (benchmarks/cold_start.py: one reader thread
+# reaches ~2.2 GB/s on the H200's host, eight reader processes ~11.8 GB/s together).
+MAX_THREADS_PER_READ = 4
 
 
 def _aliases(x, buf: np.ndarray) -> bool:
@@ -153,10 +157,15 @@ class AdapterStore:
     def __init__(self, cfg: ModelConfig, econf: EngineConfig, layout: PoolLayout, pool: UnifiedPagePool,
                  tables: AdapterTables, write_pages: Callable[[np.ndarray, object], None], dtype,
                  to_host: Callable[[np.ndarray], object] = lambda x: x, stage: Optional[Callable] = None,
-                 staging_limit_bytes: int = STAGING_LIMIT_BYTES):
+                 staging_limit_bytes: int = STAGING_LIMIT_BYTES, arena: Optional[HostArena] = None):
+        """``arena``: the host tier's memory (the store closes it); without one, or where it has no room, the
+        host tier keeps copies made by ``to_host`` (numpy -> pinned host memory on GPU)."""
         self.cfg, self.econf, self.layout, self.pool, self.tables = cfg, econf, layout, pool, tables
         self._write_pages = write_pages
-        self._to_host = to_host  # numpy -> the host tier's array (pinned host memory on GPU)
+        self._to_host = to_host
+        self._arena = arena
+        self._blocks: dict[int, tuple[object, ArenaBlock]] = {}  # id(tiles) -> (tiles, their arena block)
+        self._blocks_lock = threading.Lock()  # reader threads take it: never the store's lock (see _late_block)
         self._stage = stage  # host tiles -> device array, asynchronously (default: jax.device_put)
         self._dtype = dtype
         self._staging_limit = staging_limit_bytes
@@ -208,9 +217,16 @@ class AdapterStore:
                       targets=plan.targets, num_pages=plan.num_pages)
         self._start_readers(self._plan_bytes(rec))
         if not lazy:
-            paged = self._read(rec)  # on the caller's thread: it waits for the result anyway
+            with self._lock:
+                block = self._arena_block(self._plan_bytes(rec))
+            paged = self._read(rec, block)  # on the caller's thread: it waits for the result anyway
         with self._lock:
-            self._check_name(name)
+            try:
+                self._check_name(name)
+            except AdapterError:
+                if not lazy:
+                    self._release_tiles(paged)
+                raise
             self._records[name] = rec
             if not lazy:
                 self._host_put(name, paged)
@@ -229,10 +245,23 @@ class AdapterStore:
             paged = shared[1]
         else:
             paged = page_adapter(lora, self.cfg, self.layout, self.econf.max_lora_rank, self._dtype)
-            paged.tiles = self._to_host(paged.tiles)
+            with self._lock:
+                block = self._arena_block(paged.tiles.nbytes)
+            if block is None:
+                paged.tiles = self._to_host(paged.tiles)
+            else:
+                host = self._arena.view(block, paged.tiles.nbytes).view(paged.tiles.dtype).reshape(paged.tiles.shape)
+                host[...] = paged.tiles
+                paged.tiles = host
+                self._keep_block(paged, block)
         self._describe(rec, lora, paged)
         with self._lock:
-            self._check_name(name)
+            try:
+                self._check_name(name)
+            except AdapterError:
+                if id(paged.tiles) not in self._tile_users:  # a copy of its own, not yet in the host tier
+                    self._release_tiles(paged)
+                raise
             self._records[name] = rec
             lora_id = id(lora)
             entry = self._shared.get(lora_id)
@@ -263,7 +292,9 @@ class AdapterStore:
                     del self._shared[sid]
                 else:
                     self._shared[sid] = (entry[0], entry[1], entry[2] - 1)
-            self._reading.pop(name, None)  # a read under way finishes unseen: its result is dropped
+            reading = self._reading.pop(name, None)
+            if reading is not None:  # a read under way finishes unseen: its result is dropped, its block freed
+                reading[1].add_done_callback(self._drop_result)
             self._read_failed.pop(name, None)
             del self._records[name]
 
@@ -287,6 +318,8 @@ class AdapterStore:
         self.step = step
         if self._reading:
             self._collect_reads()
+        if self._arena is not None:
+            self._arena.reclaim()  # completed uploads: their device arrays go
 
     def is_resident(self, name: str) -> bool:
         return self._get(name).slot is not None
@@ -444,7 +477,16 @@ class AdapterStore:
         stage = self._stage or _default_stage()
         self._stage = stage
         # Asynchronous host->device copy (B's pages turned round there); committed by the first acquire.
-        rec.staged = canonical_tiles(stage(paged.tiles), paged.transposed)
+        copied = stage(paged.tiles)
+        kept = self._blocks.get(id(paged.tiles))
+        if kept is not None and _aliases(copied, paged.tiles):  # a backend that wraps host memory (CPU)
+            copied = stage(np.array(paged.tiles))
+        rec.staged = canonical_tiles(copied, paged.transposed)
+        if kept is not None:
+            # Nor is the block reused while the copy may still read it. The staged array is what is held: it is
+            # ready only once the copy is (it is the copy, or computed from it), and the store holds it anyway;
+            # holding the copy as well would double the device memory of staged adapters.
+            self._arena.note_transfer(kept[1], rec.staged)
         rec.staged_bytes = paged.nbytes
         self._staged_bytes += paged.nbytes
         self._staged[rec.name] = rec
@@ -470,6 +512,8 @@ class AdapterStore:
         rec.stage_wait = _wait(rec.staged)
         self._write_pages(rec.pages, rec.staged)
         self._drop_staged(rec)
+        if self._arena is not None:
+            self._arena.reclaim()  # the arena lets go of it too: it is complete
 
     def _commit(self, rec: _Record) -> None:
         """The first use of a loaded adapter, in the step being scheduled: its staged copy is written into its
@@ -538,36 +582,92 @@ class AdapterStore:
         }
 
     # ------------------------------------------------------------------ host tier
-    def _read(self, rec: _Record) -> PagedAdapter:
+    def _read(self, rec: _Record, block: Optional[ArenaBlock] = None) -> PagedAdapter:
         """Read ``rec``'s weights file into host tiles (pinned host memory on GPU); any thread. Raises
         AdapterError saying why it failed."""
         t0 = self._read_begins()
         nbytes = 0
+        size = self._plan_bytes(rec)
+        if block is None:
+            block = self._late_block(size)
+        # One read alone is split over threads (one reaches ~2.2 GB/s); many at once share the cores.
+        threads = max(1, min(MAX_THREADS_PER_READ, (os.cpu_count() or 1) // max(1, self._reads_active)))
         try:
             procs = self._procs if self._procs_state == "ready" else None
             paged = None
             if procs is not None:
                 try:
                     paged, nbytes = procs.read(rec.plan, self.cfg, self.layout, self.econf.max_lora_rank,
-                                               self._dtype, self._copy_out, self._plan_bytes(rec))
+                                               self._dtype, size, block, self._copy_out, threads)
                 except OSError as e:  # its buffer could not grow (shared memory full): this one on a thread
                     _log.warning("adapter %r read on a thread: %s", rec.name, e)
             if paged is None:
-                out = self._tile_buffer(rec) if self._host_copies else None
+                if block is not None:
+                    out = self._arena.view(block)
+                else:
+                    out = self._tile_buffer(rec) if self._host_copies else None
                 paged, nbytes = read_paged_adapter(rec.plan, self.cfg, self.layout, self.econf.max_lora_rank,
-                                                   self._dtype, out)
-                if out is not None:
+                                                   self._dtype, out, threads)
+                if block is not None:
+                    if not np.shares_memory(paged.tiles, out):
+                        raise AdapterError(f"internal: arena block of {block.size} bytes is smaller than the "
+                                           f"adapter's tiles ({paged.tiles.nbytes} bytes)")
+                elif out is not None:
                     paged.tiles = self._copy_out(paged.tiles)
                 else:
                     paged.tiles = self._wait_host(self._to_host(paged.tiles))
-        except AdapterError:
+        except Exception as e:
+            if block is not None:
+                self._arena.free(block)
             self._read_ends(t0, nbytes, failed=True)
-            raise
-        except Exception as e:  # an I/O or memory error: this adapter fails, with what happened
-            self._read_ends(t0, nbytes, failed=True)
+            if isinstance(e, AdapterError):
+                raise
+            # an I/O or memory error: this adapter fails, with what happened
             raise AdapterError(f"reading adapter {rec.name!r} from {rec.path} failed: {type(e).__name__}: {e}") from e
+        if block is not None:
+            self._keep_block(paged, block)
         self._read_ends(t0, nbytes, failed=False)
         return paged
+
+    def _arena_block(self, nbytes: int) -> Optional[ArenaBlock]:
+        """A block of the arena for ``nbytes`` of tiles, the least recently used adapters of the host tier
+        making room (under the store's lock, held by the caller). None without an arena, or where adapters
+        being read or uploaded hold the room: the reader then tries once more (``_late_block``)."""
+        if self._arena is None or nbytes > self._arena.size:
+            return None
+        block = self._arena.alloc(nbytes)
+        while block is None:
+            victim = next((n for n in self._host if id(self._host[n].tiles) in self._blocks
+                           and not self._records[n].in_memory), None)
+            if victim is None:
+                break
+            self._host_drop(victim)
+            self.counters["host_evictions"] += 1
+            block = self._arena.alloc(nbytes)
+        return block
+
+    def _late_block(self, nbytes: int) -> Optional[ArenaBlock]:
+        """On a reader's thread, without the store's lock (the engine thread may hold it while it waits for this
+        read): a block once the uploads from freed blocks are done; None, and the tiles are copied into the host
+        tier as without an arena."""
+        if self._arena is None or nbytes > self._arena.size or not self._arena.wait_deferred():
+            return None
+        return self._arena.alloc(nbytes)
+
+    def _drop_result(self, fut: Future) -> None:
+        if not fut.cancelled() and fut.exception() is None:
+            self._release_tiles(fut.result())
+
+    def _keep_block(self, paged: PagedAdapter, block: ArenaBlock) -> None:
+        with self._blocks_lock:
+            self._blocks[id(paged.tiles)] = (paged.tiles, block)
+
+    def _release_tiles(self, paged: PagedAdapter) -> None:
+        """``paged`` leaves the store: its arena block (if any) is given back."""
+        with self._blocks_lock:
+            kept = self._blocks.pop(id(paged.tiles), None)
+        if kept is not None:
+            self._arena.free(kept[1])
 
     def _copy_out(self, tiles: np.ndarray):
         """The host tier's copy of ``tiles``, which lie in a buffer the next read reuses."""
@@ -592,7 +692,7 @@ class AdapterStore:
             self._procs_state = "starting"
 
         def run():
-            procs = read_processes.start(self._read_workers, slot_bytes)
+            procs = read_processes.start(self._read_workers, slot_bytes, arena=self._arena)
             with self._procs_lock:
                 if self._procs_state == "closed":
                     if procs is not None:
@@ -658,7 +758,9 @@ class AdapterStore:
             return
         if self._reader is None:
             self._reader = ThreadPoolExecutor(max_workers=self._read_workers, thread_name_prefix="adapter-read")
-        self._reading[rec.name] = (rec, self._reader.submit(self._read, rec))
+        # The block is taken now, on the engine's thread: making room may drop host copies, which needs the lock.
+        block = self._arena_block(self._plan_bytes(rec))
+        self._reading[rec.name] = (rec, self._reader.submit(self._read, rec, block))
 
     def _raise_if_failed(self, name: str) -> None:
         reason = self._read_failed.get(name)
@@ -680,6 +782,8 @@ class AdapterStore:
             self._procs_state = "closed"
         if procs is not None:
             procs.close()
+        if self._arena is not None:
+            self._arena.close()
 
     def wait_reads(self, timeout: Optional[float] = None) -> None:
         """Block until the background disk reads under way now are done (they join the host tier at the
@@ -701,9 +805,11 @@ class AdapterStore:
         """Record a finished read of ``rec`` (under the lock): into the host tier, or marked failed."""
         if self._reading.get(rec.name, (None,))[0] is rec:
             del self._reading[rec.name]
-        if self._records.get(rec.name) is not rec:
-            return None  # unloaded (or replaced) while it was being read
         err = fut.exception()
+        if self._records.get(rec.name) is not rec:
+            if err is None:
+                self._release_tiles(fut.result())
+            return None  # unloaded (or replaced) while it was being read
         if err is not None:
             self._read_failed[rec.name] = str(err)  # not retried; its requests report it
             return None
@@ -760,6 +866,7 @@ class AdapterStore:
             if users <= 0:
                 self._tile_users.pop(key, None)
                 self._host_bytes -= paged.nbytes
+                self._release_tiles(paged)
             else:
                 self._tile_users[key] = users
             if name in self._records:

@@ -145,15 +145,19 @@ class Engine:
         self.tables = AdapterTables(model_config, self.layout, econf.max_adapters_on_device, econf.max_lora_rank)
         # Several processes build tiles spanning every process's devices from host numpy (sharding.put).
         pinned = pinned_host.to_pinned_host(device) if _on_gpu() and not multi else None
+        arena = pinned_host.host_arena(econf.host_cache_bytes, device if pinned is not None and econf.pin_host_cache
+                                       else None)
         self._pinned_reserved = (0, 0.0)  # (bytes, seconds) of pinned host memory taken when built
-        if pinned is not None and econf.pin_host_cache:
+        if pinned is not None and econf.pin_host_cache and (arena is None or not arena.registered):
             self._pinned_reserved = pinned_host.reserve(pinned, pinned_host.reservation_bytes(econf.host_cache_bytes))
             _log.info("pinned %.1f GiB of host memory for the adapter host tier in %.1f s",
                       self._pinned_reserved[0] / (1 << 30), self._pinned_reserved[1])
+        self._arena_info = (0 if arena is None else arena.size, bool(arena is not None and arena.registered),
+                            0.0 if arena is None else arena.register_s)
         to_host = _or_numpy(pinned) if pinned is not None else (lambda x: x)
         stage = None if mesh is None else (lambda tiles: put(tiles, self.runner.replicated))
         self.adapters = AdapterStore(model_config, econf, self.layout, self.pool, self.tables,
-                                     self.runner.write_pages, DTYPES[econf.dtype], to_host, stage)
+                                     self.runner.write_pages, DTYPES[econf.dtype], to_host, stage, arena=arena)
         self.scheduler = Scheduler(econf, self.pool, self.adapters)
         self._inputs = StepInputs(econf.page_rows, econf.max_batch_size, self.scheduler.token_budget,
                                   self._table_width, self._slots)
@@ -611,6 +615,9 @@ class Engine:
             adapter_readers=self.adapters.reader_mode,
             pinned_host_reserved_bytes=self._pinned_reserved[0],
             pinned_host_reserve_s=self._pinned_reserved[1],
+            host_arena_bytes=self._arena_info[0],
+            host_arena_registered=self._arena_info[1],
+            host_arena_register_s=self._arena_info[2],
             running=len(self.scheduler.running),
             waiting=len(self.scheduler.waiting),
             compiled_shapes=len(self.runner.compiled_shapes),

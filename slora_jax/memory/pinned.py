@@ -1,13 +1,13 @@
-"""Pinned host memory for the adapter host tier, reserved once when the engine is built (GPU).
+"""Pinned host memory for the adapter host tier, taken once when the engine is built (GPU).
 
-The host tier keeps adapter tiles in JAX's pinned host memory, so that their copies to the device are
-asynchronous DMA. That memory comes from an allocator which grows by pinning a new region when it runs out,
+The host tier lives in a shared arena (``host_arena``), registered with the device's client, so that copies
+to the device are asynchronous DMA. Where that arena cannot be made, the tier's copies go to JAX's pinned host
+memory instead. That memory comes from an allocator which grows by pinning a new region when it runs out,
 and while it pins, the step programs queued behind it wait: on the H200, 100 new 51 MB arrays made beside a
 2 ms step loop stalled it for up to 1.8 s, while the same arrays made again, after the first were freed, stalled
 nothing (``benchmarks/host_transfer.py``). A cold pass over 1000 adapters grows the tier by 51 GB while
-serving, so the room is taken up front: one array of the tier's size, freed at once, leaves the allocator that
-large (it keeps what it pinned).
-"""
+serving, so there the room is taken up front: one array of the tier's size, freed at once, leaves the
+allocator that large (it keeps what it pinned)."""
 
 import logging
 import os
@@ -69,3 +69,20 @@ def reserve(put: Callable, nbytes: int, min_bytes: int = 256 << 20) -> tuple[int
             _log.info("pinning %.1f GiB of host memory failed (%s); trying half", size / (1 << 30), e)
             size //= 2
     return 0, time.perf_counter() - t0
+
+
+def host_arena(host_cache_bytes: int, device=None):
+    """The host tier's arena (``reservation_bytes`` of it), registered for DMA with ``device``'s client when a
+    device is given; None where none can be made (a warning says why)."""
+    from slora_jax.memory.host_arena import HostArena
+
+    size = reservation_bytes(host_cache_bytes)
+    if size <= 0:
+        return None
+    client = getattr(device, "client", None) if device is not None else None
+    register = getattr(client, "dma_map", None)
+    arena = HostArena.create(size, register, getattr(client, "dma_unmap", None))
+    if arena is not None and arena.registered:
+        _log.info("registered a %.1f GiB host arena for the adapter host tier in %.2f s", arena.size / (1 << 30),
+                  arena.register_s)
+    return arena

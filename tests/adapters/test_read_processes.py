@@ -61,10 +61,13 @@ def test_process_reads_match_the_float32_loader_and_run_in_parallel(tmp_path):
         assert len(pids) == 2 and os.getpid() not in pids  # both workers took reads, outside this process
         c = store.counters
         assert c["reads"] == 5 and c["read_failures"] == 0
-        for d in dirs:  # each host copy is its own memory, not a view of a reused shared buffer
+        blocks = set()
+        for d in dirs:  # each host copy lies in a block of the arena of its own, written by a worker
             paged = store._host[d.name]
-            assert all(not np.shares_memory(paged.tiles, b) for b in procs._buffers if b is not None)
+            assert np.shares_memory(paged.tiles, store._arena.buffer)
+            blocks.add(store._blocks[id(paged.tiles)][1].offset)
             assert_same_paged(paged, reference(d, TINY, store.layout, np.float32))
+        assert len(blocks) == 5 and all(b is None for b in procs._buffers)  # no buffer of their own needed
     finally:
         store.close()
 
@@ -158,18 +161,24 @@ def test_readers_that_cannot_start_leave_reads_on_threads(tmp_path, monkeypatch,
     store.close()
 
 
-def test_too_little_shared_memory_reads_on_threads(tmp_path, monkeypatch, caplog):
+@pytest.mark.parametrize("arena", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_too_little_shared_memory_reads_on_threads_without_an_arena(tmp_path, monkeypatch, caplog, arena):
+    """/dev/shm holds the workers' own buffers, which only a host tier without an arena needs (a container's
+    /dev/shm is 64 MB by default; the arena is a memfd, not bounded by it)."""
     class Tiny:
         f_bavail, f_frsize = 16, 4096
 
     monkeypatch.setattr(read_processes.os, "statvfs", lambda path: Tiny())
     (d,) = folders(tmp_path, 1)
-    store, _ = process_store()
+    store, _ = process_store(**({} if arena else {"arena_bytes": None}))
     try:
         with caplog.at_level("WARNING", logger="slora_jax.adapters"):
             store.register(d.name, d)
-            assert store.wait_for_readers(timeout=60) == "threads"
-        assert "adapter reads run on threads" in caplog.text and "GB free" in caplog.text
+            assert store.wait_for_readers(timeout=180) == ("processes" if arena else "threads")
+        if not arena:
+            assert "adapter reads run on threads" in caplog.text and "GB free" in caplog.text
+        store.unregister(d.name)
+        store.register(d.name, d)  # by a worker, with an arena
         assert_same_paged(store._host[d.name], reference(d, TINY, store.layout, np.float32))
     finally:
         store.close()
@@ -177,9 +186,10 @@ def test_too_little_shared_memory_reads_on_threads(tmp_path, monkeypatch, caplog
 
 @pytest.mark.slow  # starts reader processes (each imports the package: seconds)
 def test_close_ends_the_workers_and_frees_the_shared_memory(tmp_path):
-    (d,) = folders(tmp_path, 1)
-    store, _ = process_store(workers=1)
-    started(store, d)
+    small, big = folders(tmp_path, 1)[0], folders(tmp_path / "big", 1, rank=64)[0]
+    store, _ = process_store(workers=1, arena_bytes=None)
+    started(store, small)
+    store.register("big", big)  # the worker's buffer, made by its first read
     procs = store._procs
     folder, worker = procs._dir, procs._procs[0]
     assert os.path.isdir(folder) and worker.poll() is None
@@ -244,7 +254,7 @@ def test_a_buffer_that_cannot_grow_reads_that_adapter_on_a_thread(tmp_path, monk
     from slora_jax.model.random_checkpoint import write_random_adapter
 
     small, big = folders(tmp_path, 1, rank=8)[0], write_random_adapter(tmp_path / "big", TINY, rank=64, seed=5)
-    store, _ = process_store(workers=1)
+    store, _ = process_store(workers=1, arena_bytes=None)
     try:
         started(store, small)
         real = read_processes.os.posix_fallocate

@@ -17,6 +17,7 @@ from slora_jax.adapters.reader import plan_adapter, read_paged_adapter
 from slora_jax.adapters.store import AdapterStore
 from slora_jax.config import EngineConfig
 from slora_jax.errors import AdapterError
+from slora_jax.memory.host_arena import HostArena, _align
 from slora_jax.memory.pool import PoolLayout, UnifiedPagePool
 from slora_jax.model.hf_config import load_model_config
 from slora_jax.model.random_checkpoint import tiny_llama_config, write_random_adapter
@@ -239,14 +240,16 @@ def test_tensor_parallel_tiles_read_like_page_adapter(tmp_path):
 # ------------------------------------------------------------------------------------------ the store
 
 
-def make_store(cfg=TINY, workers=2, dtype=np.float32, **econf):
+def make_store(cfg=TINY, workers=2, dtype=np.float32, arena_bytes=64 << 20, **econf):
+    """A store whose staging is the identity (numpy) and whose host tier is an arena of ``arena_bytes``, as
+    the engine's (None: private copies, as where no arena can be made)."""
     econf = EngineConfig(num_pages=256, **econf)
     layout = PoolLayout(cfg.num_layers, 256, econf.page_rows, cfg.kv_size)
     pool = UnifiedPagePool(layout)
     tables = AdapterTables(cfg, layout, econf.max_adapters_on_device, econf.max_lora_rank)
     writes = []
     store = AdapterStore(cfg, econf, layout, pool, tables, lambda p, t: writes.append((p, t)), dtype,
-                         stage=lambda tiles: tiles)
+                         stage=lambda tiles: tiles, arena=None if arena_bytes is None else HostArena(arena_bytes))
     store._read_workers = workers
     return store, writes
 
@@ -490,6 +493,10 @@ def test_engine_stats_count_background_reads(tmp_path):
     s = engine.stats()
     assert s["adapter_reads"] == 1 and s["adapter_read_bytes"] == tensor_bytes(d)
     assert s["adapter_load_read_s"] > 0 and s["adapter_read_wall_s"] > 0 and s["adapter_read_gbps"] > 0
+    # The host tier is the shared arena, not registered for DMA off a GPU, and the read went into it.
+    assert s["host_arena_bytes"] > 0 and s["host_arena_registered"] is False
+    assert np.shares_memory(engine.adapters._host["a"].tiles, engine.adapters._arena.buffer)
+    engine.close()
 
 
 def test_a_request_waiting_for_its_read_does_not_hold_back_the_batch(tmp_path, monkeypatch):
@@ -539,3 +546,205 @@ def test_reused_tile_buffers_never_leak_into_the_host_tier(tmp_path, copying):
     for d in dirs:
         assert not np.shares_memory(store._host[d.name].tiles, buffers[0])
         assert_same_paged(store._host[d.name], reference(d, TINY, layout, np.float32))
+
+
+# ------------------------------------------------------------------------------------------ the arena
+
+
+def _block_of(store, name):
+    return store._blocks[id(store._host[name].tiles)][1]
+
+
+def test_reads_land_in_the_arena_and_the_oldest_copies_make_room(tmp_path):
+    a, b, c = folders(tmp_path, 3, rank=16)
+    store, _ = make_store(arena_bytes=None)
+    one = _align(store._plan_bytes(plan_record(store, a)))
+    store, _ = make_store(arena_bytes=2 * one)  # room for two of them
+    for d in (a, b):
+        store.register(d.name, d)
+    first = _block_of(store, a.name)
+    store.register(c.name, c)  # a, the least recently used, makes room
+    assert store.info(a.name).location == "disk" and store.counters["host_evictions"] == 1
+    assert _block_of(store, c.name).offset == first.offset  # in a's old block, overwritten
+    for d in (b, c):
+        assert np.shares_memory(store._host[d.name].tiles, store._arena.buffer)
+        assert_same_paged(store._host[d.name], reference(d, TINY, store.layout, np.float32))
+    assert store.acquire(a.name)  # read again, into b's block (b is now the oldest)
+    store.release(a.name)
+    assert store.info(b.name).location == "disk"
+    assert_same_paged(store._host[a.name], reference(a, TINY, store.layout, np.float32))
+    assert_same_paged(store._host[c.name], reference(c, TINY, store.layout, np.float32))
+    store.unregister(a.name)
+    store.unregister(c.name)
+    assert store._arena.used_bytes == 0
+    store.close()
+
+
+def plan_record(store, d):
+    store.register("probe", d, lazy=True)
+    rec = store._records["probe"]
+    store.unregister("probe")
+    return rec
+
+
+class Pending(np.ndarray):
+    """A device copy (numpy here) whose upload completes when ``block_until_ready`` is called."""
+
+    events: list = []
+
+    def is_ready(self):
+        return False
+
+    def block_until_ready(self):
+        Pending.events.append("upload done")
+        return self
+
+
+def test_an_upload_in_flight_keeps_its_block_from_the_next_read(tmp_path, monkeypatch):
+    a, b = folders(tmp_path, 2, rank=16)
+    store, _ = make_store(arena_bytes=None)
+    one = store._plan_bytes(plan_record(store, a))
+    store, writes = make_store(arena_bytes=one, max_adapters_on_device=1)
+    store._stage = lambda tiles: np.array(tiles).view(Pending)
+    store.register(a.name, a)
+    assert store.acquire(a.name)  # its upload "in flight" from the arena's only block
+    store.release(a.name)
+    Pending.events = []
+    real = reader_mod.read_paged_adapter
+
+    def read(*args, **kw):
+        Pending.events.append("read")
+        return real(*args, **kw)
+
+    monkeypatch.setattr("slora_jax.adapters.store.read_paged_adapter", read)
+    store.register(b.name, b)  # a's host copy makes room, but its block is reused only after the upload
+    assert Pending.events == ["upload done", "read"]
+    assert np.shares_memory(store._host[b.name].tiles, store._arena.buffer)
+    assert_same_paged(store._host[b.name], reference(b, TINY, store.layout, np.float32))
+    np.testing.assert_array_equal(writes[0][1], reference(a, TINY, store.layout, np.float32).tiles)
+    store.close()
+
+
+def test_staged_copies_never_alias_the_arena(tmp_path):
+    """A backend that wraps host memory instead of copying it (here the identity; JAX on CPU may) must not
+    leave a staged copy reading a block that a later read overwrites."""
+    (a,) = folders(tmp_path, 1, rank=16)
+    store, writes = make_store()
+    store.register(a.name, a)
+    assert store.acquire(a.name)
+    assert not np.shares_memory(writes[0][1], store._arena.buffer)
+    store.close()
+
+
+def test_failed_and_dropped_reads_give_their_blocks_back(tmp_path, monkeypatch):
+    good, bad, late = folders(tmp_path, 3, rank=16)
+    weights = bad / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-64:] = np.full(16, np.nan, np.float32).tobytes()
+    weights.write_bytes(bytes(data))
+    store, _ = make_store()
+    with pytest.raises(AdapterError, match="non-finite"):
+        store.register(bad.name, bad)  # eager: on this thread
+    assert store._arena.used_bytes == 0
+    store.register(bad.name, bad, lazy=True)
+    store.read_ahead([bad.name])
+    store.wait_reads(timeout=60)
+    store.begin_step(1)
+    assert store.failed(bad.name) and store._arena.used_bytes == 0
+    # Unloaded while its read is under way: the result is dropped and its block given back.
+    store.register(late.name, late, lazy=True)
+    started, release = _gate_reads(monkeypatch, [late.name])
+    store.read_ahead([late.name])
+    assert started.wait(30) and store._arena.used_bytes > 0
+    store.unregister(late.name)
+    release.set()
+    deadline = time.time() + 30
+    while store._arena.used_bytes and time.time() < deadline:
+        time.sleep(0.01)
+    assert store._arena.used_bytes == 0
+    store.register(good.name, good)  # and the arena still serves
+    assert np.shares_memory(store._host[good.name].tiles, store._arena.buffer)
+    store.close()
+
+
+def test_in_memory_adapters_live_in_the_arena_for_good(tmp_path):
+    from slora_jax.adapters.synthetic import random_lora
+
+    (d,) = folders(tmp_path, 1, rank=16)
+    store, _ = make_store()
+    lora = random_lora(TINY, 8, ("q_proj", "v_proj"), seed=3, name="m")
+    store.register_weights("m1", lora)
+    store.register_weights("m2", lora)  # one host copy for both names
+    tiles = store._host["m1"].tiles
+    assert store._host["m2"].tiles is tiles and np.shares_memory(tiles, store._arena.buffer)
+    np.testing.assert_array_equal(tiles, page_adapter(lora, TINY, store.layout, 64, np.float32).tiles)
+    used = store._arena.used_bytes
+    store.register(d.name, d)
+    store.unregister(d.name)
+    assert store._arena.used_bytes == used  # the disk adapter came and went; the in-memory one stays
+    store.unregister("m1")
+    assert store._arena.used_bytes == used  # still used by m2
+    store.unregister("m2")
+    assert store._arena.used_bytes == 0
+    store.close()
+
+
+def test_completed_uploads_are_let_go_at_the_next_step(tmp_path):
+    """The arena holds an upload's device array only while it may still read the block: each is an adapter's
+    size of device memory (holding them all ran the H200 out of memory in a 1000-adapter pass)."""
+    (a,) = folders(tmp_path, 1, rank=16)
+
+    class Upload(np.ndarray):
+        done = False
+
+        def is_ready(self):
+            return Upload.done
+
+    store, _ = make_store()
+    store._stage = lambda tiles: np.array(tiles).view(Upload)
+    store.register(a.name, a)
+    store.begin_step(1)
+    assert store.acquire(a.name)
+    block = _block_of(store, a.name)
+    assert len(block.pending) == 1
+    store.begin_step(2)
+    assert len(block.pending) == 1  # not complete yet: kept
+    Upload.done = True
+    store.begin_step(3)
+    assert block.pending == [] and store.info(a.name).location == "device"
+    store.close()
+
+
+@pytest.mark.parametrize("threads", [2, 3, 64])
+def test_one_read_split_over_threads_reads_the_same_tiles(tmp_path, threads, monkeypatch):
+    monkeypatch.setattr(reader_mod, "_BATCH_BYTES", 4096)  # many small batches: every thread takes some
+    (d,) = folders(tmp_path, 1, rank=16)
+    layout = PoolLayout(TINY.num_layers, 256, 16, TINY.kv_size)
+    plan = plan_adapter(d, TINY, layout, 64)
+    out = np.full(1 << 20, 0xAB, np.uint8)  # poisoned: only padding may be zeroed, the rest must be written
+    got, nbytes = read_paged_adapter(plan, TINY, layout, 64, np.float32, out, threads=threads)
+    assert nbytes == tensor_bytes(d) and np.shares_memory(got.tiles, out)
+    assert_same_paged(got, reference(d, TINY, layout, np.float32))
+
+
+def test_a_failure_in_one_part_fails_the_read_once_every_part_is_done(tmp_path, monkeypatch):
+    monkeypatch.setattr(reader_mod, "_BATCH_BYTES", 4096)
+    (d,) = folders(tmp_path, 1, rank=16)
+    layout = PoolLayout(TINY.num_layers, 256, 16, TINY.kv_size)
+    plan = plan_adapter(d, TINY, layout, 64)
+    real, calls = reader_mod.pread_into, []
+
+    def flaky(fd, view, offset, path, err):
+        calls.append(threading.get_ident())
+        if len(calls) == 3:
+            raise err(f"{path} ended at byte {offset}")
+        time.sleep(0.001)
+        return real(fd, view, offset, path, err)
+
+    monkeypatch.setattr(reader_mod, "pread_into", flaky)
+    with pytest.raises(AdapterError, match="ended at byte"):
+        read_paged_adapter(plan, TINY, layout, 64, np.float32, threads=3)
+    n = len(calls)
+    time.sleep(0.2)
+    assert len(calls) == n  # no part of the read still reads the (closed) file
+    assert len(set(calls)) > 1

@@ -19,6 +19,7 @@ from slora_jax.adapters.synthetic import random_lora
 from slora_jax.config import EngineConfig
 from slora_jax.engine.request import Request
 from slora_jax.engine.scheduler import Scheduler
+from slora_jax.memory.host_arena import HostArena
 from slora_jax.memory.pool import PoolLayout, UnifiedPagePool
 from slora_jax.model.random_checkpoint import tiny_llama_config
 from slora_jax.types import RequestMetrics, SamplingParams
@@ -29,7 +30,7 @@ TARGETS = ("q_proj", "v_proj")
 
 class Sim:
     def __init__(self, num_pages: int = 256, adapters: Optional[dict] = None, dt: float = 1.0,
-                 staging_limit_bytes: int = STAGING_LIMIT_BYTES, **econf):
+                 staging_limit_bytes: int = STAGING_LIMIT_BYTES, arena_bytes: Optional[int] = 64 << 20, **econf):
         econf.setdefault("dtype", "float32")
         self.econf = EngineConfig(num_pages=num_pages, **econf)
         self.cfg = TINY
@@ -38,7 +39,8 @@ class Sim:
         self.tables = AdapterTables(TINY, self.layout, self.econf.max_adapters_on_device, self.econf.max_lora_rank)
         self.writes: list[tuple[int, np.ndarray, np.ndarray]] = []  # (step, pages, tiles) of every pool commit
         self.store = AdapterStore(TINY, self.econf, self.layout, self.pool, self.tables, self._write, np.float32,
-                                  stage=lambda tiles: tiles, staging_limit_bytes=staging_limit_bytes)
+                                  stage=lambda tiles: tiles, staging_limit_bytes=staging_limit_bytes,
+                                  arena=None if arena_bytes is None else HostArena(arena_bytes))
         self.sched = Scheduler(self.econf, self.pool, self.store)
         self.now = 0.0
         self.dt = dt
