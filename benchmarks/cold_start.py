@@ -6,11 +6,13 @@
         --out /tmp/cold_start.json                                      # 8B-shape adapter reads only (CPU)
 
 Measured in one run (issue 14's targets in brackets):
-  1. Adapter bytes from the page cache to host tiles (pinned host memory where the device has it), one
-     reader thread and 1..8 readers in parallel, as file bytes per second [>= 2 GB/s per reader,
-     >= 5 GB/s aggregate]. numpy reading the same files (np.fromfile) is timed beside it.
+  1. Adapter bytes from the page cache to tiles in the host tier's arena (registered for DMA on a GPU, as
+     the engine's), one reader thread, one reader process and 1..8 reader processes in parallel, as file
+     bytes per second [>= 2 GB/s per reader, >= 5 GB/s aggregate]. numpy reading the same files
+     (np.fromfile), a read into fresh numpy tiles and (GPU) the way before the arena (a reused buffer, then
+     a copy into JAX's pinned memory) are timed beside it; on a GPU also one adapter's upload from the arena.
   2. A 51 MB adapter (rank 30 on q/k/v/o of the 8B shape, bf16) from its folder to the engine's device
-     pool: load_adapter (read + pinned copy) then the device copy and the write into the pool, waited
+     pool: load_adapter (a read into the arena) then the device copy and the write into the pool, waited
      for; p50 and p90 over distinct, page-cached folders [p50 <= 30 ms].
   3. The 8B checkpoint (random bf16 weights written by this script as one safetensors file, then
      page-cached) to fused device weights, ready to compile [<= 20 s]; then the same from the orbax
@@ -65,7 +67,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -78,7 +79,7 @@ from slora_jax.adapters.reader import plan_adapter, read_paged_adapter
 from slora_jax.bench.setup import DEFAULT_TARGETS, page_cache
 from slora_jax.compile_cache import disable_compilation_cache, enable_compilation_cache
 from slora_jax.config import EngineConfig, ModelConfig
-from slora_jax.memory.pinned import to_pinned_host
+from slora_jax.memory.pinned import host_arena, to_pinned_host
 from slora_jax.memory.pool import PoolLayout
 from slora_jax.model.checkpoint import tensor_slots
 from slora_jax.model.hf_config import to_hf_config
@@ -129,8 +130,8 @@ def write_checkpoint(out: Path, cfg: ModelConfig, seed: int = 0) -> Path:
 
 
 def pinned_put(device):
-    """numpy -> pinned host memory (waited for), as the engine's host tier holds adapters on a GPU;
-    None where the device has no pinned host memory (CPU: the tier is numpy)."""
+    """numpy -> pinned host memory (waited for), as the host tier held adapters before its arena (and still
+    does where no arena can be made); None where the device has no pinned host memory (CPU)."""
     to_pinned = to_pinned_host(device)
     if to_pinned is None:  # no memory kinds on this backend
         return None
@@ -144,27 +145,31 @@ def pinned_put(device):
     return put
 
 
-def bench_reads(cfg, folders, readers, put, repeats: int = 1) -> dict:
+def bench_reads(cfg, folders, readers, device, repeats: int = 1) -> dict:
+    """Adapter files -> tiles in the host tier's arena (registered for DMA on a GPU, as the engine's): one
+    reader thread, and 1..8 reader processes (the engine's readers on a GPU) writing into it in parallel."""
+    from slora_jax.adapters import read_processes
+
     layout = PoolLayout(cfg.num_layers, 1, 16, cfg.kv_size)
     plans = [plan_adapter(d, cfg, layout, 64) for d in folders]
     files = [d / "adapter_model.safetensors" for d in folders]
     file_bytes = sum(f.stat().st_size for f in files)
-    max_tile_bytes = max(p.num_pages for p in plans) * cfg.num_layers * 16 * cfg.kv_size * BF16.itemsize
+    tile_bytes = [p.num_pages * cfg.num_layers * 16 * cfg.kv_size * BF16.itemsize for p in plans]
+    gpu = jax.default_backend() == "gpu"
+    t0 = time.perf_counter()
+    arena = host_arena(sum(tile_bytes) + (64 << 20) * len(plans), device if gpu else None)
+    arena_s = time.perf_counter() - t0
+    blocks = [arena.alloc(n) for n in tile_bytes]
+    where = dict(zip(map(id, plans), blocks))
+    put = pinned_put(device)
+    scratch = np.empty(max(tile_bytes), np.uint8)
 
-    buffers = threading.local()
+    def read_into_arena(plan):
+        return read_paged_adapter(plan, cfg, layout, 64, BF16, arena.view(where[id(plan)]))[1]
 
-    def reused_buffer():
-        out = getattr(buffers, "buf", None)
-        if out is None:
-            out = buffers.buf = np.empty(max_tile_bytes, np.uint8)
-        return out
-
-    def read_one(plan):
-        # As the engine's reader threads do when the host tier copies into pinned memory: tiles are built in
-        # a buffer each thread reuses.
-        paged, n = read_paged_adapter(plan, cfg, layout, 64, BF16, reused_buffer() if put is not None else None)
-        if put is not None:
-            put(paged.tiles)
+    def read_then_pinned_copy(plan):  # the host tier's way before the arena: a reused buffer, then a copy
+        paged, n = read_paged_adapter(plan, cfg, layout, 64, BF16, scratch)
+        put(paged.tiles)
         return n
 
     def gbps(fn, items, threads=1):
@@ -176,22 +181,46 @@ def bench_reads(cfg, folders, readers, put, repeats: int = 1) -> dict:
                 nbytes = sum(pool.map(fn, items))
         return nbytes / (time.perf_counter() - t0) / 1e9
 
-    out = {"adapters": len(folders), "file_bytes": file_bytes, "pinned": put is not None, "repeats": repeats}
-    samples: dict = {"numpy_fromfile": [], "per_reader": [], "per_reader_reused_buffer": [],
+    out = {"adapters": len(folders), "file_bytes": file_bytes, "repeats": repeats,
+           "arena_bytes": arena.size, "arena_registered": arena.registered, "arena_make_s": arena_s,
+           "arena_register_s": arena.register_s}
+    procs = {k: read_processes.start(k, 0, arena=arena) for k in readers}
+    if any(v is None for v in procs.values()):
+        raise RuntimeError("reader processes did not start (the warning says why)")
+
+    def by_processes(k):
+        def read(plan):
+            return procs[k].read(plan, cfg, layout, 64, BF16, where[id(plan)].size, where[id(plan)])[1]
+        return read
+
+    samples: dict = {"numpy_fromfile": [], "per_reader": [], "per_reader_process": [],
                      "per_reader_to_numpy": [], "aggregate": {k: [] for k in readers}}
-    read_one(plans[0])  # first-use costs (allocators, jit of nothing) out of the timing
-    # Each measure once per repeat, interleaved: on a shared machine a slow moment spoils one sample of
-    # one measure, not all samples of it.
-    for _ in range(repeats):
-        samples["numpy_fromfile"].append(gbps(lambda f: np.fromfile(f, np.uint8).nbytes, files))
-        samples["per_reader"].append(max(gbps(read_one, plans) for _ in range(2)))
-        # The reader alone: tiles in one reused buffer (the pinned host tier's way, without its copy), and
-        # in fresh memory (a host tier that keeps numpy tiles).
-        samples["per_reader_reused_buffer"].append(
-            gbps(lambda p: read_paged_adapter(p, cfg, layout, 64, BF16, reused_buffer())[1], plans))
-        samples["per_reader_to_numpy"].append(gbps(lambda p: read_paged_adapter(p, cfg, layout, 64, BF16)[1], plans))
-        for k in readers:
-            samples["aggregate"][k].append(gbps(read_one, plans, k))
+    if put is not None:
+        samples["per_reader_pinned_copy"] = []
+    for k in readers:  # first-use costs (the workers' first mapping of the arena) out of the timing
+        gbps(by_processes(k), plans[:k], k)
+    read_into_arena(plans[0])
+    try:
+        # Each measure once per repeat, interleaved: on a shared machine a slow moment spoils one sample of
+        # one measure, not all samples of it.
+        for _ in range(repeats):
+            samples["numpy_fromfile"].append(gbps(lambda f: np.fromfile(f, np.uint8).nbytes, files))
+            samples["per_reader"].append(gbps(read_into_arena, plans))
+            samples["per_reader_process"].append(gbps(by_processes(readers[0]), plans))
+            samples["per_reader_to_numpy"].append(
+                gbps(lambda p: read_paged_adapter(p, cfg, layout, 64, BF16)[1], plans))
+            if put is not None:
+                samples["per_reader_pinned_copy"].append(gbps(read_then_pinned_copy, plans))
+            for k in readers:
+                samples["aggregate"][k].append(gbps(by_processes(k), plans, k))
+        # What the tiles in the arena hold: the same bytes as a read into fresh memory.
+        out["arena_tiles_match"] = all(
+            np.array_equal(arena.view(where[id(p)], n).view(BF16).reshape(ref.shape), ref)
+            for p, n in zip(plans, tile_bytes)
+            for ref in [read_paged_adapter(p, cfg, layout, 64, BF16)[0].tiles])
+    finally:
+        for v in procs.values():
+            v.close()
     for name, values in samples.items():
         if name != "aggregate":
             out[f"{name}_gbps"] = max(values)
@@ -199,7 +228,37 @@ def bench_reads(cfg, folders, readers, put, repeats: int = 1) -> dict:
     out["best_aggregate_gbps"] = max(out["aggregate_gbps"].values())
     if repeats > 1:
         out["samples_gbps"] = samples
+    if gpu:
+        out["upload"] = bench_upload(arena, blocks[0], tile_bytes[0], device)
+    arena.close()
     return out
+
+
+def bench_upload(arena, block, nbytes, device) -> dict:
+    """One adapter's tiles from the registered arena to the device: how long ``device_put`` holds the calling
+    thread and how long the copy takes, and whether the source may be rewritten once the call returns (the
+    host tier keeps a block from reuse until the copy is ready either way)."""
+    view = arena.view(block, nbytes)
+    rng = np.random.default_rng(0)
+    calls, totals, safe, ready = [], [], [], []
+    for i in range(12):
+        view[:] = rng.integers(0, 255, nbytes, dtype=np.uint8)
+        want = view.copy()
+        t0 = time.perf_counter()
+        x = jax.device_put(view, device)
+        t1 = time.perf_counter()
+        ready_at_return = bool(x.is_ready())
+        view[:] = 0  # rewritten at once: does the device copy still get the old bytes?
+        x.block_until_ready()
+        t2 = time.perf_counter()
+        if i >= 2:
+            calls.append((t1 - t0) * 1e3)
+            totals.append((t2 - t0) * 1e3)
+            safe.append(bool(np.array_equal(np.asarray(x), want)))
+            ready.append(ready_at_return)
+    return {"mb": nbytes / 1e6, "call_ms_p50": statistics.median(calls), "total_ms_p50": statistics.median(totals),
+            "gbps": nbytes / statistics.median(totals) / 1e6, "source_reusable_after_call": all(safe),
+            "ready_at_return": sum(ready)}
 
 
 def bench_cold_adapter(cfg, folders, num_pages) -> dict:
@@ -501,7 +560,7 @@ def main(argv=None) -> int:
                        for i in range(n_adapters)]
             page_cache(d / "adapter_model.safetensors" for d in folders)
             result["adapter_setup_s"] = time.perf_counter() - t0
-            result["reads"] = bench_reads(cfg, folders, readers, pinned_put(device), args.repeats)
+            result["reads"] = bench_reads(cfg, folders, readers, device, args.repeats)
             if not args.reads_only:
                 pages = 128 if args.tiny else 512
                 result["cold_adapter"] = bench_cold_adapter(cfg, folders, pages)
@@ -522,10 +581,21 @@ def main(argv=None) -> int:
     rows = []
     if "reads" in result:
         r = result["reads"]
-        rows += [("adapter read, 1 reader (GB/s)", f"{r['per_reader_gbps']:.2f}", ">= 2")]
-        rows += [("  reader alone, reused tile buffer (GB/s)", f"{r['per_reader_reused_buffer_gbps']:.2f}", ""),
-                 ("  reader alone, fresh tiles (GB/s)", f"{r['per_reader_to_numpy_gbps']:.2f}", "")]
-        rows += [(f"adapter read, aggregate best of {readers} (GB/s)", f"{r['best_aggregate_gbps']:.2f}", ">= 5"),
+        rows += [("adapter read into the arena, 1 reader thread (GB/s)", f"{r['per_reader_gbps']:.2f}", ">= 2"),
+                 ("  1 reader process (GB/s)", f"{r['per_reader_process_gbps']:.2f}", ">= 2"),
+                 ("  into fresh numpy tiles (GB/s)", f"{r['per_reader_to_numpy_gbps']:.2f}", "")]
+        if "per_reader_pinned_copy_gbps" in r:
+            rows.append(("  reused buffer + copy into pinned memory (before the arena) (GB/s)",
+                         f"{r['per_reader_pinned_copy_gbps']:.2f}", ""))
+        rows.append((f"  arena of {r['arena_bytes'] / 1e9:.1f} GB: made + registered (s)",
+                     f"{r['arena_make_s']:.2f} ({'registered' if r['arena_registered'] else 'not registered'})", ""))
+        if "upload" in r:
+            u = r["upload"]
+            rows.append((f"  {u['mb']:.0f} MB arena -> device: call / done p50 ms, GB/s, source reusable at return",
+                         f"{u['call_ms_p50']:.2f} / {u['total_ms_p50']:.2f}, {u['gbps']:.1f}, "
+                         f"{u['source_reusable_after_call']}", ""))
+        rows += [(f"adapter read, processes, aggregate best of {readers} (GB/s)", f"{r['best_aggregate_gbps']:.2f}",
+                  ">= 5"),
                  ("numpy fromfile, same files (GB/s)", f"{r['numpy_fromfile_gbps']:.2f}", "")]
     if "cold_adapter" in result:
         c = result["cold_adapter"]

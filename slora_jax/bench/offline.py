@@ -315,7 +315,7 @@ def main(argv=None) -> int:
         print(f"{files.distinct} adapter folders ({files.file_bytes / 1e9:.2f} GB) written in {files.write_s:.0f} s, "
               f"page-cached in {files.cache_s:.1f} s", flush=True)
     sp = sj.SamplingParams(max_tokens=args.output_len, ignore_eos=True)
-    results, precompile_s, compiled, profile = [], {}, {}, {}
+    results, precompile_s, compiled, profile, host_tier = [], {}, {}, {}, {}
     for tp in tps:
         econf = sj.EngineConfig(dtype=args.dtype, kernel_backend=args.kernel_backend,
                                 max_batch_size=args.max_batch_size, tensor_parallel=tp,
@@ -329,9 +329,18 @@ def main(argv=None) -> int:
         mesh = make_mesh(tp) if 1 < tp <= len(jax.devices()) else None  # too large: the Engine says so
         params = random_fused_params(cfg, args.dtype, mesh=mesh, seed=0,
                                      scan_layers=econf.resolved_scan_layers(jax.default_backend()))
+        t0 = time.perf_counter()
         engine = sj.Engine(cfg, params, econf)
+        build_s = time.perf_counter() - t0
         del params
         st = engine.stats()
+        host_tier[tp] = {k: st[k] for k in ("host_arena_bytes", "host_arena_registered", "host_arena_register_s",
+                                             "pinned_host_reserved_bytes", "pinned_host_reserve_s")}
+        host_tier[tp]["engine_build_s"] = build_s
+        if st["host_arena_bytes"]:
+            print(f"[tp={tp}] engine built in {build_s:.1f} s; host tier: a {st['host_arena_bytes'] / (1 << 30):.1f} GiB "
+                  f"arena, {'registered for DMA' if st['host_arena_registered'] else 'not registered'} in "
+                  f"{st['host_arena_register_s']:.1f} s", flush=True)
         if st["pinned_host_reserved_bytes"]:
             print(f"[tp={tp}] {st['pinned_host_reserved_bytes'] / (1 << 30):.1f} GiB of pinned host memory reserved "
                   f"in {st['pinned_host_reserve_s']:.1f} s", flush=True)
@@ -426,7 +435,7 @@ def main(argv=None) -> int:
                     for r in results if r.get("phase") == "cold"]
     record = dict(
         **header(), model=args.model, copy_bandwidth=bw,
-        hbm_peak_bytes_per_s=HBM_PEAK, matmul_flops_per_s=mm, precompile_s=precompile_s,
+        hbm_peak_bytes_per_s=HBM_PEAK, matmul_flops_per_s=mm, precompile_s=precompile_s, host_tier=host_tier,
         programs_compiled={tp: len(c) for tp, c in compiled.items()}, adapter_source=args.adapter_source,
         host_cache_bytes=int(host_cache_gib * (1 << 30)), num_requests=args.num_requests,
         input_len=args.input_len, output_len=args.output_len,
