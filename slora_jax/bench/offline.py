@@ -154,7 +154,9 @@ def read_stats(s0: dict, s1: dict) -> dict:
 
 
 def profile_steps(engine, prompts, adapters, sp, log_dir: str, top: int = 30) -> dict:
-    """Device time per kernel over a short decode-heavy run, from a jax.profiler trace."""
+    """Device time over a short decode-heavy run, from a jax.profiler trace: per device, the span from its
+    first to its last event, the time its "XLA Modules" line is busy (programs running), and the HLO ops
+    ("XLA Ops" line: fusions, custom calls, collectives) that take most of it."""
     import glob
     engine.generate(prompts[:8], sampling=sp)
     trace = engine.record_steps(True)
@@ -168,18 +170,35 @@ def profile_steps(engine, prompts, adapters, sp, log_dir: str, top: int = 30) ->
     if not files:
         return {}
     data = jax.profiler.ProfileData.from_file(files[-1])
-    per: dict = {}
+    devices, per, kernels = [], {}, {}
     for plane in data.planes:
         if not plane.name.startswith("/device:GPU"):
             continue
+        lines = {}
+        first, last = None, None
         for line in plane.lines:
+            busy = 0.0
             for ev in line.events:
-                per[ev.name] = per.get(ev.name, 0.0) + ev.duration_ns / 1e9
+                busy += ev.duration_ns / 1e9
+                first = ev.start_ns if first is None else min(first, ev.start_ns)
+                last = ev.start_ns + ev.duration_ns if last is None else max(last, ev.start_ns + ev.duration_ns)
+                if line.name == "XLA Ops":
+                    key = ev.name.split(".")[0]  # fusion.12 -> fusion: one row per kind of op
+                    per[key] = per.get(key, 0.0) + ev.duration_ns / 1e9
+                elif line.name.startswith("Stream"):  # the kernels themselves (NCCL's among them)
+                    kernels[ev.name[:80]] = kernels.get(ev.name[:80], 0.0) + ev.duration_ns / 1e9
+            lines[line.name] = busy
+        devices.append(dict(plane=plane.name, span_s=((last - first) / 1e9) if first is not None else 0.0,
+                            modules_s=lines.get("XLA Modules", 0.0), ops_s=lines.get("XLA Ops", 0.0),
+                            lines_s=lines))
     total = sum(per.values())
     ranked = sorted(per.items(), key=lambda kv: -kv[1])[:top]
     steps = {m: sum(1 for t in trace if t["mode"] == m) for m in ("decode", "mixed")}
-    return dict(total_s=total, steps=steps,
-                top=[dict(name=k[:120], s=v, share=v / total if total else 0.0) for k, v in ranked])
+    ktotal = sum(kernels.values())
+    return dict(total_s=total, steps=steps, devices=devices,
+                top=[dict(name=k[:120], s=v, share=v / total if total else 0.0) for k, v in ranked],
+                kernels=[dict(name=k, s=v, share=v / ktotal if ktotal else 0.0)
+                         for k, v in sorted(kernels.items(), key=lambda kv: -kv[1])[:top]])
 
 
 _COMPILES = {"n": 0, "s": 0.0}  # XLA compilations in this process (any thread), and their seconds
@@ -463,7 +482,12 @@ def main(argv=None) -> int:
         if r["host_profile"]:
             print(f"  host, {r['case']}: " + "; ".join(f"{h['fn']} {h['own_s']:.2f}s" for h in r["host_profile"][:8]))
     for n, prof in profile.items():
-        print(f"  profile, {n} adapters: {prof.get('total_s', 0):.3f} s of device time, steps {prof.get('steps')}")
+        print(f"  profile, {n} adapters: {prof.get('total_s', 0):.3f} s of device op time, steps {prof.get('steps')}")
+        for d in prof.get("devices", []):
+            print(f"    {d['plane']}: span {d['span_s']:.3f} s, programs {d['modules_s']:.3f} s, ops {d['ops_s']:.3f} s")
+        for what in ("top", "kernels"):
+            print(f"    {what}: " + "; ".join(f"{t['name'][:50]} {t['s'] * 1e3:.0f} ms ({t['share']:.0%})"
+                                         for t in prof.get(what, [])[:12]))
         for p in (prof.get("top") or [])[:18]:
             print(f"    {p['share'] * 100:5.1f}% {p['s'] * 1e3:8.1f} ms  {p['name']}")
     print(f"{'tp':>3} {'case':<16}{'rep':>4}{'out tok/s':>11}{'vs base':>9}{'vs tp' + str(tps[0]):>9}{'% floor':>9}"
