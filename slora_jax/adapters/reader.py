@@ -310,8 +310,9 @@ def read_paged_adapter(plan: AdapterPlan, model_config: ModelConfig, layout: Poo
                        dtype, out: Optional[np.ndarray] = None, threads: int = 1) -> tuple[PagedAdapter, int]:
     """Read the adapter's weights file into a PagedAdapter in ``dtype`` (numpy; B's pages transposed, as
     ``transposed`` says); returns it and the bytes read from the file. ``out``: a byte buffer to build the
-    tiles in (reused by a caller that copies them elsewhere: new memory costs a page fault per 4 KiB). Raises AdapterError for a missing, truncated or corrupt file, weights that disagree
-    with the config or the base model, and non-finite values.
+    tiles in (an arena block, or a buffer reused by a caller that copies them elsewhere: new memory costs a
+    page fault per 4 KiB). Raises AdapterError for a missing, truncated or corrupt file, weights that
+    disagree with the config or the base model, and non-finite values.
 
     The tensors of one module (A or B) of equal rank in consecutive layers are read into one small buffer,
     checked and tiled with one strided copy each while the buffer is in the cache. Only the padding of a

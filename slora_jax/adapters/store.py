@@ -1,18 +1,20 @@
 """AdapterStore: every registered adapter, its host copy, and its place (if any) in the device pool.
 
 Tiers: disk (registered, validated config) -> host (page-form weights in a byte-bounded LRU cache, in the
-blocks of one shared arena that reader processes write into, registered for DMA on GPU) -> device (pages of the unified pool + a slot in the index tables). Device residency
-is reference-counted by the requests that use an adapter; unreferenced adapters stay resident until their
-pages are needed, then the least recently used goes first (its host copy stays, as in S-LoRA).
+blocks of one shared arena that reader processes write into, registered for DMA on GPU) -> device (pages of
+the unified pool + a slot in the index tables). Device residency is reference-counted by the requests that use
+an adapter; unreferenced adapters stay resident until their pages are needed, then the least recently used
+goes first (its host copy stays, as in S-LoRA).
 
 Loads are split in two so that prefetch really overlaps compute: ``prefetch`` allocates pages and a slot
 and *stages* the weights (an asynchronous host->device copy into a buffer of their own), and the first
 ``acquire`` *commits* them (a device-side scatter into the pool). Had the copy gone straight into the pool,
 the step dispatched right after it would wait for the copy, since every step reads the pool. An adapter
 that is not in host memory is read from disk by a pool of reader processes or threads (``adapters.reader``:
-straight into the page-tile layout, in an arena block), never on the engine's thread: a request whose adapter is being read waits while
-the rest of the batch runs, and ``read_ahead`` starts the reads for requests further down the queue. A read
-that fails marks its adapter failed: its requests get an AdapterError naming the reason, the others go on.
+straight into the page-tile layout, in an arena block), never on the engine's thread: a request whose
+adapter is being read waits while the rest of the batch runs, and ``read_ahead`` starts the reads for
+requests further down the queue. A read that fails marks its adapter failed: its requests get an
+AdapterError naming the reason, the others go on.
 
 Every load is logged (``load_log``): who issued it (prefetch or the admission that needed it), at which
 scheduling step, the step that needed it, and how long that step waited for it.
@@ -583,7 +585,8 @@ class AdapterStore:
 
     # ------------------------------------------------------------------ host tier
     def _read(self, rec: _Record, block: Optional[ArenaBlock] = None) -> PagedAdapter:
-        """Read ``rec``'s weights file into host tiles (pinned host memory on GPU); any thread. Raises
+        """Read ``rec``'s weights file into ``block`` of the arena (one taken now where none is given and the
+        arena has room), else into host tiles of their own (pinned host memory on GPU); any thread. Raises
         AdapterError saying why it failed."""
         t0 = self._read_begins()
         nbytes = 0

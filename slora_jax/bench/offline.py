@@ -357,9 +357,10 @@ def main(argv=None) -> int:
                                              "pinned_host_reserved_bytes", "pinned_host_reserve_s")}
         host_tier[tp]["engine_build_s"] = build_s
         if st["host_arena_bytes"]:
-            print(f"[tp={tp}] engine built in {build_s:.1f} s; host tier: a {st['host_arena_bytes'] / (1 << 30):.1f} GiB "
-                  f"arena, {'registered for DMA' if st['host_arena_registered'] else 'not registered'} in "
-                  f"{st['host_arena_register_s']:.1f} s", flush=True)
+            how = "registered for DMA" if st["host_arena_registered"] else "not registered"
+            print(f"[tp={tp}] engine built in {build_s:.1f} s; host tier: a "
+                  f"{st['host_arena_bytes'] / (1 << 30):.1f} GiB arena, {how} in {st['host_arena_register_s']:.1f} s",
+                  flush=True)
         if st["pinned_host_reserved_bytes"]:
             print(f"[tp={tp}] {st['pinned_host_reserved_bytes'] / (1 << 30):.1f} GiB of pinned host memory reserved "
                   f"in {st['pinned_host_reserve_s']:.1f} s", flush=True)
@@ -484,7 +485,8 @@ def main(argv=None) -> int:
     for n, prof in profile.items():
         print(f"  profile, {n} adapters: {prof.get('total_s', 0):.3f} s of device op time, steps {prof.get('steps')}")
         for d in prof.get("devices", []):
-            print(f"    {d['plane']}: span {d['span_s']:.3f} s, programs {d['modules_s']:.3f} s, ops {d['ops_s']:.3f} s")
+            print(f"    {d['plane']}: span {d['span_s']:.3f} s, programs {d['modules_s']:.3f} s, "
+                  f"ops {d['ops_s']:.3f} s")
         for what in ("top", "kernels"):
             print(f"    {what}: " + "; ".join(f"{t['name'][:50]} {t['s'] * 1e3:.0f} ms ({t['share']:.0%})"
                                          for t in prof.get(what, [])[:12]))

@@ -210,6 +210,11 @@ class HostArena:
         array over it does."""
         self.wait_deferred()
         self._finalizer()
+        self.buffer = None
+        try:  # the memory goes now, unless arrays over it are still alive (it goes with the last of them then)
+            self._mm.close()
+        except BufferError:
+            pass
 
 
 def _release(fd: int, ptr: int, unregister) -> None:
