@@ -209,6 +209,10 @@ class ProcessReaders:
                         raise AdapterError("the adapter reader process stopped during the read twice (out of "
                                            f"memory, or killed; exit code {code}): {type(e).__name__}: {e}") from e
                     log.warning("an adapter reader process stopped during a read (exit code %s); reading again", code)
+                except BaseException:  # Ctrl-C while it reads: its answer would be read as the next one's
+                    proc.kill()
+                    proc.wait()
+                    raise
             if not ok:
                 raise answer
             shape, groups, num_pages, transposed, nbytes = answer

@@ -406,12 +406,12 @@ def read_paged_adapter(plan: AdapterPlan, model_config: ModelConfig, layout: Poo
             nbytes, error = 0, None
             try:
                 nbytes = sum(batch(key, items) for key, items in runs[0])  # the first run on this thread
-            except Exception as e:  # noqa: BLE001 - raised below, once no thread reads the file any more
+            except BaseException as e:  # Ctrl-C too: raised below, once no thread reads the file any more
                 error = e
             for fut in futures:
                 try:
                     nbytes += fut.result()
-                except Exception as e:  # noqa: BLE001
+                except BaseException as e:
                     error = error or e
             if error is not None:
                 raise error

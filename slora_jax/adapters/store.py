@@ -137,11 +137,16 @@ def _aliases(x, buf: np.ndarray) -> bool:
     """Whether ``x`` (numpy, or a jax array that may wrap host memory zero-copy) lies in ``buf``."""
     if isinstance(x, np.ndarray):
         return np.shares_memory(x, buf)
-    try:
-        ptr = x.unsafe_buffer_pointer()
-    except Exception:  # noqa: BLE001 - no single buffer (sharded) or no pointer: not a view of ours
-        return False
-    return buf.ctypes.data <= ptr < buf.ctypes.data + buf.nbytes
+    shards = getattr(x, "addressable_shards", None)
+    parts = [s.data for s in shards] if shards else [x]  # every device's buffer (JAX on CPU may wrap each)
+    for part in parts:
+        try:
+            ptr = part.unsafe_buffer_pointer()
+        except Exception:  # noqa: BLE001 - no pointer: not a view of ours
+            continue
+        if buf.ctypes.data <= ptr < buf.ctypes.data + buf.nbytes:
+            return True
+    return False
 
 
 def _wait(x) -> tuple[bool, float]:
@@ -241,37 +246,48 @@ class AdapterStore:
         stay separate per name)."""
         self._check_name(name)
         rec = _Record(name=name, path=lora.path or "<memory>", config=dict(lora.config), in_memory=True)
+        with self._lock:  # a copy shared already is taken under the lock: no unregister can free it meanwhile
+            if self._shared_copy(lora) is not None:
+                return self._add_in_memory(rec, lora, None)
+        paged = page_adapter(lora, self.cfg, self.layout, self.econf.max_lora_rank, self._dtype)
         with self._lock:
-            shared = self._shared.get(id(lora))
-        if shared is not None and shared[0] is lora:
-            paged = shared[1]
+            block = self._arena_block(paged.tiles.nbytes)
+        if block is None:
+            paged.tiles = self._to_host(paged.tiles)
         else:
-            paged = page_adapter(lora, self.cfg, self.layout, self.econf.max_lora_rank, self._dtype)
-            with self._lock:
-                block = self._arena_block(paged.tiles.nbytes)
-            if block is None:
-                paged.tiles = self._to_host(paged.tiles)
-            else:
-                host = self._arena.view(block, paged.tiles.nbytes).view(paged.tiles.dtype).reshape(paged.tiles.shape)
-                host[...] = paged.tiles
-                paged.tiles = host
-                self._keep_block(paged, block)
-        self._describe(rec, lora, paged)
+            host = self._arena.view(block, paged.tiles.nbytes).view(paged.tiles.dtype).reshape(paged.tiles.shape)
+            host[...] = paged.tiles
+            paged.tiles = host
+            self._keep_block(paged, block)
         with self._lock:
             try:
-                self._check_name(name)
+                return self._add_in_memory(rec, lora, paged)
             except AdapterError:
-                if id(paged.tiles) not in self._tile_users:  # a copy of its own, not yet in the host tier
-                    self._release_tiles(paged)
+                self._release_tiles(paged)  # a copy of its own, not in the host tier
                 raise
-            self._records[name] = rec
-            lora_id = id(lora)
-            entry = self._shared.get(lora_id)
-            users = (entry[2] if entry is not None and entry[0] is lora else 0) + 1
-            self._shared[lora_id] = (lora, paged, users)
-            rec.shared_id = lora_id
-            self._host_put(name, paged)
-            return self._info(rec)
+
+    def _shared_copy(self, lora) -> Optional[PagedAdapter]:
+        entry = self._shared.get(id(lora))
+        return entry[1] if entry is not None and entry[0] is lora else None
+
+    def _add_in_memory(self, rec: _Record, lora, paged: Optional[PagedAdapter]) -> AdapterInfo:
+        """(Under the lock.) ``rec`` joins with ``lora``'s shared host copy where there is one by now (``paged``,
+        made meanwhile by this caller, is then given back), else with ``paged``."""
+        self._check_name(rec.name)
+        shared = self._shared_copy(lora)
+        if shared is not None:
+            if paged is not None:
+                self._release_tiles(paged)
+            paged = shared
+        self._describe(rec, lora, paged)
+        self._records[rec.name] = rec
+        lora_id = id(lora)
+        entry = self._shared.get(lora_id)
+        users = (entry[2] if shared is not None else 0) + 1
+        self._shared[lora_id] = (lora, paged, users)
+        rec.shared_id = lora_id
+        self._host_put(rec.name, paged)
+        return self._info(rec)
 
     def _check_name(self, name) -> None:
         if not isinstance(name, str) or not name or name != name.strip():
@@ -619,11 +635,11 @@ class AdapterStore:
                     paged.tiles = self._copy_out(paged.tiles)
                 else:
                     paged.tiles = self._wait_host(self._to_host(paged.tiles))
-        except Exception as e:
+        except BaseException as e:  # Ctrl-C in an eager registration too: the block goes back
             if block is not None:
                 self._arena.free(block)
             self._read_ends(t0, nbytes, failed=True)
-            if isinstance(e, AdapterError):
+            if isinstance(e, AdapterError) or not isinstance(e, Exception):
                 raise
             # an I/O or memory error: this adapter fails, with what happened
             raise AdapterError(f"reading adapter {rec.name!r} from {rec.path} failed: {type(e).__name__}: {e}") from e
@@ -639,11 +655,15 @@ class AdapterStore:
         if self._arena is None or nbytes > self._arena.size:
             return None
         block = self._arena.alloc(nbytes)
-        while block is None:
+        evicted = 0
+        # Least recently used first, wherever they lie: with adapters of mixed sizes a run large enough may take
+        # a few, but not the whole tier (copies still being uploaded free their blocks only later).
+        while block is None and evicted < 4 * nbytes:
             victim = next((n for n in self._host if id(self._host[n].tiles) in self._blocks
                            and not self._records[n].in_memory), None)
             if victim is None:
                 break
+            evicted += self._host[victim].nbytes
             self._host_drop(victim)
             self.counters["host_evictions"] += 1
             block = self._arena.alloc(nbytes)
@@ -653,8 +673,9 @@ class AdapterStore:
         """On a reader's thread, without the store's lock (the engine thread may hold it while it waits for this
         read): a block once the uploads from freed blocks are done; None, and the tiles are copied into the host
         tier as without an arena."""
-        if self._arena is None or nbytes > self._arena.size or not self._arena.wait_deferred():
+        if self._arena is None or nbytes > self._arena.size:
             return None
+        self._arena.wait_deferred()
         return self._arena.alloc(nbytes)
 
     def _drop_result(self, fut: Future) -> None:
@@ -786,6 +807,10 @@ class AdapterStore:
         if procs is not None:
             procs.close()
         if self._arena is not None:
+            with self._lock:
+                self._shared.clear()  # their views of the arena go, so that its memory goes with it
+            with self._blocks_lock:
+                self._blocks.clear()
             self._arena.close()
 
     def wait_reads(self, timeout: Optional[float] = None) -> None:

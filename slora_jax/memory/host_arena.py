@@ -105,6 +105,8 @@ class HostArena:
         """A block of at least ``nbytes``, or None when no free run is that large (free some and try again)."""
         need = _align(max(int(nbytes), 1))
         with self._lock:
+            if self.buffer is None:  # closed
+                return None
             self._reclaim()
             for i, (off, size) in enumerate(self._free):
                 if size >= need:
@@ -209,8 +211,9 @@ class HostArena:
         """Wait for the uploads from freed blocks, unregister and close the fd; the mapping goes when the last
         array over it does."""
         self.wait_deferred()
+        with self._lock:
+            self.buffer = None  # no block is handed out from here on
         self._finalizer()
-        self.buffer = None
         try:  # the memory goes now, unless arrays over it are still alive (it goes with the last of them then)
             self._mm.close()
         except BufferError:

@@ -727,7 +727,8 @@ def test_one_read_split_over_threads_reads_the_same_tiles(tmp_path, threads, mon
     assert_same_paged(got, reference(d, TINY, layout, np.float32))
 
 
-def test_a_failure_in_one_part_fails_the_read_once_every_part_is_done(tmp_path, monkeypatch):
+@pytest.mark.parametrize("fault", [AdapterError, KeyboardInterrupt])
+def test_a_failure_in_one_part_fails_the_read_once_every_part_is_done(tmp_path, monkeypatch, fault):
     monkeypatch.setattr(reader_mod, "_BATCH_BYTES", 4096)
     (d,) = folders(tmp_path, 1, rank=16)
     layout = PoolLayout(TINY.num_layers, 256, 16, TINY.kv_size)
@@ -737,14 +738,84 @@ def test_a_failure_in_one_part_fails_the_read_once_every_part_is_done(tmp_path, 
     def flaky(fd, view, offset, path, err):
         calls.append(threading.get_ident())
         if len(calls) == 3:
-            raise err(f"{path} ended at byte {offset}")
+            raise fault(f"{path} ended at byte {offset}")
         time.sleep(0.001)
         return real(fd, view, offset, path, err)
 
     monkeypatch.setattr(reader_mod, "pread_into", flaky)
-    with pytest.raises(AdapterError, match="ended at byte"):
+    with pytest.raises(fault, match="ended at byte"):  # Ctrl-C too: raised once no part reads the file
         read_paged_adapter(plan, TINY, layout, 64, np.float32, threads=3)
     n = len(calls)
     time.sleep(0.2)
     assert len(calls) == n  # no part of the read still reads the (closed) file
     assert len(set(calls)) > 1
+
+
+def test_weights_registered_twice_at_once_share_one_copy(tmp_path, monkeypatch):
+    """Two registrations of the same LoraWeights racing: the second to finish shares the first's host copy and
+    gives its own block back (none is left pointing into a block the arena may hand out again)."""
+    from slora_jax.adapters import store as store_mod
+    from slora_jax.adapters.synthetic import random_lora
+
+    store, _ = make_store()
+    lora = random_lora(TINY, 8, ("q_proj", "v_proj"), seed=3, name="m")
+    real = store_mod.page_adapter
+    raced = []
+
+    def page_then_race(*a, **k):
+        out = real(*a, **k)
+        if not raced:  # while "m2" pages the weights, "m1" registers the same object
+            raced.append(1)
+            store.register_weights("m1", lora)
+        return out
+
+    monkeypatch.setattr(store_mod, "page_adapter", page_then_race)
+    store.register_weights("m2", lora)
+    tiles = store._host["m1"].tiles
+    assert store._host["m2"].tiles is tiles and id(tiles) in store._blocks
+    assert store._arena.used_bytes == _align(tiles.nbytes)  # one copy in the arena, the other given back
+    store.unregister("m1")
+    store.unregister("m2")
+    assert store._arena.used_bytes == 0
+    store.close()
+
+
+def test_close_gives_the_arena_memory_back_and_takes_no_more_blocks(tmp_path):
+    from slora_jax.adapters.synthetic import random_lora
+
+    (d,) = folders(tmp_path, 1, rank=16)
+    store, _ = make_store()
+    store.register(d.name, d)
+    store.register_weights("m", random_lora(TINY, 8, ("q_proj",), seed=1, name="m"))
+    arena = store._arena
+    store.close()
+    assert arena._mm.closed  # no view of it was left behind
+    assert arena.alloc(1) is None
+
+
+def test_staged_arrays_with_several_shards_are_checked_shard_by_shard():
+    from slora_jax.adapters.store import _aliases
+
+    buf = np.zeros(1 << 16, np.uint8)
+
+    class Part:
+        def __init__(self, ptr):
+            self.ptr = ptr
+
+        def unsafe_buffer_pointer(self):
+            return self.ptr
+
+    class Shard:
+        def __init__(self, ptr):
+            self.data = Part(ptr)
+
+    class Sharded:  # as a replicated jax.Array: no single buffer pointer, one per device
+        def __init__(self, *ptrs):
+            self.addressable_shards = [Shard(p) for p in ptrs]
+
+        def unsafe_buffer_pointer(self):
+            raise ValueError("several shards")
+
+    inside, outside = buf.ctypes.data + 128, buf.ctypes.data + buf.nbytes + 4096
+    assert _aliases(Sharded(outside, inside), buf)
+    assert not _aliases(Sharded(outside, outside + 64), buf)
