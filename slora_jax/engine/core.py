@@ -46,8 +46,6 @@ class EngineCore:
         self.now: Optional[float] = None  # the clock of this step's decisions (None: this process's own)
         self.requests: dict[str, Request] = {}
         self._inflight: Optional[_InFlight] = None
-        self._compiled_variants: set = set()  # LoRA groups of the step programs compiled ahead (Engine.precompile)
-        self._adapter_groups: dict[str, set] = {}  # adapter -> the groups it targets (cleared on any change)
         self._registered: Optional[tuple] = None  # LoRA groups the registered adapters target (cached)
         self.trace: Optional[list] = None  # per-step records while tracing (benchmark floors)
         self.counters = {"steps": 0, "mixed_steps": 0, "decode_steps": 0, "prompt_tokens": 0,
@@ -60,29 +58,11 @@ class EngineCore:
 
     def lora_groups(self, adapters) -> tuple:
         """The LoRA groups a batch's program runs kernels for: none for a batch without adapters, else the
-        groups that the registered adapters target (q/k/v/o adapters launch no MLP kernels). Once programs
-        were compiled ahead (``Engine.precompile``), a batch runs the smallest compiled variant that covers
-        its own adapters when the registered ones' is not compiled (an adapter registered at run time with
-        other targets, or one unloaded): kernels of a group no adapter in the batch targets add nothing,
-        while a variant compiled on demand stalls every request for seconds per step shape."""
-        adapters = [a for a in adapters if a is not None]
-        if not adapters:
+        groups that the registered adapters target (q/k/v/o adapters launch no MLP kernels). Two variants
+        at most, so every program can be compiled ahead (``Engine.precompile``)."""
+        if all(a is None for a in adapters):
             return ()
-        union = self.registered_groups()
-        if not self._compiled_variants or union in self._compiled_variants:
-            return union
-        need = set()
-        for name in set(adapters):
-            need |= self._groups_of(name)
-        covering = [v for v in self._compiled_variants if need <= set(v)]
-        return min(covering, key=lambda v: (len(v), v)) if covering else union  # same choice on every process
-
-    def _groups_of(self, name: str) -> set:
-        groups = self._adapter_groups.get(name)
-        if groups is None:
-            groups = self._adapter_groups[name] = {MODULE_GROUP[m][0]
-                                                   for m in self.adapters.info(name).target_modules}
-        return groups
+        return self.registered_groups()
 
     def registered_groups(self) -> tuple:
         if self._registered is None:
@@ -92,14 +72,9 @@ class EngineCore:
             self._registered = tuple(g for g in LORA_GROUPS if g in wanted)
         return self._registered
 
-    def variants_compiled(self, variants) -> None:
-        """``Engine.precompile`` compiled the step programs of these LoRA variants."""
-        self._compiled_variants.update(tuple(v) for v in variants)
-
     def adapters_changed(self) -> None:
         """An adapter was registered or removed: the groups the registered ones target may differ."""
         self._registered = None
-        self._adapter_groups.clear()
 
     # ------------------------------------------------------------------ the loop
     def step(self) -> list[RequestOutput]:

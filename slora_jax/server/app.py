@@ -764,12 +764,9 @@ class ServeSetup:
             engine.load_adapter(name, path)
         if precompile_wanted(getattr(args, "precompile", None)):
             t0 = time.perf_counter()
-            # greedy and sampling programs of each shape, for each LoRA variant
-            total = 2 * len(engine.step_shapes()) * len(engine.lora_variants(every_group=True))
+            total = 2 * len(engine.step_shapes())  # greedy and sampling programs of each shape
             step(f"compiling up to {total} step programs")
-            # With every LoRA group's variant: adapters loaded while serving run on compiled programs.
-            done = engine.precompile(on_compiled=progress.compiling(total) if progress is not None else None,
-                                     every_lora_group=True)
+            done = engine.precompile(on_compiled=progress.compiling(total) if progress is not None else None)
             step(f"compiled {len(done)} step programs in {time.perf_counter() - t0:.0f} s")
         return engine
 

@@ -208,36 +208,6 @@ def test_precompile_covers_every_step_and_changes_no_output(tiny):
     assert ahead.stats()["kv_pages"] == 0
 
 
-@pytest.mark.slow
-def test_adapters_registered_after_precompile_run_on_compiled_programs(tiny):
-    """An engine precompiled with only a q/v adapter: an MLP adapter registered later, and the q/v one unloaded
-    after, run on programs compiled ahead (the every-group variant) with nothing compiled on demand, and give
-    the tokens of an engine that compiled what it ran."""
-    model, adapters = tiny
-    kw = dict(dtype="float32", num_pages=512, max_batch_size=4, max_prefill_tokens=32, max_model_len=48)
-    ahead = sj.Engine.from_pretrained(model, config=sj.EngineConfig(**kw))
-    lazy = sj.Engine.from_pretrained(model, config=sj.EngineConfig(**kw))
-    for eng in (ahead, lazy):
-        eng.load_adapter("a0", adapters["a0"])  # q_proj, v_proj
-    assert ahead.lora_variants() == [(), ("qkv",)]
-    assert ahead.lora_variants(every_group=True) == [(), ("qkv",), ("qkv", "o", "gate_up", "down")]
-    records = ahead.precompile(sampling=False, max_workers=2, every_lora_group=True)
-    assert len(records) == len(ahead.step_shapes()) * 3 == ahead.stats()["compiled_shapes"]
-    ps = prompts(4, seed=31)
-    mixed, mlp = ["a0", "a3", None, "a3"], ["a3", None, "a3", "a3"]
-    for eng in (ahead, lazy):
-        eng.load_adapter("a3", adapters["a3"])  # gate/up/down: registered while serving
-    got = ahead.generate(ps, adapters=mixed, sampling=GREEDY)
-    assert ahead.stats()["compiled_shapes"] == len(records)
-    assert [o.token_ids for o in got] == [o.token_ids for o in lazy.generate(ps, adapters=mixed, sampling=GREEDY)]
-    for eng in (ahead, lazy):
-        eng.unload_adapter("a0")  # the registered adapters' groups are now (gate_up, down): never compiled
-    got = ahead.generate(ps, adapters=mlp, sampling=GREEDY)
-    assert ahead.stats()["compiled_shapes"] == len(records)
-    assert [o.token_ids for o in got] == [o.token_ids for o in lazy.generate(ps, adapters=mlp, sampling=GREEDY)]
-    assert lazy.stats()["compiled_shapes"] > 0
-
-
 def test_pool_updated_in_place(engine):
     """Same buffer after steps, and no compiled step program contains a copy of a pool-shaped buffer."""
     before = engine.runner.pool_pointer()
