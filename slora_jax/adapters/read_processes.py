@@ -17,8 +17,8 @@ once; its own buffer, if it needs one, is a file in /dev/shm (memory, not disk, 
 both processes map once.
 
 Nothing here can stop reads: where the workers cannot start (without an arena, no room in /dev/shm, whose
-default in a container is 64 MB; a Python that cannot import the package; no /dev/shm), ``start`` says why in a warning
-and returns None, and the engine reads on threads. A worker that dies during a read is replaced and the
+default in a container is 64 MB; a Python that cannot import the package; no /dev/shm), ``start`` says why in
+a warning and returns None, and the engine reads on threads. A worker that dies during a read is replaced and the
 read tried once more. Workers run in a session of their own (Ctrl-C in a terminal or a notebook reaches
 the engine, not them) and end when the engine closes or exits; buffers of an engine that was killed are
 removed by the next one to start.
@@ -98,12 +98,11 @@ class ProcessReaders:
     def __init__(self, workers: int, slot_bytes: int, shm_dir: str = SHM_DIR, arena=None):
         self.workers = workers
         self._shm_dir = shm_dir
-        self._dir: Optional[str] = None
         self._arena = arena
         self._procs: list[Optional[subprocess.Popen]] = [None] * workers
         self._closed = threading.Event()
         # The buffers are memory and the workers hold some: both go with this object even without close().
-        self._folder: list[Optional[str]] = [None]
+        self._folder: list[Optional[str]] = [None]  # the buffers' folder, made at the first buffer
         self._cleanup = weakref.finalize(self, _shut, self._procs, self._folder)
         self._idle: "queue.Queue[int]" = queue.Queue()
         self._buffers: list[Optional[np.memmap]] = [None] * workers
@@ -122,9 +121,14 @@ class ProcessReaders:
             raise
 
     def _path(self, i: int) -> str:
-        if self._dir is None:
-            self._dir = self._folder[0] = tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-", dir=self._shm_dir)
-        return os.path.join(self._dir, f"buffer-{i}")
+        if self._folder[0] is None:
+            self._folder[0] = tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-", dir=self._shm_dir)
+        return os.path.join(self._folder[0], f"buffer-{i}")
+
+    @property
+    def folder(self) -> Optional[str]:
+        """Where the workers' own buffers are (None until one is made)."""
+        return self._folder[0]
 
     def _ensure(self, i: int, size: int) -> None:
         """Buffer ``i`` holds at least ``size`` bytes (grown for a larger adapter than any before). The

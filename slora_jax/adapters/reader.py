@@ -126,6 +126,8 @@ def _pool(n: int) -> ThreadPoolExecutor:
         if _threads[0] < n:
             _threads = (n, ThreadPoolExecutor(max_workers=n, thread_name_prefix="adapter-read-part"))
         return _threads[1]
+
+
 # Bytes a reader thread reads at once (a batch of layers of one module): small enough that the batch is still
 # in the core's cache when it is checked for NaN/Inf and copied into the tiles, so the file's bytes cross
 # memory about as often as in a plain read (once out of the page cache, once into the tiles).

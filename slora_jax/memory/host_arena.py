@@ -4,9 +4,10 @@ Reader processes write an adapter's tiles straight into a block of the arena, an
 there: no copy of the tiles in the engine's process, no pinned allocation while serving. The arena is a memfd
 (anonymous shared memory, not bounded by a container's small /dev/shm), mapped here and, through the fd passed
 at their start, by the reader processes. On a GPU the whole arena is committed and registered for DMA once,
-when the engine is built (``client.dma_map``: 17-23 GB/s on the H200, against 1.1-2 GB/s for growing JAX's
-pinned allocator, which also stalls the steps queued behind it; ``benchmarks/host_transfer.py``). Elsewhere its
-pages are committed block by block, as they are first handed out.
+when the engine is built (``client.dma_map``: 1.6-3.3 GB/s on the H200's host for memory not yet touched, about
+what growing JAX's pinned allocator costs, but once, not while serving, where that growth stalls the steps
+queued behind it; benchmarks/NOTES.md). Elsewhere its pages are committed block by block, as they are first
+handed out.
 
 A block is handed out again only once the device copies started from it have completed (``note_transfer``):
 on the H200 a copy from registered memory still reads its source after ``device_put`` returns, so a reader

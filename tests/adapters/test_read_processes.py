@@ -191,7 +191,7 @@ def test_close_ends_the_workers_and_frees_the_shared_memory(tmp_path):
     started(store, small)
     store.register("big", big)  # the worker's buffer, made by its first read
     procs = store._procs
-    folder, worker = procs._dir, procs._procs[0]
+    folder, worker = procs.folder, procs._procs[0]
     assert os.path.isdir(folder) and worker.poll() is None
     store.close()
     assert worker.wait(10) == 0 and not os.path.exists(folder)
