@@ -32,12 +32,14 @@ import slora_jax as sj
 from slora_jax.adapters.synthetic import random_lora
 from slora_jax.bench.setup import resolve_model
 from slora_jax.model.init import random_params
+from pallas_kernels.ops.lora_decode import pallas_triton as lora_decode_triton
 
 # The scripts here import their shared helpers as siblings (they are run as `python benchmarks/<name>.py`).
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bandwidth import measure_copy_bandwidth  # noqa: E402
 
 RANKS = (8, 16, 32, 64)
+SMALL_BATCH_TOKENS = lora_decode_triton.SMALL_BATCH_TOKENS
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
@@ -82,7 +84,8 @@ def main(argv=None) -> int:
     ap.add_argument("--backends", default="xla,pallas",
                     help="comma list of kernel backends with variants: '+unroll' / '+scan' the layers (default: "
                          "unrolled on GPU), '+sync' reads each decode step before queuing the next "
-                         "(e.g. pallas,pallas+sync,xla+scan)")
+                         "(e.g. pallas,pallas+sync,xla+scan); '+nosmall' gives MBGMV its large-batch knobs at every "
+                         "batch size (pallas_triton.SMALL_BATCH_TOKENS = 0), to time the small-batch ones against")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--dtype", default="bfloat16")
@@ -117,6 +120,8 @@ def main(argv=None) -> int:
     itemsize = jnp.dtype(dtype).itemsize
     for backend in args.backends.split(","):
         kernel_backend, *variants = backend.split("+")
+        lora_decode_triton.SMALL_BATCH_TOKENS = 0 if "nosmall" in variants else SMALL_BATCH_TOKENS
+        jax.clear_caches()  # the kernels read it when traced: no trace of the previous engine's may be reused
         engine = sj.Engine(cfg, params, sj.EngineConfig(
             dtype=args.dtype, kernel_backend=kernel_backend,
             scan_layers=False if "unroll" in variants else (True if "scan" in variants else None),
@@ -146,6 +151,7 @@ def main(argv=None) -> int:
                       f"{r['host_parts_s']['launch'] * 1e3:.2f} ms", flush=True)
         results.setdefault("stats", {})[backend] = {k: v for k, v in engine.stats().items()
                                                     if isinstance(v, (int, float, str))}
+        engine.close()  # its pool goes before the next engine sizes its own from the free memory
         del engine
         gc.collect()
     if args.out:

@@ -403,9 +403,10 @@ def lora_parts(runner, op, y, consts, dims) -> dict:
             e_sec, _ = in_loop_seconds(lambda c, k: expand_fn(c, *k), y + 0, (v, pool, b_pages, plan),
                                        runner.args.target_s)
             return {"part_shrink_us": 1e6 * s_sec, "part_expand_us": 1e6 * e_sec}
-        kw = dict(dims=dims, interpret=interpret, num_warps=4, ks=1)  # the defaults of lora_decode_pallas
+        bk, bn, ks, per_chunk = lora_decode_triton.per_token_knobs(dims)  # the defaults of lora_decode_pallas
+        kw = dict(dims=dims, interpret=interpret, num_warps=4, ks=ks)
         shrink_fn = functools.partial(lora_decode_triton.shrink_pallas, bk=bk, **kw)
-        expand_fn = functools.partial(lora_decode_triton.expand_pallas, bn=bn, per_chunk=True, **kw)
+        expand_fn = functools.partial(lora_decode_triton.expand_pallas, bn=bn, per_chunk=per_chunk, **kw)
         where = slot
     else:
         d = {k: v.default for k, v in inspect.signature(lora_prefill_triton.lora_prefill_pallas).parameters.items()}
@@ -618,9 +619,14 @@ def gpu_sweep(runner, quick: bool, dtype):
         W, d_in, outs = shapes[s]
         lora_case(runner, "decode", T=T, distinct=d, rank=r, d_in=d_in, out_sizes=outs, W=W, shape_name=s,
                   dtype=dtype)
-    for segs in (1, 16, 64):
-        lora_case(runner, "prefill", T=8192, distinct=segs, rank=64, d_in=H, out_sizes=qkv[1], W=1024,
-                  shape_name="qkv_gqa_W1024", dtype=dtype, sorted_slots=True)
+    prefill = [(8192, segs, 64, "qkv_gqa_W1024") for segs in (1, 16, 64)]
+    if runner.args.lora_prefill_cases:
+        prefill = [(int(T), int(d), r if r == "mixed" else int(r), sh) for T, d, r, sh in
+                   (c.split(":") for c in runner.args.lora_prefill_cases.split(","))]
+    for T, segs, r, s in prefill:
+        W, d_in, outs = shapes[s]
+        lora_case(runner, "prefill", T=T, distinct=segs, rank=r, d_in=d_in, out_sizes=outs, W=W, shape_name=s,
+                  dtype=dtype, sorted_slots=True)
     batches, ctxs = ((32, 128), (512, 2048)) if quick else ((32, 64, 128, 256), (512, 1024, 2048, 4096))
     for B in batches:
         for ctx in ctxs:
@@ -697,6 +703,9 @@ def main(argv=None):
     p.add_argument("--lora-decode-cases", default=None,
                    help="lora_decode cases instead of the sweep's: comma list of T:adapters:rank:shape "
                         "(rank an int or 'mixed'; shape a key of gpu_sweep's table, e.g. qkv_gqa_W1024)")
+    p.add_argument("--lora-prefill-cases", default=None,
+                   help="lora_prefill (MBGMM, tokens sorted by adapter) cases instead of the sweep's: comma list of "
+                        "T:segments:rank:shape, as --lora-decode-cases")
     p.add_argument("--lora-prefill-variants", default="",
                    help="Pallas lora_prefill variants timed beside the default: comma list of knobs joined by '+' "
                         "(tmN tokens per tile, bkN, bnN, wN warps, pm0 one shrink program per tile instead of per "

@@ -72,6 +72,7 @@ import numpy as np
 
 import slora_jax as sj
 from sharding import make_mesh
+from slora_jax.bench import timeline
 from slora_jax.bench.floors import HBM_PEAK, copy_bandwidth, floor_seconds, matmul_rate, step_breakdown
 from slora_jax.bench.setup import DEFAULT_TARGETS, SyntheticAdapters, page_cache, resolve_model
 from slora_jax.model.init import random_fused_params
@@ -195,7 +196,7 @@ def profile_steps(engine, prompts, adapters, sp, log_dir: str, top: int = 30) ->
     ranked = sorted(per.items(), key=lambda kv: -kv[1])[:top]
     steps = {m: sum(1 for t in trace if t["mode"] == m) for m in ("decode", "mixed")}
     ktotal = sum(kernels.values())
-    return dict(total_s=total, steps=steps, devices=devices,
+    return dict(total_s=total, steps=steps, devices=devices, timeline=timeline.summarize(data.planes),
                 top=[dict(name=k[:120], s=v, share=v / total if total else 0.0) for k, v in ranked],
                 kernels=[dict(name=k, s=v, share=v / ktotal if ktotal else 0.0)
                          for k, v in sorted(kernels.items(), key=lambda kv: -kv[1])[:top]])
@@ -285,6 +286,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-precompile", action="store_true")
     ap.add_argument("--profile-dir", default=None,
                     help="also trace 256 requests of 64 tokens (base) and report device time per kernel")
+    ap.add_argument("--dump-hlo", default=None,
+                    help="a folder: write each TP size's largest decode programs after XLA's passes there "
+                         "(decode-tp<N>-base.hlo.txt, -lora.hlo.txt), to name the kernels a --profile-dir trace shows")
     ap.add_argument("--host-profile", action="store_true",
                     help="profile the host (cProfile) in the last repeat of every case: own time per function")
     ap.add_argument("--tensor-parallel", default="1",
@@ -421,6 +425,11 @@ def main(argv=None) -> int:
                                tp * mm, host_profile=prof)
                 res.update(case="base" if n == 0 else f"{n} adapters", adapters=n, repeat=rep, tensor_parallel=tp)
                 record(res)
+        if args.dump_hlo:
+            os.makedirs(args.dump_hlo, exist_ok=True)
+            for kind, groups in (("base", ()), ("lora", None)):  # None: the LoRA groups of the adapters registered
+                with open(f"{args.dump_hlo}/decode-tp{tp}-{kind}.hlo.txt", "w") as f:
+                    f.write(engine.lower_step("decode", args.max_batch_size, lora_groups=groups).compile().as_text())
         if args.profile_dir:
             psp = sj.SamplingParams(max_tokens=64, ignore_eos=True)
             for n in counts:
@@ -490,6 +499,8 @@ def main(argv=None) -> int:
         for what in ("top", "kernels"):
             print(f"    {what}: " + "; ".join(f"{t['name'][:50]} {t['s'] * 1e3:.0f} ms ({t['share']:.0%})"
                                          for t in prof.get(what, [])[:12]))
+        for line in timeline.describe(prof.get("timeline") or {}):
+            print("    " + line)
         for p in (prof.get("top") or [])[:18]:
             print(f"    {p['share'] * 100:5.1f}% {p['s'] * 1e3:8.1f} ms  {p['name']}")
     print(f"{'tp':>3} {'case':<16}{'rep':>4}{'out tok/s':>11}{'vs base':>9}{'vs tp' + str(tps[0]):>9}{'% floor':>9}"

@@ -23,7 +23,7 @@ CASES = [
 
 
 def _run_case(implementation, dtype, name, T, d_in, out_sizes, W, S, rank_choices, slots, seed, reference,
-              fused=False, k_splits=1, **kernel_knobs):
+              fused=False, k_splits=None, **kernel_knobs):
     rng = np.random.default_rng(seed)
     L, R = 2, 16
     ranks = rng.choice(rank_choices, size=(S, L, len(out_sizes))).astype(np.int32)
@@ -155,3 +155,26 @@ def test_lora_decode_rejects_bad_shapes():
         pk.lora_decode(*args[:3], 1, *args[4:], out_sizes=(32,))
     with pytest.raises(pk.KernelInputError, match="implementation"):
         pk.lora_decode(*args, out_sizes=(32,), implementation="cuda")
+
+
+@pytest.mark.parametrize("case", _quick_first(CASES))
+def test_lora_decode_large_batch_knobs_match_dense_loop(case, lora_numpy_reference):
+    """The knobs batches above SMALL_BATCH_TOKENS get (one program per rank block's pass over d_in, one expand
+    program per page chunk), forced onto the small cases."""
+    _run_case("pallas", "float32", *case, seed=hash((case[0], "large")) % 2**31, reference=lora_numpy_reference,
+              grouping="none", k_splits=1, expand_per_chunk=True)
+
+
+def test_per_token_knobs_follow_the_batch_size():
+    from pallas_kernels.ops.lora_layout import LoraDims
+
+    def dims(T):
+        return LoraDims(num_tokens=T, d_in=4096, out_sizes=(4096, 1024, 1024), num_layers=2, num_pages=64,
+                        page_rows=16, width=1024, num_slots=4, in_chunks=4, out_chunks_max=4, rank_blocks=4)
+
+    small, large = pallas_triton.SMALL_BATCH_TOKENS, pallas_triton.SMALL_BATCH_TOKENS + 1
+    assert pallas_triton.per_token_knobs(dims(1)) == (256, pallas_triton.SMALL_BLOCK_N, 8, False)
+    bk, bn, ks, per_chunk = pallas_triton.per_token_knobs(dims(small))
+    assert ks > 1 and not per_chunk and bn == pallas_triton.SMALL_BLOCK_N
+    assert pallas_triton.per_token_knobs(dims(large)) == (256, 256, 1, True)
+    assert pallas_triton.per_token_knobs(dims(1), k_splits=2, expand_per_chunk=True, block_n=64) == (256, 64, 2, True)

@@ -29,7 +29,7 @@ def lora_decode(
     out_sizes: Sequence[int],
     implementation: Optional[str] = None,
     fused: bool = False,
-    k_splits: int = 1,
+    k_splits: Optional[int] = None,
     grouping: Optional[str] = None,
 ) -> jax.Array:
     """Add each token's LoRA delta to the base output of M fused projections (one row per token).
@@ -56,8 +56,9 @@ def lora_decode(
         result; they differ in speed.
       fused: Pallas only: one kernel per (token, module) instead of separate shrink and expand kernels
         (measured slower on the H200; kept for comparison, see `pallas_triton`). Implies grouping="none".
-      k_splits: Pallas per-token kernels only: programs that share one rank block's pass over d_in
-        (2 measured no faster on the H200 and 4 slower; 1 is the default). k_splits != 1 implies
+      k_splits: Pallas per-token kernels only: programs that share one rank block's pass over d_in. None
+        (the default) picks by batch size: 1 above `pallas_triton.SMALL_BATCH_TOKENS` tokens (at T = 256, 2
+        measured no faster on the H200 and 4 slower), up to 8 at or below it. Any other value implies
         grouping="none".
 
     Returns:
@@ -68,7 +69,7 @@ def lora_decode(
     if grouping is not None and grouping not in pallas_triton.GROUPINGS:
         raise KernelInputError(f"lora_decode: grouping must be None or one of {pallas_triton.GROUPINGS}, "
                                f"got {grouping!r}")
-    if grouping is None and (fused or k_splits != 1):
+    if grouping is None and (fused or k_splits not in (None, 1)):
         grouping = "none"  # both are knobs of the per-token kernels
     impl = _backend.resolve(implementation, "lora_decode",
                              pool_storage.pallas_unsupported(pool) or pallas_triton.unsupported_reason(dims))

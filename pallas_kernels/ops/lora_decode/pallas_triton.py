@@ -55,6 +55,14 @@ from pallas_kernels.ops.lora_layout import LoraDims
 # (benchmarks/NOTES.md, "MBGMV: the expand was the slow half").
 BLOCK_K = 256
 BLOCK_N = 256
+# Batches of at most this many tokens (the engine's smallest decode bucket) get the per-token kernels' small-batch
+# knobs: the shrink's pass over d_in split over several programs (`default_single_splits`), and one expand program
+# per SMALL_BLOCK_N-column block instead of per page chunk. At T = 256 the shrink is many short loops already
+# and one program per chunk wins; at T = 1..8 the op is two chains of dependent loads on a dozen programs. On the
+# H200 (2026-12-01, kernels-smallT-2026-12-01.json) this took q/k/v at T = 1 / 2 / 4 / 8 from 15.1-15.7 us to
+# 8.4 / 8.4 / 8.7 / 9.3 us.
+SMALL_BATCH_TOKENS = 16
+SMALL_BLOCK_N = 128
 
 
 def unsupported_reason(dims: LoraDims) -> str | None:
@@ -575,7 +583,8 @@ def output_blocks(dims: LoraDims, bn: int) -> np.ndarray:
 def lora_decode_pallas(
     y, x, pool, layer, a_pages, b_pages, ranks, scales, token_slot, *,
     dims: LoraDims, interpret: bool, block_k: int | None = None, block_n: int | None = None,
-    num_warps: int | None = None, fused: bool = False, k_splits: int = 1, expand_per_chunk: bool = True,
+    num_warps: int | None = None, fused: bool = False, k_splits: int | None = None,
+    expand_per_chunk: bool | None = None,
     expand_warps: int | None = None, column_masks: bool = False, grouping: str | None = None,
     group_splits: int | None = None, single_splits: int | None = None, num_stages: int = 2,
 ):
@@ -591,10 +600,11 @@ def lora_decode_pallas(
     The knobs below apply to the per-token kernels (grouping="none"):
     fused: the one-launch variant (slower on the H200, see the module docstring).
     k_splits (a power of two): the shrink splits d_in over this many programs per rank block (shorter
-    loops, more loads in flight); the expand sums their partial products. On the H200, 2 ran within 2% of
-    1 and 4 ran 3-13% slower (benchmarks/results/kernels-lora_decode-ksplits-2026-11-28.json).
+    loops, more loads in flight); the expand sums their partial products. On the H200 at T = 256, 2 ran
+    within 2% of 1 and 4 ran 3-13% slower (benchmarks/results/kernels-lora_decode-ksplits-2026-11-28.json).
     expand_per_chunk: one expand program per (token, page chunk of a module), looping over the chunk's
       block_n-column blocks, instead of one per (token, block).
+    k_splits, expand_per_chunk and block_n default by batch size (`per_token_knobs`).
     expand_warps: the expand's warps (default: num_warps).
     column_masks: mask every block's columns one by one even where sizes are multiples of the blocks (the
       kernels before 2026-11-28's change, kept to measure it: see `_backend.column_mask`)."""
@@ -604,7 +614,7 @@ def lora_decode_pallas(
     bk = pow2_divisor(dims.width, block_k or BLOCK_K)
     bn = pow2_divisor(dims.width, block_n or BLOCK_N)
     if grouping != "none" and not fused and grouped_unsupported_reason(dims, bk, bn) is None:
-        if k_splits != 1 or not expand_per_chunk:
+        if k_splits not in (None, 1) or expand_per_chunk is False:
             raise ValueError("k_splits and expand_per_chunk are knobs of the per-token kernels (grouping='none')")
         if grouping == "kernel" and dims.num_tokens > KERNEL_PLAN_MAX_TOKENS:
             grouping = "sort"
@@ -623,10 +633,21 @@ def lora_decode_pallas(
         return _fused(y, x, pool, layer, a_pages, b_pages, ranks, scales, token_slot, dims=dims, interpret=interpret,
                       bk=pow2_divisor(dims.width, block_k or blk), bn=pow2_divisor(dims.width, block_n or blk),
                       num_warps=num_warps or 4)
+    bk, bn, ks, per_chunk = per_token_knobs(dims, block_k, block_n, k_splits, expand_per_chunk)
     return _split(y, x, pool, layer, a_pages, b_pages, ranks, scales, token_slot, dims=dims, interpret=interpret,
-                  bk=pow2_divisor(dims.width, block_k or BLOCK_K), bn=pow2_divisor(dims.width, block_n or BLOCK_N),
-                  num_warps=num_warps or 4, ks=k_splits, per_chunk=expand_per_chunk,
+                  bk=bk, bn=bn, num_warps=num_warps or 4, ks=ks, per_chunk=per_chunk,
                   expand_warps=expand_warps or num_warps or 4, column_masks=column_masks)
+
+
+def per_token_knobs(dims: LoraDims, block_k=None, block_n=None, k_splits=None, expand_per_chunk=None):
+    """(bk, bn, k_splits, expand_per_chunk) of the per-token kernels: those given, the rest by batch size
+    (see SMALL_BATCH_TOKENS)."""
+    small = dims.num_tokens <= SMALL_BATCH_TOKENS
+    bk = pow2_divisor(dims.width, block_k or BLOCK_K)
+    bn = pow2_divisor(dims.width, block_n or (SMALL_BLOCK_N if small else BLOCK_N))
+    ks = k_splits or (default_single_splits(dims, bk) if small else 1)
+    per_chunk = (not small) if expand_per_chunk is None else expand_per_chunk
+    return bk, bn, ks, per_chunk
 
 
 def _fused(y, x, pool, layer, a_pages, b_pages, ranks, scales, token_slot, *, dims, interpret, bk, bn, num_warps):
