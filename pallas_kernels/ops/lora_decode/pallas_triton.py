@@ -59,8 +59,9 @@ BLOCK_N = 256
 # knobs: the shrink's pass over d_in split over several programs (`default_single_splits`), and one expand program
 # per SMALL_BLOCK_N-column block instead of per page chunk. At T = 256 the shrink is many short loops already
 # and one program per chunk wins; at T = 1..8 the op is two chains of dependent loads on a dozen programs. On the
-# H200 (2026-12-01, kernels-smallT-2026-12-01.json) this took q/k/v at T = 1 / 2 / 4 / 8 from 15.1-15.7 us to
-# 8.4 / 8.4 / 8.7 / 9.3 us.
+# H200 (2026-12-01, kernels-smallT-defaults-2026-12-01.json) this took q/k/v at T = 1 / 2 / 4 / 8 / 16 from
+# 15.4-16.4 us to 8.5 / 8.6 / 8.7 / 9.2 / 11.7 us; at T = 32 both knob sets took 18.2 us, at T = 256 the small-batch
+# ones were 1.6x slower.
 SMALL_BATCH_TOKENS = 16
 SMALL_BLOCK_N = 128
 
