@@ -19,6 +19,7 @@ import asyncio
 import datetime
 import json
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -119,9 +120,14 @@ def main(argv=None) -> int:
     results = {}
     for mode in args.modes.split(","):
         env = dict(os.environ, **MODES[mode])
-        proc = subprocess.run([sys.executable, __file__, "--child", "--out", "-", "--requests", str(args.requests),
-                               "--sleep-ms", str(args.sleep_ms)], env=env, capture_output=True, text=True,
-                              timeout=600)
+        cmd = [sys.executable, __file__, "--child", "--out", "-", "--requests", str(args.requests),
+               "--sleep-ms", str(args.sleep_ms)]
+        try:
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        except subprocess.TimeoutExpired as e:  # the other modes still run and are written
+            results[mode] = {"error": f"no answer in {e.timeout:g} s"}
+            print(f"[{mode}] failed: {results[mode]['error']}", flush=True)
+            continue
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if line is None:
             results[mode] = {"error": (proc.stderr or proc.stdout)[-2000:]}
@@ -129,9 +135,8 @@ def main(argv=None) -> int:
             continue
         results[mode] = json.loads(line[len("RESULT "):])
         print(f"[{mode}] {results[mode]}", flush=True)
-    import platform
-
-    record = dict(device=f"{platform.node()} ({os.cpu_count()} CPUs)", jax_version=None, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    record = dict(device=f"{platform.node()} ({os.cpu_count()} CPUs)",
+                  date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   command=" ".join(["python", "benchmarks/ray_hop.py"] + (argv or sys.argv[1:])),
                   ray_version=ray.__version__, cpus=os.cpu_count(), sleep_ms=args.sleep_ms, results=results)
     with open(args.out, "w") as f:

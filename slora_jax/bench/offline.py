@@ -427,9 +427,10 @@ def main(argv=None) -> int:
                 record(res)
         if args.dump_hlo:
             os.makedirs(args.dump_hlo, exist_ok=True)
+            rows = max(size for mode, size, _ in engine.step_shapes() if mode == "decode")  # the largest bucket
             for kind, groups in (("base", ()), ("lora", None)):  # None: the LoRA groups of the adapters registered
                 with open(f"{args.dump_hlo}/decode-tp{tp}-{kind}.hlo.txt", "w") as f:
-                    f.write(engine.lower_step("decode", args.max_batch_size, lora_groups=groups).compile().as_text())
+                    f.write(engine.lower_step("decode", rows, lora_groups=groups).compile().as_text())
         if args.profile_dir:
             psp = sj.SamplingParams(max_tokens=64, ignore_eos=True)
             for n in counts:

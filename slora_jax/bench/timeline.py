@@ -8,7 +8,8 @@ participants. The summary says which, per device:
 - ``collectives``: the NCCL kernels of all devices matched in order. Each one ends on every device at about
   the same time, so the device that starts it earlier waits for the later one (``wait_s``); what is left
   after the last device starts (``after_last_start_s``) is the collective's own work.
-- ``host``: the host events that take the most time, by name (launches, rendezvous, transfers).
+- ``host``: the host events that take the most time, by name. Nested events each count (a Python caller's time
+  includes its callees'), so the top of the list is the outermost frames; launches and transfers follow.
 """
 
 from __future__ import annotations
@@ -50,25 +51,43 @@ def gap_summary(kernels: list[tuple[int, int, str]], top: int = 8) -> dict:
             if gap_us >= LONG_GAP_US:
                 after[name[:80]] += gap_us / 1e6
         end = stop if end is None else max(end, stop)
-    span = (kernels[-1][1] - kernels[0][0]) / 1e9 if kernels else 0.0
-    busy = sum(b - a for a, b, _ in kernels) / 1e9
+    span = (max(b for _, b, _ in kernels) - kernels[0][0]) / 1e9 if kernels else 0.0
+    busy = _covered_ns(kernels) / 1e9  # overlapping kernels count once: busy + idle = span
     return dict(span_s=span, busy_s=busy, idle_s=sum(b["s"] for b in buckets), buckets=buckets,
                 long_gaps_before=[dict(name=k, s=v) for k, v in sorted(after.items(), key=lambda kv: -kv[1])[:top]])
 
 
+def _covered_ns(kernels) -> int:
+    """Nanoseconds covered by at least one of the (start, end, name) intervals, sorted by start."""
+    total, end = 0, None
+    for start, stop, _ in kernels:
+        if end is None or start >= end:
+            total += stop - start
+            end = stop
+        elif stop > end:
+            total += stop - end
+            end = stop
+    return total
+
+
 def collective_summary(per_device: list[list[tuple[int, int, str]]]) -> dict:
-    """The devices' collectives matched by order: how long each device waits for the last one to start."""
+    """The devices' collectives matched by order: how long each device waits for the last one to start. Only
+    when every device ran the same number of them: one missing from a device (a trace cut mid-step) would pair
+    each later collective with the wrong one."""
     colls = [[k for k in ks if _is_collective(k[2])] for ks in per_device]
-    n = min((len(c) for c in colls), default=0)
+    counts = [len(c) for c in colls]
+    n = min(counts, default=0)
     if len(colls) < 2 or n == 0:
-        return dict(matched=0)
+        return dict(matched=0, counts=counts)
+    if len(set(counts)) > 1:
+        return dict(matched=0, counts=counts, unmatched="the devices ran different numbers of collectives")
     starts = np.array([[c[i][0] for i in range(n)] for c in colls], dtype=np.float64)
     ends = np.array([[c[i][1] for i in range(n)] for c in colls], dtype=np.float64)
     last_start = starts.max(axis=0)
     wait = (last_start - starts) / 1e9  # [device, collective]
     own = np.clip(ends - last_start, 0, None) / 1e9
     skew_us = (starts[1] - starts[0]) / 1e3
-    return dict(matched=n, counts=[len(c) for c in colls], total_s=[float(x) for x in ((ends - starts) / 1e9).sum(1)],
+    return dict(matched=n, counts=counts, total_s=[float(x) for x in ((ends - starts) / 1e9).sum(1)],
                 wait_s=[float(x) for x in wait.sum(1)], after_last_start_s=[float(x) for x in own.sum(1)],
                 after_last_start_median_us=float(np.median(own) * 1e6),
                 skew_us_device1_minus_0=dict(p10=float(np.percentile(skew_us, 10)), p50=float(np.median(skew_us)),
@@ -93,11 +112,14 @@ def host_summary(planes, top: int = 15) -> list[dict]:
 
 def summarize(planes) -> dict:
     planes = list(planes)  # ProfileData.planes is an iterator
-    gpus = [p for p in planes if p.name.startswith("/device:GPU")]
+    gpus = sorted((p for p in planes if p.name.startswith("/device:GPU")), key=lambda p: p.name)
     kernels = [compute_kernels(p) for p in gpus]
     kept = [(p.name, k) for p, k in zip(gpus, kernels) if k]
+    # The collectives of every device (one without kernels too: then nothing is matched), in device order, so
+    # that the skew is device 1's against device 0's.
     return dict(devices=[dict(plane=name, **gap_summary(k)) for name, k in kept],
-                collectives=collective_summary([k for _, k in kept]), host=host_summary(planes))
+                collectives=dict(collective_summary(kernels), devices=[p.name for p in gpus]),
+                host=host_summary(planes))
 
 
 def describe(summary: dict) -> list[str]:
@@ -119,6 +141,9 @@ def describe(summary: dict) -> list[str]:
                      + f" ms (median {c['after_last_start_median_us']:.1f} us); start skew dev1-dev0 p10/50/90 "
                      f"{c['skew_us_device1_minus_0']['p10']:.0f}/{c['skew_us_device1_minus_0']['p50']:.0f}/"
                      f"{c['skew_us_device1_minus_0']['p90']:.0f} us")
-    lines.append("host: " + "; ".join(f"{h['name'][:40]} {h['s'] * 1e3:.0f} ms/{h['n']}"
-                                      for h in summary.get("host", [])[:10]))
+    if c.get("unmatched"):
+        lines.append(f"collectives not matched: {c['unmatched']} ({c['counts']})")
+    if summary.get("host"):
+        lines.append("host: " + "; ".join(f"{h['name'][:40]} {h['s'] * 1e3:.0f} ms/{h['n']}"
+                                          for h in summary["host"][:10]))
     return lines

@@ -29,10 +29,13 @@ def test_gaps_are_bucketed_and_named_after_the_kernel_that_ends_them():
     assert timeline.describe(s)  # printable
 
 
-def test_overlapping_kernels_leave_no_gap():
+def test_overlapping_kernels_leave_no_gap_and_count_once():
     plane = _plane("/device:GPU:0", {"Stream #7(Compute)": [("a", 0, 10_000), ("b", 5_000, 2_000),
-                                                            ("c", 10_000, 1_000)]})
-    assert timeline.summarize([plane])["devices"][0]["idle_s"] == 0
+                                                            ("c", 10_000, 1_000)],
+                                     "Stream #8(Compute)": [("d", 9_000, 4_000)]})  # a second compute stream
+    dev = timeline.summarize([plane])["devices"][0]
+    assert dev["idle_s"] == 0
+    assert dev["span_s"] == pytest.approx(13_000 / 1e9) and dev["busy_s"] == pytest.approx(13_000 / 1e9)
 
 
 def test_collectives_split_into_waiting_for_the_other_device_and_own_time():
@@ -55,4 +58,18 @@ def test_collectives_split_into_waiting_for_the_other_device_and_own_time():
 
 def test_one_device_has_no_collective_matching():
     g0 = _plane("/device:GPU:0", {"Stream #1(Compute)": [("ncclDevKernel_AllReduce", 0, 40_000)]})
-    assert timeline.summarize([g0])["collectives"] == dict(matched=0)
+    assert timeline.summarize([g0])["collectives"]["matched"] == 0
+
+
+def test_unequal_collective_counts_are_not_matched():
+    """A collective missing on one device would pair every later one with the wrong one: none is matched."""
+    g0 = _plane("/device:GPU:0", {"Stream #1(Compute)": [("ncclDevKernel_AllReduce", 0, 10_000),
+                                                         ("ncclDevKernel_AllReduce", 200_000, 10_000),
+                                                         ("ncclDevKernel_AllReduce", 400_000, 10_000)]})
+    g1 = _plane("/device:GPU:1", {"Stream #1(Compute)": [("ncclDevKernel_AllReduce", 200_000, 10_000),
+                                                         ("ncclDevKernel_AllReduce", 400_000, 10_000)]})
+    s = timeline.summarize([g1, g0])  # any plane order: devices are taken in name order
+    c = s["collectives"]
+    assert c["matched"] == 0 and c["counts"] == [3, 2] and c["devices"] == ["/device:GPU:0", "/device:GPU:1"]
+    assert any("not matched" in line for line in timeline.describe(s))
+    assert not any(line.startswith("host") for line in timeline.describe(s))  # no host events, no host line

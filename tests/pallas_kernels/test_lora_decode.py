@@ -87,18 +87,20 @@ def test_lora_decode_k_splits_match_dense_loop(k_splits, case, lora_numpy_refere
               k_splits=k_splits)
 
 
-# The quick subset runs two of the knobs (per-block expand, column masks); the full suite, all four.
+# The quick subset runs two of the knobs (per-block expand, column masks); the full suite, all four. These cases
+# have at most 16 tokens, so the per-chunk expand with several blocks per chunk (the path of larger batches) is
+# asked for by name.
 @pytest.mark.parametrize("knobs", [dict(expand_per_chunk=False, grouping="none"),
-                                   pytest.param(dict(expand_warps=8, block_n=8, grouping="none"),
+                                   pytest.param(dict(expand_per_chunk=True, expand_warps=8, block_n=8, grouping="none"),
                                                 marks=pytest.mark.slow),
                                    pytest.param(dict(expand_per_chunk=False, expand_warps=2, block_n=8,
                                                      grouping="none"), marks=pytest.mark.slow),
                                    dict(column_masks=True, grouping="none")],
-                         ids=["expand_per_block", "expand_w8_bn8", "expand_per_block_w2_bn8", "column_masks"])
+                         ids=["expand_per_block", "expand_per_chunk_w8_bn8", "expand_per_block_w2_bn8", "column_masks"])
 @pytest.mark.parametrize("case", _quick_first(CASES))
 def test_lora_decode_kernel_knobs_match_dense_loop(knobs, case, lora_numpy_reference):
-    """The kernel's knobs: one expand program per block instead of per page chunk, other warps and blocks
-    (several blocks per chunk), per-column masks everywhere."""
+    """The kernel's knobs: one expand program per block or per page chunk (with several blocks per chunk), other
+    warps and blocks, per-column masks everywhere."""
     _run_case("pallas", "float32", *case, seed=hash((case[0], str(knobs))) % 2**31, reference=lora_numpy_reference,
               **knobs)
 
@@ -107,7 +109,8 @@ def test_lora_decode_block_masks_on_a_partial_page_chunk(lora_numpy_reference):
     """A module of 48 columns in 32-column pages, 16-column blocks: its second chunk holds one block and
     the loop's next block lies wholly past the module (one predicate masks it, no per-column compare)."""
     case = ("partial_chunk", 3, 32, (48, 16), 32, 2, (4, 16), None)
-    _run_case("pallas", "float32", *case, seed=5, reference=lora_numpy_reference, block_n=16, grouping="none")
+    _run_case("pallas", "float32", *case, seed=5, reference=lora_numpy_reference, block_n=16, grouping="none",
+              expand_per_chunk=True)
 
 
 def test_case_packing_follows_the_page_layout():
@@ -160,9 +163,10 @@ def test_lora_decode_rejects_bad_shapes():
 @pytest.mark.parametrize("case", _quick_first(CASES))
 def test_lora_decode_large_batch_knobs_match_dense_loop(case, lora_numpy_reference):
     """The knobs batches above SMALL_BATCH_TOKENS get (one program per rank block's pass over d_in, one expand
-    program per page chunk), forced onto the small cases."""
+    program per page chunk looping over its blocks), forced onto the small cases; block_n 16 gives the 32-column
+    pages two blocks each, as 1024-column pages have four of 256 on the GPU."""
     _run_case("pallas", "float32", *case, seed=hash((case[0], "large")) % 2**31, reference=lora_numpy_reference,
-              grouping="none", k_splits=1, expand_per_chunk=True)
+              grouping="none", k_splits=1, expand_per_chunk=True, block_n=16)
 
 
 def test_per_token_knobs_follow_the_batch_size():
@@ -178,3 +182,4 @@ def test_per_token_knobs_follow_the_batch_size():
     assert ks > 1 and not per_chunk and bn == pallas_triton.SMALL_BLOCK_N
     assert pallas_triton.per_token_knobs(dims(large)) == (256, 256, 1, True)
     assert pallas_triton.per_token_knobs(dims(1), k_splits=2, expand_per_chunk=True, block_n=64) == (256, 64, 2, True)
+    assert pallas_triton.per_token_knobs(dims(large), expand_per_chunk=False)[3] is False

@@ -47,12 +47,12 @@ def lora_decode(
         that row is returned unchanged.
       out_sizes: static tuple of each module's output columns.
       implementation: None (Pallas on GPU, XLA elsewhere), "xla" or "pallas" (interpret mode off-GPU).
-      grouping: Pallas only: "kernel" (the default, `pallas_triton.DEFAULT_GROUPING`): tokens that share an
+      grouping: Pallas only; the default is `pallas_triton.DEFAULT_GROUPING` ("none"). "kernel": tokens that share an
         adapter slot are grouped per step into tiles of up to 16 that read the adapter's weights once, with
         tl.dot, each program finding its tile in the slot table itself; a token alone on its adapter runs the
         per-token loop. "sort": the same tiles from a plan XLA computes first (a stable sort of the slots).
         "runs": tiles of consecutive tokens only (no sort; for callers that order tokens by adapter).
-        "none": the per-token kernels for every token (the former default). Every choice gives the same
+        "none": the per-token kernels for every token (the default). Every choice gives the same
         result; they differ in speed.
       fused: Pallas only: one kernel per (token, module) instead of separate shrink and expand kernels
         (measured slower on the H200; kept for comparison, see `pallas_triton`). Implies grouping="none".

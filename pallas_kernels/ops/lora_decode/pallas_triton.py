@@ -1,9 +1,9 @@
 """Pallas (Triton lowering) MBGMV: multi-adapter LoRA for decode, straight from the page pool.
 
-The default path is the grouped pair of kernels ("Grouped MBGMV" below): tokens that share an adapter are
-put in tiles of up to 16 that read its A and B once and multiply them in with tl.dot, while a token alone
-on its adapter runs the per-token loop described next. `grouping="none"` runs the per-token kernels for
-every token (the default before 2026-11-30).
+The default path is the per-token pair of kernels described next (`grouping="none"`, DEFAULT_GROUPING), with
+knobs chosen by batch size (`per_token_knobs`). The grouped pair ("Grouped MBGMV" below) puts tokens that share
+an adapter in tiles of up to 16 that read its A and B once and multiply them in with tl.dot; measured slower
+where adapters differ, it stays as a choice.
 
 The per-token kernels, as S-LoRA/Punica do it:
   shrink  grid (T, M, RB): program (t, m, j) computes v[t, m, j*R:(j+1)*R] = scale * x[t] @ A_m
@@ -24,7 +24,8 @@ fills a dozen SMs); v goes through a [T, M, RB, KS, R] f32 buffer (tiny) between
 Column masks are one predicate per block wherever sizes are multiples of the blocks
 (`_backend.column_mask`): per-column masks against a table entry kept Triton from vectorising.
 Measured on the H200 (benchmarks/NOTES.md, 2026-11-28), T = 256 tokens on 256 rank-16 adapters, q/k/v:
-these defaults (BK = BN = 256, expand per chunk) run at 75-78% of copy bandwidth, against 60% for one
+these defaults (BK = BN = 256, expand per chunk) run at 75-78% of jax's `x + 1` bandwidth (3.3 TB/s; 62-63% of the
+4.08-4.13 TB/s copy measured since, 2026-11-30/12-01), against 60% of the former for one
 expand program per 512-column block with BK = 512 in the same runs.
 
 Fused variant (``fused=True``; one launch, grid (T, M)): program (t, m) gathers all of its adapter's rank
@@ -51,7 +52,8 @@ from pallas_kernels.ops.lora_layout import LoraDims
 
 
 # Default columns per shrink tile (BK) and per expand block (BN), capped to what divides W. On the H200,
-# 256 / 256 with the per-chunk expand ran the 256-adapter target case at 75-78% of copy bandwidth
+# 256 / 256 with the per-chunk expand ran the 256-adapter target case at 75-78% of jax's `x + 1` bandwidth (62-63% of
+# the better copy measured since)
 # (benchmarks/NOTES.md, "MBGMV: the expand was the slow half").
 BLOCK_K = 256
 BLOCK_N = 256
@@ -60,8 +62,8 @@ BLOCK_N = 256
 # per SMALL_BLOCK_N-column block instead of per page chunk. At T = 256 the shrink is many short loops already
 # and one program per chunk wins; at T = 1..8 the op is two chains of dependent loads on a dozen programs. On the
 # H200 (2026-12-01, kernels-smallT-defaults-2026-12-01.json) this took q/k/v at T = 1 / 2 / 4 / 8 / 16 from
-# 15.4-16.4 us to 8.5 / 8.6 / 8.7 / 9.2 / 11.7 us; at T = 32 both knob sets took 18.2 us, at T = 256 the small-batch
-# ones were 1.6x slower.
+# 15.4-16.4 us to 8.5 / 8.6 / 8.7 / 9.2 / 11.7 us; at T = 256 the same knobs were 1.6x slower (99.2 against 62.0 us,
+# kernels-smallT-2026-12-01.json). Batches of 17-255 tokens were not timed with them.
 SMALL_BATCH_TOKENS = 16
 SMALL_BLOCK_N = 128
 
@@ -615,7 +617,7 @@ def lora_decode_pallas(
     bk = pow2_divisor(dims.width, block_k or BLOCK_K)
     bn = pow2_divisor(dims.width, block_n or BLOCK_N)
     if grouping != "none" and not fused and grouped_unsupported_reason(dims, bk, bn) is None:
-        if k_splits not in (None, 1) or expand_per_chunk is False:
+        if k_splits not in (None, 1) or (expand_per_chunk is not None and not expand_per_chunk):
             raise ValueError("k_splits and expand_per_chunk are knobs of the per-token kernels (grouping='none')")
         if grouping == "kernel" and dims.num_tokens > KERNEL_PLAN_MAX_TOKENS:
             grouping = "sort"
@@ -646,8 +648,8 @@ def per_token_knobs(dims: LoraDims, block_k=None, block_n=None, k_splits=None, e
     small = dims.num_tokens <= SMALL_BATCH_TOKENS
     bk = pow2_divisor(dims.width, block_k or BLOCK_K)
     bn = pow2_divisor(dims.width, block_n or (SMALL_BLOCK_N if small else BLOCK_N))
-    ks = k_splits or (default_single_splits(dims, bk) if small else 1)
-    per_chunk = (not small) if expand_per_chunk is None else expand_per_chunk
+    ks = (default_single_splits(dims, bk) if small else 1) if k_splits is None else k_splits  # 0 stays an error
+    per_chunk = (not small) if expand_per_chunk is None else bool(expand_per_chunk)
     return bk, bn, ks, per_chunk
 
 
