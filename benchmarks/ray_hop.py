@@ -35,6 +35,25 @@ def _summary(rows) -> dict:
         "added_p90_ms": float(np.percentile(a[:, 2], 90)), "n": len(rows)}
 
 
+async def _timed_calls(call, count: int) -> list[tuple[float, float, float]]:
+    """``count`` calls of ``call(t_send)`` (an awaitable of the callee's (t_in, t_out)), one at a time: per call,
+    (to the callee, back from it, what the call added over the callee's own time), in seconds."""
+    rows = []
+    for _ in range(count):
+        t0 = time.time()
+        t_in, t_out = await call(t0)
+        t1 = time.time()
+        rows.append((t_in - t0, t1 - t_out, t1 - t0 - (t_out - t_in)))
+    return rows
+
+
+async def _sleep_timed(sleep_s: float) -> tuple[float, float]:
+    """The echo's answer: when it started, and when it ended after sleeping ``sleep_s``."""
+    t_in = time.time()
+    await asyncio.sleep(sleep_s)
+    return t_in, time.time()
+
+
 def child(n: int, sleep_s: float) -> dict:
     import ray
     from ray import serve
@@ -42,9 +61,7 @@ def child(n: int, sleep_s: float) -> dict:
     @serve.deployment(max_ongoing_requests=256)
     class Echo:
         async def answer(self, t_send):
-            t_in = time.time()
-            await asyncio.sleep(sleep_s)
-            return t_in, time.time()
+            return await _sleep_timed(sleep_s)
 
     @serve.deployment(max_ongoing_requests=1000)
     class Ingress:
@@ -52,20 +69,14 @@ def child(n: int, sleep_s: float) -> dict:
             self.echo = echo
 
         async def probe(self, model_id: str, count: int):
-            rows = []
-            for _ in range(count):
-                t0 = time.time()
-                t_in, t_out = await self.echo.options(multiplexed_model_id=model_id).answer.remote(t0)
-                t1 = time.time()
-                rows.append((t_in - t0, t1 - t_out, t1 - t0 - (t_out - t_in)))
-            return rows
+            # options() per call, as the slora-jax ingress makes it per request
+            return await _timed_calls(
+                lambda t0: self.echo.options(multiplexed_model_id=model_id).answer.remote(t0), count)
 
     @ray.remote
     class Plain:
         async def answer(self, t_send):
-            t_in = time.time()
-            await asyncio.sleep(sleep_s)
-            return t_in, time.time()
+            return await _sleep_timed(sleep_s)
 
     @ray.remote
     class Caller:
@@ -73,13 +84,7 @@ def child(n: int, sleep_s: float) -> dict:
             self.target = target
 
         async def probe(self, count: int):
-            rows = []
-            for _ in range(count):
-                t0 = time.time()
-                t_in, t_out = await self.target.answer.remote(t0)
-                t1 = time.time()
-                rows.append((t_in - t0, t1 - t_out, t1 - t0 - (t_out - t_in)))
-            return rows
+            return await _timed_calls(lambda t0: self.target.answer.remote(t0), count)
 
     ray.init(include_dashboard=False)
     try:

@@ -124,7 +124,10 @@ def _pool(n: int) -> ThreadPoolExecutor:
     global _threads
     with _threads_lock:
         if _threads[0] < n:
+            old = _threads[1]
             _threads = (n, ThreadPoolExecutor(max_workers=n, thread_name_prefix="adapter-read-part"))
+            if old is not None:  # its reads under way finish; its threads then end
+                old.shutdown(wait=False)
         return _threads[1]
 
 
@@ -399,15 +402,19 @@ def read_paged_adapter(plan: AdapterPlan, model_config: ModelConfig, layout: Poo
         # In file order of each batch's first tensor: the reads go mostly forward through the file.
         ordered = sorted(flat, key=lambda kv: spans[kv[1][0][1]].start)
         threads = max(1, min(int(threads), len(ordered)))
+
+        def run_batches(run) -> int:
+            return sum(batch(key, items) for key, items in run)
+
         if threads == 1:
-            nbytes = sum(batch(key, items) for key, items in ordered)
+            nbytes = run_batches(ordered)
         else:
             cut = [len(ordered) * i // threads for i in range(threads + 1)]
             runs = [ordered[cut[i]:cut[i + 1]] for i in range(threads)]
-            futures = [_pool(threads).submit(lambda run: sum(batch(k, it) for k, it in run), run) for run in runs[1:]]
+            futures = [_pool(threads).submit(run_batches, run) for run in runs[1:]]
             nbytes, error = 0, None
             try:
-                nbytes = sum(batch(key, items) for key, items in runs[0])  # the first run on this thread
+                nbytes = run_batches(runs[0])  # the first run on this thread
             except BaseException as e:  # Ctrl-C too: raised below, once no thread reads the file any more
                 error = e
             for fut in futures:

@@ -145,10 +145,10 @@ class Engine:
         self.tables = AdapterTables(model_config, self.layout, econf.max_adapters_on_device, econf.max_lora_rank)
         # Several processes build tiles spanning every process's devices from host numpy (sharding.put).
         pinned = pinned_host.to_pinned_host(device) if _on_gpu() and not multi else None
-        arena = pinned_host.host_arena(econf.host_cache_bytes, device if pinned is not None and econf.pin_host_cache
-                                       else None)
+        pin = pinned is not None and econf.pin_host_cache
+        arena = pinned_host.host_arena(econf.host_cache_bytes, device if pin else None)
         self._pinned_reserved = (0, 0.0)  # (bytes, seconds) of pinned host memory taken when built
-        if pinned is not None and econf.pin_host_cache and (arena is None or not arena.registered):
+        if pin and (arena is None or not arena.registered):
             self._pinned_reserved = pinned_host.reserve(pinned, pinned_host.reservation_bytes(econf.host_cache_bytes))
             _log.info("pinned %.1f GiB of host memory for the adapter host tier in %.1f s",
                       self._pinned_reserved[0] / (1 << 30), self._pinned_reserved[1])
