@@ -338,19 +338,20 @@ def lora_case(runner, op, *, T, distinct, rank, d_in, out_sizes, W, shape_name, 
 
 
 # Variant names: knobs joined by "+", each a prefix and a number; a bare flag is on, a flag followed by 0 off.
-_DECODE_KNOBS = {"fused": "fused", "ks": "k_splits", "bk": "block_k", "bn": "block_n", "w": "num_warps",
-                 "ec": "expand_per_chunk", "ew": "expand_warps", "cm": "column_masks", "gs": "group_splits",
-                 "ss": "single_splits", "st": "num_stages"}
+_DECODE_KNOBS = {"fused": "fused", "ah": "align_hints", "lb": "live_blocks", "ks": "k_splits", "bk": "block_k",
+                 "bn": "block_n", "w": "num_warps", "ec": "expand_per_chunk", "ew": "expand_warps",
+                 "cm": "column_masks", "gs": "group_splits", "ss": "single_splits", "st": "num_stages"}
 # Decode variant words that name a grouping of MBGMV (see lora_decode's `grouping`).
-_DECODE_GROUPINGS = ("kernel", "sort", "runs", "none")
+_DECODE_GROUPINGS = ("kernel", "sort", "runs", "tiles", "none")
 _PREFILL_KNOBS = {"pm": "shrink_per_module", "ec": "expand_per_chunk", "cm": "column_masks", "tm": "block_tokens",
                   "bk": "block_k", "bn": "block_n", "w": "num_warps"}
 
 
 def lora_variant_kwargs(op: str, name: str, dims) -> dict:
     """Keyword arguments of the Pallas kernel for a variant name such as "none+ks2" (decode: kernel / sort /
-    runs / none = MBGMV's grouping, none being the per-token kernels; gsN / ssN = parts of d_in per group tile / per
-    lone token; stN = the grouped kernels' pipeline stages; fused, ksN, ec (per-token kernels only: none+ks2);
+    runs / tiles / none = MBGMV's grouping, none being the per-token kernels, tiles the tile kernels with their plan
+    computed in the call; gsN / ssN = parts of d_in per group tile / per lone token; stN = the kernels' pipeline
+    stages; fused, ksN, ec, ah0 (no alignment hint), lb0 (every rank block multiplied) for the per-token kernels;
     bkN, bnN, wN, ewN = expand warps,
     cm = per-column masks) or
     "tm128+pm0" (prefill: tmN = tokens per tile, bkN, bnN, wN, pm / ec = one shrink program per module /
@@ -576,7 +577,7 @@ def _paged_step(c, k, **kw):
 
 
 def _lora_decode_step(c, k, **kw):
-    return lora_decode_triton.lora_decode_pallas(c, *k[:7], sanitize_slots(k[7], kw["dims"]), **kw)
+    return lora_decode_triton.lora_decode_pallas(c, *k[:7], k[7], **kw)
 
 
 def _lora_prefill_step(c, k, *, num_tiles, block_tokens=64, **kw):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax.numpy as jnp
+import numpy as np
 
 from pallas_kernels._checks import cdiv, check_array, check_layer, check_pool
 from pallas_kernels._errors import KernelInputError
@@ -107,3 +108,19 @@ def token_ranks(ranks, scales, token_slot, layer, dims: LoraDims):
     r = jnp.where(has[:, None], r, 0)
     sc = scales[s, layer].astype(jnp.float32)
     return r, sc
+
+
+def output_chunks(dims: LoraDims) -> np.ndarray:
+    """Static table of y's page chunks: rows (module, chunk, y column, valid columns)."""
+    return np.asarray([(m, c, off + c * dims.width, min(dims.width, d_out - c * dims.width))
+                       for m, (off, d_out) in enumerate(zip(dims.offsets, dims.out_sizes))
+                       for c in range(cdiv(d_out, dims.width))], np.int32)
+
+
+def output_blocks(dims: LoraDims, bn: int) -> np.ndarray:
+    """Static table of y's column blocks: rows (module, chunk, column in chunk, y column, valid columns)."""
+    rows = []
+    for m, (off, d_out) in enumerate(zip(dims.offsets, dims.out_sizes)):
+        for q0 in range(0, d_out, bn):
+            rows.append((m, q0 // dims.width, q0 % dims.width, off + q0, min(bn, d_out - q0)))
+    return np.asarray(rows, np.int32)

@@ -87,16 +87,20 @@ def test_lora_decode_k_splits_match_dense_loop(k_splits, case, lora_numpy_refere
               k_splits=k_splits)
 
 
-# The quick subset runs two of the knobs (per-block expand, column masks); the full suite, all four. These cases
-# have at most 16 tokens, so the per-chunk expand with several blocks per chunk (the path of larger batches) is
-# asked for by name.
+# The quick subset runs three of the knobs (per-block expand, per-chunk expand, column masks); the full suite, all
+# six. These cases have at most 16 tokens, so the per-chunk expand (the path of larger batches: a branch per count
+# of live rank blocks, ranks here spanning 1-3 of them) is asked for by name.
 @pytest.mark.parametrize("knobs", [dict(expand_per_chunk=False, grouping="none"),
+                                   dict(expand_per_chunk=True, grouping="none"),
+                                   pytest.param(dict(expand_per_chunk=True, live_blocks=False, num_stages=3,
+                                                     grouping="none"), marks=pytest.mark.slow),
                                    pytest.param(dict(expand_per_chunk=True, expand_warps=8, block_n=8, grouping="none"),
                                                 marks=pytest.mark.slow),
                                    pytest.param(dict(expand_per_chunk=False, expand_warps=2, block_n=8,
                                                      grouping="none"), marks=pytest.mark.slow),
                                    dict(column_masks=True, grouping="none")],
-                         ids=["expand_per_block", "expand_per_chunk_w8_bn8", "expand_per_block_w2_bn8", "column_masks"])
+                         ids=["expand_per_block", "expand_per_chunk", "expand_per_chunk_all_blocks_st3",
+                              "expand_per_chunk_w8_bn8", "expand_per_block_w2_bn8", "column_masks"])
 @pytest.mark.parametrize("case", _quick_first(CASES))
 def test_lora_decode_kernel_knobs_match_dense_loop(knobs, case, lora_numpy_reference):
     """The kernel's knobs: one expand program per block or per page chunk (with several blocks per chunk), other

@@ -8,7 +8,7 @@ import jax
 
 from pallas_kernels import _backend, pool_storage
 from pallas_kernels._errors import KernelInputError
-from pallas_kernels.ops.lora_decode import pallas_triton
+from pallas_kernels.ops.lora_decode import pallas_triton, tiles_triton
 from pallas_kernels.ops.lora_decode.reference import lora_decode_reference
 from pallas_kernels.ops.lora_layout import sanitize_slots, validate_lora_args
 
@@ -31,6 +31,7 @@ def lora_decode(
     fused: bool = False,
     k_splits: Optional[int] = None,
     grouping: Optional[str] = None,
+    plan: Optional[tuple] = None,
 ) -> jax.Array:
     """Add each token's LoRA delta to the base output of M fused projections (one row per token).
 
@@ -52,6 +53,9 @@ def lora_decode(
         tl.dot, each program finding its tile in the slot table itself; a token alone on its adapter runs the
         per-token loop. "sort": the same tiles from a plan XLA computes first (a stable sort of the slots).
         "runs": tiles of consecutive tokens only (no sort; for callers that order tokens by adapter).
+        "tiles": tiles of up to 16 tokens of one slot from a sorted plan (`lora_decode_plan`), each tile's
+        shrink and expand one tl.dot per block, the tile index the grids' last axis: the fastest where many
+        tokens share few adapters, and slow where every token has its own (`lora_decode_grouping` picks per step).
         "none": the per-token kernels for every token (the default). Every choice gives the same
         result; they differ in speed.
       fused: Pallas only: one kernel per (token, module) instead of separate shrink and expand kernels
@@ -60,6 +64,9 @@ def lora_decode(
         (the default) picks by batch size: 1 above `pallas_triton.SMALL_BATCH_TOKENS` tokens (at T = 256, 2
         measured no faster on the H200 and 4 slower), up to 8 at or below it. Any other value implies
         grouping="none".
+      plan: grouping "tiles" only: `lora_decode_plan(token_slot, S)`, computed once where one step calls the
+        op for every layer and projection group (the plan is a sort and a few scans, ~17 us on the H200: as
+        much as the op itself); None computes it in the call.
 
     Returns:
       [T, sum(out_sizes)] in y's dtype: y + scale * (x A) B per module, accumulated in float32.
@@ -71,14 +78,58 @@ def lora_decode(
                                f"got {grouping!r}")
     if grouping is None and (fused or k_splits not in (None, 1)):
         grouping = "none"  # both are knobs of the per-token kernels
+    if plan is not None:
+        _check_plan(plan, grouping, dims)
     impl = _backend.resolve(implementation, "lora_decode",
                              pool_storage.pallas_unsupported(pool) or pallas_triton.unsupported_reason(dims))
     if dims.num_tokens == 0:
         return y
-    token_slot = sanitize_slots(token_slot, dims)
     if impl == "xla":
-        return _reference_jit(y, x, pool, layer, a_pages, b_pages, ranks, scales, token_slot, dims=dims)
+        return _reference_jit(y, x, pool, layer, a_pages, b_pages, ranks, scales, sanitize_slots(token_slot, dims),
+                              dims=dims)
+    # The Pallas paths treat ids outside [0, S) as no adapter themselves (an XLA pass here was a launch per call).
+    token_slot = jax.numpy.asarray(token_slot).astype("int32")
     return pallas_triton.lora_decode_pallas(
-        y, x, pool, layer, a_pages, b_pages, ranks, scales, token_slot, dims=dims, interpret=_backend.interpret_mode(),
-        fused=fused, k_splits=k_splits, grouping=grouping,
+        y, x, pool, layer, a_pages, b_pages, ranks, scales, token_slot, plan, dims=dims,
+        interpret=_backend.interpret_mode(), fused=fused, k_splits=k_splits, grouping=grouping,
     )
+
+
+def lora_decode_plan(token_slot: jax.Array, num_slots: int) -> tuple:
+    """The tile plan of `lora_decode(..., grouping="tiles")` for this slot table (S = num_slots; ids outside
+    [0, S) are no adapter): a stable sort by slot, cut into tiles of at most 16 tokens of one slot. Depends on
+    the slots only, so one plan serves every layer and projection group of a step."""
+    if getattr(token_slot, "ndim", None) != 1:
+        raise KernelInputError(f"lora_decode_plan: token_slot must be a vector [T], got shape "
+                               f"{getattr(token_slot, 'shape', None)}")
+    if int(num_slots) < 1:
+        raise KernelInputError(f"lora_decode_plan: num_slots must be >= 1, got {num_slots}")
+    return tiles_triton.tile_plan(jax.numpy.asarray(token_slot).astype("int32"), int(num_slots))
+
+
+def lora_decode_grouping(slots: Sequence) -> str:
+    """"tiles" or "none" for a decode batch whose tokens have these adapters (any hashable ids; None = no
+    adapter), on the host before the step: tiles where the tile count stays under a third of the tokens.
+    On the H200 (q/k/v, rank 16, benchmarks/NOTES.md, 2026-12-01) the tile kernels against the per-token ones:
+    256 tokens on 1 / 5 / 64 / 80 adapters 15.8 / 18.8 / 36.3 / 44.0 us against 42.9 / 42.4 / 47.7 / 48.9 (run 4);
+    64 tokens on one 14.5 against 20.0; but 13.0 against 8.9 at 8 tokens and 123.6 against 61.0 with 256
+    distinct adapters (run 3): each tile costs ~0.4 us more, and the per-token kernels' small-batch knobs win
+    at <= 16 tokens. The per-token kernels got faster after those runs (256 tokens on one adapter 33.0, on five
+    33.1, 64 tokens on one 15.0 against tiles 13.7: run 6), so the third keeps a margin."""
+    used = [s for s in slots if s is not None]
+    n = len(used)
+    if n <= pallas_triton.SMALL_BATCH_TOKENS:
+        return "none"
+    tiles = -(-n // tiles_triton.TILE_TOKENS) + len(set(used))
+    return "tiles" if 3 * tiles <= n else "none"
+
+
+def _check_plan(plan, grouping, dims) -> None:
+    if grouping != "tiles":
+        raise KernelInputError(f"lora_decode: a plan is for grouping='tiles', got grouping={grouping!r}")
+    nt = tiles_triton.num_tiles(dims.num_tokens, dims.num_slots)
+    want = ((nt * tiles_triton.TILE_TOKENS,), (nt,))
+    got = tuple(tuple(getattr(a, "shape", ())) for a in plan) if isinstance(plan, (tuple, list)) else None
+    if got != want:
+        raise KernelInputError(f"lora_decode: plan must be lora_decode_plan(token_slot, {dims.num_slots}) for "
+                               f"{dims.num_tokens} tokens (shapes {want}), got shapes {got}")

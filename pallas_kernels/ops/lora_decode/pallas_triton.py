@@ -48,7 +48,8 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels import _backend
 from pallas_kernels._checks import as_index_vector, cdiv, matmul_precision, next_pow2, pow2_divisor
-from pallas_kernels.ops.lora_layout import LoraDims
+from pallas_kernels.ops.lora_decode import tiles_triton
+from pallas_kernels.ops.lora_layout import LoraDims, output_blocks, output_chunks, sanitize_slots
 
 
 # Default columns per shrink tile (BK) and per expand block (BN), capped to what divides W. On the H200,
@@ -66,6 +67,12 @@ BLOCK_N = 256
 # kernels-smallT-2026-12-01.json). Batches of 17-255 tokens were not timed with them.
 SMALL_BATCH_TOKENS = 16
 SMALL_BLOCK_N = 128
+# The per-chunk expand multiplies only each token's live rank blocks (`_expand_chunk_kernel`). On the H200
+# (2026-12-01, results/kernels-tiles-h200-2026-12-01/kernel-profile-run5.json) 256 tokens on 256 rank-16 adapters
+# in a pool of rank 64:
+# expand 21.0 against 26.4 us, the op 55.4 / 55.9 against 59.9 / 60.0 us (two repeats in one run). Read when a
+# kernel is traced (a benchmark sets it False to time the former kernel).
+LIVE_RANK_BLOCKS = True
 
 
 def unsupported_reason(dims: LoraDims) -> str | None:
@@ -83,8 +90,7 @@ def _shrink_kernel(layer_ref, slot_ref, ranks_ref, scales_ref, a_pages_ref, x_re
     j, part = (pl.program_id(2), 0) if ks == 1 else (pl.program_id(2) // ks, pl.program_id(2) % ks)
     n_kb = cdiv(cdiv(dims.d_in, bk), ks)
     R, W = dims.page_rows, dims.width
-    layer = layer_ref[0]
-    slot = slot_ref[t]
+    layer, slot = _layer_slot(layer_ref, slot_ref, t, dims)
     s = jnp.maximum(slot, 0)
     rank = jnp.where(slot >= 0, jnp.clip(ranks_ref[s, layer, m], 0, dims.max_rank), 0)
     nrows = jnp.clip(rank - j * R, 0, R)
@@ -118,9 +124,8 @@ def _expand_kernel(layer_ref, slot_ref, ranks_ref, b_pages_ref, blocks_ref, v_re
                    ks, exact):
     t, b = pl.program_id(0), pl.program_id(1)
     R = dims.page_rows
-    layer = layer_ref[0]
     m, c, col, y0, ncols = (blocks_ref[b, i] for i in range(5))
-    slot = slot_ref[t]
+    layer, slot = _layer_slot(layer_ref, slot_ref, t, dims)
     s = jnp.maximum(slot, 0)
     rank = jnp.where(slot >= 0, jnp.clip(ranks_ref[s, layer, m], 0, dims.max_rank), 0)
     nb = (rank + R - 1) // R
@@ -144,21 +149,25 @@ def _expand_kernel(layer_ref, slot_ref, ranks_ref, b_pages_ref, blocks_ref, v_re
 
 
 def _expand_chunk_kernel(layer_ref, slot_ref, ranks_ref, b_pages_ref, chunks_ref, v_ref, pool_ref, y_ref, o_ref, *,
-                         dims, bn, ks, exact):
+                         dims, bn, ks, exact, align=1, live_blocks=True):
     """Program (t, chunk): one W-column page chunk of one module, as a loop over its BN-column blocks. The
     pages and v are looked up once per chunk; the loop's loads do not depend on earlier iterations, so the
-    compiler's pipeline has the next block's tiles in flight while this one is summed and stored."""
+    compiler's pipeline has the next block's tiles in flight while this one is summed and stored.
+    live_blocks: one branch per count of live rank blocks, each unrolling only those (a rank-16 adapter in a
+    pool of rank 64 multiplies one [R, bn] tile per column block, not four of which three are masked: the
+    masked loads cost no bytes, but their multiply-adds still issue, and the expand was issue-bound, 67% of
+    cycles, in Nsight Compute on the H200); False: one branch over every block, masked past the rank."""
     t, b = pl.program_id(0), pl.program_id(1)
     R = dims.page_rows
-    layer = layer_ref[0]
     m, c, y0, ncols = (chunks_ref[b, i] for i in range(4))
-    slot = slot_ref[t]
+    if align > 1:  # every chunk's first y column is a multiple of align: said so, Triton vectorises y's accesses
+        y0 = pl.multiple_of(y0, align)
+    layer, slot = _layer_slot(layer_ref, slot_ref, t, dims)
     s = jnp.maximum(slot, 0)
     rank = jnp.where(slot >= 0, jnp.clip(ranks_ref[s, layer, m], 0, dims.max_rank), 0)
 
-    @pl.when(rank > 0)
-    def _():
-        blocks = range(dims.rank_blocks)  # unrolled; blocks past the rank are fully masked (no bytes)
+    def chunk(nblocks):
+        blocks = range(nblocks)  # unrolled; rows past the rank are masked (no bytes)
         pages = [jnp.clip(b_pages_ref[s, m, c, jb], 0, dims.num_pages - 1) for jb in blocks]
         row_ok = [(jnp.arange(R) < rank - jb * R)[:, None] for jb in blocks]
         vs = [_v_block(v_ref, t, m, jb, ks)[:, None] for jb in blocks]
@@ -178,6 +187,19 @@ def _expand_chunk_kernel(layer_ref, slot_ref, ranks_ref, b_pages_ref, chunks_ref
 
         lax.fori_loop(0, dims.width // bn, body, 0)
 
+    if not live_blocks:
+        pl.when(rank > 0)(lambda: chunk(dims.rank_blocks))
+        return
+    for live in range(1, dims.rank_blocks + 1):
+        pl.when((rank > (live - 1) * R) & (rank <= live * R))(functools.partial(chunk, live))
+
+
+def _layer_slot(layer_ref, slot_ref, t, dims):
+    """The layer, clipped into range, and token t's slot (-1 for ids outside [0, S)), read in the kernel: done by
+    XLA beforehand, each was a kernel launch of its own per call (~1 us each on the H200)."""
+    slot = slot_ref[t]
+    return jnp.clip(layer_ref[0], 0, dims.num_layers - 1), jnp.where(slot < dims.num_slots, slot, -1)
+
 
 def _v_block(v_ref, t, m, jb, ks):
     """v of one rank block: the shrink's partial sums over d_in added up (one of them when ks = 1)."""
@@ -189,8 +211,7 @@ def _fused_kernel(layer_ref, slot_ref, ranks_ref, scales_ref, a_pages_ref, b_pag
     t, m = pl.program_id(0), pl.program_id(1)
     R, W = dims.page_rows, dims.width
     RR = next_pow2(dims.max_rank)  # Triton tiles are powers of two; rows past the rank are masked anyway
-    layer = layer_ref[0]
-    slot = slot_ref[t]
+    layer, slot = _layer_slot(layer_ref, slot_ref, t, dims)
     s = jnp.maximum(slot, 0)
     rank = jnp.where(slot >= 0, jnp.clip(ranks_ref[s, layer, m], 0, dims.max_rank), 0)
     r = jnp.arange(RR)
@@ -264,7 +285,8 @@ GROUP_SPLITS = 8
 # grouping took 102.7 us where they take 63.3 (256 tokens on 256 adapters, the many-adapter case the engine
 # serves most) and 32.0 against 43.5 with one shared adapter. The groupings stay as knobs.
 DEFAULT_GROUPING = "none"
-GROUPINGS = ("kernel", "sort", "runs", "none")
+# "tiles": the segment-tile kernels of `tiles_triton` (a sorted plan, tiles in their own grid axis).
+GROUPINGS = ("kernel", "sort", "runs", "tiles", "none")
 # Above this many tokens "kernel" becomes "sort": every program of "kernel" loads the whole slot table and
 # selects over [16, T] of it, which grows with T, while the sort is paid once.
 KERNEL_PLAN_MAX_TOKENS = 1024
@@ -564,42 +586,29 @@ def grouped_expand_pallas(y, v, pool, b_pages, plan, *, dims, interpret, bn, tm,
     )
 
 
-def output_chunks(dims: LoraDims) -> np.ndarray:
-    """Static table of y's page chunks: rows (module, chunk, y column, valid columns)."""
-    return np.asarray([(m, c, off + c * dims.width, min(dims.width, d_out - c * dims.width))
-                       for m, (off, d_out) in enumerate(zip(dims.offsets, dims.out_sizes))
-                       for c in range(cdiv(d_out, dims.width))], np.int32)
-
-
-def output_blocks(dims: LoraDims, bn: int) -> np.ndarray:
-    """Static table of y's column blocks: rows (module, chunk, column in chunk, y column, valid columns)."""
-    rows = []
-    for m, (off, d_out) in enumerate(zip(dims.offsets, dims.out_sizes)):
-        for q0 in range(0, d_out, bn):
-            rows.append((m, q0 // dims.width, q0 % dims.width, off + q0, min(bn, d_out - q0)))
-    return np.asarray(rows, np.int32)
-
-
 @functools.partial(jax.jit, static_argnames=("dims", "interpret", "block_k", "block_n", "num_warps", "fused",
                                              "k_splits", "expand_per_chunk", "expand_warps", "column_masks",
-                                             "grouping", "group_splits", "single_splits", "num_stages"))
+                                             "grouping", "group_splits", "single_splits", "num_stages",
+                                             "align_hints", "live_blocks"))
 def lora_decode_pallas(
-    y, x, pool, layer, a_pages, b_pages, ranks, scales, token_slot, *,
+    y, x, pool, layer, a_pages, b_pages, ranks, scales, token_slot, plan=None, *,
     dims: LoraDims, interpret: bool, block_k: int | None = None, block_n: int | None = None,
     num_warps: int | None = None, fused: bool = False, k_splits: int | None = None,
     expand_per_chunk: bool | None = None,
     expand_warps: int | None = None, column_masks: bool = False, grouping: str | None = None,
     group_splits: int | None = None, single_splits: int | None = None, num_stages: int = 2,
+    align_hints: bool = True, live_blocks: bool | None = None,
 ):
-    """Shapes as `lora_decode`. block_k / block_n are capped to the largest power of two dividing W.
+    """Shapes as `lora_decode` (token_slot as given: every path treats ids outside [0, S) as no adapter). block_k /
+    block_n are capped to the largest power of two dividing W.
+    plan: the "tiles" grouping's `tiles_triton.tile_plan`, or None (computed here); other groupings ignore it.
     grouping: "kernel" / "sort" / "runs" (the grouped kernels: tokens sharing an adapter read it once per tile
       of GROUP_TOKENS; see "Grouped MBGMV" above for where the tiles come from) or "none" (the per-token
       kernels); default DEFAULT_GROUPING. Sizes the
       grouped kernels cannot take (`grouped_unsupported_reason`) use the per-token kernels.
     group_splits / single_splits (grouped kernels, powers of two): programs sharing one group tile's / one
       lone token's pass over d_in (defaults GROUP_SPLITS and `default_single_splits`).
-    num_stages (grouped kernels): the Triton pipeline depth of their loops (2, the per-token kernels' value;
-      deeper keeps more of a program's loads in flight, the open question at 256 distinct adapters).
+    num_stages: the Triton pipeline depth of the kernels' loops (deeper keeps more of a program's loads in flight).
     The knobs below apply to the per-token kernels (grouping="none"):
     fused: the one-launch variant (slower on the H200, see the module docstring).
     k_splits (a power of two): the shrink splits d_in over this many programs per rank block (shorter
@@ -610,13 +619,26 @@ def lora_decode_pallas(
     k_splits, expand_per_chunk and block_n default by batch size (`per_token_knobs`).
     expand_warps: the expand's warps (default: num_warps).
     column_masks: mask every block's columns one by one even where sizes are multiples of the blocks (the
-      kernels before 2026-11-28's change, kept to measure it: see `_backend.column_mask`)."""
+      kernels before 2026-11-28's change, kept to measure it: see `_backend.column_mask`).
+    align_hints: tell Triton the alignment of y's chunks in the per-chunk expand (`chunk_alignment`); False is
+      the kernel before the hint, kept to measure it.
+    live_blocks: the per-chunk expand multiplies only the rank blocks below each token's rank (see
+      `_expand_chunk_kernel`); False is the kernel before, kept to measure it; None: LIVE_RANK_BLOCKS."""
     grouping = grouping or DEFAULT_GROUPING
     if grouping not in GROUPINGS:
         raise ValueError(f"grouping must be one of {GROUPINGS}, got {grouping!r}")
     bk = pow2_divisor(dims.width, block_k or BLOCK_K)
     bn = pow2_divisor(dims.width, block_n or BLOCK_N)
-    if grouping != "none" and not fused and grouped_unsupported_reason(dims, bk, bn) is None:
+    if grouping == "tiles" and not fused and tiles_triton.unsupported_reason(
+            dims, pow2_divisor(dims.width, block_k or tiles_triton.BLOCK_K),
+            pow2_divisor(dims.width, block_n or tiles_triton.BLOCK_N)) is None:
+        if expand_per_chunk is not None or single_splits or group_splits:
+            raise ValueError("expand_per_chunk, single_splits and group_splits are not knobs of the tile kernels")
+        return tiles_triton.lora_decode_tiles(
+            y, x, pool, layer, a_pages, b_pages, ranks, scales, token_slot, plan, dims=dims, interpret=interpret,
+            block_k=block_k or tiles_triton.BLOCK_K, block_n=block_n or tiles_triton.BLOCK_N, k_splits=k_splits,
+            num_warps=num_warps or tiles_triton.NUM_WARPS)
+    if grouping != "none" and grouping != "tiles" and not fused and grouped_unsupported_reason(dims, bk, bn) is None:
         if k_splits not in (None, 1) or (expand_per_chunk is not None and not expand_per_chunk):
             raise ValueError("k_splits and expand_per_chunk are knobs of the per-token kernels (grouping='none')")
         if grouping == "kernel" and dims.num_tokens > KERNEL_PLAN_MAX_TOKENS:
@@ -626,7 +648,7 @@ def lora_decode_pallas(
         for name, v in (("group_splits", gks), ("single_splits", sks)):
             if v < 1 or v & (v - 1):
                 raise ValueError(f"{name} must be a power of two, got {v}")
-        return _grouped(y, x, pool, layer, a_pages, b_pages, ranks, scales, token_slot, dims=dims,
+        return _grouped(y, x, pool, layer, a_pages, b_pages, ranks, scales, sanitize_slots(token_slot, dims), dims=dims,
                         interpret=interpret, bk=bk, bn=bn, num_warps=num_warps or 4,
                         expand_warps=expand_warps or num_warps or 4, tm=GROUP_TOKENS, gks=gks, sks=sks,
                         grouping=grouping, column_masks=column_masks, num_stages=num_stages)
@@ -639,7 +661,15 @@ def lora_decode_pallas(
     bk, bn, ks, per_chunk = per_token_knobs(dims, block_k, block_n, k_splits, expand_per_chunk)
     return _split(y, x, pool, layer, a_pages, b_pages, ranks, scales, token_slot, dims=dims, interpret=interpret,
                   bk=bk, bn=bn, num_warps=num_warps or 4, ks=ks, per_chunk=per_chunk,
-                  expand_warps=expand_warps or num_warps or 4, column_masks=column_masks)
+                  expand_warps=expand_warps or num_warps or 4, column_masks=column_masks, align_hints=align_hints,
+                  live_blocks=LIVE_RANK_BLOCKS if live_blocks is None else live_blocks, num_stages=num_stages)
+
+
+def chunk_alignment(dims: LoraDims) -> int:
+    """The largest power of two (<= 1024) dividing every page chunk's first y column: a y column read from
+    the chunk table is a run-time value, and without this Triton assumes nothing of its alignment and moves y
+    one element per instruction."""
+    return min(pow2_divisor(int(y0), 1024) if y0 else 1024 for y0 in output_chunks(dims)[:, 2])
 
 
 def per_token_knobs(dims: LoraDims, block_k=None, block_n=None, k_splits=None, expand_per_chunk=None):
@@ -667,21 +697,22 @@ def _fused(y, x, pool, layer, a_pages, b_pages, ranks, scales, token_slot, *, di
 
 
 def _split(y, x, pool, layer, a_pages, b_pages, ranks, scales, token_slot, *, dims, interpret, bk, bn, num_warps, ks,
-           per_chunk, expand_warps, column_masks):
+           per_chunk, expand_warps, column_masks, align_hints=True, live_blocks=True, num_stages=2):
     v = shrink_pallas(x, pool, layer, a_pages, ranks, scales, token_slot, dims=dims, interpret=interpret, bk=bk,
-                      num_warps=num_warps, ks=ks, column_masks=column_masks)
+                      num_warps=num_warps, ks=ks, column_masks=column_masks, num_stages=num_stages)
     return expand_pallas(y, v, pool, layer, b_pages, ranks, token_slot, dims=dims, interpret=interpret, bn=bn,
-                         num_warps=expand_warps, ks=ks, per_chunk=per_chunk, column_masks=column_masks)
+                         num_warps=expand_warps, ks=ks, per_chunk=per_chunk, column_masks=column_masks,
+                         align_hints=align_hints, live_blocks=live_blocks, num_stages=num_stages)
 
 
 def shrink_pallas(x, pool, layer, a_pages, ranks, scales, token_slot, *, dims, interpret, bk, num_warps, ks,
-                  column_masks=False):
+                  column_masks=False, num_stages=2):
     """The split variant's first kernel alone: v [T, M, RB, R] (or [T, M, RB, ks, R]) float32, scaled.
     Public so that a benchmark can time the two kernels apart."""
     if ks < 1 or ks & (ks - 1):
         raise ValueError(f"k_splits must be a power of two, got {ks}")
     T, M, RB, R = dims.num_tokens, dims.num_modules, dims.rank_blocks, dims.page_rows
-    layer_v = jnp.clip(as_index_vector(layer), 0, dims.num_layers - 1)
+    layer_v = as_index_vector(layer).astype(jnp.int32)  # clipped in the kernel
     shrink_args = _backend.kernel_operands(
         layer_v, token_slot.astype(jnp.int32), ranks.astype(jnp.int32), scales.astype(jnp.float32),
         a_pages.astype(jnp.int32), x, pool
@@ -694,21 +725,24 @@ def shrink_pallas(x, pool, layer, a_pages, ranks, scales, token_slot, *, dims, i
         in_specs=[pl.no_block_spec] * 7,
         out_specs=(pl.BlockSpec((None, None, None, R), lambda t, m, j: (t, m, j, 0)) if ks == 1 else
                    pl.BlockSpec((None, None, None, None, R), lambda t, m, p: (t, m, p // ks, p % ks, 0))),
-        compiler_params=_backend.compiler_params(num_warps=num_warps, num_stages=2),
+        compiler_params=_backend.compiler_params(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="lora_decode_shrink",
     )(*shrink_args)
 
 
 def expand_pallas(y, v, pool, layer, b_pages, ranks, token_slot, *, dims, interpret, bn, num_warps, ks,
-                  per_chunk=False, column_masks=False):
+                  per_chunk=False, column_masks=False, align_hints=True, live_blocks=True, num_stages=2):
     """The split variant's second kernel alone: y + v B (y aliased to the output); per_chunk: one program per
     (token, page chunk) looping over its blocks, else one per (token, block)."""
-    layer_v = jnp.clip(as_index_vector(layer), 0, dims.num_layers - 1)
+    layer_v = as_index_vector(layer).astype(jnp.int32)  # clipped in the kernel
     blocks = jnp.asarray(output_chunks(dims) if per_chunk else output_blocks(dims, bn))
     kernel = _expand_chunk_kernel if per_chunk else _expand_kernel
+    hint = dict(align=chunk_alignment(dims) if align_hints else 1, live_blocks=live_blocks) if per_chunk else {}
     return _backend.update_in_place(
-        functools.partial(kernel, dims=dims, bn=bn, ks=ks, exact=column_masks or any(d % bn for d in dims.out_sizes)),
+        functools.partial(kernel, dims=dims, bn=bn, ks=ks, exact=column_masks or any(d % bn for d in dims.out_sizes),
+                          **hint),
         layer_v, token_slot.astype(jnp.int32), ranks.astype(jnp.int32), b_pages.astype(jnp.int32), blocks, v, pool, y,
-        grid=(dims.num_tokens, blocks.shape[0]), num_warps=num_warps, interpret=interpret, name="lora_decode_expand",
+        grid=(dims.num_tokens, blocks.shape[0]), num_warps=num_warps, num_stages=num_stages, interpret=interpret,
+        name="lora_decode_expand",
     )

@@ -34,8 +34,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels import _backend
 from pallas_kernels._checks import as_index_vector, cdiv, matmul_precision, next_pow2, pow2_divisor
-from pallas_kernels.ops.lora_decode.pallas_triton import output_blocks, output_chunks
-from pallas_kernels.ops.lora_layout import LoraDims
+from pallas_kernels.ops.lora_layout import LoraDims, output_blocks, output_chunks
 
 
 def unsupported_reason(dims: LoraDims) -> str | None:
