@@ -85,7 +85,10 @@ def main(argv=None) -> int:
                     help="comma list of kernel backends with variants: '+unroll' / '+scan' the layers (default: "
                          "unrolled on GPU), '+sync' reads each decode step before queuing the next "
                          "(e.g. pallas,pallas+sync,xla+scan); '+nosmall' gives MBGMV its large-batch knobs at every "
-                         "batch size (pallas_triton.SMALL_BATCH_TOKENS = 0), to time the small-batch ones against")
+                         "batch size (pallas_triton.SMALL_BATCH_TOKENS = 0), to time the small-batch ones against; "
+                         "'+notiles' keeps decode steps off MBGMV's tile kernels (lora_decode_tiles=False); "
+                         "'+deadblocks' gives MBGMV's per-chunk expand its former loop over every rank block "
+                         "(pallas_triton.LIVE_RANK_BLOCKS = False)")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--dtype", default="bfloat16")
@@ -121,11 +124,12 @@ def main(argv=None) -> int:
     for backend in args.backends.split(","):
         kernel_backend, *variants = backend.split("+")
         lora_decode_triton.SMALL_BATCH_TOKENS = 0 if "nosmall" in variants else SMALL_BATCH_TOKENS
+        lora_decode_triton.LIVE_RANK_BLOCKS = "deadblocks" not in variants
         jax.clear_caches()  # the kernels read it when traced: no trace of the previous engine's may be reused
         engine = sj.Engine(cfg, params, sj.EngineConfig(
             dtype=args.dtype, kernel_backend=kernel_backend,
             scan_layers=False if "unroll" in variants else (True if "scan" in variants else None),
-            async_scheduling="sync" not in variants,
+            async_scheduling="sync" not in variants, lora_decode_tiles="notiles" not in variants,
             max_batch_size=max(batches),
             max_adapters_on_device=max(args.adapters, 1), max_prefill_tokens=4096, prefetch=False,
             num_pages=args.num_pages, memory_fraction=args.memory_fraction))

@@ -19,7 +19,8 @@ from slora_jax.engine.outputs import OutputProcessor
 from slora_jax.engine.request import Request, Status
 from slora_jax.engine.scheduler import Scheduler
 from slora_jax.errors import ProcessMismatchError
-from slora_jax.model.llama import LORA_GROUPS, MODULE_GROUP
+import pallas_kernels as pk
+from slora_jax.model.llama import LORA_GROUPS, LORA_TILES, MODULE_GROUP
 from slora_jax.types import RequestOutput
 
 
@@ -32,7 +33,7 @@ class _InFlight:
 
 class EngineCore:
     def __init__(self, runner, scheduler: Scheduler, adapters, tables, inputs: StepInputs,
-                 outputs: OutputProcessor, async_scheduling: bool = True, shared=None):
+                 outputs: OutputProcessor, async_scheduling: bool = True, shared=None, lora_tiles: bool = False):
         self.runner = runner
         self.scheduler = scheduler
         self.adapters = adapters
@@ -40,6 +41,7 @@ class EngineCore:
         self.inputs = inputs
         self.outputs = outputs
         self.async_scheduling = async_scheduling
+        self.lora_tiles = lora_tiles  # decode steps may run MBGMV's tile kernels (``step_variant``)
         self.inbox: "queue.SimpleQueue" = queue.SimpleQueue()
         # Several processes: process 0's inbox and clock, on every process (multihost.SharedInbox).
         self.shared = shared
@@ -63,6 +65,14 @@ class EngineCore:
         if all(a is None for a in adapters):
             return ()
         return self.registered_groups()
+
+    def step_variant(self, mode: str, adapters: list) -> tuple:
+        """The LoRA variant of a step's program: its groups (``lora_groups``), with LORA_TILES added to a decode
+        step whose tokens share few adapters (``pallas_kernels.lora_decode_grouping``)."""
+        groups = self.lora_groups(adapters)
+        if groups and self.lora_tiles and mode == "decode" and pk.lora_decode_grouping(adapters) == "tiles":
+            return groups + (LORA_TILES,)
+        return groups
 
     def registered_groups(self) -> tuple:
         if self._registered is None:
@@ -130,7 +140,7 @@ class EngineCore:
         with self.timed("inputs"):
             prev_row = {} if prev is None else {id(r): i for i, (r, s) in enumerate(prev.rows) if s}
             mode, inp, samp, rows = self.inputs.build(sched, prev_row)
-            groups = self.lora_groups(r.adapter for r, _ in rows)
+            groups = self.step_variant(mode, [r.adapter for r, _ in rows])
         out = self.runner.dispatch(mode, self.tables, inp, samp, lora_groups=groups,
                                    prev_tokens=None if prev is None else prev.out[0])
         if self.trace is not None:

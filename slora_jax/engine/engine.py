@@ -41,6 +41,7 @@ from slora_jax.errors import (AdapterError, CapacityError, ConfigError, ProcessM
                               SloraError)
 from slora_jax.memory import pinned as pinned_host
 from slora_jax.memory.pool import PoolLayout, UnifiedPagePool
+from slora_jax.model.llama import LORA_TILES
 from slora_jax.types import AdapterInfo, RequestMetrics, RequestOutput, SamplingParams
 
 Prompt = Union[str, Sequence[int]]
@@ -164,7 +165,7 @@ class Engine:
         self._outputs = OutputProcessor(tokenizer, model_config.eos_token_ids, self.scheduler.finish)
         self._shared = SharedInbox(f"engine{next(_ENGINES)}") if multi else None
         self._core = EngineCore(self.runner, self.scheduler, self.adapters, self.tables, self._inputs,
-                                self._outputs, econf.async_scheduling, self._shared)
+                                self._outputs, econf.async_scheduling, self._shared, lora_tiles=self._lora_tiles())
         self._step_lock = threading.RLock()
         self._ids = itertools.count()
         self._closed = False
@@ -481,9 +482,16 @@ class Engine:
         return self._inputs.shapes(self._max_pages)
 
     def lora_variants(self) -> list[tuple]:
-        """LoRA groups of the step programs: none, and those the registered adapters target together."""
+        """LoRA groups of the step programs: none, those the registered adapters target together, and those with
+        MBGMV's tile kernels (LORA_TILES: decode steps of many tokens on few adapters)."""
         union = self._core.registered_groups()
-        return [()] + ([union] if union else [])
+        if not union:
+            return [()]
+        return [(), union] + ([union + (LORA_TILES,)] if self._lora_tiles() else [])
+
+    def _lora_tiles(self) -> bool:
+        """Whether decode steps may run MBGMV's tile kernels: asked for, and LoRA on the Pallas kernels."""
+        return self.config.lora_decode_tiles and self.kernel_backend == "pallas"
 
     def lower_step(self, mode: str, size: int, width: Optional[int] = None, lora_groups: Optional[tuple] = None):
         """The step program of one of ``step_shapes`` (mode "decode": ``size`` rows; "mixed": ``size``
@@ -496,7 +504,7 @@ class Engine:
         width = max(s[2] for s in shapes) if width is None else width
         inp = self._inputs.decode_arrays(size, width) if mode == "decode" else self._inputs.mixed_arrays(size, width)
         samp = self._inputs.sampling([], inp["lengths"].shape[0])
-        groups = self.lora_variants()[-1] if lora_groups is None else tuple(lora_groups)
+        groups = self._core.registered_groups() if lora_groups is None else tuple(lora_groups)
         with self._step_lock:
             return self.runner.lower(mode, self.tables, inp, samp, lora_groups=groups)
 
@@ -510,6 +518,9 @@ class Engine:
         for groups in self.lora_variants():
             for temp in ((0.0, 1.0) if sampling else (0.0,)):
                 for mode, n, width in self.step_shapes():
+                    if LORA_TILES in groups and not (mode == "decode" and n > pk.ops.lora_decode.pallas_triton
+                                                     .SMALL_BATCH_TOKENS):
+                        continue  # tiles are chosen for decode steps of more tokens only (lora_decode_grouping)
                     if mode == "decode":
                         inp = self._inputs.decode_arrays(n, width)
                     else:

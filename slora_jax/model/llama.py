@@ -38,6 +38,9 @@ LORA_GROUPS: dict[str, tuple[str, ...]] = {
 }
 MODULE_GROUP = {m: (g, i) for g, ms in LORA_GROUPS.items() for i, m in enumerate(ms)}
 assert set(MODULE_GROUP) == set(MODULES)
+# A word of StepStatics.lora_groups beside the group names, not a group: the decode step's tokens share few
+# adapters, and MBGMV runs its tile kernels (pallas_kernels.lora_decode grouping "tiles").
+LORA_TILES = "tiles"
 
 
 def group_dims(cfg: ModelConfig, group: str, tp: int = 1) -> tuple[int, tuple[int, ...]]:
@@ -127,7 +130,8 @@ class StepStatics:
     backend: Optional[str]  # kernel implementation: "xla" | "pallas" | None (auto)
     all_logits: bool = False  # prefill: return logits of every token (scoring) instead of sampling
     greedy_only: bool = False  # every row of the batch is greedy: no vocabulary sort
-    # LoRA groups whose kernels the program runs (an adapter of the batch targets them); () = none.
+    # LoRA groups whose kernels the program runs (an adapter of the batch targets them); () = none. With
+    # LORA_TILES among them, the decode tokens run MBGMV's tile kernels on one plan per step.
     lora_groups: tuple = tuple(LORA_GROUPS)
     # Devices the decoder is split over (sharding.tensor_parallel): the layers run inside shard_decoder on
     # each device's heads and MLP columns, and all-reduce after the o and down projections.
@@ -150,6 +154,12 @@ def _dot(x: jax.Array, w: jax.Array) -> jax.Array:
     return jnp.dot(x, w, precision=prec, preferred_element_type=jnp.float32)
 
 
+def lora_tiles(st: StepStatics) -> bool:
+    """Whether the step's decode tokens run MBGMV's tile kernels (a decode step the host found many tokens per
+    adapter in: `pallas_kernels.lora_decode_grouping`)."""
+    return st.mode == "decode" and LORA_TILES in st.lora_groups
+
+
 def _lora(y, x, pool, layer, tables, inp, group, out_sizes, st: StepStatics):
     """y + each token's LoRA delta of ``group``: MBGMV for decode tokens, MBGMM for prompt tokens (a mixed
     step's decode tokens are its first ``slot_decode.shape[0]`` tokens at most)."""
@@ -158,7 +168,8 @@ def _lora(y, x, pool, layer, tables, inp, group, out_sizes, st: StepStatics):
     a_pages, b_pages, ranks, scales = tables[group]
     args = (pool, layer, a_pages, b_pages, ranks, scales)
     if st.mode == "decode":
-        return pk.lora_decode(y, x, *args, inp["token_slot"], out_sizes=out_sizes, implementation=st.backend)
+        tiles = dict(grouping="tiles", plan=inp["lora_plan"]) if lora_tiles(st) else {}
+        return pk.lora_decode(y, x, *args, inp["token_slot"], out_sizes=out_sizes, implementation=st.backend, **tiles)
     if st.mode == "prefill":
         return pk.lora_prefill(y, x, *args, inp["token_slot"], out_sizes=out_sizes, implementation=st.backend)
     n = inp["slot_decode"].shape[0]
@@ -374,6 +385,10 @@ class Llama(nnx.Module):
         embed = self.embed[...]
         h = embed[inp["tokens"]].astype(embed.dtype)
         inp = dict(inp, rope=rope_tables(inp["positions"], self.cfg))
+        if lora_tiles(st) and tables:
+            # One plan for every layer and group: it depends on the slots only, and costs as much as one call.
+            slots = next(iter(tables.values()))[0].shape[0]
+            inp["lora_plan"] = pk.lora_decode_plan(inp["token_slot"], slots)
         if self.scan_layers:
             graphdef, state = nnx.split(self.layers)
 

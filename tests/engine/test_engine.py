@@ -384,3 +384,41 @@ def test_close_gives_the_device_memory_back(tiny):
     assert sum(a.nbytes for a in left) < 1024, [(a.shape, a.dtype) for a in left]
     with pytest.raises(sj.RequestError, match="closed"):
         eng.step()
+
+
+def test_decode_steps_on_few_adapters_run_the_tile_kernels_and_match_xla(tiny):
+    """20 requests on two adapters: with LoRA on the Pallas kernels (interpret mode here) their decode steps
+    pick MBGMV's tile kernels (the step's LoRA variant gains LORA_TILES; its plan is computed once per step),
+    and the tokens equal an XLA engine's. With ``lora_decode_tiles=False`` no step picks them."""
+    from slora_jax.model.llama import LORA_TILES
+
+    model, adapters = tiny
+    kw = dict(dtype="float32", max_batch_size=32, max_prefill_tokens=256, num_pages=512)
+    ps = prompts(20, seed=21)
+    names = ["a1"] * 12 + ["a5"] * 8
+    sp = sj.SamplingParams(max_tokens=3, ignore_eos=True)
+
+    def run(**conf):
+        eng = sj.Engine.from_pretrained(model, config=sj.EngineConfig(**kw, **conf))
+        for n in ("a1", "a5"):
+            eng.load_adapter(n, adapters[n])
+        seen = []
+        dispatch = eng.runner.dispatch
+
+        def spy(mode, tables, inp, samp, all_logits=False, prev_tokens=None, lora_groups=()):
+            seen.append((mode, tuple(lora_groups)))
+            return dispatch(mode, tables, inp, samp, all_logits, prev_tokens, lora_groups)
+
+        eng.runner.dispatch = spy
+        outs = eng.generate(ps, adapters=names, sampling=sp)
+        return [o.token_ids for o in outs], seen, eng
+
+    want, _, _ = run(kernel_backend="xla")
+    got, seen, eng = run(kernel_backend="pallas")
+    assert got == want
+    # The first decode step has all 20 requests (tiles); later ones may have too few left to pick them.
+    assert [mode for mode, g in seen if LORA_TILES in g][:1] == ["decode"], seen
+    assert eng.lora_variants()[-1] == (*eng.lora_variants()[1], LORA_TILES)
+    _, seen_off, eng_off = run(kernel_backend="pallas", lora_decode_tiles=False)
+    assert not any(LORA_TILES in g for _, g in seen_off)
+    assert LORA_TILES not in eng_off.lora_variants()[-1]
