@@ -45,22 +45,10 @@ H, OUTS, W = 4096, (4096, 1024, 1024), 1024
 
 # (op, T, adapters, rank, variants)
 CASES = [
-    ("decode", 1, 1, 16, ("default",)),
-    ("decode", 2, 1, 16, ("default",)),
-    ("decode", 4, 1, 16, ("default",)),
-    ("decode", 8, 1, 16, ("default",)),
-    ("decode", 8, 8, 16, ("default",)),
-    ("decode", 256, 1, 16, ("default", "tiles@plan", "tiles@plan+bn128")),
-    ("decode", 256, 256, 16, ("default",)),
-    ("decode", 256, 256, 64, ("default",)),
-    ("prefill", 8192, 64, 64, ("default",)),
-    # The headline cases again, last: each is measured twice in one run.
-    ("decode", 1, 1, 16, ("default",)),
-    ("decode", 2, 1, 16, ("default",)),
-    ("decode", 4, 1, 16, ("default",)),
-    ("decode", 8, 1, 16, ("default",)),
-    ("decode", 256, 1, 16, ("default", "tiles@plan", "tiles@plan+bn128")),
-    ("decode", 256, 256, 16, ("default",)),
+    ("decode", 256, 256, 16, ("default", "none+bk128", "none+w8", "none+ks2", "none+ew2", "none+ew8", "none+bn128",
+                              "none+bn512", "none+w2")),
+    ("decode", 256, 256, "mixed", ("default", "none+bk128", "none+ew2", "none+bn512")),
+    ("decode", 256, 256, 16, ("default",)),  # the first case's default again, last
 ]
 
 
@@ -69,7 +57,7 @@ def _knobs(variant: str) -> dict:
     for part in variant.split("+")[1:]:
         name, num = part.rstrip("0123456789"), int(part[len(part.rstrip("0123456789")):])
         kw[{"ks": "k_splits", "bn": "block_n", "bk": "block_k", "w": "num_warps", "ah": "align_hints",
-            "lb": "live_blocks", "st": "num_stages"}[name]] = num
+            "lb": "live_blocks", "st": "num_stages", "ew": "expand_warps"}[name]] = num
     return kw
 
 
