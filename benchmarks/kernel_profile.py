@@ -45,10 +45,13 @@ H, OUTS, W = 4096, (4096, 1024, 1024), 1024
 
 # (op, T, adapters, rank, variants)
 CASES = [
-    ("decode", 256, 256, 16, ("default", "none+bk128", "none+w8", "none+ks2", "none+ew2", "none+ew8", "none+bn128",
-                              "none+bn512", "none+w2")),
-    ("decode", 256, 256, "mixed", ("default", "none+bk128", "none+ew2", "none+bn512")),
-    ("decode", 256, 256, 16, ("default",)),  # the first case's default again, last
+    ("decode", 256, 1, 16, ("default", "tiles@plan")),
+    ("decode", 256, 5, 16, ("default", "tiles@plan")),
+    ("decode", 256, 1, 64, ("tiles@plan",)),
+    ("decode", 256, 256, 16, ("default",)),
+    ("decode", 1, 1, 16, ("default",)),
+    ("decode", 8, 1, 16, ("default",)),
+    ("decode", 256, 1, 16, ("tiles@plan",)),  # the headline case again, last
 ]
 
 
@@ -56,7 +59,7 @@ def _knobs(variant: str) -> dict:
     kw = {}
     for part in variant.split("+")[1:]:
         name, num = part.rstrip("0123456789"), int(part[len(part.rstrip("0123456789")):])
-        kw[{"ks": "k_splits", "bn": "block_n", "bk": "block_k", "w": "num_warps", "ah": "align_hints",
+        kw[{"ks": "k_splits", "bn": "block_n", "bk": "block_k", "w": "num_warps",
             "lb": "live_blocks", "st": "num_stages", "ew": "expand_warps"}[name]] = num
     return kw
 

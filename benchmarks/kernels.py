@@ -338,7 +338,7 @@ def lora_case(runner, op, *, T, distinct, rank, d_in, out_sizes, W, shape_name, 
 
 
 # Variant names: knobs joined by "+", each a prefix and a number; a bare flag is on, a flag followed by 0 off.
-_DECODE_KNOBS = {"fused": "fused", "ah": "align_hints", "lb": "live_blocks", "ks": "k_splits", "bk": "block_k",
+_DECODE_KNOBS = {"fused": "fused", "lb": "live_blocks", "ks": "k_splits", "bk": "block_k",
                  "bn": "block_n", "w": "num_warps", "ec": "expand_per_chunk", "ew": "expand_warps",
                  "cm": "column_masks", "gs": "group_splits", "ss": "single_splits", "st": "num_stages"}
 # Decode variant words that name a grouping of MBGMV (see lora_decode's `grouping`).
@@ -351,7 +351,7 @@ def lora_variant_kwargs(op: str, name: str, dims) -> dict:
     """Keyword arguments of the Pallas kernel for a variant name such as "none+ks2" (decode: kernel / sort /
     runs / tiles / none = MBGMV's grouping, none being the per-token kernels, tiles the tile kernels with their plan
     computed in the call; gsN / ssN = parts of d_in per group tile / per lone token; stN = the kernels' pipeline
-    stages; fused, ksN, ec, ah0 (no alignment hint), lb0 (every rank block multiplied) for the per-token kernels;
+    stages; fused, ksN, ec, lb0 (every rank block multiplied) for the per-token kernels;
     bkN, bnN, wN, ewN = expand warps,
     cm = per-column masks) or
     "tm128+pm0" (prefill: tmN = tokens per tile, bkN, bnN, wN, pm / ec = one shrink program per module /

@@ -7,7 +7,9 @@ built instead of failing inside its first prefill.
 
 from __future__ import annotations
 
+from pallas_kernels._checks import pow2_divisor
 from pallas_kernels.ops.lora_decode import pallas_triton as _lora_decode
+from pallas_kernels.ops.lora_decode import tiles_triton as _lora_tiles
 from pallas_kernels.ops.lora_layout import LoraDims
 from pallas_kernels.ops.lora_prefill import pallas_triton as _lora_prefill
 from pallas_kernels.ops.paged_decode_attention import pallas_triton as _paged
@@ -60,3 +62,14 @@ def unsupported_ops(*, head_dim: int, num_q_heads: int, num_kv_heads: int, page_
         "write_kv": None,  # copies rows of any width and page size
     }
     return {op: why for op, why in reasons.items() if why is not None}
+
+
+def lora_tiles_unsupported(*, page_rows: int, page_width: int, tensor_parallel: int = 1) -> str | None:
+    """Why MBGMV's tile kernels (`lora_decode(..., grouping="tiles")`) cannot take a pool of this page size, or
+    None. Where they cannot, that grouping runs the per-token kernels, so an engine need not compile programs
+    for it. page_width: the whole pool's width W (each of ``tensor_parallel`` devices holds 1/tp of it)."""
+    width = page_width // tensor_parallel
+    dims = LoraDims(num_tokens=1, d_in=width, out_sizes=(width,), num_layers=1, num_pages=1, page_rows=page_rows,
+                    width=width, num_slots=1, in_chunks=1, out_chunks_max=1, rank_blocks=1)
+    return _lora_decode.unsupported_reason(dims) or _lora_tiles.unsupported_reason(
+        dims, pow2_divisor(width, _lora_tiles.BLOCK_K), pow2_divisor(width, _lora_tiles.BLOCK_N))

@@ -126,8 +126,9 @@ class EngineConfig:
     # host's work overlaps the device's. Outputs then reach callers one step later.
     async_scheduling: bool = True
     # Decode steps whose tokens share few adapters run MBGMV's tile kernels (Pallas only; chosen per step by
-    # ``pallas_kernels.lora_decode_grouping``): on the H200, 256 tokens on one adapter took 14.7-14.9 us per q/k/v
-    # call against 32.8-33.0 (benchmarks/NOTES.md). False compiles one program fewer per decode size.
+    # ``pallas_kernels.lora_decode_grouping``): on the H200, 256 tokens on one adapter took 13.1-13.3 us per q/k/v
+    # call against 31.8 (benchmarks/NOTES.md). False compiles two programs fewer (greedy and sampling) per
+    # decode size above 16 rows.
     lora_decode_tiles: bool = True
     seed: int = 0
     # JAX's persistent compilation cache: a second start with the same configuration compiles nothing.

@@ -99,6 +99,23 @@ def sanitize_slots(token_slot, dims: LoraDims):
     return jnp.where((slot >= 0) & (slot < dims.num_slots), slot, -1)
 
 
+def kernel_layer(layer_ref, dims: LoraDims):
+    """Inside a kernel: the layer, clipped into [0, L). Done by XLA before the kernel, it was a launch of its own
+    per call (~1 us on the H200)."""
+    return jnp.clip(layer_ref[0], 0, dims.num_layers - 1)
+
+
+def kernel_slot(slot, dims: LoraDims):
+    """Inside a kernel: a slot id, -1 (no adapter) wherever it lies outside [0, S) (as `sanitize_slots`)."""
+    return jnp.where((slot >= 0) & (slot < dims.num_slots), slot, -1)
+
+
+def kernel_slot_rank(slot, ranks_ref, layer, m, dims: LoraDims):
+    """Inside a kernel: (slot clipped for table reads, module m's rank of a checked slot at this layer; 0 for -1)."""
+    s = jnp.maximum(slot, 0)
+    return s, jnp.where(slot >= 0, jnp.clip(ranks_ref[s, layer, m], 0, dims.max_rank), 0)
+
+
 def token_ranks(ranks, scales, token_slot, layer, dims: LoraDims):
     """Per-token rank [T, M] int32 (0 where slot < 0, clipped to the table's max rank), scale [T, M] f32."""
     has = token_slot >= 0

@@ -14,12 +14,12 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
+import pallas_kernels as pk
 from slora_jax.engine.inputs import StepInputs
 from slora_jax.engine.outputs import OutputProcessor
 from slora_jax.engine.request import Request, Status
 from slora_jax.engine.scheduler import Scheduler
 from slora_jax.errors import ProcessMismatchError
-import pallas_kernels as pk
 from slora_jax.model.llama import LORA_GROUPS, LORA_TILES, MODULE_GROUP
 from slora_jax.types import RequestOutput
 
@@ -61,7 +61,8 @@ class EngineCore:
     def lora_groups(self, adapters) -> tuple:
         """The LoRA groups a batch's program runs kernels for: none for a batch without adapters, else the
         groups that the registered adapters target (q/k/v/o adapters launch no MLP kernels). Two variants
-        at most, so every program can be compiled ahead (``Engine.precompile``)."""
+        at most (a third with MBGMV's tile kernels: ``step_variant``), so every program can be compiled ahead
+        (``Engine.precompile``)."""
         if all(a is None for a in adapters):
             return ()
         return self.registered_groups()

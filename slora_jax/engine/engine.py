@@ -489,9 +489,20 @@ class Engine:
             return [()]
         return [(), union] + ([union + (LORA_TILES,)] if self._lora_tiles() else [])
 
+    def step_programs(self) -> list[tuple[tuple, str, int, int]]:
+        """(LoRA variant, mode, size, page-table width) of every step program this engine can run (each in a greedy
+        and a sampling form): ``step_shapes`` x ``lora_variants``, the tiles variant for the decode sizes that can
+        pick it only (``pallas_kernels.lora_decode_may_tile``)."""
+        return [(groups, mode, n, width) for groups in self.lora_variants() for mode, n, width in self.step_shapes()
+                if LORA_TILES not in groups or (mode == "decode" and pk.lora_decode_may_tile(n))]
+
     def _lora_tiles(self) -> bool:
-        """Whether decode steps may run MBGMV's tile kernels: asked for, and LoRA on the Pallas kernels."""
-        return self.config.lora_decode_tiles and self.kernel_backend == "pallas"
+        """Whether decode steps may run MBGMV's tile kernels: asked for, LoRA on the Pallas kernels, and a pool the
+        tile kernels take (elsewhere that grouping would run the per-token kernels: programs compiled for nothing)."""
+        lay = self.layout
+        return (self.config.lora_decode_tiles and self.kernel_backend == "pallas"
+                and pk.lora_tiles_unsupported(page_rows=lay.page_rows, page_width=lay.page_width,
+                                              tensor_parallel=lay.shards) is None)
 
     def lower_step(self, mode: str, size: int, width: Optional[int] = None, lora_groups: Optional[tuple] = None):
         """The step program of one of ``step_shapes`` (mode "decode": ``size`` rows; "mixed": ``size``
@@ -510,26 +521,22 @@ class Engine:
 
     def precompile(self, sampling: bool = True, max_workers: Optional[int] = None,
                    on_compiled: Optional[Callable[[dict], None]] = None) -> list[dict]:
-        """Compile every step program the engine can run (``step_shapes`` x ``lora_variants``) before serving,
-        so no request waits for a compilation (a 7B step program takes tens of seconds to compile on the
-        GPU). Programs compile in parallel threads. ``sampling``: also the programs for temperature > 0
-        (greedy-only batches use their own). Returns one record per program compiled now."""
+        """Compile every step program the engine can run (``step_programs``) before serving, so no request waits
+        for a compilation (a 7B step program takes tens of seconds to compile on the GPU). Programs compile in
+        parallel threads. ``sampling``: also the programs for temperature > 0 (greedy-only batches use their
+        own). Returns one record per program compiled now."""
         steps = []
-        for groups in self.lora_variants():
-            for temp in ((0.0, 1.0) if sampling else (0.0,)):
-                for mode, n, width in self.step_shapes():
-                    if LORA_TILES in groups and not (mode == "decode" and n > pk.ops.lora_decode.pallas_triton
-                                                     .SMALL_BATCH_TOKENS):
-                        continue  # tiles are chosen for decode steps of more tokens only (lora_decode_grouping)
-                    if mode == "decode":
-                        inp = self._inputs.decode_arrays(n, width)
-                    else:
-                        inp = self._inputs.mixed_arrays(n, width)
-                    rows = inp["lengths"].shape[0]
-                    samp = self._inputs.sampling([], rows)
-                    samp["temperature"][:] = temp
-                    info = dict(mode=mode, size=n, width=width, greedy=temp == 0.0, lora_groups=list(groups))
-                    steps.append((mode, inp, samp, groups, info))
+        for temp in ((0.0, 1.0) if sampling else (0.0,)):
+            for groups, mode, n, width in self.step_programs():
+                if mode == "decode":
+                    inp = self._inputs.decode_arrays(n, width)
+                else:
+                    inp = self._inputs.mixed_arrays(n, width)
+                rows = inp["lengths"].shape[0]
+                samp = self._inputs.sampling([], rows)
+                samp["temperature"][:] = temp
+                info = dict(mode=mode, size=n, width=width, greedy=temp == 0.0, lora_groups=list(groups))
+                steps.append((mode, inp, samp, groups, info))
         with self._step_lock:
             return self.runner.precompile(self.tables, steps, max_workers, on_compiled)
 

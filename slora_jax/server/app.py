@@ -764,7 +764,7 @@ class ServeSetup:
             engine.load_adapter(name, path)
         if precompile_wanted(getattr(args, "precompile", None)):
             t0 = time.perf_counter()
-            total = 2 * len(engine.step_shapes())  # greedy and sampling programs of each shape
+            total = 2 * len(engine.step_programs())  # greedy and sampling programs of each shape and variant
             step(f"compiling up to {total} step programs")
             done = engine.precompile(on_compiled=progress.compiling(total) if progress is not None else None)
             step(f"compiled {len(done)} step programs in {time.perf_counter() - t0:.0f} s")

@@ -5,7 +5,7 @@ import pytest
 
 import slora_jax as sj
 from slora_jax.model.random_checkpoint import tiny_llama_config, write_random_adapter, write_random_checkpoint
-from tests.engine.steps import compiled_steps
+from tests.engine.steps import compiled_steps, dispatched_steps
 
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -192,7 +192,8 @@ def test_precompile_covers_every_step_and_changes_no_output(tiny):
     shapes = ahead.step_shapes()
     variants = ahead.lora_variants()
     assert variants == [(), ("qkv", "o", "gate_up", "down")]  # no LoRA, and what the adapters target together
-    assert len(records) == 2 * len(shapes) * len(variants) == ahead.stats()["compiled_shapes"]
+    assert len(ahead.step_programs()) == len(shapes) * len(variants)  # XLA kernels here: no tiles variant
+    assert len(records) == 2 * len(ahead.step_programs()) == ahead.stats()["compiled_shapes"]
     assert {(r["mode"], r["size"], r["width"]) for r in records} == set(shapes)
     assert all(r["compile_s"] > 0 for r in records)
     assert ahead.precompile() == []  # nothing left to compile
@@ -387,9 +388,10 @@ def test_close_gives_the_device_memory_back(tiny):
 
 
 def test_decode_steps_on_few_adapters_run_the_tile_kernels_and_match_xla(tiny):
-    """20 requests on two adapters: with LoRA on the Pallas kernels (interpret mode here) their decode steps
-    pick MBGMV's tile kernels (the step's LoRA variant gains LORA_TILES; its plan is computed once per step),
-    and the tokens equal an XLA engine's. With ``lora_decode_tiles=False`` no step picks them."""
+    """20 requests on two adapters: with LoRA on the Pallas kernels (interpret mode here) their decode steps of
+    more than 16 adapted rows pick MBGMV's tile kernels (the step's LoRA variant gains LORA_TILES; its plan is
+    computed once per step), only those steps do, each is a program ``precompile`` covers, and the tokens equal
+    an XLA engine's. With ``lora_decode_tiles=False`` no step picks them."""
     from slora_jax.model.llama import LORA_TILES
 
     model, adapters = tiny
@@ -402,23 +404,19 @@ def test_decode_steps_on_few_adapters_run_the_tile_kernels_and_match_xla(tiny):
         eng = sj.Engine.from_pretrained(model, config=sj.EngineConfig(**kw, **conf))
         for n in ("a1", "a5"):
             eng.load_adapter(n, adapters[n])
-        seen = []
-        dispatch = eng.runner.dispatch
-
-        def spy(mode, tables, inp, samp, all_logits=False, prev_tokens=None, lora_groups=()):
-            seen.append((mode, tuple(lora_groups)))
-            return dispatch(mode, tables, inp, samp, all_logits, prev_tokens, lora_groups)
-
-        eng.runner.dispatch = spy
-        outs = eng.generate(ps, adapters=names, sampling=sp)
-        return [o.token_ids for o in outs], seen, eng
+        outs = []
+        steps = dispatched_steps(eng, lambda: outs.extend(eng.generate(ps, adapters=names, sampling=sp)))
+        return [o.token_ids for o in outs], steps, eng
 
     want, _, _ = run(kernel_backend="xla")
-    got, seen, eng = run(kernel_backend="pallas")
+    got, steps, eng = run(kernel_backend="pallas")
     assert got == want
-    # The first decode step has all 20 requests (tiles); later ones may have too few left to pick them.
-    assert [mode for mode, g in seen if LORA_TILES in g][:1] == ["decode"], seen
+    tiled = [(mode, inp) for mode, _, inp, _, groups in steps if LORA_TILES in groups]
+    assert tiled and {mode for mode, _ in tiled} == {"decode"}, [(m, g) for m, _, _, _, g in steps]
+    assert all(int(np.sum(np.asarray(inp["token_slot"]) >= 0)) > 16 for _, inp in tiled)
+    programs = {(groups, mode, n) for groups, mode, n, _ in eng.step_programs()}
+    assert all((groups, mode, inp["tokens"].shape[0]) in programs for mode, _, inp, _, groups in steps)
     assert eng.lora_variants()[-1] == (*eng.lora_variants()[1], LORA_TILES)
-    _, seen_off, eng_off = run(kernel_backend="pallas", lora_decode_tiles=False)
-    assert not any(LORA_TILES in g for _, g in seen_off)
+    _, steps_off, eng_off = run(kernel_backend="pallas", lora_decode_tiles=False)
+    assert not any(LORA_TILES in groups for *_, groups in steps_off)
     assert LORA_TILES not in eng_off.lora_variants()[-1]

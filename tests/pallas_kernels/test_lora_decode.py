@@ -7,7 +7,7 @@ import pytest
 
 import pallas_kernels as pk
 from pallas_kernels.ops.lora_decode import pallas_triton
-from pallas_kernels.ops.lora_layout import sanitize_slots, validate_lora_args
+from pallas_kernels.ops.lora_layout import validate_lora_args
 from pallas_kernels.testing import TOLERANCE, make_lora_case, np_dtype, relative_error
 
 # (name, T, d_in, out_sizes, W, S, rank choices, slots) -- small shapes: interpret mode is slow.
@@ -23,7 +23,7 @@ CASES = [
 
 
 def _run_case(implementation, dtype, name, T, d_in, out_sizes, W, S, rank_choices, slots, seed, reference,
-              fused=False, k_splits=None, **kernel_knobs):
+              fused=False, k_splits=None, layer=1, **kernel_knobs):
     rng = np.random.default_rng(seed)
     L, R = 2, 16
     ranks = rng.choice(rank_choices, size=(S, L, len(out_sizes))).astype(np.int32)
@@ -32,15 +32,16 @@ def _run_case(implementation, dtype, name, T, d_in, out_sizes, W, S, rank_choice
         ranks=ranks, dtype=dtype,
     )
     token_slot = np.asarray(slots if slots is not None else rng.integers(-1, S, T), np.int32)
+    if slots is None and T >= 4:  # ids outside [0, S) are no adapter: the kernels check them themselves
+        token_slot[rng.choice(T, 3, replace=False)] = (S, S + 3, -5)
     dt = np_dtype(dtype)
     x = rng.standard_normal((T, d_in)).astype(dt)
     y = rng.standard_normal((T, sum(out_sizes))).astype(dt)  # poisoned output: the op adds to it
-    layer = 1
     args = (jnp.asarray(y), jnp.asarray(x), jnp.asarray(case.pool), jnp.int32(layer), case.a_pages, case.b_pages,
             case.ranks, case.scales)
-    if kernel_knobs:  # the kernel itself, with knobs the public op does not take
+    if kernel_knobs:  # the kernel itself, with knobs the public op does not take (slots as given: it checks them)
         dims = validate_lora_args("t", *args, token_slot, out_sizes)
-        out = pallas_triton.lora_decode_pallas(*args, sanitize_slots(token_slot, dims), dims=dims,
+        out = pallas_triton.lora_decode_pallas(*args, jnp.asarray(token_slot), dims=dims,
                                                interpret=pk._backend.interpret_mode(), k_splits=k_splits,
                                                **kernel_knobs)
     else:
@@ -48,7 +49,7 @@ def _run_case(implementation, dtype, name, T, d_in, out_sizes, W, S, rank_choice
         out = fn(*args, token_slot, out_sizes=out_sizes, implementation=implementation, fused=fused,
                  k_splits=k_splits)
     assert out.shape == y.shape and out.dtype == y.dtype
-    ref = reference(y, x, case, layer, token_slot)
+    ref = reference(y, x, case, int(np.clip(layer, 0, L - 1)), token_slot)  # a layer out of range is clipped
     err = relative_error(out, ref, base=y)
     assert err < TOLERANCE[dtype], f"{name}/{dtype}: relative error {err:.2e}"
     # Rows without an adapter are returned bit for bit.
@@ -89,7 +90,7 @@ def test_lora_decode_k_splits_match_dense_loop(k_splits, case, lora_numpy_refere
 
 # The quick subset runs three of the knobs (per-block expand, per-chunk expand, column masks); the full suite, all
 # six. These cases have at most 16 tokens, so the per-chunk expand (the path of larger batches: a branch per count
-# of live rank blocks, ranks here spanning 1-3 of them) is asked for by name.
+# of live rank blocks, ranks spanning 1-2 of them in the quick case and 1-3 in mlp_wide) is asked for by name.
 @pytest.mark.parametrize("knobs", [dict(expand_per_chunk=False, grouping="none"),
                                    dict(expand_per_chunk=True, grouping="none"),
                                    pytest.param(dict(expand_per_chunk=True, live_blocks=False, num_stages=3,
@@ -187,3 +188,14 @@ def test_per_token_knobs_follow_the_batch_size():
     assert pallas_triton.per_token_knobs(dims(large)) == (256, 256, 1, True)
     assert pallas_triton.per_token_knobs(dims(1), k_splits=2, expand_per_chunk=True, block_n=64) == (256, 64, 2, True)
     assert pallas_triton.per_token_knobs(dims(large), expand_per_chunk=False)[3] is False
+
+
+@pytest.mark.parametrize("layer", [5, -2], ids=["past_the_last", "negative"])
+@pytest.mark.parametrize("knobs", [dict(), dict(expand_per_chunk=True, grouping="none"), dict(fused=True)],
+                         ids=["defaults", "expand_per_chunk", "fused"])
+def test_lora_decode_clips_a_traced_layer_out_of_range(layer, knobs, lora_numpy_reference):
+    """The kernels clip the layer themselves (as the XLA path does): a traced 5 of 2 layers reads layer 1, -2 reads
+    layer 0."""
+    case = CASES[0]
+    _run_case("pallas", "float32", *case, seed=hash((layer, str(knobs))) % 2**31, reference=lora_numpy_reference,
+              layer=layer, **knobs)

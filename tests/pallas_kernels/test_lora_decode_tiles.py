@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 import pallas_kernels as pk
-from pallas_kernels.ops.lora_decode import tiles_triton
+from pallas_kernels.ops.lora_decode import pallas_triton, tiles_triton
+from pallas_kernels.ops.lora_layout import validate_lora_args
 from pallas_kernels.testing import TOLERANCE, make_lora_case, np_dtype, relative_error
 from tests.pallas_kernels.test_lora_decode_grouped import _slots
 
@@ -32,7 +33,7 @@ CASES = [
 QUICK = ("mixed_33", "ragged")
 
 
-def _run(case, dtype, reference, *, with_plan, **knobs):
+def _run(case, dtype, reference, *, with_plan, layer=1, **knobs):
     name, T, d_in, out_sizes, W, S, rank_choices, kind = case
     seed = int(np.random.SeedSequence().entropy % 2**31)
     rng = np.random.default_rng(seed)
@@ -44,21 +45,18 @@ def _run(case, dtype, reference, *, with_plan, **knobs):
     dt = np_dtype(dtype)
     x = rng.standard_normal((T, d_in)).astype(dt)
     y = rng.standard_normal((T, sum(out_sizes))).astype(dt)
-    args = (jnp.asarray(y), jnp.asarray(x), jnp.asarray(lc.pool), jnp.int32(1), lc.a_pages, lc.b_pages, lc.ranks,
+    args = (jnp.asarray(y), jnp.asarray(x), jnp.asarray(lc.pool), jnp.int32(layer), lc.a_pages, lc.b_pages, lc.ranks,
             lc.scales)
-    if knobs:
-        from pallas_kernels.ops.lora_decode import pallas_triton
-        from pallas_kernels.ops.lora_layout import sanitize_slots, validate_lora_args
-
+    if knobs:  # the kernel itself, with knobs the public op does not take (slots as given: the plan checks them)
         dims = validate_lora_args("t", *args, token_slot, out_sizes)
-        out = pallas_triton.lora_decode_pallas(*args, sanitize_slots(jnp.asarray(token_slot), dims), dims=dims,
+        out = pallas_triton.lora_decode_pallas(*args, jnp.asarray(token_slot), dims=dims,
                                                interpret=pk._backend.interpret_mode(), grouping="tiles", **knobs)
     else:
         plan = pk.lora_decode_plan(jnp.asarray(token_slot), S) if with_plan else None
         out = pk.lora_decode(*args, token_slot, out_sizes=out_sizes, implementation="pallas", grouping="tiles",
                              plan=plan)
     assert out.shape == y.shape and out.dtype == y.dtype
-    err = relative_error(out, reference(y, x, lc, 1, token_slot), base=y)
+    err = relative_error(out, reference(y, x, lc, int(np.clip(layer, 0, L - 1)), token_slot), base=y)
     assert err < TOLERANCE[dtype], f"{name}/{dtype} seed {seed}: relative error {err:.2e}"
     skip = (token_slot < 0) | (token_slot >= S)
     np.testing.assert_array_equal(np.asarray(out)[skip], y[skip], err_msg=f"seed {seed}")
@@ -86,6 +84,27 @@ def test_tile_kernel_knobs_match_dense_loop(knobs, lora_numpy_reference):
     """d_in = 80 is 3 blocks of 32: 4 parts leave one part wholly past d_in (masked, no bytes); 16-column blocks
     put several blocks in a page chunk."""
     _run(CASES[2], "float32", lora_numpy_reference, with_plan=False, **knobs)
+
+
+@pytest.mark.parametrize("layer", [7, -3], ids=["past_the_last", "negative"])
+def test_tile_kernels_clip_a_traced_layer_out_of_range(layer, lora_numpy_reference):
+    """The tile kernels clip the layer themselves: a traced 7 of 2 layers reads layer 1, -3 reads layer 0."""
+    _run(CASES[2], "float32", lora_numpy_reference, with_plan=True, layer=layer)
+
+
+def test_no_tokens():
+    """T = 0: an empty plan, and the op returns y (with or without a plan)."""
+    rng = np.random.default_rng(0)
+    lc = make_lora_case(rng, num_layers=1, num_pages=64, page_rows=16, width=32, d_in=64, out_sizes=(32,),
+                        ranks=np.full((2, 1, 1), 8), poison=False)
+    slot = np.zeros(0, np.int32)
+    plan = pk.lora_decode_plan(slot, 2)
+    assert [a.shape for a in plan] == [(0,), (0,)]
+    y = np.ones((0, 32), np.float32)
+    for p in (plan, None):
+        out = pk.lora_decode(y, np.zeros((0, 64), np.float32), lc.pool, 0, lc.a_pages, lc.b_pages, lc.ranks, lc.scales,
+                             slot, out_sizes=(32,), implementation="pallas", grouping="tiles", plan=p)
+        assert out.shape == (0, 32)
 
 
 @pytest.mark.parametrize("sort", [True, False])

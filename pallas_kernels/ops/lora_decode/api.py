@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 
 from pallas_kernels import _backend, pool_storage
 from pallas_kernels._errors import KernelInputError
@@ -66,7 +67,9 @@ def lora_decode(
         grouping="none".
       plan: grouping "tiles" only: `lora_decode_plan(token_slot, S)`, computed once where one step calls the
         op for every layer and projection group (the plan is a sort and a few scans, ~17 us on the H200: as
-        much as the op itself); None computes it in the call.
+        much as the op itself); None computes it in the call. The tile kernels take every token's slot from
+        the plan and do not read token_slot: a plan made from other slots applies other adapters (only its
+        shapes are checked).
 
     Returns:
       [T, sum(out_sizes)] in y's dtype: y + scale * (x A) B per module, accumulated in float32.
@@ -78,17 +81,19 @@ def lora_decode(
                                f"got {grouping!r}")
     if grouping is None and (fused or k_splits not in (None, 1)):
         grouping = "none"  # both are knobs of the per-token kernels
-    if plan is not None:
-        _check_plan(plan, grouping, dims)
+    if plan is not None and grouping != "tiles":
+        raise KernelInputError(f"lora_decode: a plan is for grouping='tiles', got grouping={grouping!r}")
     impl = _backend.resolve(implementation, "lora_decode",
                              pool_storage.pallas_unsupported(pool) or pallas_triton.unsupported_reason(dims))
     if dims.num_tokens == 0:
         return y
+    if plan is not None:
+        _check_plan(plan, dims)
     if impl == "xla":
         return _reference_jit(y, x, pool, layer, a_pages, b_pages, ranks, scales, sanitize_slots(token_slot, dims),
                               dims=dims)
     # The Pallas paths treat ids outside [0, S) as no adapter themselves (an XLA pass here was a launch per call).
-    token_slot = jax.numpy.asarray(token_slot).astype("int32")
+    token_slot = jnp.asarray(token_slot).astype(jnp.int32)
     return pallas_triton.lora_decode_pallas(
         y, x, pool, layer, a_pages, b_pages, ranks, scales, token_slot, plan, dims=dims,
         interpret=_backend.interpret_mode(), fused=fused, k_splits=k_splits, grouping=grouping,
@@ -104,29 +109,38 @@ def lora_decode_plan(token_slot: jax.Array, num_slots: int) -> tuple:
                                f"{getattr(token_slot, 'shape', None)}")
     if int(num_slots) < 1:
         raise KernelInputError(f"lora_decode_plan: num_slots must be >= 1, got {num_slots}")
-    return tiles_triton.tile_plan(jax.numpy.asarray(token_slot).astype("int32"), int(num_slots))
+    token_slot = jnp.asarray(token_slot).astype(jnp.int32)
+    if token_slot.shape[0] == 0:
+        return jnp.zeros((0,), jnp.int32), jnp.zeros((0,), jnp.int32)
+    return tiles_triton.tile_plan(token_slot, int(num_slots))
+
+
+# Batches of at most this many adapted tokens keep the per-token kernels: at 1-16 tokens their small-batch knobs
+# beat the tiles (8 tokens on one adapter: 8.9 against 13.0 us on the H200, benchmarks/NOTES.md). Its own value,
+# not pallas_triton.SMALL_BATCH_TOKENS, which a benchmark may change.
+TILES_MIN_TOKENS = 16
+
+
+def lora_decode_may_tile(num_tokens: int) -> bool:
+    """Whether a decode batch of this many rows can ever be given the tile kernels (`lora_decode_grouping`): an
+    engine compiles its tiles programs for these sizes only."""
+    return num_tokens > TILES_MIN_TOKENS
 
 
 def lora_decode_grouping(slots: Sequence) -> str:
     """"tiles" or "none" for a decode batch whose tokens have these adapters (any hashable ids; None = no
-    adapter), on the host before the step: tiles where the tile count stays under a third of the tokens.
-    On the H200 (q/k/v, rank 16, benchmarks/NOTES.md, 2026-12-01) the tile kernels against the per-token ones:
-    256 tokens on 1 / 5 / 64 / 80 adapters 15.8 / 18.8 / 36.3 / 44.0 us against 42.9 / 42.4 / 47.7 / 48.9 (run 4);
-    64 tokens on one 14.5 against 20.0; but 13.0 against 8.9 at 8 tokens and 123.6 against 61.0 with 256
-    distinct adapters (run 3): each tile costs ~0.4 us more, and the per-token kernels' small-batch knobs win
-    at <= 16 tokens. The per-token kernels got faster after those runs (256 tokens on one adapter 33.0, on five
-    33.1, 64 tokens on one 15.0 against tiles 13.7: run 6), so the third keeps a margin."""
+    adapter), on the host before the step: tiles for more than TILES_MIN_TOKENS adapted tokens whose tile count
+    is at most a third of them. Each tile costs ~0.4 us more on the H200; with every token on its own adapter
+    the tiles take twice the per-token kernels' time (benchmarks/NOTES.md, 2026-12-01)."""
     used = [s for s in slots if s is not None]
     n = len(used)
-    if n <= pallas_triton.SMALL_BATCH_TOKENS:
+    if not lora_decode_may_tile(n):
         return "none"
     tiles = -(-n // tiles_triton.TILE_TOKENS) + len(set(used))
     return "tiles" if 3 * tiles <= n else "none"
 
 
-def _check_plan(plan, grouping, dims) -> None:
-    if grouping != "tiles":
-        raise KernelInputError(f"lora_decode: a plan is for grouping='tiles', got grouping={grouping!r}")
+def _check_plan(plan, dims) -> None:
     nt = tiles_triton.num_tiles(dims.num_tokens, dims.num_slots)
     want = ((nt * tiles_triton.TILE_TOKENS,), (nt,))
     got = tuple(tuple(getattr(a, "shape", ())) for a in plan) if isinstance(plan, (tuple, list)) else None

@@ -49,7 +49,8 @@ from jax.experimental import pallas as pl
 from pallas_kernels import _backend
 from pallas_kernels._checks import as_index_vector, cdiv, matmul_precision, next_pow2, pow2_divisor
 from pallas_kernels.ops.lora_decode import tiles_triton
-from pallas_kernels.ops.lora_layout import LoraDims, output_blocks, output_chunks, sanitize_slots
+from pallas_kernels.ops.lora_layout import (LoraDims, kernel_layer, kernel_slot, kernel_slot_rank, output_blocks,
+                                            output_chunks, sanitize_slots)
 
 
 # Default columns per shrink tile (BK) and per expand block (BN), capped to what divides W. On the H200,
@@ -91,8 +92,7 @@ def _shrink_kernel(layer_ref, slot_ref, ranks_ref, scales_ref, a_pages_ref, x_re
     n_kb = cdiv(cdiv(dims.d_in, bk), ks)
     R, W = dims.page_rows, dims.width
     layer, slot = _layer_slot(layer_ref, slot_ref, t, dims)
-    s = jnp.maximum(slot, 0)
-    rank = jnp.where(slot >= 0, jnp.clip(ranks_ref[s, layer, m], 0, dims.max_rank), 0)
+    s, rank = kernel_slot_rank(slot, ranks_ref, layer, m, dims)
     nrows = jnp.clip(rank - j * R, 0, R)
     row_ok = (jnp.arange(R) < nrows)[:, None]
 
@@ -126,8 +126,7 @@ def _expand_kernel(layer_ref, slot_ref, ranks_ref, b_pages_ref, blocks_ref, v_re
     R = dims.page_rows
     m, c, col, y0, ncols = (blocks_ref[b, i] for i in range(5))
     layer, slot = _layer_slot(layer_ref, slot_ref, t, dims)
-    s = jnp.maximum(slot, 0)
-    rank = jnp.where(slot >= 0, jnp.clip(ranks_ref[s, layer, m], 0, dims.max_rank), 0)
+    s, rank = kernel_slot_rank(slot, ranks_ref, layer, m, dims)
     nb = (rank + R - 1) // R
 
     @pl.when(nb > 0)
@@ -149,7 +148,7 @@ def _expand_kernel(layer_ref, slot_ref, ranks_ref, b_pages_ref, blocks_ref, v_re
 
 
 def _expand_chunk_kernel(layer_ref, slot_ref, ranks_ref, b_pages_ref, chunks_ref, v_ref, pool_ref, y_ref, o_ref, *,
-                         dims, bn, ks, exact, align=1, live_blocks=True):
+                         dims, bn, ks, exact, live_blocks=True):
     """Program (t, chunk): one W-column page chunk of one module, as a loop over its BN-column blocks. The
     pages and v are looked up once per chunk; the loop's loads do not depend on earlier iterations, so the
     compiler's pipeline has the next block's tiles in flight while this one is summed and stored.
@@ -160,11 +159,8 @@ def _expand_chunk_kernel(layer_ref, slot_ref, ranks_ref, b_pages_ref, chunks_ref
     t, b = pl.program_id(0), pl.program_id(1)
     R = dims.page_rows
     m, c, y0, ncols = (chunks_ref[b, i] for i in range(4))
-    if align > 1:  # every chunk's first y column is a multiple of align: said so, Triton vectorises y's accesses
-        y0 = pl.multiple_of(y0, align)
     layer, slot = _layer_slot(layer_ref, slot_ref, t, dims)
-    s = jnp.maximum(slot, 0)
-    rank = jnp.where(slot >= 0, jnp.clip(ranks_ref[s, layer, m], 0, dims.max_rank), 0)
+    s, rank = kernel_slot_rank(slot, ranks_ref, layer, m, dims)
 
     def chunk(nblocks):
         blocks = range(nblocks)  # unrolled; rows past the rank are masked (no bytes)
@@ -195,10 +191,8 @@ def _expand_chunk_kernel(layer_ref, slot_ref, ranks_ref, b_pages_ref, chunks_ref
 
 
 def _layer_slot(layer_ref, slot_ref, t, dims):
-    """The layer, clipped into range, and token t's slot (-1 for ids outside [0, S)), read in the kernel: done by
-    XLA beforehand, each was a kernel launch of its own per call (~1 us each on the H200)."""
-    slot = slot_ref[t]
-    return jnp.clip(layer_ref[0], 0, dims.num_layers - 1), jnp.where(slot < dims.num_slots, slot, -1)
+    """The layer and token t's slot, checked in the kernel (`kernel_layer`, `kernel_slot`)."""
+    return kernel_layer(layer_ref, dims), kernel_slot(slot_ref[t], dims)
 
 
 def _v_block(v_ref, t, m, jb, ks):
@@ -212,8 +206,7 @@ def _fused_kernel(layer_ref, slot_ref, ranks_ref, scales_ref, a_pages_ref, b_pag
     R, W = dims.page_rows, dims.width
     RR = next_pow2(dims.max_rank)  # Triton tiles are powers of two; rows past the rank are masked anyway
     layer, slot = _layer_slot(layer_ref, slot_ref, t, dims)
-    s = jnp.maximum(slot, 0)
-    rank = jnp.where(slot >= 0, jnp.clip(ranks_ref[s, layer, m], 0, dims.max_rank), 0)
+    s, rank = kernel_slot_rank(slot, ranks_ref, layer, m, dims)
     r = jnp.arange(RR)
     row_ok = (r < rank)[:, None]
     # Each rank row's block (page table column) and its row inside that page.
@@ -374,10 +367,8 @@ def _tile(plan_refs, i, *, dims, tm, in_kernel):
 
 
 def _slot_rank(key, ranks_ref, layer, m, dims):
-    """Slot (clipped for table reads) and module m's rank of a tile's key (rank 0: no adapter)."""
-    s = jnp.clip(key, 0, dims.num_slots - 1)
-    rank = jnp.where((key >= 0) & (key < dims.num_slots), jnp.clip(ranks_ref[s, layer, m], 0, dims.max_rank), 0)
-    return s, rank
+    """Slot (clipped for table reads) and module m's rank of a tile's key (S or -1: no adapter)."""
+    return kernel_slot_rank(kernel_slot(key, dims), ranks_ref, layer, m, dims)
 
 
 def _spread(k, n, units: int, fn):
@@ -401,7 +392,7 @@ def _grouped_shrink_kernel(layer_ref, *refs, dims, bk, tm, gks, sks, exact, in_k
     i, m, q = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     j, p = q // sks, q % sks
     R, W = dims.page_rows, dims.width
-    layer = layer_ref[0]
+    layer = kernel_layer(layer_ref, dims)
     t, n, k, key, members = _tile(plan_refs, i, dims=dims, tm=tm, in_kernel=in_kernel)
     s, rank = _slot_rank(key, ranks_ref, layer, m, dims)
     nrows = jnp.clip(rank - j * R, 0, R)
@@ -463,7 +454,7 @@ def _grouped_expand_kernel(layer_ref, *refs, dims, bn, tm, gks, sks, exact, in_k
     *plan_refs, ranks_ref, b_pages_ref, chunks_ref, v_ref, pool_ref, y_ref, o_ref = refs
     i, b = pl.program_id(0), pl.program_id(1)
     R = dims.page_rows
-    layer = layer_ref[0]
+    layer = kernel_layer(layer_ref, dims)
     m, c, y0, ncols = (chunks_ref[b, q] for q in range(4))
     t, n, k, key, members = _tile(plan_refs, i, dims=dims, tm=tm, in_kernel=in_kernel)
     s, rank = _slot_rank(key, ranks_ref, layer, m, dims)
@@ -545,7 +536,7 @@ def _grouped(y, x, pool, layer, a_pages, b_pages, ranks, scales, token_slot, *, 
 
 def grouped_plan(token_slot, layer, ranks, *, dims, tm=GROUP_TOKENS, grouping="kernel"):
     """The operands both grouped kernels read first: (layer [1], the grouping's tables..., ranks), int32."""
-    layer_v = jnp.clip(as_index_vector(layer), 0, dims.num_layers - 1)
+    layer_v = as_index_vector(layer).astype(jnp.int32)  # clipped in the kernels
     if grouping == "kernel":
         tables = (kernel_plan_keys(token_slot, dims),)
     else:
@@ -589,7 +580,7 @@ def grouped_expand_pallas(y, v, pool, b_pages, plan, *, dims, interpret, bn, tm,
 @functools.partial(jax.jit, static_argnames=("dims", "interpret", "block_k", "block_n", "num_warps", "fused",
                                              "k_splits", "expand_per_chunk", "expand_warps", "column_masks",
                                              "grouping", "group_splits", "single_splits", "num_stages",
-                                             "align_hints", "live_blocks"))
+                                             "live_blocks"))
 def lora_decode_pallas(
     y, x, pool, layer, a_pages, b_pages, ranks, scales, token_slot, plan=None, *,
     dims: LoraDims, interpret: bool, block_k: int | None = None, block_n: int | None = None,
@@ -597,7 +588,7 @@ def lora_decode_pallas(
     expand_per_chunk: bool | None = None,
     expand_warps: int | None = None, column_masks: bool = False, grouping: str | None = None,
     group_splits: int | None = None, single_splits: int | None = None, num_stages: int = 2,
-    align_hints: bool = True, live_blocks: bool | None = None,
+    live_blocks: bool | None = None,
 ):
     """Shapes as `lora_decode` (token_slot as given: every path treats ids outside [0, S) as no adapter). block_k /
     block_n are capped to the largest power of two dividing W.
@@ -620,8 +611,6 @@ def lora_decode_pallas(
     expand_warps: the expand's warps (default: num_warps).
     column_masks: mask every block's columns one by one even where sizes are multiples of the blocks (the
       kernels before 2026-11-28's change, kept to measure it: see `_backend.column_mask`).
-    align_hints: tell Triton the alignment of y's chunks in the per-chunk expand (`chunk_alignment`); False is
-      the kernel before the hint, kept to measure it.
     live_blocks: the per-chunk expand multiplies only the rank blocks below each token's rank (see
       `_expand_chunk_kernel`); False is the kernel before, kept to measure it; None: LIVE_RANK_BLOCKS."""
     grouping = grouping or DEFAULT_GROUPING
@@ -632,8 +621,10 @@ def lora_decode_pallas(
     if grouping == "tiles" and not fused and tiles_triton.unsupported_reason(
             dims, pow2_divisor(dims.width, block_k or tiles_triton.BLOCK_K),
             pow2_divisor(dims.width, block_n or tiles_triton.BLOCK_N)) is None:
-        if expand_per_chunk is not None or single_splits or group_splits:
-            raise ValueError("expand_per_chunk, single_splits and group_splits are not knobs of the tile kernels")
+        if (expand_per_chunk is not None or single_splits or group_splits or expand_warps or column_masks
+                or num_stages != 2 or live_blocks is not None):
+            raise ValueError("expand_per_chunk, single_splits, group_splits, expand_warps, column_masks, num_stages "
+                             "and live_blocks are not knobs of the tile kernels")
         return tiles_triton.lora_decode_tiles(
             y, x, pool, layer, a_pages, b_pages, ranks, scales, token_slot, plan, dims=dims, interpret=interpret,
             block_k=block_k or tiles_triton.BLOCK_K, block_n=block_n or tiles_triton.BLOCK_N, k_splits=k_splits,
@@ -661,15 +652,8 @@ def lora_decode_pallas(
     bk, bn, ks, per_chunk = per_token_knobs(dims, block_k, block_n, k_splits, expand_per_chunk)
     return _split(y, x, pool, layer, a_pages, b_pages, ranks, scales, token_slot, dims=dims, interpret=interpret,
                   bk=bk, bn=bn, num_warps=num_warps or 4, ks=ks, per_chunk=per_chunk,
-                  expand_warps=expand_warps or num_warps or 4, column_masks=column_masks, align_hints=align_hints,
+                  expand_warps=expand_warps or num_warps or 4, column_masks=column_masks,
                   live_blocks=LIVE_RANK_BLOCKS if live_blocks is None else live_blocks, num_stages=num_stages)
-
-
-def chunk_alignment(dims: LoraDims) -> int:
-    """The largest power of two (<= 1024) dividing every page chunk's first y column: a y column read from
-    the chunk table is a run-time value, and without this Triton assumes nothing of its alignment and moves y
-    one element per instruction."""
-    return min(pow2_divisor(int(y0), 1024) if y0 else 1024 for y0 in output_chunks(dims)[:, 2])
 
 
 def per_token_knobs(dims: LoraDims, block_k=None, block_n=None, k_splits=None, expand_per_chunk=None):
@@ -689,7 +673,7 @@ def _fused(y, x, pool, layer, a_pages, b_pages, ranks, scales, token_slot, *, di
     pool_rows = pool.reshape(dims.num_layers, dims.num_pages * dims.page_rows, dims.width)
     return _backend.update_in_place(
         functools.partial(_fused_kernel, dims=dims, bk=bk, bn=bn, nblk=cdiv(max(dims.out_sizes), bn)),
-        jnp.clip(as_index_vector(layer), 0, dims.num_layers - 1), token_slot.astype(jnp.int32),
+        as_index_vector(layer).astype(jnp.int32), token_slot.astype(jnp.int32),
         ranks.astype(jnp.int32), scales.astype(jnp.float32), a_pages.astype(jnp.int32), b_pages.astype(jnp.int32),
         mods, x, pool_rows, y,
         grid=(T, M), num_warps=num_warps, interpret=interpret, name="lora_decode_fused",
@@ -697,12 +681,12 @@ def _fused(y, x, pool, layer, a_pages, b_pages, ranks, scales, token_slot, *, di
 
 
 def _split(y, x, pool, layer, a_pages, b_pages, ranks, scales, token_slot, *, dims, interpret, bk, bn, num_warps, ks,
-           per_chunk, expand_warps, column_masks, align_hints=True, live_blocks=True, num_stages=2):
+           per_chunk, expand_warps, column_masks, live_blocks=True, num_stages=2):
     v = shrink_pallas(x, pool, layer, a_pages, ranks, scales, token_slot, dims=dims, interpret=interpret, bk=bk,
                       num_warps=num_warps, ks=ks, column_masks=column_masks, num_stages=num_stages)
     return expand_pallas(y, v, pool, layer, b_pages, ranks, token_slot, dims=dims, interpret=interpret, bn=bn,
                          num_warps=expand_warps, ks=ks, per_chunk=per_chunk, column_masks=column_masks,
-                         align_hints=align_hints, live_blocks=live_blocks, num_stages=num_stages)
+                         live_blocks=live_blocks, num_stages=num_stages)
 
 
 def shrink_pallas(x, pool, layer, a_pages, ranks, scales, token_slot, *, dims, interpret, bk, num_warps, ks,
@@ -732,16 +716,16 @@ def shrink_pallas(x, pool, layer, a_pages, ranks, scales, token_slot, *, dims, i
 
 
 def expand_pallas(y, v, pool, layer, b_pages, ranks, token_slot, *, dims, interpret, bn, num_warps, ks,
-                  per_chunk=False, column_masks=False, align_hints=True, live_blocks=True, num_stages=2):
+                  per_chunk=False, column_masks=False, live_blocks=True, num_stages=2):
     """The split variant's second kernel alone: y + v B (y aliased to the output); per_chunk: one program per
     (token, page chunk) looping over its blocks, else one per (token, block)."""
     layer_v = as_index_vector(layer).astype(jnp.int32)  # clipped in the kernel
     blocks = jnp.asarray(output_chunks(dims) if per_chunk else output_blocks(dims, bn))
     kernel = _expand_chunk_kernel if per_chunk else _expand_kernel
-    hint = dict(align=chunk_alignment(dims) if align_hints else 1, live_blocks=live_blocks) if per_chunk else {}
+    live = dict(live_blocks=live_blocks) if per_chunk else {}
     return _backend.update_in_place(
         functools.partial(kernel, dims=dims, bn=bn, ks=ks, exact=column_masks or any(d % bn for d in dims.out_sizes),
-                          **hint),
+                          **live),
         layer_v, token_slot.astype(jnp.int32), ranks.astype(jnp.int32), b_pages.astype(jnp.int32), blocks, v, pool, y,
         grid=(dims.num_tokens, blocks.shape[0]), num_warps=num_warps, num_stages=num_stages, interpret=interpret,
         name="lora_decode_expand",

@@ -31,7 +31,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels import _backend
 from pallas_kernels._checks import as_index_vector, cdiv, matmul_precision, next_pow2, pow2_divisor
-from pallas_kernels.ops.lora_layout import LoraDims, output_blocks
+from pallas_kernels.ops.lora_layout import LoraDims, kernel_layer, kernel_slot_rank, output_blocks
 from pallas_kernels.ops.lora_prefill import tiles as segment
 
 # Tokens per tile: the smallest M that tl.dot takes.
@@ -89,19 +89,14 @@ def _tile(refs, i, dims, tm):
     return rows[:, None], rows < dims.num_tokens, tslot_ref[i]
 
 
-def _rank(slot, ranks_ref, layer, m, dims):
-    s = jnp.maximum(slot, 0)
-    return s, jnp.where(slot >= 0, jnp.clip(ranks_ref[s, layer, m], 0, dims.max_rank), 0)
-
-
 def _shrink_kernel(layer_ref, *refs, dims, tm, bk, ks, exact):
     *plan_refs, ranks_ref, scales_ref, a_pages_ref, x_ref, pool_ref, v_ref = refs
     q, m, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     p, j = q // dims.rank_blocks, q % dims.rank_blocks  # part of d_in, rank block
     R, W = dims.page_rows, dims.width
-    layer = jnp.clip(layer_ref[0], 0, dims.num_layers - 1)
+    layer = kernel_layer(layer_ref, dims)
     rows, tok_ok, slot = _tile(plan_refs, i, dims, tm)
-    s, rank = _rank(slot, ranks_ref, layer, m, dims)
+    s, rank = kernel_slot_rank(slot, ranks_ref, layer, m, dims)
     nrows = jnp.clip(rank - j * R, 0, R)
 
     @pl.when(nrows > 0)
@@ -131,27 +126,24 @@ def _expand_kernel(layer_ref, *refs, dims, tm, bn, ks, exact):
     *plan_refs, ranks_ref, b_pages_ref, blocks_ref, v_ref, pool_ref, y_ref, o_ref = refs
     b, i = pl.program_id(0), pl.program_id(1)
     R = dims.page_rows
-    layer = jnp.clip(layer_ref[0], 0, dims.num_layers - 1)
+    layer = kernel_layer(layer_ref, dims)
     if exact:
         m, c, col, y0, ncols = (blocks_ref[b, q] for q in range(5))
     else:
         m, c, col, y0, ncols = _block(b, dims, bn)
     rows, tok_ok, slot = _tile(plan_refs, i, dims, tm)
-    s, rank = _rank(slot, ranks_ref, layer, m, dims)
+    s, rank = kernel_slot_rank(slot, ranks_ref, layer, m, dims)
 
-    @pl.when(rank > 0)
-    def _():
+    def add_products(live: int):
+        """y's rows += the tile's v @ B over the first `live` rank blocks (rows past the rank masked: no bytes)."""
         col_ok = _backend.column_mask(0, bn, ncols, exact)
         prec = matmul_precision(pool_ref.dtype)
         acc = jnp.zeros((tm, bn), jnp.float32)
-        # Rank blocks unrolled; one past the rank is wholly masked (no bytes; its v was never written).
-        for jb in range(dims.rank_blocks):
-            live = jb * R < rank
+        for jb in range(live):
             cols_r = (jb * R + jnp.arange(R))[None, :]
-            ok = tok_ok[:, None] & live
-            v = _backend.load(v_ref.at[rows, m, jnp.int32(0), cols_r], mask=ok, other=0)
+            v = _backend.load(v_ref.at[rows, m, jnp.int32(0), cols_r], mask=tok_ok[:, None], other=0)
             for part in range(1, ks):
-                v = v + _backend.load(v_ref.at[rows, m, jnp.int32(part), cols_r], mask=ok, other=0)
+                v = v + _backend.load(v_ref.at[rows, m, jnp.int32(part), cols_r], mask=tok_ok[:, None], other=0)
             page = jnp.clip(b_pages_ref[s, m, c, jb], 0, dims.num_pages - 1)
             row_ok = (jnp.arange(R) < rank - jb * R)[:, None]
             w = _backend.load(pool_ref.at[layer, page, :, pl.ds(col, bn)], mask=row_ok & col_ok[None, :], other=0)
@@ -161,6 +153,11 @@ def _expand_kernel(layer_ref, *refs, dims, tm, bn, ks, exact):
         ok = tok_ok[:, None] & col_ok[None, :]
         yv = _backend.load(y_ref.at[idx], mask=ok, other=0)
         _backend.store(o_ref.at[idx], (yv.astype(jnp.float32) + acc).astype(o_ref.dtype), mask=ok)
+
+    # One branch per count of live rank blocks, as the per-token expand: a block past the rank would still issue
+    # its loads' addressing and its tl.dot on zeros.
+    for live in range(1, dims.rank_blocks + 1):
+        pl.when((rank > (live - 1) * R) & (rank <= live * R))(functools.partial(add_products, live))
 
 
 def _block(b, dims: LoraDims, bn: int):
@@ -204,14 +201,14 @@ def lora_decode_tiles(y, x, pool, layer, a_pages, b_pages, ranks, scales, token_
                          num_warps=num_warps)
 
 
-def _layer(dims, layer):
+def _layer(layer):
     return as_index_vector(layer).astype(jnp.int32)  # clipped in the kernels (an XLA clip was a launch per call)
 
 
 def shrink_pallas(x, pool, layer, a_pages, ranks, scales, plan, *, dims, interpret, tm, bk, ks, num_warps=4):
     """The first kernel alone: v [T, M, ks, RB * R] float32 partial sums, scaled (rows of tiles with rank 0 and rank
     blocks past a tile's rank unwritten). Public so that a benchmark can time the two kernels apart."""
-    args = _backend.kernel_operands(_layer(dims, layer), *plan, ranks.astype(jnp.int32), scales.astype(jnp.float32),
+    args = _backend.kernel_operands(_layer(layer), *plan, ranks.astype(jnp.int32), scales.astype(jnp.float32),
                                     a_pages.astype(jnp.int32), x, pool)
     return pl.pallas_call(
         functools.partial(_shrink_kernel, dims=dims, tm=tm, bk=bk, ks=ks, exact=dims.d_in % bk != 0),
@@ -231,7 +228,7 @@ def expand_pallas(y, v, pool, layer, b_pages, ranks, plan, *, dims, interpret, t
     blocks = jnp.asarray(output_blocks(dims, bn))
     return _backend.update_in_place(
         functools.partial(_expand_kernel, dims=dims, tm=tm, bn=bn, ks=ks, exact=any(d % bn for d in dims.out_sizes)),
-        _layer(dims, layer), *plan, ranks.astype(jnp.int32), b_pages.astype(jnp.int32), blocks, v, pool, y,
+        _layer(layer), *plan, ranks.astype(jnp.int32), b_pages.astype(jnp.int32), blocks, v, pool, y,
         grid=(blocks.shape[0], plan[1].shape[0]), num_warps=num_warps, interpret=interpret,
         name="lora_decode_tiles_expand",
     )

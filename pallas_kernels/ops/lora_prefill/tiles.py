@@ -16,7 +16,7 @@ from pallas_kernels._checks import cdiv
 
 
 def max_tiles(num_tokens: int, num_slots: int, block_tokens: int) -> int:
-    return cdiv(num_tokens, block_tokens) + min(num_tokens - 1, num_slots)
+    return max(0, cdiv(num_tokens, block_tokens) + min(num_tokens - 1, num_slots))
 
 
 def segment_tiles(token_slot: jax.Array, block_tokens: int, num_tiles: int):
