@@ -167,3 +167,27 @@ def test_grouping_choice_by_tokens_per_adapter():
     assert pk.lora_decode_grouping([f"a{i % 70}" for i in range(256)]) == "none"  # 16 + 70 tiles > 256 / 3
     assert pk.lora_decode_grouping([f"a{i % 69}" for i in range(256)]) == "tiles"  # 16 + 69 tiles <= 256 / 3
     assert pk.lora_decode_grouping([None] * 200 + ["a"] * 10) == "none"  # no-adapter tokens cost nothing
+
+
+def test_a_plan_with_ids_out_of_range_touches_nothing(lora_numpy_reference):
+    """A plan is the caller's input: rows outside [0, T) and slots outside [0, S) count as none (no read or write
+    out of bounds); its valid tiles still apply their adapters."""
+    rng = np.random.default_rng(int(np.random.SeedSequence().entropy % 2**31))
+    T, S, outs = 20, 3, (32, 32)
+    lc = make_lora_case(rng, num_layers=2, num_pages=200, page_rows=16, width=32, d_in=64, out_sizes=outs,
+                        ranks=rng.choice([4, 16], size=(S, 2, 2)).astype(np.int32))
+    slot = np.full(T, 1, np.int32)
+    rows, tslot = (np.asarray(a).copy() for a in pk.lora_decode_plan(slot, S))
+    rows = rows.reshape(len(tslot), TM)
+    assert (rows[0] < T).all() and (rows[1] < T).sum() == 4  # tokens 0-15 and 16-19
+    rows[0, :3] = (-3, T + 5, 2**30)  # tile 0's first three rows out of range
+    tslot[1] = S + 2  # tile 1's slot out of range
+    x = rng.standard_normal((T, 64)).astype(np.float32)
+    y = rng.standard_normal((T, 64)).astype(np.float32)
+    out = pk.lora_decode(y, x, lc.pool, 1, lc.a_pages, lc.b_pages, lc.ranks, lc.scales, slot, out_sizes=outs,
+                         implementation="pallas", grouping="tiles", plan=(jnp.asarray(rows.reshape(-1)),
+                                                                          jnp.asarray(tslot)))
+    applied = np.zeros(T, bool)
+    applied[[r for r in rows[0] if 0 <= r < T]] = True
+    ref = lora_numpy_reference(y, x, lc, 1, np.where(applied, slot, -1))
+    assert relative_error(out, ref, base=y) < TOLERANCE["float32"]

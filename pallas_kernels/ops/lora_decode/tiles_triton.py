@@ -31,7 +31,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels import _backend
 from pallas_kernels._checks import as_index_vector, cdiv, matmul_precision, next_pow2, pow2_divisor
-from pallas_kernels.ops.lora_layout import LoraDims, kernel_layer, kernel_slot_rank, output_blocks
+from pallas_kernels.ops.lora_layout import LoraDims, kernel_layer, kernel_slot, kernel_slot_rank, output_blocks
 from pallas_kernels.ops.lora_prefill import tiles as segment
 
 # Tokens per tile: the smallest M that tl.dot takes.
@@ -83,10 +83,11 @@ def default_splits(dims: LoraDims, bk: int, tm: int = TILE_TOKENS) -> int:
 
 
 def _tile(refs, i, dims, tm):
-    """Tile i: (rows [tm, 1] token ids, T past the tile's end; tok_ok [tm]; slot)."""
+    """Tile i: (rows [tm, 1] token ids, T past the tile's end; tok_ok [tm]; slot). A plan is the caller's input:
+    rows outside [0, T) and slots outside [0, S) count as none, so no plan reads out of bounds."""
     rows_ref, tslot_ref = refs
     rows = rows_ref[pl.ds(i * tm, tm)]
-    return rows[:, None], rows < dims.num_tokens, tslot_ref[i]
+    return rows[:, None], (rows >= 0) & (rows < dims.num_tokens), kernel_slot(tslot_ref[i], dims)
 
 
 def _shrink_kernel(layer_ref, *refs, dims, tm, bk, ks, exact):
