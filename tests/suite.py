@@ -6,7 +6,7 @@
 Why not one process: the suite's one long process crashed at random places after 550-700 tests (CI and local
 runs, 2026-11-30 to 12-01). A C++ exception thrown late in the run met an unwind-frame registration of XLA:CPU code
 that had been freed (benchmarks/NOTES.md, "The crash, caught"), and which small change to what the suite compiles
-decided whether it did. No process here runs more than ~250 tests.
+decided whether it did. No process here runs more than ~370 tests, and none that compiles much more than ~250.
 A path among the arguments runs one pytest process on what was asked, as `python -m pytest` would.
 Exit status: the first failing process's status; 5 (pytest's "no tests collected") only if no process collected
 any test; else 0.
@@ -22,11 +22,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = ROOT / "tests"
-# Folders and files of each process, ~150-250 tests each; what no group names runs in a last process of its own.
+# Folders and files of each process; what no group names runs in a last process of its own. The kernels' ~240
+# tests compile the most; the second group's ~370 compile little of their own (the servers they test are
+# processes of their own); the rest, ~250, build most of the engines. One more process costs ~10 s of start-up
+# and whatever programs it compiles again.
 GROUPS = [
     ["tests/pallas_kernels"],
-    ["tests/adapters", "tests/memory", "tests/training"],
-    ["tests/server", "tests/clients", "tests/deploy"],
+    ["tests/adapters", "tests/memory", "tests/training", "tests/server", "tests/clients", "tests/deploy"],
 ]
 NO_TESTS = 5
 

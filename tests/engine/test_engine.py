@@ -391,7 +391,8 @@ def test_decode_steps_on_few_adapters_run_the_tile_kernels_and_match_xla(tiny):
     """20 requests on two adapters: with LoRA on the Pallas kernels (interpret mode here) their decode steps of
     more than 16 adapted rows pick MBGMV's tile kernels (the step's LoRA variant gains LORA_TILES; its plan is
     computed once per step), only those steps do, each is a program ``precompile`` covers, and the tokens equal
-    an XLA engine's. With ``lora_decode_tiles=False`` no step picks them."""
+    an XLA engine's. With ``lora_decode_tiles=False`` the engine has no tiles programs, so no step can pick them
+    (`step_variant` and `lora_variants` read the same switch)."""
     from slora_jax.model.llama import LORA_TILES
 
     model, adapters = tiny
@@ -417,6 +418,8 @@ def test_decode_steps_on_few_adapters_run_the_tile_kernels_and_match_xla(tiny):
     programs = {(groups, mode, n) for groups, mode, n, _ in eng.step_programs()}
     assert all((groups, mode, inp["tokens"].shape[0]) in programs for mode, _, inp, _, groups in steps)
     assert eng.lora_variants()[-1] == (*eng.lora_variants()[1], LORA_TILES)
-    _, steps_off, eng_off = run(kernel_backend="pallas", lora_decode_tiles=False)
-    assert not any(LORA_TILES in groups for *_, groups in steps_off)
+    eng_off = sj.Engine.from_pretrained(model, config=sj.EngineConfig(**kw, kernel_backend="pallas",
+                                                                      lora_decode_tiles=False))
+    eng_off.load_adapter("a1", adapters["a1"])
     assert LORA_TILES not in eng_off.lora_variants()[-1]
+    assert not any(LORA_TILES in groups for groups, *_ in eng_off.step_programs())

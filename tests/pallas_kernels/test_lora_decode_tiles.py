@@ -62,9 +62,10 @@ def _run(case, dtype, reference, *, with_plan, layer=1, **knobs):
     np.testing.assert_array_equal(np.asarray(out)[skip], y[skip], err_msg=f"seed {seed}")
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, id=c[0], marks=() if c[0] in QUICK else pytest.mark.slow)
-                                  for c in CASES])
-@pytest.mark.parametrize("with_plan", [True, False], ids=["plan", "no_plan"])
+# Every case with the plan passed in (the engine's call); the plan computed in the call on the quick cases.
+@pytest.mark.parametrize("case, with_plan", [
+    pytest.param(c, p, id=f"{'plan' if p else 'no_plan'}-{c[0]}", marks=() if c[0] in QUICK else pytest.mark.slow)
+    for c in CASES for p in (True, False) if p or c[0] in QUICK])
 def test_tile_kernels_match_dense_loop(case, with_plan, lora_numpy_reference):
     _run(case, "float32", lora_numpy_reference, with_plan=with_plan)
 
