@@ -69,10 +69,9 @@ BLOCK_N = 256
 SMALL_BATCH_TOKENS = 16
 SMALL_BLOCK_N = 128
 # The per-chunk expand multiplies only each token's live rank blocks (`_expand_chunk_kernel`). On the H200
-# (2026-12-01, results/kernels-tiles-h200-2026-12-01/kernel-profile-run5.json) 256 tokens on 256 rank-16 adapters
-# in a pool of rank 64:
-# expand 21.0 against 26.4 us, the op 55.4 / 55.9 against 59.9 / 60.0 us (two repeats in one run). Read when a
-# kernel is traced (a benchmark sets it False to time the former kernel).
+# (2026-12-01, results/kernels-tiles-h200-2026-12-01/kernel-profile-run5.json), 256 tokens on 256 rank-16 adapters
+# in a pool of rank 64: expand 21.0 against 26.4 us, the op 55.4 / 55.9 against 59.9 / 60.0 us (two repeats in one
+# run). Read when a kernel is traced (a benchmark sets it False to time the former kernel).
 LIVE_RANK_BLOCKS = True
 
 
