@@ -7,7 +7,6 @@ built instead of failing inside its first prefill.
 
 from __future__ import annotations
 
-from pallas_kernels._checks import pow2_divisor
 from pallas_kernels.ops.lora_decode import pallas_triton as _lora_decode
 from pallas_kernels.ops.lora_decode import tiles_triton as _lora_tiles
 from pallas_kernels.ops.lora_layout import LoraDims
@@ -71,5 +70,4 @@ def lora_tiles_unsupported(*, page_rows: int, page_width: int, tensor_parallel: 
     width = page_width // tensor_parallel
     dims = LoraDims(num_tokens=1, d_in=width, out_sizes=(width,), num_layers=1, num_pages=1, page_rows=page_rows,
                     width=width, num_slots=1, in_chunks=1, out_chunks_max=1, rank_blocks=1)
-    return _lora_decode.unsupported_reason(dims) or _lora_tiles.unsupported_reason(
-        dims, pow2_divisor(width, _lora_tiles.BLOCK_K), pow2_divisor(width, _lora_tiles.BLOCK_N))
+    return _lora_decode.unsupported_reason(dims) or _lora_tiles.unsupported_reason(dims)

@@ -9,11 +9,13 @@ and neither do rows past the rank or columns past d_in / d_out, whatever the pag
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import pallas as pl
 
-from pallas_kernels._checks import cdiv, check_array, check_layer, check_pool
+from pallas_kernels._checks import as_index_vector, cdiv, check_array, check_layer, check_pool
 from pallas_kernels._errors import KernelInputError
 
 
@@ -99,6 +101,11 @@ def sanitize_slots(token_slot, dims: LoraDims):
     return jnp.where((slot >= 0) & (slot < dims.num_slots), slot, -1)
 
 
+def layer_operand(layer):
+    """The layer as the decode kernels take it: an int32 [1] operand, clipped by `kernel_layer` inside them."""
+    return as_index_vector(layer).astype(jnp.int32)
+
+
 def kernel_layer(layer_ref, dims: LoraDims):
     """Inside a kernel: the layer, clipped into [0, L). Done by XLA before the kernel, it was a launch of its own
     per call (~1 us on the H200)."""
@@ -114,6 +121,15 @@ def kernel_slot_rank(slot, ranks_ref, layer, m, dims: LoraDims):
     """Inside a kernel: (slot clipped for table reads, module m's rank of a checked slot at this layer; 0 for -1)."""
     s = jnp.maximum(slot, 0)
     return s, jnp.where(slot >= 0, jnp.clip(ranks_ref[s, layer, m], 0, dims.max_rank), 0)
+
+
+def for_live_rank_blocks(rank, dims: LoraDims, fn) -> None:
+    """Inside a kernel: fn(n) in the branch for n live rank blocks (n = ceil(rank / R), 1..RB; none for rank 0),
+    so a kernel unrolls only the blocks below a token's rank. A masked block loads no bytes, but its arithmetic
+    still issues."""
+    R = dims.page_rows
+    for live in range(1, dims.rank_blocks + 1):
+        pl.when((rank > (live - 1) * R) & (rank <= live * R))(functools.partial(fn, live))
 
 
 def token_ranks(ranks, scales, token_slot, layer, dims: LoraDims):

@@ -47,10 +47,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import _backend
-from pallas_kernels._checks import as_index_vector, cdiv, matmul_precision, next_pow2, pow2_divisor
+from pallas_kernels._checks import cdiv, matmul_precision, next_pow2, pow2_divisor
 from pallas_kernels.ops.lora_decode import tiles_triton
-from pallas_kernels.ops.lora_layout import (LoraDims, kernel_layer, kernel_slot, kernel_slot_rank, output_blocks,
-                                            output_chunks, sanitize_slots)
+from pallas_kernels.ops.lora_layout import (LoraDims, for_live_rank_blocks, kernel_layer, kernel_slot,
+                                            kernel_slot_rank, layer_operand, output_blocks, output_chunks,
+                                            sanitize_slots)
 
 
 # Default columns per shrink tile (BK) and per expand block (BN), capped to what divides W. On the H200,
@@ -185,8 +186,7 @@ def _expand_chunk_kernel(layer_ref, slot_ref, ranks_ref, b_pages_ref, chunks_ref
     if not live_blocks:
         pl.when(rank > 0)(lambda: chunk(dims.rank_blocks))
         return
-    for live in range(1, dims.rank_blocks + 1):
-        pl.when((rank > (live - 1) * R) & (rank <= live * R))(functools.partial(chunk, live))
+    for_live_rank_blocks(rank, dims, chunk)
 
 
 def _layer_slot(layer_ref, slot_ref, t, dims):
@@ -535,7 +535,7 @@ def _grouped(y, x, pool, layer, a_pages, b_pages, ranks, scales, token_slot, *, 
 
 def grouped_plan(token_slot, layer, ranks, *, dims, tm=GROUP_TOKENS, grouping="kernel"):
     """The operands both grouped kernels read first: (layer [1], the grouping's tables..., ranks), int32."""
-    layer_v = as_index_vector(layer).astype(jnp.int32)  # clipped in the kernels
+    layer_v = layer_operand(layer)
     if grouping == "kernel":
         tables = (kernel_plan_keys(token_slot, dims),)
     else:
@@ -617,9 +617,7 @@ def lora_decode_pallas(
         raise ValueError(f"grouping must be one of {GROUPINGS}, got {grouping!r}")
     bk = pow2_divisor(dims.width, block_k or BLOCK_K)
     bn = pow2_divisor(dims.width, block_n or BLOCK_N)
-    if grouping == "tiles" and not fused and tiles_triton.unsupported_reason(
-            dims, pow2_divisor(dims.width, block_k or tiles_triton.BLOCK_K),
-            pow2_divisor(dims.width, block_n or tiles_triton.BLOCK_N)) is None:
+    if grouping == "tiles" and not fused and tiles_triton.unsupported_reason(dims, block_k, block_n) is None:
         if (expand_per_chunk is not None or single_splits or group_splits or expand_warps or column_masks
                 or num_stages != 2 or live_blocks is not None):
             raise ValueError("expand_per_chunk, single_splits, group_splits, expand_warps, column_masks, num_stages "
@@ -672,7 +670,7 @@ def _fused(y, x, pool, layer, a_pages, b_pages, ranks, scales, token_slot, *, di
     pool_rows = pool.reshape(dims.num_layers, dims.num_pages * dims.page_rows, dims.width)
     return _backend.update_in_place(
         functools.partial(_fused_kernel, dims=dims, bk=bk, bn=bn, nblk=cdiv(max(dims.out_sizes), bn)),
-        as_index_vector(layer).astype(jnp.int32), token_slot.astype(jnp.int32),
+        layer_operand(layer), token_slot.astype(jnp.int32),
         ranks.astype(jnp.int32), scales.astype(jnp.float32), a_pages.astype(jnp.int32), b_pages.astype(jnp.int32),
         mods, x, pool_rows, y,
         grid=(T, M), num_warps=num_warps, interpret=interpret, name="lora_decode_fused",
@@ -695,7 +693,7 @@ def shrink_pallas(x, pool, layer, a_pages, ranks, scales, token_slot, *, dims, i
     if ks < 1 or ks & (ks - 1):
         raise ValueError(f"k_splits must be a power of two, got {ks}")
     T, M, RB, R = dims.num_tokens, dims.num_modules, dims.rank_blocks, dims.page_rows
-    layer_v = as_index_vector(layer).astype(jnp.int32)  # clipped in the kernel
+    layer_v = layer_operand(layer)
     shrink_args = _backend.kernel_operands(
         layer_v, token_slot.astype(jnp.int32), ranks.astype(jnp.int32), scales.astype(jnp.float32),
         a_pages.astype(jnp.int32), x, pool
@@ -718,7 +716,7 @@ def expand_pallas(y, v, pool, layer, b_pages, ranks, token_slot, *, dims, interp
                   per_chunk=False, column_masks=False, live_blocks=True, num_stages=2):
     """The split variant's second kernel alone: y + v B (y aliased to the output); per_chunk: one program per
     (token, page chunk) looping over its blocks, else one per (token, block)."""
-    layer_v = as_index_vector(layer).astype(jnp.int32)  # clipped in the kernel
+    layer_v = layer_operand(layer)
     blocks = jnp.asarray(output_chunks(dims) if per_chunk else output_blocks(dims, bn))
     kernel = _expand_chunk_kernel if per_chunk else _expand_kernel
     live = dict(live_blocks=live_blocks) if per_chunk else {}

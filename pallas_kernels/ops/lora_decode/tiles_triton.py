@@ -30,8 +30,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import _backend
-from pallas_kernels._checks import as_index_vector, cdiv, matmul_precision, next_pow2, pow2_divisor
-from pallas_kernels.ops.lora_layout import LoraDims, kernel_layer, kernel_slot, kernel_slot_rank, output_blocks
+from pallas_kernels._checks import cdiv, matmul_precision, next_pow2, pow2_divisor
+from pallas_kernels.ops.lora_layout import (LoraDims, for_live_rank_blocks, kernel_layer, kernel_slot,
+                                            kernel_slot_rank, layer_operand, output_blocks)
 from pallas_kernels.ops.lora_prefill import tiles as segment
 
 # Tokens per tile: the smallest M that tl.dot takes.
@@ -155,10 +156,8 @@ def _expand_kernel(layer_ref, *refs, dims, tm, bn, ks, exact):
         yv = _backend.load(y_ref.at[idx], mask=ok, other=0)
         _backend.store(o_ref.at[idx], (yv.astype(jnp.float32) + acc).astype(o_ref.dtype), mask=ok)
 
-    # One branch per count of live rank blocks, as the per-token expand: a block past the rank would still issue
-    # its loads' addressing and its tl.dot on zeros.
-    for live in range(1, dims.rank_blocks + 1):
-        pl.when((rank > (live - 1) * R) & (rank <= live * R))(functools.partial(add_products, live))
+    # As the per-token expand: a block past the rank would still issue its loads' addressing and a tl.dot on zeros.
+    for_live_rank_blocks(rank, dims, add_products)
 
 
 def _block(b, dims: LoraDims, bn: int):
@@ -173,8 +172,11 @@ def _block(b, dims: LoraDims, bn: int):
     return m, c, pl.multiple_of(q - c * dims.width, bn), y0, bn
 
 
-def unsupported_reason(dims: LoraDims, bk: int, bn: int) -> str | None:
-    """Why the tile kernels (tl.dot over >= 16 on every side) cannot take these sizes, or None."""
+def unsupported_reason(dims: LoraDims, block_k: int | None = None, block_n: int | None = None) -> str | None:
+    """Why the tile kernels (tl.dot over >= 16 on every side) cannot take these sizes with these blocks (None: the
+    defaults; capped, as the kernels cap them, to what divides W), or None."""
+    bk = pow2_divisor(dims.width, block_k or BLOCK_K)
+    bn = pow2_divisor(dims.width, block_n or BLOCK_N)
     if dims.page_rows < 16:
         return f"page_rows {dims.page_rows} < 16"
     if min(bk, bn) < 16:
@@ -202,14 +204,10 @@ def lora_decode_tiles(y, x, pool, layer, a_pages, b_pages, ranks, scales, token_
                          num_warps=num_warps)
 
 
-def _layer(layer):
-    return as_index_vector(layer).astype(jnp.int32)  # clipped in the kernels (an XLA clip was a launch per call)
-
-
 def shrink_pallas(x, pool, layer, a_pages, ranks, scales, plan, *, dims, interpret, tm, bk, ks, num_warps=4):
     """The first kernel alone: v [T, M, ks, RB * R] float32 partial sums, scaled (rows of tiles with rank 0 and rank
     blocks past a tile's rank unwritten). Public so that a benchmark can time the two kernels apart."""
-    args = _backend.kernel_operands(_layer(layer), *plan, ranks.astype(jnp.int32), scales.astype(jnp.float32),
+    args = _backend.kernel_operands(layer_operand(layer), *plan, ranks.astype(jnp.int32), scales.astype(jnp.float32),
                                     a_pages.astype(jnp.int32), x, pool)
     return pl.pallas_call(
         functools.partial(_shrink_kernel, dims=dims, tm=tm, bk=bk, ks=ks, exact=dims.d_in % bk != 0),
@@ -229,7 +227,7 @@ def expand_pallas(y, v, pool, layer, b_pages, ranks, plan, *, dims, interpret, t
     blocks = jnp.asarray(output_blocks(dims, bn))
     return _backend.update_in_place(
         functools.partial(_expand_kernel, dims=dims, tm=tm, bn=bn, ks=ks, exact=any(d % bn for d in dims.out_sizes)),
-        _layer(layer), *plan, ranks.astype(jnp.int32), b_pages.astype(jnp.int32), blocks, v, pool, y,
+        layer_operand(layer), *plan, ranks.astype(jnp.int32), b_pages.astype(jnp.int32), blocks, v, pool, y,
         grid=(blocks.shape[0], plan[1].shape[0]), num_warps=num_warps, interpret=interpret,
         name="lora_decode_tiles_expand",
     )
