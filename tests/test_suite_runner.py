@@ -15,6 +15,17 @@ def test_groups_cover_every_test_file_once():
     assert "tests/engine" in suite.rest(suite.GROUPS) and "tests/test_readme.py" in suite.rest(suite.GROUPS)
 
 
+class _Done:
+    """A finished pytest process, as `suite.start` returns it."""
+
+    def __init__(self, rc, log, text):
+        self.returncode = rc
+        log.write(text.encode())
+
+    def poll(self):
+        return self.returncode
+
+
 def test_exit_status(monkeypatch, capsys):
     """The first failure's status; 5 only when no process collected a test; a path runs one process."""
     calls = []
@@ -22,19 +33,65 @@ def test_exit_status(monkeypatch, capsys):
     def fake(statuses):
         it = iter(statuses)
 
-        def call(cmd, **kw):
+        def start(cmd, log):
             calls.append(cmd)
-            return next(it)
-        return call
+            return _Done(next(it), log, f"output of {cmd[-1]}\n")
+        return start
 
     for statuses, want in (([0, 0, 0], 0), ([0, 5, 5], 0), ([5, 5, 5], 5), ([0, 1, 2], 1)):
         calls.clear()
-        monkeypatch.setattr(subprocess, "call", fake(statuses))
+        monkeypatch.setattr(suite, "start", fake(statuses))
         assert suite.run(["-m", "not slow"]) == want
         assert len(calls) == 3 and all(c[-1].startswith("tests/") and "not slow" in c for c in calls)
         summary = capsys.readouterr().out
         assert ("FAILED (exit status 1)" in summary) == (want == 1), summary
+        # Every process's own output is printed.
+        assert all(f"output of {c[-1]}" in summary for c in calls), summary
     calls.clear()
-    monkeypatch.setattr(subprocess, "call", fake([3]))
+    monkeypatch.setattr(subprocess, "call", lambda cmd, **kw: calls.append(cmd) or 3)
     assert suite.run(["tests/engine/test_engine.py::test_x", "-x"]) == 3
     assert len(calls) == 1 and calls[0][-2:] == ["tests/engine/test_engine.py::test_x", "-x"]
+
+
+def test_jobs(monkeypatch):
+    monkeypatch.setenv("SLORA_TEST_JOBS", "3")
+    assert suite.jobs() == 3
+    for bad in ("0", "two"):
+        monkeypatch.setenv("SLORA_TEST_JOBS", bad)
+        try:
+            suite.jobs()
+        except SystemExit as e:
+            assert "SLORA_TEST_JOBS" in str(e)
+        else:
+            raise AssertionError(bad)
+    monkeypatch.delenv("SLORA_TEST_JOBS")
+    assert 1 <= suite.jobs() <= 2
+
+
+def test_processes_run_side_by_side(monkeypatch, capsys):
+    """With two at a time, the third process starts only once one of the first two has ended."""
+    events = []
+
+    class Slow:
+        def __init__(self, name):
+            self.name, self.polls, self.returncode = name, 0, None
+
+        def poll(self):
+            self.polls += 1
+            if self.polls >= 2:
+                if self.returncode is None:
+                    events.append(("end", self.name))
+                self.returncode = 0
+            return self.returncode
+
+    monkeypatch.setenv("SLORA_TEST_JOBS", "2")
+    monkeypatch.setattr(suite.time, "sleep", lambda s: None)
+
+    def start(cmd, log):
+        events.append(("start", cmd[-1]))
+        return Slow(cmd[-1])
+    monkeypatch.setattr(suite, "start", start)
+    assert suite.run([]) == 0
+    starts = [i for i, e in enumerate(events) if e[0] == "start"]
+    ends = [i for i, e in enumerate(events) if e[0] == "end"]
+    assert starts[:2] == [0, 1] and starts[2] > ends[0], events
