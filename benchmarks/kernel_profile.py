@@ -45,13 +45,9 @@ H, OUTS, W = 4096, (4096, 1024, 1024), 1024
 
 # (op, T, adapters, rank, variants)
 CASES = [
-    ("decode", 256, 1, 16, ("default", "tiles@plan")),
-    ("decode", 256, 5, 16, ("default", "tiles@plan")),
-    ("decode", 256, 1, 64, ("tiles@plan",)),
-    ("decode", 256, 256, 16, ("default",)),
-    ("decode", 1, 1, 16, ("default",)),
-    ("decode", 8, 1, 16, ("default",)),
-    ("decode", 256, 1, 16, ("tiles@plan",)),  # the headline case again, last
+    ("prefill", 8192, 64, 64, ("default", "list", "kernel+ya0+st2+mf0", "list", "kernel+ya0+st2+mf0", "list")),
+    ("prefill", 8192, 16, 64, ("list", "kernel+ya0+st2+mf0")),
+    ("prefill", 8192, 1, 64, ("list", "kernel+ya0+st2+mf0")),
 ]
 
 
@@ -60,7 +56,8 @@ def _knobs(variant: str) -> dict:
     for part in variant.split("+")[1:]:
         name, num = part.rstrip("0123456789"), int(part[len(part.rstrip("0123456789")):])
         kw[{"ks": "k_splits", "bn": "block_n", "bk": "block_k", "w": "num_warps",
-            "lb": "live_blocks", "st": "num_stages", "ew": "expand_warps"}[name]] = num
+            "lb": "live_blocks", "st": "num_stages", "ew": "expand_warps", "mf": "module_fastest", "tm": "block_tokens", "pm": "shrink_per_module",
+            "pc": "expand_per_chunk", "ya": "y_align_hint"}[name]] = num
     return kw
 
 
@@ -78,6 +75,17 @@ def steps(op, variant, dims, consts):
             rows = tiles_triton.tile_plan(k[7], dims.num_slots)[0]
             return c + (jnp.sum(rows) == -1).astype(c.dtype)  # the carry depends on the plan (never true)
         return plan_step, consts[:7] + (slot,)
+    if op == "prefill" and head in ("list", "kernel"):
+        # The tile list computed once outside the calls, as the engine's step does (`lora_prefill_tiles`).
+        kw = _knobs(variant)
+        tm = kw.pop("block_tokens", 64)
+        tl = jax.jit(functools.partial(pk.lora_prefill_tiles, num_slots=dims.num_slots, block_tokens=tm))(slot)
+        if head == "list":
+            return (lambda c, k: pk.lora_prefill(c, *k[:7], k[7], out_sizes=OUTS, implementation="pallas",
+                                                 block_tokens=tm, slots_in_runs=True, tiles=k[8])), consts[:8] + (tl,)
+        nt = tl[0].shape[0]
+        return (lambda c, k: pk.ops.lora_prefill.pallas_triton.lora_prefill_pallas(
+            c, *k[:7], k[8], dims=dims, interpret=interpret, num_tiles=nt, block_tokens=tm, **kw)), consts[:8] + (tl,)
     if head == "tiles@plan":
         plan = jax.jit(functools.partial(tiles_triton.tile_plan, num_slots=dims.num_slots))(slot)
         kw = _knobs(variant)
@@ -164,7 +172,12 @@ def main(argv=None) -> int:
             except Exception as e:  # one failing variant must not end the run
                 traceback.print_exc()
                 rec["error"] = f"{type(e).__name__}: {e}"[:1500]
-            row["variants"][v] = rec
+            # A variant timed again in one case (a repeat) keeps every timing: "name", "name#2", ...
+            key, n = v, 1
+            while key in row["variants"]:
+                n += 1
+                key = f"{v}#{n}"
+            row["variants"][key] = rec
             prof = rec.get("profile", {})
             print(f"{op} T={T} S={S} r={r} {v:18s} {rec.get('us', float('nan')):8.1f} us "
                   f"err {rec.get('rel_err', 0) or 0:.1e} busy {prof.get('busy_us', 0):.1f} span "

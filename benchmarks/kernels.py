@@ -322,7 +322,14 @@ def lora_case(runner, op, *, T, distinct, rank, d_in, out_sizes, W, shape_name, 
             if impl.startswith("pallas_"):  # a variant: the kernel called with its own knobs
                 kernel = _lora_decode_step if op == "decode" else _lora_prefill_step
                 kw = lora_variant_kwargs(op, impl[len("pallas_"):], dims)
+                if op == "prefill":
+                    kw["tiles"] = pk.lora_prefill_tiles(consts[7], dims.num_slots, kw.get("block_tokens", 64))
                 return functools.partial(kernel, dims=dims, interpret=not pk._backend.on_gpu(), **kw)
+            if op == "prefill" and impl == "pallas" and sorted_slots:
+                # As the engine calls it: slots in runs, the tile list computed once for every call of a step.
+                tl = pk.lora_prefill_tiles(consts[7], dims.num_slots)
+                return lambda c, k: fn(c, *k[:7], k[7], out_sizes=out_sizes, implementation=impl, slots_in_runs=True,
+                                       tiles=tl)
             return lambda c, k: fn(c, *k[:7], k[7], out_sizes=out_sizes, implementation=impl)
 
         names = runner.args.lora_decode_variants if op == "decode" else runner.args.lora_prefill_variants
@@ -344,7 +351,8 @@ _DECODE_KNOBS = {"fused": "fused", "lb": "live_blocks", "ks": "k_splits", "bk": 
 # Decode variant words that name a grouping of MBGMV (see lora_decode's `grouping`).
 _DECODE_GROUPINGS = ("kernel", "sort", "runs", "tiles", "none")
 _PREFILL_KNOBS = {"pm": "shrink_per_module", "ec": "expand_per_chunk", "cm": "column_masks", "tm": "block_tokens",
-                  "bk": "block_k", "bn": "block_n", "w": "num_warps"}
+                  "bk": "block_k", "bn": "block_n", "w": "num_warps", "mf": "module_fastest", "ya": "y_align_hint",
+                  "st": "num_stages"}
 
 
 def lora_variant_kwargs(op: str, name: str, dims) -> dict:
@@ -355,7 +363,8 @@ def lora_variant_kwargs(op: str, name: str, dims) -> dict:
     bkN, bnN, wN, ewN = expand warps,
     cm = per-column masks) or
     "tm128+pm0" (prefill: tmN = tokens per tile, bkN, bnN, wN, pm / ec = one shrink program per module /
-    one expand program per chunk (both on by default: pm0 and ec0 turn them off), cm = per-column masks)."""
+    one expand program per chunk (both on by default: pm0 and ec0 turn them off), cm = per-column masks,
+    mf0 = the shrink's tile index fastest, ya0 = no alignment hint for y, stN = pipeline stages)."""
     knobs = _DECODE_KNOBS if op == "decode" else _PREFILL_KNOBS
     kw = {}
     for part in name.split("+"):
@@ -414,11 +423,11 @@ def lora_parts(runner, op, y, consts, dims) -> dict:
         tm = d["block_tokens"]
         nt = lora_tiles.max_tiles(dims.num_tokens, dims.num_slots, tm)
         where = lora_tiles.segment_tiles(slot, tm, nt)[:3]  # the sweep's slots are sorted
-        kw = dict(dims=dims, interpret=interpret, tm=tm, num_warps=d["num_warps"])
+        kw = dict(dims=dims, interpret=interpret, tm=tm, num_warps=d["num_warps"], num_stages=d["num_stages"])
         shrink_fn = functools.partial(lora_prefill_triton.shrink_pallas, bk=d["block_k"],
-                                      per_module=d["shrink_per_module"], **kw)
+                                      per_module=d["shrink_per_module"], module_fastest=d["module_fastest"], **kw)
         expand_fn = functools.partial(lora_prefill_triton.expand_pallas, bn=d["block_n"],
-                                      per_chunk=d["expand_per_chunk"], **kw)
+                                      per_chunk=d["expand_per_chunk"], y_align_hint=d["y_align_hint"], **kw)
 
     def shrink(c, k):
         v = shrink_fn(c, *k)
@@ -566,7 +575,8 @@ def tune(runner, dtype, tiny: bool = False):
     grid = [(16, 32, 4)] if tiny else [(tm, bk, nw) for tm in (32, 64, 128) for bk in (64, 128) for nw in (4, 8)]
     for tm, bk, nw in grid:
         step = functools.partial(_lora_prefill_step, dims=dims, interpret=interpret, num_tiles=lora_tiles.max_tiles(
-            T, S, tm), block_tokens=tm, block_k=bk, block_n=bk, num_warps=nw)
+            T, S, tm), tiles=pk.lora_prefill_tiles(consts[7], S, tm), block_tokens=tm, block_k=bk, block_n=bk,
+            num_warps=nw)
         runner.record("tune:lora_prefill", f"tm={tm} block={bk} warps={nw}",
                       dict(block_tokens=tm, block=bk, num_warps=nw), nbytes, flops,
                       functools.partial(pallas_us, step, y, consts))
@@ -580,8 +590,8 @@ def _lora_decode_step(c, k, **kw):
     return lora_decode_triton.lora_decode_pallas(c, *k[:7], k[7], **kw)
 
 
-def _lora_prefill_step(c, k, *, num_tiles, block_tokens=64, **kw):
-    tiles = lora_tiles.segment_tiles(sanitize_slots(k[7], kw["dims"]), block_tokens, num_tiles)[:3]
+def _lora_prefill_step(c, k, *, num_tiles, tiles, block_tokens=64, **kw):
+    """A variant: the kernels with the tile list computed once outside the calls, as the engine's step does."""
     return lora_prefill_triton.lora_prefill_pallas(c, *k[:7], tiles, num_tiles=num_tiles, block_tokens=block_tokens,
                                                    **kw)
 

@@ -4,7 +4,8 @@ Public ops (each takes `implementation=None | "xla" | "pallas"`; None = Pallas o
 "pallas" off-GPU runs the same kernel in interpret mode):
   lora_decode, lora_prefill, paged_decode_attention, paged_prefill_attention, prefill_attention, write_kv.
 `lora_decode_grouping(slots)` picks MBGMV's kernels for a batch on the host, `lora_decode_plan(token_slot, S)`
-computes the "tiles" grouping's plan once for every call of a step, and `lora_tiles_unsupported(...)` says when
+computes the "tiles" grouping's plan once for every call of a step, `lora_prefill_tiles(token_slot, S)` MBGMM's
+tile list likewise, and `lora_tiles_unsupported(...)` says when
 a pool rules the tile kernels out.
 All are plain JAX functions (jit, vmap, jax.shard_map). Under shard_map the compiled kernels work
 with check_vma on; interpret-mode Pallas (CPU) needs `check_vma=False` on jax 0.10.
@@ -21,7 +22,7 @@ indices are clipped into range (layer, page ids, lengths) or treated as "none" (
 from pallas_kernels import pool_storage
 from pallas_kernels._errors import KernelInputError
 from pallas_kernels.ops.lora_decode.api import lora_decode, lora_decode_grouping, lora_decode_may_tile, lora_decode_plan
-from pallas_kernels.ops.lora_prefill.api import lora_prefill
+from pallas_kernels.ops.lora_prefill.api import lora_prefill, lora_prefill_tiles
 from pallas_kernels.ops.paged_decode_attention.api import paged_decode_attention
 from pallas_kernels.ops.paged_prefill_attention.api import paged_prefill_attention
 from pallas_kernels.ops.prefill_attention.api import prefill_attention
@@ -29,5 +30,5 @@ from pallas_kernels.ops.write_kv.api import write_kv
 from pallas_kernels.support import lora_tiles_unsupported, unsupported_ops
 
 __all__ = ["KernelInputError", "lora_decode", "lora_decode_grouping", "lora_decode_may_tile", "lora_decode_plan",
-           "lora_prefill", "lora_tiles_unsupported", "paged_decode_attention", "paged_prefill_attention",
+           "lora_prefill", "lora_prefill_tiles", "lora_tiles_unsupported", "paged_decode_attention", "paged_prefill_attention",
            "prefill_attention", "write_kv", "unsupported_ops", "pool_storage"]

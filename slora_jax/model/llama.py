@@ -177,7 +177,7 @@ def _lora(y, x, pool, layer, tables, inp, group, out_sizes, st: StepStatics):
     y = jax.lax.dynamic_update_slice_in_dim(y, head, 0, axis=0)
     # The engine lays prompt chunks out sorted by adapter: each slot's tokens are one run.
     return pk.lora_prefill(y, x, *args, inp["slot_prefill"], out_sizes=out_sizes, implementation=st.backend,
-                           slots_in_runs=True)
+                           slots_in_runs=True, tiles=inp["lora_prefill_tiles"])
 
 
 # ------------------------------------------------------------------------------------ modules
@@ -389,6 +389,10 @@ class Llama(nnx.Module):
             # One plan for every layer and group: it depends on the slots only, and costs as much as one call.
             slots = next(iter(tables.values()))[0].shape[0]
             inp["lora_plan"] = pk.lora_decode_plan(inp["token_slot"], slots)
+        if st.mode == "mixed" and tables:
+            # MBGMM's tile list likewise, once for every layer and group (the XLA path leaves it unused: removed).
+            slots = next(iter(tables.values()))[0].shape[0]
+            inp["lora_prefill_tiles"] = pk.lora_prefill_tiles(inp["slot_prefill"], slots)
         if self.scan_layers:
             graphdef, state = nnx.split(self.layers)
 

@@ -140,7 +140,9 @@ PARTIAL_CHUNK = ("partial_chunk", 20, 32, (48, 16), 32, 2, (4, 16), lambda r, T,
     pytest.param(CASES[0], dict(block_k=16, block_n=16, num_warps=8), marks=pytest.mark.slow),
     pytest.param(CASES[0], dict(column_masks=True), marks=pytest.mark.slow),
     pytest.param(PARTIAL_CHUNK, dict(block_n=16), marks=pytest.mark.slow),
-], ids=["per_tile_per_block", "small_blocks", "column_masks", "partial_chunk"])
+    (CASES[2], dict(module_fastest=True)),
+    (CASES[0], dict(y_align_hint=True, num_stages=3)),
+], ids=["per_tile_per_block", "small_blocks", "column_masks", "partial_chunk", "module_fastest", "y_align_st3"])
 def test_lora_prefill_kernel_knobs_match_dense_loop(case, knobs, lora_numpy_reference):
     """The kernel's knobs: one shrink program per tile and one expand program per block (instead of per
     module and per page chunk), small blocks (several per chunk), per-column masks."""
@@ -184,3 +186,79 @@ def test_slots_in_runs_runs_the_kernel_with_no_device_side_branch(lora_numpy_ref
     out = jax.jit(functools.partial(run, slots_in_runs=True))(*args)
     ref = lora_numpy_reference(y, x, case_, 0, token_slot)
     assert relative_error(out, ref) < TOLERANCE["float32"]
+
+
+def test_precomputed_tiles_match_the_dense_loop_and_leave_no_tile_list_in_the_call(lora_numpy_reference):
+    """`lora_prefill_tiles` once, passed to every call: the result is the dense loop's, and the call itself then
+    computes no tile list (no scan or scatter outside the kernels: the ops that took ~19 us per call)."""
+    name, T, d_in, out_sizes, W, S, rank_choices, slots = CASES[0]
+    case_, token_slot, x, y = _make("float32", *CASES[0])
+    args = (jnp.asarray(y), jnp.asarray(x), jnp.asarray(case_.pool), jnp.int32(1), case_.a_pages, case_.b_pages,
+            case_.ranks, case_.scales, jnp.asarray(token_slot))
+    tl = pk.lora_prefill_tiles(jnp.asarray(token_slot), S, TM)
+    assert all(a.shape == (tiles.max_tiles(T, S, TM),) and a.dtype == jnp.int32 for a in tl)
+
+    def run(*a, tiles=None):
+        return pk.lora_prefill(*a, out_sizes=out_sizes, implementation="pallas", block_tokens=TM,
+                               slots_in_runs=True, tiles=tiles)
+
+    inside = _primitives_outside_kernels(jax.make_jaxpr(run)(*args, tiles=tl).jaxpr)
+    assert not inside & {"cumsum", "scatter", "scatter-add", "cond", "sort"}, inside
+    assert inside != _primitives_outside_kernels(jax.make_jaxpr(run)(*args).jaxpr)
+    out = jax.jit(run)(*args, tiles=tl)
+    err = relative_error(out, lora_numpy_reference(y, x, case_, 1, token_slot), base=y)
+    assert err < TOLERANCE["float32"], err
+
+
+def test_tiles_out_of_range_touch_nothing(lora_numpy_reference):
+    """A tile list whose rows run past T or before 0, and whose slots lie outside [0, S), touches only the rows
+    inside [0, T) and only for slots inside [0, S): the kernels check rows and slots themselves (on a GPU an
+    unchecked row would be read and written out of bounds)."""
+    name, T, d_in, out_sizes, W, S, rank_choices, slots = CASES[0]
+    case_, token_slot, x, y = _make("float32", *CASES[0])
+    args = (jnp.asarray(y), jnp.asarray(x), jnp.asarray(case_.pool), jnp.int32(1), case_.a_pages, case_.b_pages,
+            case_.ranks, case_.scales)
+    dims = validate_lora_args("t", *args, token_slot, out_sizes)
+    # Four hostile tiles after the real ones.
+    start, end, slot = (np.concatenate([np.asarray(a), np.zeros(4, np.int32)])
+                        for a in pk.lora_prefill_tiles(jnp.asarray(token_slot), S, TM))
+    used = start.shape[0] - 4
+    # The case's first and last runs have no adapter; the hostile tiles land on those rows only, so that no two
+    # tiles write one row.
+    lo = int(np.argmax(token_slot != -1))
+    hi = int(np.argmax(token_slot[::-1] != -1))
+    assert 1 <= lo < TM and hi >= 1
+    start[used:used + 4] = [T - hi, lo - TM, 0, 5]
+    end[used:used + 4] = [T + 40, lo, 9, 12]
+    slot[used:used + 4] = [0, 1, S + 2, -7]
+    nt = start.shape[0]
+    out = pallas_triton.lora_prefill_pallas(*args, tuple(jnp.asarray(a) for a in (start, end, slot)), dims=dims,
+                                            interpret=pk._backend.interpret_mode(), num_tiles=nt, block_tokens=TM)
+    # What the valid parts do: rows T-hi..T-1 on slot 0, rows 0..lo-1 on slot 1; slots S + 2 and -7 nothing.
+    want = token_slot.copy()
+    want[T - hi:], want[:lo] = 0, 1
+    assert np.all(np.isfinite(np.asarray(out)))
+    err = relative_error(out, lora_numpy_reference(y, x, case_, 1, want), base=y)
+    assert err < TOLERANCE["float32"], err
+
+
+@pytest.mark.parametrize("bad,match", [
+    ("short", "tiles must be"), ("floats", "tiles must be"), ("not_in_runs", "slots_in_runs"),
+])
+def test_bad_tiles_are_refused(bad, match):
+    name, T, d_in, out_sizes, W, S, rank_choices, slots = CASES[0]
+    case_, token_slot, x, y = _make("float32", *CASES[0])
+    tl = pk.lora_prefill_tiles(jnp.asarray(token_slot), S, TM)
+    kw = dict(slots_in_runs=True)
+    if bad == "short":
+        tl = tuple(a[:-1] for a in tl)
+    elif bad == "floats":
+        tl = tuple(a.astype(jnp.float32) for a in tl)
+    else:
+        kw = {}
+    with pytest.raises(pk.KernelInputError, match=match):
+        pk.lora_prefill(jnp.asarray(y), jnp.asarray(x), jnp.asarray(case_.pool), 0, case_.a_pages, case_.b_pages,
+                        case_.ranks, case_.scales, jnp.asarray(token_slot), out_sizes=out_sizes,
+                        implementation="pallas", block_tokens=TM, tiles=tl, **kw)
+    with pytest.raises(pk.KernelInputError, match="num_slots"):
+        pk.lora_prefill_tiles(jnp.asarray(token_slot), 0)

@@ -33,6 +33,7 @@ def lora_prefill(
     implementation: Optional[str] = None,
     block_tokens: int = 64,
     slots_in_runs: bool = False,
+    tiles: Optional[tuple] = None,
 ) -> jax.Array:
     """Add each token's LoRA delta to the base output, for runs of tokens sharing an adapter slot.
 
@@ -47,10 +48,15 @@ def lora_prefill(
       included). The Pallas path then runs on the tokens as given with no device-side check: that check
       is a `cond`, whose predicate XLA:GPU reads on the host, holding the dispatching thread until the
       step has run that far (once per call, i.e. per layer and projection group).
+    tiles: the Pallas path's tile list, `lora_prefill_tiles(token_slot, S, block_tokens)`, computed once for
+      every call of a step (it depends on the slots only; computed per call it is a scatter, scans and a
+      gather, ~19 us on the H200 beside ~150 us of kernels). Needs slots_in_runs; the XLA path ignores it.
     """
     dims = validate_lora_args("lora_prefill", y, x, pool, layer, a_pages, b_pages, ranks, scales, token_slot, out_sizes)
     if block_tokens < 16 or block_tokens & (block_tokens - 1):
         raise KernelInputError(f"lora_prefill: block_tokens must be a power of two >= 16, got {block_tokens}")
+    if tiles is not None:
+        _check_tiles(tiles, dims, block_tokens, slots_in_runs)
     impl = _backend.resolve(implementation, "lora_prefill",
                              pool_storage.pallas_unsupported(pool) or pallas_triton.unsupported_reason(dims))
     if dims.num_tokens == 0:
@@ -58,20 +64,56 @@ def lora_prefill(
     args = (y, x, pool, layer, a_pages, b_pages, ranks, scales, sanitize_slots(token_slot, dims))
     if impl == "xla":
         return _reference_jit(*args, dims=dims)
-    return _prefill_pallas_or_fallback(*args, dims=dims, block_tokens=block_tokens, slots_in_runs=slots_in_runs)
+    return _prefill_pallas_or_fallback(*args, tiles, dims=dims, block_tokens=block_tokens, slots_in_runs=slots_in_runs)
+
+
+def lora_prefill_tiles(token_slot: jax.Array, num_slots: int, block_tokens: int = 64) -> tuple:
+    """The tile list of `lora_prefill(..., slots_in_runs=True, tiles=...)` for this slot table (S = num_slots):
+    (start, end, slot) int32 [ceil(T / block_tokens) + min(T - 1, S)], tiles of at most block_tokens tokens of
+    one slot, unused ones empty. Depends on the slots only, so one list serves every layer and projection
+    group of a step."""
+    if getattr(token_slot, "ndim", None) != 1:
+        raise KernelInputError(f"lora_prefill_tiles: token_slot must be a vector [T], got shape "
+                               f"{getattr(token_slot, 'shape', None)}")
+    if int(num_slots) < 1:
+        raise KernelInputError(f"lora_prefill_tiles: num_slots must be >= 1, got {num_slots}")
+    if block_tokens < 16 or block_tokens & (block_tokens - 1):
+        raise KernelInputError(f"lora_prefill_tiles: block_tokens must be a power of two >= 16, got {block_tokens}")
+    slot = jnp.asarray(token_slot).astype(jnp.int32)
+    T = slot.shape[0]
+    if T == 0:
+        return tuple(jnp.zeros((0,), jnp.int32) for _ in range(3))
+    slot = jnp.where((slot >= 0) & (slot < num_slots), slot, -1)
+    return tiles.segment_tiles(slot, block_tokens, tiles.max_tiles(T, int(num_slots), block_tokens))[:3]
+
+
+def _check_tiles(tile_list, dims, block_tokens: int, slots_in_runs: bool) -> None:
+    if not slots_in_runs:
+        raise KernelInputError("lora_prefill: tiles= needs slots_in_runs=True (a tile list holds runs of one slot)")
+    nt = tiles.max_tiles(dims.num_tokens, dims.num_slots, block_tokens)
+    if not isinstance(tile_list, (tuple, list)) or len(tile_list) != 3 or not all(
+            getattr(a, "shape", None) == (nt,) and jnp.issubdtype(a.dtype, jnp.integer) for a in tile_list):
+        raise KernelInputError(
+            f"lora_prefill: tiles must be (start, end, slot) int vectors of {nt} tiles from lora_prefill_tiles("
+            f"token_slot, {dims.num_slots}, {block_tokens}), got "
+            f"{[getattr(a, 'shape', type(a).__name__) for a in tile_list] if isinstance(tile_list, (tuple, list)) else type(tile_list).__name__}")
 
 
 @functools.partial(jax.jit, static_argnames=("dims", "block_tokens", "slots_in_runs"))
-def _prefill_pallas_or_fallback(y, x, pool, layer, a_pages, b_pages, ranks, scales, token_slot, *, dims, block_tokens,
-                                slots_in_runs=False):
+def _prefill_pallas_or_fallback(y, x, pool, layer, a_pages, b_pages, ranks, scales, token_slot, given_tiles=None, *,
+                                dims, block_tokens, slots_in_runs=False):
     """The kernel on the tokens as given when their slots come in runs (the engine's order); otherwise on
     the tokens sorted by slot, then put back. Both branches are Pallas: XLA reserves the working memory of
     every branch of a `cond` whichever runs, and an XLA `ragged_dot` fallback here asked for 8.5 GiB at
     4096 tokens on the H200 (a prefill step out of memory, though the branch never ran)."""
     nt = tiles.max_tiles(dims.num_tokens, dims.num_slots, block_tokens)
     slot = token_slot.astype("int32")
-    tile_list = tiles.segment_tiles(slot, block_tokens, nt)
     args = (pool, layer, a_pages, b_pages, ranks, scales)
+    if given_tiles is not None:
+        return pallas_triton.lora_prefill_pallas(
+            y, x, *args, tuple(a.astype(jnp.int32) for a in given_tiles), dims=dims,
+            interpret=_backend.interpret_mode(), num_tiles=nt, block_tokens=block_tokens)
+    tile_list = tiles.segment_tiles(slot, block_tokens, nt)
 
     def kernel(y, x, tile_list):
         return pallas_triton.lora_prefill_pallas(

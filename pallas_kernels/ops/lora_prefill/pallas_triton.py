@@ -1,8 +1,9 @@
 """Pallas (Triton lowering) MBGMM: multi-adapter LoRA over runs of tokens, straight from the page pool.
 
 Tokens come in runs sharing a slot (the engine sorts by adapter); `tiles.segment_tiles` cuts them
-into tiles of <= TM tokens of one slot, on device, into a static-size list.
-  shrink  grid (NT, M): (tile i, module m) loads x[tile, BK-column block] and the A^T rows of all of
+into tiles of <= TM tokens of one slot, on device, into a static-size list (the engine computes it once per
+step, `lora_prefill_tiles`). The kernels check each tile's rows and slot themselves.
+  shrink  grid (M, NT): (module m, tile i) loads x[tile, BK-column block] and the A^T rows of all of
           m's rank blocks at once as a gather [RK, BK] through `a_pages` (rows past the module's rank
           masked: no bytes for them), accumulating v_m = x @ A_m with tl.dot into [TM, RK] f32; then
           v * scale goes to a [T, M, RK] buffer in the pool's dtype. (``shrink_per_module=False``: grid
@@ -12,14 +13,16 @@ into tiles of <= TM tokens of one slot, on device, into a static-size list.
           `b_pages`, masked past the rank) and y [TM, BN]; y += v @ B with tl.dot (v in the pool dtype,
           as S-LoRA rounds it), y aliased input->output. (``expand_per_chunk=False``: one program per
           (tile, BN block).)
-Bound: bytes. y is read+written once and x read once per module (the M reads of one tile run side by
-side and share L2); adapter weights (r * (d_in*M + sum d_out) per slot) are re-read per tile, from L2.
+Bound: bytes. y is read+written once and x read once per module (the M programs of one tile are dispatched
+together and share its x through L2); adapter weights (r * (d_in*M + sum d_out) per slot) are re-read per tile, from L2.
 FLOPs per token are 2 * RK * (M*d_in + sum d_out) against 2 * d_in + 4 * sum d_out bytes of x and y:
 for q/k/v at H = 4096, RK = 64 that is ~70 FLOP/byte, below the ~200 FLOP/byte ridge of an H200, so
 computing on the padded RK rather than each slot's own rank costs no time; only the loads skip.
 Why per module and per chunk: with 8192 tokens in 64 segments the per-tile grid had ~130 busy shrink
 programs for 132 SMs, and the per-block expand reloaded v for every block; on the H200 the two changes
-took the op from 55% to 67% of copy bandwidth in one run (benchmarks/NOTES.md, 2026-11-28).
+took the op from 55% to 67% of copy bandwidth in one run (benchmarks/NOTES.md, 2026-11-28). y's column offsets
+come from a table, so the expand tells the compiler their alignment: without it y's loads and stores were not
+vectorised (the expand 87 -> 75 us, 2026-12-01).
 Unsorted slots overflow the static tile list; the api then sorts the tokens by slot first.
 """
 
@@ -33,8 +36,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import _backend
-from pallas_kernels._checks import as_index_vector, cdiv, matmul_precision, next_pow2, pow2_divisor
-from pallas_kernels.ops.lora_layout import LoraDims, output_blocks, output_chunks
+from pallas_kernels._checks import cdiv, matmul_precision, next_pow2, pow2_divisor
+from pallas_kernels.ops.lora_layout import LoraDims, kernel_layer, kernel_slot, layer_operand, output_blocks, output_chunks
 
 
 def unsupported_reason(dims: LoraDims) -> str | None:
@@ -56,23 +59,34 @@ def _rank_rows(dims: LoraDims, rk: int):
     return rr, jnp.minimum(rr // dims.page_rows, dims.rank_blocks - 1), rr % dims.page_rows
 
 
+def _tile(start_ref, end_ref, tslot_ref, i, dims: LoraDims):
+    """Tile i's (start, end, slot), checked in the kernel: rows outside [0, T) and slots outside [0, S) (no
+    adapter) touch nothing, whoever computed the list (the engine passes one list to every layer's calls)."""
+    return jnp.maximum(start_ref[i], 0), jnp.minimum(end_ref[i], dims.num_tokens), kernel_slot(tslot_ref[i], dims)
+
+
+def _rows_ok(start, end, tm: int):
+    return (start + jnp.arange(tm)) < end
+
+
 def _shrink_kernel(
     layer_ref, start_ref, end_ref, tslot_ref, ranks_ref, scales_ref, a_pages_ref, x_ref, pool_ref, v_ref,
-    *, dims: LoraDims, tm: int, bk: int, rk: int, per_module: bool, exact: bool,
+    *, dims: LoraDims, tm: int, bk: int, rk: int, per_module: bool, exact: bool, module_fastest: bool = False,
 ):
-    i = pl.program_id(0)
+    # Grid (NT, M), or (M, NT) with module_fastest: the M programs of one tile dispatched one after another.
+    i = pl.program_id(1 if per_module and module_fastest else 0)
     R, W = dims.page_rows, dims.width
     # All modules in one program (x read once), or program (i, m) for module m alone (M times the programs).
-    mods = [pl.program_id(1)] if per_module else list(range(dims.num_modules))
+    mods = [pl.program_id(0 if module_fastest else 1)] if per_module else list(range(dims.num_modules))
     M = len(mods)
-    layer, start, end, slot = layer_ref[0], start_ref[i], end_ref[i], tslot_ref[i]
+    layer, (start, end, slot) = kernel_layer(layer_ref, dims), _tile(start_ref, end_ref, tslot_ref, i, dims)
     s = jnp.maximum(slot, 0)
     rank = [jnp.where(slot >= 0, jnp.clip(ranks_ref[s, layer, m], 0, dims.max_rank), 0) for m in mods]
     any_rank = functools.reduce(jnp.maximum, rank)
 
     @pl.when(any_rank > 0)
     def _():
-        row_ok = (start + jnp.arange(tm)) < end
+        row_ok = _rows_ok(start, end, tm)
         rr, blk, within = _rank_rows(dims, rk)
         prec = matmul_precision(pool_ref.dtype)
 
@@ -112,14 +126,14 @@ def _expand_kernel(
 ):
     i, b = pl.program_id(0), pl.program_id(1)
     R = dims.page_rows
-    layer, start, end, slot = layer_ref[0], start_ref[i], end_ref[i], tslot_ref[i]
+    layer, (start, end, slot) = kernel_layer(layer_ref, dims), _tile(start_ref, end_ref, tslot_ref, i, dims)
     m, c, col, y0, ncols = (blocks_ref[b, k] for k in range(5))
     s = jnp.maximum(slot, 0)
     rank = jnp.where(slot >= 0, jnp.clip(ranks_ref[s, layer, m], 0, dims.max_rank), 0)
 
     @pl.when(rank > 0)
     def _():
-        row_ok = (start + jnp.arange(tm)) < end
+        row_ok = _rows_ok(start, end, tm)
         col_ok = _backend.column_mask(0, bn, ncols, exact)
         rr, blk, within = _rank_rows(dims, rk)
         v = _backend.load(v_ref.at[pl.ds(start, tm), m, :], mask=row_ok[:, None], other=0)
@@ -141,20 +155,24 @@ def _expand_kernel(
 
 def _expand_chunk_kernel(
     layer_ref, start_ref, end_ref, tslot_ref, ranks_ref, b_pages_ref, chunks_ref, v_ref, pool_ref, y_ref, o_ref,
-    *, dims: LoraDims, tm: int, bn: int, rk: int, exact: bool,
+    *, dims: LoraDims, tm: int, bn: int, rk: int, exact: bool, y_align: int = 1,
 ):
     """Program (tile, chunk): one W-column page chunk of one module as a loop over its BN-column blocks; v
-    and the B rows' pages are loaded once per chunk instead of once per block."""
+    and the B rows' pages are loaded once per chunk instead of once per block. y_align: a power of two that
+    divides every chunk's first y column (known from the static table), told to the compiler: a column offset
+    read from a table is otherwise of unknown alignment, and y's loads and stores could not be vectorised."""
     i, b = pl.program_id(0), pl.program_id(1)
     R = dims.page_rows
-    layer, start, end, slot = layer_ref[0], start_ref[i], end_ref[i], tslot_ref[i]
+    layer, (start, end, slot) = kernel_layer(layer_ref, dims), _tile(start_ref, end_ref, tslot_ref, i, dims)
     m, c, y0, ncols = (chunks_ref[b, k] for k in range(4))
+    if y_align > 1:
+        y0 = pl.multiple_of(y0, y_align)
     s = jnp.maximum(slot, 0)
     rank = jnp.where(slot >= 0, jnp.clip(ranks_ref[s, layer, m], 0, dims.max_rank), 0)
 
     @pl.when(rank > 0)
     def _():
-        row_ok = (start + jnp.arange(tm)) < end
+        row_ok = _rows_ok(start, end, tm)
         rr, blk, within = _rank_rows(dims, rk)
         v = _backend.load(v_ref.at[pl.ds(start, tm), m, :], mask=row_ok[:, None], other=0).astype(pool_ref.dtype)
         rows = (jnp.clip(b_pages_ref[s, m, c, blk], 0, dims.num_pages - 1) * R + within)[:, None]
@@ -178,33 +196,41 @@ def _expand_chunk_kernel(
 
 @functools.partial(
     jax.jit, static_argnames=("dims", "interpret", "num_tiles", "block_tokens", "block_k", "block_n", "num_warps",
-                              "shrink_per_module", "expand_per_chunk", "column_masks")
+                              "shrink_per_module", "expand_per_chunk", "column_masks", "module_fastest",
+                              "y_align_hint", "num_stages")
 )
 def lora_prefill_pallas(
     y, x, pool, layer, a_pages, b_pages, ranks, scales, tiles, *,
     dims: LoraDims, interpret: bool, num_tiles: int, block_tokens: int = 64, block_k: int = 128,
     block_n: int = 128, num_warps: int = 4, shrink_per_module: bool = True, expand_per_chunk: bool = True,
-    column_masks: bool = False,
+    column_masks: bool = False, module_fastest: bool = True, y_align_hint: bool = True, num_stages: int = 3,
 ):
     """Shapes as `lora_prefill`; `tiles` = (start, end, slot) [num_tiles] from `tiles.segment_tiles`.
     shrink_per_module: one shrink program per (tile, module) instead of per tile (M times the programs, x
     re-read per module, from L2); expand_per_chunk: one expand program per (tile, page chunk), looping over its blocks;
     column_masks: mask columns one by one even where sizes are multiples of the blocks (see
-    `_backend.column_mask`; kept to measure it)."""
-    kw = dict(dims=dims, interpret=interpret, tm=block_tokens, num_warps=num_warps, column_masks=column_masks)
+    `_backend.column_mask`; kept to measure it); module_fastest: the per-module shrink's grid as (M, NT), so that
+    the M programs reading one tile's x are dispatched together; y_align_hint: see `_expand_chunk_kernel`;
+    num_stages: the Triton pipeline depth of both kernels' loops.
+    The last three defaults were measured on the H200 (benchmarks/NOTES.md, "MBGMM: the alignment of y"; 8192
+    tokens in 64 segments, rank 64, q/k/v): the hint took the expand from 87.0 to 75.5 us, a third pipeline
+    stage took it on to 69.3 (a fourth: 96.4), and the module-fastest grid the shrink from 62.2 to 61.3 us."""
+    kw = dict(dims=dims, interpret=interpret, tm=block_tokens, num_warps=num_warps, column_masks=column_masks,
+              num_stages=num_stages)
     v = shrink_pallas(x, pool, layer, a_pages, ranks, scales, tiles, bk=block_k, per_module=shrink_per_module,
-                      **kw)
-    return expand_pallas(y, v, pool, layer, b_pages, ranks, tiles, bn=block_n, per_chunk=expand_per_chunk, **kw)
+                      module_fastest=module_fastest, **kw)
+    return expand_pallas(y, v, pool, layer, b_pages, ranks, tiles, bn=block_n, per_chunk=expand_per_chunk,
+                         y_align_hint=y_align_hint, **kw)
 
 
 def _common(dims, pool, layer, tiles):
-    layer_v = jnp.clip(as_index_vector(layer), 0, dims.num_layers - 1)
+    layer_v = layer_operand(layer)  # clipped in the kernels (`kernel_layer`)
     pool_rows = pool.reshape(dims.num_layers, dims.num_pages * dims.page_rows, dims.width)  # free: rows of all pages
     return layer_v, pool_rows, tiles[0], tiles[1], tiles[2], max(16, next_pow2(dims.max_rank))
 
 
 def shrink_pallas(x, pool, layer, a_pages, ranks, scales, tiles, *, dims, interpret, tm, bk, num_warps,
-                  per_module=False, column_masks=False):
+                  per_module=False, column_masks=False, module_fastest=False, num_stages=2):
     """MBGMM's first kernel alone: v [T, M, RK] scaled, in the pool's dtype (the expand's tl.dot takes v in
     that dtype anyway; storing it so halves the bytes every output block re-reads). Public so that a
     benchmark can time the two kernels apart."""
@@ -216,27 +242,38 @@ def shrink_pallas(x, pool, layer, a_pages, ranks, scales, tiles, *, dims, interp
     )
     return pl.pallas_call(
         functools.partial(_shrink_kernel, dims=dims, tm=tm, bk=bk, rk=rk, per_module=per_module,
-                          exact=column_masks or dims.d_in % bk != 0),
+                          exact=column_masks or dims.d_in % bk != 0, module_fastest=module_fastest),
         out_shape=_backend.output_struct((dims.num_tokens, dims.num_modules, rk), pool.dtype, args[0]),
-        grid=(start.shape[0], dims.num_modules) if per_module else (start.shape[0],),
+        grid=(((dims.num_modules, start.shape[0]) if module_fastest else (start.shape[0], dims.num_modules))
+              if per_module else (start.shape[0],)),
         in_specs=[pl.no_block_spec] * 9,
         out_specs=pl.no_block_spec,
-        compiler_params=_backend.compiler_params(num_warps=num_warps, num_stages=2),
+        compiler_params=_backend.compiler_params(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="lora_prefill_shrink",
     )(*args)
 
 
 def expand_pallas(y, v, pool, layer, b_pages, ranks, tiles, *, dims, interpret, tm, bn, num_warps, per_chunk=False,
-                  column_masks=False):
+                  column_masks=False, y_align_hint=False, num_stages=2):
     """MBGMM's second kernel alone: y + v B, y aliased to the output."""
     layer_v, pool_rows, start, end, tslot, rk = _common(dims, pool, layer, tiles)
     bn = pow2_divisor(dims.width, bn)
-    blocks = jnp.asarray(output_chunks(dims) if per_chunk else output_blocks(dims, bn))
+    table = output_chunks(dims) if per_chunk else output_blocks(dims, bn)
     kernel = _expand_chunk_kernel if per_chunk else _expand_kernel
+    hint = dict(y_align=_pow2_gcd(table[:, 2], 64) if y_align_hint else 1) if per_chunk else {}
     return _backend.update_in_place(
         functools.partial(kernel, dims=dims, tm=tm, bn=bn, rk=rk,
-                          exact=column_masks or any(d % bn for d in dims.out_sizes)),
-        layer_v, start, end, tslot, ranks.astype(jnp.int32), b_pages.astype(jnp.int32), blocks, v, pool_rows, y,
-        grid=(start.shape[0], blocks.shape[0]), num_warps=num_warps, interpret=interpret, name="lora_prefill_expand",
+                          exact=column_masks or any(d % bn for d in dims.out_sizes), **hint),
+        layer_v, start, end, tslot, ranks.astype(jnp.int32), b_pages.astype(jnp.int32), jnp.asarray(table), v,
+        pool_rows, y, grid=(start.shape[0], table.shape[0]), num_warps=num_warps, num_stages=num_stages,
+        interpret=interpret, name="lora_prefill_expand",
     )
+
+
+def _pow2_gcd(values, cap: int) -> int:
+    """The largest power of two <= cap dividing every value."""
+    a = cap
+    while a > 1 and any(int(v) % a for v in values):
+        a //= 2
+    return a
