@@ -3,7 +3,7 @@
     python benchmarks/engine_decode.py --model llama-2-7b --adapters 100 --batches 1,32,128,256 \
         --backends xla,pallas --out results.json
 
-Random weights (bf16) made on the device; ``--adapters`` random LoRA adapters of ranks 8/16/32/64 on
+Random weights (bf16) made on the device; ``--adapters`` random LoRA adapters of ranks 8/16/32/64 (``--ranks``) on
 q/k/v/o, registered from memory. For each batch size and backend: B requests are prefilled, then
 ``--steps`` decode steps are timed through ``engine.step()`` (host scheduling included) for
 (a) every request on its own adapter (up to ``--adapters`` distinct) and (b) no adapter at all.
@@ -88,7 +88,10 @@ def main(argv=None) -> int:
                          "batch size (pallas_triton.SMALL_BATCH_TOKENS = 0), to time the small-batch ones against; "
                          "'+notiles' keeps decode steps off MBGMV's tile kernels (lora_decode_tiles=False); "
                          "'+deadblocks' gives MBGMV's per-chunk expand its former loop over every rank block "
-                         "(pallas_triton.LIVE_RANK_BLOCKS = False)")
+                         "(pallas_triton.LIVE_RANK_BLOCKS = False); '+noone' compiles no one-rank-block programs "
+                         "(lora_one_block_programs=False)")
+    ap.add_argument("--ranks", default=",".join(str(r) for r in RANKS),
+                    help="the adapters' ranks, cycled over them (all <= 16: every step fits one rank block)")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--dtype", default="bfloat16")
@@ -112,16 +115,17 @@ def main(argv=None) -> int:
     jax.block_until_ready(params)
     init_s = time.perf_counter() - t0
     wbytes = param_bytes(params)
-    loras = [random_lora(cfg, r, TARGETS, seed=r, name=f"r{r}") for r in RANKS]
+    ranks = [int(r) for r in args.ranks.split(",")]
+    loras = [random_lora(cfg, r, TARGETS, seed=r, name=f"r{r}") for r in ranks]
     results = {"device": str(dev.device_kind), "platform": dev.platform, "jax": jax.__version__,
                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "command": " ".join(["python", "benchmarks/engine_decode.py"] + (argv or sys.argv[1:])),
                "model": cfg.name, "dtype": args.dtype, "copy_bandwidth_Bps": bw, **bandwidth.as_dict(),
                "weight_bytes": wbytes,
-               "random_init_s": init_s, "adapters": args.adapters, "ranks": list(RANKS), "targets": list(TARGETS),
+               "random_init_s": init_s, "adapters": args.adapters, "ranks": ranks, "targets": list(TARGETS),
                "cases": []}
     itemsize = jnp.dtype(dtype).itemsize
-    for backend in args.backends.split(","):
+    for k, backend in enumerate(args.backends.split(",")):
         kernel_backend, *variants = backend.split("+")
         lora_decode_triton.SMALL_BATCH_TOKENS = 0 if "nosmall" in variants else SMALL_BATCH_TOKENS
         lora_decode_triton.LIVE_RANK_BLOCKS = "deadblocks" not in variants
@@ -130,6 +134,7 @@ def main(argv=None) -> int:
             dtype=args.dtype, kernel_backend=kernel_backend,
             scan_layers=False if "unroll" in variants else (True if "scan" in variants else None),
             async_scheduling="sync" not in variants, lora_decode_tiles="notiles" not in variants,
+            lora_one_block_programs="noone" not in variants,
             max_batch_size=max(batches),
             max_adapters_on_device=max(args.adapters, 1), max_prefill_tokens=4096, prefetch=False,
             num_pages=args.num_pages, memory_fraction=args.memory_fraction))
@@ -144,10 +149,11 @@ def main(argv=None) -> int:
                 kv_read = B * r["avg_ctx"] * cfg.num_layers * 2 * cfg.kv_size * itemsize
                 ad_bytes = 0
                 for i in range(len(use)):
-                    rank = RANKS[i % len(RANKS)]
+                    rank = ranks[i % len(ranks)]
                     ad_bytes += cfg.num_layers * rank * 2 * (2 * cfg.hidden_size + 2 * cfg.kv_size) * itemsize
                 floor = (wbytes + kv_read + ad_bytes) / bw
-                r.update(backend=backend, batch=B, mode=mode, distinct_adapters=len(use), kv_read_bytes=kv_read,
+                r.update(backend=backend, engine=k, batch=B, mode=mode, distinct_adapters=len(use),
+                         kv_read_bytes=kv_read,
                          adapter_bytes=ad_bytes, floor_s=floor, floor_frac=floor / r["step_s"])
                 results["cases"].append(r)
                 print(f"[{backend}] B={B:<4} {mode:<5} step {r['step_s'] * 1e3:8.2f} ms  floor "
@@ -164,10 +170,11 @@ def main(argv=None) -> int:
     print(f"\ncopy bandwidth {bw / 1e12:.2f} TB/s; weights {wbytes / 1e9:.2f} GB; {cfg.name} {args.dtype}")
     print(f"{'backend':<8}{'B':>5}{'lora ms':>10}{'base ms':>10}{'floor ms':>10}{'lora/base tok/s':>17}"
           f"{'%floor':>8}{'host%':>7}")
-    by = {(c["backend"], c["batch"], c["mode"]): c for c in results["cases"]}
-    for backend in args.backends.split(","):
+    # Keyed by the engine's place in --backends: a backend named twice (a repeat) keeps both rows.
+    by = {(c["engine"], c["batch"], c["mode"]): c for c in results["cases"]}
+    for k, backend in enumerate(args.backends.split(",")):
         for B in batches:
-            lo, ba = by[(backend, B, "lora")], by[(backend, B, "base")]
+            lo, ba = by[(k, B, "lora")], by[(k, B, "base")]
             print(f"{backend:<8}{B:>5}{lo['step_s'] * 1e3:>10.2f}{ba['step_s'] * 1e3:>10.2f}"
                   f"{lo['floor_s'] * 1e3:>10.2f}{lo['tokens_per_s'] / ba['tokens_per_s']:>17.3f}"
                   f"{lo['floor_frac']:>8.0%}{lo['host_s'] / lo['step_s']:>7.0%}")

@@ -45,9 +45,9 @@ H, OUTS, W = 4096, (4096, 1024, 1024), 1024
 
 # (op, T, adapters, rank, variants)
 CASES = [
-    ("prefill", 8192, 64, 64, ("default", "list", "kernel+ya0+st2+mf0", "list", "kernel+ya0+st2+mf0", "list")),
-    ("prefill", 8192, 16, 64, ("list", "kernel+ya0+st2+mf0")),
-    ("prefill", 8192, 1, 64, ("list", "kernel+ya0+st2+mf0")),
+    ("decode", 256, 256, 16, ("default", "none+cap1", "default", "none+cap1", "none+cap2")),
+    ("decode", 256, 256, 64, ("default", "none+cap4")),
+    ("decode", 8, 1, 16, ("default", "none+cap1")),
 ]
 
 
@@ -56,7 +56,8 @@ def _knobs(variant: str) -> dict:
     for part in variant.split("+")[1:]:
         name, num = part.rstrip("0123456789"), int(part[len(part.rstrip("0123456789")):])
         kw[{"ks": "k_splits", "bn": "block_n", "bk": "block_k", "w": "num_warps",
-            "lb": "live_blocks", "st": "num_stages", "ew": "expand_warps", "mf": "module_fastest", "tm": "block_tokens", "pm": "shrink_per_module",
+            "lb": "live_blocks", "st": "num_stages", "ew": "expand_warps", "mf": "module_fastest", "cap": "rank_cap",
+            "tm": "block_tokens", "pm": "shrink_per_module",
             "pc": "expand_per_chunk", "ya": "y_align_hint"}[name]] = num
     return kw
 
@@ -92,6 +93,11 @@ def steps(op, variant, dims, consts):
         return (lambda c, k: tiles_triton.lora_decode_tiles(c, *k[:8], plan=k[8], dims=dims, interpret=interpret,
                                                             **kw)), consts[:7] + (slot, plan)
     kw = dict(_knobs(variant), grouping=head)
+    cap = kw.pop("rank_cap", None)
+    if cap:  # the page tables cut to `cap` rank blocks: valid when no adapter's rank needs more (the case's do not)
+        consts = consts[:3] + (consts[3][..., :cap], consts[4][..., :cap]) + consts[5:]
+        dims = validate_lora_args(op, jnp.zeros((dims.num_tokens, sum(OUTS)), jnp.bfloat16), *consts[:7], consts[7],
+                                  OUTS)
     return (lambda c, k: pk.ops.lora_decode.pallas_triton.lora_decode_pallas(
         c, *k[:7], k[7], dims=dims, interpret=interpret, **kw)), consts[:7] + (slot,)
 

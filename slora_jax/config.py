@@ -130,6 +130,11 @@ class EngineConfig:
     # call against 31.8 (benchmarks/NOTES.md). False compiles two programs fewer (greedy and sampling) per
     # decode size above 16 rows.
     lora_decode_tiles: bool = True
+    # Steps whose adapters all have rank <= page_rows run programs compiled for one rank block (Pallas only, and
+    # only where max_lora_rank > page_rows): on the H200, 256 tokens on 256 rank-16 adapters in a rank-64 pool took
+    # 50.2 against 54.3 us per q/k/v call, one token 5.8 against 7.4 us (benchmarks/NOTES.md, "One rank block").
+    # False compiles half as many LoRA programs.
+    lora_one_block_programs: bool = True
     seed: int = 0
     # JAX's persistent compilation cache: a second start with the same configuration compiles nothing.
     # None leaves it off.

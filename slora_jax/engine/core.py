@@ -20,7 +20,7 @@ from slora_jax.engine.outputs import OutputProcessor
 from slora_jax.engine.request import Request, Status
 from slora_jax.engine.scheduler import Scheduler
 from slora_jax.errors import ProcessMismatchError
-from slora_jax.model.llama import LORA_GROUPS, LORA_TILES, MODULE_GROUP
+from slora_jax.model.llama import LORA_GROUPS, LORA_ONE_BLOCK, LORA_TILES, MODULE_GROUP
 from slora_jax.types import RequestOutput
 
 
@@ -33,7 +33,8 @@ class _InFlight:
 
 class EngineCore:
     def __init__(self, runner, scheduler: Scheduler, adapters, tables, inputs: StepInputs,
-                 outputs: OutputProcessor, async_scheduling: bool = True, shared=None, lora_tiles: bool = False):
+                 outputs: OutputProcessor, async_scheduling: bool = True, shared=None, lora_tiles: bool = False,
+                 one_block_rank: int = 0):
         self.runner = runner
         self.scheduler = scheduler
         self.adapters = adapters
@@ -42,6 +43,9 @@ class EngineCore:
         self.outputs = outputs
         self.async_scheduling = async_scheduling
         self.lora_tiles = lora_tiles  # decode steps may run MBGMV's tile kernels (``step_variant``)
+        # Steps whose adapters all have rank <= this run the one-rank-block programs (0: never; ``step_variant``).
+        self.one_block_rank = one_block_rank
+        self._ranks: dict = {}  # adapter name -> its largest rank (cached until the adapters change)
         self.inbox: "queue.SimpleQueue" = queue.SimpleQueue()
         # Several processes: process 0's inbox and clock, on every process (multihost.SharedInbox).
         self.shared = shared
@@ -69,11 +73,23 @@ class EngineCore:
 
     def step_variant(self, mode: str, adapters: list) -> tuple:
         """The LoRA variant of a step's program: its groups (``lora_groups``), with LORA_TILES added to a decode
-        step whose tokens share few adapters (``pallas_kernels.lora_decode_grouping``)."""
+        step whose tokens share few adapters (``pallas_kernels.lora_decode_grouping``), and LORA_ONE_BLOCK to a
+        step whose adapters all fit one rank block (``one_block_rank``)."""
         groups = self.lora_groups(adapters)
-        if groups and self.lora_tiles and mode == "decode" and pk.lora_decode_grouping(adapters) == "tiles":
-            return groups + (LORA_TILES,)
+        if not groups:
+            return groups
+        if self.lora_tiles and mode == "decode" and pk.lora_decode_grouping(adapters) == "tiles":
+            groups = groups + (LORA_TILES,)
+        if self.one_block_rank and max(self._rank(a) for a in set(adapters) - {None}) <= self.one_block_rank:
+            groups = groups + (LORA_ONE_BLOCK,)
         return groups
+
+    def _rank(self, name: str) -> int:
+        r = self._ranks.get(name)
+        if r is None:
+            info = self.adapters.info(name)
+            r = self._ranks[name] = max([int(info.rank), *(int(v) for v in info.ranks.values())])
+        return r
 
     def registered_groups(self) -> tuple:
         if self._registered is None:
@@ -84,8 +100,10 @@ class EngineCore:
         return self._registered
 
     def adapters_changed(self) -> None:
-        """An adapter was registered or removed: the groups the registered ones target may differ."""
+        """An adapter was registered or removed: the groups the registered ones target may differ, and a name's
+        rank."""
         self._registered = None
+        self._ranks = {}
 
     # ------------------------------------------------------------------ the loop
     def step(self) -> list[RequestOutput]:

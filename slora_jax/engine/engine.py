@@ -41,7 +41,7 @@ from slora_jax.errors import (AdapterError, CapacityError, ConfigError, ProcessM
                               SloraError)
 from slora_jax.memory import pinned as pinned_host
 from slora_jax.memory.pool import PoolLayout, UnifiedPagePool
-from slora_jax.model.llama import LORA_TILES
+from slora_jax.model.llama import LORA_ONE_BLOCK, LORA_TILES
 from slora_jax.types import AdapterInfo, RequestMetrics, RequestOutput, SamplingParams
 
 Prompt = Union[str, Sequence[int]]
@@ -165,7 +165,8 @@ class Engine:
         self._outputs = OutputProcessor(tokenizer, model_config.eos_token_ids, self.scheduler.finish)
         self._shared = SharedInbox(f"engine{next(_ENGINES)}") if multi else None
         self._core = EngineCore(self.runner, self.scheduler, self.adapters, self.tables, self._inputs,
-                                self._outputs, econf.async_scheduling, self._shared, lora_tiles=self._lora_tiles())
+                                self._outputs, econf.async_scheduling, self._shared, lora_tiles=self._lora_tiles(),
+                                one_block_rank=self.layout.page_rows if self._lora_one_block() else 0)
         self._step_lock = threading.RLock()
         self._ids = itertools.count()
         self._closed = False
@@ -483,11 +484,13 @@ class Engine:
 
     def lora_variants(self) -> list[tuple]:
         """LoRA groups of the step programs: none, those the registered adapters target together, and those with
-        MBGMV's tile kernels (LORA_TILES: decode steps of many tokens on few adapters)."""
+        MBGMV's tile kernels (LORA_TILES: decode steps of many tokens on few adapters), and each of those two for
+        steps whose adapters all fit one rank block (LORA_ONE_BLOCK)."""
         union = self._core.registered_groups()
         if not union:
             return [()]
-        return [(), union] + ([union + (LORA_TILES,)] if self._lora_tiles() else [])
+        with_lora = [union] + ([union + (LORA_TILES,)] if self._lora_tiles() else [])
+        return [()] + with_lora + ([g + (LORA_ONE_BLOCK,) for g in with_lora] if self._lora_one_block() else [])
 
     def step_programs(self) -> list[tuple[tuple, str, int, int]]:
         """(LoRA variant, mode, size, page-table width) of every step program this engine can run (each in a greedy
@@ -495,6 +498,12 @@ class Engine:
         pick it only (``pallas_kernels.lora_decode_may_tile``)."""
         return [(groups, mode, n, width) for groups in self.lora_variants() for mode, n, width in self.step_shapes()
                 if LORA_TILES not in groups or (mode == "decode" and pk.lora_decode_may_tile(n))]
+
+    def _lora_one_block(self) -> bool:
+        """Whether steps whose adapters all fit one rank block run programs compiled for one: asked for, LoRA on the
+        Pallas kernels (the XLA path gains nothing from it), and a pool with more than one rank block."""
+        return (self.config.lora_one_block_programs and self.kernel_backend == "pallas"
+                and self.config.max_rank_blocks > 1)
 
     def _lora_tiles(self) -> bool:
         """Whether decode steps may run MBGMV's tile kernels: asked for, LoRA on the Pallas kernels, and a pool the

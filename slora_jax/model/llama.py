@@ -41,6 +41,12 @@ assert set(MODULE_GROUP) == set(MODULES)
 # A word of StepStatics.lora_groups beside the group names, not a group: the decode step's tokens share few
 # adapters, and MBGMV runs its tile kernels (pallas_kernels.lora_decode grouping "tiles").
 LORA_TILES = "tiles"
+# Another word: every adapter of the step has rank <= page_rows in every module, so the LoRA page tables are cut
+# to their first rank block for the step. The kernels are then compiled for one rank block, not the pool's
+# max_lora_rank / page_rows (registers for 1 block, no programs for blocks no adapter uses): on the H200, 256
+# tokens on 256 rank-16 adapters took 50.1-50.3 us per q/k/v call against 54.3-54.4 in a rank-64 pool, one
+# token 5.8 against 7.4 (benchmarks/NOTES.md, "One rank block").
+LORA_ONE_BLOCK = "one_rank_block"
 
 
 def group_dims(cfg: ModelConfig, group: str, tp: int = 1) -> tuple[int, tuple[int, ...]]:
@@ -131,7 +137,8 @@ class StepStatics:
     all_logits: bool = False  # prefill: return logits of every token (scoring) instead of sampling
     greedy_only: bool = False  # every row of the batch is greedy: no vocabulary sort
     # LoRA groups whose kernels the program runs (an adapter of the batch targets them); () = none. With
-    # LORA_TILES among them, the decode tokens run MBGMV's tile kernels on one plan per step.
+    # LORA_TILES among them, the decode tokens run MBGMV's tile kernels on one plan per step; with LORA_ONE_BLOCK,
+    # the LoRA tables are cut to one rank block.
     lora_groups: tuple = tuple(LORA_GROUPS)
     # Devices the decoder is split over (sharding.tensor_parallel): the layers run inside shard_decoder on
     # each device's heads and MLP columns, and all-reduce after the o and down projections.
@@ -385,6 +392,9 @@ class Llama(nnx.Module):
         embed = self.embed[...]
         h = embed[inp["tokens"]].astype(embed.dtype)
         inp = dict(inp, rope=rope_tables(inp["positions"], self.cfg))
+        if LORA_ONE_BLOCK in st.lora_groups and tables:
+            # The host picked this program because no adapter of the step has a rank above one block.
+            tables = {g: (a[..., :1], b[..., :1], r, sc) for g, (a, b, r, sc) in tables.items()}
         if lora_tiles(st) and tables:
             # One plan for every layer and group: it depends on the slots only, and costs as much as one call.
             slots = next(iter(tables.values()))[0].shape[0]

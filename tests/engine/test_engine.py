@@ -417,9 +417,51 @@ def test_decode_steps_on_few_adapters_run_the_tile_kernels_and_match_xla(tiny):
     assert all(int(np.sum(np.asarray(inp["token_slot"]) >= 0)) > 16 for _, inp in tiled)
     programs = {(groups, mode, n) for groups, mode, n, _ in eng.step_programs()}
     assert all((groups, mode, inp["tokens"].shape[0]) in programs for mode, _, inp, _, groups in steps)
-    assert eng.lora_variants()[-1] == (*eng.lora_variants()[1], LORA_TILES)
+    assert (*eng.lora_variants()[1], LORA_TILES) in eng.lora_variants()
     eng_off = sj.Engine.from_pretrained(model, config=sj.EngineConfig(**kw, kernel_backend="pallas",
                                                                       lora_decode_tiles=False))
     eng_off.load_adapter("a1", adapters["a1"])
-    assert LORA_TILES not in eng_off.lora_variants()[-1]
+    assert not any(LORA_TILES in groups for groups in eng_off.lora_variants())
     assert not any(LORA_TILES in groups for groups, *_ in eng_off.step_programs())
+
+
+def test_steps_whose_adapters_fit_one_rank_block_run_the_one_block_programs_and_match_xla(tiny):
+    """Requests on rank-16 and rank-8 adapters (one 16-row rank block each, in a pool of max rank 64) and on a
+    rank-32 one: with LoRA on the Pallas kernels (interpret mode), exactly the steps none of whose adapters has a
+    rank above 16 run the one-rank-block programs (LORA_ONE_BLOCK: tables cut to one block), each a program
+    ``step_programs`` lists, and the tokens equal an XLA engine's. ``lora_one_block_programs=False``, the XLA
+    backend, and a pool of one rank block compile none."""
+    from slora_jax.model.llama import LORA_ONE_BLOCK
+
+    model, adapters = tiny
+    kw = dict(dtype="float32", max_batch_size=16, max_prefill_tokens=64, num_pages=512)
+    sp = sj.SamplingParams(max_tokens=3, ignore_eos=True)
+    rank = {"a1": 16, "a5": 8, "a3": 32}
+
+    def run(batches, **conf):
+        eng = sj.Engine.from_pretrained(model, config=sj.EngineConfig(**kw, **conf))
+        for n in rank:
+            eng.load_adapter(n, adapters[n])
+        outs, steps = [], []
+        for i, names in enumerate(batches):
+            ps = prompts(len(names), seed=30 + i)
+            steps.append(dispatched_steps(eng, lambda: outs.extend(eng.generate(ps, adapters=names, sampling=sp))))
+        return [o.token_ids for o in outs], steps, eng
+
+    # One batch on the small ranks only, then one with the rank-32 adapter first (the first step holds its prompt).
+    batches = [["a1", "a5", None, "a1"], ["a3", "a5", "a1", None]]
+    want, _, _ = run(batches, kernel_backend="xla")
+    got, (small, mixed), eng = run(batches, kernel_backend="pallas")
+    assert got == want
+    assert small and all(LORA_ONE_BLOCK in groups for *_, groups in small), [g for *_, g in small]
+    assert LORA_ONE_BLOCK not in mixed[0][4] and mixed[0][4], mixed[0][4]
+    steps = small + mixed
+    programs = {(groups, mode, n) for groups, mode, n, _ in eng.step_programs()}
+    assert all((groups, mode, inp["tokens"].shape[0]) in programs for mode, _, inp, _, groups in steps)
+    assert sum(LORA_ONE_BLOCK in g for g in eng.lora_variants()) == sum(
+        bool(g) and LORA_ONE_BLOCK not in g for g in eng.lora_variants())
+    for conf in (dict(kernel_backend="pallas", lora_one_block_programs=False), dict(kernel_backend="xla"),
+                 dict(kernel_backend="pallas", max_lora_rank=16)):
+        off = sj.Engine.from_pretrained(model, config=sj.EngineConfig(**kw, **conf))
+        off.load_adapter("a1", adapters["a1"])
+        assert not any(LORA_ONE_BLOCK in g for g in off.lora_variants()), conf
