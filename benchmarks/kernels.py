@@ -423,7 +423,9 @@ def lora_parts(runner, op, y, consts, dims) -> dict:
         tm = d["block_tokens"]
         nt = lora_tiles.max_tiles(dims.num_tokens, dims.num_slots, tm)
         where = lora_tiles.segment_tiles(slot, tm, nt)[:3]  # the sweep's slots are sorted
-        kw = dict(dims=dims, interpret=interpret, tm=tm, num_warps=d["num_warps"], num_stages=d["num_stages"])
+        stages = d["num_stages"] or lora_prefill_triton.default_stages(dims, tm, d["block_k"], d["block_n"],
+                                                                       x.dtype.itemsize)
+        kw = dict(dims=dims, interpret=interpret, tm=tm, num_warps=d["num_warps"], num_stages=stages)
         shrink_fn = functools.partial(lora_prefill_triton.shrink_pallas, bk=d["block_k"],
                                       per_module=d["shrink_per_module"], module_fastest=d["module_fastest"], **kw)
         expand_fn = functools.partial(lora_prefill_triton.expand_pallas, bn=d["block_n"],

@@ -95,3 +95,56 @@ def test_processes_run_side_by_side(monkeypatch, capsys):
     starts = [i for i, e in enumerate(events) if e[0] == "start"]
     ends = [i for i, e in enumerate(events) if e[0] == "end"]
     assert starts[:2] == [0, 1] and starts[2] > ends[0], events
+
+
+def test_an_interrupted_run_stops_its_processes_and_shows_their_output(monkeypatch, capsys):
+    """Ctrl-C (or a CI timeout) while processes run: each is terminated and what it wrote so far is printed."""
+    procs = []
+
+    class Running:
+        returncode = None
+
+        def __init__(self, log):
+            log.write(b"partial output\n")
+            self.stopped = False
+
+        def poll(self):
+            return None
+
+        def terminate(self):
+            self.stopped = True
+
+        def wait(self, timeout=None):
+            return 0
+
+    def start(cmd, log):
+        procs.append(Running(log))
+        return procs[-1]
+
+    def sleep(_):
+        raise KeyboardInterrupt
+
+    monkeypatch.setenv("SLORA_TEST_JOBS", "2")
+    monkeypatch.setattr(suite, "start", start)
+    monkeypatch.setattr(suite.time, "sleep", sleep)
+    try:
+        suite.run([])
+    except KeyboardInterrupt:
+        pass
+    else:
+        raise AssertionError("the interrupt was swallowed")
+    out = capsys.readouterr().out
+    assert len(procs) == 2 and all(p.stopped for p in procs)
+    assert out.count("partial output") == 2 and out.count("(stopped)") == 2
+
+
+def test_interactive_options_run_one_process_at_a_time_in_the_foreground(monkeypatch):
+    calls = []
+    monkeypatch.setattr(subprocess, "call", lambda cmd, **kw: calls.append(cmd) or 0)
+
+    def start(cmd, log):
+        raise AssertionError("started a background process")
+
+    monkeypatch.setattr(suite, "start", start)
+    assert suite.run(["-s", "-m", "not slow"]) == 0
+    assert len(calls) == 3 and all("-s" in c for c in calls)

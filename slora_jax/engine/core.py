@@ -64,9 +64,9 @@ class EngineCore:
 
     def lora_groups(self, adapters) -> tuple:
         """The LoRA groups a batch's program runs kernels for: none for a batch without adapters, else the
-        groups that the registered adapters target (q/k/v/o adapters launch no MLP kernels). Two variants
-        at most (a third with MBGMV's tile kernels: ``step_variant``), so every program can be compiled ahead
-        (``Engine.precompile``)."""
+        groups that the registered adapters target (q/k/v/o adapters launch no MLP kernels). With the words
+        ``step_variant`` adds, five variants at most (``Engine.lora_variants``), so every program can be compiled
+        ahead (``Engine.precompile``)."""
         if all(a is None for a in adapters):
             return ()
         return self.registered_groups()

@@ -44,8 +44,8 @@ LORA_TILES = "tiles"
 # Another word: every adapter of the step has rank <= page_rows in every module, so the LoRA page tables are cut
 # to their first rank block for the step. The kernels are then compiled for one rank block, not the pool's
 # max_lora_rank / page_rows (registers for 1 block, no programs for blocks no adapter uses): on the H200, 256
-# tokens on 256 rank-16 adapters took 50.1-50.3 us per q/k/v call against 54.3-54.4 in a rank-64 pool, one
-# token 5.8 against 7.4 (benchmarks/NOTES.md, "One rank block").
+# tokens on 256 rank-16 adapters took 50.1-50.3 us per q/k/v call against 54.3-54.4 in a rank-64 pool, 8
+# tokens on one adapter 5.8 against 7.4 (benchmarks/NOTES.md, "One rank block").
 LORA_ONE_BLOCK = "one_rank_block"
 
 

@@ -50,7 +50,7 @@ def lora_prefill(
       step has run that far (once per call, i.e. per layer and projection group).
     tiles: the Pallas path's tile list, `lora_prefill_tiles(token_slot, S, block_tokens)`, computed once for
       every call of a step (it depends on the slots only; computed per call it is a scatter, scans and a
-      gather, ~19 us on the H200 beside ~150 us of kernels). Needs slots_in_runs; the XLA path ignores it.
+      gather, 15-19 us on the H200 beside ~130 us of kernels). Needs slots_in_runs; the XLA path ignores it.
     """
     dims = validate_lora_args("lora_prefill", y, x, pool, layer, a_pages, b_pages, ranks, scales, token_slot, out_sizes)
     if block_tokens < 16 or block_tokens & (block_tokens - 1):

@@ -37,7 +37,8 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels import _backend
 from pallas_kernels._checks import cdiv, matmul_precision, next_pow2, pow2_divisor
-from pallas_kernels.ops.lora_layout import LoraDims, kernel_layer, kernel_slot, layer_operand, output_blocks, output_chunks
+from pallas_kernels.ops.lora_layout import (LoraDims, kernel_layer, kernel_slot, layer_operand, output_blocks,
+                                            output_chunks)
 
 
 def unsupported_reason(dims: LoraDims) -> str | None:
@@ -62,7 +63,8 @@ def _rank_rows(dims: LoraDims, rk: int):
 def _tile(start_ref, end_ref, tslot_ref, i, dims: LoraDims):
     """Tile i's (start, end, slot), checked in the kernel: rows outside [0, T) and slots outside [0, S) (no
     adapter) touch nothing, whoever computed the list (the engine passes one list to every layer's calls)."""
-    return jnp.maximum(start_ref[i], 0), jnp.minimum(end_ref[i], dims.num_tokens), kernel_slot(tslot_ref[i], dims)
+    T = dims.num_tokens
+    return jnp.clip(start_ref[i], 0, T), jnp.minimum(end_ref[i], T), kernel_slot(tslot_ref[i], dims)
 
 
 def _rows_ok(start, end, tm: int):
@@ -203,7 +205,7 @@ def lora_prefill_pallas(
     y, x, pool, layer, a_pages, b_pages, ranks, scales, tiles, *,
     dims: LoraDims, interpret: bool, num_tiles: int, block_tokens: int = 64, block_k: int = 128,
     block_n: int = 128, num_warps: int = 4, shrink_per_module: bool = True, expand_per_chunk: bool = True,
-    column_masks: bool = False, module_fastest: bool = True, y_align_hint: bool = True, num_stages: int = 3,
+    column_masks: bool = False, module_fastest: bool = True, y_align_hint: bool = True, num_stages: int | None = None,
 ):
     """Shapes as `lora_prefill`; `tiles` = (start, end, slot) [num_tiles] from `tiles.segment_tiles`.
     shrink_per_module: one shrink program per (tile, module) instead of per tile (M times the programs, x
@@ -211,16 +213,35 @@ def lora_prefill_pallas(
     column_masks: mask columns one by one even where sizes are multiples of the blocks (see
     `_backend.column_mask`; kept to measure it); module_fastest: the per-module shrink's grid as (M, NT), so that
     the M programs reading one tile's x are dispatched together; y_align_hint: see `_expand_chunk_kernel`;
-    num_stages: the Triton pipeline depth of both kernels' loops.
-    The last three defaults were measured on the H200 (benchmarks/NOTES.md, "MBGMM: the alignment of y"; 8192
-    tokens in 64 segments, rank 64, q/k/v): the hint took the expand from 87.0 to 75.5 us, a third pipeline
-    stage took it on to 69.3 (a fourth: 96.4), and the module-fastest grid the shrink from 62.2 to 61.3 us."""
+    num_stages: the Triton pipeline depth of both kernels' loops; None: 3 where three stages of a loop's tiles fit
+      STAGE_BYTES, else 2 (`default_stages`).
+    These defaults were measured on the H200 (benchmarks/NOTES.md, "MBGMM at 78%"; 8192 tokens in 64 segments,
+    rank 64, q/k/v, bf16): the hint took the expand from 87.0 to 75.5 us, a third pipeline stage with it to 69.3
+    (a fourth, without the hint: 96.4 against 83.1 for three), and the module-fastest grid the shrink from 62.2
+    to 61.3 us."""
+    if num_stages is None:
+        num_stages = default_stages(dims, block_tokens, block_k, block_n, x.dtype.itemsize)
     kw = dict(dims=dims, interpret=interpret, tm=block_tokens, num_warps=num_warps, column_masks=column_masks,
               num_stages=num_stages)
     v = shrink_pallas(x, pool, layer, a_pages, ranks, scales, tiles, bk=block_k, per_module=shrink_per_module,
-                      module_fastest=module_fastest, **kw)
+                      module_fastest=module_fastest and num_tiles <= MAX_GRID_Y, **kw)
     return expand_pallas(y, v, pool, layer, b_pages, ranks, tiles, bn=block_n, per_chunk=expand_per_chunk,
                          y_align_hint=y_align_hint, **kw)
+
+
+# Shared memory the pipelined tiles of one loop may take (an H200 SM has ~227 KiB; headroom for the compiler's
+# own buffers): three stages of bf16 tiles at rank 64 take 96 KiB; float32 at rank 64 would take 192 KiB.
+STAGE_BYTES = 160 << 10
+# Tiles past CUDA's y and z grid limit put the module-fastest shrink's tile axis out of range: the (NT, M) grid.
+MAX_GRID_Y = 65535
+
+
+def default_stages(dims: LoraDims, tm: int, bk: int, bn: int, itemsize: int) -> int:
+    """3 pipeline stages where three of the larger loop's tiles ([TM + RK] rows of BK or BN columns) fit
+    STAGE_BYTES, else 2."""
+    rk = max(16, next_pow2(dims.max_rank))
+    per_stage = (tm + rk) * max(pow2_divisor(dims.width, bk), pow2_divisor(dims.width, bn)) * itemsize
+    return 3 if 3 * per_stage <= STAGE_BYTES else 2
 
 
 def _common(dims, pool, layer, tiles):
