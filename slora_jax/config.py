@@ -132,8 +132,8 @@ class EngineConfig:
     lora_decode_tiles: bool = True
     # Steps whose adapters all have rank <= page_rows run programs compiled for one rank block (Pallas only, and
     # only where max_lora_rank > page_rows): on the H200, 256 tokens on 256 rank-16 adapters in a rank-64 pool took
-    # 50.2 against 54.3 us per q/k/v call, 8 tokens on one adapter 5.8 against 7.4 us (benchmarks/NOTES.md, "One rank block").
-    # False compiles half as many LoRA programs.
+    # 50.2 against 54.3 us per q/k/v call, 8 tokens on one adapter 5.8 against 7.4 us (benchmarks/NOTES.md, "One
+    # rank block"). False compiles half as many LoRA programs.
     lora_one_block_programs: bool = True
     seed: int = 0
     # JAX's persistent compilation cache: a second start with the same configuration compiles nothing.
