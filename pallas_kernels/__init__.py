@@ -30,5 +30,6 @@ from pallas_kernels.ops.write_kv.api import write_kv
 from pallas_kernels.support import lora_tiles_unsupported, unsupported_ops
 
 __all__ = ["KernelInputError", "lora_decode", "lora_decode_grouping", "lora_decode_may_tile", "lora_decode_plan",
-           "lora_prefill", "lora_prefill_tiles", "lora_tiles_unsupported", "paged_decode_attention", "paged_prefill_attention",
+           "lora_prefill", "lora_prefill_tiles", "lora_tiles_unsupported", "paged_decode_attention",
+           "paged_prefill_attention",
            "prefill_attention", "write_kv", "unsupported_ops", "pool_storage"]

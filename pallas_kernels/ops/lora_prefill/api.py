@@ -91,12 +91,14 @@ def _check_tiles(tile_list, dims, block_tokens: int, slots_in_runs: bool) -> Non
     if not slots_in_runs:
         raise KernelInputError("lora_prefill: tiles= needs slots_in_runs=True (a tile list holds runs of one slot)")
     nt = tiles.max_tiles(dims.num_tokens, dims.num_slots, block_tokens)
-    if not isinstance(tile_list, (tuple, list)) or len(tile_list) != 3 or not all(
+    is_seq = isinstance(tile_list, (tuple, list))
+    if not is_seq or len(tile_list) != 3 or not all(
             getattr(a, "shape", None) == (nt,) and jnp.issubdtype(a.dtype, jnp.integer) for a in tile_list):
+        got = ([(getattr(a, "shape", type(a).__name__), str(getattr(a, "dtype", ""))) for a in tile_list] if is_seq
+               else type(tile_list).__name__)
         raise KernelInputError(
             f"lora_prefill: tiles must be (start, end, slot) int vectors of {nt} tiles from lora_prefill_tiles("
-            f"token_slot, {dims.num_slots}, {block_tokens}), got "
-            f"{[getattr(a, 'shape', type(a).__name__) for a in tile_list] if isinstance(tile_list, (tuple, list)) else type(tile_list).__name__}")
+            f"token_slot, {dims.num_slots}, {block_tokens}), got {got}")
 
 
 @functools.partial(jax.jit, static_argnames=("dims", "block_tokens", "slots_in_runs"))
