@@ -95,10 +95,14 @@ def validate_lora_args(op, y, x, pool, layer, a_pages, b_pages, ranks, scales, t
     )
 
 
+def slot_or_none(slot, num_slots: int):
+    """Slot ids with every one outside [0, S) turned into -1 (no adapter): in XLA or inside a kernel alike."""
+    return jnp.where((slot >= 0) & (slot < num_slots), slot, -1)
+
+
 def sanitize_slots(token_slot, dims: LoraDims):
     """int32 slots with every id outside [0, S) turned into -1 (no adapter), for all backends alike."""
-    slot = jnp.asarray(token_slot).astype(jnp.int32)
-    return jnp.where((slot >= 0) & (slot < dims.num_slots), slot, -1)
+    return slot_or_none(jnp.asarray(token_slot).astype(jnp.int32), dims.num_slots)
 
 
 def layer_operand(layer):
@@ -114,7 +118,7 @@ def kernel_layer(layer_ref, dims: LoraDims):
 
 def kernel_slot(slot, dims: LoraDims):
     """Inside a kernel: a slot id, -1 (no adapter) wherever it lies outside [0, S) (as `sanitize_slots`)."""
-    return jnp.where((slot >= 0) & (slot < dims.num_slots), slot, -1)
+    return slot_or_none(slot, dims.num_slots)
 
 
 def kernel_slot_rank(slot, ranks_ref, layer, m, dims: LoraDims):

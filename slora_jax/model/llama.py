@@ -392,17 +392,17 @@ class Llama(nnx.Module):
         embed = self.embed[...]
         h = embed[inp["tokens"]].astype(embed.dtype)
         inp = dict(inp, rope=rope_tables(inp["positions"], self.cfg))
-        if LORA_ONE_BLOCK in st.lora_groups and tables:
-            # The host picked this program because no adapter of the step has a rank above one block.
-            tables = {g: (a[..., :1], b[..., :1], r, sc) for g, (a, b, r, sc) in tables.items()}
-        if lora_tiles(st) and tables:
-            # One plan for every layer and group: it depends on the slots only, and costs as much as one call.
+        if tables:
             slots = next(iter(tables.values()))[0].shape[0]
-            inp["lora_plan"] = pk.lora_decode_plan(inp["token_slot"], slots)
-        if st.mode == "mixed" and tables:
-            # MBGMM's tile list likewise, once for every layer and group (the XLA path leaves it unused: removed).
-            slots = next(iter(tables.values()))[0].shape[0]
-            inp["lora_prefill_tiles"] = pk.lora_prefill_tiles(inp["slot_prefill"], slots)
+            if LORA_ONE_BLOCK in st.lora_groups:
+                # The host picked this program because no adapter of the step has a rank above one block.
+                tables = {g: (a[..., :1], b[..., :1], r, sc) for g, (a, b, r, sc) in tables.items()}
+            if lora_tiles(st):
+                # One plan for every layer and group: it depends on the slots only, and costs as much as one call.
+                inp["lora_plan"] = pk.lora_decode_plan(inp["token_slot"], slots)
+            if st.mode == "mixed":
+                # MBGMM's tile list likewise, once for every layer and group (the XLA path leaves it unused: removed).
+                inp["lora_prefill_tiles"] = pk.lora_prefill_tiles(inp["slot_prefill"], slots)
         if self.scan_layers:
             graphdef, state = nnx.split(self.layers)
 

@@ -277,7 +277,7 @@ def test_y_alignment_hint_divides_every_chunk_column(out_sizes, W):
     dims = validate_lora_args("t", jnp.zeros((1, sum(out_sizes))), jnp.zeros((1, d_in)), jnp.asarray(case.pool), 0,
                               case.a_pages, case.b_pages, case.ranks, case.scales, np.zeros(1, np.int32), out_sizes)
     cols = output_chunks(dims)[:, 2]
-    a = pallas_triton._pow2_gcd(cols, 64)
+    a = pallas_triton.y_alignment(cols)
     assert a & (a - 1) == 0 and all(int(c) % a == 0 for c in cols)
     assert a == 64 or any(int(c) % (2 * a) for c in cols)  # the largest such power, up to 64
 

@@ -11,7 +11,7 @@ from jax import lax
 
 from pallas_kernels import _backend, pool_storage
 from pallas_kernels._errors import KernelInputError
-from pallas_kernels.ops.lora_layout import sanitize_slots, validate_lora_args
+from pallas_kernels.ops.lora_layout import sanitize_slots, slot_or_none, validate_lora_args
 from pallas_kernels.ops.lora_prefill import pallas_triton, tiles
 from pallas_kernels.ops.lora_prefill.reference import lora_prefill_reference
 
@@ -83,7 +83,7 @@ def lora_prefill_tiles(token_slot: jax.Array, num_slots: int, block_tokens: int 
     T = slot.shape[0]
     if T == 0:
         return tuple(jnp.zeros((0,), jnp.int32) for _ in range(3))
-    slot = jnp.where((slot >= 0) & (slot < num_slots), slot, -1)
+    slot = slot_or_none(slot, int(num_slots))
     return tiles.segment_tiles(slot, block_tokens, tiles.max_tiles(T, int(num_slots), block_tokens))[:3]
 
 
@@ -111,17 +111,16 @@ def _prefill_pallas_or_fallback(y, x, pool, layer, a_pages, b_pages, ranks, scal
     nt = tiles.max_tiles(dims.num_tokens, dims.num_slots, block_tokens)
     slot = token_slot.astype("int32")
     args = (pool, layer, a_pages, b_pages, ranks, scales)
-    if given_tiles is not None:
-        return pallas_triton.lora_prefill_pallas(
-            y, x, *args, tuple(a.astype(jnp.int32) for a in given_tiles), dims=dims,
-            interpret=_backend.interpret_mode(), num_tiles=nt, block_tokens=block_tokens)
-    tile_list = tiles.segment_tiles(slot, block_tokens, nt)
 
     def kernel(y, x, tile_list):
         return pallas_triton.lora_prefill_pallas(
-            y, x, *args, tile_list[:3], dims=dims, interpret=_backend.interpret_mode(), num_tiles=nt,
-            block_tokens=block_tokens,
+            y, x, *args, tuple(a.astype(jnp.int32) for a in tile_list[:3]), dims=dims,
+            interpret=_backend.interpret_mode(), num_tiles=nt, block_tokens=block_tokens,
         )
+
+    if given_tiles is not None:
+        return kernel(y, x, given_tiles)
+    tile_list = tiles.segment_tiles(slot, block_tokens, nt)
 
     def as_given(_):
         return kernel(y, x, tile_list)

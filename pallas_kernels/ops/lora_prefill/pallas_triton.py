@@ -282,7 +282,7 @@ def expand_pallas(y, v, pool, layer, b_pages, ranks, tiles, *, dims, interpret, 
     bn = pow2_divisor(dims.width, bn)
     table = output_chunks(dims) if per_chunk else output_blocks(dims, bn)
     kernel = _expand_chunk_kernel if per_chunk else _expand_kernel
-    hint = dict(y_align=_pow2_gcd(table[:, 2], 64) if y_align_hint else 1) if per_chunk else {}
+    hint = dict(y_align=y_alignment(table[:, 2]) if y_align_hint else 1) if per_chunk else {}
     return _backend.update_in_place(
         functools.partial(kernel, dims=dims, tm=tm, bn=bn, rk=rk,
                           exact=column_masks or any(d % bn for d in dims.out_sizes), **hint),
@@ -292,9 +292,6 @@ def expand_pallas(y, v, pool, layer, b_pages, ranks, tiles, *, dims, interpret, 
     )
 
 
-def _pow2_gcd(values, cap: int) -> int:
-    """The largest power of two <= cap dividing every value."""
-    a = cap
-    while a > 1 and any(int(v) % a for v in values):
-        a //= 2
-    return a
+def y_alignment(columns, cap: int = 64) -> int:
+    """The largest power of two <= cap dividing every one of a static table's y columns (the expand's hint)."""
+    return min(pow2_divisor(int(c), cap) for c in columns)
